@@ -1,0 +1,208 @@
+//! Pre-compiled actions and the interning table that holds them.
+//!
+//! Many flows share one action (every flow towards one remote VM uses the
+//! same encapsulation template), so a flow entry stores a 32-bit
+//! [`ActionId`] and the actions live here, deduplicated and reference
+//! counted. The action table stays small and cache-resident even when the
+//! flow table does not.
+
+use std::collections::HashMap;
+
+use crate::key::PortId;
+
+/// Length of a VXLAN encapsulation over IPv4 without options: outer
+/// Ethernet (14) + IPv4 (20) + UDP (8) + VXLAN (8). The `vxlan` crate
+/// builds templates of exactly this size; this crate stores them opaquely.
+pub const ENCAP_LEN: usize = 50;
+
+/// A MAC address.
+pub type Mac = [u8; 6];
+
+/// Where a frame goes after its rewrites.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Output {
+    /// Transmit on this port.
+    Port(PortId),
+    /// Hand the frame to the coprocessor every time (e.g. traffic that a
+    /// stage wants to see per packet).
+    Punt,
+    /// Drop and count it (e.g. traffic a security group denies), so
+    /// repeated denied packets do not reach the coprocessor.
+    Drop,
+}
+
+/// Prebuilt outer headers for VXLAN encapsulation (see the `vxlan` crate:
+/// `vxlan::encap::Template`). Everything but the lengths, the checksum and
+/// the UDP source port is final.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct EncapTemplate(pub [u8; ENCAP_LEN]);
+
+/// What the fast path does with a frame that hits a flow. Applied in this
+/// order: decap, length check, MAC rewrite, TTL decrement, encap, output.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Action {
+    pub output: Output,
+    /// Strip the outer VXLAN headers (uplink flows).
+    pub decap: bool,
+    /// Frames (after decap) longer than this are punted instead, so the
+    /// coprocessor can answer "fragmentation needed" or fragment.
+    pub max_len: u16,
+    pub set_eth_src: Option<Mac>,
+    pub set_eth_dst: Option<Mac>,
+    /// Decrement the inner IPv4 TTL (routed flows). A frame whose TTL
+    /// would reach zero is punted for the ICMP time-exceeded answer.
+    pub dec_ttl: bool,
+    /// Encapsulate towards a remote VTEP with this template.
+    pub encap: Option<EncapTemplate>,
+}
+
+impl Action {
+    /// Forward unchanged to `port`.
+    pub fn output(port: PortId) -> Action {
+        Action {
+            output: Output::Port(port),
+            decap: false,
+            max_len: u16::MAX,
+            set_eth_src: None,
+            set_eth_dst: None,
+            dec_ttl: false,
+            encap: None,
+        }
+    }
+
+    /// Drop every packet of the flow.
+    pub fn drop() -> Action {
+        Action {
+            output: Output::Drop,
+            ..Action::output(PortId(0))
+        }
+    }
+
+    /// Punt every packet of the flow.
+    pub fn punt() -> Action {
+        Action {
+            output: Output::Punt,
+            ..Action::output(PortId(0))
+        }
+    }
+}
+
+/// Index of an action in an [`ActionTable`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ActionId(pub u32);
+
+/// Deduplicated, reference-counted actions.
+#[derive(Debug, Default)]
+pub struct ActionTable {
+    actions: Vec<Action>,
+    refs: Vec<u32>,
+    free: Vec<u32>,
+    index: HashMap<Action, u32>,
+}
+
+impl ActionTable {
+    /// An empty table with room for `n` distinct actions before it grows.
+    pub fn with_capacity(n: usize) -> ActionTable {
+        ActionTable {
+            actions: Vec::with_capacity(n),
+            refs: Vec::with_capacity(n),
+            free: Vec::new(),
+            index: HashMap::with_capacity(n),
+        }
+    }
+
+    /// Take a reference on `a`, adding it if it is new.
+    ///
+    /// The number of live actions never exceeds the number of live flows,
+    /// so this is bounded by the flow table's capacity.
+    pub fn acquire(&mut self, a: &Action) -> ActionId {
+        if let Some(&id) = self.index.get(a) {
+            self.refs[id as usize] += 1;
+            return ActionId(id);
+        }
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.actions[id as usize] = a.clone();
+                self.refs[id as usize] = 1;
+                id
+            }
+            None => {
+                // Ids stay below the flow capacity, itself a u32.
+                let id = u32::try_from(self.actions.len()).unwrap_or(u32::MAX);
+                self.actions.push(a.clone());
+                self.refs.push(1);
+                id
+            }
+        };
+        self.index.insert(a.clone(), id);
+        ActionId(id)
+    }
+
+    /// Drop a reference taken by [`ActionTable::acquire`].
+    pub fn release(&mut self, id: ActionId) {
+        let i = id.0 as usize;
+        let Some(r) = self.refs.get_mut(i) else {
+            return;
+        };
+        if *r == 0 {
+            return;
+        }
+        *r -= 1;
+        if *r == 0 {
+            self.index.remove(&self.actions[i]);
+            self.free.push(id.0);
+        }
+    }
+
+    /// The action behind `id`. Ids come from [`ActionTable::acquire`] and
+    /// stay valid while a flow holds them.
+    #[inline(always)]
+    pub fn get(&self, id: ActionId) -> Option<&Action> {
+        self.actions.get(id.0 as usize)
+    }
+
+    /// Number of distinct live actions.
+    pub fn len(&self) -> usize {
+        self.index.len()
+    }
+
+    /// True when no action is live.
+    pub fn is_empty(&self) -> bool {
+        self.index.is_empty()
+    }
+
+    /// References held on `id` (0 for a free or unknown id).
+    pub fn refs(&self, id: ActionId) -> u32 {
+        self.refs.get(id.0 as usize).copied().unwrap_or(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identical_actions_are_shared_and_freed_with_the_last_reference() {
+        let mut t = ActionTable::default();
+        let a = Action::output(PortId(3));
+        let id1 = t.acquire(&a);
+        let id2 = t.acquire(&a.clone());
+        assert_eq!(id1, id2);
+        assert_eq!(t.refs(id1), 2);
+        let other = t.acquire(&Action::drop());
+        assert_ne!(other, id1);
+        assert_eq!(t.len(), 2);
+        t.release(id1);
+        assert_eq!(t.len(), 2);
+        t.release(id1);
+        assert_eq!(t.len(), 1);
+        assert_eq!(t.refs(id1), 0);
+        // Releasing again, or an unknown id, is harmless.
+        t.release(id1);
+        t.release(ActionId(999));
+        // The freed slot is reused.
+        let again = t.acquire(&Action::punt());
+        assert_eq!(again, id1);
+        assert_eq!(t.get(again), Some(&Action::punt()));
+    }
+}
