@@ -176,7 +176,11 @@ impl FlowHasher {
     /// that must keep its flows' outer source ports).
     pub fn with_seed(seed: u64) -> FlowHasher {
         FlowHasher {
-            seed: [seed ^ K0, seed.rotate_left(21) ^ K1, seed.rotate_left(42) ^ K2],
+            seed: [
+                seed ^ K0,
+                seed.rotate_left(21) ^ K1,
+                seed.rotate_left(42) ^ K2,
+            ],
         }
     }
 
@@ -189,9 +193,7 @@ impl FlowHasher {
     #[inline(always)]
     pub fn hash(&self, k: &FlowKey) -> u64 {
         let a = (u64::from(k.ctx) << 32) | u64::from(k.src_ip);
-        let b = (u64::from(k.dst_ip) << 32)
-            | (u64::from(k.src_port) << 16)
-            | u64::from(k.dst_port);
+        let b = (u64::from(k.dst_ip) << 32) | (u64::from(k.src_port) << 16) | u64::from(k.dst_port);
         let c = (u64::from(k.proto) << 8) | u64::from(k.flags);
         let h = fold_mul(a ^ self.seed[0], b ^ self.seed[1]);
         fold_mul(h ^ c ^ self.seed[2], K1 ^ self.seed[0])
@@ -227,13 +229,35 @@ mod tests {
     #[test]
     fn hash_depends_on_every_field_and_the_seed() {
         let h = FlowHasher::with_seed(7);
-        let base = FlowKey::new(Ingress::Port(PortId(1)), 17, 0x0a00_0001, 0x0a00_0002, 1000, 53);
+        let base = FlowKey::new(
+            Ingress::Port(PortId(1)),
+            17,
+            0x0a00_0001,
+            0x0a00_0002,
+            1000,
+            53,
+        );
         let variants = [
-            FlowKey { ctx: base.ctx + 1, ..base },
-            FlowKey { src_ip: base.src_ip + 1, ..base },
-            FlowKey { dst_ip: base.dst_ip + 1, ..base },
-            FlowKey { src_port: base.src_port + 1, ..base },
-            FlowKey { dst_port: base.dst_port + 1, ..base },
+            FlowKey {
+                ctx: base.ctx + 1,
+                ..base
+            },
+            FlowKey {
+                src_ip: base.src_ip + 1,
+                ..base
+            },
+            FlowKey {
+                dst_ip: base.dst_ip + 1,
+                ..base
+            },
+            FlowKey {
+                src_port: base.src_port + 1,
+                ..base
+            },
+            FlowKey {
+                dst_port: base.dst_port + 1,
+                ..base
+            },
             FlowKey { proto: 6, ..base },
             FlowKey { flags: 1, ..base },
         ];

@@ -278,7 +278,13 @@ impl FlowTable {
     /// Look up a batch: pass 1 hashes every key and prefetches its home
     /// slot, pass 2 probes. `bytes[i]` is counted for `keys[i]`; `out[i]`
     /// receives the result. Slices shorter than `keys` limit the batch.
-    pub fn lookup_batch(&mut self, keys: &[FlowKey], bytes: &[u32], now: u64, out: &mut [Option<Hit>]) {
+    pub fn lookup_batch(
+        &mut self,
+        keys: &[FlowKey],
+        bytes: &[u32],
+        now: u64,
+        out: &mut [Option<Hit>],
+    ) {
         const B: usize = 64;
         let mut hashes = [0u64; B];
         for ((keys, bytes), out) in keys.chunks(B).zip(bytes.chunks(B)).zip(out.chunks_mut(B)) {
@@ -334,7 +340,12 @@ impl FlowTable {
 
     /// Install `action` for `key` under the current generation. An existing
     /// entry keeps its counters and gets the new action.
-    pub fn insert(&mut self, key: FlowKey, action: &Action, now: u64) -> Result<ActionId, InsertError> {
+    pub fn insert(
+        &mut self,
+        key: FlowKey,
+        action: &Action,
+        now: u64,
+    ) -> Result<ActionId, InsertError> {
         let tag = tag_of(self.hash(&key));
         let mut i = self.home(tag);
         let mut d: u16 = 1;

@@ -6,7 +6,14 @@ use super::*;
 use crate::key::{Ingress, PortId};
 
 fn key(n: u32) -> FlowKey {
-    FlowKey::new(Ingress::Port(PortId(1)), 17, 0x0a00_0000 | n, 0x0a01_0000, 1000, 53)
+    FlowKey::new(
+        Ingress::Port(PortId(1)),
+        17,
+        0x0a00_0000 | n,
+        0x0a01_0000,
+        1000,
+        53,
+    )
 }
 
 fn out(p: u16) -> Action {
@@ -111,7 +118,10 @@ fn capacity_is_hard_and_a_full_table_refuses_without_change() {
         t.insert(key(n), &out(1), 0).unwrap();
     }
     let before = t.memory_bytes();
-    assert_eq!(t.insert(key(1000), &out(1), 0), Err(InsertError::Full { capacity: 100 }));
+    assert_eq!(
+        t.insert(key(1000), &out(1), 0),
+        Err(InsertError::Full { capacity: 100 })
+    );
     // Updating an existing key still works when full.
     assert!(t.insert(key(5), &out(2), 0).is_ok());
     assert_eq!(t.len(), 100);
@@ -135,7 +145,14 @@ fn update_keeps_counters_and_swaps_the_action() {
     t.insert(key(1), &out(2), 6).unwrap();
     let e = t.get(&key(1)).unwrap();
     assert_eq!(e.action, &out(2));
-    assert_eq!(e.stats, FlowStats { packets: 1, bytes: 60, last_used: 5 });
+    assert_eq!(
+        e.stats,
+        FlowStats {
+            packets: 1,
+            bytes: 60,
+            last_used: 5
+        }
+    );
     assert_eq!(t.action_count(), 1, "the old action was released");
 }
 
@@ -159,7 +176,9 @@ fn idle_flows_expire_and_busy_ones_stay() {
     }
     check_invariants(&t);
     assert_eq!(t.len(), 500);
-    assert!(gone.iter().all(|(k, s)| (k.src_ip & 1) == 1 && s.packets == 0));
+    assert!(gone
+        .iter()
+        .all(|(k, s)| (k.src_ip & 1) == 1 && s.packets == 0));
     // One more full pass removes nothing.
     assert_eq!(t.expire(100, 60, t.slots.len(), |_, _| ()), 0);
     for n in 0..1000 {
@@ -203,7 +222,8 @@ fn a_new_generation_makes_old_flows_miss_until_reinstalled() {
 fn retain_removes_exactly_the_rejected_flows() {
     let mut t = FlowTable::with_hasher(200, FlowHasher::with_seed(6)).unwrap();
     for n in 0..200 {
-        t.insert(key(n), &out(u16::try_from(n % 4).unwrap()), 0).unwrap();
+        t.insert(key(n), &out(u16::try_from(n % 4).unwrap()), 0)
+            .unwrap();
     }
     let removed = t.retain(|_, a| *a != out(2));
     assert_eq!(removed, 50);
@@ -217,7 +237,8 @@ fn retain_removes_exactly_the_rejected_flows() {
 fn batch_lookup_matches_single_lookups() {
     let mut t = FlowTable::with_hasher(512, FlowHasher::with_seed(7)).unwrap();
     for n in 0..300 {
-        t.insert(key(n), &out(u16::try_from(n % 7).unwrap()), 0).unwrap();
+        t.insert(key(n), &out(u16::try_from(n % 7).unwrap()), 0)
+            .unwrap();
     }
     let keys: Vec<FlowKey> = (0..100).map(|n| key(n * 5)).collect();
     let bytes = vec![64u32; keys.len()];
@@ -227,7 +248,10 @@ fn batch_lookup_matches_single_lookups() {
         let n = k.src_ip & 0xffff;
         assert_eq!(r.is_some(), n < 300);
         if let Some(h) = r {
-            assert_eq!(t.action(h.action), Some(&out(u16::try_from(n % 7).unwrap())));
+            assert_eq!(
+                t.action(h.action),
+                Some(&out(u16::try_from(n % 7).unwrap()))
+            );
             assert_eq!(t.get(k).unwrap().stats.last_used, 9);
         }
     }
@@ -240,7 +264,11 @@ fn full_load_keeps_probe_sequences_short() {
     for n in 0..u32::try_from(cap).unwrap() {
         t.insert(key(n), &out(1), 0).unwrap();
     }
-    assert!(t.max_probe_len() < MAX_PSL / 2, "max psl {}", t.max_probe_len());
+    assert!(
+        t.max_probe_len() < MAX_PSL / 2,
+        "max psl {}",
+        t.max_probe_len()
+    );
     assert_eq!(FlowTable::entry_size(), 64);
     // ≤ 64 bytes per entry and 7/8 load: under 74 bytes of table per flow.
     assert!(t.memory_bytes() < cap * 74 + 64 * usize::from(MAX_PSL));
