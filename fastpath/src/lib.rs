@@ -1,1 +1,28 @@
-//! placeholder
+//! The vswitch fast path.
+//!
+//! Today: the I/O-free per-batch pipeline ([`pipeline::Pipeline`]) —
+//! classification ([`classify`]), batched flow lookup, in-place actions
+//! (MAC rewrite, TTL, VXLAN encap/decap), transmit lists ([`tx`]) — and the
+//! punt path to the coprocessor ([`punt`]). Port drivers (AF_XDP uplink,
+//! tap, AF_XDP on veth) and the poll loop will live here too: this is the
+//! only crate that touches packet I/O.
+
+pub mod classify;
+pub mod drop;
+pub mod frame;
+pub mod pipeline;
+pub mod punt;
+mod reason;
+pub mod synth;
+pub mod tx;
+
+pub use classify::{Class, Classified, Classifier};
+pub use drop::{DropCounters, DropReason};
+pub use frame::{Desc, FrameMem, SliceMem, BATCH, MIN_HEADROOM};
+pub use pipeline::{BatchOut, Pipeline, PipelineConfig, PipelineCounters, PuntItem};
+pub use punt::{punt_path, Budget, PuntConfig, PuntMsg, PuntReason, PuntReceiver, Punter};
+pub use tx::TxLists;
+
+// The flow table stores encap templates opaquely; they must be the size
+// the vxlan crate builds.
+const _: () = assert!(flowtable::ENCAP_LEN == vxlan::OUTER_LEN);

@@ -42,8 +42,11 @@ pub struct EncapTemplate(pub [u8; ENCAP_LEN]);
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Action {
     pub output: Output,
-    /// Strip the outer VXLAN headers (uplink flows).
-    pub decap: bool,
+    /// Strip the outer VXLAN headers (uplink flows) of frames sent by this
+    /// remote VTEP (host-order IPv4). A frame of the flow arriving from any
+    /// other VTEP is punted, so nobody on the underlay can inject traffic
+    /// into a tenant flow by forging the outer source.
+    pub decap: Option<u32>,
     /// Frames (after decap) longer than this are punted instead, so the
     /// coprocessor can answer "fragmentation needed" or fragment.
     pub max_len: u16,
@@ -61,7 +64,7 @@ impl Action {
     pub fn output(port: PortId) -> Action {
         Action {
             output: Output::Port(port),
-            decap: false,
+            decap: None,
             max_len: u16::MAX,
             set_eth_src: None,
             set_eth_dst: None,

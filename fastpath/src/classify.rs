@@ -1,0 +1,312 @@
+//! Frame classification: any byte sequence becomes a flow key to look up,
+//! a reason to punt without a lookup, or a counted drop.
+//!
+//! The classifier reads only what the key needs: Ethernet type, the IPv4
+//! header, and the first 4 bytes of the L4 header (ports, or ICMP type,
+//! code and — for echo — identifier). Every read is bounds-checked
+//! against the length the previous check established; nothing panics.
+
+use flowtable::{FlowKey, Ingress, KeyFlags, PortId, Vni};
+use vxlan::DecapConfig;
+
+use crate::drop::DropReason;
+use crate::punt::PuntReason;
+
+pub const ETH_LEN: usize = 14;
+const ETHERTYPE_IPV4: u16 = 0x0800;
+const ETHERTYPE_ARP: u16 = 0x0806;
+const ETHERTYPE_IPV6: u16 = 0x86dd;
+const ETHERTYPE_VLAN: u16 = 0x8100;
+const ETHERTYPE_QINQ: u16 = 0x88a8;
+pub const IPPROTO_ICMP: u8 = 1;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
+
+/// What to do with a frame.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Class {
+    /// Look this key up.
+    Flow(FlowKey),
+    /// Hand to the coprocessor without a lookup (ARP).
+    Punt(PuntReason),
+    Drop(DropReason),
+}
+
+/// A classified frame: its class, and where its inner frame is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Classified {
+    pub class: Class,
+    /// Offset of the (inner) Ethernet header in the frame: 0 for VM ports,
+    /// the outer header length for decapsulated uplink frames.
+    pub inner_start: usize,
+    pub inner_len: usize,
+    /// Outer source VTEP (uplink frames), 0 otherwise.
+    pub outer_src: u32,
+}
+
+#[inline(always)]
+fn be16(b: &[u8], at: usize) -> Option<u16> {
+    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
+}
+
+#[inline(always)]
+fn be32(b: &[u8], at: usize) -> Option<u32> {
+    let s = b.get(at..at + 4)?;
+    Some(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
+}
+
+/// Classify an Ethernet frame that entered through `ingress`.
+#[inline]
+pub fn classify_l2(f: &[u8], ingress: Ingress) -> Class {
+    let Some(ethertype) = be16(f, 12) else {
+        return Class::Drop(DropReason::TooShort);
+    };
+    match ethertype {
+        ETHERTYPE_IPV4 => classify_ipv4(f, ingress),
+        ETHERTYPE_ARP => Class::Punt(PuntReason::Arp),
+        ETHERTYPE_IPV6 => Class::Drop(DropReason::Ipv6),
+        ETHERTYPE_VLAN | ETHERTYPE_QINQ => Class::Drop(DropReason::VlanTagged),
+        _ => Class::Drop(DropReason::UnsupportedEthertype),
+    }
+}
+
+#[inline(always)]
+fn classify_ipv4(f: &[u8], ingress: Ingress) -> Class {
+    let ip = ETH_LEN;
+    let (Some(&ver_ihl), Some(tot_len), Some(frag), Some(&proto), Some(src), Some(dst)) = (
+        f.get(ip),
+        be16(f, ip + 2),
+        be16(f, ip + 6),
+        f.get(ip + 9),
+        be32(f, ip + 12),
+        be32(f, ip + 16),
+    ) else {
+        return Class::Drop(DropReason::TooShort);
+    };
+    if ver_ihl >> 4 != 4 {
+        return Class::Drop(DropReason::BadIpVersion);
+    }
+    let hdr_len = usize::from(ver_ihl & 0x0f) * 4;
+    if hdr_len < 20 {
+        return Class::Drop(DropReason::BadIpHeaderLen);
+    }
+    let tot_len = usize::from(tot_len);
+    if tot_len < hdr_len || ETH_LEN + tot_len > f.len() {
+        return Class::Drop(DropReason::BadIpTotalLen);
+    }
+    let mut key = FlowKey::new(ingress, proto, src, dst, 0, 0);
+    if frag & 0x3fff != 0 {
+        // MF set or a non-zero offset: only the first fragment has ports,
+        // so all fragments share one port-less key.
+        key.flags |= KeyFlags::FRAGMENT;
+        return Class::Flow(key);
+    }
+    let l4 = ip + hdr_len;
+    // The L4 bytes we read must lie inside the IP packet, not in padding.
+    let l4_end = ETH_LEN + tot_len;
+    let l4_word = |at: usize| if at + 2 <= l4_end { be16(f, at) } else { None };
+    match proto {
+        IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
+            let (Some(sp), Some(dp)) = (l4_word(l4), l4_word(l4 + 2)) else {
+                return Class::Drop(DropReason::L4TooShort);
+            };
+            key.src_port = sp;
+            key.dst_port = dp;
+        }
+        IPPROTO_ICMP => {
+            let Some(type_code) = l4_word(l4) else {
+                return Class::Drop(DropReason::L4TooShort);
+            };
+            key.dst_port = type_code;
+            // Echo reply (0) and echo request (8) carry an identifier.
+            if matches!(type_code >> 8, 0 | 8) {
+                let Some(id) = l4_word(l4 + 4) else {
+                    return Class::Drop(DropReason::L4TooShort);
+                };
+                key.src_port = id;
+            }
+        }
+        _ => {}
+    }
+    Class::Flow(key)
+}
+
+/// Classifies frames by the port they arrived on.
+#[derive(Clone, Copy, Debug)]
+pub struct Classifier {
+    /// The uplink port: its frames must be VXLAN for us.
+    pub uplink: PortId,
+    pub decap: DecapConfig,
+}
+
+impl Classifier {
+    /// Classify `frame`, which arrived on `port`.
+    #[inline]
+    pub fn classify(&self, port: PortId, frame: &[u8]) -> Classified {
+        if port != self.uplink {
+            return Classified {
+                class: classify_l2(frame, Ingress::Port(port)),
+                inner_start: 0,
+                inner_len: frame.len(),
+                outer_src: 0,
+            };
+        }
+        match vxlan::decap(frame, &self.decap) {
+            Err(e) => Classified {
+                class: Class::Drop(e.into()),
+                inner_start: 0,
+                inner_len: frame.len(),
+                outer_src: 0,
+            },
+            Ok(d) => {
+                // decap() only returns VNIs read from a 24-bit field.
+                let class = match (Vni::new(d.vni), frame.get(d.inner())) {
+                    (Some(vni), Some(inner)) => classify_l2(inner, Ingress::Vni(vni)),
+                    _ => Class::Drop(DropReason::OuterTooShort),
+                };
+                Classified {
+                    class,
+                    inner_start: d.inner_start,
+                    inner_len: d.inner_len,
+                    outer_src: d.outer_src,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const P: Ingress = Ingress::Port(PortId(3));
+
+    /// Ethernet + IPv4 (10.0.0.1 → 10.0.0.2, given protocol) + `l4` bytes.
+    fn ipv4(proto: u8, l4: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; ETH_LEN + 20];
+        f[12..14].copy_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
+        f[14] = 0x45;
+        let tot = u16::try_from(20 + l4.len()).unwrap();
+        f[16..18].copy_from_slice(&tot.to_be_bytes());
+        f[22] = 64;
+        f[23] = proto;
+        f[26..30].copy_from_slice(&[10, 0, 0, 1]);
+        f[30..34].copy_from_slice(&[10, 0, 0, 2]);
+        f.extend_from_slice(l4);
+        f
+    }
+
+    fn flow(c: Class) -> FlowKey {
+        match c {
+            Class::Flow(k) => k,
+            other => panic!("expected a flow, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn udp_and_tcp_give_five_tuples() {
+        for proto in [IPPROTO_UDP, IPPROTO_TCP] {
+            let k = flow(classify_l2(
+                &ipv4(proto, &[0x04, 0xd2, 0x00, 0x35, 0, 0, 0, 0]),
+                P,
+            ));
+            assert_eq!(
+                k,
+                FlowKey::new(P, proto, 0x0a00_0001, 0x0a00_0002, 1234, 53)
+            );
+        }
+    }
+
+    #[test]
+    fn icmp_echo_keys_on_type_code_and_identifier() {
+        let k = flow(classify_l2(
+            &ipv4(IPPROTO_ICMP, &[8, 0, 0xaa, 0xbb, 0x12, 0x34, 0, 1]),
+            P,
+        ));
+        assert_eq!((k.src_port, k.dst_port), (0x1234, 0x0800));
+        // Destination unreachable has no identifier.
+        let k = flow(classify_l2(&ipv4(IPPROTO_ICMP, &[3, 4, 0, 0]), P));
+        assert_eq!((k.src_port, k.dst_port), (0, 0x0304));
+        assert_eq!(
+            classify_l2(&ipv4(IPPROTO_ICMP, &[8, 0, 0, 0]), P),
+            Class::Drop(DropReason::L4TooShort)
+        );
+    }
+
+    #[test]
+    fn fragments_have_no_ports() {
+        let mut f = ipv4(IPPROTO_UDP, &[0x04, 0xd2, 0x00, 0x35]);
+        f[20] = 0x20; // MF
+        let k = flow(classify_l2(&f, P));
+        assert_eq!(
+            (k.src_port, k.dst_port, k.flags),
+            (0, 0, KeyFlags::FRAGMENT)
+        );
+    }
+
+    #[test]
+    fn other_protocols_key_on_addresses() {
+        let k = flow(classify_l2(&ipv4(47, &[]), P));
+        assert_eq!((k.proto, k.src_port, k.dst_port), (47, 0, 0));
+    }
+
+    #[test]
+    fn arp_is_punted_and_other_ethertypes_dropped() {
+        let mut f = vec![0u8; 42];
+        f[12..14].copy_from_slice(&ETHERTYPE_ARP.to_be_bytes());
+        assert_eq!(classify_l2(&f, P), Class::Punt(PuntReason::Arp));
+        for (et, r) in [
+            (ETHERTYPE_IPV6, DropReason::Ipv6),
+            (ETHERTYPE_VLAN, DropReason::VlanTagged),
+            (0x88cc, DropReason::UnsupportedEthertype),
+        ] {
+            f[12..14].copy_from_slice(&et.to_be_bytes());
+            assert_eq!(classify_l2(&f, P), Class::Drop(r));
+        }
+    }
+
+    #[test]
+    fn malformed_ipv4_is_dropped_by_reason() {
+        assert_eq!(classify_l2(&[0; 13], P), Class::Drop(DropReason::TooShort));
+        let good = ipv4(IPPROTO_UDP, &[0, 1, 0, 2]);
+        assert_eq!(
+            classify_l2(&good[..33], P),
+            Class::Drop(DropReason::TooShort)
+        );
+        let mut f = good.clone();
+        f[14] = 0x65;
+        assert_eq!(classify_l2(&f, P), Class::Drop(DropReason::BadIpVersion));
+        f[14] = 0x44;
+        assert_eq!(classify_l2(&f, P), Class::Drop(DropReason::BadIpHeaderLen));
+        let mut f = good.clone();
+        f[16..18].copy_from_slice(&100u16.to_be_bytes());
+        assert_eq!(classify_l2(&f, P), Class::Drop(DropReason::BadIpTotalLen));
+        let mut f = good.clone();
+        f[16..18].copy_from_slice(&19u16.to_be_bytes());
+        assert_eq!(classify_l2(&f, P), Class::Drop(DropReason::BadIpTotalLen));
+        // IHL says 24 bytes of header; the ports would be past the packet.
+        let mut f = good.clone();
+        f[14] = 0x46;
+        assert_eq!(classify_l2(&f, P), Class::Drop(DropReason::L4TooShort));
+        // Ports in Ethernet padding (beyond the IP total length) don't count.
+        let mut f = ipv4(IPPROTO_UDP, &[0, 1]);
+        f.extend_from_slice(&[0, 2, 0, 0]);
+        assert_eq!(classify_l2(&f, P), Class::Drop(DropReason::L4TooShort));
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..128)) {
+            let c = Classifier {
+                uplink: PortId(0),
+                decap: DecapConfig { local_vtep: 0x0a00_0002, udp_port: 4789 },
+            };
+            let out = c.classify(PortId(0), &bytes);
+            prop_assert!(out.inner_start + out.inner_len <= bytes.len().max(out.inner_len));
+            let _ = c.classify(PortId(1), &bytes);
+        }
+    }
+}

@@ -1,0 +1,326 @@
+//! The per-batch pipeline: classify, look up, apply, sort into outputs.
+//!
+//! No I/O. A port driver hands in up to [`BATCH`] received frames and gets
+//! back, in a [`BatchOut`], the frames to transmit grouped by port, the
+//! frames to punt, and the frames it dropped (whose buffers it recycles).
+//!
+//! Pass 1 classifies every frame, hashes its key once and prefetches the
+//! key's home slot; pass 2 probes the table and applies actions in place,
+//! so the table's cache misses for a batch overlap instead of queueing.
+//! Counters for the common case stay in locals until the batch ends.
+
+use std::net::Ipv4Addr;
+
+use arrayvec::ArrayVec;
+use flowtable::{Action, FlowKey, FlowTable, Output, PortId};
+use vxlan::{DecapConfig, Template};
+
+use crate::classify::{Class, Classifier, ETH_LEN};
+use crate::drop::{DropCounters, DropReason};
+use crate::frame::{Desc, FrameMem, BATCH};
+use crate::punt::PuntReason;
+use crate::tx::TxLists;
+
+/// What the pipeline needs to know about the switch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PipelineConfig {
+    /// The uplink port (VXLAN arrives and leaves here).
+    pub uplink: PortId,
+    /// Our VTEP address.
+    pub local_vtep: Ipv4Addr,
+    /// VXLAN UDP port (4789).
+    pub udp_port: u16,
+    /// Number of ports (ids `0..ports`).
+    pub ports: u16,
+}
+
+/// A frame the coprocessor must see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PuntItem {
+    pub desc: Desc,
+    pub reason: PuntReason,
+    /// Offset of the inner Ethernet header from `desc.addr`.
+    pub inner_start: u16,
+}
+
+/// Everything one batch produced.
+#[derive(Debug)]
+pub struct BatchOut {
+    pub tx: TxLists,
+    pub punt: ArrayVec<PuntItem, BATCH>,
+    pub dropped: ArrayVec<Desc, BATCH>,
+}
+
+impl BatchOut {
+    pub fn new(ports: u16) -> BatchOut {
+        BatchOut {
+            tx: TxLists::new(ports),
+            punt: ArrayVec::new(),
+            dropped: ArrayVec::new(),
+        }
+    }
+
+    pub fn clear(&mut self) {
+        self.tx.clear();
+        self.punt.clear();
+        self.dropped.clear();
+    }
+}
+
+/// Per-thread pipeline counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PipelineCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub tx_packets: u64,
+    pub punts: [u64; PuntReason::COUNT],
+    pub drops: DropCounters,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Meta {
+    /// Index of the frame in the batch.
+    idx: u8,
+    inner_start: u16,
+    inner_len: u32,
+    outer_src: u32,
+}
+
+/// What happens to one frame after its action.
+enum Verdict {
+    Tx(PortId, Desc),
+    Punt(PuntReason),
+    Drop(DropReason),
+}
+
+/// The fast path's packet pipeline, owner of its flow table.
+pub struct Pipeline {
+    classifier: Classifier,
+    table: FlowTable,
+    counters: PipelineCounters,
+    keys: [FlowKey; BATCH],
+    hashes: [u64; BATCH],
+    meta: [Meta; BATCH],
+}
+
+impl Pipeline {
+    pub fn new(cfg: &PipelineConfig, table: FlowTable) -> Pipeline {
+        Pipeline {
+            classifier: Classifier {
+                uplink: cfg.uplink,
+                decap: DecapConfig {
+                    local_vtep: u32::from(cfg.local_vtep),
+                    udp_port: cfg.udp_port,
+                },
+            },
+            table,
+            counters: PipelineCounters::default(),
+            keys: [FlowKey::default(); BATCH],
+            hashes: [0; BATCH],
+            meta: [Meta::default(); BATCH],
+        }
+    }
+
+    /// The flow table (installs, expiry and dumps go through the owner).
+    pub fn table(&self) -> &FlowTable {
+        &self.table
+    }
+
+    pub fn table_mut(&mut self) -> &mut FlowTable {
+        &mut self.table
+    }
+
+    pub fn counters(&self) -> &PipelineCounters {
+        &self.counters
+    }
+
+    pub fn classifier(&self) -> &Classifier {
+        &self.classifier
+    }
+
+    #[inline(always)]
+    fn drop(&mut self, out: &mut BatchOut, d: Desc, r: DropReason) {
+        self.counters.drops.bump(r);
+        // `dropped` holds a batch; process() consumes at most one.
+        let _ = out.dropped.try_push(d);
+    }
+
+    /// Process up to [`BATCH`] frames that arrived on `ingress`; returns how
+    /// many of `frames` were consumed (the caller passes the rest again).
+    /// `out` is cleared first. `now` is the caller's clock in nanoseconds.
+    pub fn process<M: FrameMem + ?Sized>(
+        &mut self,
+        ingress: PortId,
+        mem: &mut M,
+        frames: &[Desc],
+        now: u64,
+        out: &mut BatchOut,
+    ) -> usize {
+        out.clear();
+        let frames = &frames[..frames.len().min(BATCH)];
+        let mut rx_bytes = 0u64;
+        let mut n = 0usize;
+
+        // Pass 1: classify, hash, prefetch.
+        for (i, &d) in frames.iter().enumerate() {
+            rx_bytes += u64::from(d.len);
+            let Some((chunk, off)) = mem.chunk_mut(d.addr) else {
+                self.drop(out, d, DropReason::BadDescriptor);
+                continue;
+            };
+            let Some(frame) = chunk.get(off..off + d.len as usize) else {
+                self.drop(out, d, DropReason::BadDescriptor);
+                continue;
+            };
+            let c = self.classifier.classify(ingress, frame);
+            match c.class {
+                Class::Flow(key) => {
+                    let h = self.table.hash(&key);
+                    self.table.prefetch(h);
+                    self.keys[n] = key;
+                    self.hashes[n] = h;
+                    // i < BATCH ≤ 255 and offsets/lengths are frame-bounded.
+                    #[allow(clippy::cast_possible_truncation)]
+                    let m = Meta {
+                        idx: i as u8,
+                        inner_start: c.inner_start as u16,
+                        inner_len: c.inner_len as u32,
+                        outer_src: c.outer_src,
+                    };
+                    self.meta[n] = m;
+                    n += 1;
+                }
+                Class::Punt(reason) => {
+                    self.punt(out, d, reason, c.inner_start);
+                }
+                Class::Drop(r) => self.drop(out, d, r),
+            }
+        }
+
+        // Pass 2: probe and apply.
+        let (mut hits, mut misses, mut tx) = (0u64, 0u64, 0u64);
+        for j in 0..n {
+            let (key, h, m) = (self.keys[j], self.hashes[j], self.meta[j]);
+            let d = frames[usize::from(m.idx)];
+            let inner_start = usize::from(m.inner_start);
+            let Some(hit) = self.table.lookup_hashed(&key, h, m.inner_len, now) else {
+                misses += 1;
+                self.punt(out, d, PuntReason::Miss, inner_start);
+                continue;
+            };
+            hits += 1;
+            let verdict = match (self.table.action(hit.action), mem.chunk_mut(d.addr)) {
+                (Some(a), Some((chunk, off))) => apply(a, chunk, off, d, &m, h),
+                _ => Verdict::Drop(DropReason::BadDescriptor),
+            };
+            match verdict {
+                Verdict::Tx(port, nd) => match out.tx.push(port, nd) {
+                    Ok(()) => tx += 1,
+                    Err(false) => self.drop(out, d, DropReason::BadOutputPort),
+                    Err(true) => self.drop(out, d, DropReason::TxOverflow),
+                },
+                Verdict::Punt(r) => self.punt(out, d, r, inner_start),
+                Verdict::Drop(r) => self.drop(out, d, r),
+            }
+        }
+
+        let c = &mut self.counters;
+        c.rx_packets += frames.len() as u64;
+        c.rx_bytes += rx_bytes;
+        c.hits += hits;
+        c.misses += misses;
+        c.tx_packets += tx;
+        frames.len()
+    }
+
+    #[inline(always)]
+    fn punt(&mut self, out: &mut BatchOut, d: Desc, reason: PuntReason, inner_start: usize) {
+        self.counters.punts[reason.index()] += 1;
+        let item = PuntItem {
+            desc: d,
+            reason,
+            inner_start: u16::try_from(inner_start).unwrap_or(0),
+        };
+        let _ = out.punt.try_push(item);
+    }
+}
+
+#[inline(always)]
+fn be16(b: &[u8], at: usize) -> u16 {
+    match b.get(at..at + 2) {
+        Some(s) => u16::from_be_bytes([s[0], s[1]]),
+        None => 0,
+    }
+}
+
+/// Apply `a` to the frame at `chunk[off..]`. Checks come first, so a frame
+/// that is punted is unmodified.
+#[inline(always)]
+fn apply(a: &Action, chunk: &mut [u8], off: usize, d: Desc, m: &Meta, hash: u64) -> Verdict {
+    let mut start = off;
+    let mut len = d.len as usize;
+    if let Some(vtep) = a.decap {
+        if m.inner_start == 0 || m.outer_src != vtep {
+            return Verdict::Punt(PuntReason::VtepMismatch);
+        }
+        start += usize::from(m.inner_start);
+        len = m.inner_len as usize;
+    }
+    if len > usize::from(a.max_len) {
+        return Verdict::Punt(PuntReason::TooBig);
+    }
+    // Flow frames are IPv4 with a whole 20-byte header after Ethernet
+    // (the classifier checked), so these offsets are inside the frame.
+    let ip = start + ETH_LEN;
+    if a.dec_ttl {
+        let Some(&ttl) = chunk.get(ip + 8) else {
+            return Verdict::Drop(DropReason::TooShort);
+        };
+        if ttl <= 1 {
+            return Verdict::Punt(PuntReason::TtlExpired);
+        }
+        let old = be16(chunk, ip + 8);
+        let hc = be16(chunk, ip + 10);
+        let new = old - 0x0100;
+        if let Some(s) = chunk.get_mut(ip + 8..ip + 12) {
+            s[..2].copy_from_slice(&new.to_be_bytes());
+            s[2..].copy_from_slice(&vxlan::checksum::update(hc, old, new).to_be_bytes());
+        }
+    }
+    if let Some(eth) = chunk.get_mut(start..start + 12) {
+        if let Some(mac) = &a.set_eth_dst {
+            eth[..6].copy_from_slice(mac);
+        }
+        if let Some(mac) = &a.set_eth_src {
+            eth[6..].copy_from_slice(mac);
+        }
+    }
+    if let Some(t) = &a.encap {
+        match vxlan::encap(chunk, start, len, &Template::from_bytes(t.0), hash) {
+            Ok(s) => {
+                start = s;
+                len += vxlan::OUTER_LEN;
+            }
+            Err(_) => return Verdict::Drop(DropReason::NoHeadroom),
+        }
+    }
+    match a.output {
+        Output::Port(p) => {
+            let base = d.addr - off as u64;
+            // len ≤ chunk size, far below u32::MAX.
+            #[allow(clippy::cast_possible_truncation)]
+            let nd = Desc {
+                addr: base + start as u64,
+                len: len as u32,
+            };
+            Verdict::Tx(p, nd)
+        }
+        Output::Punt => Verdict::Punt(PuntReason::Action),
+        Output::Drop => Verdict::Drop(DropReason::FlowDrop),
+    }
+}
+
+#[cfg(test)]
+mod tests;

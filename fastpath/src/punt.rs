@@ -1,0 +1,323 @@
+//! The punt path: copying frames the fast path cannot handle into
+//! messages for the coprocessor, within a per-port budget.
+//!
+//! Messages come from a fixed pool and go back to it after the
+//! coprocessor is done, so punting allocates nothing in steady state. Two
+//! bounded lock-free queues (`crossbeam_queue::ArrayQueue`) connect the
+//! threads: the punt queue (fast path → coprocessor) and the free pool
+//! (coprocessor → fast path). Every way a punt can fail is a counted drop:
+//! over the port's budget, pool empty, queue full.
+
+use std::sync::Arc;
+
+use crossbeam_queue::ArrayQueue;
+use flowtable::PortId;
+
+use crate::drop::DropReason;
+use crate::reason::counted_enum;
+
+counted_enum! {
+    /// Why a frame goes to the coprocessor.
+    pub enum PuntReason {
+        Miss => "miss",
+        Arp => "arp",
+        Action => "punt_action",
+        TtlExpired => "ttl_expired",
+        TooBig => "too_big",
+        VtepMismatch => "vtep_mismatch",
+    }
+}
+
+/// A punted frame.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PuntMsg {
+    pub ingress: PortId,
+    pub reason: PuntReason,
+    /// Offset of the (inner) Ethernet header in `data`: non-zero for
+    /// frames from the uplink, whose outer headers are kept.
+    pub inner_start: u16,
+    /// Length of the frame as received; more than `data.len()` if the
+    /// frame was longer than a message holds (the headers are enough for
+    /// the "too big" answer).
+    pub orig_len: u32,
+    /// The frame's bytes; capacity fixed when the pool is built.
+    pub data: Vec<u8>,
+}
+
+impl PuntMsg {
+    fn with_capacity(cap: usize) -> PuntMsg {
+        PuntMsg {
+            ingress: PortId(0),
+            reason: PuntReason::Miss,
+            inner_start: 0,
+            orig_len: 0,
+            data: Vec::with_capacity(cap),
+        }
+    }
+
+    /// The inner Ethernet frame (empty if the message was truncated before it).
+    pub fn inner(&self) -> &[u8] {
+        self.data
+            .get(usize::from(self.inner_start)..)
+            .unwrap_or(&[])
+    }
+}
+
+/// Generic cell rate algorithm: a token bucket kept as one "theoretical
+/// arrival time", so a check is a compare and an add, no division.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Budget {
+    /// Nanoseconds per punt (1e9 / rate).
+    interval: u64,
+    /// How far ahead of `now` the arrival time may run: burst × interval.
+    tolerance: u64,
+    tat: u64,
+}
+
+impl Budget {
+    /// `rate` punts per second on average, bursts of up to `burst`.
+    /// A zero rate forbids punting.
+    pub fn new(rate: u64, burst: u64) -> Budget {
+        if rate == 0 {
+            return Budget {
+                interval: u64::MAX,
+                tolerance: 0,
+                tat: 0,
+            };
+        }
+        let interval = (1_000_000_000 / rate).max(1);
+        Budget {
+            interval,
+            tolerance: interval.saturating_mul(burst.max(1)),
+            tat: 0,
+        }
+    }
+
+    /// Take one token at time `now` (ns); false if over budget.
+    #[inline]
+    pub fn take(&mut self, now: u64) -> bool {
+        let tat = self.tat.max(now);
+        // Allowed if, after this punt, the arrival time runs at most
+        // `tolerance` ahead of now.
+        if (tat - now).saturating_add(self.interval) > self.tolerance {
+            return false;
+        }
+        self.tat = tat.saturating_add(self.interval);
+        true
+    }
+}
+
+/// Sizes of the punt path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PuntConfig {
+    /// Messages in flight at most (queue and pool size).
+    pub messages: usize,
+    /// Bytes a message holds; longer frames are truncated.
+    pub msg_bytes: usize,
+    /// Default budget per port: punts per second, and burst.
+    pub rate: u64,
+    pub burst: u64,
+}
+
+impl Default for PuntConfig {
+    fn default() -> Self {
+        PuntConfig {
+            messages: 4096,
+            msg_bytes: 2048,
+            rate: 10_000,
+            burst: 256,
+        }
+    }
+}
+
+/// The coprocessor's end: pop punted frames, give messages back.
+#[derive(Debug, Clone)]
+pub struct PuntReceiver {
+    queue: Arc<ArrayQueue<PuntMsg>>,
+    pool: Arc<ArrayQueue<PuntMsg>>,
+}
+
+impl PuntReceiver {
+    pub fn recv(&self) -> Option<PuntMsg> {
+        self.queue.pop()
+    }
+
+    /// Return a message to the pool once its frame is handled.
+    pub fn recycle(&self, mut m: PuntMsg) {
+        m.data.clear();
+        // The pool has room for every message ever made; if it were full
+        // the message is simply freed.
+        let _ = self.pool.push(m);
+    }
+
+    /// Messages waiting for the coprocessor.
+    pub fn depth(&self) -> usize {
+        self.queue.len()
+    }
+}
+
+/// The fast path's end.
+#[derive(Debug)]
+pub struct Punter {
+    queue: Arc<ArrayQueue<PuntMsg>>,
+    pool: Arc<ArrayQueue<PuntMsg>>,
+    budgets: Vec<Budget>,
+    default_budget: Budget,
+    /// Frames punted, by reason.
+    pub punted: [u64; PuntReason::COUNT],
+}
+
+/// A connected punt path for `ports` ports (ids `0..ports`).
+pub fn punt_path(cfg: &PuntConfig, ports: u16) -> (Punter, PuntReceiver) {
+    let n = cfg.messages.max(1);
+    let queue = Arc::new(ArrayQueue::new(n));
+    let pool = Arc::new(ArrayQueue::new(n));
+    for _ in 0..n {
+        let _ = pool.push(PuntMsg::with_capacity(cfg.msg_bytes));
+    }
+    let budget = Budget::new(cfg.rate, cfg.burst);
+    (
+        Punter {
+            queue: queue.clone(),
+            pool: pool.clone(),
+            budgets: vec![budget; usize::from(ports)],
+            default_budget: budget,
+            punted: [0; PuntReason::COUNT],
+        },
+        PuntReceiver { queue, pool },
+    )
+}
+
+impl Punter {
+    /// Change one port's budget (ports beyond the configured count are
+    /// added).
+    pub fn set_budget(&mut self, port: PortId, b: Budget) {
+        let i = usize::from(port.0);
+        if i >= self.budgets.len() {
+            self.budgets.resize(i + 1, self.default_budget);
+        }
+        self.budgets[i] = b;
+    }
+
+    /// Copy `frame` into a message and queue it. `inner_start` locates the
+    /// inner Ethernet header in `frame`.
+    #[inline]
+    pub fn punt(
+        &mut self,
+        ingress: PortId,
+        reason: PuntReason,
+        frame: &[u8],
+        inner_start: usize,
+        now: u64,
+    ) -> Result<(), DropReason> {
+        let budget = match self.budgets.get_mut(usize::from(ingress.0)) {
+            Some(b) => b,
+            None => &mut self.default_budget,
+        };
+        if !budget.take(now) {
+            return Err(DropReason::PuntOverBudget);
+        }
+        let Some(mut m) = self.pool.pop() else {
+            return Err(DropReason::PuntPoolEmpty);
+        };
+        let n = frame.len().min(m.data.capacity());
+        m.data.clear();
+        m.data.extend_from_slice(&frame[..n]);
+        m.ingress = ingress;
+        m.reason = reason;
+        m.inner_start = u16::try_from(inner_start).unwrap_or(u16::MAX);
+        m.orig_len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
+        if let Err(m) = self.queue.push(m) {
+            let _ = self.pool.push(m);
+            return Err(DropReason::PuntQueueFull);
+        }
+        self.punted[reason.index()] += 1;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_allows_bursts_then_the_rate() {
+        let mut b = Budget::new(1000, 10); // 1 ms per punt, burst 10
+        let t0 = 1_000_000_000;
+        assert_eq!((0..20).filter(|_| b.take(t0)).count(), 10);
+        assert!(!b.take(t0 + 500_000));
+        assert!(b.take(t0 + 1_000_000));
+        // After a long idle period the burst is available again, not more.
+        assert_eq!((0..20).filter(|_| b.take(t0 + 10_000_000_000)).count(), 10);
+        let mut never = Budget::new(0, 10);
+        assert!(!never.take(t0 + 1));
+    }
+
+    #[test]
+    fn punts_round_trip_and_every_failure_is_a_reason() {
+        let cfg = PuntConfig {
+            messages: 2,
+            msg_bytes: 16,
+            rate: 1_000_000,
+            burst: 100,
+        };
+        let (mut p, rx) = punt_path(&cfg, 2);
+        let frame: Vec<u8> = (0..40).collect();
+        p.punt(PortId(1), PuntReason::Arp, &frame, 0, 1).unwrap();
+        p.punt(PortId(1), PuntReason::Miss, &frame[..8], 0, 1)
+            .unwrap();
+        assert_eq!(
+            p.punt(PortId(1), PuntReason::Miss, &frame, 0, 1),
+            Err(DropReason::PuntPoolEmpty)
+        );
+        let m = rx.recv().unwrap();
+        assert_eq!(
+            (m.ingress, m.reason, m.orig_len),
+            (PortId(1), PuntReason::Arp, 40)
+        );
+        assert_eq!(m.data, frame[..16], "truncated to the message size");
+        assert_eq!(rx.depth(), 1);
+        rx.recycle(m);
+        p.punt(PortId(0), PuntReason::TooBig, &frame, 4, 1).unwrap();
+        assert_eq!(p.punted[PuntReason::Miss.index()], 1);
+        assert_eq!(p.punted[PuntReason::TooBig.index()], 1);
+        let _ = rx.recv().unwrap();
+        let m = rx.recv().unwrap();
+        assert_eq!(m.inner(), &frame[4..16]);
+    }
+
+    #[test]
+    fn queue_full_returns_the_message_to_the_pool() {
+        let cfg = PuntConfig {
+            messages: 1,
+            ..PuntConfig::default()
+        };
+        let (mut p, rx) = punt_path(&cfg, 1);
+        // Steal the queue's only slot with a message from outside the pool.
+        rx.queue.push(PuntMsg::with_capacity(8)).unwrap();
+        assert_eq!(
+            p.punt(PortId(0), PuntReason::Miss, &[0; 8], 0, 1),
+            Err(DropReason::PuntQueueFull)
+        );
+        assert_eq!(rx.pool.len(), 1, "no message lost");
+    }
+
+    #[test]
+    fn one_port_over_budget_does_not_touch_another() {
+        let cfg = PuntConfig {
+            rate: 1,
+            burst: 2,
+            ..PuntConfig::default()
+        };
+        let (mut p, _rx) = punt_path(&cfg, 2);
+        let flood = (0..100)
+            .filter(|_| p.punt(PortId(0), PuntReason::Miss, &[0; 60], 0, 5).is_ok())
+            .count();
+        assert_eq!(flood, 2);
+        assert!(p.punt(PortId(1), PuntReason::Miss, &[0; 60], 0, 5).is_ok());
+        // Unknown ports share the default budget rather than panic.
+        assert!(p
+            .punt(PortId(900), PuntReason::Miss, &[0; 60], 0, 5)
+            .is_ok());
+    }
+}

@@ -1,0 +1,82 @@
+//! Synthetic frames for tests, benchmarks and fuzz seeds: valid Ethernet /
+//! IPv4 / UDP packets with correct checksums, and their VXLAN
+//! encapsulations. Not used on the packet path.
+
+use std::net::Ipv4Addr;
+
+use vxlan::{Template, TemplateSpec};
+
+/// A UDP flow's addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UdpFlow {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src_ip: Ipv4Addr,
+    pub dst_ip: Ipv4Addr,
+    pub src_port: u16,
+    pub dst_port: u16,
+}
+
+/// Offsets inside a frame built by [`udp_frame`].
+pub mod at {
+    pub const IP_TTL: usize = 22;
+    pub const IP_CSUM: usize = 24;
+    pub const IP_SRC: usize = 26;
+    pub const IP_DST: usize = 30;
+    pub const UDP_SRC: usize = 34;
+    pub const UDP_DST: usize = 36;
+}
+
+/// Write an Ethernet/IPv4/UDP frame of exactly `len` bytes (at least 42)
+/// into `buf[..len]`, TTL 64, UDP checksum 0.
+pub fn write_udp_frame(buf: &mut [u8], f: &UdpFlow, len: usize) {
+    let len = len.max(42);
+    let b = &mut buf[..len];
+    b.fill(0);
+    b[0..6].copy_from_slice(&f.dst_mac);
+    b[6..12].copy_from_slice(&f.src_mac);
+    b[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+    let ip_len = u16::try_from(len - 14).unwrap_or(u16::MAX);
+    b[14] = 0x45;
+    b[16..18].copy_from_slice(&ip_len.to_be_bytes());
+    b[20..22].copy_from_slice(&0x4000u16.to_be_bytes());
+    b[at::IP_TTL] = 64;
+    b[23] = 17;
+    b[at::IP_SRC..at::IP_SRC + 4].copy_from_slice(&f.src_ip.octets());
+    b[at::IP_DST..at::IP_DST + 4].copy_from_slice(&f.dst_ip.octets());
+    let c = vxlan::checksum::checksum(&b[14..34]);
+    b[at::IP_CSUM..at::IP_CSUM + 2].copy_from_slice(&c.to_be_bytes());
+    b[at::UDP_SRC..at::UDP_SRC + 2].copy_from_slice(&f.src_port.to_be_bytes());
+    b[at::UDP_DST..at::UDP_DST + 2].copy_from_slice(&f.dst_port.to_be_bytes());
+    b[38..40].copy_from_slice(&(ip_len - 20).to_be_bytes());
+}
+
+/// Rewrite the addresses and ports of a frame made by [`write_udp_frame`],
+/// keeping its IPv4 checksum correct.
+pub fn retarget_udp_frame(b: &mut [u8], src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) {
+    b[at::IP_SRC..at::IP_SRC + 4].copy_from_slice(&src.octets());
+    b[at::IP_DST..at::IP_DST + 4].copy_from_slice(&dst.octets());
+    b[at::IP_CSUM..at::IP_CSUM + 2].fill(0);
+    let c = vxlan::checksum::checksum(&b[14..34]);
+    b[at::IP_CSUM..at::IP_CSUM + 2].copy_from_slice(&c.to_be_bytes());
+    b[at::UDP_SRC..at::UDP_SRC + 2].copy_from_slice(&sport.to_be_bytes());
+    b[at::UDP_DST..at::UDP_DST + 2].copy_from_slice(&dport.to_be_bytes());
+}
+
+/// A UDP frame of `len` bytes as a vector.
+pub fn udp_frame(f: &UdpFlow, len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len.max(42)];
+    write_udp_frame(&mut v, f, len);
+    v
+}
+
+/// `inner` encapsulated with `spec`'s outer headers (flow hash `hash`).
+pub fn vxlan_frame(inner: &[u8], spec: &TemplateSpec, hash: u64) -> Vec<u8> {
+    let t = Template::new(spec).unwrap_or_else(|e| panic!("bad template spec {spec:?}: {e}"));
+    let mut v = vec![0u8; vxlan::OUTER_LEN + inner.len()];
+    v[vxlan::OUTER_LEN..].copy_from_slice(inner);
+    let s = vxlan::encap(&mut v, vxlan::OUTER_LEN, inner.len(), &t, hash)
+        .unwrap_or_else(|e| panic!("encap of a synthetic frame failed: {e}"));
+    debug_assert_eq!(s, 0);
+    v
+}
