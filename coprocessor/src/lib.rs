@@ -1,10 +1,225 @@
-//! The coprocessor: vswitch's slow path (not built yet).
+//! The coprocessor: vswitch's slow path.
 //!
-//! It will receive every frame the fast path punts (flow-table misses and
-//! "punt" actions) and run the pipeline of `shared/DESIGN.md` §5 —
-//! anti-spoof, ARP proxy, DHCP server, routing, security groups with
-//! connection tracking, NAT, ICMP — each stage in its own module
-//! (`arp.rs`, `dhcp.rs`, `route.rs`, `acl.rs`, `conntrack.rs`, `nat.rs`).
-//! It does no I/O: for each punted frame it returns frames to transmit and
-//! flows (built from `flowtable::Action`) to install in the fast path, so
-//! it can be tested and benchmarked without a kernel.
+//! It receives every frame the fast path punts ([`Punted`]) and decides
+//! what happens to it and to the rest of its flow, returning an
+//! [`Outcome`]: flows to install (keyed exactly as the fast path looked
+//! them up), whether to run the frame through the pipeline again once they
+//! are in, frames it made itself (ARP replies), or the cause of a drop.
+//! It does no I/O, so it is tested and benchmarked without a kernel.
+//!
+//! Stages today, each in its own module: [`antispoof`], the [`arp`] proxy,
+//! [`forward`]ing inside a subnet, and flow [`compile`]. Routing between
+//! subnets, DHCP, security groups, conntrack and NAT come next.
+
+pub mod antispoof;
+pub mod arp;
+pub mod compile;
+pub mod forward;
+pub mod outcome;
+pub mod topology;
+
+use std::net::Ipv4Addr;
+
+use flowtable::{Action, FlowKey, Ingress};
+use smoltcp::wire::{EthernetFrame, EthernetProtocol};
+
+pub use outcome::{DropCause, Outcome, Punted};
+pub use topology::Topology;
+
+/// Coprocessor counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub handled: u64,
+    pub flows_compiled: u64,
+    pub arp_replies: u64,
+    pub drops: Vec<u64>,
+}
+
+impl Stats {
+    pub fn drops_by_cause(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        DropCause::ALL
+            .iter()
+            .map(|c| (c.name(), self.drops.get(c.index()).copied().unwrap_or(0)))
+    }
+}
+
+/// The slow path for one set of ports (see the crate documentation).
+#[derive(Debug)]
+pub struct Coprocessor {
+    topo: Topology,
+    stats: Stats,
+}
+
+impl Coprocessor {
+    pub fn new(topo: Topology) -> Coprocessor {
+        Coprocessor {
+            topo,
+            stats: Stats {
+                drops: vec![0; DropCause::ALL.len()],
+                ..Stats::default()
+            },
+        }
+    }
+
+    pub fn topology(&self) -> &Topology {
+        &self.topo
+    }
+
+    pub fn topology_mut(&mut self) -> &mut Topology {
+        &mut self.topo
+    }
+
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Decide for one punted frame.
+    pub fn handle(&mut self, p: &Punted<'_>) -> Outcome {
+        let mut out = Outcome::default();
+        let r = if p.ingress == self.topo.uplink.port {
+            self.handle_uplink_frame(p, &mut out)
+        } else {
+            self.handle_vm_frame(p, &mut out)
+        };
+        self.stats.handled += 1;
+        self.stats.flows_compiled += out.flows.len() as u64;
+        if let Err(cause) = r {
+            out.drop = Some(cause);
+            if let Some(c) = self.stats.drops.get_mut(cause.index()) {
+                *c += 1;
+            }
+        }
+        out
+    }
+
+    fn handle_vm_frame(&mut self, p: &Punted<'_>, out: &mut Outcome) -> Result<(), DropCause> {
+        let vm = self.topo.vm_on(p.ingress).ok_or(DropCause::UnknownPort)?;
+        let eth = EthernetFrame::new_checked(p.frame).map_err(|_| DropCause::Malformed)?;
+        antispoof::check_mac(vm, eth.src_addr().0)?;
+        let vni = vm.vni.get();
+        match eth.ethertype() {
+            EthernetProtocol::Arp => {
+                let req = arp::parse_request(eth.payload())?;
+                antispoof::check_arp(vm, req.sender_mac, req.sender_ip)?;
+                if vm.ips.contains(&req.target_ip) {
+                    return Err(DropCause::ArpForSelf);
+                }
+                let mac = match self.topo.lookup(vni, req.target_ip) {
+                    Some(
+                        topology::Endpoint::Local { mac, .. }
+                        | topology::Endpoint::Remote { mac, .. }
+                        | topology::Endpoint::Gateway { mac },
+                    ) => mac,
+                    None => return Err(DropCause::ArpUnknownTarget),
+                };
+                out.tx.push((p.ingress, arp::reply(&req, mac)));
+                self.stats.arp_replies += 1;
+                Ok(())
+            }
+            EthernetProtocol::Ipv4 => {
+                let key = vm_key(p)?;
+                let (src, dst) = (Ipv4Addr::from(key.src_ip), Ipv4Addr::from(key.dst_ip));
+                if let Err(e) = antispoof::check_ip(vm, src) {
+                    // Keep a spoofing VM's flood out of the slow path.
+                    out.flows.push((key, Action::drop()));
+                    return Err(e);
+                }
+                let action = match forward::decide(&self.topo, vni, src, dst)? {
+                    forward::Next::Local { port, mac } => compile::to_local(vm.mac, mac, port),
+                    forward::Next::Remote { mac, vtep } => {
+                        compile::to_remote(&self.topo, vni, vm.mac, mac, vtep)?
+                    }
+                };
+                out.flows.push((key, action));
+                out.reinject = true;
+                Ok(())
+            }
+            _ => Err(DropCause::UnsupportedEthertype),
+        }
+    }
+
+    fn handle_uplink_frame(&mut self, p: &Punted<'_>, out: &mut Outcome) -> Result<(), DropCause> {
+        let up = &self.topo.uplink;
+        let cfg = vxlan::DecapConfig {
+            local_vtep: u32::from(up.local_vtep),
+            udp_port: vxlan::UDP_PORT,
+        };
+        let d = vxlan::decap(p.frame, &cfg).map_err(|_| DropCause::NotLocalVtep)?;
+        let vni = d.vni;
+        let outer_src = Ipv4Addr::from(d.outer_src);
+        self.topo.network(vni).ok_or(DropCause::UnknownVni)?;
+        let inner = p.frame.get(d.inner()).ok_or(DropCause::Malformed)?;
+        let eth = EthernetFrame::new_checked(inner).map_err(|_| DropCause::Malformed)?;
+        match eth.ethertype() {
+            EthernetProtocol::Arp => {
+                let req = arp::parse_request(eth.payload())?;
+                self.check_remote(vni, req.sender_ip, outer_src)?;
+                // Answer only for what lives here: the remote side's own
+                // switch answers for its VMs.
+                let mac = match self.topo.lookup(vni, req.target_ip) {
+                    Some(
+                        topology::Endpoint::Local { mac, .. } | topology::Endpoint::Gateway { mac },
+                    ) => mac,
+                    _ => return Err(DropCause::ArpUnknownTarget),
+                };
+                // The reply goes back the way the request came: to the
+                // sending VTEP, through the hop that delivered it.
+                let outer_src_mac: [u8; 6] = p
+                    .frame
+                    .get(6..12)
+                    .and_then(|m| m.try_into().ok())
+                    .ok_or(DropCause::Malformed)?;
+                let frame = compile::encapsulate(
+                    &self.topo,
+                    vni,
+                    &arp::reply(&req, mac),
+                    outer_src,
+                    outer_src_mac,
+                )
+                .ok_or(DropCause::Malformed)?;
+                out.tx.push((self.topo.uplink.port, frame));
+                self.stats.arp_replies += 1;
+                Ok(())
+            }
+            EthernetProtocol::Ipv4 => {
+                let key = p.key.ok_or(DropCause::Malformed)?;
+                if key.ingress() != flowtable::Vni::new(vni).map(Ingress::Vni) {
+                    return Err(DropCause::Malformed);
+                }
+                let (src, dst) = (Ipv4Addr::from(key.src_ip), Ipv4Addr::from(key.dst_ip));
+                let src_mac = self.check_remote(vni, src, outer_src)?;
+                let Some(topology::Endpoint::Local { port, mac }) = self.topo.lookup(vni, dst)
+                else {
+                    return Err(DropCause::UnknownDestination);
+                };
+                out.flows
+                    .push((key, compile::from_remote(outer_src, src_mac, mac, port)));
+                out.reinject = true;
+                Ok(())
+            }
+            _ => Err(DropCause::UnsupportedEthertype),
+        }
+    }
+
+    /// A sender on the overlay must be a known remote endpoint of `vni`,
+    /// behind the VTEP the packet came from. Returns its MAC.
+    fn check_remote(&self, vni: u32, ip: Ipv4Addr, from: Ipv4Addr) -> Result<[u8; 6], DropCause> {
+        match self.topo.lookup(vni, ip) {
+            Some(topology::Endpoint::Remote { mac, vtep }) if vtep == from => Ok(mac),
+            Some(topology::Endpoint::Remote { .. }) => Err(DropCause::VtepMismatch),
+            _ => Err(DropCause::UnknownRemoteSource),
+        }
+    }
+}
+
+/// The key of an IPv4 frame from a VM port, checked against the port.
+fn vm_key(p: &Punted<'_>) -> Result<FlowKey, DropCause> {
+    let key = p.key.ok_or(DropCause::Malformed)?;
+    if key.ingress() != Some(Ingress::Port(p.ingress)) {
+        return Err(DropCause::Malformed);
+    }
+    Ok(key)
+}
+
+#[cfg(test)]
+mod tests;

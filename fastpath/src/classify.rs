@@ -33,14 +33,22 @@ pub enum Class {
     Drop(DropReason),
 }
 
-/// A classified frame: its class, and where its inner frame is.
+/// [`Class`] without the key, which the hot path writes in place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Flow,
+    Punt(PuntReason),
+    Drop(DropReason),
+}
+
+/// A classified frame: its kind, and where its inner frame is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Classified {
-    pub class: Class,
+    pub kind: Kind,
     /// Offset of the (inner) Ethernet header in the frame: 0 for VM ports,
     /// the outer header length for decapsulated uplink frames.
-    pub inner_start: usize,
-    pub inner_len: usize,
+    pub inner_start: u16,
+    pub inner_len: u32,
     /// Outer source VTEP (uplink frames), 0 otherwise.
     pub outer_src: u32,
 }
@@ -57,22 +65,72 @@ fn be32(b: &[u8], at: usize) -> Option<u32> {
 }
 
 /// Classify an Ethernet frame that entered through `ingress`.
-#[inline]
 pub fn classify_l2(f: &[u8], ingress: Ingress) -> Class {
-    let Some(ethertype) = be16(f, 12) else {
-        return Class::Drop(DropReason::TooShort);
-    };
-    match ethertype {
-        ETHERTYPE_IPV4 => classify_ipv4(f, ingress),
-        ETHERTYPE_ARP => Class::Punt(PuntReason::Arp),
-        ETHERTYPE_IPV6 => Class::Drop(DropReason::Ipv6),
-        ETHERTYPE_VLAN | ETHERTYPE_QINQ => Class::Drop(DropReason::VlanTagged),
-        _ => Class::Drop(DropReason::UnsupportedEthertype),
+    let mut key = FlowKey::default();
+    match classify_into(f, ingress.ctx(), &mut key) {
+        Kind::Flow => Class::Flow(key),
+        Kind::Punt(r) => Class::Punt(r),
+        Kind::Drop(r) => Class::Drop(r),
     }
 }
 
+/// Bytes the common case reads: Ethernet, a 20-byte IPv4 header, ports.
+const FAST_LEN: usize = ETH_LEN + 20 + 4;
+
+/// Classify `f` (ingress context `ctx`, see [`Ingress::ctx`]); for
+/// [`Kind::Flow`] the key is written to `key`.
+///
+/// The common case — untagged IPv4 without options, not a fragment, TCP
+/// or UDP with its ports inside the packet — is decided after a single
+/// length check on a fixed-size array; everything else goes through
+/// [`classify_general`], which checks each field.
 #[inline(always)]
-fn classify_ipv4(f: &[u8], ingress: Ingress) -> Class {
+pub fn classify_into(f: &[u8], ctx: u32, key: &mut FlowKey) -> Kind {
+    if let Some(h) = f.first_chunk::<FAST_LEN>() {
+        let tot_len = usize::from(u16::from_be_bytes([h[16], h[17]]));
+        let frag = u16::from_be_bytes([h[20], h[21]]);
+        let proto = h[23];
+        if h[12] == 0x08
+            && h[13] == 0x00
+            && h[14] == 0x45
+            && frag & 0x3fff == 0
+            && (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
+            && tot_len >= 24
+            && ETH_LEN + tot_len <= f.len()
+        {
+            *key = FlowKey {
+                ctx,
+                src_ip: u32::from_be_bytes([h[26], h[27], h[28], h[29]]),
+                dst_ip: u32::from_be_bytes([h[30], h[31], h[32], h[33]]),
+                src_port: u16::from_be_bytes([h[34], h[35]]),
+                dst_port: u16::from_be_bytes([h[36], h[37]]),
+                proto,
+                flags: 0,
+                pad: 0,
+            };
+            return Kind::Flow;
+        }
+    }
+    classify_general(f, ctx, key)
+}
+
+/// Every case, each field checked on its own (ARP, ICMP, options,
+/// fragments, other protocols, and all malformed frames).
+#[inline(never)]
+fn classify_general(f: &[u8], ctx: u32, key: &mut FlowKey) -> Kind {
+    let Some(ethertype) = be16(f, 12) else {
+        return Kind::Drop(DropReason::TooShort);
+    };
+    match ethertype {
+        ETHERTYPE_IPV4 => classify_ipv4(f, ctx, key),
+        ETHERTYPE_ARP => Kind::Punt(PuntReason::Arp),
+        ETHERTYPE_IPV6 => Kind::Drop(DropReason::Ipv6),
+        ETHERTYPE_VLAN | ETHERTYPE_QINQ => Kind::Drop(DropReason::VlanTagged),
+        _ => Kind::Drop(DropReason::UnsupportedEthertype),
+    }
+}
+
+fn classify_ipv4(f: &[u8], ctx: u32, key: &mut FlowKey) -> Kind {
     let ip = ETH_LEN;
     let (Some(&ver_ihl), Some(tot_len), Some(frag), Some(&proto), Some(src), Some(dst)) = (
         f.get(ip),
@@ -82,25 +140,35 @@ fn classify_ipv4(f: &[u8], ingress: Ingress) -> Class {
         be32(f, ip + 12),
         be32(f, ip + 16),
     ) else {
-        return Class::Drop(DropReason::TooShort);
+        return Kind::Drop(DropReason::TooShort);
     };
     if ver_ihl >> 4 != 4 {
-        return Class::Drop(DropReason::BadIpVersion);
+        return Kind::Drop(DropReason::BadIpVersion);
     }
     let hdr_len = usize::from(ver_ihl & 0x0f) * 4;
     if hdr_len < 20 {
-        return Class::Drop(DropReason::BadIpHeaderLen);
+        return Kind::Drop(DropReason::BadIpHeaderLen);
     }
     let tot_len = usize::from(tot_len);
     if tot_len < hdr_len || ETH_LEN + tot_len > f.len() {
-        return Class::Drop(DropReason::BadIpTotalLen);
+        return Kind::Drop(DropReason::BadIpTotalLen);
     }
-    let mut key = FlowKey::new(ingress, proto, src, dst, 0, 0);
+    let mut k = FlowKey {
+        ctx,
+        src_ip: src,
+        dst_ip: dst,
+        src_port: 0,
+        dst_port: 0,
+        proto,
+        flags: 0,
+        pad: 0,
+    };
     if frag & 0x3fff != 0 {
         // MF set or a non-zero offset: only the first fragment has ports,
         // so all fragments share one port-less key.
-        key.flags |= KeyFlags::FRAGMENT;
-        return Class::Flow(key);
+        k.flags |= KeyFlags::FRAGMENT;
+        *key = k;
+        return Kind::Flow;
     }
     let l4 = ip + hdr_len;
     // The L4 bytes we read must lie inside the IP packet, not in padding.
@@ -109,27 +177,28 @@ fn classify_ipv4(f: &[u8], ingress: Ingress) -> Class {
     match proto {
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
             let (Some(sp), Some(dp)) = (l4_word(l4), l4_word(l4 + 2)) else {
-                return Class::Drop(DropReason::L4TooShort);
+                return Kind::Drop(DropReason::L4TooShort);
             };
-            key.src_port = sp;
-            key.dst_port = dp;
+            k.src_port = sp;
+            k.dst_port = dp;
         }
         IPPROTO_ICMP => {
             let Some(type_code) = l4_word(l4) else {
-                return Class::Drop(DropReason::L4TooShort);
+                return Kind::Drop(DropReason::L4TooShort);
             };
-            key.dst_port = type_code;
+            k.dst_port = type_code;
             // Echo reply (0) and echo request (8) carry an identifier.
             if matches!(type_code >> 8, 0 | 8) {
                 let Some(id) = l4_word(l4 + 4) else {
-                    return Class::Drop(DropReason::L4TooShort);
+                    return Kind::Drop(DropReason::L4TooShort);
                 };
-                key.src_port = id;
+                k.src_port = id;
             }
         }
         _ => {}
     }
-    Class::Flow(key)
+    *key = k;
+    Kind::Flow
 }
 
 /// Classifies frames by the port they arrived on.
@@ -141,34 +210,37 @@ pub struct Classifier {
 }
 
 impl Classifier {
-    /// Classify `frame`, which arrived on `port`.
-    #[inline]
-    pub fn classify(&self, port: PortId, frame: &[u8]) -> Classified {
+    /// Classify `frame`, which arrived on `port`; a flow's key goes to `key`.
+    #[inline(always)]
+    pub fn classify(&self, port: PortId, frame: &[u8], key: &mut FlowKey) -> Classified {
+        // Frames are bounded by their chunk, far below u32::MAX.
+        let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
         if port != self.uplink {
             return Classified {
-                class: classify_l2(frame, Ingress::Port(port)),
+                kind: classify_into(frame, Ingress::Port(port).ctx(), key),
                 inner_start: 0,
-                inner_len: frame.len(),
+                inner_len: len,
                 outer_src: 0,
             };
         }
         match vxlan::decap(frame, &self.decap) {
             Err(e) => Classified {
-                class: Class::Drop(e.into()),
+                kind: Kind::Drop(e.into()),
                 inner_start: 0,
-                inner_len: frame.len(),
+                inner_len: len,
                 outer_src: 0,
             },
             Ok(d) => {
-                // decap() only returns VNIs read from a 24-bit field.
-                let class = match (Vni::new(d.vni), frame.get(d.inner())) {
-                    (Some(vni), Some(inner)) => classify_l2(inner, Ingress::Vni(vni)),
-                    _ => Class::Drop(DropReason::OuterTooShort),
+                // decap() only returns VNIs read from a 24-bit field, and
+                // an inner range inside the frame.
+                let kind = match (Vni::new(d.vni), frame.get(d.inner())) {
+                    (Some(vni), Some(inner)) => classify_into(inner, Ingress::Vni(vni).ctx(), key),
+                    _ => Kind::Drop(DropReason::OuterTooShort),
                 };
                 Classified {
-                    class,
-                    inner_start: d.inner_start,
-                    inner_len: d.inner_len,
+                    kind,
+                    inner_start: u16::try_from(d.inner_start).unwrap_or(0),
+                    inner_len: u32::try_from(d.inner_len).unwrap_or(0),
                     outer_src: d.outer_src,
                 }
             }
@@ -248,6 +320,23 @@ mod tests {
     }
 
     #[test]
+    fn fast_and_general_paths_agree() {
+        // The same TCP/UDP frames through the fast path and the general one.
+        for proto in [IPPROTO_UDP, IPPROTO_TCP] {
+            for len in [0usize, 3, 4, 10] {
+                let f = ipv4(proto, &vec![7u8; len]);
+                let (mut a, mut b) = (FlowKey::default(), FlowKey::default());
+                let ka = classify_into(&f, P.ctx(), &mut a);
+                let kb = classify_general(&f, P.ctx(), &mut b);
+                assert_eq!(ka, kb, "proto {proto} l4 len {len}");
+                if ka == Kind::Flow {
+                    assert_eq!(a, b);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn other_protocols_key_on_addresses() {
         let k = flow(classify_l2(&ipv4(47, &[]), P));
         assert_eq!((k.proto, k.src_port, k.dst_port), (47, 0, 0));
@@ -304,9 +393,12 @@ mod tests {
                 uplink: PortId(0),
                 decap: DecapConfig { local_vtep: 0x0a00_0002, udp_port: 4789 },
             };
-            let out = c.classify(PortId(0), &bytes);
-            prop_assert!(out.inner_start + out.inner_len <= bytes.len().max(out.inner_len));
-            let _ = c.classify(PortId(1), &bytes);
+            let mut k = FlowKey::default();
+            let out = c.classify(PortId(0), &bytes, &mut k);
+            if out.kind == Kind::Flow {
+                prop_assert!(usize::from(out.inner_start) + out.inner_len as usize <= bytes.len());
+            }
+            let _ = c.classify(PortId(1), &bytes, &mut k);
         }
     }
 }

@@ -10,13 +10,14 @@
 pub mod classify;
 pub mod drop;
 pub mod frame;
+pub mod hugepage;
 pub mod pipeline;
 pub mod punt;
 mod reason;
 pub mod synth;
 pub mod tx;
 
-pub use classify::{Class, Classified, Classifier};
+pub use classify::{Class, Classified, Classifier, Kind};
 pub use drop::{DropCounters, DropReason};
 pub use frame::{Desc, FrameMem, SliceMem, BATCH, MIN_HEADROOM};
 pub use pipeline::{BatchOut, Pipeline, PipelineConfig, PipelineCounters, PuntItem};

@@ -13,9 +13,9 @@ use std::net::Ipv4Addr;
 
 use arrayvec::ArrayVec;
 use flowtable::{Action, FlowKey, FlowTable, Output, PortId};
-use vxlan::{DecapConfig, Template};
+use vxlan::DecapConfig;
 
-use crate::classify::{Class, Classifier, ETH_LEN};
+use crate::classify::{Classifier, Kind, ETH_LEN};
 use crate::drop::{DropCounters, DropReason};
 use crate::frame::{Desc, FrameMem, BATCH};
 use crate::punt::PuntReason;
@@ -81,8 +81,7 @@ pub struct PipelineCounters {
 
 #[derive(Clone, Copy, Default)]
 struct Meta {
-    /// Index of the frame in the batch.
-    idx: u8,
+    desc: Desc,
     inner_start: u16,
     inner_len: u32,
     outer_src: u32,
@@ -164,7 +163,7 @@ impl Pipeline {
         let mut n = 0usize;
 
         // Pass 1: classify, hash, prefetch.
-        for (i, &d) in frames.iter().enumerate() {
+        for &d in frames {
             rx_bytes += u64::from(d.len);
             let Some((chunk, off)) = mem.chunk_mut(d.addr) else {
                 self.drop(out, d, DropReason::BadDescriptor);
@@ -174,38 +173,34 @@ impl Pipeline {
                 self.drop(out, d, DropReason::BadDescriptor);
                 continue;
             };
-            let c = self.classifier.classify(ingress, frame);
-            match c.class {
-                Class::Flow(key) => {
-                    let h = self.table.hash(&key);
+            let key = &mut self.keys[n];
+            let c = self.classifier.classify(ingress, frame, key);
+            match c.kind {
+                Kind::Flow => {
+                    let h = self.table.hash(key);
                     self.table.prefetch(h);
-                    self.keys[n] = key;
                     self.hashes[n] = h;
-                    // i < BATCH ≤ 255 and offsets/lengths are frame-bounded.
-                    #[allow(clippy::cast_possible_truncation)]
                     let m = Meta {
-                        idx: i as u8,
-                        inner_start: c.inner_start as u16,
-                        inner_len: c.inner_len as u32,
+                        desc: d,
+                        inner_start: c.inner_start,
+                        inner_len: c.inner_len,
                         outer_src: c.outer_src,
                     };
                     self.meta[n] = m;
                     n += 1;
                 }
-                Class::Punt(reason) => {
-                    self.punt(out, d, reason, c.inner_start);
-                }
-                Class::Drop(r) => self.drop(out, d, r),
+                Kind::Punt(reason) => self.punt(out, d, reason, usize::from(c.inner_start)),
+                Kind::Drop(r) => self.drop(out, d, r),
             }
         }
 
         // Pass 2: probe and apply.
         let (mut hits, mut misses, mut tx) = (0u64, 0u64, 0u64);
         for j in 0..n {
-            let (key, h, m) = (self.keys[j], self.hashes[j], self.meta[j]);
-            let d = frames[usize::from(m.idx)];
+            let (key, h, m) = (&self.keys[j], self.hashes[j], self.meta[j]);
+            let d = m.desc;
             let inner_start = usize::from(m.inner_start);
-            let Some(hit) = self.table.lookup_hashed(&key, h, m.inner_len, now) else {
+            let Some(hit) = self.table.lookup_hashed(key, h, m.inner_len, now) else {
                 misses += 1;
                 self.punt(out, d, PuntReason::Miss, inner_start);
                 continue;
@@ -289,7 +284,10 @@ fn apply(a: &Action, chunk: &mut [u8], off: usize, d: Desc, m: &Meta, hash: u64)
             s[2..].copy_from_slice(&vxlan::checksum::update(hc, old, new).to_be_bytes());
         }
     }
-    if let Some(eth) = chunk.get_mut(start..start + 12) {
+    if let Some(eth) = chunk
+        .get_mut(start..)
+        .and_then(|c| c.first_chunk_mut::<12>())
+    {
         if let Some(mac) = &a.set_eth_dst {
             eth[..6].copy_from_slice(mac);
         }
@@ -298,7 +296,7 @@ fn apply(a: &Action, chunk: &mut [u8], off: usize, d: Desc, m: &Meta, hash: u64)
         }
     }
     if let Some(t) = &a.encap {
-        match vxlan::encap(chunk, start, len, &Template::from_bytes(t.0), hash) {
+        match vxlan::encap(chunk, start, len, &t.0, hash) {
             Ok(s) => {
                 start = s;
                 len += vxlan::OUTER_LEN;

@@ -75,7 +75,7 @@ pub fn vxlan_frame(inner: &[u8], spec: &TemplateSpec, hash: u64) -> Vec<u8> {
     let t = Template::new(spec).unwrap_or_else(|e| panic!("bad template spec {spec:?}: {e}"));
     let mut v = vec![0u8; vxlan::OUTER_LEN + inner.len()];
     v[vxlan::OUTER_LEN..].copy_from_slice(inner);
-    let s = vxlan::encap(&mut v, vxlan::OUTER_LEN, inner.len(), &t, hash)
+    let s = vxlan::encap(&mut v, vxlan::OUTER_LEN, inner.len(), t.bytes(), hash)
         .unwrap_or_else(|e| panic!("encap of a synthetic frame failed: {e}"));
     debug_assert_eq!(s, 0);
     v

@@ -86,7 +86,7 @@ impl KeyFlags {
 /// For ICMP, `src_port` is the echo identifier (0 for other types) and
 /// `dst_port` is `type << 8 | code`, so echo requests and replies of one
 /// ping session are distinct, reversible flows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, Debug, Eq, Default)]
 #[repr(C)]
 pub struct FlowKey {
     pub ctx: u32,
@@ -101,6 +101,21 @@ pub struct FlowKey {
 }
 
 const _: () = assert!(std::mem::size_of::<FlowKey>() == 20);
+
+impl PartialEq for FlowKey {
+    /// Compared as two 64-bit words and one 32-bit word.
+    #[inline(always)]
+    fn eq(&self, o: &FlowKey) -> bool {
+        self.words() == o.words()
+    }
+}
+
+impl std::hash::Hash for FlowKey {
+    /// Hashes the same words equality compares, so the two agree.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.words().hash(state);
+    }
+}
 
 impl FlowKey {
     /// A 5-tuple key.
@@ -132,6 +147,30 @@ impl FlowKey {
             flags: self.flags | KeyFlags::L3,
             ..self
         }
+    }
+
+    /// The key's 20 bytes as they sit in memory.
+    #[inline(always)]
+    pub fn as_bytes(&self) -> &[u8; 20] {
+        // SAFETY: FlowKey is repr(C) with fields of 4+4+4+2+2+1+1+2 = 20
+        // bytes (size asserted above), so it has no padding and every byte
+        // is initialised; u8 has alignment 1, and the reference borrows self.
+        unsafe { &*(self as *const FlowKey).cast::<[u8; 20]>() }
+    }
+
+    /// The key as native-endian words (two of 64 bits, one of 32): what
+    /// equality and the hash work on, so neither touches fields one by one.
+    #[inline(always)]
+    pub fn words(&self) -> (u64, u64, u32) {
+        let b = self.as_bytes();
+        let (a, rest) = b.split_first_chunk::<8>().unwrap_or((&[0; 8], &[]));
+        let (m, rest) = rest.split_first_chunk::<8>().unwrap_or((&[0; 8], &[]));
+        let c = rest.first_chunk::<4>().unwrap_or(&[0; 4]);
+        (
+            u64::from_ne_bytes(*a),
+            u64::from_ne_bytes(*m),
+            u32::from_ne_bytes(*c),
+        )
     }
 
     /// Where the keyed traffic entered, if the context is well formed.
@@ -266,6 +305,21 @@ mod tests {
         }
         assert_ne!(FlowHasher::with_seed(8).hash(&base), h.hash(&base));
         assert_eq!(FlowHasher::with_seed(7).seed(), 7);
+    }
+
+    #[test]
+    fn equality_is_field_equality() {
+        let a = FlowKey::new(Ingress::Port(PortId(1)), 6, 1, 2, 3, 4);
+        assert_eq!(a, a);
+        for b in [
+            FlowKey { pad: 1, ..a },
+            FlowKey { flags: 1, ..a },
+            FlowKey { proto: 7, ..a },
+            FlowKey { dst_port: 5, ..a },
+        ] {
+            assert_ne!(a, b);
+        }
+        assert_eq!(a.as_bytes().len(), 20);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 
 pub mod action;
 pub mod key;
+pub mod slots;
 pub mod table;
 
 pub use action::{Action, ActionId, ActionTable, EncapTemplate, Mac, Output, ENCAP_LEN};

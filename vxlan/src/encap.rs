@@ -108,13 +108,14 @@ pub fn source_port(flow_hash: u64) -> u16 {
 
 /// Encapsulate the inner frame `buf[start..start + len]` in place: the
 /// outer headers go into the 50 bytes before `start`. Returns the new
-/// start; the new length is `len + OUTER_LEN`.
+/// start; the new length is `len + OUTER_LEN`. `t` is a
+/// [`Template::bytes`] (flows store templates as plain bytes).
 #[inline]
 pub fn encap(
     buf: &mut [u8],
     start: usize,
     len: usize,
-    t: &Template,
+    t: &[u8; OUTER_LEN],
     flow_hash: u64,
 ) -> Result<usize, EncapError> {
     if start < OUTER_LEN {
@@ -131,15 +132,29 @@ pub fn encap(
         return Err(EncapError::TooLong { len });
     };
     let new_start = start - OUTER_LEN;
-    let o = &mut buf[new_start..start];
-    o.copy_from_slice(&t.0);
-    let hc = u16::from_be_bytes([t.0[outer::IP_CSUM.start], t.0[outer::IP_CSUM.start + 1]]);
-    o[outer::IP_TOT_LEN].copy_from_slice(&ip_len.to_be_bytes());
-    o[outer::IP_CSUM].copy_from_slice(&checksum::update(hc, 0, ip_len).to_be_bytes());
-    o[outer::UDP_SRC].copy_from_slice(&source_port(flow_hash).to_be_bytes());
+    // One bounds check for the whole outer header; the fixed offsets
+    // below index an array and need none.
+    let Some(o) = buf
+        .get_mut(new_start..)
+        .and_then(|b| b.first_chunk_mut::<OUTER_LEN>())
+    else {
+        return Err(EncapError::NoHeadroom { start });
+    };
+    *o = *t;
+    let hc = u16::from_be_bytes([t[outer::IP_CSUM.start], t[outer::IP_CSUM.start + 1]]);
+    let csum = checksum::update(hc, 0, ip_len).to_be_bytes();
+    let sport = source_port(flow_hash).to_be_bytes();
     // ip_len ≥ 36, so the UDP length (ip_len − 20) cannot underflow.
-    let udp_len = ip_len - 20;
-    o[outer::UDP_LEN].copy_from_slice(&udp_len.to_be_bytes());
+    let udp_len = (ip_len - 20).to_be_bytes();
+    let ip_len = ip_len.to_be_bytes();
+    o[outer::IP_TOT_LEN.start] = ip_len[0];
+    o[outer::IP_TOT_LEN.start + 1] = ip_len[1];
+    o[outer::IP_CSUM.start] = csum[0];
+    o[outer::IP_CSUM.start + 1] = csum[1];
+    o[outer::UDP_SRC.start] = sport[0];
+    o[outer::UDP_SRC.start + 1] = sport[1];
+    o[outer::UDP_LEN.start] = udp_len[0];
+    o[outer::UDP_LEN.start + 1] = udp_len[1];
     Ok(new_start)
 }
 
@@ -177,7 +192,7 @@ mod tests {
         let mut buf = [0xaau8; 256];
         let inner: Vec<u8> = (0..64u8).collect();
         buf[128..192].copy_from_slice(&inner);
-        let s = encap(&mut buf, 128, 64, &t, 0).unwrap();
+        let s = encap(&mut buf, 128, 64, t.bytes(), 0).unwrap();
         assert_eq!(s, 128 - OUTER_LEN);
         assert_eq!(buf[s..128], EXPECTED);
         assert_eq!(buf[128..192], inner[..], "inner frame untouched");
@@ -192,7 +207,7 @@ mod tests {
         let t = Template::new(&spec()).unwrap();
         let mut buf = vec![0u8; 10_000];
         for len in [14, 60, 64, 1500, 1514, 9000] {
-            let s = encap(&mut buf, 64, len, &t, 0xdead_beef).unwrap();
+            let s = encap(&mut buf, 64, len, t.bytes(), 0xdead_beef).unwrap();
             assert_eq!(
                 checksum::fold(checksum::sum(&buf[s + 14..s + 34])),
                 0xffff,
@@ -216,20 +231,20 @@ mod tests {
         let t = Template::new(&spec()).unwrap();
         let mut buf = [7u8; 128];
         assert_eq!(
-            encap(&mut buf, 49, 10, &t, 0),
+            encap(&mut buf, 49, 10, t.bytes(), 0),
             Err(EncapError::NoHeadroom { start: 49 })
         );
         assert!(matches!(
-            encap(&mut buf, 64, 65, &t, 0),
+            encap(&mut buf, 64, 65, t.bytes(), 0),
             Err(EncapError::OutOfBounds { .. })
         ));
         assert!(matches!(
-            encap(&mut buf, 64, usize::MAX, &t, 0),
+            encap(&mut buf, 64, usize::MAX, t.bytes(), 0),
             Err(EncapError::OutOfBounds { .. })
         ));
         let mut big = vec![0u8; 70_000];
         assert_eq!(
-            encap(&mut big, 64, 65_500, &t, 0),
+            encap(&mut big, 64, 65_500, t.bytes(), 0),
             Err(EncapError::TooLong { len: 65_500 })
         );
         assert!(buf.iter().all(|&b| b == 7));

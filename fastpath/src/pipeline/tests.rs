@@ -8,7 +8,7 @@ use proptest::prelude::*;
 use vxlan::{TemplateSpec, UDP_PORT};
 
 use super::*;
-use crate::classify::classify_l2;
+use crate::classify::{classify_l2, Class};
 use crate::frame::SliceMem;
 use crate::synth::{self, UdpFlow};
 

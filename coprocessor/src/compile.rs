@@ -1,0 +1,90 @@
+//! Flow compile: a forwarding decision becomes the action the fast path
+//! applies to every later packet of the flow.
+//!
+//! Both MACs are always rewritten (source to the sender's bound MAC,
+//! destination to the receiver's), so a flow installed for a well-behaved
+//! packet cannot be reused with forged Ethernet addresses, which are not
+//! part of the key.
+
+use std::net::Ipv4Addr;
+
+use flowtable::{Action, EncapTemplate, Mac, Output, PortId};
+use vxlan::{Template, TemplateSpec};
+
+use crate::outcome::DropCause;
+use crate::topology::Topology;
+
+/// Outer headers added by VXLAN encapsulation beyond the inner frame
+/// (IPv4 20 + UDP 8 + VXLAN 8); the outer Ethernet header does not count
+/// against the underlay MTU.
+const ENCAP_IP_OVERHEAD: u16 = 36;
+
+/// Deliver to a VM port on this host.
+pub fn to_local(src_mac: Mac, dst_mac: Mac, port: PortId) -> Action {
+    Action {
+        set_eth_src: Some(src_mac),
+        set_eth_dst: Some(dst_mac),
+        ..Action::output(port)
+    }
+}
+
+/// Encapsulate towards `vtep` in network `vni`.
+pub fn to_remote(
+    topo: &Topology,
+    vni: u32,
+    src_mac: Mac,
+    dst_mac: Mac,
+    vtep: Ipv4Addr,
+) -> Result<Action, DropCause> {
+    let next_hop = topo.neighbor(vtep).ok_or(DropCause::NoNeighbor)?;
+    let up = &topo.uplink;
+    let t = Template::new(&TemplateSpec {
+        src_mac: up.mac,
+        dst_mac: next_hop,
+        local_vtep: up.local_vtep,
+        remote_vtep: vtep,
+        vni,
+        ttl: up.ttl,
+    })
+    .map_err(|_| DropCause::UnknownVni)?;
+    Ok(Action {
+        output: Output::Port(up.port),
+        set_eth_src: Some(src_mac),
+        set_eth_dst: Some(dst_mac),
+        encap: Some(EncapTemplate(*t.bytes())),
+        max_len: up.mtu.saturating_sub(ENCAP_IP_OVERHEAD),
+        ..Action::output(up.port)
+    })
+}
+
+/// Decapsulate traffic from `vtep` and deliver it to a local VM.
+pub fn from_remote(vtep: Ipv4Addr, src_mac: Mac, dst_mac: Mac, port: PortId) -> Action {
+    Action {
+        decap: Some(u32::from(vtep)),
+        ..to_local(src_mac, dst_mac, port)
+    }
+}
+
+/// An encapsulated frame for the uplink (replies the coprocessor makes).
+pub fn encapsulate(
+    topo: &Topology,
+    vni: u32,
+    inner: &[u8],
+    vtep: Ipv4Addr,
+    next_hop: Mac,
+) -> Option<Vec<u8>> {
+    let up = &topo.uplink;
+    let t = Template::new(&TemplateSpec {
+        src_mac: up.mac,
+        dst_mac: next_hop,
+        local_vtep: up.local_vtep,
+        remote_vtep: vtep,
+        vni,
+        ttl: up.ttl,
+    })
+    .ok()?;
+    let mut buf = vec![0u8; vxlan::OUTER_LEN + inner.len()];
+    buf[vxlan::OUTER_LEN..].copy_from_slice(inner);
+    vxlan::encap(&mut buf, vxlan::OUTER_LEN, inner.len(), t.bytes(), 0).ok()?;
+    Some(buf)
+}

@@ -1,0 +1,100 @@
+//! What the coprocessor is given and what it gives back.
+
+use flowtable::{Action, FlowKey, PortId};
+
+/// A frame the fast path punted.
+#[derive(Debug, Clone, Copy)]
+pub struct Punted<'a> {
+    pub ingress: PortId,
+    /// The frame as received: for uplink frames, outer headers included.
+    pub frame: &'a [u8],
+    /// The key the fast path looked up (absent for frames it punts without
+    /// a lookup, such as ARP). Flows are installed under exactly this key.
+    pub key: Option<FlowKey>,
+}
+
+/// Why the coprocessor dropped (or did not answer) a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropCause {
+    UnknownPort,
+    Malformed,
+    UnsupportedEthertype,
+    SpoofedMac,
+    SpoofedIp,
+    ArpNotRequest,
+    ArpUnknownTarget,
+    ArpForSelf,
+    BroadcastIp,
+    NoRoute,
+    UnknownDestination,
+    ToGateway,
+    NoNeighbor,
+    UnknownVni,
+    UnknownRemoteSource,
+    VtepMismatch,
+    NotLocalVtep,
+}
+
+impl DropCause {
+    pub const ALL: &'static [DropCause] = &[
+        DropCause::UnknownPort,
+        DropCause::Malformed,
+        DropCause::UnsupportedEthertype,
+        DropCause::SpoofedMac,
+        DropCause::SpoofedIp,
+        DropCause::ArpNotRequest,
+        DropCause::ArpUnknownTarget,
+        DropCause::ArpForSelf,
+        DropCause::BroadcastIp,
+        DropCause::NoRoute,
+        DropCause::UnknownDestination,
+        DropCause::ToGateway,
+        DropCause::NoNeighbor,
+        DropCause::UnknownVni,
+        DropCause::UnknownRemoteSource,
+        DropCause::VtepMismatch,
+        DropCause::NotLocalVtep,
+    ];
+
+    /// Stable snake_case name, for counters.
+    pub const fn name(self) -> &'static str {
+        match self {
+            DropCause::UnknownPort => "unknown_port",
+            DropCause::Malformed => "malformed",
+            DropCause::UnsupportedEthertype => "unsupported_ethertype",
+            DropCause::SpoofedMac => "spoofed_mac",
+            DropCause::SpoofedIp => "spoofed_ip",
+            DropCause::ArpNotRequest => "arp_not_request",
+            DropCause::ArpUnknownTarget => "arp_unknown_target",
+            DropCause::ArpForSelf => "arp_for_self",
+            DropCause::BroadcastIp => "broadcast_ip",
+            DropCause::NoRoute => "no_route",
+            DropCause::UnknownDestination => "unknown_destination",
+            DropCause::ToGateway => "to_gateway",
+            DropCause::NoNeighbor => "no_neighbor",
+            DropCause::UnknownVni => "unknown_vni",
+            DropCause::UnknownRemoteSource => "unknown_remote_source",
+            DropCause::VtepMismatch => "vtep_mismatch",
+            DropCause::NotLocalVtep => "not_local_vtep",
+        }
+    }
+
+    /// Index into a counter array.
+    pub fn index(self) -> usize {
+        DropCause::ALL.iter().position(|c| *c == self).unwrap_or(0)
+    }
+}
+
+/// The coprocessor's answer to one punted frame.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// Flows to install in the ingress fast-path thread's table.
+    pub flows: Vec<(FlowKey, Action)>,
+    /// Run the punted frame through the pipeline again once the flows are
+    /// installed: it hits them, so actions have one implementation.
+    pub reinject: bool,
+    /// Frames the coprocessor made (ARP replies), with their output port.
+    pub tx: Vec<(PortId, Vec<u8>)>,
+    /// Set when the frame was dropped or left unanswered.
+    pub drop: Option<DropCause>,
+}

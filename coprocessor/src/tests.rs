@@ -1,0 +1,424 @@
+//! Coprocessor decisions, checked end to end: keys come from the fast
+//! path's own classifier, and installed flows are run through the real
+//! pipeline to see where frames end up.
+
+use std::net::Ipv4Addr;
+
+use fastpath::synth::{self, UdpFlow};
+use fastpath::{BatchOut, Class, Desc, Pipeline, PipelineConfig, SliceMem};
+use flowtable::{FlowHasher, FlowTable, Output, PortId, Vni};
+use proptest::prelude::*;
+
+use super::*;
+use crate::topology::{LocalVm, Network, RemoteVm, Subnet, Uplink};
+
+const UPLINK: PortId = PortId(0);
+const LOCAL_VTEP: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 1);
+const REMOTE_VTEP: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 2);
+const UPLINK_MAC: [u8; 6] = [2, 0xaa, 0, 0, 0, 1];
+const NEXT_HOP: [u8; 6] = [2, 0xaa, 0, 0, 0, 2];
+const GW_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xfe];
+const A_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0a];
+const B_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0b];
+const R_MAC: [u8; 6] = [2, 0, 0, 0, 1, 0x01];
+const A_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+const B_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
+const R_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 20);
+const VNI: u32 = 100;
+const VNI2: u32 = 200;
+
+fn vni(n: u32) -> Vni {
+    Vni::new(n).unwrap()
+}
+
+fn network(v: u32) -> Network {
+    Network {
+        vni: vni(v),
+        subnets: vec![
+            Subnet {
+                cidr: "10.0.0.0/24".parse().unwrap(),
+                gateway: Ipv4Addr::new(10, 0, 0, 1),
+            },
+            Subnet {
+                cidr: "10.0.1.0/24".parse().unwrap(),
+                gateway: Ipv4Addr::new(10, 0, 1, 1),
+            },
+        ],
+        gateway_mac: GW_MAC,
+    }
+}
+
+/// A (port 1) and B (port 2) in network 100, C (port 3) in network 200
+/// with B's address, R behind the remote VTEP in network 100.
+fn coprocessor() -> Coprocessor {
+    let mut t = Topology::new(Uplink {
+        port: UPLINK,
+        mac: UPLINK_MAC,
+        local_vtep: LOCAL_VTEP,
+        mtu: 1500,
+        ttl: 64,
+    });
+    t.add_network(network(VNI)).unwrap();
+    t.add_network(network(VNI2)).unwrap();
+    for (name, port, mac, ip, v) in [
+        ("a", 1, A_MAC, A_IP, VNI),
+        ("b", 2, B_MAC, B_IP, VNI),
+        ("c", 3, [2, 0, 0, 0, 0, 0x0c], B_IP, VNI2),
+    ] {
+        t.add_vm(LocalVm {
+            name: name.into(),
+            port: PortId(port),
+            mac,
+            ips: vec![ip],
+            vni: vni(v),
+        })
+        .unwrap();
+    }
+    t.add_remote(RemoteVm {
+        ip: R_IP,
+        mac: R_MAC,
+        vni: vni(VNI),
+        vtep: REMOTE_VTEP,
+    })
+    .unwrap();
+    t.set_neighbor(REMOTE_VTEP, NEXT_HOP);
+    Coprocessor::new(t)
+}
+
+fn udp(src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    synth::udp_frame(
+        &UdpFlow {
+            src_mac,
+            dst_mac: GW_MAC,
+            src_ip: src,
+            dst_ip: dst,
+            src_port: 4000,
+            dst_port: 5000,
+        },
+        64,
+    )
+}
+
+fn from_remote(inner: &[u8], vtep: Ipv4Addr, v: u32) -> Vec<u8> {
+    synth::vxlan_frame(
+        inner,
+        &vxlan::TemplateSpec {
+            src_mac: NEXT_HOP,
+            dst_mac: UPLINK_MAC,
+            local_vtep: vtep,
+            remote_vtep: LOCAL_VTEP,
+            vni: v,
+            ttl: 64,
+        },
+        0,
+    )
+}
+
+/// Run `frame` from `port` through a pipeline: classify (for the key),
+/// punt to the coprocessor, install its flows, reinject, and return the
+/// outcome and where the frame went (port and bytes).
+fn through(
+    c: &mut Coprocessor,
+    port: PortId,
+    frame: &[u8],
+) -> (Outcome, Option<(PortId, Vec<u8>)>) {
+    let cfg = PipelineConfig {
+        uplink: UPLINK,
+        local_vtep: LOCAL_VTEP,
+        udp_port: 4789,
+        ports: 4,
+    };
+    let mut p = Pipeline::new(
+        &cfg,
+        FlowTable::with_hasher(64, FlowHasher::with_seed(3)).unwrap(),
+    );
+    let mut key = flowtable::FlowKey::default();
+    let k = (p.classifier().classify(port, frame, &mut key).kind == fastpath::Kind::Flow)
+        .then_some(key);
+    let out = c.handle(&Punted {
+        ingress: port,
+        frame,
+        key: k,
+    });
+    for (k, a) in &out.flows {
+        p.table_mut().insert(*k, a, 0).unwrap();
+    }
+    if !out.reinject {
+        return (out, None);
+    }
+    let mut mem = vec![0u8; 2048];
+    mem[256..256 + frame.len()].copy_from_slice(frame);
+    let mut b = BatchOut::new(4);
+    let d = [Desc {
+        addr: 256,
+        len: u32::try_from(frame.len()).unwrap(),
+    }];
+    p.process(
+        port,
+        &mut SliceMem::new(&mut mem, 2048).unwrap(),
+        &d,
+        1,
+        &mut b,
+    );
+    let sent = b.tx.iter().next().map(|(port, l)| {
+        let d = l[0];
+        let at = usize::try_from(d.addr).unwrap();
+        (port, mem[at..at + d.len as usize].to_vec())
+    });
+    (out, sent)
+}
+
+#[test]
+fn local_vm_to_local_vm() {
+    let mut c = coprocessor();
+    let f = udp(A_MAC, A_IP, B_IP);
+    let (out, sent) = through(&mut c, PortId(1), &f);
+    assert_eq!(out.drop, None);
+    assert_eq!(out.flows.len(), 1);
+    let (port, bytes) = sent.expect("forwarded");
+    assert_eq!(port, PortId(2));
+    assert_eq!(bytes[..6], B_MAC);
+    assert_eq!(bytes[6..12], A_MAC);
+    assert_eq!(bytes[12..], f[12..]);
+}
+
+#[test]
+fn local_vm_to_remote_vm_is_encapsulated() {
+    let mut c = coprocessor();
+    let f = udp(A_MAC, A_IP, R_IP);
+    let (out, sent) = through(&mut c, PortId(1), &f);
+    assert_eq!(out.drop, None);
+    let (port, wire) = sent.expect("forwarded");
+    assert_eq!(port, UPLINK);
+    assert_eq!(wire[..6], NEXT_HOP);
+    assert_eq!(wire[6..12], UPLINK_MAC);
+    let d = vxlan::decap(
+        &wire,
+        &vxlan::DecapConfig {
+            local_vtep: u32::from(REMOTE_VTEP),
+            udp_port: 4789,
+        },
+    )
+    .unwrap();
+    assert_eq!((d.vni, d.outer_src), (VNI, u32::from(LOCAL_VTEP)));
+    assert_eq!(wire[d.inner()][..6], R_MAC);
+    let a = &out.flows[0].1;
+    assert_eq!(a.max_len, 1500 - 36);
+    assert_eq!(a.output, Output::Port(UPLINK));
+}
+
+#[test]
+fn unknown_next_hop_is_a_counted_drop() {
+    let mut c = coprocessor();
+    c.topology_mut().remove_neighbor(REMOTE_VTEP);
+    let (out, sent) = through(&mut c, PortId(1), &udp(A_MAC, A_IP, R_IP));
+    assert_eq!(out.drop, Some(DropCause::NoNeighbor));
+    assert!(sent.is_none());
+    assert_eq!(c.stats().drops[DropCause::NoNeighbor.index()], 1);
+}
+
+#[test]
+fn remote_vm_to_local_vm_is_decapsulated_and_checked_against_its_vtep() {
+    let mut c = coprocessor();
+    let inner = udp(R_MAC, R_IP, A_IP);
+    let (out, sent) = through(&mut c, UPLINK, &from_remote(&inner, REMOTE_VTEP, VNI));
+    assert_eq!(out.drop, None);
+    let (port, bytes) = sent.expect("delivered");
+    assert_eq!(port, PortId(1));
+    assert_eq!(bytes[..6], A_MAC);
+    assert_eq!(bytes[6..12], R_MAC);
+    assert_eq!(bytes[12..], inner[12..]);
+    // The same inner packet from another VTEP is refused.
+    let (out, sent) = through(
+        &mut c,
+        UPLINK,
+        &from_remote(&inner, Ipv4Addr::new(192, 168, 0, 66), VNI),
+    );
+    assert_eq!(out.drop, Some(DropCause::VtepMismatch));
+    assert!(sent.is_none());
+    // An unknown VNI, and an unknown source.
+    let (out, _) = through(&mut c, UPLINK, &from_remote(&inner, REMOTE_VTEP, 999));
+    assert_eq!(out.drop, Some(DropCause::UnknownVni));
+    let stranger = udp(R_MAC, Ipv4Addr::new(10, 0, 0, 99), A_IP);
+    let (out, _) = through(&mut c, UPLINK, &from_remote(&stranger, REMOTE_VTEP, VNI));
+    assert_eq!(out.drop, Some(DropCause::UnknownRemoteSource));
+}
+
+#[test]
+fn spoofing_is_dropped_and_a_spoofed_flow_is_pinned_to_drop() {
+    let mut c = coprocessor();
+    let (out, sent) = through(
+        &mut c,
+        PortId(1),
+        &udp(A_MAC, Ipv4Addr::new(10, 0, 0, 99), B_IP),
+    );
+    assert_eq!(out.drop, Some(DropCause::SpoofedIp));
+    assert!(sent.is_none());
+    assert_eq!(out.flows[0].1.output, Output::Drop);
+    let (out, _) = through(&mut c, PortId(1), &udp(B_MAC, A_IP, B_IP));
+    assert_eq!(out.drop, Some(DropCause::SpoofedMac));
+    assert!(out.flows.is_empty());
+    let (out, _) = through(&mut c, PortId(3), &udp([2, 0, 0, 0, 0, 0x0c], A_IP, B_IP));
+    assert_eq!(out.drop, Some(DropCause::SpoofedIp));
+    let (out, _) = through(&mut c, PortId(9), &udp(A_MAC, A_IP, B_IP));
+    assert_eq!(out.drop, Some(DropCause::UnknownPort));
+}
+
+#[test]
+fn tenants_with_the_same_addresses_are_isolated() {
+    let mut c = coprocessor();
+    // C (network 200) has B's address; from C, A's address does not exist.
+    let (out, sent) = through(&mut c, PortId(3), &udp([2, 0, 0, 0, 0, 0x0c], B_IP, A_IP));
+    assert_eq!(out.drop, Some(DropCause::UnknownDestination));
+    assert!(sent.is_none());
+    // And A reaching "B_IP" gets B on network 100, never C.
+    let (_, sent) = through(&mut c, PortId(1), &udp(A_MAC, A_IP, B_IP));
+    assert_eq!(sent.unwrap().0, PortId(2));
+}
+
+#[test]
+fn other_subnets_and_broadcasts_are_not_forwarded_yet() {
+    let mut c = coprocessor();
+    let (out, _) = through(
+        &mut c,
+        PortId(1),
+        &udp(A_MAC, A_IP, Ipv4Addr::new(10, 0, 1, 5)),
+    );
+    assert_eq!(out.drop, Some(DropCause::NoRoute));
+    let (out, _) = through(
+        &mut c,
+        PortId(1),
+        &udp(A_MAC, A_IP, Ipv4Addr::new(10, 0, 0, 255)),
+    );
+    assert_eq!(out.drop, Some(DropCause::BroadcastIp));
+    let (out, _) = through(&mut c, PortId(1), &udp(A_MAC, A_IP, Ipv4Addr::BROADCAST));
+    assert_eq!(out.drop, Some(DropCause::BroadcastIp));
+    let (out, _) = through(
+        &mut c,
+        PortId(1),
+        &udp(A_MAC, A_IP, Ipv4Addr::new(10, 0, 0, 1)),
+    );
+    assert_eq!(out.drop, Some(DropCause::ToGateway));
+}
+
+fn arp_request(sender_mac: [u8; 6], sender_ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut f = vec![0xffu8; 6];
+    f.extend_from_slice(&sender_mac);
+    f.extend_from_slice(&[0x08, 0x06, 0x00, 0x01, 0x08, 0x00, 6, 4, 0x00, 0x01]);
+    f.extend_from_slice(&sender_mac);
+    f.extend_from_slice(&sender_ip.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&target.octets());
+    f
+}
+
+fn answered_mac(out: &Outcome) -> Option<[u8; 6]> {
+    let (_, f) = out.tx.first()?;
+    let arp = &f[14..];
+    Some(arp[8..14].try_into().unwrap())
+}
+
+#[test]
+fn arp_proxy_answers_for_known_addresses_only() {
+    let mut c = coprocessor();
+    let ask = |c: &mut Coprocessor, target| {
+        c.handle(&Punted {
+            ingress: PortId(1),
+            frame: &arp_request(A_MAC, A_IP, target),
+            key: None,
+        })
+    };
+    assert_eq!(answered_mac(&ask(&mut c, B_IP)), Some(B_MAC));
+    assert_eq!(answered_mac(&ask(&mut c, R_IP)), Some(R_MAC));
+    assert_eq!(
+        answered_mac(&ask(&mut c, Ipv4Addr::new(10, 0, 0, 1))),
+        Some(GW_MAC)
+    );
+    let out = ask(&mut c, Ipv4Addr::new(10, 0, 0, 77));
+    assert_eq!(
+        (out.tx.len(), out.drop),
+        (0, Some(DropCause::ArpUnknownTarget))
+    );
+    let out = ask(&mut c, A_IP);
+    assert_eq!((out.tx.len(), out.drop), (0, Some(DropCause::ArpForSelf)));
+    // The reply goes back to the asking port, addressed to the asker.
+    let out = ask(&mut c, B_IP);
+    assert_eq!(out.tx[0].0, PortId(1));
+    assert_eq!(out.tx[0].1[..6], A_MAC);
+    // A spoofed sender gets nothing.
+    let out = c.handle(&Punted {
+        ingress: PortId(1),
+        frame: &arp_request(A_MAC, Ipv4Addr::new(10, 0, 0, 50), B_IP),
+        key: None,
+    });
+    assert_eq!((out.tx.len(), out.drop), (0, Some(DropCause::SpoofedIp)));
+    // An address probe (sender 0.0.0.0) is allowed and answered.
+    let out = c.handle(&Punted {
+        ingress: PortId(1),
+        frame: &arp_request(A_MAC, Ipv4Addr::UNSPECIFIED, B_IP),
+        key: None,
+    });
+    assert_eq!(answered_mac(&out), Some(B_MAC));
+    assert_eq!(c.stats().arp_replies, 5);
+}
+
+#[test]
+fn arp_from_a_remote_host_is_answered_through_the_tunnel() {
+    let mut c = coprocessor();
+    let req = from_remote(&arp_request(R_MAC, R_IP, A_IP), REMOTE_VTEP, VNI);
+    let out = c.handle(&Punted {
+        ingress: UPLINK,
+        frame: &req,
+        key: None,
+    });
+    assert_eq!(out.drop, None);
+    let (port, wire) = &out.tx[0];
+    assert_eq!(*port, UPLINK);
+    assert_eq!(wire[..6], NEXT_HOP, "back through the hop it came from");
+    let d = vxlan::decap(
+        wire,
+        &vxlan::DecapConfig {
+            local_vtep: u32::from(REMOTE_VTEP),
+            udp_port: 4789,
+        },
+    )
+    .unwrap();
+    assert_eq!(d.vni, VNI);
+    let inner = &wire[d.inner()];
+    assert_eq!(inner[..6], R_MAC);
+    assert_eq!(inner[14 + 8..14 + 14], A_MAC);
+    // The remote side is not told about its own remote endpoints.
+    let req = from_remote(&arp_request(R_MAC, R_IP, R_IP), REMOTE_VTEP, VNI);
+    let out = c.handle(&Punted {
+        ingress: UPLINK,
+        frame: &req,
+        key: None,
+    });
+    assert_eq!(out.drop, Some(DropCause::ArpUnknownTarget));
+}
+
+#[test]
+fn the_key_must_match_the_ingress() {
+    let mut c = coprocessor();
+    let f = udp(A_MAC, A_IP, B_IP);
+    let Class::Flow(k) = fastpath::classify::classify_l2(&f, flowtable::Ingress::Port(PortId(2)))
+    else {
+        panic!("not a flow");
+    };
+    let out = c.handle(&Punted {
+        ingress: PortId(1),
+        frame: &f,
+        key: Some(k),
+    });
+    assert_eq!(out.drop, Some(DropCause::Malformed));
+}
+
+proptest! {
+    #[test]
+    fn arbitrary_frames_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200), port in 0u16..5, keyed in any::<bool>()) {
+        let mut c = coprocessor();
+        let key = keyed.then(|| flowtable::FlowKey::new(flowtable::Ingress::Port(PortId(port)), 17, u32::from(A_IP), u32::from(B_IP), 1, 2));
+        let out = c.handle(&Punted { ingress: PortId(port), frame: &bytes, key });
+        prop_assert!(out.drop.is_some() || !out.flows.is_empty() || !out.tx.is_empty());
+    }
+}

@@ -1,0 +1,545 @@
+//! What the coprocessor knows about the tenant world: networks, their
+//! subnets and gateways, the VMs on this host, the endpoints on other
+//! hosts, and the uplink. Every change is validated whole before it is
+//! applied; an error names the object, the field and the problem.
+
+use std::collections::HashMap;
+use std::net::Ipv4Addr;
+
+use flowtable::{Mac, PortId, Vni};
+use thiserror::Error;
+
+/// An IPv4 prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Cidr {
+    pub addr: Ipv4Addr,
+    pub len: u8,
+}
+
+impl Cidr {
+    /// A prefix; `None` if `len > 32` or `addr` has host bits set.
+    pub fn new(addr: Ipv4Addr, len: u8) -> Option<Cidr> {
+        if len > 32 {
+            return None;
+        }
+        let c = Cidr { addr, len };
+        (u32::from(addr) & !c.mask() == 0).then_some(c)
+    }
+
+    pub fn mask(&self) -> u32 {
+        u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0)
+    }
+
+    pub fn contains(&self, ip: Ipv4Addr) -> bool {
+        u32::from(ip) & self.mask() == u32::from(self.addr)
+    }
+
+    pub fn overlaps(&self, o: &Cidr) -> bool {
+        let m = self.mask() & o.mask();
+        u32::from(self.addr) & m == u32::from(o.addr) & m
+    }
+
+    /// The subnet's broadcast address.
+    pub fn broadcast(&self) -> Ipv4Addr {
+        Ipv4Addr::from(u32::from(self.addr) | !self.mask())
+    }
+}
+
+impl std::fmt::Display for Cidr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
+impl std::str::FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Cidr, String> {
+        let (a, l) = s
+            .split_once('/')
+            .ok_or_else(|| format!("{s:?} is not ADDRESS/LENGTH"))?;
+        let addr: Ipv4Addr = a
+            .parse()
+            .map_err(|_| format!("{a:?} is not an IPv4 address"))?;
+        let len: u8 = l
+            .parse()
+            .map_err(|_| format!("{l:?} is not a prefix length"))?;
+        Cidr::new(addr, len)
+            .ok_or_else(|| format!("{s} is not a network address with a length ≤ 32"))
+    }
+}
+
+/// A subnet of a tenant network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subnet {
+    pub cidr: Cidr,
+    /// The distributed router's address in this subnet (answered by the ARP proxy).
+    pub gateway: Ipv4Addr,
+}
+
+/// A tenant network (one VNI).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Network {
+    pub vni: Vni,
+    pub subnets: Vec<Subnet>,
+    /// The MAC the gateway addresses answer with.
+    pub gateway_mac: Mac,
+}
+
+/// A VM attached to a port of this switch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalVm {
+    pub name: String,
+    pub port: PortId,
+    pub mac: Mac,
+    pub ips: Vec<Ipv4Addr>,
+    pub vni: Vni,
+}
+
+/// A VM behind another hypervisor's VTEP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteVm {
+    pub ip: Ipv4Addr,
+    pub mac: Mac,
+    pub vni: Vni,
+    pub vtep: Ipv4Addr,
+}
+
+/// The uplink: where VXLAN leaves and arrives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Uplink {
+    pub port: PortId,
+    pub mac: Mac,
+    pub local_vtep: Ipv4Addr,
+    /// Underlay MTU; inner frames longer than `mtu - 36` cannot be carried.
+    pub mtu: u16,
+    /// Outer IPv4 TTL.
+    pub ttl: u8,
+}
+
+/// Where an address of a tenant network lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Local { port: PortId, mac: Mac },
+    Remote { mac: Mac, vtep: Ipv4Addr },
+    Gateway { mac: Mac },
+}
+
+/// A rejected change. Nothing was applied.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum TopologyError {
+    #[error("network {vni}: already exists")]
+    DuplicateNetwork { vni: u32 },
+    #[error("network {vni}: subnets {a} and {b} overlap")]
+    OverlappingSubnets { vni: u32, a: Cidr, b: Cidr },
+    #[error("network {vni}: subnet {cidr}: gateway {gateway} is not inside the subnet")]
+    GatewayOutsideSubnet {
+        vni: u32,
+        cidr: Cidr,
+        gateway: Ipv4Addr,
+    },
+    #[error("{object}: network {vni} does not exist")]
+    UnknownNetwork { object: String, vni: u32 },
+    #[error("vm {name}: port {port} is already used by vm {other}")]
+    PortInUse {
+        name: String,
+        port: u16,
+        other: String,
+    },
+    #[error("vm {name}: field `ips`: {ip} is not inside any subnet of network {vni}")]
+    IpOutsideSubnets {
+        name: String,
+        ip: Ipv4Addr,
+        vni: u32,
+    },
+    #[error("{object}: address {ip} in network {vni} is already used by {other}")]
+    DuplicateIp {
+        object: String,
+        ip: Ipv4Addr,
+        vni: u32,
+        other: String,
+    },
+    #[error("{object}: field `mac`: {mac} is not a unicast MAC")]
+    BadMac { object: String, mac: String },
+    #[error("vm {name}: field `ips` is empty")]
+    NoIps { name: String },
+    #[error("vm {name}: port {port} is the uplink")]
+    UplinkPort { name: String, port: u16 },
+    #[error("{object}: not found")]
+    NotFound { object: String },
+}
+
+pub(crate) fn mac_str(m: &Mac) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn unicast(m: &Mac) -> bool {
+    m[0] & 1 == 0 && *m != [0; 6]
+}
+
+/// The whole tenant world as this switch sees it.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub uplink: Uplink,
+    networks: HashMap<u32, Network>,
+    vms: HashMap<PortId, LocalVm>,
+    remotes: HashMap<(u32, Ipv4Addr), RemoteVm>,
+    /// (VNI, address) → where it lives; rebuilt from the above on change.
+    index: HashMap<(u32, Ipv4Addr), Endpoint>,
+    /// Next-hop MAC towards each remote VTEP (learned from the kernel).
+    neighbors: HashMap<Ipv4Addr, Mac>,
+}
+
+impl Topology {
+    pub fn new(uplink: Uplink) -> Topology {
+        Topology {
+            uplink,
+            networks: HashMap::new(),
+            vms: HashMap::new(),
+            remotes: HashMap::new(),
+            index: HashMap::new(),
+            neighbors: HashMap::new(),
+        }
+    }
+
+    pub fn add_network(&mut self, n: Network) -> Result<(), TopologyError> {
+        let vni = n.vni.get();
+        if self.networks.contains_key(&vni) {
+            return Err(TopologyError::DuplicateNetwork { vni });
+        }
+        for (i, a) in n.subnets.iter().enumerate() {
+            if !a.cidr.contains(a.gateway) {
+                return Err(TopologyError::GatewayOutsideSubnet {
+                    vni,
+                    cidr: a.cidr,
+                    gateway: a.gateway,
+                });
+            }
+            if let Some(b) = n.subnets[i + 1..].iter().find(|b| a.cidr.overlaps(&b.cidr)) {
+                return Err(TopologyError::OverlappingSubnets {
+                    vni,
+                    a: a.cidr,
+                    b: b.cidr,
+                });
+            }
+        }
+        if !unicast(&n.gateway_mac) {
+            return Err(TopologyError::BadMac {
+                object: format!("network {vni}"),
+                mac: mac_str(&n.gateway_mac),
+            });
+        }
+        for s in &n.subnets {
+            self.index
+                .insert((vni, s.gateway), Endpoint::Gateway { mac: n.gateway_mac });
+        }
+        self.networks.insert(vni, n);
+        Ok(())
+    }
+
+    fn owner(&self, vni: u32, ip: Ipv4Addr) -> Option<String> {
+        match self.index.get(&(vni, ip))? {
+            Endpoint::Gateway { .. } => Some("the gateway".into()),
+            Endpoint::Local { port, .. } => Some(
+                self.vms
+                    .get(port)
+                    .map_or("a vm".into(), |v| format!("vm {}", v.name)),
+            ),
+            Endpoint::Remote { vtep, .. } => Some(format!("a remote endpoint behind {vtep}")),
+        }
+    }
+
+    pub fn add_vm(&mut self, vm: LocalVm) -> Result<(), TopologyError> {
+        let vni = vm.vni.get();
+        let Some(net) = self.networks.get(&vni) else {
+            return Err(TopologyError::UnknownNetwork {
+                object: format!("vm {}", vm.name),
+                vni,
+            });
+        };
+        if vm.port == self.uplink.port {
+            return Err(TopologyError::UplinkPort {
+                name: vm.name,
+                port: vm.port.0,
+            });
+        }
+        if let Some(other) = self.vms.get(&vm.port) {
+            return Err(TopologyError::PortInUse {
+                name: vm.name,
+                port: vm.port.0,
+                other: other.name.clone(),
+            });
+        }
+        if !unicast(&vm.mac) {
+            return Err(TopologyError::BadMac {
+                object: format!("vm {}", vm.name),
+                mac: mac_str(&vm.mac),
+            });
+        }
+        if vm.ips.is_empty() {
+            return Err(TopologyError::NoIps { name: vm.name });
+        }
+        for ip in &vm.ips {
+            if !net.subnets.iter().any(|s| s.cidr.contains(*ip)) {
+                return Err(TopologyError::IpOutsideSubnets {
+                    name: vm.name.clone(),
+                    ip: *ip,
+                    vni,
+                });
+            }
+            if let Some(other) = self.owner(vni, *ip) {
+                return Err(TopologyError::DuplicateIp {
+                    object: format!("vm {}", vm.name),
+                    ip: *ip,
+                    vni,
+                    other,
+                });
+            }
+        }
+        for ip in &vm.ips {
+            self.index.insert(
+                (vni, *ip),
+                Endpoint::Local {
+                    port: vm.port,
+                    mac: vm.mac,
+                },
+            );
+        }
+        self.vms.insert(vm.port, vm);
+        Ok(())
+    }
+
+    pub fn add_remote(&mut self, r: RemoteVm) -> Result<(), TopologyError> {
+        let vni = r.vni.get();
+        let object = format!("remote {} in network {vni}", r.ip);
+        if !self.networks.contains_key(&vni) {
+            return Err(TopologyError::UnknownNetwork { object, vni });
+        }
+        if !unicast(&r.mac) {
+            return Err(TopologyError::BadMac {
+                object,
+                mac: mac_str(&r.mac),
+            });
+        }
+        if let Some(other) = self.owner(vni, r.ip) {
+            return Err(TopologyError::DuplicateIp {
+                object,
+                ip: r.ip,
+                vni,
+                other,
+            });
+        }
+        self.index.insert(
+            (vni, r.ip),
+            Endpoint::Remote {
+                mac: r.mac,
+                vtep: r.vtep,
+            },
+        );
+        self.remotes.insert((vni, r.ip), r);
+        Ok(())
+    }
+
+    /// Record (or replace) the next-hop MAC towards `vtep`.
+    pub fn set_neighbor(&mut self, vtep: Ipv4Addr, mac: Mac) {
+        self.neighbors.insert(vtep, mac);
+    }
+
+    /// Forget the next hop towards `vtep` (the kernel lost it).
+    pub fn remove_neighbor(&mut self, vtep: Ipv4Addr) {
+        self.neighbors.remove(&vtep);
+    }
+
+    pub fn neighbor(&self, vtep: Ipv4Addr) -> Option<Mac> {
+        self.neighbors.get(&vtep).copied()
+    }
+
+    pub fn vm_on(&self, port: PortId) -> Option<&LocalVm> {
+        self.vms.get(&port)
+    }
+
+    pub fn network(&self, vni: u32) -> Option<&Network> {
+        self.networks.get(&vni)
+    }
+
+    pub fn lookup(&self, vni: u32, ip: Ipv4Addr) -> Option<Endpoint> {
+        self.index.get(&(vni, ip)).copied()
+    }
+
+    /// The subnet of network `vni` that holds `ip`.
+    pub fn subnet_of(&self, vni: u32, ip: Ipv4Addr) -> Option<&Subnet> {
+        self.networks
+            .get(&vni)?
+            .subnets
+            .iter()
+            .find(|s| s.cidr.contains(ip))
+    }
+
+    pub fn vms(&self) -> impl Iterator<Item = &LocalVm> {
+        self.vms.values()
+    }
+
+    pub fn remotes(&self) -> impl Iterator<Item = &RemoteVm> {
+        self.remotes.values()
+    }
+
+    pub fn networks(&self) -> impl Iterator<Item = &Network> {
+        self.networks.values()
+    }
+
+    /// VTEPs that remote endpoints live behind (for neighbour resolution).
+    pub fn remote_vteps(&self) -> Vec<Ipv4Addr> {
+        let mut v: Vec<_> = self.remotes.values().map(|r| r.vtep).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn vni(n: u32) -> Vni {
+        Vni::new(n).unwrap()
+    }
+
+    fn net() -> Network {
+        Network {
+            vni: vni(100),
+            subnets: vec![Subnet {
+                cidr: "10.0.0.0/24".parse().unwrap(),
+                gateway: Ipv4Addr::new(10, 0, 0, 1),
+            }],
+            gateway_mac: [2, 0, 0, 0, 0, 0xfe],
+        }
+    }
+
+    fn topo() -> Topology {
+        let mut t = Topology::new(Uplink {
+            port: PortId(0),
+            mac: [2, 0, 0, 0, 0, 0xaa],
+            local_vtep: Ipv4Addr::new(192, 168, 0, 1),
+            mtu: 1500,
+            ttl: 64,
+        });
+        t.add_network(net()).unwrap();
+        t
+    }
+
+    fn vm(name: &str, port: u16, ip: [u8; 4]) -> LocalVm {
+        LocalVm {
+            name: name.into(),
+            port: PortId(port),
+            mac: [2, 0, 0, 0, 0, u8::try_from(port).unwrap()],
+            ips: vec![Ipv4Addr::from(ip)],
+            vni: vni(100),
+        }
+    }
+
+    #[test]
+    fn cidr_parsing_and_matching() {
+        let c: Cidr = "10.1.0.0/16".parse().unwrap();
+        assert!(c.contains(Ipv4Addr::new(10, 1, 255, 3)));
+        assert!(!c.contains(Ipv4Addr::new(10, 2, 0, 0)));
+        assert_eq!(c.broadcast(), Ipv4Addr::new(10, 1, 255, 255));
+        assert!(c.overlaps(&"10.1.4.0/24".parse().unwrap()));
+        assert!(!c.overlaps(&"10.2.0.0/16".parse().unwrap()));
+        assert!("10.1.0.1/16".parse::<Cidr>().is_err(), "host bits set");
+        assert!("10.1.0.0/33".parse::<Cidr>().is_err());
+        assert!("10.1.0.0".parse::<Cidr>().is_err());
+        let all: Cidr = "0.0.0.0/0".parse().unwrap();
+        assert!(all.contains(Ipv4Addr::new(1, 2, 3, 4)));
+    }
+
+    #[test]
+    fn errors_name_the_object_and_the_problem() {
+        let mut t = topo();
+        assert_eq!(
+            t.add_network(net()),
+            Err(TopologyError::DuplicateNetwork { vni: 100 })
+        );
+        let mut bad = net();
+        bad.vni = vni(7);
+        bad.subnets.push(Subnet {
+            cidr: "10.0.0.128/25".parse().unwrap(),
+            gateway: Ipv4Addr::new(10, 0, 0, 129),
+        });
+        assert!(matches!(
+            t.add_network(bad),
+            Err(TopologyError::OverlappingSubnets { vni: 7, .. })
+        ));
+        t.add_vm(vm("a", 1, [10, 0, 0, 5])).unwrap();
+        let e = t.add_vm(vm("b", 1, [10, 0, 0, 6])).unwrap_err();
+        assert_eq!(e.to_string(), "vm b: port 1 is already used by vm a");
+        let e = t.add_vm(vm("c", 2, [10, 0, 0, 5])).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "vm c: address 10.0.0.5 in network 100 is already used by vm a"
+        );
+        let e = t.add_vm(vm("d", 3, [10, 9, 0, 5])).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("field `ips`: 10.9.0.5 is not inside any subnet"),
+            "{e}"
+        );
+        let e = t.add_vm(vm("e", 0, [10, 0, 0, 7])).unwrap_err();
+        assert_eq!(
+            e,
+            TopologyError::UplinkPort {
+                name: "e".into(),
+                port: 0
+            }
+        );
+        let e = t.add_vm(vm("f", 4, [10, 0, 0, 1])).unwrap_err();
+        assert!(e.to_string().contains("already used by the gateway"), "{e}");
+        let mut g = vm("g", 5, [10, 0, 0, 9]);
+        g.mac = [1, 0, 0, 0, 0, 1];
+        assert!(matches!(t.add_vm(g), Err(TopologyError::BadMac { .. })));
+        let mut h = vm("h", 6, [10, 0, 0, 9]);
+        h.vni = vni(5);
+        assert!(matches!(
+            t.add_vm(h),
+            Err(TopologyError::UnknownNetwork { vni: 5, .. })
+        ));
+        // Failed adds changed nothing.
+        assert_eq!(t.vms().count(), 1);
+        assert_eq!(t.lookup(100, Ipv4Addr::new(10, 0, 0, 9)), None);
+    }
+
+    #[test]
+    fn lookups_find_vms_remotes_and_gateways() {
+        let mut t = topo();
+        t.add_vm(vm("a", 1, [10, 0, 0, 5])).unwrap();
+        t.add_remote(RemoteVm {
+            ip: Ipv4Addr::new(10, 0, 0, 9),
+            mac: [2, 1, 0, 0, 0, 9],
+            vni: vni(100),
+            vtep: Ipv4Addr::new(192, 168, 0, 2),
+        })
+        .unwrap();
+        assert_eq!(
+            t.lookup(100, Ipv4Addr::new(10, 0, 0, 5)),
+            Some(Endpoint::Local {
+                port: PortId(1),
+                mac: [2, 0, 0, 0, 0, 1]
+            })
+        );
+        assert!(matches!(
+            t.lookup(100, Ipv4Addr::new(10, 0, 0, 9)),
+            Some(Endpoint::Remote { .. })
+        ));
+        assert!(matches!(
+            t.lookup(100, Ipv4Addr::new(10, 0, 0, 1)),
+            Some(Endpoint::Gateway { .. })
+        ));
+        assert_eq!(
+            t.lookup(101, Ipv4Addr::new(10, 0, 0, 5)),
+            None,
+            "networks are isolated"
+        );
+        assert_eq!(t.remote_vteps(), vec![Ipv4Addr::new(192, 168, 0, 2)]);
+    }
+}
