@@ -1,20 +1,94 @@
-//! The `vswitch` binary. The daemon (`vswitch run --config FILE`), the
-//! demo lab and `vswitch ctl` are not built yet; until they are, the
-//! binary says so instead of pretending.
+//! The `vswitch` binary: the daemon (`vswitch run`) and its control client
+//! (`vswitch ctl`).
 
+mod config;
+mod control;
+mod daemon;
+
+use std::path::PathBuf;
 use std::process::ExitCode;
 
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "vswitch",
+    version,
+    about = "Userspace virtual switch and router"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the switch described by a TOML config.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Check a config file and exit.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Query a running switch.
+    Ctl {
+        /// Control socket of the switch.
+        #[arg(long, default_value = "/run/vswitch/vswitch.sock")]
+        socket: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        what: CtlCmd,
+    },
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum CtlCmd {
+    /// Per-port counters, pipeline counters, punts and drops by reason.
+    Stats,
+    /// Installed flows with their hit counts.
+    Flows,
+}
+
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--version" || a == "-V") {
-        println!("vswitch {}", env!("CARGO_PKG_VERSION"));
-        return ExitCode::SUCCESS;
+    let cli = Cli::parse();
+    let r = match cli.cmd {
+        None => {
+            eprintln!(
+                "vswitch: the demo lab is not built yet (it needs the AF_XDP uplink).\n\
+                 Run a switch with VM ports:  vswitch run --config FILE   (see README)\n\
+                 Query it:                    vswitch ctl stats | flows"
+            );
+            return ExitCode::from(2);
+        }
+        Some(Cmd::Run { config }) => config::Config::load(&config).and_then(|c| {
+            let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| c.switch.log.clone());
+            tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                .with_writer(std::io::stderr)
+                .init();
+            daemon::run(c)
+        }),
+        Some(Cmd::Check { config }) => {
+            config::Config::load(&config).and_then(|c| c.topology().map(|_| println!("config ok")))
+        }
+        Some(Cmd::Ctl { socket, json, what }) => {
+            let cmd = match what {
+                CtlCmd::Stats => "stats",
+                CtlCmd::Flows => "flows",
+            };
+            control::ctl(&socket, cmd, json)
+        }
+    };
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vswitch: {e:#}");
+            ExitCode::FAILURE
+        }
     }
-    eprintln!(
-        "vswitch {}: the daemon and the demo lab are not built yet.\n\
-         What exists today is the fast-path core (flow table, VXLAN, pipeline).\n\
-         Measure it with:  benches/ns-per-packet   and   benches/instructions-per-packet",
-        env!("CARGO_PKG_VERSION")
-    );
-    ExitCode::from(2)
 }

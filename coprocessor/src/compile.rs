@@ -36,8 +36,8 @@ pub fn to_remote(
     dst_mac: Mac,
     vtep: Ipv4Addr,
 ) -> Result<Action, DropCause> {
+    let up = topo.uplink.as_ref().ok_or(DropCause::NoUplink)?;
     let next_hop = topo.neighbor(vtep).ok_or(DropCause::NoNeighbor)?;
-    let up = &topo.uplink;
     let t = Template::new(&TemplateSpec {
         src_mac: up.mac,
         dst_mac: next_hop,
@@ -73,7 +73,7 @@ pub fn encapsulate(
     vtep: Ipv4Addr,
     next_hop: Mac,
 ) -> Option<Vec<u8>> {
-    let up = &topo.uplink;
+    let up = topo.uplink.as_ref()?;
     let t = Template::new(&TemplateSpec {
         src_mac: up.mac,
         dst_mac: next_hop,

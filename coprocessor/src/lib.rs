@@ -76,7 +76,12 @@ impl Coprocessor {
     /// Decide for one punted frame.
     pub fn handle(&mut self, p: &Punted<'_>) -> Outcome {
         let mut out = Outcome::default();
-        let r = if p.ingress == self.topo.uplink.port {
+        let r = if self
+            .topo
+            .uplink
+            .as_ref()
+            .is_some_and(|u| u.port == p.ingress)
+        {
             self.handle_uplink_frame(p, &mut out)
         } else {
             self.handle_vm_frame(p, &mut out)
@@ -139,7 +144,7 @@ impl Coprocessor {
     }
 
     fn handle_uplink_frame(&mut self, p: &Punted<'_>, out: &mut Outcome) -> Result<(), DropCause> {
-        let up = &self.topo.uplink;
+        let up = self.topo.uplink.as_ref().ok_or(DropCause::NoUplink)?;
         let cfg = vxlan::DecapConfig {
             local_vtep: u32::from(up.local_vtep),
             udp_port: vxlan::UDP_PORT,
@@ -177,7 +182,10 @@ impl Coprocessor {
                     outer_src_mac,
                 )
                 .ok_or(DropCause::Malformed)?;
-                out.tx.push((self.topo.uplink.port, frame));
+                out.tx.push((
+                    self.topo.uplink.as_ref().map_or(p.ingress, |u| u.port),
+                    frame,
+                ));
                 self.stats.arp_replies += 1;
                 Ok(())
             }

@@ -33,6 +33,7 @@ pub enum DropCause {
     UnknownRemoteSource,
     VtepMismatch,
     NotLocalVtep,
+    NoUplink,
 }
 
 impl DropCause {
@@ -54,6 +55,7 @@ impl DropCause {
         DropCause::UnknownRemoteSource,
         DropCause::VtepMismatch,
         DropCause::NotLocalVtep,
+        DropCause::NoUplink,
     ];
 
     /// Stable snake_case name, for counters.
@@ -76,6 +78,7 @@ impl DropCause {
             DropCause::UnknownRemoteSource => "unknown_remote_source",
             DropCause::VtepMismatch => "vtep_mismatch",
             DropCause::NotLocalVtep => "not_local_vtep",
+            DropCause::NoUplink => "no_uplink",
         }
     }
 

@@ -51,13 +51,13 @@ fn network(v: u32) -> Network {
 /// A (port 1) and B (port 2) in network 100, C (port 3) in network 200
 /// with B's address, R behind the remote VTEP in network 100.
 fn coprocessor() -> Coprocessor {
-    let mut t = Topology::new(Uplink {
+    let mut t = Topology::new(Some(Uplink {
         port: UPLINK,
         mac: UPLINK_MAC,
         local_vtep: LOCAL_VTEP,
         mtu: 1500,
         ttl: 64,
-    });
+    }));
     t.add_network(network(VNI)).unwrap();
     t.add_network(network(VNI2)).unwrap();
     for (name, port, mac, ip, v) in [

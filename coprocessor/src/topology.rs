@@ -182,7 +182,8 @@ fn unicast(m: &Mac) -> bool {
 /// The whole tenant world as this switch sees it.
 #[derive(Debug, Clone)]
 pub struct Topology {
-    pub uplink: Uplink,
+    /// The uplink; `None` on a switch with VM ports only.
+    pub uplink: Option<Uplink>,
     networks: HashMap<u32, Network>,
     vms: HashMap<PortId, LocalVm>,
     remotes: HashMap<(u32, Ipv4Addr), RemoteVm>,
@@ -193,7 +194,7 @@ pub struct Topology {
 }
 
 impl Topology {
-    pub fn new(uplink: Uplink) -> Topology {
+    pub fn new(uplink: Option<Uplink>) -> Topology {
         Topology {
             uplink,
             networks: HashMap::new(),
@@ -259,7 +260,7 @@ impl Topology {
                 vni,
             });
         };
-        if vm.port == self.uplink.port {
+        if self.uplink.as_ref().is_some_and(|u| u.port == vm.port) {
             return Err(TopologyError::UplinkPort {
                 name: vm.name,
                 port: vm.port.0,
@@ -418,13 +419,13 @@ mod tests {
     }
 
     fn topo() -> Topology {
-        let mut t = Topology::new(Uplink {
+        let mut t = Topology::new(Some(Uplink {
             port: PortId(0),
             mac: [2, 0, 0, 0, 0, 0xaa],
             local_vtep: Ipv4Addr::new(192, 168, 0, 1),
             mtu: 1500,
             ttl: 64,
-        });
+        }));
         t.add_network(net()).unwrap();
         t
     }

@@ -8,6 +8,7 @@
 //! only crate that touches packet I/O.
 
 pub mod classify;
+pub mod dataplane;
 pub mod drop;
 pub mod frame;
 pub mod hugepage;
@@ -15,7 +16,9 @@ pub mod pipeline;
 pub mod punt;
 mod reason;
 pub mod synth;
+pub mod tap;
 pub mod tx;
+pub mod wake;
 
 pub use classify::{Class, Classified, Classifier, Kind};
 pub use drop::{DropCounters, DropReason};

@@ -41,6 +41,8 @@ pub struct PuntItem {
     pub reason: PuntReason,
     /// Offset of the inner Ethernet header from `desc.addr`.
     pub inner_start: u16,
+    /// The key that was looked up (absent for frames punted unkeyed, ARP).
+    pub key: Option<FlowKey>,
 }
 
 /// Everything one batch produced.
@@ -189,7 +191,7 @@ impl Pipeline {
                     self.meta[n] = m;
                     n += 1;
                 }
-                Kind::Punt(reason) => self.punt(out, d, reason, usize::from(c.inner_start)),
+                Kind::Punt(reason) => self.punt(out, d, reason, usize::from(c.inner_start), None),
                 Kind::Drop(r) => self.drop(out, d, r),
             }
         }
@@ -202,7 +204,8 @@ impl Pipeline {
             let inner_start = usize::from(m.inner_start);
             let Some(hit) = self.table.lookup_hashed(key, h, m.inner_len, now) else {
                 misses += 1;
-                self.punt(out, d, PuntReason::Miss, inner_start);
+                let key = Some(*key);
+                self.punt(out, d, PuntReason::Miss, inner_start, key);
                 continue;
             };
             hits += 1;
@@ -216,7 +219,10 @@ impl Pipeline {
                     Err(false) => self.drop(out, d, DropReason::BadOutputPort),
                     Err(true) => self.drop(out, d, DropReason::TxOverflow),
                 },
-                Verdict::Punt(r) => self.punt(out, d, r, inner_start),
+                Verdict::Punt(r) => {
+                    let key = Some(self.keys[j]);
+                    self.punt(out, d, r, inner_start, key);
+                }
                 Verdict::Drop(r) => self.drop(out, d, r),
             }
         }
@@ -231,12 +237,20 @@ impl Pipeline {
     }
 
     #[inline(always)]
-    fn punt(&mut self, out: &mut BatchOut, d: Desc, reason: PuntReason, inner_start: usize) {
+    fn punt(
+        &mut self,
+        out: &mut BatchOut,
+        d: Desc,
+        reason: PuntReason,
+        inner_start: usize,
+        key: Option<FlowKey>,
+    ) {
         self.counters.punts[reason.index()] += 1;
         let item = PuntItem {
             desc: d,
             reason,
             inner_start: u16::try_from(inner_start).unwrap_or(0),
+            key,
         };
         let _ = out.punt.try_push(item);
     }

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 
 use crossbeam_queue::ArrayQueue;
-use flowtable::PortId;
+use flowtable::{FlowKey, PortId};
 
 use crate::drop::DropReason;
 use crate::reason::counted_enum;
@@ -40,6 +40,8 @@ pub struct PuntMsg {
     /// frame was longer than a message holds (the headers are enough for
     /// the "too big" answer).
     pub orig_len: u32,
+    /// The key the fast path looked up, if it made one.
+    pub key: Option<FlowKey>,
     /// The frame's bytes; capacity fixed when the pool is built.
     pub data: Vec<u8>,
 }
@@ -51,6 +53,7 @@ impl PuntMsg {
             reason: PuntReason::Miss,
             inner_start: 0,
             orig_len: 0,
+            key: None,
             data: Vec::with_capacity(cap),
         }
     }
@@ -210,6 +213,20 @@ impl Punter {
         inner_start: usize,
         now: u64,
     ) -> Result<(), DropReason> {
+        self.punt_keyed(ingress, reason, frame, inner_start, None, now)
+    }
+
+    /// [`Punter::punt`] with the key the fast path looked up.
+    #[inline]
+    pub fn punt_keyed(
+        &mut self,
+        ingress: PortId,
+        reason: PuntReason,
+        frame: &[u8],
+        inner_start: usize,
+        key: Option<FlowKey>,
+        now: u64,
+    ) -> Result<(), DropReason> {
         let budget = match self.budgets.get_mut(usize::from(ingress.0)) {
             Some(b) => b,
             None => &mut self.default_budget,
@@ -225,6 +242,7 @@ impl Punter {
         m.data.extend_from_slice(&frame[..n]);
         m.ingress = ingress;
         m.reason = reason;
+        m.key = key;
         m.inner_start = u16::try_from(inner_start).unwrap_or(u16::MAX);
         m.orig_len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
         if let Err(m) = self.queue.push(m) {

@@ -1,0 +1,204 @@
+//! The test lab: network namespaces as VMs, vswitch processes as
+//! hypervisors. Every name is unique to the test run, every wait is
+//! bounded, and everything made is removed on drop, also when a test fails.
+//! Lab tests need root (as CI has); without it they fail saying so.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// Fail (never skip) when not root.
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    assert_eq!(
+        uid, 0,
+        "lab tests create network namespaces and tap devices: run them as root (CI does)"
+    );
+}
+
+/// Run a command; panic with its output if it fails.
+pub fn sh(args: &[&str]) -> Output {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Run a command, returning whether it succeeded.
+pub fn try_sh(args: &[&str]) -> (bool, String) {
+    match Command::new(args[0]).args(&args[1..]).output() {
+        Ok(o) => (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        ),
+        Err(e) => (false, e.to_string()),
+    }
+}
+
+/// Poll `f` every 50 ms until it returns true or `limit` passes.
+pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while t.elapsed() < limit {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
+/// Everything one test made.
+pub struct Lab {
+    pub tag: String,
+    pub dir: PathBuf,
+    namespaces: Vec<String>,
+    children: Vec<Child>,
+}
+
+impl Lab {
+    pub fn new() -> Lab {
+        require_root();
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{}{}", std::process::id() % 100_000, n);
+        let dir = std::env::temp_dir().join(format!("vswitch-lab-{tag}"));
+        std::fs::create_dir_all(&dir).expect("lab directory");
+        Lab {
+            tag,
+            dir,
+            namespaces: Vec::new(),
+            children: Vec::new(),
+        }
+    }
+
+    /// A unique name (≤ 15 bytes, usable for links): `prefix` + run tag.
+    pub fn name(&self, prefix: &str) -> String {
+        let s = format!("{prefix}{}", self.tag);
+        assert!(s.len() <= 15, "name {s} too long for an interface");
+        s
+    }
+
+    /// A new network namespace with loopback up.
+    pub fn netns(&mut self, prefix: &str) -> String {
+        let ns = self.name(prefix);
+        sh(&["ip", "netns", "add", &ns]);
+        self.namespaces.push(ns.clone());
+        sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+        ns
+    }
+
+    /// Start vswitch with `config` (TOML text); wait until its control
+    /// socket answers. Returns the socket path.
+    pub fn vswitch(&mut self, name: &str, config: &str) -> PathBuf {
+        let path = self.dir.join(format!("{name}.toml"));
+        std::fs::write(&path, config).expect("writing config");
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).expect("log file");
+        let child = Command::new(env!("CARGO_BIN_EXE_vswitch"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting vswitch");
+        self.children.push(child);
+        let sock = self.socket(name);
+        wait_until(
+            "the vswitch control socket",
+            Duration::from_secs(10),
+            || self.ctl(&sock, "stats").is_some(),
+        );
+        sock
+    }
+
+    pub fn socket(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.sock"))
+    }
+
+    /// Ask a running vswitch; `None` if it does not answer.
+    pub fn ctl(&self, sock: &std::path::Path, cmd: &str) -> Option<serde_json::Value> {
+        let out = Command::new(env!("CARGO_BIN_EXE_vswitch"))
+            .args(["ctl", "--json", "--socket"])
+            .arg(sock)
+            .arg(cmd)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// Move tap `tap` (created by vswitch) into `ns` as the VM's NIC with
+    /// `mac` and `cidr_addr` (e.g. "10.0.0.10/24").
+    pub fn attach_vm(&self, tap: &str, ns: &str, mac: &str, cidr_addr: &str) {
+        wait_until(&format!("tap {tap}"), Duration::from_secs(5), || {
+            try_sh(&["ip", "link", "show", tap]).0
+        });
+        sh(&["ip", "link", "set", tap, "netns", ns]);
+        sh(&["ip", "-n", ns, "link", "set", tap, "address", mac]);
+        sh(&["ip", "-n", ns, "addr", "add", cidr_addr, "dev", tap]);
+        sh(&["ip", "-n", ns, "link", "set", tap, "up"]);
+    }
+
+    /// The last vswitch started, for signalling.
+    pub fn last_child(&mut self) -> &mut Child {
+        self.children.last_mut().expect("a vswitch was started")
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            // SAFETY: kill(2) with a pid we spawned and still own a handle
+            // to (not yet reaped, so the pid cannot have been reused).
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+        }
+        for c in &mut self.children {
+            let t = Instant::now();
+            while t.elapsed() < Duration::from_secs(3) {
+                if let Ok(Some(_)) = c.try_wait() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in &self.namespaces {
+            // Stray server processes started inside the namespace die with it.
+            let _ = Command::new("ip")
+                .args(["netns", "pids", ns])
+                .output()
+                .map(|o| {
+                    for pid in String::from_utf8_lossy(&o.stdout).split_whitespace() {
+                        if let Ok(p) = pid.parse::<libc::pid_t>() {
+                            // SAFETY: kill(2) on a pid listed in our own test namespace.
+                            unsafe { libc::kill(p, libc::SIGKILL) };
+                        }
+                    }
+                });
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

@@ -1,0 +1,304 @@
+//! One hypervisor: VMs (network namespaces) behind tap ports of one
+//! vswitch. Real kernel stacks, real ping and iperf3.
+//!
+//! Run serially (`--test-threads=1`, as scripts/test does): each test
+//! starts a switch in adaptive poll mode, and 2 cores are shared.
+
+mod lab;
+
+use std::time::Duration;
+
+use lab::{sh, try_sh, wait_until, Lab};
+
+struct Vm<'a> {
+    name: &'a str,
+    mac: &'a str,
+    ip: &'a str,
+    network: u32,
+}
+
+fn config(lab: &Lab, name: &str, vms: &[Vm]) -> String {
+    let mut c = format!(
+        "[switch]\npoll = \"adaptive\"\nflow_capacity = 4096\ncontrol_socket = \"{}\"\n\n",
+        lab.socket(name).display()
+    );
+    let mut nets: Vec<u32> = vms.iter().map(|v| v.network).collect();
+    nets.sort_unstable();
+    nets.dedup();
+    for n in nets {
+        c += &format!(
+            "[[network]]\nvni = {n}\ngateway_mac = \"02:00:00:00:00:fe\"\n[[network.subnet]]\ncidr = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\n\n"
+        );
+    }
+    for v in vms {
+        let tap = lab.name(&format!("t{}", v.name));
+        c += &format!("[[port]]\nname = \"{tap}\"\ntype = \"tap\"\n\n");
+        c += &format!(
+            "[[vm]]\nname = \"{}\"\nport = \"{tap}\"\nmac = \"{}\"\nips = [\"{}\"]\nnetwork = {}\n\n",
+            v.name, v.mac, v.ip, v.network
+        );
+    }
+    c
+}
+
+/// Start a switch with `vms`, each in its own namespace; returns the
+/// socket and the namespaces in order.
+fn start(lab: &mut Lab, vms: &[Vm]) -> (std::path::PathBuf, Vec<String>) {
+    let cfg = config(lab, "sw", vms);
+    let sock = lab.vswitch("sw", &cfg);
+    let mut nss = Vec::new();
+    for v in vms {
+        let ns = lab.netns(&format!("v{}", v.name));
+        lab.attach_vm(
+            &lab.name(&format!("t{}", v.name)),
+            &ns,
+            v.mac,
+            &format!("{}/24", v.ip),
+        );
+        nss.push(ns);
+    }
+    (sock, nss)
+}
+
+fn ping(ns: &str, ip: &str, count: &str) -> (bool, String) {
+    try_sh(&[
+        "ip", "netns", "exec", ns, "ping", "-c", count, "-i", "0.05", "-W", "1", ip,
+    ])
+}
+
+fn stat(lab: &Lab, sock: &std::path::Path, path: &[&str]) -> u64 {
+    let v = lab.ctl(sock, "stats").expect("stats");
+    let mut cur = &v;
+    for p in path {
+        cur = &cur[*p];
+    }
+    cur.as_u64()
+        .unwrap_or_else(|| panic!("no counter {path:?} in {v}"))
+}
+
+fn port_tx(lab: &Lab, sock: &std::path::Path, port: usize) -> u64 {
+    let v = lab.ctl(sock, "stats").expect("stats");
+    v["ports"][port]["tx_packets"]
+        .as_u64()
+        .expect("port counters")
+}
+
+const A: Vm = Vm {
+    name: "a",
+    mac: "02:00:00:00:00:0a",
+    ip: "10.0.0.10",
+    network: 100,
+};
+const B: Vm = Vm {
+    name: "b",
+    mac: "02:00:00:00:00:0b",
+    ip: "10.0.0.11",
+    network: 100,
+};
+
+#[test]
+fn two_vms_ping_and_carry_tcp() {
+    let mut lab = Lab::new();
+    let (sock, ns) = start(&mut lab, &[A, B]);
+    let (ok, out) = ping(&ns[0], B.ip, "3");
+    assert!(ok, "ping a → b failed:\n{out}\n{}", lab.log("sw"));
+    // iperf3: a bounded TCP run from a to b.
+    let (ok, out) = try_sh(&[
+        "ip", "netns", "exec", &ns[1], "iperf3", "-s", "-1", "-D", "-p", "5201",
+    ]);
+    assert!(
+        ok,
+        "iperf3 server (is iperf3 installed? scripts/test installs it): {out}"
+    );
+    wait_until("iperf3 server", Duration::from_secs(5), || {
+        try_sh(&["ip", "netns", "exec", &ns[1], "ss", "-ltn", "sport = :5201"])
+            .1
+            .contains("5201")
+    });
+    let out = sh(&[
+        "timeout", "30", "ip", "netns", "exec", &ns[0], "iperf3", "-c", B.ip, "-p", "5201", "-t",
+        "2", "-J",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("iperf3 result");
+    assert!(bps > 1e6, "TCP through the switch: only {bps} bit/s");
+    eprintln!("iperf3 TCP a → b: {:.2} Gbit/s", bps / 1e9);
+    let flows = lab.ctl(&sock, "flows").expect("flows");
+    assert!(
+        flows
+            .as_array()
+            .is_some_and(|f| f.iter().any(|f| f["proto"] == 6)),
+        "no TCP flow in {flows}"
+    );
+}
+
+#[test]
+fn established_flows_stay_in_the_fast_path() {
+    let mut lab = Lab::new();
+    let (sock, ns) = start(&mut lab, &[A, B]);
+    assert!(ping(&ns[0], B.ip, "2").0, "warm-up ping failed");
+    let misses = stat(&lab, &sock, &["pipeline", "misses"]);
+    let punted = stat(&lab, &sock, &["punted", "miss"]);
+    let hits = stat(&lab, &sock, &["pipeline", "hits"]);
+    // Same ICMP identifier and addresses: the flows already installed.
+    let (ok, out) = try_sh(&[
+        "ip", "netns", "exec", &ns[0], "ping", "-c", "2", "-i", "0.05", "-W", "1", B.ip,
+    ]);
+    assert!(ok, "{out}");
+    // A ping session uses a new identifier, so it is one new flow per
+    // direction; send 30 packets in one session and check the misses
+    // grow by at most those two while hits grow by all of them.
+    let (ok, out) = ping(&ns[0], B.ip, "30");
+    assert!(ok, "{out}");
+    let new_misses = stat(&lab, &sock, &["pipeline", "misses"]) - misses;
+    let new_hits = stat(&lab, &sock, &["pipeline", "hits"]) - hits;
+    assert!(new_misses <= 4, "{new_misses} misses for two ping sessions");
+    assert!(
+        new_hits >= 60,
+        "only {new_hits} fast-path hits for 32 echo round trips"
+    );
+    assert!(stat(&lab, &sock, &["punted", "miss"]) - punted <= 4);
+}
+
+#[test]
+fn tenants_with_the_same_subnet_are_isolated() {
+    let mut lab = Lab::new();
+    // c is in network 200 with b's address.
+    let c = Vm {
+        name: "c",
+        mac: "02:00:00:00:00:0c",
+        ip: "10.0.0.11",
+        network: 200,
+    };
+    let d = Vm {
+        name: "d",
+        mac: "02:00:00:00:00:0d",
+        ip: "10.0.0.10",
+        network: 200,
+    };
+    let (sock, ns) = start(&mut lab, &[A, B, c, d]);
+    assert!(ping(&ns[0], B.ip, "3").0, "a → b within network 100");
+    assert!(ping(&ns[3], "10.0.0.11", "3").0, "d → c within network 200");
+    // Nothing of network 100 reached network 200's ports or back: each
+    // port sent exactly what its own network's pings produced.
+    let tx_b = port_tx(&lab, &sock, 1);
+    let tx_c = port_tx(&lab, &sock, 2);
+    assert!(ping(&ns[0], B.ip, "5").0);
+    assert_eq!(
+        port_tx(&lab, &sock, 2),
+        tx_c,
+        "network 200's c saw network 100's traffic"
+    );
+    assert!(port_tx(&lab, &sock, 1) >= tx_b + 5);
+}
+
+#[test]
+fn spoofed_sources_get_nothing_through() {
+    let mut lab = Lab::new();
+    let (sock, ns) = start(&mut lab, &[A, B]);
+    assert!(ping(&ns[0], B.ip, "1").0, "baseline");
+    let tap_a = lab.name("ta");
+    // Spoofed IP: a claims 10.0.0.12.
+    sh(&["ip", "-n", &ns[0], "addr", "flush", "dev", &tap_a]);
+    sh(&[
+        "ip",
+        "-n",
+        &ns[0],
+        "addr",
+        "add",
+        "10.0.0.12/24",
+        "dev",
+        &tap_a,
+    ]);
+    sh(&[
+        "ip", "-n", &ns[0], "neigh", "replace", B.ip, "lladdr", B.mac, "dev", &tap_a,
+    ]);
+    let before = port_tx(&lab, &sock, 1);
+    assert!(!ping(&ns[0], B.ip, "3").0, "a spoofed IP got through");
+    assert_eq!(
+        port_tx(&lab, &sock, 1),
+        before,
+        "b received spoofed packets"
+    );
+    // Spoofed MAC with the right IP.
+    sh(&["ip", "-n", &ns[0], "addr", "flush", "dev", &tap_a]);
+    sh(&[
+        "ip",
+        "-n",
+        &ns[0],
+        "link",
+        "set",
+        &tap_a,
+        "address",
+        "02:00:00:00:00:66",
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        &ns[0],
+        "addr",
+        "add",
+        &format!("{}/24", A.ip),
+        "dev",
+        &tap_a,
+    ]);
+    sh(&[
+        "ip", "-n", &ns[0], "neigh", "replace", B.ip, "lladdr", B.mac, "dev", &tap_a,
+    ]);
+    assert!(!ping(&ns[0], B.ip, "3").0, "a spoofed MAC got through");
+    assert_eq!(
+        port_tx(&lab, &sock, 1),
+        before,
+        "b received spoofed packets"
+    );
+}
+
+#[test]
+fn sigterm_stops_cleanly_and_the_taps_can_be_reused() {
+    let mut lab = Lab::new();
+    let cfg = config(&lab, "sw", &[A]);
+    let sock = lab.vswitch("sw", &cfg);
+    let tap = lab.name("ta");
+    assert!(try_sh(&["ip", "link", "show", &tap]).0);
+    let pid = lab.last_child().id();
+    // SAFETY: kill(2) on the vswitch we spawned and still hold.
+    unsafe { libc::kill(pid as libc::pid_t, libc::SIGTERM) };
+    let status = {
+        let c = lab.last_child();
+        let mut st = None;
+        wait_until("vswitch to exit", Duration::from_secs(5), || {
+            st = c.try_wait().ok().flatten();
+            st.is_some()
+        });
+        st.expect("exited")
+    };
+    assert!(status.success(), "exit status {status}: {}", lab.log("sw"));
+    assert!(!sock.exists(), "control socket left behind");
+    assert!(!try_sh(&["ip", "link", "show", &tap]).0, "tap left behind");
+    // The same config starts again.
+    let sock = lab.vswitch("sw", &cfg);
+    assert!(lab.ctl(&sock, "stats").is_some());
+}
+
+#[test]
+fn bad_configs_are_refused_with_the_field_named() {
+    // No root needed: `check` touches no device.
+    let dir = std::env::temp_dir().join(format!("vswitch-cfg-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("bad.toml");
+    std::fs::write(&path, "[[port]]\nname = \"x\"\ntype = \"tap\"\n[[vm]]\nname = \"a\"\nport = \"y\"\nmac = \"02:00:00:00:00:01\"\nips = [\"10.0.0.2\"]\nnetwork = 1\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vswitch"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("vm[0] (a): field `port`: \"y\" is not a configured port"),
+        "{err}"
+    );
+}
