@@ -10,7 +10,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use coprocessor::topology::{Cidr, LocalVm, Network, RemoteVm, Subnet, Topology};
+use coprocessor::topology::{Cidr, LocalVm, Network, RemoteVm, Subnet, Topology, Uplink};
 use flowtable::{Mac, PortId, Vni};
 use serde::Deserialize;
 
@@ -189,13 +189,23 @@ impl Config {
             if u.vtep.is_unspecified() || u.vtep.is_multicast() || u.vtep.is_broadcast() {
                 bail!("uplink: field `vtep`: {} is not a unicast address", u.vtep);
             }
-            bail!(
-                "uplink: interface {:?}: the AF_XDP uplink is not built yet; remove [uplink] to run with VM ports only",
-                u.interface
-            );
+            if self.ports.iter().any(|p| p.name == u.interface) {
+                bail!(
+                    "uplink: field `interface`: {:?} is also configured as a VM port",
+                    u.interface
+                );
+            }
         }
         let ids = self.port_ids()?;
-        let mut topo = Topology::new(None);
+        // The uplink's MAC is the interface's; the daemon reads it.
+        let uplink = self.uplink.as_ref().map(|u| Uplink {
+            port: PortId(u16::try_from(self.ports.len()).unwrap_or(u16::MAX)),
+            mac: [0; 6],
+            local_vtep: u.vtep,
+            mtu: u.mtu,
+            ttl: 64,
+        });
+        let mut topo = Topology::new(uplink);
         for (i, n) in self.networks.iter().enumerate() {
             let vni = Vni::new(n.vni).with_context(|| {
                 format!(
@@ -354,13 +364,24 @@ mod tests {
         assert!(e.contains("subnet[0]: field `cidr`"), "{e}");
         let e = err(&GOOD.replace("vni = 100", "vni = 16777216"));
         assert!(e.contains("network[0]: field `vni`"), "{e}");
-        let e = err(&format!(
-            "{GOOD}\n[uplink]\ninterface = \"eth1\"\nvtep = \"192.168.0.1\"\n"
-        ));
+        let up = |extra: &str| {
+            format!("{GOOD}\n[uplink]\ninterface = \"eth1\"\nvtep = \"192.168.0.1\"\n{extra}")
+        };
+        let e = err(&up("mtu = 100"));
         assert!(
-            e.contains("uplink: interface \"eth1\": the AF_XDP uplink is not built yet"),
+            e.contains("uplink: field `mtu`: 100 is not in 1280..=9216"),
             "{e}"
         );
+        let e = err(&up("").replace("interface = \"eth1\"", "interface = \"tap-a\""));
+        assert!(
+            e.contains("uplink: field `interface`: \"tap-a\" is also configured as a VM port"),
+            "{e}"
+        );
+        let e = err(&up("").replace("vtep = \"192.168.0.1\"", "vtep = \"224.0.0.1\""));
+        assert!(e.contains("uplink: field `vtep`"), "{e}");
+        // A valid uplink is accepted and becomes the port after the VM ports.
+        let c = Config::parse(&up("")).unwrap();
+        assert_eq!(c.topology().unwrap().uplink.unwrap().port, PortId(2));
         let e = err(&GOOD.replace("name = \"tap-b\"", "name = \"tap-a\""));
         assert!(e.contains("port[1]: field `name`"), "{e}");
         let e = err(&GOOD.replace("poll = \"adaptive\"", "coprocessor_threads = 0"));

@@ -12,23 +12,27 @@ use std::thread;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use coprocessor::{Coprocessor, Punted};
+use coprocessor::{Coprocessor, PuntKind, Punted};
 use crossbeam_queue::ArrayQueue;
 use fastpath::dataplane::{
     Dataplane, Install, Links, LoopConfig, PollMode, Port, PortCounters, PortIo,
 };
 use fastpath::tap::Tap;
+use fastpath::umem::FramePool;
 use fastpath::wake::Wake;
-use fastpath::{punt_path, Pipeline, PipelineConfig, PuntConfig, PuntReceiver};
+use fastpath::xdp::XdpProgram;
+use fastpath::xsk::{XskConfig, XskSocket};
+use fastpath::{punt_path, Pipeline, PipelineConfig, PuntConfig, PuntReason, PuntReceiver};
 use flowtable::{FlowTable, PortId};
 use tracing::{info, warn};
 
 use crate::config::{Config, Poll, PortType};
 use crate::control;
+use crate::neighbor;
 
 /// Run until a signal (or `stop`) ends it.
 pub fn run(cfg: Config) -> Result<()> {
-    let topo = cfg.topology()?;
+    let mut topo = cfg.topology()?;
     let s = &cfg.switch;
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())
@@ -51,7 +55,39 @@ pub fn run(cfg: Config) -> Result<()> {
         });
         info!(port = %p.name, id = i, "port open");
     }
+    // Frames of every port live in one pool; the uplink registers it as
+    // its UMEM.
+    let pool = FramePool::new(8192, 2048, true).context("allocating the frame pool")?;
+    info!(
+        huge_pages = pool.region().huge(),
+        mib = pool.region().len() >> 20,
+        "frame pool"
+    );
+    let mut xdp = None;
+    if let (Some(u), Some(up)) = (&cfg.uplink, topo.uplink.as_mut()) {
+        up.mac = read_mac(&u.interface)?;
+        let ifindex = fastpath::xsk::ifindex(&u.interface)
+            .with_context(|| format!("uplink: interface {:?}", u.interface))?;
+        let sock = XskSocket::open(ifindex, 0, &pool, XskConfig::default())
+            .with_context(|| format!("uplink: AF_XDP socket on {} queue 0", u.interface))?;
+        let mut prog = XdpProgram::attach(&u.interface, u.vtep, vxlan::UDP_PORT)
+            .with_context(|| format!("uplink: XDP on {}", u.interface))?;
+        prog.register_socket(0, sock.fd())?;
+        info!(interface = %u.interface, vtep = %u.vtep, mode = prog.mode, "uplink attached");
+        ports.push(Port {
+            id: up.port,
+            name: u.interface.clone(),
+            io: PortIo::Xsk(sock),
+            counters: PortCounters::default(),
+        });
+        xdp = Some(prog);
+    }
     let n_ports = u16::try_from(ports.len()).context("too many ports")?;
+    let uplink_port = topo.uplink.as_ref().map_or(PortId(u16::MAX), |u| u.port);
+    let local_vtep = topo
+        .uplink
+        .as_ref()
+        .map_or(std::net::Ipv4Addr::UNSPECIFIED, |u| u.local_vtep);
 
     let table = FlowTable::new(s.flow_capacity)?;
     if let Err(e) = fastpath::hugepage::advise_flow_table(&table) {
@@ -59,9 +95,9 @@ pub fn run(cfg: Config) -> Result<()> {
     }
     let pipeline = Pipeline::new(
         &PipelineConfig {
-            // No uplink yet: an id no port has.
-            uplink: PortId(u16::MAX),
-            local_vtep: std::net::Ipv4Addr::UNSPECIFIED,
+            // Without an uplink: an id no port has.
+            uplink: uplink_port,
+            local_vtep,
             udp_port: vxlan::UDP_PORT,
             ports: n_ports,
         },
@@ -80,6 +116,7 @@ pub fn run(cfg: Config) -> Result<()> {
     let (req_tx, req_rx) = mpsc::channel();
 
     let mut coproc_threads = Vec::new();
+    let mut updates = Vec::new();
     for i in 0..s.coprocessor_threads {
         let mut cp = Coprocessor::new(topo.clone());
         let (rx, installs, wake, stop) = (
@@ -88,9 +125,11 @@ pub fn run(cfg: Config) -> Result<()> {
             wake.clone(),
             stop.clone(),
         );
+        let (utx, urx) = mpsc::channel();
+        updates.push(utx);
         let h = thread::Builder::new()
             .name(format!("coproc-{i}"))
-            .spawn(move || coprocessor_loop(&mut cp, &rx, &installs, &wake, &stop))
+            .spawn(move || coprocessor_loop(&mut cp, &rx, &urx, &installs, &wake, &stop))
             .context("spawning a coprocessor thread")?;
         coproc_threads.push(h);
     }
@@ -111,12 +150,25 @@ pub fn run(cfg: Config) -> Result<()> {
         idle_timeout_ns: s.idle_timeout_s.saturating_mul(1_000_000_000),
         ..LoopConfig::default()
     };
-    let mut dp = Dataplane::new(ports, pipeline, links, loop_cfg);
+    let mut dp = Dataplane::new(ports, pipeline, links, loop_cfg, pool);
     let dp_stop = stop.clone();
     let fast = thread::Builder::new()
         .name("fastpath-0".into())
         .spawn(move || dp.run(&dp_stop))
         .context("spawning the fast-path thread")?;
+
+    let vteps = topo.remote_vteps();
+    let neigh = if vteps.is_empty() || topo.uplink.is_none() {
+        None
+    } else {
+        let (stop, req, wake) = (stop.clone(), req_tx.clone(), wake.clone());
+        Some(
+            thread::Builder::new()
+                .name("neighbors".into())
+                .spawn(move || neighbor_loop(&vteps, &updates, &req, &wake, &stop))
+                .context("spawning the neighbour thread")?,
+        )
+    };
 
     let server = control::Server::bind(&s.control_socket, req_tx, wake.clone())?;
     info!(socket = %s.control_socket.display(), "vswitch running");
@@ -126,6 +178,11 @@ pub fn run(cfg: Config) -> Result<()> {
     stop.store(true, Ordering::Relaxed);
     wake.notify();
     let _ = fast.join();
+    if let Some(h) = neigh {
+        let _ = h.join();
+    }
+    // Detach XDP only after the fast path stopped using the socket.
+    drop(xdp);
     for h in coproc_threads {
         h.thread().unpark();
         let _ = h.join();
@@ -135,22 +192,46 @@ pub fn run(cfg: Config) -> Result<()> {
     Ok(())
 }
 
+/// A change the coprocessors must learn.
+pub enum TopologyUpdate {
+    /// Next-hop MAC of a remote VTEP (None: unresolved).
+    Neighbor(std::net::Ipv4Addr, Option<flowtable::Mac>),
+}
+
 /// One coprocessor thread: decide for punted frames, send the results back
 /// to the fast path, sleep when there is nothing to do.
 fn coprocessor_loop(
     cp: &mut Coprocessor,
     rx: &PuntReceiver,
+    updates: &mpsc::Receiver<TopologyUpdate>,
     installs: &ArrayQueue<Install>,
     wake: &Wake,
     stop: &AtomicBool,
 ) {
     while !stop.load(Ordering::Relaxed) {
+        while let Ok(u) = updates.try_recv() {
+            match u {
+                TopologyUpdate::Neighbor(vtep, Some(mac)) => {
+                    cp.topology_mut().set_neighbor(vtep, mac)
+                }
+                TopologyUpdate::Neighbor(vtep, None) => cp.topology_mut().remove_neighbor(vtep),
+            }
+        }
         let Some(msg) = rx.recv() else {
             thread::park_timeout(Duration::from_millis(20));
             continue;
         };
+        let kind = match msg.reason {
+            PuntReason::Miss => PuntKind::Miss,
+            PuntReason::Arp => PuntKind::Control,
+            PuntReason::Action => PuntKind::Action,
+            PuntReason::TtlExpired => PuntKind::TtlExpired,
+            PuntReason::TooBig => PuntKind::TooBig,
+            PuntReason::VtepMismatch => PuntKind::VtepMismatch,
+        };
         let out = cp.handle(&Punted {
             ingress: msg.ingress,
+            kind,
             frame: &msg.data,
             key: msg.key,
         });
@@ -181,4 +262,77 @@ fn coprocessor_loop(
         }
         wake.notify();
     }
+}
+
+/// Follow the kernel's next hop and its MAC for every remote VTEP; tell
+/// the coprocessors, and have the fast path drop flows through a next hop
+/// whose MAC changed.
+fn neighbor_loop(
+    vteps: &[std::net::Ipv4Addr],
+    updates: &[mpsc::Sender<TopologyUpdate>],
+    requests: &mpsc::Sender<fastpath::dataplane::Request>,
+    wake: &Wake,
+    stop: &AtomicBool,
+) {
+    let mut nl = match neighbor::Netlink::open() {
+        Ok(nl) => nl,
+        Err(e) => {
+            warn!("rtnetlink unavailable, remote VTEPs unreachable: {e}");
+            return;
+        }
+    };
+    let mut known: std::collections::HashMap<std::net::Ipv4Addr, flowtable::Mac> =
+        Default::default();
+    let mut last_provoke = std::time::Instant::now() - Duration::from_secs(10);
+    while !stop.load(Ordering::Relaxed) {
+        let table = nl.neighbors().unwrap_or_default();
+        let mut missing = Vec::new();
+        for &vtep in vteps {
+            let hop = nl.next_hop(vtep).unwrap_or(vtep);
+            let now = table.get(&hop).copied();
+            let before = known.get(&vtep).copied();
+            if now != before {
+                match now {
+                    Some(m) => {
+                        known.insert(vtep, m);
+                        info!(%vtep, next_hop = %hop, mac = %coprocessor::topology::mac_str(&m), "next hop resolved");
+                    }
+                    None => {
+                        known.remove(&vtep);
+                        warn!(%vtep, next_hop = %hop, "next hop lost");
+                    }
+                }
+                for u in updates {
+                    let _ = u.send(TopologyUpdate::Neighbor(vtep, now));
+                }
+                if let Some(old) = before {
+                    let _ = requests.send(fastpath::dataplane::Request::InvalidateNextHop(old));
+                    wake.notify();
+                }
+            }
+            if now.is_none() {
+                missing.push(hop);
+            }
+        }
+        if !missing.is_empty() && last_provoke.elapsed() >= Duration::from_secs(1) {
+            missing
+                .iter()
+                .for_each(|h| neighbor::provoke_resolution(*h));
+            last_provoke = std::time::Instant::now();
+        }
+        thread::sleep(Duration::from_millis(if missing.is_empty() {
+            500
+        } else {
+            100
+        }));
+    }
+}
+
+/// The MAC of interface `name` (from sysfs).
+fn read_mac(name: &str) -> Result<flowtable::Mac> {
+    let path = format!("/sys/class/net/{name}/address");
+    let s = std::fs::read_to_string(&path)
+        .with_context(|| format!("uplink: interface {name:?}: reading {path}"))?;
+    crate::config::parse_mac(s.trim())
+        .with_context(|| format!("uplink: interface {name:?}: bad MAC {s:?}"))
 }

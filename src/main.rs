@@ -4,6 +4,7 @@
 mod config;
 mod control;
 mod daemon;
+mod neighbor;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

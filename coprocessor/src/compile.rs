@@ -85,6 +85,14 @@ pub fn encapsulate(
     .ok()?;
     let mut buf = vec![0u8; vxlan::OUTER_LEN + inner.len()];
     buf[vxlan::OUTER_LEN..].copy_from_slice(inner);
-    vxlan::encap(&mut buf, vxlan::OUTER_LEN, inner.len(), t.bytes(), 0).ok()?;
+    // Outer UDP source port entropy from the inner headers (FNV-1a of the
+    // Ethernet and IPv4/ARP header bytes), as for flows.
+    let entropy = inner
+        .iter()
+        .take(42)
+        .fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+        });
+    vxlan::encap(&mut buf, vxlan::OUTER_LEN, inner.len(), t.bytes(), entropy).ok()?;
     Some(buf)
 }

@@ -23,7 +23,7 @@ use std::net::Ipv4Addr;
 use flowtable::{Action, FlowKey, Ingress};
 use smoltcp::wire::{EthernetFrame, EthernetProtocol};
 
-pub use outcome::{DropCause, Outcome, Punted};
+pub use outcome::{DropCause, Outcome, PuntKind, Punted};
 pub use topology::Topology;
 
 /// Coprocessor counters.
@@ -76,7 +76,17 @@ impl Coprocessor {
     /// Decide for one punted frame.
     pub fn handle(&mut self, p: &Punted<'_>) -> Outcome {
         let mut out = Outcome::default();
-        let r = if self
+        let r = match p.kind {
+            // ICMP "fragmentation needed" / "time exceeded" answers come
+            // with the ICMP stage; until then these are counted drops (the
+            // flow stays, so nothing is recompiled).
+            outcome::PuntKind::TooBig => Err(DropCause::TooBig),
+            outcome::PuntKind::TtlExpired => Err(DropCause::TtlExpired),
+            _ => Ok(()),
+        };
+        let r = if r.is_err() {
+            r
+        } else if self
             .topo
             .uplink
             .as_ref()

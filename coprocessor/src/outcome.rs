@@ -2,10 +2,29 @@
 
 use flowtable::{Action, FlowKey, PortId};
 
+/// Why the fast path punted a frame (mirrors the fast path's reasons; the
+/// coprocessor does not depend on the fast path).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PuntKind {
+    /// No flow for the key: decide and install one.
+    Miss,
+    /// Always punted (ARP).
+    Control,
+    /// The flow exists but the frame is longer than its path can carry.
+    TooBig,
+    /// The flow exists but the TTL would reach zero.
+    TtlExpired,
+    /// The flow exists but the frame came from another VTEP.
+    VtepMismatch,
+    /// The flow's action punts every packet.
+    Action,
+}
+
 /// A frame the fast path punted.
 #[derive(Debug, Clone, Copy)]
 pub struct Punted<'a> {
     pub ingress: PortId,
+    pub kind: PuntKind,
     /// The frame as received: for uplink frames, outer headers included.
     pub frame: &'a [u8],
     /// The key the fast path looked up (absent for frames it punts without
@@ -34,6 +53,8 @@ pub enum DropCause {
     VtepMismatch,
     NotLocalVtep,
     NoUplink,
+    TooBig,
+    TtlExpired,
 }
 
 impl DropCause {
@@ -56,6 +77,8 @@ impl DropCause {
         DropCause::VtepMismatch,
         DropCause::NotLocalVtep,
         DropCause::NoUplink,
+        DropCause::TooBig,
+        DropCause::TtlExpired,
     ];
 
     /// Stable snake_case name, for counters.
@@ -79,6 +102,8 @@ impl DropCause {
             DropCause::VtepMismatch => "vtep_mismatch",
             DropCause::NotLocalVtep => "not_local_vtep",
             DropCause::NoUplink => "no_uplink",
+            DropCause::TooBig => "too_big",
+            DropCause::TtlExpired => "ttl_expired",
         }
     }
 

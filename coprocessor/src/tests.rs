@@ -137,6 +137,7 @@ fn through(
         .then_some(key);
     let out = c.handle(&Punted {
         ingress: port,
+        kind: PuntKind::Miss,
         frame,
         key: k,
     });
@@ -324,6 +325,7 @@ fn arp_proxy_answers_for_known_addresses_only() {
     let ask = |c: &mut Coprocessor, target| {
         c.handle(&Punted {
             ingress: PortId(1),
+            kind: PuntKind::Miss,
             frame: &arp_request(A_MAC, A_IP, target),
             key: None,
         })
@@ -348,6 +350,7 @@ fn arp_proxy_answers_for_known_addresses_only() {
     // A spoofed sender gets nothing.
     let out = c.handle(&Punted {
         ingress: PortId(1),
+        kind: PuntKind::Miss,
         frame: &arp_request(A_MAC, Ipv4Addr::new(10, 0, 0, 50), B_IP),
         key: None,
     });
@@ -355,6 +358,7 @@ fn arp_proxy_answers_for_known_addresses_only() {
     // An address probe (sender 0.0.0.0) is allowed and answered.
     let out = c.handle(&Punted {
         ingress: PortId(1),
+        kind: PuntKind::Miss,
         frame: &arp_request(A_MAC, Ipv4Addr::UNSPECIFIED, B_IP),
         key: None,
     });
@@ -368,6 +372,7 @@ fn arp_from_a_remote_host_is_answered_through_the_tunnel() {
     let req = from_remote(&arp_request(R_MAC, R_IP, A_IP), REMOTE_VTEP, VNI);
     let out = c.handle(&Punted {
         ingress: UPLINK,
+        kind: PuntKind::Miss,
         frame: &req,
         key: None,
     });
@@ -391,6 +396,7 @@ fn arp_from_a_remote_host_is_answered_through_the_tunnel() {
     let req = from_remote(&arp_request(R_MAC, R_IP, R_IP), REMOTE_VTEP, VNI);
     let out = c.handle(&Punted {
         ingress: UPLINK,
+        kind: PuntKind::Miss,
         frame: &req,
         key: None,
     });
@@ -407,6 +413,7 @@ fn the_key_must_match_the_ingress() {
     };
     let out = c.handle(&Punted {
         ingress: PortId(1),
+        kind: PuntKind::Miss,
         frame: &f,
         key: Some(k),
     });
@@ -418,7 +425,28 @@ proptest! {
     fn arbitrary_frames_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200), port in 0u16..5, keyed in any::<bool>()) {
         let mut c = coprocessor();
         let key = keyed.then(|| flowtable::FlowKey::new(flowtable::Ingress::Port(PortId(port)), 17, u32::from(A_IP), u32::from(B_IP), 1, 2));
-        let out = c.handle(&Punted { ingress: PortId(port), frame: &bytes, key });
+        let out = c.handle(&Punted {
+        ingress: PortId(port),
+        kind: PuntKind::Miss, frame: &bytes, key });
         prop_assert!(out.drop.is_some() || !out.flows.is_empty() || !out.tx.is_empty());
+    }
+}
+
+#[test]
+fn too_big_and_ttl_punts_are_counted_drops_that_recompile_nothing() {
+    let mut c = coprocessor();
+    let f = udp(A_MAC, A_IP, R_IP);
+    for (kind, cause) in [
+        (PuntKind::TooBig, DropCause::TooBig),
+        (PuntKind::TtlExpired, DropCause::TtlExpired),
+    ] {
+        let out = c.handle(&Punted {
+            ingress: PortId(1),
+            kind,
+            frame: &f,
+            key: None,
+        });
+        assert_eq!(out.drop, Some(cause));
+        assert!(out.flows.is_empty() && !out.reinject);
     }
 }

@@ -168,7 +168,8 @@ pub enum TopologyError {
     NotFound { object: String },
 }
 
-pub(crate) fn mac_str(m: &Mac) -> String {
+/// "aa:bb:cc:dd:ee:ff".
+pub fn mac_str(m: &Mac) -> String {
     m.iter()
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()

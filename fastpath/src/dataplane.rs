@@ -21,11 +21,13 @@ use arrayvec::ArrayVec;
 use crossbeam_queue::ArrayQueue;
 use flowtable::{Action, FlowKey, FlowStats, PortId, TableCounters};
 
-use crate::frame::{Desc, SliceMem, BATCH};
+use crate::frame::{Desc, FrameMem, BATCH};
 use crate::pipeline::{BatchOut, Pipeline, PipelineCounters};
 use crate::punt::{PuntMsg, PuntReason, PuntReceiver, Punter};
 use crate::tap::Tap;
+use crate::umem::FramePool;
 use crate::wake::{wait_readable, Wake};
+use crate::xsk::XskSocket;
 
 /// How the loop waits for work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,15 +39,26 @@ pub enum PollMode {
 }
 
 /// The I/O behind a port.
-#[derive(Debug)]
 pub enum PortIo {
     Tap(Tap),
+    /// An AF_XDP socket (the uplink); its UMEM is the thread's frame pool.
+    Xsk(XskSocket),
 }
 
 impl PortIo {
     fn fd(&self) -> i32 {
         match self {
             PortIo::Tap(t) => t.fd(),
+            PortIo::Xsk(x) => x.fd(),
+        }
+    }
+}
+
+impl std::fmt::Debug for PortIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PortIo::Tap(t) => write!(f, "tap {}", t.name()),
+            PortIo::Xsk(x) => write!(f, "af_xdp fd {}", x.fd()),
         }
     }
 }
@@ -61,6 +74,8 @@ pub struct PortCounters {
     pub tx_errors: u64,
     /// Frames the port could not take (queue full, guest side down).
     pub tx_dropped: u64,
+    /// Receives skipped because the frame pool had no free chunk.
+    pub rx_no_buffer: u64,
 }
 
 /// A port of this thread.
@@ -113,6 +128,9 @@ pub struct Snapshot {
 pub enum Request {
     Stats(Sender<Snapshot>),
     Flows(Sender<Vec<FlowDump>>),
+    /// The next hop with this MAC changed or went away: remove the flows
+    /// that encapsulate towards it (they are recompiled on their next packet).
+    InvalidateNextHop(flowtable::Mac),
 }
 
 /// Tunables of the loop.
@@ -151,9 +169,11 @@ pub struct Links {
     pub coprocessors: Vec<Thread>,
 }
 
-const CHUNK: usize = 2048;
-/// Room before each received frame: VXLAN's outer headers fit with margin.
+/// Room before each frame read from a tap: VXLAN's outer headers fit with
+/// margin. (AF_XDP leaves XDP_PACKET_HEADROOM, also 256, before its frames.)
 const HEADROOM: usize = 256;
+/// Chunks kept on the free list for VM ports when refilling the uplink.
+const VM_RESERVE: usize = 4 * BATCH;
 
 /// One fast-path thread (see the module documentation).
 pub struct Dataplane {
@@ -161,8 +181,8 @@ pub struct Dataplane {
     pipeline: Pipeline,
     links: Links,
     cfg: LoopConfig,
-    /// BATCH receive chunks plus one for reinjection.
-    mem: Vec<u8>,
+    /// All frames of this thread's ports live here.
+    pool: FramePool,
     out: BatchOut,
     descs: ArrayVec<Desc, BATCH>,
     pollfds: Vec<libc::pollfd>,
@@ -177,7 +197,14 @@ pub struct Dataplane {
 
 impl Dataplane {
     /// `ports[i].id` must be `PortId(i)`.
-    pub fn new(ports: Vec<Port>, pipeline: Pipeline, links: Links, cfg: LoopConfig) -> Dataplane {
+    /// `pool` must be the region every AF_XDP port registered as its UMEM.
+    pub fn new(
+        ports: Vec<Port>,
+        pipeline: Pipeline,
+        links: Links,
+        cfg: LoopConfig,
+        pool: FramePool,
+    ) -> Dataplane {
         let mut pollfds: Vec<libc::pollfd> = ports
             .iter()
             .map(|p| libc::pollfd {
@@ -197,7 +224,7 @@ impl Dataplane {
             pipeline,
             links,
             cfg,
-            mem: vec![0u8; CHUNK * (BATCH + 1)],
+            pool,
             out: BatchOut::new(n),
             descs: ArrayVec::new(),
             pollfds,
@@ -259,26 +286,48 @@ impl Dataplane {
     fn poll_port(&mut self, i: usize, now: u64) -> usize {
         self.descs.clear();
         let port = &mut self.ports[i];
-        for slot in 0..BATCH {
-            let at = slot * CHUNK + HEADROOM;
-            let buf = &mut self.mem[at..(slot + 1) * CHUNK];
-            let r = match &mut port.io {
-                PortIo::Tap(t) => t.recv(buf),
-            };
-            match r {
-                Ok(Some(n)) => {
-                    port.counters.rx_packets += 1;
-                    port.counters.rx_bytes += n as u64;
-                    self.descs.push(Desc {
-                        addr: at as u64,
-                        len: u32::try_from(n).unwrap_or(0),
-                    });
+        match &mut port.io {
+            PortIo::Tap(t) => {
+                for _ in 0..BATCH {
+                    let Some(chunk) = self.pool.alloc() else {
+                        port.counters.rx_no_buffer += 1;
+                        break;
+                    };
+                    let at = chunk + HEADROOM as u64;
+                    let r = match self.pool.chunk_mut(at) {
+                        Some((c, off)) => t.recv(&mut c[off..]),
+                        None => Ok(None),
+                    };
+                    match r {
+                        Ok(Some(n)) => {
+                            port.counters.rx_packets += 1;
+                            port.counters.rx_bytes += n as u64;
+                            self.descs.push(Desc {
+                                addr: at,
+                                len: u32::try_from(n).unwrap_or(0),
+                            });
+                        }
+                        Ok(None) => {
+                            self.pool.release(chunk);
+                            break;
+                        }
+                        Err(_) => {
+                            self.pool.release(chunk);
+                            port.counters.rx_errors += 1;
+                            break;
+                        }
+                    }
                 }
-                Ok(None) => break,
-                Err(_) => {
-                    port.counters.rx_errors += 1;
-                    break;
-                }
+            }
+            PortIo::Xsk(x) => {
+                x.complete(&mut self.pool);
+                x.refill(&mut self.pool, VM_RESERVE);
+                let (descs, c) = (&mut self.descs, &mut port.counters);
+                x.recv(BATCH, |d| {
+                    c.rx_packets += 1;
+                    c.rx_bytes += u64::from(d.len);
+                    descs.push(d);
+                });
             }
         }
         let n = self.descs.len();
@@ -291,61 +340,50 @@ impl Dataplane {
         n
     }
 
-    /// Run `descs` (in `self.mem`) through the pipeline, transmit, punt.
+    /// Run `descs` (frames in the pool) through the pipeline, transmit,
+    /// punt. Every frame ends in exactly one of: a TX list, the punt list,
+    /// the drop list; its chunk goes back to the pool unless the uplink's
+    /// TX ring took it (then it comes back on completion).
     /// Reinjected frames (`may_punt` false) that miss again are counted,
     /// not punted again, so a flow that cannot be installed cannot loop.
     fn process(&mut self, ingress: PortId, descs: &[Desc], now: u64, may_punt: bool) {
-        let mut mem = match SliceMem::new(&mut self.mem, CHUNK) {
-            Some(m) => m,
-            None => return,
-        };
         self.pipeline
-            .process(ingress, &mut mem, descs, now, &mut self.out);
+            .process(ingress, &mut self.pool, descs, now, &mut self.out);
         for (port, list) in self.out.tx.iter() {
             let Some(p) = self.ports.get_mut(usize::from(port.0)) else {
+                list.iter().for_each(|d| self.pool.release(d.addr));
                 continue;
             };
-            for d in list {
-                let Some(frame) = frame_at(&self.mem, *d) else {
-                    continue;
-                };
-                let r = match &mut p.io {
-                    PortIo::Tap(t) => t.send(frame),
-                };
-                match r {
-                    Ok(true) => {
-                        p.counters.tx_packets += 1;
-                        p.counters.tx_bytes += u64::from(d.len);
-                    }
-                    Ok(false) => p.counters.tx_dropped += 1,
-                    Err(_) => p.counters.tx_errors += 1,
-                }
-            }
+            transmit(p, &mut self.pool, list);
+        }
+        for d in &self.out.dropped {
+            self.pool.release(d.addr);
         }
         if self.out.punt.is_empty() {
             return;
         }
-        if !may_punt {
-            self.reinject_failed += self.out.punt.len() as u64;
-            return;
-        }
         let mut queued = false;
         for item in &self.out.punt {
-            let Some(frame) = frame_at(&self.mem, item.desc) else {
-                continue;
-            };
-            let r = self.links.punter.punt_keyed(
-                ingress,
-                item.reason,
-                frame,
-                usize::from(item.inner_start),
-                item.key,
-                now,
-            );
-            match r {
-                Ok(()) => queued = true,
-                Err(reason) => self.punt_drops.bump(reason),
+            if may_punt {
+                if let Some((c, off)) = self.pool.chunk_mut(item.desc.addr) {
+                    let frame = c.get(off..off + item.desc.len as usize).unwrap_or(&[]);
+                    let r = self.links.punter.punt_keyed(
+                        ingress,
+                        item.reason,
+                        frame,
+                        usize::from(item.inner_start),
+                        item.key,
+                        now,
+                    );
+                    match r {
+                        Ok(()) => queued = true,
+                        Err(reason) => self.punt_drops.bump(reason),
+                    }
+                }
+            } else {
+                self.reinject_failed += 1;
             }
+            self.pool.release(item.desc.addr);
         }
         if queued {
             for t in &self.links.coprocessors {
@@ -362,33 +400,41 @@ impl Dataplane {
             }
         }
         for (port, frame) in &ins.tx {
-            if let Some(p) = self.ports.get_mut(usize::from(port.0)) {
-                let r = match &mut p.io {
-                    PortIo::Tap(t) => t.send(frame),
-                };
-                match r {
-                    Ok(true) => {
-                        p.counters.tx_packets += 1;
-                        p.counters.tx_bytes += frame.len() as u64;
-                    }
-                    Ok(false) => p.counters.tx_dropped += 1,
-                    Err(_) => p.counters.tx_errors += 1,
+            if let Some(d) = self.copy_in(frame) {
+                match self.ports.get_mut(usize::from(port.0)) {
+                    Some(p) => transmit(p, &mut self.pool, &[d]),
+                    None => self.pool.release(d.addr),
                 }
             }
         }
         if let Some(msg) = ins.reinject {
-            let at = BATCH * CHUNK + HEADROOM;
-            let n = msg.data.len().min(CHUNK - HEADROOM);
-            self.mem[at..at + n].copy_from_slice(&msg.data[..n]);
-            let d = [Desc {
-                addr: at as u64,
-                len: u32::try_from(n).unwrap_or(0),
-            }];
+            let d = self.copy_in(&msg.data);
             let ingress = msg.ingress;
             self.links.recycler.recycle(msg);
-            self.reinjected += 1;
-            self.process(ingress, &d, now, false);
+            if let Some(d) = d {
+                self.reinjected += 1;
+                self.process(ingress, &[d], now, false);
+            }
         }
+    }
+
+    /// Copy `frame` into a free chunk, after the usual headroom.
+    fn copy_in(&mut self, frame: &[u8]) -> Option<Desc> {
+        let chunk = self.pool.alloc()?;
+        let at = chunk + HEADROOM as u64;
+        let Some((c, off)) = self.pool.chunk_mut(at) else {
+            self.pool.release(chunk);
+            return None;
+        };
+        let Some(dst) = c.get_mut(off..off + frame.len()) else {
+            self.pool.release(chunk);
+            return None;
+        };
+        dst.copy_from_slice(frame);
+        Some(Desc {
+            addr: at,
+            len: u32::try_from(frame.len()).unwrap_or(0),
+        })
     }
 
     fn answer(&mut self, req: Request, now: u64) {
@@ -417,6 +463,11 @@ impl Dataplane {
                     uptime_ns: now,
                 });
             }
+            Request::InvalidateNextHop(mac) => {
+                self.pipeline
+                    .table_mut()
+                    .retain(|_, a| a.encap.as_ref().is_none_or(|t| t.0[..6] != mac));
+            }
             Request::Flows(tx) => {
                 let flows = self
                     .pipeline
@@ -435,7 +486,40 @@ impl Dataplane {
     }
 }
 
-fn frame_at(mem: &[u8], d: Desc) -> Option<&[u8]> {
-    let a = usize::try_from(d.addr).ok()?;
-    mem.get(a..a.checked_add(d.len as usize)?)
+/// Send `frames` (chunks of `pool`) on `p`, releasing every chunk that
+/// is not handed to the kernel.
+fn transmit(p: &mut Port, pool: &mut FramePool, frames: &[Desc]) {
+    match &mut p.io {
+        PortIo::Tap(t) => {
+            for d in frames {
+                let r = match pool.chunk_mut(d.addr) {
+                    Some((c, off)) => match c.get(off..off + d.len as usize) {
+                        Some(f) => t.send(f),
+                        None => Ok(false),
+                    },
+                    None => Ok(false),
+                };
+                match r {
+                    Ok(true) => {
+                        p.counters.tx_packets += 1;
+                        p.counters.tx_bytes += u64::from(d.len);
+                    }
+                    Ok(false) => p.counters.tx_dropped += 1,
+                    Err(_) => p.counters.tx_errors += 1,
+                }
+                pool.release(d.addr);
+            }
+        }
+        PortIo::Xsk(x) => {
+            let n = x.send(frames);
+            for d in &frames[..n] {
+                p.counters.tx_packets += 1;
+                p.counters.tx_bytes += u64::from(d.len);
+            }
+            for d in &frames[n..] {
+                p.counters.tx_dropped += 1;
+                pool.release(d.addr);
+            }
+        }
+    }
 }

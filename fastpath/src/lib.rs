@@ -18,7 +18,10 @@ mod reason;
 pub mod synth;
 pub mod tap;
 pub mod tx;
+pub mod umem;
 pub mod wake;
+pub mod xdp;
+pub mod xsk;
 
 pub use classify::{Class, Classified, Classifier, Kind};
 pub use drop::{DropCounters, DropReason};

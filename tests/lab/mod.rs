@@ -106,10 +106,23 @@ impl Lab {
     /// Start vswitch with `config` (TOML text); wait until its control
     /// socket answers. Returns the socket path.
     pub fn vswitch(&mut self, name: &str, config: &str) -> PathBuf {
+        self.vswitch_in(None, name, config)
+    }
+
+    /// [`Lab::vswitch`] inside network namespace `ns` (a "hypervisor").
+    pub fn vswitch_in(&mut self, ns: Option<&str>, name: &str, config: &str) -> PathBuf {
         let path = self.dir.join(format!("{name}.toml"));
         std::fs::write(&path, config).expect("writing config");
         let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).expect("log file");
-        let child = Command::new(env!("CARGO_BIN_EXE_vswitch"))
+        let mut cmd = match ns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_vswitch")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_vswitch")),
+        };
+        let child = cmd
             .args(["run", "--config"])
             .arg(&path)
             .stdout(Stdio::null())
@@ -147,10 +160,32 @@ impl Lab {
     /// Move tap `tap` (created by vswitch) into `ns` as the VM's NIC with
     /// `mac` and `cidr_addr` (e.g. "10.0.0.10/24").
     pub fn attach_vm(&self, tap: &str, ns: &str, mac: &str, cidr_addr: &str) {
+        self.attach_vm_from(None, tap, ns, mac, cidr_addr)
+    }
+
+    /// [`Lab::attach_vm`] for a tap created inside namespace `from`.
+    pub fn attach_vm_from(
+        &self,
+        from: Option<&str>,
+        tap: &str,
+        ns: &str,
+        mac: &str,
+        cidr_addr: &str,
+    ) {
+        let ip_in = |args: &[&str]| -> Vec<String> {
+            let mut v: Vec<String> = vec!["ip".into()];
+            if let Some(f) = from {
+                v.extend(["-n".into(), f.into()]);
+            }
+            v.extend(args.iter().map(|s| s.to_string()));
+            v
+        };
+        let show = ip_in(&["link", "show", tap]);
         wait_until(&format!("tap {tap}"), Duration::from_secs(5), || {
-            try_sh(&["ip", "link", "show", tap]).0
+            try_sh(&show.iter().map(String::as_str).collect::<Vec<_>>()).0
         });
-        sh(&["ip", "link", "set", tap, "netns", ns]);
+        let mv = ip_in(&["link", "set", tap, "netns", ns]);
+        sh(&mv.iter().map(String::as_str).collect::<Vec<_>>());
         sh(&["ip", "-n", ns, "link", "set", tap, "address", mac]);
         sh(&["ip", "-n", ns, "addr", "add", cidr_addr, "dev", tap]);
         sh(&["ip", "-n", ns, "link", "set", tap, "up"]);

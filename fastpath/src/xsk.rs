@@ -1,0 +1,455 @@
+//! AF_XDP sockets, written against the kernel ABI (<linux/if_xdp.h>).
+//!
+//! Why not xsk-rs: its frame descriptors can only be made by the crate
+//! and always transmit from the start of a frame's data segment, so a
+//! frame cannot grow into its headroom — in-place VXLAN encapsulation, the
+//! point of the design, would need a copy per packet. The ABI is small:
+//! register the frame pool's region as the UMEM, size and mmap four rings,
+//! bind to a queue. Rings are single-producer/single-consumer with the
+//! kernel: we read the other side's index with Acquire and publish ours
+//! with Release.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use crate::frame::Desc;
+use crate::umem::FramePool;
+
+const AF_XDP: libc::c_int = 44;
+const SOL_XDP: libc::c_int = 283;
+const XDP_MMAP_OFFSETS: libc::c_int = 1;
+const XDP_RX_RING: libc::c_int = 2;
+const XDP_TX_RING: libc::c_int = 3;
+const XDP_UMEM_REG: libc::c_int = 4;
+const XDP_UMEM_FILL_RING: libc::c_int = 5;
+const XDP_UMEM_COMPLETION_RING: libc::c_int = 6;
+const XDP_STATISTICS: libc::c_int = 7;
+const XDP_PGOFF_RX_RING: libc::off_t = 0;
+const XDP_PGOFF_TX_RING: libc::off_t = 0x8000_0000;
+const XDP_UMEM_PGOFF_FILL_RING: libc::off_t = 0x1_0000_0000;
+const XDP_UMEM_PGOFF_COMPLETION_RING: libc::off_t = 0x1_8000_0000;
+const XDP_COPY: u16 = 1 << 1;
+const XDP_USE_NEED_WAKEUP: u16 = 1 << 3;
+const XDP_RING_NEED_WAKEUP: u32 = 1;
+
+#[repr(C)]
+struct UmemReg {
+    addr: u64,
+    len: u64,
+    chunk_size: u32,
+    headroom: u32,
+    flags: u32,
+    tx_metadata_len: u32,
+}
+
+#[repr(C)]
+#[derive(Default, Clone, Copy)]
+struct RingOffset {
+    producer: u64,
+    consumer: u64,
+    desc: u64,
+    flags: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct MmapOffsets {
+    rx: RingOffset,
+    tx: RingOffset,
+    fr: RingOffset,
+    cr: RingOffset,
+}
+
+#[repr(C)]
+struct SockaddrXdp {
+    family: u16,
+    flags: u16,
+    ifindex: u32,
+    queue_id: u32,
+    shared_umem_fd: u32,
+}
+
+/// `struct xdp_desc`.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct XdpDesc {
+    addr: u64,
+    len: u32,
+    options: u32,
+}
+
+/// Kernel drop counters of the socket (`struct xdp_statistics`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct XskStats {
+    pub rx_dropped: u64,
+    pub rx_invalid_descs: u64,
+    pub tx_invalid_descs: u64,
+    pub rx_ring_full: u64,
+    pub rx_fill_ring_empty_descs: u64,
+    pub tx_ring_empty_descs: u64,
+}
+
+/// One mmap'd ring of `T` entries.
+struct Ring<T> {
+    map: NonNull<u8>,
+    map_len: usize,
+    producer: NonNull<AtomicU32>,
+    consumer: NonNull<AtomicU32>,
+    flags: NonNull<AtomicU32>,
+    descs: NonNull<T>,
+    mask: u32,
+}
+
+impl<T: Copy> Ring<T> {
+    /// Map a ring of `size` entries at page offset `pgoff` of `fd`.
+    fn map(fd: RawFd, off: &RingOffset, size: u32, pgoff: libc::off_t) -> io::Result<Ring<T>> {
+        let map_len = usize::try_from(off.desc).map_err(io::Error::other)?
+            + size as usize * std::mem::size_of::<T>();
+        // SAFETY: maps the ring the kernel created for this socket; the
+        // length covers its descriptors as the kernel reported them.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd,
+                pgoff,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let map = NonNull::new(p.cast::<u8>())
+            .ok_or_else(|| io::Error::other("ring mmap returned null"))?;
+        let at = |o: u64| -> io::Result<NonNull<u8>> {
+            let o = usize::try_from(o).map_err(io::Error::other)?;
+            if o >= map_len {
+                return Err(io::Error::other("ring offset outside its mapping"));
+            }
+            // SAFETY: `o < map_len`, inside the mapping just made.
+            Ok(unsafe { map.add(o) })
+        };
+        Ok(Ring {
+            map,
+            map_len,
+            producer: at(off.producer)?.cast(),
+            consumer: at(off.consumer)?.cast(),
+            flags: at(off.flags)?.cast(),
+            descs: at(off.desc)?.cast(),
+            mask: size - 1,
+        })
+    }
+
+    fn producer(&self) -> &AtomicU32 {
+        // SAFETY: points into the live mapping at the kernel's producer
+        // index, a naturally aligned u32 shared with the kernel.
+        unsafe { self.producer.as_ref() }
+    }
+
+    fn consumer(&self) -> &AtomicU32 {
+        // SAFETY: as `producer`, for the consumer index.
+        unsafe { self.consumer.as_ref() }
+    }
+
+    fn needs_wakeup(&self) -> bool {
+        // SAFETY: as `producer`, for the flags word.
+        unsafe { self.flags.as_ref() }.load(Ordering::Relaxed) & XDP_RING_NEED_WAKEUP != 0
+    }
+
+    /// Pointer to entry `i` (taken modulo the ring size).
+    fn slot(&self, i: u32) -> *mut T {
+        // SAFETY: `i & mask` < size, and the mapping holds `size` entries.
+        unsafe { self.descs.as_ptr().add((i & self.mask) as usize) }
+    }
+
+    /// As producer: push up to all of `items`; returns how many.
+    fn produce(&mut self, items: impl ExactSizeIterator<Item = T>) -> usize {
+        let prod = self.producer().load(Ordering::Relaxed);
+        let cons = self.consumer().load(Ordering::Acquire);
+        let room = (self.mask + 1) - prod.wrapping_sub(cons);
+        let n = room.min(u32::try_from(items.len()).unwrap_or(u32::MAX));
+        for (k, item) in (0..n).zip(items) {
+            // SAFETY: entries between prod and cons + size belong to the
+            // producer (us) until published below.
+            unsafe { self.slot(prod.wrapping_add(k)).write(item) };
+        }
+        self.producer()
+            .store(prod.wrapping_add(n), Ordering::Release);
+        n as usize
+    }
+
+    /// As consumer: pop up to `max` entries into `f`; returns how many.
+    fn consume(&mut self, max: usize, mut f: impl FnMut(T)) -> usize {
+        let cons = self.consumer().load(Ordering::Relaxed);
+        let prod = self.producer().load(Ordering::Acquire);
+        let n = prod
+            .wrapping_sub(cons)
+            .min(u32::try_from(max).unwrap_or(u32::MAX));
+        for k in 0..n {
+            // SAFETY: entries between cons and prod were published by the
+            // kernel (Acquire above) and are ours to read until released.
+            f(unsafe { self.slot(cons.wrapping_add(k)).read() });
+        }
+        self.consumer()
+            .store(cons.wrapping_add(n), Ordering::Release);
+        n as usize
+    }
+}
+
+impl<T> Drop for Ring<T> {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the ring mapping made in `map`.
+        unsafe { libc::munmap(self.map.as_ptr().cast(), self.map_len) };
+    }
+}
+
+// SAFETY: the rings are owned by one socket, which is used by one thread
+// at a time; moving it to another thread moves that exclusive use.
+unsafe impl<T> Send for Ring<T> {}
+
+/// Sizes of an AF_XDP socket.
+#[derive(Debug, Clone, Copy)]
+pub struct XskConfig {
+    /// Entries per ring (power of two).
+    pub ring_size: u32,
+}
+
+impl Default for XskConfig {
+    fn default() -> Self {
+        XskConfig { ring_size: 2048 }
+    }
+}
+
+/// An AF_XDP socket bound to one queue of an interface, with its UMEM
+/// registered from a [`FramePool`].
+pub struct XskSocket {
+    // Rings before the fd: unmapped before the socket closes.
+    fill: Ring<u64>,
+    comp: Ring<u64>,
+    rx: Ring<XdpDesc>,
+    tx: Ring<XdpDesc>,
+    fd: OwnedFd,
+    /// Frames handed to the TX ring and not yet completed.
+    pub tx_in_flight: u32,
+}
+
+/// `size_of::<T>()` as a socklen_t (our structs are a few dozen bytes).
+fn socklen<T>() -> libc::socklen_t {
+    libc::socklen_t::try_from(std::mem::size_of::<T>()).unwrap_or(libc::socklen_t::MAX)
+}
+
+fn setsockopt<T>(fd: RawFd, opt: libc::c_int, v: &T) -> io::Result<()> {
+    // SAFETY: passes a pointer to a live `T` and its exact size.
+    let r = unsafe { libc::setsockopt(fd, SOL_XDP, opt, (v as *const T).cast(), socklen::<T>()) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+impl XskSocket {
+    /// Create a socket on `ifindex`/`queue`, register `pool`'s region as
+    /// its UMEM, and bind (copy mode, which every driver supports; with
+    /// need-wakeup, so an idle socket costs no syscalls).
+    pub fn open(
+        ifindex: u32,
+        queue: u32,
+        pool: &FramePool,
+        cfg: XskConfig,
+    ) -> io::Result<XskSocket> {
+        if !cfg.ring_size.is_power_of_two() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "ring size must be a power of two",
+            ));
+        }
+        // SAFETY: plain socket(2) call; the result is checked.
+        let raw = unsafe { libc::socket(AF_XDP, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `raw` is a fresh descriptor owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let reg = UmemReg {
+            addr: pool.region().as_ptr() as u64,
+            len: pool.region().len() as u64,
+            chunk_size: pool.chunk_size(),
+            headroom: 0,
+            flags: 0,
+            tx_metadata_len: 0,
+        };
+        setsockopt(raw, XDP_UMEM_REG, &reg)?;
+        let size = cfg.ring_size;
+        setsockopt(raw, XDP_UMEM_FILL_RING, &size)?;
+        setsockopt(raw, XDP_UMEM_COMPLETION_RING, &size)?;
+        setsockopt(raw, XDP_RX_RING, &size)?;
+        setsockopt(raw, XDP_TX_RING, &size)?;
+        let mut off = MmapOffsets::default();
+        let mut optlen = socklen::<MmapOffsets>();
+        // SAFETY: the kernel writes at most `optlen` bytes into `off`.
+        let r = unsafe {
+            libc::getsockopt(
+                raw,
+                SOL_XDP,
+                XDP_MMAP_OFFSETS,
+                (&mut off as *mut MmapOffsets).cast(),
+                &mut optlen,
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let fill = Ring::map(raw, &off.fr, size, XDP_UMEM_PGOFF_FILL_RING)?;
+        let comp = Ring::map(raw, &off.cr, size, XDP_UMEM_PGOFF_COMPLETION_RING)?;
+        let rx = Ring::map(raw, &off.rx, size, XDP_PGOFF_RX_RING)?;
+        let tx = Ring::map(raw, &off.tx, size, XDP_PGOFF_TX_RING)?;
+        let sa = SockaddrXdp {
+            family: 44, // AF_XDP
+            flags: XDP_COPY | XDP_USE_NEED_WAKEUP,
+            ifindex,
+            queue_id: queue,
+            shared_umem_fd: 0,
+        };
+        // SAFETY: bind(2) with a live sockaddr_xdp of its exact size.
+        let r = unsafe {
+            libc::bind(
+                raw,
+                (&sa as *const SockaddrXdp).cast(),
+                socklen::<SockaddrXdp>(),
+            )
+        };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(XskSocket {
+            fill,
+            comp,
+            rx,
+            tx,
+            fd,
+            tx_in_flight: 0,
+        })
+    }
+
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Give free chunks to the kernel for receiving, keeping `reserve` on
+    /// the free list for VM ports. Returns how many were given.
+    pub fn refill(&mut self, pool: &mut FramePool, reserve: usize) -> usize {
+        let n = pool.free_count().saturating_sub(reserve).min(64);
+        let mut addrs = [0u64; 64];
+        let mut k = 0;
+        while k < n {
+            match pool.alloc() {
+                Some(a) => {
+                    addrs[k] = a;
+                    k += 1;
+                }
+                None => break,
+            }
+        }
+        let done = self.fill.produce(addrs[..k].iter().copied());
+        for a in &addrs[done..k] {
+            pool.release(*a);
+        }
+        done
+    }
+
+    /// Take up to `max` received frames.
+    pub fn recv(&mut self, max: usize, mut f: impl FnMut(Desc)) -> usize {
+        self.rx.consume(max, |d| {
+            f(Desc {
+                addr: d.addr,
+                len: d.len,
+            })
+        })
+    }
+
+    /// Queue frames for transmission; returns how many the ring took (the
+    /// caller releases the rest). One wakeup syscall per call, if the
+    /// kernel asks for it.
+    pub fn send(&mut self, frames: &[Desc]) -> usize {
+        let n = self.tx.produce(frames.iter().map(|d| XdpDesc {
+            addr: d.addr,
+            len: d.len,
+            options: 0,
+        }));
+        self.tx_in_flight += u32::try_from(n).unwrap_or(u32::MAX);
+        if n > 0 && self.tx.needs_wakeup() {
+            // SAFETY: a zero-length sendto on our socket is the AF_XDP TX
+            // kick; no buffer is read.
+            unsafe {
+                libc::sendto(
+                    self.fd(),
+                    std::ptr::null(),
+                    0,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null(),
+                    0,
+                )
+            };
+        }
+        n
+    }
+
+    /// Return completed transmissions to the pool.
+    pub fn complete(&mut self, pool: &mut FramePool) -> usize {
+        let n = self.comp.consume(256, |a| pool.release(a));
+        self.tx_in_flight = self
+            .tx_in_flight
+            .saturating_sub(u32::try_from(n).unwrap_or(u32::MAX));
+        n
+    }
+
+    /// True if the kernel wants a wakeup to pick up fill-ring entries
+    /// (poll(2) on the fd does that).
+    pub fn fill_needs_wakeup(&self) -> bool {
+        self.fill.needs_wakeup()
+    }
+
+    /// The kernel's drop counters for this socket.
+    pub fn stats(&self) -> io::Result<XskStats> {
+        let mut s = XskStats::default();
+        let mut len = socklen::<XskStats>();
+        // SAFETY: the kernel writes at most `len` bytes into `s`.
+        let r = unsafe {
+            libc::getsockopt(
+                self.fd(),
+                SOL_XDP,
+                XDP_STATISTICS,
+                (&mut s as *mut XskStats).cast(),
+                &mut len,
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(s)
+        }
+    }
+}
+
+impl AsRawFd for XskSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd()
+    }
+}
+
+/// The index of interface `name`.
+pub fn ifindex(name: &str) -> io::Result<u32> {
+    let c = std::ffi::CString::new(name).map_err(io::Error::other)?;
+    // SAFETY: `c` is a valid NUL-terminated string for the call's duration.
+    let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if i == 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(i)
+    }
+}
