@@ -81,7 +81,10 @@ fn default_mtu() -> u16 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PortType {
+    /// A tap device (created, or attached if it exists).
     Tap,
+    /// AF_XDP on the switch's end of a veth pair whose other end is the VM's.
+    AfXdp,
 }
 
 #[derive(Debug, Clone, Deserialize)]

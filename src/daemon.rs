@@ -40,11 +40,29 @@ pub fn run(cfg: Config) -> Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())
         .context("installing SIGINT handler")?;
 
+    // Frames of every port live in one pool; AF_XDP sockets (uplink and
+    // VM ports) register it as their UMEM, so frames cross ports uncopied.
+    let pool = FramePool::new(8192, 2048, true).context("allocating the frame pool")?;
+    info!(
+        huge_pages = pool.region().huge(),
+        mib = pool.region().len() >> 20,
+        "frame pool"
+    );
+    // XDP programs stay attached while they are held.
+    let mut programs = Vec::new();
     let mut ports = Vec::new();
     for (i, p) in cfg.ports.iter().enumerate() {
+        let what = || format!("port[{i}] ({})", p.name);
         let io = match p.kind {
-            PortType::Tap => {
-                PortIo::Tap(Tap::open(&p.name).with_context(|| format!("port[{i}] ({})", p.name))?)
+            PortType::Tap => PortIo::Tap(Tap::open(&p.name).with_context(what)?),
+            PortType::AfXdp => {
+                let ifindex = fastpath::xsk::ifindex(&p.name).with_context(what)?;
+                let sock =
+                    XskSocket::open(ifindex, 0, &pool, XskConfig::default()).with_context(what)?;
+                let mut prog = XdpProgram::attach_all(&p.name).with_context(what)?;
+                prog.register_socket(0, sock.fd()).with_context(what)?;
+                programs.push(prog);
+                PortIo::Xsk(sock)
             }
         };
         ports.push(Port {
@@ -53,16 +71,8 @@ pub fn run(cfg: Config) -> Result<()> {
             io,
             counters: PortCounters::default(),
         });
-        info!(port = %p.name, id = i, "port open");
+        info!(port = %p.name, id = i, kind = ?p.kind, "port open");
     }
-    // Frames of every port live in one pool; the uplink registers it as
-    // its UMEM.
-    let pool = FramePool::new(8192, 2048, true).context("allocating the frame pool")?;
-    info!(
-        huge_pages = pool.region().huge(),
-        mib = pool.region().len() >> 20,
-        "frame pool"
-    );
     let mut xdp = None;
     if let (Some(u), Some(up)) = (&cfg.uplink, topo.uplink.as_mut()) {
         up.mac = read_mac(&u.interface)?;
@@ -183,6 +193,7 @@ pub fn run(cfg: Config) -> Result<()> {
     }
     // Detach XDP only after the fast path stopped using the socket.
     drop(xdp);
+    drop(programs);
     for h in coproc_threads {
         h.thread().unpark();
         let _ = h.join();

@@ -64,3 +64,11 @@ int vxlan_redirect(struct xdp_md *ctx)
 }
 
 char _license[] SEC("license") = "GPL";
+
+// For VM ports on a veth end: the interface belongs to the VM, so every
+// frame it sends goes to the AF_XDP socket of its queue.
+SEC("xdp")
+int redirect_all(struct xdp_md *ctx)
+{
+	return bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_PASS);
+}

@@ -1,7 +1,8 @@
-//! The uplink's XDP program: loaded with aya, attached to the uplink, told
-//! our VTEP address and the VXLAN port, and given the AF_XDP socket of each
-//! queue. See `bpf/vxlan_redirect.c` for what it redirects (only VXLAN for
-//! our VTEP; the host keeps everything else).
+//! The XDP programs of `bpf/vxlan_redirect.c`, loaded with aya:
+//! `vxlan_redirect` on the uplink, told our VTEP address and the VXLAN
+//! port (only VXLAN for our VTEP goes to vswitch; the host keeps
+//! everything else), and `redirect_all` on a VM's veth end. Each is given
+//! the AF_XDP socket of each queue.
 //!
 //! aya attaches through a bpf_link where the kernel has them, so the
 //! program goes away with the process — also when it crashes — and a
@@ -60,8 +61,22 @@ impl XdpProgram {
     /// Load the program and attach it to `iface`, redirecting VXLAN to
     /// `vtep`:`udp_port`. Native (driver) mode is tried first, then generic.
     pub fn attach(iface: &str, vtep: Ipv4Addr, udp_port: u16) -> Result<XdpProgram, XdpError> {
+        Self::load_and_attach(iface, "vxlan_redirect", Some((vtep, udp_port)))
+    }
+
+    /// Load the program that redirects every frame and attach it to `iface`
+    /// (the switch's end of a VM's veth pair).
+    pub fn attach_all(iface: &str) -> Result<XdpProgram, XdpError> {
+        Self::load_and_attach(iface, "redirect_all", None)
+    }
+
+    fn load_and_attach(
+        iface: &str,
+        name: &'static str,
+        vtep: Option<(Ipv4Addr, u16)>,
+    ) -> Result<XdpProgram, XdpError> {
         let mut bpf = Ebpf::load(OBJECT)?;
-        {
+        if let Some((vtep, udp_port)) = vtep {
             let map = bpf
                 .map_mut("config")
                 .ok_or(XdpError::Missing("map config"))?;
@@ -77,8 +92,8 @@ impl XdpProgram {
             )?;
         }
         let prog: &mut Xdp = bpf
-            .program_mut("vxlan_redirect")
-            .ok_or(XdpError::Missing("program vxlan_redirect"))?
+            .program_mut(name)
+            .ok_or(XdpError::Missing(name))?
             .try_into()?;
         prog.load()?;
         let mode = match prog.attach(iface, XdpFlags::DRV_MODE) {
