@@ -138,6 +138,12 @@ fn stats_json(s: &Snapshot) -> Value {
                   "install_failures": s.install_failures, "expired": s.table.expired},
         "reinjected": s.reinjected,
         "reinject_failed": s.reinject_failed,
+        "first_packet": {
+            "count": s.first_packet.count,
+            "avg_us": if s.first_packet.count == 0 { 0.0 } else { s.first_packet.sum_ns as f64 / s.first_packet.count as f64 / 1e3 },
+            "max_us": s.first_packet.max_ns as f64 / 1e3,
+            "under_100us": s.first_packet.under_100us,
+        },
     })
 }
 

@@ -107,6 +107,27 @@ pub struct FlowDump {
     pub current: bool,
 }
 
+/// Time from punting a flow's first packet to transmitting it after the
+/// coprocessor's flow is installed (the slow path's round trip).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FirstPacket {
+    pub count: u64,
+    pub sum_ns: u64,
+    pub max_ns: u64,
+    pub under_100us: u64,
+}
+
+impl FirstPacket {
+    fn record(&mut self, ns: u64) {
+        self.count += 1;
+        self.sum_ns += ns;
+        self.max_ns = self.max_ns.max(ns);
+        if ns < 100_000 {
+            self.under_100us += 1;
+        }
+    }
+}
+
 /// Counters of the whole thread, as `ctl stats` shows them.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
@@ -120,6 +141,7 @@ pub struct Snapshot {
     pub install_failures: u64,
     pub reinjected: u64,
     pub reinject_failed: u64,
+    pub first_packet: FirstPacket,
     pub uptime_ns: u64,
 }
 
@@ -193,6 +215,7 @@ pub struct Dataplane {
     reinject_failed: u64,
     /// Drops on the punt path (budget, pool, queue), by reason.
     punt_drops: crate::DropCounters,
+    first_packet: FirstPacket,
 }
 
 impl Dataplane {
@@ -234,6 +257,7 @@ impl Dataplane {
             reinjected: 0,
             reinject_failed: 0,
             punt_drops: crate::DropCounters::default(),
+            first_packet: FirstPacket::default(),
         }
     }
 
@@ -410,10 +434,13 @@ impl Dataplane {
         if let Some(msg) = ins.reinject {
             let d = self.copy_in(&msg.data);
             let ingress = msg.ingress;
+            let punted_at = msg.punted_at;
             self.links.recycler.recycle(msg);
             if let Some(d) = d {
                 self.reinjected += 1;
                 self.process(ingress, &[d], now, false);
+                self.first_packet
+                    .record(self.now().saturating_sub(punted_at));
             }
         }
     }
@@ -460,6 +487,7 @@ impl Dataplane {
                     install_failures: self.install_failures,
                     reinjected: self.reinjected,
                     reinject_failed: self.reinject_failed,
+                    first_packet: self.first_packet,
                     uptime_ns: now,
                 });
             }

@@ -42,6 +42,9 @@ pub struct PuntMsg {
     pub orig_len: u32,
     /// The key the fast path looked up, if it made one.
     pub key: Option<FlowKey>,
+    /// The fast path's clock when the frame was punted (for first-packet
+    /// latency).
+    pub punted_at: u64,
     /// The frame's bytes; capacity fixed when the pool is built.
     pub data: Vec<u8>,
 }
@@ -54,6 +57,7 @@ impl PuntMsg {
             inner_start: 0,
             orig_len: 0,
             key: None,
+            punted_at: 0,
             data: Vec::with_capacity(cap),
         }
     }
@@ -243,6 +247,7 @@ impl Punter {
         m.ingress = ingress;
         m.reason = reason;
         m.key = key;
+        m.punted_at = now;
         m.inner_start = u16::try_from(inner_start).unwrap_or(u16::MAX);
         m.orig_len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
         if let Err(m) = self.queue.push(m) {
