@@ -112,9 +112,16 @@ fn stats_json(s: &Snapshot) -> Value {
         .ports
         .iter()
         .map(|(id, name, c)| {
+            let drops: serde_json::Map<String, Value> = s
+                .pipeline
+                .port_drops
+                .get(usize::from(id.0))
+                .map(|d| d.nonzero().map(|(n, v)| (n.to_string(), json!(v))).collect())
+                .unwrap_or_default();
             json!({"id": id.0, "name": name, "rx_packets": c.rx_packets, "rx_bytes": c.rx_bytes,
                    "tx_packets": c.tx_packets, "tx_bytes": c.tx_bytes, "rx_errors": c.rx_errors,
-                   "tx_errors": c.tx_errors, "tx_dropped": c.tx_dropped})
+                   "tx_errors": c.tx_errors, "tx_dropped": c.tx_dropped, "rx_no_buffer": c.rx_no_buffer,
+                   "drops": drops})
         })
         .collect();
     let drops: serde_json::Map<String, Value> = s

@@ -72,6 +72,8 @@ impl BatchOut {
 /// Per-thread pipeline counters.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PipelineCounters {
+    /// Drops by reason for each ingress port (index = port id).
+    pub port_drops: Vec<DropCounters>,
     pub rx_packets: u64,
     pub rx_bytes: u64,
     pub hits: u64,
@@ -117,7 +119,10 @@ impl Pipeline {
                 },
             },
             table,
-            counters: PipelineCounters::default(),
+            counters: PipelineCounters {
+                port_drops: vec![DropCounters::default(); usize::from(cfg.ports)],
+                ..PipelineCounters::default()
+            },
             keys: [FlowKey::default(); BATCH],
             hashes: [0; BATCH],
             meta: [Meta::default(); BATCH],
@@ -142,8 +147,11 @@ impl Pipeline {
     }
 
     #[inline(always)]
-    fn drop(&mut self, out: &mut BatchOut, d: Desc, r: DropReason) {
+    fn drop(&mut self, ingress: PortId, out: &mut BatchOut, d: Desc, r: DropReason) {
         self.counters.drops.bump(r);
+        if let Some(c) = self.counters.port_drops.get_mut(usize::from(ingress.0)) {
+            c.bump(r);
+        }
         // `dropped` holds a batch; process() consumes at most one.
         let _ = out.dropped.try_push(d);
     }
@@ -168,11 +176,11 @@ impl Pipeline {
         for &d in frames {
             rx_bytes += u64::from(d.len);
             let Some((chunk, off)) = mem.chunk_mut(d.addr) else {
-                self.drop(out, d, DropReason::BadDescriptor);
+                self.drop(ingress, out, d, DropReason::BadDescriptor);
                 continue;
             };
             let Some(frame) = chunk.get(off..off + d.len as usize) else {
-                self.drop(out, d, DropReason::BadDescriptor);
+                self.drop(ingress, out, d, DropReason::BadDescriptor);
                 continue;
             };
             let key = &mut self.keys[n];
@@ -192,7 +200,7 @@ impl Pipeline {
                     n += 1;
                 }
                 Kind::Punt(reason) => self.punt(out, d, reason, usize::from(c.inner_start), None),
-                Kind::Drop(r) => self.drop(out, d, r),
+                Kind::Drop(r) => self.drop(ingress, out, d, r),
             }
         }
 
@@ -216,14 +224,14 @@ impl Pipeline {
             match verdict {
                 Verdict::Tx(port, nd) => match out.tx.push(port, nd) {
                     Ok(()) => tx += 1,
-                    Err(false) => self.drop(out, d, DropReason::BadOutputPort),
-                    Err(true) => self.drop(out, d, DropReason::TxOverflow),
+                    Err(false) => self.drop(ingress, out, d, DropReason::BadOutputPort),
+                    Err(true) => self.drop(ingress, out, d, DropReason::TxOverflow),
                 },
                 Verdict::Punt(r) => {
                     let key = Some(self.keys[j]);
                     self.punt(out, d, r, inner_start, key);
                 }
-                Verdict::Drop(r) => self.drop(out, d, r),
+                Verdict::Drop(r) => self.drop(ingress, out, d, r),
             }
         }
 

@@ -349,6 +349,9 @@ fn drop_flows_bad_ports_and_bad_descriptors_are_counted() {
     assert_eq!(c.get(DropReason::BadOutputPort), 1);
     assert_eq!(c.get(DropReason::BadDescriptor), 2);
     assert_eq!(out.dropped.len(), 4);
+    // The same drops, attributed to the ingress port.
+    assert_eq!(p.counters().port_drops[1].total(), 4);
+    assert_eq!(p.counters().port_drops[0].total(), 0);
 }
 
 #[test]
