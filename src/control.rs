@@ -118,10 +118,16 @@ fn stats_json(s: &Snapshot) -> Value {
                 .get(usize::from(id.0))
                 .map(|d| d.nonzero().map(|(n, v)| (n.to_string(), json!(v))).collect())
                 .unwrap_or_default();
-            json!({"id": id.0, "name": name, "rx_packets": c.rx_packets, "rx_bytes": c.rx_bytes,
+            let mut v = json!({"id": id.0, "name": name, "rx_packets": c.rx_packets, "rx_bytes": c.rx_bytes,
                    "tx_packets": c.tx_packets, "tx_bytes": c.tx_bytes, "rx_errors": c.rx_errors,
                    "tx_errors": c.tx_errors, "tx_dropped": c.tx_dropped, "rx_no_buffer": c.rx_no_buffer,
-                   "drops": drops})
+                   "drops": drops});
+            if let Some((_, k)) = s.xsk.iter().find(|(p, _)| p == id) {
+                v["af_xdp"] = json!({"rx_dropped": k.rx_dropped, "rx_invalid_descs": k.rx_invalid_descs,
+                    "tx_invalid_descs": k.tx_invalid_descs, "rx_ring_full": k.rx_ring_full,
+                    "rx_fill_ring_empty": k.rx_fill_ring_empty_descs, "tx_ring_empty": k.tx_ring_empty_descs});
+            }
+            v
         })
         .collect();
     let drops: serde_json::Map<String, Value> = s
@@ -143,6 +149,7 @@ fn stats_json(s: &Snapshot) -> Value {
         "drops": drops,
         "flows": {"active": s.table_len, "capacity": s.table_capacity, "installed": s.installs,
                   "install_failures": s.install_failures, "expired": s.table.expired},
+        "frame_pool": {"free": s.pool_free, "chunks": s.pool_chunks},
         "reinjected": s.reinjected,
         "reinject_failed": s.reinject_failed,
         "first_packet": {
@@ -267,6 +274,20 @@ fn print_stats(v: &Value) {
         } else {
             punts.join(", ")
         }
+    );
+    let fp = &v["first_packet"];
+    println!(
+        "first packets through the coprocessor: {} (avg {:.1} µs, max {:.1} µs, {} under 100 µs)",
+        n(fp, "count"),
+        fp["avg_us"].as_f64().unwrap_or(0.0),
+        fp["max_us"].as_f64().unwrap_or(0.0),
+        n(fp, "under_100us")
+    );
+    let pool = &v["frame_pool"];
+    println!(
+        "frame pool: {} of {} chunks free",
+        n(pool, "free"),
+        n(pool, "chunks")
     );
     let drops: Vec<String> = v["drops"]
         .as_object()

@@ -132,6 +132,11 @@ impl FirstPacket {
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub ports: Vec<(PortId, String, PortCounters)>,
+    /// The kernel's drop counters of each AF_XDP port, by port id.
+    pub xsk: Vec<(PortId, crate::xsk::XskStats)>,
+    /// Free chunks in the frame pool, and its size.
+    pub pool_free: usize,
+    pub pool_chunks: u64,
     pub pipeline: PipelineCounters,
     pub punted: [u64; PuntReason::COUNT],
     pub table_len: usize,
@@ -472,12 +477,23 @@ impl Dataplane {
                 for (i, n) in self.punt_drops.0.iter().enumerate() {
                     pipeline.drops.0[i] += n;
                 }
+                let xsk = self
+                    .ports
+                    .iter()
+                    .filter_map(|p| match &p.io {
+                        PortIo::Xsk(x) => x.stats().ok().map(|s| (p.id, s)),
+                        PortIo::Tap(_) => None,
+                    })
+                    .collect();
                 let _ = tx.send(Snapshot {
                     ports: self
                         .ports
                         .iter()
                         .map(|p| (p.id, p.name.clone(), p.counters.clone()))
                         .collect(),
+                    xsk,
+                    pool_free: self.pool.free_count(),
+                    pool_chunks: self.pool.chunks(),
                     pipeline,
                     punted: self.links.punter.punted,
                     table_len: t.len(),
