@@ -146,16 +146,6 @@ impl Pipeline {
         &self.classifier
     }
 
-    #[inline(always)]
-    fn drop(&mut self, ingress: PortId, out: &mut BatchOut, d: Desc, r: DropReason) {
-        self.counters.drops.bump(r);
-        if let Some(c) = self.counters.port_drops.get_mut(usize::from(ingress.0)) {
-            c.bump(r);
-        }
-        // `dropped` holds a batch; process() consumes at most one.
-        let _ = out.dropped.try_push(d);
-    }
-
     /// Process up to [`BATCH`] frames that arrived on `ingress`; returns how
     /// many of `frames` were consumed (the caller passes the rest again).
     /// `out` is cleared first. `now` is the caller's clock in nanoseconds.
@@ -176,11 +166,23 @@ impl Pipeline {
         for &d in frames {
             rx_bytes += u64::from(d.len);
             let Some((chunk, off)) = mem.chunk_mut(d.addr) else {
-                self.drop(ingress, out, d, DropReason::BadDescriptor);
+                drop_into(
+                    &mut self.counters,
+                    ingress,
+                    out,
+                    d,
+                    DropReason::BadDescriptor,
+                );
                 continue;
             };
             let Some(frame) = chunk.get(off..off + d.len as usize) else {
-                self.drop(ingress, out, d, DropReason::BadDescriptor);
+                drop_into(
+                    &mut self.counters,
+                    ingress,
+                    out,
+                    d,
+                    DropReason::BadDescriptor,
+                );
                 continue;
             };
             let key = &mut self.keys[n];
@@ -199,39 +201,51 @@ impl Pipeline {
                     self.meta[n] = m;
                     n += 1;
                 }
-                Kind::Punt(reason) => self.punt(out, d, reason, usize::from(c.inner_start), None),
-                Kind::Drop(r) => self.drop(ingress, out, d, r),
+                Kind::Punt(reason) => punt_into(
+                    &mut self.counters,
+                    out,
+                    d,
+                    reason,
+                    usize::from(c.inner_start),
+                    None,
+                ),
+                Kind::Drop(r) => drop_into(&mut self.counters, ingress, out, d, r),
             }
         }
 
-        // Pass 2: probe and apply.
+        // Pass 2: probe and apply. The pipeline is split into disjoint
+        // borrows so the per-packet arrays are walked without index checks.
         let (mut hits, mut misses, mut tx) = (0u64, 0u64, 0u64);
-        for j in 0..n {
-            let (key, h, m) = (&self.keys[j], self.hashes[j], self.meta[j]);
+        let n = n.min(BATCH);
+        let Pipeline {
+            table,
+            counters,
+            keys,
+            hashes,
+            meta,
+            ..
+        } = self;
+        for ((key, &h), m) in keys[..n].iter().zip(&hashes[..n]).zip(&meta[..n]) {
             let d = m.desc;
             let inner_start = usize::from(m.inner_start);
-            let Some(hit) = self.table.lookup_hashed(key, h, m.inner_len, now) else {
+            let Some(hit) = table.lookup_hashed(key, h, m.inner_len, now) else {
                 misses += 1;
-                let key = Some(*key);
-                self.punt(out, d, PuntReason::Miss, inner_start, key);
+                punt_into(counters, out, d, PuntReason::Miss, inner_start, Some(*key));
                 continue;
             };
             hits += 1;
-            let verdict = match (self.table.action(hit.action), mem.chunk_mut(d.addr)) {
-                (Some(a), Some((chunk, off))) => apply(a, chunk, off, d, &m, h),
+            let verdict = match (table.action(hit.action), mem.chunk_mut(d.addr)) {
+                (Some(a), Some((chunk, off))) => apply(a, chunk, off, d, m, h),
                 _ => Verdict::Drop(DropReason::BadDescriptor),
             };
             match verdict {
                 Verdict::Tx(port, nd) => match out.tx.push(port, nd) {
                     Ok(()) => tx += 1,
-                    Err(false) => self.drop(ingress, out, d, DropReason::BadOutputPort),
-                    Err(true) => self.drop(ingress, out, d, DropReason::TxOverflow),
+                    Err(false) => drop_into(counters, ingress, out, d, DropReason::BadOutputPort),
+                    Err(true) => drop_into(counters, ingress, out, d, DropReason::TxOverflow),
                 },
-                Verdict::Punt(r) => {
-                    let key = Some(self.keys[j]);
-                    self.punt(out, d, r, inner_start, key);
-                }
-                Verdict::Drop(r) => self.drop(ingress, out, d, r),
+                Verdict::Punt(r) => punt_into(counters, out, d, r, inner_start, Some(*key)),
+                Verdict::Drop(r) => drop_into(counters, ingress, out, d, r),
             }
         }
 
@@ -243,25 +257,40 @@ impl Pipeline {
         c.tx_packets += tx;
         frames.len()
     }
+}
 
-    #[inline(always)]
-    fn punt(
-        &mut self,
-        out: &mut BatchOut,
-        d: Desc,
-        reason: PuntReason,
-        inner_start: usize,
-        key: Option<FlowKey>,
-    ) {
-        self.counters.punts[reason.index()] += 1;
-        let item = PuntItem {
-            desc: d,
-            reason,
-            inner_start: u16::try_from(inner_start).unwrap_or(0),
-            key,
-        };
-        let _ = out.punt.try_push(item);
+#[inline(always)]
+fn drop_into(
+    c: &mut PipelineCounters,
+    ingress: PortId,
+    out: &mut BatchOut,
+    d: Desc,
+    r: DropReason,
+) {
+    c.drops.bump(r);
+    if let Some(p) = c.port_drops.get_mut(usize::from(ingress.0)) {
+        p.bump(r);
     }
+    // `dropped` holds a batch; process() consumes at most one.
+    let _ = out.dropped.try_push(d);
+}
+
+#[inline(always)]
+fn punt_into(
+    c: &mut PipelineCounters,
+    out: &mut BatchOut,
+    d: Desc,
+    reason: PuntReason,
+    inner_start: usize,
+    key: Option<FlowKey>,
+) {
+    c.punts[reason.index()] += 1;
+    let _ = out.punt.try_push(PuntItem {
+        desc: d,
+        reason,
+        inner_start: u16::try_from(inner_start).unwrap_or(0),
+        key,
+    });
 }
 
 #[inline(always)]
