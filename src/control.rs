@@ -220,6 +220,15 @@ pub fn ctl(path: &Path, cmd: &str, as_json: bool) -> Result<()> {
     Ok(())
 }
 
+/// "a, b, c", or "none".
+fn list_or_none(items: Vec<String>) -> String {
+    if items.is_empty() {
+        "none".into()
+    } else {
+        items.join(", ")
+    }
+}
+
 fn n(v: &Value, k: &str) -> u64 {
     v.get(k).and_then(Value::as_u64).unwrap_or(0)
 }
@@ -260,21 +269,7 @@ fn print_stats(v: &Value) {
         n(f, "install_failures"),
         n(f, "expired")
     );
-    let punts: Vec<String> = v["punted"]
-        .as_object()
-        .into_iter()
-        .flatten()
-        .filter(|(_, c)| c.as_u64() != Some(0))
-        .map(|(k, c)| format!("{k} {c}"))
-        .collect();
-    println!(
-        "punted: {}",
-        if punts.is_empty() {
-            "none".into()
-        } else {
-            punts.join(", ")
-        }
-    );
+    println!("punted: {}", list_or_none(counters(&v["punted"], "")));
     let fp = &v["first_packet"];
     println!(
         "first packets through the coprocessor: {} (avg {:.1} µs, max {:.1} µs, {} under 100 µs)",
@@ -289,20 +284,28 @@ fn print_stats(v: &Value) {
         n(pool, "free"),
         n(pool, "chunks")
     );
-    let drops: Vec<String> = v["drops"]
-        .as_object()
+    println!("drops: {}", list_or_none(counters(&v["drops"], "")));
+    for p in v["ports"].as_array().into_iter().flatten() {
+        let mut d = counters(&p["drops"], "");
+        d.extend(counters(&p["af_xdp"], "kernel "));
+        if !d.is_empty() {
+            println!(
+                "  on {}: {}",
+                p["name"].as_str().unwrap_or("?"),
+                d.join(", ")
+            );
+        }
+    }
+}
+
+/// The non-zero counters of a JSON object as "name value" strings.
+fn counters(obj: &Value, prefix: &str) -> Vec<String> {
+    obj.as_object()
         .into_iter()
         .flatten()
-        .map(|(k, c)| format!("{k} {c}"))
-        .collect();
-    println!(
-        "drops: {}",
-        if drops.is_empty() {
-            "none".into()
-        } else {
-            drops.join(", ")
-        }
-    );
+        .filter(|(_, c)| c.as_u64() != Some(0))
+        .map(|(k, c)| format!("{prefix}{k} {c}"))
+        .collect()
 }
 
 fn print_flows(v: &Value) {

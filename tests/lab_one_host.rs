@@ -8,7 +8,7 @@ mod lab;
 
 use std::time::Duration;
 
-use lab::{sh, try_sh, wait_until, Lab};
+use lab::{iperf, sh, try_sh, wait_until, Lab};
 
 struct Vm<'a> {
     name: &'a str,
@@ -103,26 +103,7 @@ fn two_vms_ping_and_carry_tcp() {
     let (ok, out) = ping(&ns[0], B.ip, "3");
     assert!(ok, "ping a → b failed:\n{out}\n{}", lab.log("sw"));
     // iperf3: a bounded TCP run from a to b.
-    let (ok, out) = try_sh(&[
-        "ip", "netns", "exec", &ns[1], "iperf3", "-s", "-1", "-D", "-p", "5201",
-    ]);
-    assert!(
-        ok,
-        "iperf3 server (is iperf3 installed? scripts/test installs it): {out}"
-    );
-    wait_until("iperf3 server", Duration::from_secs(5), || {
-        try_sh(&["ip", "netns", "exec", &ns[1], "ss", "-ltn", "sport = :5201"])
-            .1
-            .contains("5201")
-    });
-    let out = sh(&[
-        "timeout", "30", "ip", "netns", "exec", &ns[0], "iperf3", "-c", B.ip, "-p", "5201", "-t",
-        "2", "-J",
-    ]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
-    let bps = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .expect("iperf3 result");
+    let bps = iperf(&ns[1], &ns[0], B.ip, "5201");
     assert!(bps > 1e6, "TCP through the switch: only {bps} bit/s");
     eprintln!("iperf3 TCP a → b: {:.2} Gbit/s", bps / 1e9);
     let flows = lab.ctl(&sock, "flows").expect("flows");
@@ -360,23 +341,7 @@ fn af_xdp_vm_ports_on_veth_reach_tap_vms() {
     assert!(ok, "tap VM → AF_XDP VM failed:\n{out}\n{}", lab.log("sw"));
     let (ok, out) = ping(&nb, A.ip, "3");
     assert!(ok, "AF_XDP VM → tap VM failed:\n{out}");
-    let (ok, out) = try_sh(&[
-        "ip", "netns", "exec", &na, "iperf3", "-s", "-1", "-D", "-p", "5201",
-    ]);
-    assert!(ok, "{out}");
-    wait_until("iperf3 server", Duration::from_secs(5), || {
-        try_sh(&["ip", "netns", "exec", &na, "ss", "-ltn"])
-            .1
-            .contains(":5201")
-    });
-    let out = sh(&[
-        "timeout", "30", "ip", "netns", "exec", &nb, "iperf3", "-c", A.ip, "-p", "5201", "-t", "2",
-        "-J",
-    ]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
-    let bps = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .expect("iperf3 result");
+    let bps = iperf(&na, &nb, A.ip, "5201");
     assert!(bps > 1e6, "TCP from the AF_XDP VM: {bps} bit/s");
     let st = lab.ctl(&sock, "stats").expect("stats");
     assert!(

@@ -7,7 +7,7 @@ mod lab;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use lab::{sh, try_sh, wait_until, Lab};
+use lab::{iperf, sh, try_sh, wait_until, Lab};
 
 /// A hypervisor's config: one VM on a tap, an uplink, one remote VM.
 fn config(
@@ -104,29 +104,6 @@ fn ping(ns: &str, ip: &str, count: &str) -> (bool, String) {
     try_sh(&[
         "ip", "netns", "exec", ns, "ping", "-c", count, "-i", "0.1", "-W", "1", ip,
     ])
-}
-
-fn iperf(server_ns: &str, client_ns: &str, ip: &str, port: &str) -> f64 {
-    let (ok, out) = try_sh(&[
-        "ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-D", "-p", port,
-    ]);
-    assert!(
-        ok,
-        "iperf3 server (is iperf3 installed? scripts/test installs it): {out}"
-    );
-    wait_until("iperf3 server", Duration::from_secs(5), || {
-        try_sh(&["ip", "netns", "exec", server_ns, "ss", "-ltn"])
-            .1
-            .contains(&format!(":{port}"))
-    });
-    let out = sh(&[
-        "timeout", "30", "ip", "netns", "exec", client_ns, "iperf3", "-c", ip, "-p", port, "-t",
-        "2", "-J",
-    ]);
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
-    v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .expect("iperf3 result")
 }
 
 #[test]

@@ -12,12 +12,25 @@ use flowtable::{Action, EncapTemplate, Mac, Output, PortId};
 use vxlan::{Template, TemplateSpec};
 
 use crate::outcome::DropCause;
-use crate::topology::Topology;
+use crate::topology::{Topology, Uplink};
 
 /// Outer headers added by VXLAN encapsulation beyond the inner frame
 /// (IPv4 20 + UDP 8 + VXLAN 8); the outer Ethernet header does not count
 /// against the underlay MTU.
 const ENCAP_IP_OVERHEAD: u16 = 36;
+
+/// Outer headers from our uplink to `vtep` through `next_hop`.
+fn template(up: &Uplink, vni: u32, vtep: Ipv4Addr, next_hop: Mac) -> Option<Template> {
+    Template::new(&TemplateSpec {
+        src_mac: up.mac,
+        dst_mac: next_hop,
+        local_vtep: up.local_vtep,
+        remote_vtep: vtep,
+        vni,
+        ttl: up.ttl,
+    })
+    .ok()
+}
 
 /// Deliver to a VM port on this host.
 pub fn to_local(src_mac: Mac, dst_mac: Mac, port: PortId) -> Action {
@@ -38,15 +51,7 @@ pub fn to_remote(
 ) -> Result<Action, DropCause> {
     let up = topo.uplink.as_ref().ok_or(DropCause::NoUplink)?;
     let next_hop = topo.neighbor(vtep).ok_or(DropCause::NoNeighbor)?;
-    let t = Template::new(&TemplateSpec {
-        src_mac: up.mac,
-        dst_mac: next_hop,
-        local_vtep: up.local_vtep,
-        remote_vtep: vtep,
-        vni,
-        ttl: up.ttl,
-    })
-    .map_err(|_| DropCause::UnknownVni)?;
+    let t = template(up, vni, vtep, next_hop).ok_or(DropCause::UnknownVni)?;
     Ok(Action {
         output: Output::Port(up.port),
         set_eth_src: Some(src_mac),
@@ -73,16 +78,7 @@ pub fn encapsulate(
     vtep: Ipv4Addr,
     next_hop: Mac,
 ) -> Option<Vec<u8>> {
-    let up = topo.uplink.as_ref()?;
-    let t = Template::new(&TemplateSpec {
-        src_mac: up.mac,
-        dst_mac: next_hop,
-        local_vtep: up.local_vtep,
-        remote_vtep: vtep,
-        vni,
-        ttl: up.ttl,
-    })
-    .ok()?;
+    let t = template(topo.uplink.as_ref()?, vni, vtep, next_hop)?;
     let mut buf = vec![0u8; vxlan::OUTER_LEN + inner.len()];
     buf[vxlan::OUTER_LEN..].copy_from_slice(inner);
     // Outer UDP source port entropy from the inner headers (FNV-1a of the

@@ -255,29 +255,39 @@ impl FlowTable {
     /// `hash` must be [`FlowTable::hash`] of `key`.
     #[inline(always)]
     pub fn lookup_hashed(&mut self, key: &FlowKey, hash: u64, bytes: u32, now: u64) -> Option<Hit> {
+        let i = self.probe(key, hash)?;
+        let generation = self.generation;
+        let s = self.slots.get_mut(i)?;
+        if s.generation != generation {
+            self.counters.stale_lookups += 1;
+            return None;
+        }
+        s.stats.packets += 1;
+        s.stats.bytes += u64::from(bytes);
+        s.stats.last_used = now;
+        // i < slots.len() ≤ u32::MAX (capacity is capped well below).
+        #[allow(clippy::cast_possible_truncation)]
+        let slot = i as u32;
+        Some(Hit {
+            slot,
+            action: ActionId(s.action),
+        })
+    }
+
+    /// The slot holding `key` (whose hash is `hash`), if any. Stops at the
+    /// first entry closer to its home than the key would be.
+    #[inline(always)]
+    fn probe(&self, key: &FlowKey, hash: u64) -> Option<usize> {
         let tag = tag_of(hash);
         let mut i = self.home(tag);
         let mut d: u16 = 1;
         loop {
-            let s = self.slots.get_mut(i)?;
+            let s = self.slots.get(i)?;
             if s.psl < d {
                 return None;
             }
             if s.tag == tag && s.key == *key {
-                if s.generation != self.generation {
-                    self.counters.stale_lookups += 1;
-                    return None;
-                }
-                s.stats.packets += 1;
-                s.stats.bytes += u64::from(bytes);
-                s.stats.last_used = now;
-                // i < slots.len() ≤ u32::MAX (capacity is capped well below).
-                #[allow(clippy::cast_possible_truncation)]
-                let slot = i as u32;
-                return Some(Hit {
-                    slot,
-                    action: ActionId(s.action),
-                });
+                return Some(i);
             }
             i += 1;
             d += 1;
@@ -320,20 +330,7 @@ impl FlowTable {
     }
 
     fn find(&self, key: &FlowKey) -> Option<usize> {
-        let tag = tag_of(self.hash(key));
-        let mut i = self.home(tag);
-        let mut d: u16 = 1;
-        loop {
-            let s = self.slots.get(i)?;
-            if s.psl < d {
-                return None;
-            }
-            if s.tag == tag && s.key == *key {
-                return Some(i);
-            }
-            i += 1;
-            d += 1;
-        }
+        self.probe(key, self.hash(key))
     }
 
     fn entry_at(&self, i: usize) -> Option<FlowEntry<'_>> {

@@ -64,6 +64,31 @@ pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     panic!("timed out after {limit:?} waiting for {what}");
 }
 
+/// A bounded iperf3 TCP run from `client_ns` to a one-shot server on
+/// `ip`:`port` in `server_ns`; returns the received bits per second.
+pub fn iperf(server_ns: &str, client_ns: &str, ip: &str, port: &str) -> f64 {
+    let (ok, out) = try_sh(&[
+        "ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-D", "-p", port,
+    ]);
+    assert!(
+        ok,
+        "iperf3 server (is iperf3 installed? scripts/deps installs it): {out}"
+    );
+    wait_until("iperf3 server", Duration::from_secs(5), || {
+        try_sh(&["ip", "netns", "exec", server_ns, "ss", "-ltn"])
+            .1
+            .contains(&format!(":{port}"))
+    });
+    let out = sh(&[
+        "timeout", "30", "ip", "netns", "exec", client_ns, "iperf3", "-c", ip, "-p", port, "-t",
+        "2", "-J",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .expect("iperf3 result")
+}
+
 /// Everything one test made.
 pub struct Lab {
     pub tag: String,
