@@ -34,6 +34,7 @@ impl<T: Zeroable> SlotArray<T> {
         let bytes = n
             .checked_mul(std::mem::size_of::<T>())
             .and_then(|b| b.checked_add(align))
+            // Invariant: callers cap n (FlowTable at MAX_CAPACITY), far from overflow.
             .expect("slot array size overflows usize");
         let buf = vec![0u8; bytes].into_boxed_slice();
         let offset = buf.as_ptr().align_offset(align);
