@@ -78,6 +78,10 @@ fn default_mtu() -> u16 {
     1500
 }
 
+fn default_lease() -> u32 {
+    3600
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PortType {
@@ -107,6 +111,12 @@ pub struct SubnetConfig {
 pub struct NetworkConfig {
     pub vni: u32,
     pub gateway_mac: String,
+    /// DNS servers handed out by DHCP (at most 3).
+    #[serde(default)]
+    pub dns: Vec<Ipv4Addr>,
+    /// DHCP lease time in seconds.
+    #[serde(default = "default_lease")]
+    pub lease_s: u32,
     #[serde(rename = "subnet")]
     pub subnets: Vec<SubnetConfig>,
 }
@@ -119,6 +129,9 @@ pub struct VmConfig {
     pub mac: String,
     pub ips: Vec<Ipv4Addr>,
     pub network: u32,
+    /// Handed out by DHCP if set.
+    #[serde(default)]
+    pub hostname: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -235,10 +248,19 @@ impl Config {
                     gateway: sn.gateway,
                 });
             }
+            if n.lease_s < 60 {
+                bail!(
+                    "network[{i}] (vni {}): field `lease_s`: {} is below 60 seconds",
+                    n.vni,
+                    n.lease_s
+                );
+            }
             topo.add_network(Network {
                 vni,
                 subnets,
                 gateway_mac,
+                dns: n.dns.clone(),
+                lease_secs: n.lease_s,
             })
             .with_context(|| format!("network[{i}]"))?;
         }
@@ -267,6 +289,7 @@ impl Config {
                 mac,
                 ips: v.ips.clone(),
                 vni,
+                hostname: v.hostname.clone(),
             })
             .with_context(|| format!("vm[{i}]"))?;
         }

@@ -125,10 +125,12 @@ pub fn run(cfg: Config) -> Result<()> {
     let wake = Arc::new(Wake::new().context("creating the wakeup eventfd")?);
     let (req_tx, req_rx) = mpsc::channel();
 
+    // DHCP leases: one table for all coprocessor threads.
+    let leases = std::sync::Arc::new(std::sync::Mutex::new(coprocessor::dhcp::Leases::default()));
     let mut coproc_threads = Vec::new();
     let mut updates = Vec::new();
     for i in 0..s.coprocessor_threads {
-        let mut cp = Coprocessor::new(topo.clone());
+        let mut cp = Coprocessor::with_leases(topo.clone(), leases.clone());
         let (rx, installs, wake, stop) = (
             punt_rx.clone(),
             installs.clone(),
@@ -243,6 +245,7 @@ fn coprocessor_loop(
         let out = cp.handle(&Punted {
             ingress: msg.ingress,
             kind,
+            now: msg.punted_at,
             frame: &msg.data,
             key: msg.key,
         });

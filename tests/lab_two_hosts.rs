@@ -301,3 +301,157 @@ fn kernel_vxlan_interop_wire_format_host_access_and_neighbor_changes() {
     );
     assert!(lab.ctl(&sock, "stats").is_some());
 }
+
+/// Run a DHCP client in `ns` on `dev` with a script that records what it
+/// was told; returns the recorded lines.
+fn dhcp_client(lab: &Lab, ns: &str, dev: &str, client: &str) -> String {
+    let out = lab.dir.join(format!("{client}.out"));
+    let script = lab.dir.join(format!("{client}.sh"));
+    let body = match client {
+        "udhcpc" => "echo \"$1 ip=$ip subnet=$subnet router=$router dns=$dns mtu=$mtu hostname=$hostname lease=$lease\"",
+        _ => "echo \"$reason ip=$new_ip_address subnet=$new_subnet_mask router=$new_routers dns=$new_domain_name_servers mtu=$new_interface_mtu hostname=$new_host_name\"",
+    };
+    std::fs::write(&script, format!("#!/bin/sh\n{body} >> {}\n", out.display())).unwrap();
+    sh(&["chmod", "+x", script.to_str().unwrap()]);
+    let (ok, log) = match client {
+        "udhcpc" => try_sh(&[
+            "timeout",
+            "30",
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "busybox",
+            "udhcpc",
+            "-i",
+            dev,
+            "-n",
+            "-q",
+            "-f",
+            "-t",
+            "5",
+            "-T",
+            "2",
+            "-O",
+            "mtu",
+            "-s",
+            script.to_str().unwrap(),
+        ]),
+        _ => {
+            let lf = lab.dir.join("dhclient.leases");
+            let pf = lab.dir.join("dhclient.pid");
+            let r = try_sh(&[
+                "timeout",
+                "30",
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "dhclient",
+                "-1",
+                "-v",
+                "-sf",
+                script.to_str().unwrap(),
+                "-lf",
+                lf.to_str().unwrap(),
+                "-pf",
+                pf.to_str().unwrap(),
+                dev,
+            ]);
+            let _ = try_sh(&[
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                "dhclient",
+                "-x",
+                "-pf",
+                pf.to_str().unwrap(),
+            ]);
+            r
+        }
+    };
+    assert!(
+        ok,
+        "{client} failed (scripts/deps installs busybox and isc-dhcp-client):\n{log}"
+    );
+    std::fs::read_to_string(&out).unwrap_or_default()
+}
+
+#[test]
+fn dhcp_clients_get_their_binding_with_the_overlay_mtu_and_renew() {
+    let mut lab = Lab::new();
+    let (hv, peer, vm) = (lab.netns("h1"), lab.netns("hp"), lab.netns("m1"));
+    let (u1, _) = wire(&lab, &hv, "192.168.62.1", &peer, "192.168.62.2");
+    let a = ("a", "02:00:00:00:00:0a", "10.0.0.10");
+    let cfg = config(
+        &lab,
+        "sw",
+        &u1,
+        "192.168.62.1",
+        a,
+        ("10.0.0.11", "02:00:00:00:00:0b", "192.168.62.2"),
+    )
+    .replace(
+        "gateway_mac = \"02:00:00:00:00:fe\"",
+        "gateway_mac = \"02:00:00:00:00:fe\"\ndns = [\"10.0.0.53\"]\nlease_s = 120",
+    )
+    .replace(
+        "network = 100\n\n[[remote]]",
+        "network = 100\nhostname = \"vm-a\"\n\n[[remote]]",
+    );
+    lab.vswitch_in(Some(&hv), "sw", &cfg);
+    let ta = lab.name("ta");
+    // The VM's NIC comes up without an address: DHCP gives it one.
+    sh(&["ip", "-n", &hv, "link", "set", &ta, "netns", &vm]);
+    sh(&["ip", "-n", &vm, "link", "set", &ta, "address", a.1, "up"]);
+    let want =
+        "ip=10.0.0.10 subnet=255.255.255.0 router=10.0.0.1 dns=10.0.0.53 mtu=1450 hostname=vm-a";
+
+    let got = dhcp_client(&lab, &vm, &ta, "udhcpc");
+    assert!(
+        got.lines()
+            .any(|l| l.starts_with("bound ") && l.contains(want) && l.contains("lease=120")),
+        "udhcpc:\n{got}"
+    );
+    let got = dhcp_client(&lab, &vm, &ta, "dhclient");
+    assert!(
+        got.lines()
+            .any(|l| l.starts_with("BOUND ") && l.contains(want)),
+        "dhclient:\n{got}"
+    );
+
+    // Renewal: a configured client renews by unicast (udhcpc on SIGUSR1).
+    sh(&["ip", "-n", &vm, "addr", "add", "10.0.0.10/24", "dev", &ta]);
+    let script = lab.dir.join("udhcpc.sh");
+    let mut renew = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &vm, "busybox", "udhcpc", "-i", &ta, "-f", "-t", "5", "-T", "2", "-O",
+            "mtu", "-s",
+        ])
+        .arg(&script)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("udhcpc");
+    let out = lab.dir.join("udhcpc.out");
+    let bound = |n: usize| {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("bound "))
+            .count()
+            >= n
+    };
+    wait_until("udhcpc to bind", Duration::from_secs(15), || bound(2));
+    // SAFETY: kill(2) on the udhcpc we spawned and still hold.
+    unsafe { libc::kill(renew.id() as libc::pid_t, libc::SIGUSR1) };
+    wait_until("udhcpc to renew", Duration::from_secs(15), || {
+        std::fs::read_to_string(&out)
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with("renew ") && l.contains(want))
+    });
+    let _ = renew.kill();
+    let _ = renew.wait();
+}

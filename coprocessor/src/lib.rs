@@ -14,11 +14,13 @@
 pub mod antispoof;
 pub mod arp;
 pub mod compile;
+pub mod dhcp;
 pub mod forward;
 pub mod outcome;
 pub mod topology;
 
 use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
 
 use flowtable::{Action, FlowKey, Ingress};
 use smoltcp::wire::{EthernetFrame, EthernetProtocol};
@@ -32,6 +34,7 @@ pub struct Stats {
     pub handled: u64,
     pub flows_compiled: u64,
     pub arp_replies: u64,
+    pub dhcp_replies: u64,
     pub drops: Vec<u64>,
 }
 
@@ -48,11 +51,19 @@ impl Stats {
 pub struct Coprocessor {
     topo: Topology,
     stats: Stats,
+    /// DHCP leases, shared by every coprocessor thread of the switch.
+    leases: Arc<Mutex<dhcp::Leases>>,
 }
 
 impl Coprocessor {
     pub fn new(topo: Topology) -> Coprocessor {
+        Coprocessor::with_leases(topo, Arc::default())
+    }
+
+    /// A coprocessor sharing `leases` with others (one per thread).
+    pub fn with_leases(topo: Topology, leases: Arc<Mutex<dhcp::Leases>>) -> Coprocessor {
         Coprocessor {
+            leases,
             topo,
             stats: Stats {
                 drops: vec![0; DropCause::ALL.len()],
@@ -71,6 +82,11 @@ impl Coprocessor {
 
     pub fn stats(&self) -> &Stats {
         &self.stats
+    }
+
+    /// The shared lease table.
+    pub fn leases(&self) -> &Arc<Mutex<dhcp::Leases>> {
+        &self.leases
     }
 
     /// Decide for one punted frame.
@@ -133,6 +149,22 @@ impl Coprocessor {
             }
             EthernetProtocol::Ipv4 => {
                 let key = vm_key(p)?;
+                // DHCP comes from 0.0.0.0 before the VM has its address, so
+                // it is answered before the source-address check. No flow
+                // is installed: every DHCP packet comes here, within the
+                // port's punt budget.
+                if dhcp::is_request(key.proto, key.src_port, key.dst_port) {
+                    // A poisoned lock only means another thread panicked
+                    // mid-update; the table itself is still usable.
+                    let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+                    if let dhcp::Answer::Reply(f) =
+                        dhcp::handle(&self.topo, vm, &mut leases, p.frame, p.now)?
+                    {
+                        out.tx.push((p.ingress, f));
+                        self.stats.dhcp_replies += 1;
+                    }
+                    return Ok(());
+                }
                 let (src, dst) = (Ipv4Addr::from(key.src_ip), Ipv4Addr::from(key.dst_ip));
                 if let Err(e) = antispoof::check_ip(vm, src) {
                     // Keep a spoofing VM's flood out of the slow path.

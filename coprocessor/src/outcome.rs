@@ -25,6 +25,8 @@ pub enum PuntKind {
 pub struct Punted<'a> {
     pub ingress: PortId,
     pub kind: PuntKind,
+    /// The fast path's clock (ns) when the frame was punted.
+    pub now: u64,
     /// The frame as received: for uplink frames, outer headers included.
     pub frame: &'a [u8],
     /// The key the fast path looked up (absent for frames it punts without

@@ -45,6 +45,8 @@ fn network(v: u32) -> Network {
             },
         ],
         gateway_mac: GW_MAC,
+        dns: vec![Ipv4Addr::new(10, 0, 0, 53)],
+        lease_secs: 600,
     }
 }
 
@@ -71,6 +73,7 @@ fn coprocessor() -> Coprocessor {
             mac,
             ips: vec![ip],
             vni: vni(v),
+            hostname: (name == "a").then(|| "vm-a".to_string()),
         })
         .unwrap();
     }
@@ -122,6 +125,16 @@ fn through(
     port: PortId,
     frame: &[u8],
 ) -> (Outcome, Option<(PortId, Vec<u8>)>) {
+    through_at(c, port, frame, 0)
+}
+
+/// [`through`] at fast-path time `now` (ns).
+fn through_at(
+    c: &mut Coprocessor,
+    port: PortId,
+    frame: &[u8],
+    now: u64,
+) -> (Outcome, Option<(PortId, Vec<u8>)>) {
     let cfg = PipelineConfig {
         uplink: UPLINK,
         local_vtep: LOCAL_VTEP,
@@ -138,6 +151,7 @@ fn through(
     let out = c.handle(&Punted {
         ingress: port,
         kind: PuntKind::Miss,
+        now,
         frame,
         key: k,
     });
@@ -326,6 +340,7 @@ fn arp_proxy_answers_for_known_addresses_only() {
         c.handle(&Punted {
             ingress: PortId(1),
             kind: PuntKind::Miss,
+            now: 0,
             frame: &arp_request(A_MAC, A_IP, target),
             key: None,
         })
@@ -351,6 +366,7 @@ fn arp_proxy_answers_for_known_addresses_only() {
     let out = c.handle(&Punted {
         ingress: PortId(1),
         kind: PuntKind::Miss,
+        now: 0,
         frame: &arp_request(A_MAC, Ipv4Addr::new(10, 0, 0, 50), B_IP),
         key: None,
     });
@@ -359,6 +375,7 @@ fn arp_proxy_answers_for_known_addresses_only() {
     let out = c.handle(&Punted {
         ingress: PortId(1),
         kind: PuntKind::Miss,
+        now: 0,
         frame: &arp_request(A_MAC, Ipv4Addr::UNSPECIFIED, B_IP),
         key: None,
     });
@@ -373,6 +390,7 @@ fn arp_from_a_remote_host_is_answered_through_the_tunnel() {
     let out = c.handle(&Punted {
         ingress: UPLINK,
         kind: PuntKind::Miss,
+        now: 0,
         frame: &req,
         key: None,
     });
@@ -397,6 +415,7 @@ fn arp_from_a_remote_host_is_answered_through_the_tunnel() {
     let out = c.handle(&Punted {
         ingress: UPLINK,
         kind: PuntKind::Miss,
+        now: 0,
         frame: &req,
         key: None,
     });
@@ -414,6 +433,7 @@ fn the_key_must_match_the_ingress() {
     let out = c.handle(&Punted {
         ingress: PortId(1),
         kind: PuntKind::Miss,
+        now: 0,
         frame: &f,
         key: Some(k),
     });
@@ -427,7 +447,8 @@ proptest! {
         let key = keyed.then(|| flowtable::FlowKey::new(flowtable::Ingress::Port(PortId(port)), 17, u32::from(A_IP), u32::from(B_IP), 1, 2));
         let out = c.handle(&Punted {
         ingress: PortId(port),
-        kind: PuntKind::Miss, frame: &bytes, key });
+        kind: PuntKind::Miss,
+        now: 0, frame: &bytes, key });
         prop_assert!(out.drop.is_some() || !out.flows.is_empty() || !out.tx.is_empty());
     }
 }
@@ -443,10 +464,179 @@ fn too_big_and_ttl_punts_are_counted_drops_that_recompile_nothing() {
         let out = c.handle(&Punted {
             ingress: PortId(1),
             kind,
+            now: 0,
             frame: &f,
             key: None,
         });
         assert_eq!(out.drop, Some(cause));
         assert!(out.flows.is_empty() && !out.reinject);
     }
+}
+
+/// Send a DHCP message from port `port` as the fast path would punt it.
+fn dhcp(c: &mut Coprocessor, port: u16, frame: &[u8], now: u64) -> Outcome {
+    let (out, sent) = through_at(c, PortId(port), frame, now);
+    assert!(sent.is_none(), "DHCP must not be forwarded");
+    assert!(out.flows.is_empty(), "DHCP must not install flows");
+    out
+}
+
+fn reply_of(out: &Outcome) -> dhcp::ParsedReply {
+    assert_eq!(out.tx.len(), 1, "{out:?}");
+    dhcp::parse_reply(&out.tx[0].1).expect("a DHCP reply")
+}
+
+fn opt(opts: &[(u8, Vec<u8>)], kind: u8) -> Option<Vec<u8>> {
+    opts.iter()
+        .find(|(k, _)| *k == kind)
+        .map(|(_, v)| v.clone())
+}
+
+#[test]
+fn dhcp_hands_out_the_binding_with_router_dns_mtu_hostname() {
+    use smoltcp::wire::DhcpMessageType as M;
+    let mut c = coprocessor();
+    let any = Ipv4Addr::UNSPECIFIED;
+    let out = dhcp(
+        &mut c,
+        1,
+        &dhcp::client_message(A_MAC, M::Discover, 7, any, None, None),
+        0,
+    );
+    let (kind, yiaddr, opts) = reply_of(&out);
+    assert_eq!((kind, yiaddr), (M::Offer, A_IP));
+    assert_eq!(opt(&opts, 1), Some(vec![255, 255, 255, 0]), "mask");
+    assert_eq!(opt(&opts, 3), Some(vec![10, 0, 0, 1]), "router");
+    assert_eq!(opt(&opts, 6), Some(vec![10, 0, 0, 53]), "dns");
+    assert_eq!(
+        opt(&opts, 26),
+        Some(1450u16.to_be_bytes().to_vec()),
+        "MTU leaves room for VXLAN"
+    );
+    assert_eq!(opt(&opts, 12), Some(b"vm-a".to_vec()), "hostname");
+    assert_eq!(opt(&opts, 51), Some(600u32.to_be_bytes().to_vec()), "lease");
+    assert_eq!(opt(&opts, 54), Some(vec![10, 0, 0, 1]), "server id");
+    // Broadcast from the gateway, with valid IPv4 and UDP checksums.
+    let f = &out.tx[0].1;
+    assert_eq!(f[..6], [0xff; 6]);
+    assert_eq!(f[6..12], GW_MAC);
+    assert_eq!(
+        vxlan::checksum::fold(vxlan::checksum::sum(&f[14..34])),
+        0xffff
+    );
+    assert_eq!(out.tx[0].0, PortId(1));
+    assert!(
+        c.leases().lock().unwrap().is_empty(),
+        "an offer is not a lease"
+    );
+
+    let gw = Some(Ipv4Addr::new(10, 0, 0, 1));
+    let out = dhcp(
+        &mut c,
+        1,
+        &dhcp::client_message(A_MAC, M::Request, 7, any, Some(A_IP), gw),
+        5,
+    );
+    assert_eq!(reply_of(&out).0, M::Ack);
+    let lease = c
+        .leases()
+        .lock()
+        .unwrap()
+        .get(&A_MAC)
+        .cloned()
+        .expect("lease");
+    assert_eq!((lease.ip, lease.expires), (A_IP, 5 + 600_000_000_000));
+
+    // Renewal: unicast from a configured client, answered unicast.
+    let out = dhcp(
+        &mut c,
+        1,
+        &dhcp::client_message(A_MAC, M::Request, 8, A_IP, None, None),
+        10,
+    );
+    assert_eq!(reply_of(&out).0, M::Ack);
+    assert_eq!(out.tx[0].1[..6], A_MAC);
+    assert_eq!(
+        c.leases().lock().unwrap().get(&A_MAC).unwrap().expires,
+        10 + 600_000_000_000
+    );
+
+    // Asking for someone else's address: NAK, lease unchanged.
+    let out = dhcp(
+        &mut c,
+        1,
+        &dhcp::client_message(A_MAC, M::Request, 9, any, Some(B_IP), gw),
+        11,
+    );
+    assert_eq!(reply_of(&out).0, M::Nak);
+    // A REQUEST for another server's offer: silence.
+    let other = Some(Ipv4Addr::new(10, 0, 0, 99));
+    assert!(dhcp(
+        &mut c,
+        1,
+        &dhcp::client_message(A_MAC, M::Request, 9, any, Some(A_IP), other),
+        11
+    )
+    .tx
+    .is_empty());
+    // INFORM: configuration without a lease.
+    let out = dhcp(
+        &mut c,
+        1,
+        &dhcp::client_message(A_MAC, M::Inform, 10, A_IP, None, None),
+        12,
+    );
+    let (kind, yiaddr, opts) = reply_of(&out);
+    assert_eq!((kind, yiaddr, opt(&opts, 51)), (M::Ack, any, None));
+    // RELEASE: the lease is gone.
+    assert!(dhcp(
+        &mut c,
+        1,
+        &dhcp::client_message(A_MAC, M::Release, 11, A_IP, None, gw),
+        13
+    )
+    .tx
+    .is_empty());
+    assert!(c.leases().lock().unwrap().get(&A_MAC).is_none());
+    assert_eq!(c.stats().dhcp_replies, 5);
+}
+
+#[test]
+fn dhcp_answers_only_the_bound_vm() {
+    use smoltcp::wire::DhcpMessageType as M;
+    let mut c = coprocessor();
+    let any = Ipv4Addr::UNSPECIFIED;
+    // A port with no VM: no offer.
+    let out = dhcp(
+        &mut c,
+        9,
+        &dhcp::client_message([2, 0, 0, 0, 0, 9], M::Discover, 1, any, None, None),
+        0,
+    );
+    assert_eq!((out.tx.len(), out.drop), (0, Some(DropCause::UnknownPort)));
+    // B's MAC in the DHCP payload but A's port and Ethernet source.
+    let mut f = dhcp::client_message(B_MAC, M::Discover, 1, any, None, None);
+    f[6..12].copy_from_slice(&A_MAC);
+    let out = dhcp(&mut c, 1, &f, 0);
+    assert_eq!((out.tx.len(), out.drop), (0, Some(DropCause::SpoofedMac)));
+    // Truncated DHCP payload: counted drop.
+    let f = dhcp::client_message(A_MAC, M::Discover, 1, any, None, None);
+    let mut short = f[..80].to_vec();
+    short[16..18].copy_from_slice(&66u16.to_be_bytes());
+    short[38..40].copy_from_slice(&46u16.to_be_bytes());
+    let out = c.handle(&Punted {
+        ingress: PortId(1),
+        kind: PuntKind::Miss,
+        now: 0,
+        frame: &short,
+        key: Some(flowtable::FlowKey::new(
+            flowtable::Ingress::Port(PortId(1)),
+            17,
+            0,
+            u32::MAX,
+            68,
+            67,
+        )),
+    });
+    assert_eq!((out.tx.len(), out.drop), (0, Some(DropCause::Malformed)));
 }

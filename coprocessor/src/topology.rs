@@ -83,6 +83,10 @@ pub struct Network {
     pub subnets: Vec<Subnet>,
     /// The MAC the gateway addresses answer with.
     pub gateway_mac: Mac,
+    /// DNS servers handed out by DHCP (at most 3 are sent).
+    pub dns: Vec<Ipv4Addr>,
+    /// DHCP lease time in seconds.
+    pub lease_secs: u32,
 }
 
 /// A VM attached to a port of this switch.
@@ -93,6 +97,8 @@ pub struct LocalVm {
     pub mac: Mac,
     pub ips: Vec<Ipv4Addr>,
     pub vni: Vni,
+    /// Handed out by DHCP (option 12) if set.
+    pub hostname: Option<String>,
 }
 
 /// A VM behind another hypervisor's VTEP.
@@ -416,6 +422,8 @@ mod tests {
                 gateway: Ipv4Addr::new(10, 0, 0, 1),
             }],
             gateway_mac: [2, 0, 0, 0, 0, 0xfe],
+            dns: vec![],
+            lease_secs: 3600,
         }
     }
 
@@ -438,6 +446,7 @@ mod tests {
             mac: [2, 0, 0, 0, 0, u8::try_from(port).unwrap()],
             ips: vec![Ipv4Addr::from(ip)],
             vni: vni(100),
+            hostname: None,
         }
     }
 
