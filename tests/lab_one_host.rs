@@ -349,3 +349,67 @@ fn af_xdp_vm_ports_on_veth_reach_tap_vms() {
         "AF_XDP port counters: {st}"
     );
 }
+
+#[test]
+fn the_distributed_router_routes_answers_ping_and_ttl_expiry() {
+    let mut lab = Lab::new();
+    let (ta, te) = (lab.name("ta"), lab.name("te"));
+    let cfg = format!(
+        "[switch]\npoll = \"adaptive\"\nflow_capacity = 4096\ncontrol_socket = \"{sock}\"\n\n\
+         [[port]]\nname = \"{ta}\"\ntype = \"tap\"\n[[port]]\nname = \"{te}\"\ntype = \"tap\"\n\n\
+         [[network]]\nvni = 100\ngateway_mac = \"02:00:00:00:00:fe\"\n\
+         [[network.subnet]]\ncidr = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\n\
+         [[network.subnet]]\ncidr = \"10.0.1.0/24\"\ngateway = \"10.0.1.1\"\n\n\
+         [[vm]]\nname = \"a\"\nport = \"{ta}\"\nmac = \"{amac}\"\nips = [\"10.0.0.10\"]\nnetwork = 100\n\
+         [[vm]]\nname = \"e\"\nport = \"{te}\"\nmac = \"02:00:00:00:00:0e\"\nips = [\"10.0.1.10\"]\nnetwork = 100\n",
+        sock = lab.socket("sw").display(),
+        amac = A.mac,
+    );
+    lab.vswitch("sw", &cfg);
+    let (na, ne) = (lab.netns("va"), lab.netns("ve"));
+    lab.attach_vm(&ta, &na, A.mac, "10.0.0.10/24");
+    lab.attach_vm(&te, &ne, "02:00:00:00:00:0e", "10.0.1.10/24");
+    sh(&[
+        "ip", "-n", &na, "route", "add", "default", "via", "10.0.0.1",
+    ]);
+    sh(&[
+        "ip", "-n", &ne, "route", "add", "default", "via", "10.0.1.1",
+    ]);
+    // Across subnets: routed on this host, one hop each way.
+    let (ok, out) = ping(&na, "10.0.1.10", "3");
+    assert!(
+        ok,
+        "routing 10.0.0.10 → 10.0.1.10 failed:\n{out}\n{}",
+        lab.log("sw")
+    );
+    assert!(
+        out.contains("ttl=63"),
+        "the reply was not routed (TTL not decremented):\n{out}"
+    );
+    // The gateways answer ping, in both subnets.
+    for gw in ["10.0.0.1", "10.0.1.1"] {
+        let (ok, out) = ping(&na, gw, "2");
+        assert!(ok, "gateway {gw} did not answer:\n{out}");
+    }
+    // TTL 1 across the router: "time to live exceeded" from the gateway.
+    let (_, out) = try_sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &na,
+        "ping",
+        "-c",
+        "2",
+        "-i",
+        "0.2",
+        "-W",
+        "1",
+        "-t",
+        "1",
+        "10.0.1.10",
+    ]);
+    assert!(
+        out.contains("From 10.0.0.1") && out.contains("Time to live exceeded"),
+        "{out}"
+    );
+}

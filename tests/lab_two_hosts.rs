@@ -147,6 +147,22 @@ fn two_hypervisors_carry_ping_and_tcp_over_vxlan() {
     let bps = iperf(&vm2, &vm1, b.2, "5201");
     assert!(bps > 1e6, "TCP across VXLAN: only {bps} bit/s");
     eprintln!("iperf3 TCP across hypervisors: {:.2} Gbit/s", bps / 1e9);
+    // Path MTU discovery: a VM with a 1500-byte MTU sending a full-size
+    // packet with DF learns the overlay's MTU from the gateway.
+    sh(&["ip", "-n", &vm1, "link", "set", &ta, "mtu", "1500"]);
+    let (ok, out) = try_sh(&[
+        "ip", "netns", "exec", &vm1, "ping", "-M", "do", "-s", "1472", "-c", "2", "-i", "0.2",
+        "-W", "1", b.2,
+    ]);
+    assert!(
+        !ok && out.contains("mtu = 1450"),
+        "no fragmentation-needed with the overlay MTU:\n{out}"
+    );
+    let (ok, out) = try_sh(&[
+        "ip", "netns", "exec", &vm1, "ping", "-M", "do", "-s", "1422", "-c", "2", "-i", "0.2",
+        "-W", "1", b.2,
+    ]);
+    assert!(ok, "a 1450-byte packet must fit:\n{out}");
     let flows = lab.ctl(&s1, "flows").expect("flows");
     let flows = flows.as_array().expect("flow list");
     assert!(

@@ -32,6 +32,15 @@ fn template(up: &Uplink, vni: u32, vtep: Ipv4Addr, next_hop: Mac) -> Option<Temp
     .ok()
 }
 
+/// A routed hop: the packet leaves with the gateway's MAC and one TTL less.
+pub fn routed(a: Action, gateway_mac: Mac) -> Action {
+    Action {
+        set_eth_src: Some(gateway_mac),
+        dec_ttl: true,
+        ..a
+    }
+}
+
 /// Deliver to a VM port on this host.
 pub fn to_local(src_mac: Mac, dst_mac: Mac, port: PortId) -> Action {
     Action {

@@ -1,9 +1,11 @@
-//! Forwarding inside a tenant subnet: where an IPv4 packet goes.
+//! Where an IPv4 packet from a VM goes: the distributed router.
 //!
 //! Same subnet → straight to the destination VM, local or behind a remote
-//! VTEP. Routing between subnets, the gateway's own services and external
-//! traffic come with the distributed router; until then they are refused
-//! with their own causes, never flooded.
+//! VTEP. Another subnet of the same tenant network → routed on this host
+//! (the packet leaves with the gateway's MAC as source and its TTL
+//! decremented). Gateway addresses are answered by the coprocessor itself.
+//! Destinations outside the network are refused with their own cause,
+//! never flooded.
 
 use std::net::Ipv4Addr;
 
@@ -16,9 +18,17 @@ use crate::topology::{Endpoint, Topology};
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Next {
     /// A VM on this host.
-    Local { port: PortId, mac: Mac },
+    Local {
+        port: PortId,
+        mac: Mac,
+        routed: bool,
+    },
     /// A VM behind another VTEP.
-    Remote { mac: Mac, vtep: Ipv4Addr },
+    Remote {
+        mac: Mac,
+        vtep: Ipv4Addr,
+        routed: bool,
+    },
 }
 
 /// Decide for a packet from `src` to `dst` in network `vni`.
@@ -30,12 +40,16 @@ pub fn decide(topo: &Topology, vni: u32, src: Ipv4Addr, dst: Ipv4Addr) -> Result
     if dst == subnet.cidr.broadcast() {
         return Err(DropCause::BroadcastIp);
     }
-    if !subnet.cidr.contains(dst) {
-        return Err(DropCause::NoRoute);
+    let routed = !subnet.cidr.contains(dst);
+    if routed {
+        let other = topo.subnet_of(vni, dst).ok_or(DropCause::NoRoute)?;
+        if dst == other.cidr.broadcast() {
+            return Err(DropCause::BroadcastIp);
+        }
     }
     match topo.lookup(vni, dst) {
-        Some(Endpoint::Local { port, mac }) => Ok(Next::Local { port, mac }),
-        Some(Endpoint::Remote { mac, vtep }) => Ok(Next::Remote { mac, vtep }),
+        Some(Endpoint::Local { port, mac }) => Ok(Next::Local { port, mac, routed }),
+        Some(Endpoint::Remote { mac, vtep }) => Ok(Next::Remote { mac, vtep, routed }),
         Some(Endpoint::Gateway { .. }) => Err(DropCause::ToGateway),
         None => Err(DropCause::UnknownDestination),
     }

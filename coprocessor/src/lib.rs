@@ -16,6 +16,7 @@ pub mod arp;
 pub mod compile;
 pub mod dhcp;
 pub mod forward;
+pub mod icmp;
 pub mod outcome;
 pub mod topology;
 
@@ -35,6 +36,7 @@ pub struct Stats {
     pub flows_compiled: u64,
     pub arp_replies: u64,
     pub dhcp_replies: u64,
+    pub icmp_replies: u64,
     pub drops: Vec<u64>,
 }
 
@@ -92,22 +94,18 @@ impl Coprocessor {
     /// Decide for one punted frame.
     pub fn handle(&mut self, p: &Punted<'_>) -> Outcome {
         let mut out = Outcome::default();
-        let r = match p.kind {
-            // ICMP "fragmentation needed" / "time exceeded" answers come
-            // with the ICMP stage; until then these are counted drops (the
-            // flow stays, so nothing is recompiled).
-            outcome::PuntKind::TooBig => Err(DropCause::TooBig),
-            outcome::PuntKind::TtlExpired => Err(DropCause::TtlExpired),
-            _ => Ok(()),
-        };
-        let r = if r.is_err() {
-            r
-        } else if self
+        let from_uplink = self
             .topo
             .uplink
             .as_ref()
-            .is_some_and(|u| u.port == p.ingress)
-        {
+            .is_some_and(|u| u.port == p.ingress);
+        let r = if matches!(
+            p.kind,
+            outcome::PuntKind::TooBig | outcome::PuntKind::TtlExpired
+        ) {
+            // The flow exists and stays; this packet gets an ICMP answer.
+            self.icmp_error(p, from_uplink, &mut out)
+        } else if from_uplink {
             self.handle_uplink_frame(p, &mut out)
         } else {
             self.handle_vm_frame(p, &mut out)
@@ -171,13 +169,54 @@ impl Coprocessor {
                     out.flows.push((key, Action::drop()));
                     return Err(e);
                 }
-                let action = match forward::decide(&self.topo, vni, src, dst)? {
-                    forward::Next::Local { port, mac } => compile::to_local(vm.mac, mac, port),
-                    forward::Next::Remote { mac, vtep } => {
-                        compile::to_remote(&self.topo, vni, vm.mac, mac, vtep)?
+                let gw_mac = self
+                    .topo
+                    .network(vni)
+                    .ok_or(DropCause::UnknownVni)?
+                    .gateway_mac;
+                let next = match forward::decide(&self.topo, vni, src, dst) {
+                    Err(DropCause::ToGateway) => {
+                        // A gateway address: the router answers pings itself.
+                        out.tx
+                            .push((p.ingress, icmp::echo_reply(p.frame, dst, gw_mac)?));
+                        self.stats.icmp_replies += 1;
+                        return Ok(());
+                    }
+                    r => r?,
+                };
+                let action = match next {
+                    forward::Next::Local { port, mac, routed } => {
+                        let a = compile::to_local(vm.mac, mac, port);
+                        if routed {
+                            compile::routed(a, gw_mac)
+                        } else {
+                            a
+                        }
+                    }
+                    forward::Next::Remote { mac, vtep, routed } => {
+                        let a = compile::to_remote(&self.topo, vni, vm.mac, mac, vtep)?;
+                        if routed {
+                            compile::routed(a, gw_mac)
+                        } else {
+                            a
+                        }
                     }
                 };
+                // The flow goes in either way; this first packet gets the
+                // answer the fast path would give the next ones (reinjected
+                // frames are not punted twice).
+                let ttl = p.frame.get(22).copied().unwrap_or(0);
+                let too_big = p.frame.len() > usize::from(action.max_len);
+                let ttl_out = action.dec_ttl && ttl <= 1;
                 out.flows.push((key, action));
+                if ttl_out || too_big {
+                    let kind = if ttl_out {
+                        outcome::PuntKind::TtlExpired
+                    } else {
+                        outcome::PuntKind::TooBig
+                    };
+                    return self.icmp_error(&Punted { kind, ..*p }, false, out);
+                }
                 out.reinject = true;
                 Ok(())
             }
@@ -237,11 +276,20 @@ impl Coprocessor {
                     return Err(DropCause::Malformed);
                 }
                 let (src, dst) = (Ipv4Addr::from(key.src_ip), Ipv4Addr::from(key.dst_ip));
-                let src_mac = self.check_remote(vni, src, outer_src)?;
+                let mut src_mac = self.check_remote(vni, src, outer_src)?;
                 let Some(topology::Endpoint::Local { port, mac }) = self.topo.lookup(vni, dst)
                 else {
                     return Err(DropCause::UnknownDestination);
                 };
+                // Routed on the sending host: to the receiver it comes from
+                // its gateway.
+                if self.topo.subnet_of(vni, src) != self.topo.subnet_of(vni, dst) {
+                    src_mac = self
+                        .topo
+                        .network(vni)
+                        .ok_or(DropCause::UnknownVni)?
+                        .gateway_mac;
+                }
                 out.flows
                     .push((key, compile::from_remote(outer_src, src_mac, mac, port)));
                 out.reinject = true;
@@ -249,6 +297,53 @@ impl Coprocessor {
             }
             _ => Err(DropCause::UnsupportedEthertype),
         }
+    }
+
+    /// "Time exceeded" or "fragmentation needed" for a packet a flow could
+    /// not carry, from the gateway of the sender's subnet. Only VMs on this
+    /// host are answered (routing, and so TTL and MTU, happen on the
+    /// sending host).
+    fn icmp_error(
+        &mut self,
+        p: &Punted<'_>,
+        from_uplink: bool,
+        out: &mut Outcome,
+    ) -> Result<(), DropCause> {
+        let cause = if p.kind == outcome::PuntKind::TooBig {
+            DropCause::TooBig
+        } else {
+            DropCause::TtlExpired
+        };
+        if from_uplink {
+            return Err(cause);
+        }
+        let vm = self.topo.vm_on(p.ingress).ok_or(DropCause::UnknownPort)?;
+        let key = vm_key(p)?;
+        let vni = vm.vni.get();
+        let gw = self
+            .topo
+            .subnet_of(vni, Ipv4Addr::from(key.src_ip))
+            .ok_or(DropCause::SpoofedIp)?
+            .gateway;
+        let gw_mac = self
+            .topo
+            .network(vni)
+            .ok_or(DropCause::UnknownVni)?
+            .gateway_mac;
+        let reply = match cause {
+            DropCause::TooBig => {
+                let mtu = self
+                    .topo
+                    .uplink
+                    .as_ref()
+                    .map_or(1500, |u| u.mtu.saturating_sub(50));
+                icmp::frag_needed(p.frame, gw, gw_mac, mtu)?
+            }
+            _ => icmp::time_exceeded(p.frame, gw, gw_mac)?,
+        };
+        out.tx.push((p.ingress, reply));
+        self.stats.icmp_replies += 1;
+        Ok(())
     }
 
     /// A sender on the overlay must be a known remote endpoint of `vni`,

@@ -24,6 +24,10 @@ const R_MAC: [u8; 6] = [2, 0, 0, 0, 1, 0x01];
 const A_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
 const B_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
 const R_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 20);
+const E_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0e];
+const E_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 10);
+const R2_MAC: [u8; 6] = [2, 0, 0, 0, 1, 0x02];
+const R2_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 20);
 const VNI: u32 = 100;
 const VNI2: u32 = 200;
 
@@ -66,6 +70,7 @@ fn coprocessor() -> Coprocessor {
         ("a", 1, A_MAC, A_IP, VNI),
         ("b", 2, B_MAC, B_IP, VNI),
         ("c", 3, [2, 0, 0, 0, 0, 0x0c], B_IP, VNI2),
+        ("e", 4, E_MAC, E_IP, VNI),
     ] {
         t.add_vm(LocalVm {
             name: name.into(),
@@ -80,6 +85,13 @@ fn coprocessor() -> Coprocessor {
     t.add_remote(RemoteVm {
         ip: R_IP,
         mac: R_MAC,
+        vni: vni(VNI),
+        vtep: REMOTE_VTEP,
+    })
+    .unwrap();
+    t.add_remote(RemoteVm {
+        ip: R2_IP,
+        mac: R2_MAC,
         vni: vni(VNI),
         vtep: REMOTE_VTEP,
     })
@@ -139,7 +151,7 @@ fn through_at(
         uplink: UPLINK,
         local_vtep: LOCAL_VTEP,
         udp_port: 4789,
-        ports: 4,
+        ports: 5,
     };
     let mut p = Pipeline::new(
         &cfg,
@@ -163,7 +175,7 @@ fn through_at(
     }
     let mut mem = vec![0u8; 2048];
     mem[256..256 + frame.len()].copy_from_slice(frame);
-    let mut b = BatchOut::new(4);
+    let mut b = BatchOut::new(5);
     let d = [Desc {
         addr: 256,
         len: u32::try_from(frame.len()).unwrap(),
@@ -291,29 +303,140 @@ fn tenants_with_the_same_addresses_are_isolated() {
     assert_eq!(sent.unwrap().0, PortId(2));
 }
 
+fn ttl_of(f: &[u8]) -> u8 {
+    f[22]
+}
+
 #[test]
-fn other_subnets_and_broadcasts_are_not_forwarded_yet() {
+fn the_distributed_router_routes_between_subnets() {
     let mut c = coprocessor();
+    // Local VM in another subnet: gateway MAC as source, TTL − 1.
+    let f = udp(A_MAC, A_IP, E_IP);
+    let (out, sent) = through(&mut c, PortId(1), &f);
+    assert_eq!(out.drop, None);
+    let (port, g) = sent.expect("routed");
+    assert_eq!(port, PortId(4));
+    assert_eq!(
+        (g[..6].to_vec(), g[6..12].to_vec()),
+        (E_MAC.to_vec(), GW_MAC.to_vec())
+    );
+    assert_eq!(ttl_of(&g), ttl_of(&f) - 1);
+    assert_eq!(
+        vxlan::checksum::fold(vxlan::checksum::sum(&g[14..34])),
+        0xffff
+    );
+    // Remote VM in another subnet: routed here, then encapsulated.
+    let (out, sent) = through(&mut c, PortId(1), &udp(A_MAC, A_IP, R2_IP));
+    assert_eq!(out.drop, None);
+    let (port, wire) = sent.expect("routed and encapsulated");
+    assert_eq!(port, UPLINK);
+    let inner = &wire[vxlan::OUTER_LEN..];
+    assert_eq!(
+        (inner[..6].to_vec(), inner[6..12].to_vec()),
+        (R2_MAC.to_vec(), GW_MAC.to_vec())
+    );
+    assert_eq!(ttl_of(inner), 63);
+    // Routed by the remote host, arriving by tunnel: from the gateway MAC.
+    let (out, sent) = through(
+        &mut c,
+        UPLINK,
+        &from_remote(&udp(GW_MAC, R2_IP, A_IP), REMOTE_VTEP, VNI),
+    );
+    assert_eq!(out.drop, None);
+    let (port, g) = sent.expect("delivered");
+    assert_eq!((port, g[6..12].to_vec()), (PortId(1), GW_MAC.to_vec()));
+    // Outside every subnet of the network: no route; broadcast: refused.
     let (out, _) = through(
         &mut c,
         PortId(1),
-        &udp(A_MAC, A_IP, Ipv4Addr::new(10, 0, 1, 5)),
+        &udp(A_MAC, A_IP, Ipv4Addr::new(192, 168, 9, 9)),
     );
     assert_eq!(out.drop, Some(DropCause::NoRoute));
     let (out, _) = through(
         &mut c,
         PortId(1),
-        &udp(A_MAC, A_IP, Ipv4Addr::new(10, 0, 0, 255)),
+        &udp(A_MAC, A_IP, Ipv4Addr::new(10, 0, 1, 255)),
     );
     assert_eq!(out.drop, Some(DropCause::BroadcastIp));
     let (out, _) = through(&mut c, PortId(1), &udp(A_MAC, A_IP, Ipv4Addr::BROADCAST));
     assert_eq!(out.drop, Some(DropCause::BroadcastIp));
-    let (out, _) = through(
-        &mut c,
-        PortId(1),
-        &udp(A_MAC, A_IP, Ipv4Addr::new(10, 0, 0, 1)),
+}
+
+fn echo_request(src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let mut f = udp(src_mac, src, dst);
+    f[23] = 1;
+    f[24..26].fill(0);
+    let c = vxlan::checksum::checksum(&f[14..34]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    let icmp = &mut f[34..];
+    icmp[..8].copy_from_slice(&[8, 0, 0, 0, 0x12, 0x34, 0, 1]);
+    let c = vxlan::checksum::checksum(icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+#[test]
+fn gateways_answer_ping_and_flows_get_icmp_errors() {
+    let mut c = coprocessor();
+    for gw in [Ipv4Addr::new(10, 0, 0, 1), Ipv4Addr::new(10, 0, 1, 1)] {
+        let (out, sent) = through(&mut c, PortId(1), &echo_request(A_MAC, A_IP, gw));
+        assert!(
+            sent.is_none() && out.flows.is_empty(),
+            "answered by the coprocessor, no flow"
+        );
+        let (port, r) = &out.tx[0];
+        assert_eq!(*port, PortId(1));
+        assert_eq!(
+            (r[23], r[34], r[26..30].to_vec()),
+            (1, 0, gw.octets().to_vec()),
+            "echo reply from {gw}"
+        );
+    }
+    // TTL 1 on a routed flow: the fast path punts it, the gateway of the
+    // sender's subnet answers "time exceeded".
+    let mut f = udp(A_MAC, A_IP, E_IP);
+    through(&mut c, PortId(1), &f);
+    f[22] = 1;
+    let key = match fastpath::classify::classify_l2(&f, flowtable::Ingress::Port(PortId(1))) {
+        Class::Flow(k) => k,
+        other => panic!("{other:?}"),
+    };
+    let ask = |c: &mut Coprocessor, kind, frame: &[u8], port| {
+        c.handle(&Punted {
+            ingress: port,
+            kind,
+            now: 0,
+            frame,
+            key: Some(key),
+        })
+    };
+    let out = ask(&mut c, PuntKind::TtlExpired, &f, PortId(1));
+    let r = &out.tx[0].1;
+    assert_eq!(
+        (r[34], r[26..30].to_vec(), r[30..34].to_vec()),
+        (11, vec![10, 0, 0, 1], A_IP.octets().to_vec())
     );
-    assert_eq!(out.drop, Some(DropCause::ToGateway));
+    assert!(out.flows.is_empty(), "the flow stays as it is");
+    // Too big for the tunnel with DF: "fragmentation needed", MTU 1450.
+    let mut big = udp(A_MAC, A_IP, R2_IP);
+    big[20] = 0x40;
+    let out = ask(&mut c, PuntKind::TooBig, &big, PortId(1));
+    let r = &out.tx[0].1;
+    assert_eq!(
+        (r[34], r[35], u16::from_be_bytes([r[40], r[41]])),
+        (3, 4, 1450)
+    );
+    // Without DF: a counted drop. From the uplink: a counted drop.
+    big[20] = 0;
+    assert_eq!(
+        ask(&mut c, PuntKind::TooBig, &big, PortId(1)).drop,
+        Some(DropCause::TooBig)
+    );
+    assert_eq!(
+        ask(&mut c, PuntKind::TtlExpired, &f, UPLINK).drop,
+        Some(DropCause::TtlExpired)
+    );
+    assert_eq!(c.stats().icmp_replies, 4);
 }
 
 fn arp_request(sender_mac: [u8; 6], sender_ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
@@ -450,26 +573,6 @@ proptest! {
         kind: PuntKind::Miss,
         now: 0, frame: &bytes, key });
         prop_assert!(out.drop.is_some() || !out.flows.is_empty() || !out.tx.is_empty());
-    }
-}
-
-#[test]
-fn too_big_and_ttl_punts_are_counted_drops_that_recompile_nothing() {
-    let mut c = coprocessor();
-    let f = udp(A_MAC, A_IP, R_IP);
-    for (kind, cause) in [
-        (PuntKind::TooBig, DropCause::TooBig),
-        (PuntKind::TtlExpired, DropCause::TtlExpired),
-    ] {
-        let out = c.handle(&Punted {
-            ingress: PortId(1),
-            kind,
-            now: 0,
-            frame: &f,
-            key: None,
-        });
-        assert_eq!(out.drop, Some(cause));
-        assert!(out.flows.is_empty() && !out.reinject);
     }
 }
 
@@ -639,4 +742,32 @@ fn dhcp_answers_only_the_bound_vm() {
         )),
     });
     assert_eq!((out.tx.len(), out.drop), (0, Some(DropCause::Malformed)));
+}
+
+#[test]
+fn the_first_packet_of_a_flow_gets_its_icmp_answer_too() {
+    let mut c = coprocessor();
+    // TTL 1 on a new routed flow: flow installed, time exceeded answered.
+    let mut f = udp(A_MAC, A_IP, E_IP);
+    f[22] = 1;
+    let (out, sent) = through(&mut c, PortId(1), &f);
+    assert!(sent.is_none() && !out.reinject);
+    assert_eq!(out.flows.len(), 1);
+    assert_eq!(out.tx[0].1[34], 11);
+    // Too big with DF on a new flow to a remote VM: frag needed.
+    let mut big = synth::udp_frame(
+        &UdpFlow {
+            src_mac: A_MAC,
+            dst_mac: GW_MAC,
+            src_ip: A_IP,
+            dst_ip: R_IP,
+            src_port: 1,
+            dst_port: 2,
+        },
+        1514,
+    );
+    big[20] = 0x40;
+    let (out, sent) = through(&mut c, PortId(1), &big);
+    assert!(sent.is_none());
+    assert_eq!((out.tx[0].1[34], out.tx[0].1[35]), (3, 4));
 }
