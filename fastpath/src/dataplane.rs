@@ -218,8 +218,6 @@ pub struct Dataplane {
     install_failures: u64,
     reinjected: u64,
     reinject_failed: u64,
-    /// Drops on the punt path (budget, pool, queue), by reason.
-    punt_drops: crate::DropCounters,
     first_packet: FirstPacket,
 }
 
@@ -261,7 +259,6 @@ impl Dataplane {
             install_failures: 0,
             reinjected: 0,
             reinject_failed: 0,
-            punt_drops: crate::DropCounters::default(),
             first_packet: FirstPacket::default(),
         }
     }
@@ -406,7 +403,7 @@ impl Dataplane {
                     );
                     match r {
                         Ok(()) => queued = true,
-                        Err(reason) => self.punt_drops.bump(reason),
+                        Err(reason) => self.pipeline.count_drop(ingress, reason),
                     }
                 }
             } else {
@@ -473,10 +470,7 @@ impl Dataplane {
         match req {
             Request::Stats(tx) => {
                 let t = self.pipeline.table();
-                let mut pipeline = self.pipeline.counters().clone();
-                for (i, n) in self.punt_drops.0.iter().enumerate() {
-                    pipeline.drops.0[i] += n;
-                }
+                let pipeline = self.pipeline.counters().clone();
                 let xsk = self
                     .ports
                     .iter()

@@ -142,6 +142,15 @@ impl Pipeline {
         &self.counters
     }
 
+    /// Count a drop that happened after the pipeline (on the punt path, in
+    /// a port driver) against the port the frame came in on.
+    pub fn count_drop(&mut self, ingress: PortId, r: DropReason) {
+        self.counters.drops.bump(r);
+        if let Some(p) = self.counters.port_drops.get_mut(usize::from(ingress.0)) {
+            p.bump(r);
+        }
+    }
+
     pub fn classifier(&self) -> &Classifier {
         &self.classifier
     }
