@@ -10,7 +10,9 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
-use coprocessor::topology::{Cidr, LocalVm, Network, RemoteVm, Subnet, Topology, Uplink};
+use coprocessor::topology::{
+    Cidr, LocalVm, Network, RemoteVm, Route, Subnet, Topology, Uplink, Via,
+};
 use flowtable::{Mac, PortId, Vni};
 use serde::Deserialize;
 
@@ -117,8 +119,21 @@ pub struct NetworkConfig {
     /// DHCP lease time in seconds.
     #[serde(default = "default_lease")]
     pub lease_s: u32,
+    /// Where traffic for addresses this host does not know goes.
+    #[serde(default)]
+    pub gateway_vtep: Option<Ipv4Addr>,
+    #[serde(default, rename = "route")]
+    pub routes: Vec<RouteConfig>,
     #[serde(rename = "subnet")]
     pub subnets: Vec<SubnetConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    pub cidr: String,
+    /// A VM address of the network, or "gateway-vtep".
+    pub via: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -255,12 +270,42 @@ impl Config {
                     n.lease_s
                 );
             }
+            let mut routes = Vec::new();
+            for (j, r) in n.routes.iter().enumerate() {
+                let at = || format!("network[{i}] (vni {}): route[{j}]", n.vni);
+                let cidr: Cidr = r
+                    .cidr
+                    .parse()
+                    .map_err(|e| anyhow::anyhow!("{}: field `cidr`: {e}", at()))?;
+                let via = match r.via.as_str() {
+                    "gateway-vtep" if n.gateway_vtep.is_some() => Via::GatewayVtep,
+                    "gateway-vtep" => bail!(
+                        "{}: field `via`: \"gateway-vtep\" but the network has no `gateway_vtep`",
+                        at()
+                    ),
+                    ip => {
+                        let ip: Ipv4Addr = ip
+                            .parse()
+                            .map_err(|_| anyhow::anyhow!("{}: field `via`: {ip:?} is neither a VM address nor \"gateway-vtep\"", at()))?;
+                        if !subnets.iter().any(|s: &Subnet| s.cidr.contains(ip)) {
+                            bail!(
+                                "{}: field `via`: {ip} is not inside the network's subnets",
+                                at()
+                            );
+                        }
+                        Via::Vm(ip)
+                    }
+                };
+                routes.push(Route { cidr, via });
+            }
             topo.add_network(Network {
                 vni,
                 subnets,
                 gateway_mac,
                 dns: n.dns.clone(),
                 lease_secs: n.lease_s,
+                routes,
+                gateway_vtep: n.gateway_vtep,
             })
             .with_context(|| format!("network[{i}]"))?;
         }
@@ -405,6 +450,30 @@ mod tests {
         );
         let e = err(&up("").replace("vtep = \"192.168.0.1\"", "vtep = \"224.0.0.1\""));
         assert!(e.contains("uplink: field `vtep`"), "{e}");
+        let route = |via: &str| {
+            GOOD.replace("gateway = \"10.0.0.1\"", &format!("gateway = \"10.0.0.1\"\n[[network.route]]\ncidr = \"172.16.0.0/12\"\nvia = \"{via}\""))
+        };
+        let e = err(&route("gateway-vtep"));
+        assert!(
+            e.contains(
+                "route[0]: field `via`: \"gateway-vtep\" but the network has no `gateway_vtep`"
+            ),
+            "{e}"
+        );
+        let e = err(&route("192.168.1.1"));
+        assert!(
+            e.contains("route[0]: field `via`: 192.168.1.1 is not inside"),
+            "{e}"
+        );
+        let e = err(&route("router"));
+        assert!(
+            e.contains("route[0]: field `via`: \"router\" is neither"),
+            "{e}"
+        );
+        assert!(Config::parse(&route("10.0.0.10"))
+            .unwrap()
+            .topology()
+            .is_ok());
         // A valid uplink is accepted and becomes the port after the VM ports.
         let c = Config::parse(&up("")).unwrap();
         assert_eq!(c.topology().unwrap().uplink.unwrap().port, PortId(2));

@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 use flowtable::{Mac, PortId};
 
 use crate::outcome::DropCause;
-use crate::topology::{Endpoint, Topology};
+use crate::topology::{Endpoint, Topology, Via};
 
 /// Where a packet from a local VM goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +29,8 @@ pub enum Next {
         vtep: Ipv4Addr,
         routed: bool,
     },
+    /// The network's gateway VTEP, for a destination this host does not know.
+    GatewayVtep { vtep: Ipv4Addr, routed: bool },
 }
 
 /// Decide for a packet from `src` to `dst` in network `vni`.
@@ -41,16 +43,32 @@ pub fn decide(topo: &Topology, vni: u32, src: Ipv4Addr, dst: Ipv4Addr) -> Result
         return Err(DropCause::BroadcastIp);
     }
     let routed = !subnet.cidr.contains(dst);
-    if routed {
-        let other = topo.subnet_of(vni, dst).ok_or(DropCause::NoRoute)?;
-        if dst == other.cidr.broadcast() {
-            return Err(DropCause::BroadcastIp);
+    let gateway_vtep = topo.network(vni).and_then(|n| n.gateway_vtep);
+    let target = if routed {
+        match topo.subnet_of(vni, dst) {
+            Some(other) if dst == other.cidr.broadcast() => return Err(DropCause::BroadcastIp),
+            Some(_) => dst,
+            // Outside the network's subnets: static routes, longest first.
+            None => match topo.route(vni, dst).map(|r| r.via) {
+                Some(Via::Vm(hop)) => hop,
+                Some(Via::GatewayVtep) => {
+                    let vtep = gateway_vtep.ok_or(DropCause::NoRoute)?;
+                    return Ok(Next::GatewayVtep { vtep, routed });
+                }
+                None => return Err(DropCause::NoRoute),
+            },
         }
-    }
-    match topo.lookup(vni, dst) {
+    } else {
+        dst
+    };
+    match topo.lookup(vni, target) {
         Some(Endpoint::Local { port, mac }) => Ok(Next::Local { port, mac, routed }),
         Some(Endpoint::Remote { mac, vtep }) => Ok(Next::Remote { mac, vtep, routed }),
         Some(Endpoint::Gateway { .. }) => Err(DropCause::ToGateway),
-        None => Err(DropCause::UnknownDestination),
+        // Unknown here: the gateway hypervisor knows every endpoint.
+        None => match gateway_vtep {
+            Some(vtep) => Ok(Next::GatewayVtep { vtep, routed }),
+            None => Err(DropCause::UnknownDestination),
+        },
     }
 }

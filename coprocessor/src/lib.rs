@@ -201,6 +201,15 @@ impl Coprocessor {
                             a
                         }
                     }
+                    // The gateway hypervisor routes it on: address its router.
+                    forward::Next::GatewayVtep { vtep, routed } => {
+                        let a = compile::to_remote(&self.topo, vni, vm.mac, gw_mac, vtep)?;
+                        if routed {
+                            compile::routed(a, gw_mac)
+                        } else {
+                            a
+                        }
+                    }
                 };
                 // The flow goes in either way; this first packet gets the
                 // answer the fast path would give the next ones (reinjected

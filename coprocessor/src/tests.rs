@@ -51,6 +51,8 @@ fn network(v: u32) -> Network {
         gateway_mac: GW_MAC,
         dns: vec![Ipv4Addr::new(10, 0, 0, 53)],
         lease_secs: 600,
+        routes: vec![],
+        gateway_vtep: None,
     }
 }
 
@@ -770,4 +772,81 @@ fn the_first_packet_of_a_flow_gets_its_icmp_answer_too() {
     let (out, sent) = through(&mut c, PortId(1), &big);
     assert!(sent.is_none());
     assert_eq!((out.tx[0].1[34], out.tx[0].1[35]), (3, 4));
+}
+
+#[test]
+fn static_routes_and_the_gateway_vtep() {
+    use crate::topology::{Route, Via};
+    let c = coprocessor();
+    // Network 200 gets routes: 172.16/12 via the appliance VM C itself
+    // (10.0.0.11), 172.16.5/24 (longer) and 0/0 via the gateway VTEP.
+    let gw_vtep = Ipv4Addr::new(192, 168, 0, 9);
+    let mut t = Topology::new(c.topology().uplink.clone());
+    for n in c.topology().networks() {
+        let mut n = n.clone();
+        if n.vni.get() == VNI2 {
+            n.gateway_vtep = Some(gw_vtep);
+            n.routes = vec![
+                Route {
+                    cidr: "172.16.0.0/12".parse().unwrap(),
+                    via: Via::Vm(B_IP),
+                },
+                Route {
+                    cidr: "172.16.5.0/24".parse().unwrap(),
+                    via: Via::GatewayVtep,
+                },
+                Route {
+                    cidr: "0.0.0.0/0".parse().unwrap(),
+                    via: Via::GatewayVtep,
+                },
+            ];
+        }
+        t.add_network(n).unwrap();
+    }
+    for vm in c.topology().vms() {
+        t.add_vm(vm.clone()).unwrap();
+    }
+    t.set_neighbor(gw_vtep, [2, 0xaa, 0, 0, 0, 9]);
+    t.set_neighbor(REMOTE_VTEP, NEXT_HOP);
+    let mut c = Coprocessor::new(t);
+    let c_mac = [2, 0, 0, 0, 0, 0x0c];
+    // C (10.0.0.11 in network 200) is the sender.
+    let from_c = |dst: Ipv4Addr| udp(c_mac, B_IP, dst);
+    // Via a VM: routed to the appliance (C itself here: hairpin to port 3).
+    let (out, sent) = through(&mut c, PortId(3), &from_c(Ipv4Addr::new(172, 17, 0, 1)));
+    assert_eq!(out.drop, None, "{out:?}");
+    let (port, f) = sent.expect("routed to the appliance");
+    assert_eq!(
+        (port, f[6..12].to_vec(), f[22]),
+        (PortId(3), GW_MAC.to_vec(), 63)
+    );
+    // Longer prefix wins: to the gateway VTEP, addressed to the router MAC.
+    let (out, sent) = through(&mut c, PortId(3), &from_c(Ipv4Addr::new(172, 16, 5, 1)));
+    assert_eq!(out.drop, None);
+    let (port, wire) = sent.expect("to the gateway VTEP");
+    assert_eq!(port, UPLINK);
+    assert_eq!(wire[30..34], gw_vtep.octets(), "outer destination");
+    assert_eq!(wire[vxlan::OUTER_LEN..vxlan::OUTER_LEN + 6], GW_MAC);
+    // Default route.
+    let (_, sent) = through(&mut c, PortId(3), &from_c(Ipv4Addr::new(8, 8, 8, 8)));
+    assert_eq!(sent.expect("default route").1[30..34], gw_vtep.octets());
+    // An address of the subnet this host does not know: the gateway VTEP.
+    let (_, sent) = through(&mut c, PortId(3), &from_c(Ipv4Addr::new(10, 0, 0, 77)));
+    assert_eq!(
+        sent.expect("unknown in-subnet address").1[30..34],
+        gw_vtep.octets()
+    );
+    // Network 100 has neither: unknown stays a counted drop.
+    let (out, _) = through(
+        &mut c,
+        PortId(1),
+        &udp(A_MAC, A_IP, Ipv4Addr::new(10, 0, 0, 77)),
+    );
+    assert_eq!(out.drop, Some(DropCause::UnknownDestination));
+    let (out, _) = through(
+        &mut c,
+        PortId(1),
+        &udp(A_MAC, A_IP, Ipv4Addr::new(8, 8, 8, 8)),
+    );
+    assert_eq!(out.drop, Some(DropCause::NoRoute));
 }

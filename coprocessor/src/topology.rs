@@ -76,6 +76,22 @@ pub struct Subnet {
     pub gateway: Ipv4Addr,
 }
 
+/// Where a static route sends its traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Via {
+    /// A VM of the network (an appliance: firewall, VPN, router VM).
+    Vm(Ipv4Addr),
+    /// The network's gateway VTEP.
+    GatewayVtep,
+}
+
+/// A static route of a tenant network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub cidr: Cidr,
+    pub via: Via,
+}
+
 /// A tenant network (one VNI).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Network {
@@ -87,6 +103,11 @@ pub struct Network {
     pub dns: Vec<Ipv4Addr>,
     /// DHCP lease time in seconds.
     pub lease_secs: u32,
+    /// Static routes, longest prefix first when used.
+    pub routes: Vec<Route>,
+    /// Where traffic for addresses this host does not know goes (a
+    /// gateway hypervisor that knows every endpoint: Hoverboard).
+    pub gateway_vtep: Option<Ipv4Addr>,
 }
 
 /// A VM attached to a port of this switch.
@@ -385,6 +406,17 @@ impl Topology {
             .find(|s| s.cidr.contains(ip))
     }
 
+    /// The longest static route of network `vni` containing `dst`.
+    pub fn route(&self, vni: u32, dst: Ipv4Addr) -> Option<Route> {
+        self.networks
+            .get(&vni)?
+            .routes
+            .iter()
+            .filter(|r| r.cidr.contains(dst))
+            .max_by_key(|r| r.cidr.len)
+            .copied()
+    }
+
     pub fn vms(&self) -> impl Iterator<Item = &LocalVm> {
         self.vms.values()
     }
@@ -400,6 +432,7 @@ impl Topology {
     /// VTEPs that remote endpoints live behind (for neighbour resolution).
     pub fn remote_vteps(&self) -> Vec<Ipv4Addr> {
         let mut v: Vec<_> = self.remotes.values().map(|r| r.vtep).collect();
+        v.extend(self.networks.values().filter_map(|n| n.gateway_vtep));
         v.sort();
         v.dedup();
         v
@@ -424,6 +457,8 @@ mod tests {
             gateway_mac: [2, 0, 0, 0, 0, 0xfe],
             dns: vec![],
             lease_secs: 3600,
+            routes: vec![],
+            gateway_vtep: None,
         }
     }
 
