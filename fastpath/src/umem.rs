@@ -192,13 +192,12 @@ impl FrameMem for FramePool {
         let size = 1usize << self.shift;
         let start_us = usize::try_from(start).ok()?;
         let off = usize::try_from(addr - start).ok()?;
-        // SAFETY: `start + size` lies within the region (start < chunks ×
-        // size = region size, both chunk-aligned). The slice covers only
-        // this chunk, which the caller owns (see the module's ownership
-        // rule), and borrows the pool mutably, so no other slice of it can
-        // exist at the same time.
-        let chunk =
-            unsafe { std::slice::from_raw_parts_mut(self.region.as_ptr().add(start_us), size) };
+        // The chunk lies inside the region: start < chunks × size, both
+        // chunk-aligned. The caller owns it (the module's ownership rule).
+        let p = self.region.as_ptr().wrapping_add(start_us);
+        // SAFETY: `p..p + size` is that in-bounds, user-owned chunk, and the
+        // slice borrows the pool mutably, so no other slice of it exists.
+        let chunk = unsafe { std::slice::from_raw_parts_mut(p, size) };
         Some((chunk, off))
     }
 }

@@ -22,6 +22,7 @@ thread_local! {
 // wrapper only counts, and reading a const-initialised thread-local Cell
 // neither allocates nor re-enters the allocator.
 unsafe impl GlobalAlloc for Counting {
+    // SAFETY: the caller upholds GlobalAlloc's contract, passed on to System as is.
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         if COUNTING.with(Cell::get) {
             ALLOCS.fetch_add(1, Ordering::Relaxed);
@@ -29,10 +30,12 @@ unsafe impl GlobalAlloc for Counting {
         // SAFETY: same contract as our caller's.
         unsafe { System.alloc(l) }
     }
+    // SAFETY: the caller upholds GlobalAlloc's contract, passed on to System as is.
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
         // SAFETY: `p` came from System.alloc with layout `l`.
         unsafe { System.dealloc(p, l) }
     }
+    // SAFETY: the caller upholds GlobalAlloc's contract, passed on to System as is.
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
         if COUNTING.with(Cell::get) {
             ALLOCS.fetch_add(1, Ordering::Relaxed);

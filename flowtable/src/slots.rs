@@ -51,11 +51,11 @@ impl<T: Zeroable> SlotArray<T> {
 impl<T: Zeroable> Deref for SlotArray<T> {
     type Target = [T];
     fn deref(&self) -> &[T] {
-        // SAFETY: `offset` aligns the start for T and the buffer holds
-        // `offset + len * size_of::<T>()` bytes (checked at construction).
-        // The bytes are valid Ts: they start as zeros (valid by
-        // `Zeroable`) and are only ever written through `&mut [T]`. The
-        // slice borrows `self`, so it cannot outlive the buffer.
+        // The buffer holds `offset + len * size_of::<T>()` bytes (checked
+        // at construction); its bytes start as zeros and are only written
+        // through `&mut [T]`.
+        // SAFETY: `offset` aligns the start for T, the range is in bounds, the
+        // bytes are valid Ts (`Zeroable`), and the slice borrows `self`.
         unsafe {
             std::slice::from_raw_parts(self.buf.as_ptr().add(self.offset).cast::<T>(), self.len)
         }
