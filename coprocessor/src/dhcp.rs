@@ -217,41 +217,25 @@ fn udp_payload(f: &[u8]) -> Option<&[u8]> {
 
 /// An Ethernet/IPv4/UDP(67 → 68) frame around `payload`, checksums set.
 fn udp_frame(src_mac: Mac, dst_mac: Mac, src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
-    let udp_len = 8 + payload.len();
-    let ip_len = 20 + udp_len;
-    let mut f = vec![0u8; 14 + ip_len];
-    f[0..6].copy_from_slice(&dst_mac);
-    f[6..12].copy_from_slice(&src_mac);
-    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let ip_len16 = u16::try_from(ip_len).unwrap_or(u16::MAX);
-    let udp_len16 = u16::try_from(udp_len).unwrap_or(u16::MAX);
-    {
-        let ip = &mut f[14..34];
-        ip[0] = 0x45;
-        ip[2..4].copy_from_slice(&ip_len16.to_be_bytes());
-        ip[8] = 64;
-        ip[9] = 17;
-        ip[12..16].copy_from_slice(&src.octets());
-        ip[16..20].copy_from_slice(&dst.octets());
-        let c = vxlan::checksum::checksum(ip);
-        ip[10..12].copy_from_slice(&c.to_be_bytes());
-    }
-    f[34..36].copy_from_slice(&SERVER_PORT.to_be_bytes());
-    f[36..38].copy_from_slice(&CLIENT_PORT.to_be_bytes());
-    f[38..40].copy_from_slice(&udp_len16.to_be_bytes());
-    f[42..].copy_from_slice(payload);
+    let udp_len16 = u16::try_from(8 + payload.len()).unwrap_or(u16::MAX);
+    let mut udp = Vec::with_capacity(8 + payload.len());
+    udp.extend_from_slice(&SERVER_PORT.to_be_bytes());
+    udp.extend_from_slice(&CLIENT_PORT.to_be_bytes());
+    udp.extend_from_slice(&udp_len16.to_be_bytes());
+    udp.extend_from_slice(&[0, 0]);
+    udp.extend_from_slice(payload);
     // UDP checksum over the pseudo-header and the datagram.
-    let mut sum = vxlan::checksum::sum(&src.octets())
+    let sum = vxlan::checksum::sum(&src.octets())
         + vxlan::checksum::sum(&dst.octets())
         + 17
-        + u32::from(udp_len16);
-    sum += vxlan::checksum::sum(&f[34..]);
+        + u32::from(udp_len16)
+        + vxlan::checksum::sum(&udp);
     let c = match !vxlan::checksum::fold(sum) {
         0 => 0xffff,
         c => c,
     };
-    f[40..42].copy_from_slice(&c.to_be_bytes());
-    f
+    udp[6..8].copy_from_slice(&c.to_be_bytes());
+    crate::reply::ipv4_frame(src_mac, dst_mac, src, dst, 17, &udp)
 }
 
 /// A reply as a client sees it (tests): type, yiaddr, options (kind, data).

@@ -35,22 +35,8 @@ fn src_ip(f: &[u8]) -> Option<Ipv4Addr> {
 
 /// Ethernet + IPv4 (protocol ICMP) around `icmp`, checksums set.
 fn frame(src_mac: Mac, dst_mac: Mac, src: Ipv4Addr, dst: Ipv4Addr, icmp: &[u8]) -> Vec<u8> {
-    let ip_len = 20 + icmp.len();
-    let mut f = vec![0u8; ETH + ip_len];
-    f[0..6].copy_from_slice(&dst_mac);
-    f[6..12].copy_from_slice(&src_mac);
-    f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-    let ip = &mut f[ETH..ETH + 20];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&u16::try_from(ip_len).unwrap_or(u16::MAX).to_be_bytes());
-    ip[8] = 64;
-    ip[9] = PROTO_ICMP;
-    ip[12..16].copy_from_slice(&src.octets());
-    ip[16..20].copy_from_slice(&dst.octets());
-    let c = checksum::checksum(ip);
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
+    let mut f = crate::reply::ipv4_frame(src_mac, dst_mac, src, dst, PROTO_ICMP, icmp);
     let body = &mut f[ETH + 20..];
-    body.copy_from_slice(icmp);
     body[2..4].fill(0);
     let c = checksum::checksum(body);
     body[2..4].copy_from_slice(&c.to_be_bytes());

@@ -18,6 +18,7 @@ pub mod dhcp;
 pub mod forward;
 pub mod icmp;
 pub mod outcome;
+pub mod reply;
 pub mod topology;
 
 use std::net::Ipv4Addr;

@@ -348,6 +348,7 @@ impl Dataplane {
             PortIo::Xsk(x) => {
                 x.complete(&mut self.pool);
                 x.refill(&mut self.pool, VM_RESERVE);
+                x.wake_rx_if_needed();
                 let (descs, c) = (&mut self.descs, &mut port.counters);
                 x.recv(BATCH, |d| {
                     c.rx_packets += 1;

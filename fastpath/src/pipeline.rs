@@ -83,6 +83,17 @@ pub struct PipelineCounters {
     pub drops: DropCounters,
 }
 
+impl PipelineCounters {
+    /// One drop, counted per thread and against its ingress port.
+    #[inline(always)]
+    pub fn count_drop(&mut self, ingress: PortId, r: DropReason) {
+        self.drops.bump(r);
+        if let Some(p) = self.port_drops.get_mut(usize::from(ingress.0)) {
+            p.bump(r);
+        }
+    }
+}
+
 #[derive(Clone, Copy, Default)]
 struct Meta {
     desc: Desc,
@@ -145,10 +156,7 @@ impl Pipeline {
     /// Count a drop that happened after the pipeline (on the punt path, in
     /// a port driver) against the port the frame came in on.
     pub fn count_drop(&mut self, ingress: PortId, r: DropReason) {
-        self.counters.drops.bump(r);
-        if let Some(p) = self.counters.port_drops.get_mut(usize::from(ingress.0)) {
-            p.bump(r);
-        }
+        self.counters.count_drop(ingress, r);
     }
 
     pub fn classifier(&self) -> &Classifier {
@@ -279,10 +287,7 @@ fn drop_into(
     d: Desc,
     r: DropReason,
 ) {
-    c.drops.bump(r);
-    if let Some(p) = c.port_drops.get_mut(usize::from(ingress.0)) {
-        p.bump(r);
-    }
+    c.count_drop(ingress, r);
     // `dropped` holds a batch; process() consumes at most one.
     let _ = out.dropped.try_push(d);
 }

@@ -166,6 +166,13 @@ impl<T: Copy> Ring<T> {
         unsafe { self.descs.as_ptr().add((i & self.mask) as usize) }
     }
 
+    /// As producer: entries free for us to fill.
+    fn room(&self) -> usize {
+        let prod = self.producer().load(Ordering::Relaxed);
+        let cons = self.consumer().load(Ordering::Acquire);
+        ((self.mask + 1) - prod.wrapping_sub(cons)) as usize
+    }
+
     /// As producer: push up to all of `items`; returns how many.
     fn produce(&mut self, items: impl ExactSizeIterator<Item = T>) -> usize {
         let prod = self.producer().load(Ordering::Relaxed);
@@ -233,8 +240,6 @@ pub struct XskSocket {
     rx: Ring<XdpDesc>,
     tx: Ring<XdpDesc>,
     fd: OwnedFd,
-    /// Frames handed to the TX ring and not yet completed.
-    pub tx_in_flight: u32,
 }
 
 /// `size_of::<T>()` as a socklen_t (our structs are a few dozen bytes).
@@ -332,7 +337,6 @@ impl XskSocket {
             rx,
             tx,
             fd,
-            tx_in_flight: 0,
         })
     }
 
@@ -343,7 +347,13 @@ impl XskSocket {
     /// Give free chunks to the kernel for receiving, keeping `reserve` on
     /// the free list for VM ports. Returns how many were given.
     pub fn refill(&mut self, pool: &mut FramePool, reserve: usize) -> usize {
-        let n = pool.free_count().saturating_sub(reserve).min(64);
+        // Only take what the ring can hold: with a full fill ring (the idle
+        // steady state) this takes nothing from the pool.
+        let n = pool
+            .free_count()
+            .saturating_sub(reserve)
+            .min(64)
+            .min(self.fill.room());
         let mut addrs = [0u64; 64];
         let mut k = 0;
         while k < n {
@@ -381,7 +391,6 @@ impl XskSocket {
             len: d.len,
             options: 0,
         }));
-        self.tx_in_flight += u32::try_from(n).unwrap_or(u32::MAX);
         if n > 0 && self.tx.needs_wakeup() {
             // SAFETY: a zero-length sendto on our socket is the AF_XDP TX
             // kick; no buffer is read.
@@ -401,17 +410,27 @@ impl XskSocket {
 
     /// Return completed transmissions to the pool.
     pub fn complete(&mut self, pool: &mut FramePool) -> usize {
-        let n = self.comp.consume(256, |a| pool.release(a));
-        self.tx_in_flight = self
-            .tx_in_flight
-            .saturating_sub(u32::try_from(n).unwrap_or(u32::MAX));
-        n
+        self.comp.consume(256, |a| pool.release(a))
     }
 
-    /// True if the kernel wants a wakeup to pick up fill-ring entries
-    /// (poll(2) on the fd does that).
-    pub fn fill_needs_wakeup(&self) -> bool {
-        self.fill.needs_wakeup()
+    /// If the kernel asked for it (need-wakeup on the fill ring: the driver
+    /// ran out of buffers and stopped), wake it to take the refilled ones.
+    /// A syscall only when asked, never per packet.
+    pub fn wake_rx_if_needed(&self) {
+        if self.fill.needs_wakeup() {
+            // SAFETY: a zero-length non-blocking recvfrom on our socket only
+            // kicks the driver; no buffer is written.
+            unsafe {
+                libc::recvfrom(
+                    self.fd(),
+                    std::ptr::null_mut(),
+                    0,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                )
+            };
+        }
     }
 
     /// The kernel's drop counters for this socket.
