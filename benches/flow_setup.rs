@@ -42,6 +42,7 @@ fn setup() -> (Coprocessor, Vec<(Vec<u8>, FlowKey)>) {
         lease_secs: 3600,
         routes: vec![],
         gateway_vtep: None,
+        snat: false,
     })
     .unwrap();
     t.add_vm(LocalVm {
@@ -51,6 +52,8 @@ fn setup() -> (Coprocessor, Vec<(Vec<u8>, FlowKey)>) {
         ips: vec![Ipv4Addr::new(10, 0, 0, 10)],
         vni,
         hostname: None,
+        groups: vec![],
+        floating_ip: None,
     })
     .unwrap();
     // 1 000 remote VMs on 16 hypervisors, half of them in the other subnet
@@ -64,6 +67,7 @@ fn setup() -> (Coprocessor, Vec<(Vec<u8>, FlowKey)>) {
             mac: [2, 1, 0, 0, b[2], b[3]],
             vni,
             vtep,
+            groups: vec![],
         })
         .unwrap();
         t.set_neighbor(vtep, [2, 0xbb, 0, 0, 0, u8::try_from(i % 16).unwrap()]);

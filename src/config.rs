@@ -10,8 +10,10 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
+use coprocessor::acl::{Direction, Peer, Policy, Rule, SecurityGroup};
+use coprocessor::conntrack::{Limits, Timeouts};
 use coprocessor::topology::{
-    Cidr, LocalVm, Network, RemoteVm, Route, Subnet, Topology, Uplink, Via,
+    Cidr, External, LocalVm, Network, RemoteVm, Route, Subnet, Topology, Uplink, Via,
 };
 use flowtable::{Mac, PortId, Vni};
 use serde::Deserialize;
@@ -30,6 +32,241 @@ pub struct Config {
     pub vms: Vec<VmConfig>,
     #[serde(default, rename = "remote")]
     pub remotes: Vec<RemoteConfig>,
+    #[serde(default, rename = "security_group")]
+    pub security_groups: Vec<SecurityGroupConfig>,
+    pub external: Option<ExternalConfig>,
+    #[serde(default)]
+    pub conntrack: ConntrackConfig,
+}
+
+/// A security group: rules, checked in order, first match admits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecurityGroupConfig {
+    pub name: String,
+    #[serde(default, rename = "rule")]
+    pub rules: Vec<RuleConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DirectionConfig {
+    Ingress,
+    Egress,
+}
+
+/// One rule. The peer is `cidr` or `remote_group` (neither: anywhere).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    pub direction: DirectionConfig,
+    /// "tcp", "udp", "icmp", "any" or a protocol number.
+    #[serde(default = "any")]
+    pub protocol: String,
+    /// 80, "80", "1000-2000" (ICMP: types); all if absent.
+    #[serde(default)]
+    pub ports: Option<PortsConfig>,
+    #[serde(default)]
+    pub cidr: Option<String>,
+    #[serde(default)]
+    pub remote_group: Option<String>,
+}
+
+/// A port as a number, or a range as text.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PortsConfig {
+    One(u16),
+    Text(String),
+}
+
+fn any() -> String {
+    "any".into()
+}
+
+/// The external (provider) network: SNAT and floating IPs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExternalConfig {
+    /// A `[[port]]` facing the external network.
+    pub port: String,
+    /// Our MAC on it (default: derived from the first address).
+    #[serde(default)]
+    pub mac: Option<String>,
+    /// The external subnet.
+    pub cidr: String,
+    /// Next hop for destinations outside `cidr`.
+    #[serde(default)]
+    pub gateway: Option<Ipv4Addr>,
+    /// SNAT addresses.
+    #[serde(default)]
+    pub snat: Vec<Ipv4Addr>,
+    /// SNAT port range, "lo-hi".
+    #[serde(default = "default_snat_ports")]
+    pub snat_ports: String,
+    /// SNAT ports one VM may hold.
+    #[serde(default = "default_per_vm_ports")]
+    pub per_vm_ports: u32,
+}
+
+fn default_snat_ports() -> String {
+    "1024-65535".into()
+}
+
+fn default_per_vm_ports() -> u32 {
+    8192
+}
+
+/// Connection tracking limits and timeouts (seconds).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConntrackConfig {
+    pub max: usize,
+    pub per_vm: u32,
+    pub tcp_syn_s: u64,
+    pub tcp_established_s: u64,
+    pub tcp_closing_s: u64,
+    pub tcp_closed_s: u64,
+    pub udp_first_s: u64,
+    pub udp_stream_s: u64,
+    pub icmp_s: u64,
+}
+
+impl Default for ConntrackConfig {
+    fn default() -> Self {
+        let t = Timeouts::default();
+        let l = Limits::default();
+        let s = |ns: u64| ns / 1_000_000_000;
+        ConntrackConfig {
+            max: l.max,
+            per_vm: l.per_vm,
+            tcp_syn_s: s(t.tcp_syn),
+            tcp_established_s: s(t.tcp_established),
+            tcp_closing_s: s(t.tcp_closing),
+            tcp_closed_s: s(t.tcp_closed),
+            udp_first_s: s(t.udp_first),
+            udp_stream_s: s(t.udp_stream),
+            icmp_s: s(t.icmp),
+        }
+    }
+}
+
+impl ConntrackConfig {
+    /// Checked limits and timeouts.
+    pub fn build(&self) -> Result<(Timeouts, Limits)> {
+        if self.max == 0 || self.per_vm == 0 {
+            bail!("conntrack: fields `max` and `per_vm` must be at least 1");
+        }
+        let mut t = Timeouts::default();
+        for (name, v, slot) in [
+            ("tcp_syn_s", self.tcp_syn_s, &mut t.tcp_syn),
+            (
+                "tcp_established_s",
+                self.tcp_established_s,
+                &mut t.tcp_established,
+            ),
+            ("tcp_closing_s", self.tcp_closing_s, &mut t.tcp_closing),
+            ("tcp_closed_s", self.tcp_closed_s, &mut t.tcp_closed),
+            ("udp_first_s", self.udp_first_s, &mut t.udp_first),
+            ("udp_stream_s", self.udp_stream_s, &mut t.udp_stream),
+            ("icmp_s", self.icmp_s, &mut t.icmp),
+        ] {
+            if v == 0 || v > 30 * 24 * 3600 {
+                bail!("conntrack: field `{name}`: {v} is not in 1..=2592000 seconds");
+            }
+            *slot = v * 1_000_000_000;
+        }
+        Ok((
+            t,
+            Limits {
+                max: self.max,
+                per_vm: self.per_vm,
+            },
+        ))
+    }
+}
+
+/// Everything the coprocessors start from.
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub topo: Topology,
+    pub policy: Policy,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+}
+
+/// "80" or "1000-2000".
+fn parse_range(s: &str) -> Option<(u16, u16)> {
+    match s.split_once('-') {
+        Some((a, b)) => Some((a.trim().parse().ok()?, b.trim().parse().ok()?)),
+        None => {
+            let p = s.trim().parse().ok()?;
+            Some((p, p))
+        }
+    }
+}
+
+fn parse_proto(s: &str) -> Option<Option<u8>> {
+    match s {
+        "any" => Some(None),
+        "tcp" => Some(Some(6)),
+        "udp" => Some(Some(17)),
+        "icmp" => Some(Some(1)),
+        n => n.parse().ok().map(Some),
+    }
+}
+
+impl SecurityGroupConfig {
+    fn build(&self, i: usize) -> Result<SecurityGroup> {
+        let mut rules = Vec::new();
+        for (j, r) in self.rules.iter().enumerate() {
+            let at = || format!("security_group[{i}] ({}): rule[{j}]", self.name);
+            rules.push(r.build().map_err(|e| anyhow::anyhow!("{}: {e}", at()))?);
+        }
+        Ok(SecurityGroup {
+            name: self.name.clone(),
+            rules,
+        })
+    }
+}
+
+impl RuleConfig {
+    /// The rule, or an error naming the field.
+    pub fn build(&self) -> Result<Rule, String> {
+        let proto = parse_proto(&self.protocol).ok_or_else(|| {
+            format!(
+                "field `protocol`: {:?} is not tcp, udp, icmp, any or a number",
+                self.protocol
+            )
+        })?;
+        let ports = match &self.ports {
+            None => (0, u16::MAX),
+            Some(PortsConfig::One(p)) => (*p, *p),
+            Some(PortsConfig::Text(p)) => parse_range(p)
+                .filter(|(a, b)| a <= b)
+                .ok_or_else(|| format!("field `ports`: {p:?} is not PORT or LOW-HIGH"))?,
+        };
+        let peer = match (&self.cidr, &self.remote_group) {
+            (Some(_), Some(_)) => {
+                return Err("fields `cidr` and `remote_group`: give one, not both".into())
+            }
+            (Some(c), None) => Peer::Cidr(c.parse().map_err(|e| format!("field `cidr`: {e}"))?),
+            (None, Some(g)) => Peer::Group(g.clone()),
+            (None, None) => Peer::Cidr(Cidr::new(Ipv4Addr::UNSPECIFIED, 0).unwrap_or(Cidr {
+                addr: Ipv4Addr::UNSPECIFIED,
+                len: 0,
+            })),
+        };
+        Ok(Rule {
+            direction: match self.direction {
+                DirectionConfig::Ingress => Direction::Ingress,
+                DirectionConfig::Egress => Direction::Egress,
+            },
+            proto,
+            ports,
+            peer,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -126,6 +363,9 @@ pub struct NetworkConfig {
     pub routes: Vec<RouteConfig>,
     #[serde(rename = "subnet")]
     pub subnets: Vec<SubnetConfig>,
+    /// VMs may reach the external network through SNAT.
+    #[serde(default)]
+    pub snat: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -147,6 +387,12 @@ pub struct VmConfig {
     /// Handed out by DHCP if set.
     #[serde(default)]
     pub hostname: Option<String>,
+    /// Security groups; none: the VM is not filtered.
+    #[serde(default)]
+    pub security_groups: Vec<String>,
+    /// An external address mapped 1:1 to the VM's first address.
+    #[serde(default)]
+    pub floating_ip: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -156,6 +402,9 @@ pub struct RemoteConfig {
     pub ip: Ipv4Addr,
     pub mac: String,
     pub vtep: Ipv4Addr,
+    /// Its security groups (for remote-group rules).
+    #[serde(default)]
+    pub security_groups: Vec<String>,
 }
 
 /// Parse "aa:bb:cc:dd:ee:ff".
@@ -196,6 +445,12 @@ impl Config {
 
     /// Check the whole configuration and build the coprocessor's view of it.
     pub fn topology(&self) -> Result<Topology> {
+        Ok(self.build()?.topo)
+    }
+
+    /// Check the whole configuration and build everything the
+    /// coprocessors start from.
+    pub fn build(&self) -> Result<Built> {
         let s = &self.switch;
         if s.coprocessor_threads == 0 || s.coprocessor_threads > 64 {
             bail!(
@@ -237,6 +492,17 @@ impl Config {
             ttl: 64,
         });
         let mut topo = Topology::new(uplink);
+        let groups = self
+            .security_groups
+            .iter()
+            .enumerate()
+            .map(|(i, g)| g.build(i))
+            .collect::<Result<Vec<_>>>()?;
+        let mut policy = Policy::new(groups).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let (timeouts, limits) = self.conntrack.build()?;
+        if let Some(e) = &self.external {
+            topo.external = Some(self.external(e, &ids)?);
+        }
         for (i, n) in self.networks.iter().enumerate() {
             let vni = Vni::new(n.vni).with_context(|| {
                 format!(
@@ -306,6 +572,7 @@ impl Config {
                 lease_secs: n.lease_s,
                 routes,
                 gateway_vtep: n.gateway_vtep,
+                snat: n.snat,
             })
             .with_context(|| format!("network[{i}]"))?;
         }
@@ -328,6 +595,21 @@ impl Config {
                     v.name, v.network
                 )
             })?;
+            let groups = policy
+                .resolve(&format!("vm[{i}] ({})", v.name), &v.security_groups)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            if topo.external.as_ref().is_some_and(|e| e.port == port) {
+                bail!(
+                    "vm[{i}] ({}): field `port`: {:?} is the external network's port",
+                    v.name,
+                    v.port
+                );
+            }
+            for g in &groups {
+                for ip in &v.ips {
+                    policy.add_member(*g, v.network, *ip);
+                }
+            }
             topo.add_vm(LocalVm {
                 name: v.name.clone(),
                 port,
@@ -335,6 +617,8 @@ impl Config {
                 ips: v.ips.clone(),
                 vni,
                 hostname: v.hostname.clone(),
+                groups,
+                floating_ip: v.floating_ip,
             })
             .with_context(|| format!("vm[{i}]"))?;
         }
@@ -351,15 +635,79 @@ impl Config {
                     r.ip, r.network
                 )
             })?;
+            let groups = policy
+                .resolve(&format!("remote[{i}] ({})", r.ip), &r.security_groups)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            for g in &groups {
+                policy.add_member(*g, r.network, r.ip);
+            }
             topo.add_remote(RemoteVm {
                 ip: r.ip,
                 mac,
                 vni,
                 vtep: r.vtep,
+                groups,
             })
             .with_context(|| format!("remote[{i}]"))?;
         }
-        Ok(topo)
+        Ok(Built {
+            topo,
+            policy,
+            timeouts,
+            limits,
+        })
+    }
+
+    fn external(&self, e: &ExternalConfig, ids: &HashMap<String, PortId>) -> Result<External> {
+        let port = *ids.get(&e.port).with_context(|| {
+            format!(
+                "external: field `port`: {:?} is not a configured port",
+                e.port
+            )
+        })?;
+        let cidr: Cidr = e
+            .cidr
+            .parse()
+            .map_err(|err| anyhow::anyhow!("external: field `cidr`: {err}"))?;
+        for a in &e.snat {
+            if !cidr.contains(*a) || *a == cidr.addr || *a == cidr.broadcast() {
+                bail!("external: field `snat`: {a} is not a host address of {cidr}");
+            }
+        }
+        if let Some(g) = e.gateway {
+            if !cidr.contains(g) {
+                bail!("external: field `gateway`: {g} is not inside {cidr}");
+            }
+        }
+        let ports = parse_range(&e.snat_ports)
+            .filter(|(a, b)| a <= b && *a > 0)
+            .with_context(|| {
+                format!(
+                    "external: field `snat_ports`: {:?} is not LOW-HIGH within 1..=65535",
+                    e.snat_ports
+                )
+            })?;
+        if e.per_vm_ports == 0 {
+            bail!("external: field `per_vm_ports`: must be at least 1");
+        }
+        let mac = match &e.mac {
+            Some(m) => parse_mac(m)
+                .filter(|m| m[0] & 1 == 0)
+                .with_context(|| format!("external: field `mac`: {m:?} is not a unicast MAC"))?,
+            None => {
+                let a = e.snat.first().copied().unwrap_or(cidr.addr).octets();
+                [0x02, 0xee, a[0], a[1], a[2], a[3]]
+            }
+        };
+        Ok(External {
+            port,
+            mac,
+            cidr,
+            gateway: e.gateway,
+            snat: e.snat.clone(),
+            ports,
+            per_vm_ports: e.per_vm_ports,
+        })
     }
 }
 
@@ -481,6 +829,139 @@ mod tests {
         assert!(e.contains("port[1]: field `name`"), "{e}");
         let e = err(&GOOD.replace("poll = \"adaptive\"", "coprocessor_threads = 0"));
         assert!(e.contains("coprocessor_threads"), "{e}");
+    }
+
+    const SERVICES: &str = r#"
+        [[port]]
+        name = "ext0"
+        type = "tap"
+
+        [[security_group]]
+        name = "web"
+        [[security_group.rule]]
+        direction = "ingress"
+        protocol = "tcp"
+        ports = 80
+        [[security_group.rule]]
+        direction = "ingress"
+        protocol = "icmp"
+        remote_group = "web"
+        [[security_group.rule]]
+        direction = "egress"
+
+        [external]
+        port = "ext0"
+        cidr = "203.0.113.0/24"
+        gateway = "203.0.113.1"
+        snat = ["203.0.113.10"]
+        snat_ports = "20000-29999"
+
+        [conntrack]
+        per_vm = 100
+        udp_first_s = 10
+    "#;
+
+    fn services(edit: impl Fn(String) -> String) -> String {
+        let vm_b = "ips = [\"10.0.0.11\"]\n        network = 100";
+        let good = GOOD.replace(
+            vm_b,
+            &format!("{vm_b}\n        security_groups = [\"web\"]\n        floating_ip = \"203.0.113.50\""),
+        );
+        edit(format!("{good}{SERVICES}"))
+    }
+
+    #[test]
+    fn security_groups_nat_and_conntrack_build() {
+        let c = Config::parse(&services(|s| s)).unwrap();
+        let b = c.build().unwrap();
+        let ext = b.topo.external.as_ref().unwrap();
+        assert_eq!(ext.port, PortId(2));
+        assert_eq!(ext.ports, (20000, 29999));
+        assert_eq!(b.policy.groups()[0].rules.len(), 3);
+        assert_eq!(b.policy.groups()[0].rules[0].ports, (80, 80));
+        assert_eq!(b.limits.per_vm, 100);
+        assert_eq!(b.timeouts.udp_first, 10_000_000_000);
+        let vm = b.topo.vm_on(PortId(1)).unwrap();
+        assert_eq!(vm.groups, [0]);
+        assert_eq!(
+            b.topo.external_addr(Ipv4Addr::new(203, 0, 113, 50)),
+            Some(coprocessor::topology::ExternalAddr::Floating(PortId(1)))
+        );
+    }
+
+    #[test]
+    fn service_errors_name_the_object_and_field() {
+        let e = err(&services(|s| {
+            s.replace("security_groups = [\"web\"]", "security_groups = [\"db\"]")
+        }));
+        assert!(
+            e.contains("vm[1] (b): field `security_groups`: no group named db"),
+            "{e}"
+        );
+        let e = err(&services(|s| s.replace("ports = 80", "ports = \"90-80\"")));
+        assert!(
+            e.contains("security_group[0] (web): rule[0]: field `ports`"),
+            "{e}"
+        );
+        let e = err(&services(|s| {
+            s.replace(
+                "remote_group = \"web\"",
+                "remote_group = \"web\"\n        cidr = \"10.0.0.0/8\"",
+            )
+        }));
+        assert!(
+            e.contains("rule[1]: fields `cidr` and `remote_group`"),
+            "{e}"
+        );
+        let e = err(&services(|s| {
+            s.replace("remote_group = \"web\"", "remote_group = \"nope\"")
+        }));
+        assert!(
+            e.contains("security group web: rule 1: field `remote_group`: no group named nope"),
+            "{e}"
+        );
+        let e = err(&services(|s| {
+            s.replace("protocol = \"tcp\"", "protocol = \"tpc\"")
+        }));
+        assert!(e.contains("rule[0]: field `protocol`: \"tpc\""), "{e}");
+        let e = err(&services(|s| {
+            s.replace("snat = [\"203.0.113.10\"]", "snat = [\"198.51.100.1\"]")
+        }));
+        assert!(
+            e.contains("external: field `snat`: 198.51.100.1 is not a host address"),
+            "{e}"
+        );
+        let e = err(&services(|s| s.replace("203.0.113.50", "198.51.100.50")));
+        assert!(
+            e.contains("vm b: field `floating_ip`: 198.51.100.50 is not inside"),
+            "{e}"
+        );
+        let e = err(&services(|s| s.replace("203.0.113.50", "203.0.113.10")));
+        assert!(e.contains("is an SNAT address"), "{e}");
+        let e = err(&services(|s| {
+            s.replace("port = \"ext0\"", "port = \"tap-a\"")
+        }));
+        assert!(
+            e.contains("vm[0] (a): field `port`: \"tap-a\" is the external network's port"),
+            "{e}"
+        );
+        let e = err(&services(|s| {
+            s.replace("snat_ports = \"20000-29999\"", "snat_ports = \"0-10\"")
+        }));
+        assert!(e.contains("external: field `snat_ports`"), "{e}");
+        let e = err(&services(|s| {
+            s.replace("udp_first_s = 10", "udp_first_s = 0")
+        }));
+        assert!(e.contains("conntrack: field `udp_first_s`"), "{e}");
+        // A floating IP without an external network.
+        let e = err(&GOOD.replace(
+            "network = 100\n        [[vm]]",
+            "network = 100\n        floating_ip = \"203.0.113.9\"\n        [[vm]]",
+        ));
+        assert!(
+            e.contains("field `floating_ip`: the switch has no [external] network"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -3,34 +3,50 @@
 //! one JSON document; and `vswitch ctl`, its command-line client.
 
 use std::io::{BufRead, BufReader, Read, Write};
+use std::net::Ipv4Addr;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use fastpath::dataplane::{FlowDump, Request, Snapshot};
+use coprocessor::acl::{Direction, Peer, Rule};
+use coprocessor::{lock, Coprocessor};
+use crossbeam_queue::ArrayQueue;
+use fastpath::dataplane::{FlowDump, Install, Request, Snapshot};
 use fastpath::wake::Wake;
 use fastpath::PuntReason;
-use flowtable::{Ingress, Output};
+use flowtable::{Ingress, Output, PortId};
 use serde_json::{json, Value};
-use tracing::warn;
+use tracing::{info, warn};
 
 /// Largest request accepted.
 const MAX_REQUEST: u64 = 64 * 1024;
 
 pub struct Server {
     listener: UnixListener,
-    requests: Sender<Request>,
-    wake: Arc<Wake>,
+    links: Links,
+}
+
+/// What the control thread reaches.
+pub struct Links {
+    /// Questions to the fast-path thread.
+    pub requests: Sender<Request>,
+    pub wake: Arc<Wake>,
+    /// Flow changes for the fast path (policy revalidation).
+    pub installs: Arc<ArrayQueue<Install>>,
+    /// A coprocessor on the switch's shared state (policy changes, views).
+    pub coprocessor: Coprocessor,
+    /// Time zero of the fast path's clock.
+    pub epoch: Instant,
 }
 
 impl Server {
     /// Listen on `path` with mode 0600 (a stale socket file is replaced).
-    pub fn bind(path: &Path, requests: Sender<Request>, wake: Arc<Wake>) -> Result<Server> {
+    pub fn bind(path: &Path, links: Links) -> Result<Server> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
@@ -48,19 +64,15 @@ impl Server {
             UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
-        Ok(Server {
-            listener,
-            requests,
-            wake,
-        })
+        Ok(Server { listener, links })
     }
 
     /// Answer requests until `stop` is set.
-    pub fn serve(&self, stop: &AtomicBool) {
+    pub fn serve(&mut self, stop: &AtomicBool) {
         while !stop.load(Ordering::Relaxed) {
             match self.listener.accept() {
                 Ok((s, _)) => {
-                    if let Err(e) = self.handle(s) {
+                    if let Err(e) = self.handle(s, stop) {
                         warn!("control request failed: {e:#}");
                     }
                 }
@@ -75,7 +87,7 @@ impl Server {
         }
     }
 
-    fn handle(&self, s: UnixStream) -> Result<()> {
+    fn handle(&mut self, s: UnixStream, stop: &AtomicBool) -> Result<()> {
         s.set_nonblocking(false)?;
         s.set_read_timeout(Some(Duration::from_secs(2)))?;
         let mut line = String::new();
@@ -83,9 +95,17 @@ impl Server {
         let reply = match serde_json::from_str::<Value>(&line) {
             Err(e) => json!({"error": format!("request is not JSON: {e}")}),
             Ok(v) => match v.get("cmd").and_then(Value::as_str) {
-                Some("stats") => self.ask(Request::Stats).map(|s| stats_json(&s)),
+                Some("stats") => self.ask(Request::Stats).map(|s| {
+                    let mut v = stats_json(&s);
+                    v["conntrack"] = self.conntrack_counters();
+                    v
+                }),
                 Some("flows") => self.ask(Request::Flows).map(|f| flows_json(&f)),
-                Some(other) => Ok(json!({"error": format!("field `cmd`: unknown command {other:?} (known: stats, flows)")})),
+                Some("conntrack") => Ok(self.conntrack_json()),
+                Some("nat") => Ok(self.nat_json()),
+                Some("security-groups") => Ok(self.groups_json()),
+                Some("security-group-set") => self.set_group(&v, stop),
+                Some(other) => Ok(json!({"error": format!("field `cmd`: unknown command {other:?} (known: stats, flows, conntrack, nat, security-groups, security-group-set)")})),
                 None => Ok(json!({"error": "field `cmd` is missing or not a string"})),
             }
             .unwrap_or_else(|e| json!({"error": format!("{e:#}")})),
@@ -98,13 +118,184 @@ impl Server {
 
     fn ask<T>(&self, make: impl FnOnce(Sender<T>) -> Request) -> Result<T> {
         let (tx, rx) = mpsc::channel();
-        self.requests
+        self.links
+            .requests
             .send(make(tx))
             .context("the fast-path thread is gone")?;
-        self.wake.notify();
+        self.links.wake.notify();
         rx.recv_timeout(Duration::from_secs(2))
             .context("the fast-path thread did not answer within 2 s")
     }
+}
+
+impl Server {
+    fn now(&self) -> u64 {
+        u64::try_from(self.links.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    fn vm_name(&self, port: PortId) -> String {
+        self.links
+            .coprocessor
+            .topology()
+            .vm_on(port)
+            .map_or_else(|| format!("port {}", port.0), |v| v.name.clone())
+    }
+
+    fn conntrack_counters(&self) -> Value {
+        let sh = lock(self.links.coprocessor.shared());
+        let c = sh.ct.counters;
+        json!({"connections": sh.ct.len(), "max": sh.ct.limits.max, "per_vm": sh.ct.limits.per_vm,
+               "created": c.created, "expired": c.expired, "revoked": c.revoked,
+               "refused_full": c.refused_full, "refused_quota": c.refused_quota,
+               "tcp_events": c.events, "checks": c.checks, "timers": sh.ct.timers(),
+               "nat_ports_in_use": sh.nat.as_ref().map_or(0, |n| n.in_use())})
+    }
+
+    /// Every tracked connection (the first 10 000).
+    fn conntrack_json(&self) -> Value {
+        const MAX: usize = 10_000;
+        let now = self.now();
+        let sh = lock(self.links.coprocessor.shared());
+        let policy = &sh.policy;
+        let conns: Vec<Value> = sh
+            .ct
+            .iter()
+            .take(MAX)
+            .map(|(id, c)| {
+                let (o, r) = (&c.sides[0].key, &c.sides[1].key);
+                let rule = c.admission.rule.map(|r| {
+                    format!(
+                        "{}#{}",
+                        policy.group_name(r.group).unwrap_or("?"),
+                        r.rule
+                    )
+                });
+                json!({
+                    "id": id, "proto": o.proto, "state": c.state.name(),
+                    "original": format!("{}:{} > {}:{}", Ipv4Addr::from(o.src_ip), o.src_port, Ipv4Addr::from(o.dst_ip), o.dst_port),
+                    "reply": format!("{}:{} > {}:{}", Ipv4Addr::from(r.src_ip), r.src_port, Ipv4Addr::from(r.dst_ip), r.dst_port),
+                    "vm": c.owner.map(|p| self.vm_name(p)),
+                    "nat": c.nat.map(|n| format!("{}:{}", Ipv4Addr::from(n.ip), n.port)),
+                    "rule": rule,
+                    "age_s": now.saturating_sub(c.created) as f64 / 1e9,
+                    "idle_s": now.saturating_sub(c.last_seen) as f64 / 1e9,
+                    "flows_installed": c.sides.iter().filter(|s| s.installed).count(),
+                })
+            })
+            .collect();
+        json!({"total": sh.ct.len(), "shown": conns.len(), "connections": conns})
+    }
+
+    /// Per VM: connections, NAT ports, refusals; the heaviest first.
+    fn nat_json(&self) -> Value {
+        let sh = lock(self.links.coprocessor.shared());
+        let mut ports: Vec<PortId> = sh.ct.per_owner().keys().copied().collect();
+        if let Some(n) = &sh.nat {
+            ports.extend(n.vms().keys());
+        }
+        ports.extend(sh.vm_drops.keys());
+        ports.sort();
+        ports.dedup();
+        let mut rows: Vec<(u32, u32, Value)> = ports
+            .into_iter()
+            .map(|p| {
+                let conns = sh.ct.per_owner().get(&p).copied().unwrap_or(0);
+                let nat = sh
+                    .nat
+                    .as_ref()
+                    .and_then(|n| n.vms().get(&p).copied())
+                    .unwrap_or_default();
+                let d = sh.vm_drops.get(&p).copied().unwrap_or_default();
+                let v = json!({"vm": self.vm_name(p), "port": p.0, "connections": conns,
+                    "nat_ports": nat.ports, "nat_refused_quota": nat.refused_quota,
+                    "nat_refused_exhausted": nat.refused_exhausted,
+                    "conn_refused": d.ct_refused, "acl_denied": d.acl_denied});
+                (nat.ports, conns, v)
+            })
+            .collect();
+        rows.sort_by_key(|r| std::cmp::Reverse((r.0, r.1)));
+        json!({
+            "snat_addresses": sh.nat.as_ref().map(|n| n.addrs().map(|a| a.to_string()).collect::<Vec<_>>()).unwrap_or_default(),
+            "ports_in_use": sh.nat.as_ref().map_or(0, |n| n.in_use()),
+            "vms": rows.into_iter().map(|r| r.2).collect::<Vec<_>>(),
+        })
+    }
+
+    fn groups_json(&self) -> Value {
+        let sh = lock(self.links.coprocessor.shared());
+        let groups: Vec<Value> = sh
+            .policy
+            .groups()
+            .iter()
+            .map(|g| {
+                let rules: Vec<Value> = g.rules.iter().map(rule_json).collect();
+                json!({"name": g.name, "rules": rules})
+            })
+            .collect();
+        json!({"version": sh.policy.version, "groups": groups})
+    }
+
+    /// `{"cmd": "security-group-set", "name": N, "rules": [...]}`: replace
+    /// a group's rules; connections the new rules refuse end at once.
+    fn set_group(&mut self, v: &Value, stop: &AtomicBool) -> Result<Value> {
+        let name = v
+            .get("name")
+            .and_then(Value::as_str)
+            .context("field `name` is missing or not a string")?;
+        let rules = v
+            .get("rules")
+            .and_then(Value::as_array)
+            .context("field `rules` is missing or not an array")?;
+        let mut parsed = Vec::new();
+        for (i, r) in rules.iter().enumerate() {
+            let rc: crate::config::RuleConfig = serde_json::from_value(r.clone())
+                .map_err(|e| anyhow::anyhow!("rules[{i}]: {e}"))?;
+            parsed.push(rc.build().map_err(|e| anyhow::anyhow!("rules[{i}]: {e}"))?);
+        }
+        let out = self
+            .links
+            .coprocessor
+            .set_rules(name, parsed)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let removed = out.remove.len();
+        let ins = crate::daemon::install_of(out, None);
+        if !crate::daemon::send_install(&self.links.installs, ins, &self.links.wake, stop) {
+            bail!("the switch is stopping");
+        }
+        info!(
+            group = name,
+            flows_removed = removed,
+            "security group changed"
+        );
+        Ok(json!({"ok": true, "flows_removed": removed}))
+    }
+}
+
+fn rule_json(r: &Rule) -> Value {
+    let proto = match r.proto {
+        None => "any".to_string(),
+        Some(6) => "tcp".into(),
+        Some(17) => "udp".into(),
+        Some(1) => "icmp".into(),
+        Some(n) => n.to_string(),
+    };
+    let ports = if r.ports == (0, u16::MAX) {
+        None
+    } else if r.ports.0 == r.ports.1 {
+        Some(r.ports.0.to_string())
+    } else {
+        Some(format!("{}-{}", r.ports.0, r.ports.1))
+    };
+    let mut v = json!({"direction": match r.direction { Direction::Ingress => "ingress", Direction::Egress => "egress" },
+                       "protocol": proto});
+    if let Some(p) = ports {
+        v["ports"] = json!(p);
+    }
+    match &r.peer {
+        Peer::Cidr(c) => v["cidr"] = json!(c.to_string()),
+        Peer::Group(g) => v["remote_group"] = json!(g),
+    }
+    v
 }
 
 fn stats_json(s: &Snapshot) -> Value {
@@ -190,12 +381,12 @@ fn flows_json(f: &[FlowDump]) -> Value {
 }
 
 /// Send one request to the socket at `path` and return the answer.
-pub fn request(path: &Path, cmd: &str) -> Result<Value> {
+pub fn request(path: &Path, req: &Value) -> Result<Value> {
     let s =
         UnixStream::connect(path).with_context(|| format!("connecting to {}", path.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut w = &s;
-    w.write_all(json!({ "cmd": cmd }).to_string().as_bytes())?;
+    w.write_all(req.to_string().as_bytes())?;
     w.write_all(b"\n")?;
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line)?;
@@ -206,18 +397,114 @@ pub fn request(path: &Path, cmd: &str) -> Result<Value> {
     Ok(v)
 }
 
-/// `vswitch ctl`: print the answer as a table, or as JSON.
-pub fn ctl(path: &Path, cmd: &str, as_json: bool) -> Result<()> {
-    let v = request(path, cmd)?;
+/// `vswitch ctl`: send `req`, print the answer as a table, or as JSON.
+pub fn ctl(path: &Path, req: &Value, as_json: bool) -> Result<()> {
+    let v = request(path, req)?;
     if as_json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    match cmd {
+    match req["cmd"].as_str().unwrap_or("") {
         "stats" => print_stats(&v),
-        _ => print_flows(&v),
+        "flows" => print_flows(&v),
+        "conntrack" => print_conntrack(&v),
+        "nat" => print_nat(&v),
+        "security-groups" => print_groups(&v),
+        _ => println!("ok: {} flows removed", n(&v, "flows_removed")),
     }
     Ok(())
+}
+
+/// A rule from "direction=ingress,protocol=tcp,ports=80,cidr=10.0.0.0/8"
+/// (the fields of a `[[security_group.rule]]`).
+pub fn parse_rule_arg(s: &str) -> Result<Value> {
+    let mut m = serde_json::Map::new();
+    for part in s.split(',').filter(|p| !p.trim().is_empty()) {
+        let (k, v) = part
+            .split_once('=')
+            .with_context(|| format!("rule {s:?}: {part:?} is not FIELD=VALUE"))?;
+        m.insert(k.trim().to_string(), json!(v.trim()));
+    }
+    Ok(Value::Object(m))
+}
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v.get(k).and_then(Value::as_str).unwrap_or("-")
+}
+
+fn print_conntrack(v: &Value) {
+    println!(
+        "{:>5} {:<12} {:<44} {:<44} {:<10} {:<22} {:<10} {:>8}",
+        "proto", "state", "original", "reply", "vm", "nat", "rule", "idle_s"
+    );
+    for c in v["connections"].as_array().into_iter().flatten() {
+        println!(
+            "{:>5} {:<12} {:<44} {:<44} {:<10} {:<22} {:<10} {:>8.1}",
+            n(c, "proto"),
+            s(c, "state"),
+            s(c, "original"),
+            s(c, "reply"),
+            s(c, "vm"),
+            s(c, "nat"),
+            s(c, "rule"),
+            c["idle_s"].as_f64().unwrap_or(0.0)
+        );
+    }
+    println!("{} connections ({} shown)", n(v, "total"), n(v, "shown"));
+}
+
+fn print_nat(v: &Value) {
+    let addrs: Vec<String> = v["snat_addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.as_str().map(String::from))
+        .collect();
+    println!(
+        "SNAT addresses: {}; ports in use: {}",
+        list_or_none(addrs),
+        n(v, "ports_in_use")
+    );
+    println!(
+        "{:<16} {:>12} {:>10} {:>12} {:>12} {:>12} {:>10}",
+        "vm", "connections", "nat_ports", "nat_quota", "nat_exhaust", "conn_refused", "acl_denied"
+    );
+    for r in v["vms"].as_array().into_iter().flatten() {
+        println!(
+            "{:<16} {:>12} {:>10} {:>12} {:>12} {:>12} {:>10}",
+            s(r, "vm"),
+            n(r, "connections"),
+            n(r, "nat_ports"),
+            n(r, "nat_refused_quota"),
+            n(r, "nat_refused_exhausted"),
+            n(r, "conn_refused"),
+            n(r, "acl_denied")
+        );
+    }
+}
+
+fn print_groups(v: &Value) {
+    for g in v["groups"].as_array().into_iter().flatten() {
+        println!("security group {}", s(g, "name"));
+        let rules = g["rules"].as_array().map_or(&[][..], |r| &r[..]);
+        if rules.is_empty() {
+            println!("  (no rules: everything new is denied)");
+        }
+        for (i, r) in rules.iter().enumerate() {
+            let peer = r
+                .get("remote_group")
+                .and_then(Value::as_str)
+                .map(|g| format!("group {g}"))
+                .unwrap_or_else(|| s(r, "cidr").to_string());
+            println!(
+                "  #{i:<3} {:<8} {:<5} ports {:<12} {}",
+                s(r, "direction"),
+                s(r, "protocol"),
+                r.get("ports").and_then(Value::as_str).unwrap_or("all"),
+                peer
+            );
+        }
+    }
 }
 
 /// "a, b, c", or "none".

@@ -9,13 +9,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use coprocessor::{Coprocessor, PuntKind, Punted};
+use coprocessor::{Coprocessor, Outcome, PuntKind, Punted, Shared};
 use crossbeam_queue::ArrayQueue;
 use fastpath::dataplane::{
-    Dataplane, Install, Links, LoopConfig, PollMode, Port, PortCounters, PortIo,
+    CtCheck, Dataplane, Install, Links, LoopConfig, PollMode, Port, PortCounters, PortIo, Report,
 };
 use fastpath::tap::Tap;
 use fastpath::umem::FramePool;
@@ -32,7 +32,8 @@ use crate::neighbor;
 
 /// Run until a signal (or `stop`) ends it.
 pub fn run(cfg: Config) -> Result<()> {
-    let mut topo = cfg.topology()?;
+    let built = cfg.build()?;
+    let mut topo = built.topo;
     let s = &cfg.switch;
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())
@@ -122,26 +123,39 @@ pub fn run(cfg: Config) -> Result<()> {
         n_ports,
     );
     let installs = Arc::new(ArrayQueue::new(4096));
+    let installs_for_control = installs.clone();
     let wake = Arc::new(Wake::new().context("creating the wakeup eventfd")?);
     let (req_tx, req_rx) = mpsc::channel();
 
-    // DHCP leases: one table for all coprocessor threads.
-    let leases = std::sync::Arc::new(std::sync::Mutex::new(coprocessor::dhcp::Leases::default()));
+    // Leases, policy, connections, NAT: one state for all coprocessor
+    // threads (and the control thread's policy changes).
+    let shared = Arc::new(std::sync::Mutex::new(Shared::new(
+        &topo,
+        built.policy,
+        built.timeouts,
+        built.limits,
+    )));
+    let reports = Arc::new(ArrayQueue::new(REPORT_QUEUE));
+    let epoch = Instant::now();
     let mut coproc_threads = Vec::new();
     let mut updates = Vec::new();
     for i in 0..s.coprocessor_threads {
-        let mut cp = Coprocessor::with_leases(topo.clone(), leases.clone());
-        let (rx, installs, wake, stop) = (
-            punt_rx.clone(),
-            installs.clone(),
-            wake.clone(),
-            stop.clone(),
-        );
+        let mut cp = Coprocessor::with_shared(topo.clone(), shared.clone());
+        let links = CoprocLinks {
+            punts: punt_rx.clone(),
+            reports: reports.clone(),
+            installs: installs.clone(),
+            wake: wake.clone(),
+            epoch,
+            // One thread keeps the connection timers.
+            timekeeper: i == 0,
+        };
+        let stop = stop.clone();
         let (utx, urx) = mpsc::channel();
         updates.push(utx);
         let h = thread::Builder::new()
             .name(format!("coproc-{i}"))
-            .spawn(move || coprocessor_loop(&mut cp, &rx, &urx, &installs, &wake, &stop))
+            .spawn(move || coprocessor_loop(&mut cp, &links, &urx, &stop))
             .context("spawning a coprocessor thread")?;
         coproc_threads.push(h);
     }
@@ -153,6 +167,8 @@ pub fn run(cfg: Config) -> Result<()> {
         requests: req_rx,
         wake: wake.clone(),
         coprocessors: coproc_threads.iter().map(|h| h.thread().clone()).collect(),
+        reports,
+        epoch,
     };
     let loop_cfg = LoopConfig {
         mode: match s.poll {
@@ -182,7 +198,17 @@ pub fn run(cfg: Config) -> Result<()> {
         )
     };
 
-    let server = control::Server::bind(&s.control_socket, req_tx, wake.clone())?;
+    let ctl_cp = Coprocessor::with_shared(topo.clone(), shared);
+    let mut server = control::Server::bind(
+        &s.control_socket,
+        control::Links {
+            requests: req_tx,
+            wake: wake.clone(),
+            installs: installs_for_control,
+            coprocessor: ctl_cp,
+            epoch,
+        },
+    )?;
     info!(socket = %s.control_socket.display(), "vswitch running");
     server.serve(&stop);
 
@@ -211,16 +237,83 @@ pub enum TopologyUpdate {
     Neighbor(std::net::Ipv4Addr, Option<flowtable::Mac>),
 }
 
-/// One coprocessor thread: decide for punted frames, send the results back
-/// to the fast path, sleep when there is nothing to do.
-fn coprocessor_loop(
-    cp: &mut Coprocessor,
-    rx: &PuntReceiver,
-    updates: &mpsc::Receiver<TopologyUpdate>,
+/// Fast-path reports waiting for the coprocessors.
+const REPORT_QUEUE: usize = 65_536;
+
+/// How often the timekeeping coprocessor thread advances connection timers.
+const TICK: Duration = Duration::from_millis(250);
+
+/// What a coprocessor thread is connected to.
+struct CoprocLinks {
+    punts: PuntReceiver,
+    reports: Arc<ArrayQueue<Report>>,
+    installs: Arc<ArrayQueue<Install>>,
+    wake: Arc<Wake>,
+    epoch: Instant,
+    timekeeper: bool,
+}
+
+/// The fast path's form of a coprocessor outcome.
+pub fn install_of(out: Outcome, reinject: Option<fastpath::PuntMsg>) -> Install {
+    Install {
+        flows: out.flows,
+        tx: out.tx,
+        reinject,
+        remove: out.remove,
+        remove_acl_flows: out.remove_acl_flows,
+        checks: out
+            .checks
+            .iter()
+            .map(|c| CtCheck {
+                id: c.id,
+                keys: c.keys,
+            })
+            .collect(),
+    }
+}
+
+/// Queue `ins` for the fast path. The install queue is bounded; if the
+/// fast path is this far behind, wait for it rather than lose decisions.
+/// False if the switch stopped first.
+pub fn send_install(
     installs: &ArrayQueue<Install>,
+    mut ins: Install,
     wake: &Wake,
     stop: &AtomicBool,
+) -> bool {
+    while let Err(back) = installs.push(ins) {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        ins = back;
+        wake.notify();
+        thread::yield_now();
+    }
+    wake.notify();
+    true
+}
+
+fn is_empty(i: &Install) -> bool {
+    i.flows.is_empty()
+        && i.tx.is_empty()
+        && i.reinject.is_none()
+        && i.remove.is_empty()
+        && !i.remove_acl_flows
+        && i.checks.is_empty()
+}
+
+/// One coprocessor thread: decide for punted frames, follow the fast
+/// path's reports on tracked connections, keep their timers (one thread),
+/// send the results back to the fast path, sleep when there is nothing
+/// to do.
+fn coprocessor_loop(
+    cp: &mut Coprocessor,
+    l: &CoprocLinks,
+    updates: &mpsc::Receiver<TopologyUpdate>,
+    stop: &AtomicBool,
 ) {
+    let now = || u64::try_from(l.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let mut next_tick = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         while let Ok(u) = updates.try_recv() {
             match u {
@@ -230,8 +323,40 @@ fn coprocessor_loop(
                 TopologyUpdate::Neighbor(vtep, None) => cp.topology_mut().remove_neighbor(vtep),
             }
         }
-        let Some(msg) = rx.recv() else {
-            thread::park_timeout(Duration::from_millis(20));
+        let mut worked = false;
+        if l.timekeeper && Instant::now() >= next_tick {
+            next_tick = Instant::now() + TICK;
+            let out = cp.tick(now());
+            let ins = install_of(out, None);
+            if !is_empty(&ins) && !send_install(&l.installs, ins, &l.wake, stop) {
+                return;
+            }
+        }
+        // Reports first: they are few and keep connection state exact.
+        for _ in 0..64 {
+            let Some(r) = l.reports.pop() else { break };
+            worked = true;
+            let out = match r {
+                Report::FlowGone { key, used } => {
+                    cp.flow_gone(&key, used.last_used, used.packets);
+                    continue;
+                }
+                Report::Checked { id, keys, used } => cp.checked(
+                    id,
+                    keys,
+                    used.map(|u| u.map(|u| (u.last_used, u.packets))),
+                    now(),
+                ),
+            };
+            let ins = install_of(out, None);
+            if !is_empty(&ins) && !send_install(&l.installs, ins, &l.wake, stop) {
+                return;
+            }
+        }
+        let Some(msg) = l.punts.recv() else {
+            if !worked {
+                thread::park_timeout(Duration::from_millis(20));
+            }
             continue;
         };
         let kind = match msg.reason {
@@ -241,6 +366,7 @@ fn coprocessor_loop(
             PuntReason::TtlExpired => PuntKind::TtlExpired,
             PuntReason::TooBig => PuntKind::TooBig,
             PuntReason::VtepMismatch => PuntKind::VtepMismatch,
+            PuntReason::CtEvent => PuntKind::CtEvent,
         };
         let out = cp.handle(&Punted {
             ingress: msg.ingress,
@@ -253,28 +379,16 @@ fn coprocessor_loop(
         let reinject = if out.reinject && whole {
             Some(msg)
         } else {
-            rx.recycle(msg);
+            l.punts.recycle(msg);
             None
         };
-        if out.flows.is_empty() && out.tx.is_empty() && reinject.is_none() {
+        let ins = install_of(out, reinject);
+        if is_empty(&ins) {
             continue;
         }
-        let mut ins = Install {
-            flows: out.flows,
-            tx: out.tx,
-            reinject,
-        };
-        // The install queue is bounded; if the fast path is this far
-        // behind, wait for it rather than lose decisions.
-        while let Err(back) = installs.push(ins) {
-            if stop.load(Ordering::Relaxed) {
-                return;
-            }
-            ins = back;
-            wake.notify();
-            thread::yield_now();
+        if !send_install(&l.installs, ins, &l.wake, stop) {
+            return;
         }
-        wake.notify();
     }
 }
 

@@ -47,12 +47,30 @@ enum Cmd {
     },
 }
 
-#[derive(Subcommand, Clone, Copy)]
+#[derive(Subcommand, Clone)]
 enum CtlCmd {
     /// Per-port counters, pipeline counters, punts and drops by reason.
     Stats,
     /// Installed flows with their hit counts.
     Flows,
+    /// Tracked connections: state, NAT, the rule that admitted them.
+    Conntrack,
+    /// Per VM: connections and NAT ports held, refusals; heaviest first.
+    Nat,
+    /// Security groups and their rules.
+    #[command(name = "security-groups", alias = "sg")]
+    SecurityGroups,
+    /// Replace a security group's rules at run time; connections the new
+    /// rules refuse are cut at once.
+    #[command(name = "security-group-set", alias = "sg-set")]
+    SecurityGroupSet {
+        name: String,
+        /// A rule as FIELD=VALUE pairs, e.g.
+        /// "direction=ingress,protocol=tcp,ports=80,cidr=0.0.0.0/0"
+        /// (repeat for more; none: deny everything new).
+        #[arg(long = "rule")]
+        rules: Vec<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -78,11 +96,22 @@ fn main() -> ExitCode {
             config::Config::load(&config).and_then(|c| c.topology().map(|_| println!("config ok")))
         }
         Some(Cmd::Ctl { socket, json, what }) => {
-            let cmd = match what {
-                CtlCmd::Stats => "stats",
-                CtlCmd::Flows => "flows",
+            let cmd = |c: &str| serde_json::json!({ "cmd": c });
+            let req = match what {
+                CtlCmd::Stats => Ok(cmd("stats")),
+                CtlCmd::Flows => Ok(cmd("flows")),
+                CtlCmd::Conntrack => Ok(cmd("conntrack")),
+                CtlCmd::Nat => Ok(cmd("nat")),
+                CtlCmd::SecurityGroups => Ok(cmd("security-groups")),
+                CtlCmd::SecurityGroupSet { name, rules } => rules
+                    .iter()
+                    .map(|r| control::parse_rule_arg(r))
+                    .collect::<anyhow::Result<Vec<_>>>()
+                    .map(|rules| {
+                        serde_json::json!({"cmd": "security-group-set", "name": name, "rules": rules})
+                    }),
             };
-            control::ctl(&socket, cmd, json)
+            req.and_then(|r| control::ctl(&socket, &r, json))
         }
     };
     match r {

@@ -23,21 +23,49 @@ pub struct Request {
 /// Parse the ARP payload of an Ethernet frame; anything but an
 /// Ethernet/IPv4 request is refused with its cause.
 pub fn parse_request(payload: &[u8]) -> Result<Request, DropCause> {
+    match parse(payload)? {
+        (true, r) => Ok(r),
+        (false, _) => Err(DropCause::ArpNotRequest),
+    }
+}
+
+/// Parse an Ethernet/IPv4 request or reply: (is a request, its fields).
+/// Used where the switch also learns from ARP (the external network).
+pub fn parse(payload: &[u8]) -> Result<(bool, Request), DropCause> {
     let pkt = ArpPacket::new_checked(payload).map_err(|_| DropCause::Malformed)?;
     match ArpRepr::parse(&pkt).map_err(|_| DropCause::Malformed)? {
         ArpRepr::EthernetIpv4 {
-            operation: ArpOperation::Request,
+            operation: op @ (ArpOperation::Request | ArpOperation::Reply),
             source_hardware_addr,
             source_protocol_addr,
             target_protocol_addr,
             ..
-        } => Ok(Request {
-            sender_mac: source_hardware_addr.0,
-            sender_ip: source_protocol_addr,
-            target_ip: target_protocol_addr,
-        }),
+        } => Ok((
+            op == ArpOperation::Request,
+            Request {
+                sender_mac: source_hardware_addr.0,
+                sender_ip: source_protocol_addr,
+                target_ip: target_protocol_addr,
+            },
+        )),
         _ => Err(DropCause::ArpNotRequest),
     }
+}
+
+/// A broadcast request from `mac`/`ip` asking who has `target`.
+pub fn request(mac: Mac, ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
+    let mut f = reply(
+        &Request {
+            sender_mac: [0xff; 6],
+            sender_ip: target,
+            target_ip: ip,
+        },
+        mac,
+    );
+    // The same layout with the operation and target fields of a request.
+    f[21] = 1;
+    f[32..38].fill(0);
+    f
 }
 
 /// Minimum Ethernet frame length without FCS; replies are padded to it.
@@ -94,6 +122,25 @@ mod tests {
         ipv6[2] = 0x86;
         ipv6[3] = 0xdd;
         assert!(parse_request(&ipv6).is_err());
+    }
+
+    #[test]
+    fn requests_we_send_parse_back() {
+        let f = request(
+            [2, 0, 0, 0, 0, 7],
+            Ipv4Addr::new(203, 0, 113, 2),
+            Ipv4Addr::new(203, 0, 113, 1),
+        );
+        assert_eq!(f[..6], [0xff; 6]);
+        let (is_req, r) = parse(&f[14..]).unwrap();
+        assert!(is_req);
+        assert_eq!(r.sender_mac, [2, 0, 0, 0, 0, 7]);
+        assert_eq!(r.sender_ip, Ipv4Addr::new(203, 0, 113, 2));
+        assert_eq!(r.target_ip, Ipv4Addr::new(203, 0, 113, 1));
+        assert_eq!(f[32..38], [0; 6]);
+        let mut rep = REQUEST;
+        rep[7] = 2;
+        assert!(!parse(&rep).unwrap().0);
     }
 
     #[test]

@@ -71,6 +71,26 @@ pub fn to_remote(
     })
 }
 
+/// The action for a packet from local VM `vm` that goes to `next` (the
+/// external network is not a stateless destination: see `setup`).
+pub fn next_action(
+    topo: &Topology,
+    vni: u32,
+    vm: &crate::topology::LocalVm,
+    next: crate::forward::Next,
+) -> Result<Action, DropCause> {
+    use crate::forward::Next;
+    let gw_mac = topo.network(vni).ok_or(DropCause::UnknownVni)?.gateway_mac;
+    let (a, is_routed) = match next {
+        Next::Local { port, mac, routed } => (to_local(vm.mac, mac, port), routed),
+        Next::Remote { mac, vtep, routed } => (to_remote(topo, vni, vm.mac, mac, vtep)?, routed),
+        // The gateway hypervisor routes it on: address its router.
+        Next::GatewayVtep { vtep, routed } => (to_remote(topo, vni, vm.mac, gw_mac, vtep)?, routed),
+        Next::External => return Err(DropCause::NoExternal),
+    };
+    Ok(if is_routed { routed(a, gw_mac) } else { a })
+}
+
 /// Decapsulate traffic from `vtep` and deliver it to a local VM.
 pub fn from_remote(vtep: Ipv4Addr, src_mac: Mac, dst_mac: Mac, port: PortId) -> Action {
     Action {

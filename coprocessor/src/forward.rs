@@ -4,7 +4,8 @@
 //! VTEP. Another subnet of the same tenant network → routed on this host
 //! (the packet leaves with the gateway's MAC as source and its TTL
 //! decremented). Gateway addresses are answered by the coprocessor itself.
-//! Destinations outside the network are refused with their own cause,
+//! Destinations outside the network follow static routes, else leave
+//! through NAT if the network may, else are refused with their own cause,
 //! never flooded.
 
 use std::net::Ipv4Addr;
@@ -31,6 +32,8 @@ pub enum Next {
     },
     /// The network's gateway VTEP, for a destination this host does not know.
     GatewayVtep { vtep: Ipv4Addr, routed: bool },
+    /// Outside the tenant network, through NAT on the external network.
+    External,
 }
 
 /// Decide for a packet from `src` to `dst` in network `vni`.
@@ -54,6 +57,12 @@ pub fn decide(topo: &Topology, vni: u32, src: Ipv4Addr, dst: Ipv4Addr) -> Result
                 Some(Via::GatewayVtep) => {
                     let vtep = gateway_vtep.ok_or(DropCause::NoRoute)?;
                     return Ok(Next::GatewayVtep { vtep, routed });
+                }
+                None if topo.network(vni).is_some_and(|n| n.snat) => {
+                    return match topo.external {
+                        Some(_) => Ok(Next::External),
+                        None => Err(DropCause::NoExternal),
+                    };
                 }
                 None => return Err(DropCause::NoRoute),
             },

@@ -11,23 +11,31 @@
 //! [`forward`]ing inside a subnet, and flow [`compile`]. Routing between
 //! subnets, DHCP, security groups, conntrack and NAT come next.
 
+pub mod acl;
 pub mod antispoof;
 pub mod arp;
 pub mod compile;
+pub mod conntrack;
 pub mod dhcp;
 pub mod forward;
 pub mod icmp;
+pub mod nat;
 pub mod outcome;
 pub mod reply;
+mod revalidate;
+mod setup;
+pub mod shared;
 pub mod topology;
+pub mod wheel;
 
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use flowtable::{Action, FlowKey, Ingress};
 use smoltcp::wire::{EthernetFrame, EthernetProtocol};
 
-pub use outcome::{DropCause, Outcome, PuntKind, Punted};
+pub use outcome::{CtCheck, DropCause, Outcome, PuntKind, Punted};
+pub use shared::Shared;
 pub use topology::Topology;
 
 /// Coprocessor counters.
@@ -54,19 +62,33 @@ impl Stats {
 pub struct Coprocessor {
     topo: Topology,
     stats: Stats,
-    /// DHCP leases, shared by every coprocessor thread of the switch.
-    leases: Arc<Mutex<dhcp::Leases>>,
+    /// Leases, policy, connections, NAT: shared by every coprocessor
+    /// thread of the switch.
+    shared: Arc<Mutex<Shared>>,
+}
+
+/// Lock the shared state. A poisoned lock only means another thread
+/// panicked mid-update; the tables themselves stay usable.
+pub fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
+    shared.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Coprocessor {
+    /// A coprocessor with its own state and no security groups.
     pub fn new(topo: Topology) -> Coprocessor {
-        Coprocessor::with_leases(topo, Arc::default())
+        let shared = Shared::new(
+            &topo,
+            acl::Policy::default(),
+            conntrack::Timeouts::default(),
+            conntrack::Limits::default(),
+        );
+        Coprocessor::with_shared(topo, Arc::new(Mutex::new(shared)))
     }
 
-    /// A coprocessor sharing `leases` with others (one per thread).
-    pub fn with_leases(topo: Topology, leases: Arc<Mutex<dhcp::Leases>>) -> Coprocessor {
+    /// A coprocessor sharing `shared` with others (one per thread).
+    pub fn with_shared(topo: Topology, shared: Arc<Mutex<Shared>>) -> Coprocessor {
         Coprocessor {
-            leases,
+            shared,
             topo,
             stats: Stats {
                 drops: vec![0; DropCause::ALL.len()],
@@ -87,9 +109,9 @@ impl Coprocessor {
         &self.stats
     }
 
-    /// The shared lease table.
-    pub fn leases(&self) -> &Arc<Mutex<dhcp::Leases>> {
-        &self.leases
+    /// The state shared by the switch's coprocessor threads.
+    pub fn shared(&self) -> &Arc<Mutex<Shared>> {
+        &self.shared
     }
 
     /// Decide for one punted frame.
@@ -100,14 +122,21 @@ impl Coprocessor {
             .uplink
             .as_ref()
             .is_some_and(|u| u.port == p.ingress);
+        let from_external = self
+            .topo
+            .external
+            .as_ref()
+            .is_some_and(|e| e.port == p.ingress);
         let r = if matches!(
             p.kind,
             outcome::PuntKind::TooBig | outcome::PuntKind::TtlExpired
         ) {
             // The flow exists and stays; this packet gets an ICMP answer.
-            self.icmp_error(p, from_uplink, &mut out)
+            self.icmp_error(p, from_uplink || from_external, &mut out)
         } else if from_uplink {
             self.handle_uplink_frame(p, &mut out)
+        } else if from_external {
+            self.handle_external_frame(p, &mut out)
         } else {
             self.handle_vm_frame(p, &mut out)
         };
@@ -153,11 +182,9 @@ impl Coprocessor {
                 // is installed: every DHCP packet comes here, within the
                 // port's punt budget.
                 if dhcp::is_request(key.proto, key.src_port, key.dst_port) {
-                    // A poisoned lock only means another thread panicked
-                    // mid-update; the table itself is still usable.
-                    let mut leases = self.leases.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut sh = lock(&self.shared);
                     if let dhcp::Answer::Reply(f) =
-                        dhcp::handle(&self.topo, vm, &mut leases, p.frame, p.now)?
+                        dhcp::handle(&self.topo, vm, &mut sh.leases, p.frame, p.now)?
                     {
                         out.tx.push((p.ingress, f));
                         self.stats.dhcp_replies += 1;
@@ -170,68 +197,75 @@ impl Coprocessor {
                     out.flows.push((key, Action::drop()));
                     return Err(e);
                 }
-                let gw_mac = self
-                    .topo
-                    .network(vni)
-                    .ok_or(DropCause::UnknownVni)?
-                    .gateway_mac;
-                let next = match forward::decide(&self.topo, vni, src, dst) {
-                    Err(DropCause::ToGateway) => {
-                        // A gateway address: the router answers pings itself.
-                        out.tx
-                            .push((p.ingress, icmp::echo_reply(p.frame, dst, gw_mac)?));
-                        self.stats.icmp_replies += 1;
-                        return Ok(());
-                    }
-                    r => r?,
+                let mut sh = lock(&self.shared);
+                let mut setup = setup::Setup {
+                    topo: &self.topo,
+                    sh: &mut sh,
+                    p,
+                    frame: p.frame,
+                    key,
+                    out,
                 };
-                let action = match next {
-                    forward::Next::Local { port, mac, routed } => {
-                        let a = compile::to_local(vm.mac, mac, port);
-                        if routed {
-                            compile::routed(a, gw_mac)
-                        } else {
-                            a
-                        }
-                    }
-                    forward::Next::Remote { mac, vtep, routed } => {
-                        let a = compile::to_remote(&self.topo, vni, vm.mac, mac, vtep)?;
-                        if routed {
-                            compile::routed(a, gw_mac)
-                        } else {
-                            a
-                        }
-                    }
-                    // The gateway hypervisor routes it on: address its router.
-                    forward::Next::GatewayVtep { vtep, routed } => {
-                        let a = compile::to_remote(&self.topo, vni, vm.mac, gw_mac, vtep)?;
-                        if routed {
-                            compile::routed(a, gw_mac)
-                        } else {
-                            a
-                        }
+                let flow = match setup.existing()? {
+                    Some(flow) => flow,
+                    None => {
+                        let next = match forward::decide(&self.topo, vni, src, dst) {
+                            Err(DropCause::ToGateway) => {
+                                // A gateway address: the router answers pings itself.
+                                let gw_mac = self
+                                    .topo
+                                    .network(vni)
+                                    .ok_or(DropCause::UnknownVni)?
+                                    .gateway_mac;
+                                setup
+                                    .out
+                                    .tx
+                                    .push((p.ingress, icmp::echo_reply(p.frame, dst, gw_mac)?));
+                                self.stats.icmp_replies += 1;
+                                return Ok(());
+                            }
+                            r => r?,
+                        };
+                        let fwd = match next {
+                            forward::Next::External => None,
+                            n => Some(compile::next_action(&self.topo, vni, vm, n)?),
+                        };
+                        setup.vm_new(vm, next, fwd)?
                     }
                 };
-                // The flow goes in either way; this first packet gets the
-                // answer the fast path would give the next ones (reinjected
-                // frames are not punted twice).
-                let ttl = p.frame.get(22).copied().unwrap_or(0);
-                let too_big = p.frame.len() > usize::from(action.max_len);
-                let ttl_out = action.dec_ttl && ttl <= 1;
-                out.flows.push((key, action));
-                if ttl_out || too_big {
-                    let kind = if ttl_out {
-                        outcome::PuntKind::TtlExpired
-                    } else {
-                        outcome::PuntKind::TooBig
-                    };
-                    return self.icmp_error(&Punted { kind, ..*p }, false, out);
-                }
-                out.reinject = true;
-                Ok(())
+                drop(sh);
+                self.first_packet(p, flow, out)
             }
             _ => Err(DropCause::UnsupportedEthertype),
         }
+    }
+
+    /// The first packet of a flow gets the answer the fast path would
+    /// give the next ones: reinjected (it hits the new flow), or the ICMP
+    /// error its TTL or size calls for (reinjected frames are not punted
+    /// twice).
+    fn first_packet(
+        &mut self,
+        p: &Punted<'_>,
+        flow: setup::Flow,
+        out: &mut Outcome,
+    ) -> Result<(), DropCause> {
+        let Some(action) = flow else {
+            return Ok(());
+        };
+        let ttl = p.frame.get(22).copied().unwrap_or(0);
+        let too_big = p.frame.len() > usize::from(action.max_len);
+        let ttl_out = action.dec_ttl && ttl <= 1;
+        if ttl_out || too_big {
+            let kind = if ttl_out {
+                outcome::PuntKind::TtlExpired
+            } else {
+                outcome::PuntKind::TooBig
+            };
+            return self.icmp_error(&Punted { kind, ..*p }, false, out);
+        }
+        out.reinject = true;
+        Ok(())
     }
 
     fn handle_uplink_frame(&mut self, p: &Punted<'_>, out: &mut Outcome) -> Result<(), DropCause> {
@@ -285,12 +319,29 @@ impl Coprocessor {
                 if key.ingress() != flowtable::Vni::new(vni).map(Ingress::Vni) {
                     return Err(DropCause::Malformed);
                 }
+                let mut sh = lock(&self.shared);
+                let mut setup = setup::Setup {
+                    topo: &self.topo,
+                    sh: &mut sh,
+                    p,
+                    frame: inner,
+                    key,
+                    out,
+                };
+                if let Some(flow) = setup.existing()? {
+                    // Decapsulated flows carry no TTL or size limit.
+                    if flow.is_some() {
+                        setup.out.reinject = true;
+                    }
+                    return Ok(());
+                }
                 let (src, dst) = (Ipv4Addr::from(key.src_ip), Ipv4Addr::from(key.dst_ip));
                 let mut src_mac = self.check_remote(vni, src, outer_src)?;
                 let Some(topology::Endpoint::Local { port, mac }) = self.topo.lookup(vni, dst)
                 else {
                     return Err(DropCause::UnknownDestination);
                 };
+                let dst_vm = self.topo.vm_on(port).ok_or(DropCause::UnknownPort)?;
                 // Routed on the sending host: to the receiver it comes from
                 // its gateway.
                 if self.topo.subnet_of(vni, src) != self.topo.subnet_of(vni, dst) {
@@ -300,9 +351,72 @@ impl Coprocessor {
                         .ok_or(DropCause::UnknownVni)?
                         .gateway_mac;
                 }
-                out.flows
-                    .push((key, compile::from_remote(outer_src, src_mac, mac, port)));
-                out.reinject = true;
+                let fwd = compile::from_remote(outer_src, src_mac, mac, port);
+                if setup.overlay_new(vni, dst_vm, fwd)?.is_some() {
+                    setup.out.reinject = true;
+                }
+                Ok(())
+            }
+            _ => Err(DropCause::UnsupportedEthertype),
+        }
+    }
+
+    /// The external network's port: ARP for our addresses (and learning
+    /// our neighbours from theirs), replies of NATed connections, and new
+    /// connections to floating IPs.
+    fn handle_external_frame(
+        &mut self,
+        p: &Punted<'_>,
+        out: &mut Outcome,
+    ) -> Result<(), DropCause> {
+        let ext = self.topo.external.as_ref().ok_or(DropCause::NoExternal)?;
+        let eth = EthernetFrame::new_checked(p.frame).map_err(|_| DropCause::Malformed)?;
+        match eth.ethertype() {
+            EthernetProtocol::Arp => {
+                let (is_request, req) = arp::parse(eth.payload())?;
+                let mut sh = lock(&self.shared);
+                if ext.cidr.contains(req.sender_ip) && req.sender_mac[0] & 1 == 0 {
+                    sh.ext_neighbors.insert(req.sender_ip, req.sender_mac);
+                }
+                drop(sh);
+                if !is_request {
+                    return Ok(());
+                }
+                if self.topo.external_addr(req.target_ip).is_none() {
+                    return Err(DropCause::ArpUnknownTarget);
+                }
+                out.tx.push((p.ingress, arp::reply(&req, ext.mac)));
+                self.stats.arp_replies += 1;
+                Ok(())
+            }
+            EthernetProtocol::Ipv4 => {
+                let key = vm_key(p)?;
+                let hop_mac = eth.src_addr().0;
+                let mut sh = lock(&self.shared);
+                let mut setup = setup::Setup {
+                    topo: &self.topo,
+                    sh: &mut sh,
+                    p,
+                    frame: p.frame,
+                    key,
+                    out,
+                };
+                if let Some(flow) = setup.existing()? {
+                    if flow.is_some() {
+                        setup.out.reinject = true;
+                    }
+                    return Ok(());
+                }
+                let target = self.topo.external_addr(Ipv4Addr::from(key.dst_ip));
+                let Some(topology::ExternalAddr::Floating(port)) = target else {
+                    // Nothing of ours opened it: keep the repeats out.
+                    setup.out.flows.push((key, Action::drop()));
+                    return Err(DropCause::ExtUnsolicited);
+                };
+                let vm = self.topo.vm_on(port).ok_or(DropCause::UnknownPort)?;
+                if setup.external_new(vm, hop_mac)?.is_some() {
+                    setup.out.reinject = true;
+                }
                 Ok(())
             }
             _ => Err(DropCause::UnsupportedEthertype),

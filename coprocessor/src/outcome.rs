@@ -18,6 +18,8 @@ pub enum PuntKind {
     VtepMismatch,
     /// The flow's action punts every packet.
     Action,
+    /// A TCP segment of a tracked connection with SYN, FIN or RST.
+    CtEvent,
 }
 
 /// A frame the fast path punted.
@@ -57,6 +59,17 @@ pub enum DropCause {
     NoUplink,
     TooBig,
     TtlExpired,
+    AclDenied,
+    CtInvalid,
+    CtFull,
+    CtQuota,
+    CtClash,
+    CtFragment,
+    NatQuota,
+    NatExhausted,
+    NoExternal,
+    ExtNeighborPending,
+    ExtUnsolicited,
 }
 
 impl DropCause {
@@ -81,6 +94,17 @@ impl DropCause {
         DropCause::NoUplink,
         DropCause::TooBig,
         DropCause::TtlExpired,
+        DropCause::AclDenied,
+        DropCause::CtInvalid,
+        DropCause::CtFull,
+        DropCause::CtQuota,
+        DropCause::CtClash,
+        DropCause::CtFragment,
+        DropCause::NatQuota,
+        DropCause::NatExhausted,
+        DropCause::NoExternal,
+        DropCause::ExtNeighborPending,
+        DropCause::ExtUnsolicited,
     ];
 
     /// Stable snake_case name, for counters.
@@ -106,6 +130,17 @@ impl DropCause {
             DropCause::NoUplink => "no_uplink",
             DropCause::TooBig => "too_big",
             DropCause::TtlExpired => "ttl_expired",
+            DropCause::AclDenied => "acl_denied",
+            DropCause::CtInvalid => "ct_invalid",
+            DropCause::CtFull => "ct_full",
+            DropCause::CtQuota => "ct_quota",
+            DropCause::CtClash => "ct_clash",
+            DropCause::CtFragment => "ct_fragment",
+            DropCause::NatQuota => "nat_quota",
+            DropCause::NatExhausted => "nat_exhausted",
+            DropCause::NoExternal => "no_external",
+            DropCause::ExtNeighborPending => "ext_neighbor_pending",
+            DropCause::ExtUnsolicited => "ext_unsolicited",
         }
     }
 
@@ -127,4 +162,17 @@ pub struct Outcome {
     pub tx: Vec<(PortId, Vec<u8>)>,
     /// Set when the frame was dropped or left unanswered.
     pub drop: Option<DropCause>,
+    /// Flows to remove from the fast path (connections that ended).
+    pub remove: Vec<FlowKey>,
+    /// Remove every stateless security-group flow (the policy changed).
+    pub remove_acl_flows: bool,
+    /// Connections whose flows' last use the coprocessor needs.
+    pub checks: Vec<CtCheck>,
+}
+
+/// A question to the fast path about a connection's flows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CtCheck {
+    pub id: u64,
+    pub keys: [Option<FlowKey>; 2],
 }

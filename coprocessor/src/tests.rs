@@ -53,6 +53,7 @@ fn network(v: u32) -> Network {
         lease_secs: 600,
         routes: vec![],
         gateway_vtep: None,
+        snat: false,
     }
 }
 
@@ -81,6 +82,8 @@ fn coprocessor() -> Coprocessor {
             ips: vec![ip],
             vni: vni(v),
             hostname: (name == "a").then(|| "vm-a".to_string()),
+            groups: vec![],
+            floating_ip: None,
         })
         .unwrap();
     }
@@ -89,6 +92,7 @@ fn coprocessor() -> Coprocessor {
         mac: R_MAC,
         vni: vni(VNI),
         vtep: REMOTE_VTEP,
+        groups: vec![],
     })
     .unwrap();
     t.add_remote(RemoteVm {
@@ -96,6 +100,7 @@ fn coprocessor() -> Coprocessor {
         mac: R2_MAC,
         vni: vni(VNI),
         vtep: REMOTE_VTEP,
+        groups: vec![],
     })
     .unwrap();
     t.set_neighbor(REMOTE_VTEP, NEXT_HOP);
@@ -634,7 +639,7 @@ fn dhcp_hands_out_the_binding_with_router_dns_mtu_hostname() {
     );
     assert_eq!(out.tx[0].0, PortId(1));
     assert!(
-        c.leases().lock().unwrap().is_empty(),
+        c.shared().lock().unwrap().leases.is_empty(),
         "an offer is not a lease"
     );
 
@@ -647,9 +652,10 @@ fn dhcp_hands_out_the_binding_with_router_dns_mtu_hostname() {
     );
     assert_eq!(reply_of(&out).0, M::Ack);
     let lease = c
-        .leases()
+        .shared()
         .lock()
         .unwrap()
+        .leases
         .get(&A_MAC)
         .cloned()
         .expect("lease");
@@ -665,7 +671,13 @@ fn dhcp_hands_out_the_binding_with_router_dns_mtu_hostname() {
     assert_eq!(reply_of(&out).0, M::Ack);
     assert_eq!(out.tx[0].1[..6], A_MAC);
     assert_eq!(
-        c.leases().lock().unwrap().get(&A_MAC).unwrap().expires,
+        c.shared()
+            .lock()
+            .unwrap()
+            .leases
+            .get(&A_MAC)
+            .unwrap()
+            .expires,
         10 + 600_000_000_000
     );
 
@@ -705,7 +717,7 @@ fn dhcp_hands_out_the_binding_with_router_dns_mtu_hostname() {
     )
     .tx
     .is_empty());
-    assert!(c.leases().lock().unwrap().get(&A_MAC).is_none());
+    assert!(c.shared().lock().unwrap().leases.get(&A_MAC).is_none());
     assert_eq!(c.stats().dhcp_replies, 5);
 }
 
@@ -849,3 +861,6 @@ fn static_routes_and_the_gateway_vtep() {
         Some(DropCause::NoRoute)
     );
 }
+
+#[path = "tests/stateful.rs"]
+mod stateful;

@@ -108,6 +108,8 @@ pub struct Network {
     /// Where traffic for addresses this host does not know goes (a
     /// gateway hypervisor that knows every endpoint: Hoverboard).
     pub gateway_vtep: Option<Ipv4Addr>,
+    /// VMs of this network may reach the external network through SNAT.
+    pub snat: bool,
 }
 
 /// A VM attached to a port of this switch.
@@ -120,6 +122,10 @@ pub struct LocalVm {
     pub vni: Vni,
     /// Handed out by DHCP (option 12) if set.
     pub hostname: Option<String>,
+    /// Security groups (ids in the switch's policy); empty: not filtered.
+    pub groups: Vec<u16>,
+    /// An external address mapped 1:1 to the VM's first address.
+    pub floating_ip: Option<Ipv4Addr>,
 }
 
 /// A VM behind another hypervisor's VTEP.
@@ -129,6 +135,47 @@ pub struct RemoteVm {
     pub mac: Mac,
     pub vni: Vni,
     pub vtep: Ipv4Addr,
+    /// Its security groups (membership counts for remote-group rules).
+    pub groups: Vec<u16>,
+}
+
+/// The external network: a port towards the outside world (the
+/// provider network), the host's addresses on it, and how to reach the
+/// rest of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct External {
+    pub port: PortId,
+    /// Our MAC on the external port.
+    pub mac: Mac,
+    /// The external subnet our addresses are in.
+    pub cidr: Cidr,
+    /// Next hop for destinations outside `cidr`.
+    pub gateway: Option<Ipv4Addr>,
+    /// SNAT pool (addresses inside `cidr`).
+    pub snat: Vec<Ipv4Addr>,
+    /// SNAT ports, inclusive.
+    pub ports: (u16, u16),
+    /// SNAT ports one VM may hold.
+    pub per_vm_ports: u32,
+}
+
+impl External {
+    /// The neighbour a packet to `dst` is sent to.
+    pub fn next_hop(&self, dst: Ipv4Addr) -> Option<Ipv4Addr> {
+        if self.cidr.contains(dst) {
+            Some(dst)
+        } else {
+            self.gateway
+        }
+    }
+}
+
+/// What an external address of this switch is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExternalAddr {
+    Snat,
+    /// A VM's floating IP: the VM's port.
+    Floating(PortId),
 }
 
 /// The uplink: where VXLAN leaves and arrives.
@@ -193,6 +240,8 @@ pub enum TopologyError {
     UplinkPort { name: String, port: u16 },
     #[error("{object}: not found")]
     NotFound { object: String },
+    #[error("vm {name}: field `floating_ip`: {problem}")]
+    BadFloatingIp { name: String, problem: String },
 }
 
 /// "aa:bb:cc:dd:ee:ff".
@@ -219,6 +268,10 @@ pub struct Topology {
     index: HashMap<(u32, Ipv4Addr), Endpoint>,
     /// Next-hop MAC towards each remote VTEP (learned from the kernel).
     neighbors: HashMap<Ipv4Addr, Mac>,
+    /// The external network, if this switch has one.
+    pub external: Option<External>,
+    /// Floating IPs → the VM's port.
+    floating: HashMap<Ipv4Addr, PortId>,
 }
 
 impl Topology {
@@ -230,7 +283,20 @@ impl Topology {
             remotes: HashMap::new(),
             index: HashMap::new(),
             neighbors: HashMap::new(),
+            external: None,
+            floating: HashMap::new(),
         }
+    }
+
+    /// What `ip` is on the external network, if it is ours.
+    pub fn external_addr(&self, ip: Ipv4Addr) -> Option<ExternalAddr> {
+        if let Some(p) = self.floating.get(&ip) {
+            return Some(ExternalAddr::Floating(*p));
+        }
+        self.external
+            .as_ref()
+            .filter(|e| e.snat.contains(&ip))
+            .map(|_| ExternalAddr::Snat)
     }
 
     pub fn add_network(&mut self, n: Network) -> Result<(), TopologyError> {
@@ -326,6 +392,28 @@ impl Topology {
                     other,
                 });
             }
+        }
+        if let Some(fip) = vm.floating_ip {
+            let problem = match &self.external {
+                None => Some("the switch has no [external] network".to_string()),
+                Some(e) if !e.cidr.contains(fip) => Some(format!(
+                    "{fip} is not inside the external subnet {}",
+                    e.cidr
+                )),
+                Some(e) if e.snat.contains(&fip) => Some(format!("{fip} is an SNAT address")),
+                Some(e) if e.port == vm.port => Some("the VM is on the external port".into()),
+                _ => self
+                    .floating
+                    .get(&fip)
+                    .map(|p| format!("{fip} is already the floating IP of port {}", p.0)),
+            };
+            if let Some(problem) = problem {
+                return Err(TopologyError::BadFloatingIp {
+                    name: vm.name,
+                    problem,
+                });
+            }
+            self.floating.insert(fip, vm.port);
         }
         for ip in &vm.ips {
             self.index.insert(
@@ -459,6 +547,7 @@ mod tests {
             lease_secs: 3600,
             routes: vec![],
             gateway_vtep: None,
+            snat: false,
         }
     }
 
@@ -482,6 +571,8 @@ mod tests {
             ips: vec![Ipv4Addr::from(ip)],
             vni: vni(100),
             hostname: None,
+            groups: vec![],
+            floating_ip: None,
         }
     }
 
@@ -564,6 +655,7 @@ mod tests {
             mac: [2, 1, 0, 0, 0, 9],
             vni: vni(100),
             vtep: Ipv4Addr::new(192, 168, 0, 2),
+            groups: vec![],
         })
         .unwrap();
         assert_eq!(

@@ -96,6 +96,41 @@ pub struct Install {
     /// The punted frame, to run through the pipeline again once `flows`
     /// are in (it then hits them).
     pub reinject: Option<PuntMsg>,
+    /// Flows to remove (connections that ended or lost their permission).
+    pub remove: Vec<FlowKey>,
+    /// Remove every flow compiled under the security-group policy without
+    /// a tracked connection (the policy changed: they are compiled again
+    /// on their next packet).
+    pub remove_acl_flows: bool,
+    /// Connections whose flows' use the coprocessor wants to know.
+    pub checks: Vec<CtCheck>,
+}
+
+/// A question about a tracked connection's flows (one or two keys).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CtCheck {
+    pub id: u64,
+    pub keys: [Option<FlowKey>; 2],
+}
+
+/// When a flow was last used, and how much.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowUse {
+    pub last_used: u64,
+    pub packets: u64,
+}
+
+/// What the fast path tells the coprocessor about tracked connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Report {
+    /// A conntrack flow expired idle (or its generation ended).
+    FlowGone { key: FlowKey, used: FlowUse },
+    /// The answer to a [`CtCheck`]: each key's use, `None` if absent.
+    Checked {
+        id: u64,
+        keys: [Option<FlowKey>; 2],
+        used: [Option<FlowUse>; 2],
+    },
 }
 
 /// A flow as `ctl flows` shows it.
@@ -146,6 +181,8 @@ pub struct Snapshot {
     pub install_failures: u64,
     pub reinjected: u64,
     pub reinject_failed: u64,
+    /// Conntrack reports that found the report queue full.
+    pub reports_lost: u64,
     pub first_packet: FirstPacket,
     pub uptime_ns: u64,
 }
@@ -194,6 +231,10 @@ pub struct Links {
     pub wake: Arc<Wake>,
     /// Coprocessor threads to unpark after punting.
     pub coprocessors: Vec<Thread>,
+    /// Conntrack reports back to the coprocessors.
+    pub reports: Arc<ArrayQueue<Report>>,
+    /// Time zero of the clock shared with the coprocessors.
+    pub epoch: Instant,
 }
 
 /// Room before each frame read from a tap: VXLAN's outer headers fit with
@@ -218,6 +259,7 @@ pub struct Dataplane {
     install_failures: u64,
     reinjected: u64,
     reinject_failed: u64,
+    reports_lost: u64,
     first_packet: FirstPacket,
 }
 
@@ -245,6 +287,7 @@ impl Dataplane {
             revents: 0,
         });
         let n = u16::try_from(ports.len()).unwrap_or(u16::MAX);
+        let start = links.epoch;
         Dataplane {
             ports,
             pipeline,
@@ -254,11 +297,12 @@ impl Dataplane {
             out: BatchOut::new(n),
             descs: ArrayVec::new(),
             pollfds,
-            start: Instant::now(),
+            start,
             installs: 0,
             install_failures: 0,
             reinjected: 0,
             reinject_failed: 0,
+            reports_lost: 0,
             first_packet: FirstPacket::default(),
         }
     }
@@ -299,9 +343,20 @@ impl Dataplane {
             work += self.poll_port(i, now);
         }
         let c = self.cfg;
+        let (reports, lost) = (&self.links.reports, &mut self.reports_lost);
         self.pipeline
             .table_mut()
-            .expire(now, c.idle_timeout_ns, c.expire_budget, |_, _| ());
+            .expire(now, c.idle_timeout_ns, c.expire_budget, |key, a, s| {
+                if a.conntrack {
+                    let used = FlowUse {
+                        last_used: s.last_used,
+                        packets: s.packets,
+                    };
+                    if reports.push(Report::FlowGone { key: *key, used }).is_err() {
+                        *lost += 1;
+                    }
+                }
+            });
         while let Ok(req) = self.links.requests.try_recv() {
             self.answer(req, now);
             work += 1;
@@ -420,6 +475,30 @@ impl Dataplane {
     }
 
     fn apply_install(&mut self, ins: Install, now: u64) {
+        let table = self.pipeline.table_mut();
+        for key in &ins.remove {
+            table.remove(key);
+        }
+        if ins.remove_acl_flows {
+            table.retain(|_, a| !a.acl);
+        }
+        for c in &ins.checks {
+            let used = c.keys.map(|k| {
+                k.and_then(|k| table.get(&k)).map(|e| FlowUse {
+                    last_used: e.stats.last_used,
+                    packets: e.stats.packets,
+                })
+            });
+            let r = Report::Checked {
+                id: c.id,
+                keys: c.keys,
+                used,
+            };
+            if self.links.reports.push(r).is_err() {
+                // The coprocessor asks again.
+                self.reports_lost += 1;
+            }
+        }
         for (key, action) in &ins.flows {
             match self.pipeline.table_mut().insert(*key, action, now) {
                 Ok(_) => self.installs += 1,
@@ -441,7 +520,9 @@ impl Dataplane {
             self.links.recycler.recycle(msg);
             if let Some(d) = d {
                 self.reinjected += 1;
+                self.pipeline.set_reinjecting(true);
                 self.process(ingress, &[d], now, false);
+                self.pipeline.set_reinjecting(false);
                 self.first_packet
                     .record(self.now().saturating_sub(punted_at));
             }
@@ -498,6 +579,7 @@ impl Dataplane {
                     install_failures: self.install_failures,
                     reinjected: self.reinjected,
                     reinject_failed: self.reinject_failed,
+                    reports_lost: self.reports_lost,
                     first_packet: self.first_packet,
                     uptime_ns: now,
                 });
@@ -514,7 +596,7 @@ impl Dataplane {
                     .iter()
                     .map(|e| FlowDump {
                         key: e.key,
-                        action: e.action.clone(),
+                        action: *e.action,
                         stats: e.stats,
                         current: e.current,
                     })

@@ -37,6 +37,8 @@ counted_enum! {
         PuntQueueFull => "punt_queue_full",
         PuntPoolEmpty => "punt_pool_empty",
         TxOverflow => "tx_overflow",
+        NatFragment => "nat_fragment",
+        NatTooShort => "nat_too_short",
     }
 }
 

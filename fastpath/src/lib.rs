@@ -15,6 +15,7 @@ pub mod hugepage;
 pub mod pipeline;
 pub mod punt;
 mod reason;
+pub mod rewrite;
 pub mod synth;
 pub mod tap;
 pub mod tx;

@@ -15,10 +15,11 @@ use arrayvec::ArrayVec;
 use flowtable::{Action, FlowKey, FlowTable, Output, PortId};
 use vxlan::DecapConfig;
 
-use crate::classify::{Classifier, Kind, ETH_LEN};
+use crate::classify::{Classifier, Kind, ETH_LEN, IPPROTO_TCP};
 use crate::drop::{DropCounters, DropReason};
 use crate::frame::{Desc, FrameMem, BATCH};
 use crate::punt::PuntReason;
+use crate::rewrite;
 use crate::tx::TxLists;
 
 /// What the pipeline needs to know about the switch.
@@ -117,6 +118,10 @@ pub struct Pipeline {
     keys: [FlowKey; BATCH],
     hashes: [u64; BATCH],
     meta: [Meta; BATCH],
+    /// Frames the coprocessor reinjects after seeing them: their
+    /// connection events were already followed, so they are not punted
+    /// for that again.
+    reinjecting: bool,
 }
 
 impl Pipeline {
@@ -137,6 +142,7 @@ impl Pipeline {
             keys: [FlowKey::default(); BATCH],
             hashes: [0; BATCH],
             meta: [Meta::default(); BATCH],
+            reinjecting: false,
         }
     }
 
@@ -157,6 +163,12 @@ impl Pipeline {
     /// a port driver) against the port the frame came in on.
     pub fn count_drop(&mut self, ingress: PortId, r: DropReason) {
         self.counters.count_drop(ingress, r);
+    }
+
+    /// Mark the next batches as reinjected by the coprocessor (see
+    /// [`Action::conntrack`]): connection events are not punted again.
+    pub fn set_reinjecting(&mut self, on: bool) {
+        self.reinjecting = on;
     }
 
     pub fn classifier(&self) -> &Classifier {
@@ -243,8 +255,10 @@ impl Pipeline {
             keys,
             hashes,
             meta,
+            reinjecting,
             ..
         } = self;
+        let ct_events = !*reinjecting;
         for ((key, &h), m) in keys[..n].iter().zip(&hashes[..n]).zip(&meta[..n]) {
             let d = m.desc;
             let inner_start = usize::from(m.inner_start);
@@ -255,7 +269,7 @@ impl Pipeline {
             };
             hits += 1;
             let verdict = match (table.action(hit.action), mem.chunk_mut(d.addr)) {
-                (Some(a), Some((chunk, off))) => apply(a, chunk, off, d, m, h),
+                (Some(a), Some((chunk, off))) => apply(a, chunk, off, d, m, h, key, ct_events),
                 _ => Verdict::Drop(DropReason::BadDescriptor),
             };
             match verdict {
@@ -321,7 +335,17 @@ fn be16(b: &[u8], at: usize) -> u16 {
 /// Apply `a` to the frame at `chunk[off..]`. Checks come first, so a frame
 /// that is punted is unmodified.
 #[inline(always)]
-fn apply(a: &Action, chunk: &mut [u8], off: usize, d: Desc, m: &Meta, hash: u64) -> Verdict {
+#[allow(clippy::too_many_arguments)]
+fn apply(
+    a: &Action,
+    chunk: &mut [u8],
+    off: usize,
+    d: Desc,
+    m: &Meta,
+    hash: u64,
+    key: &FlowKey,
+    ct_events: bool,
+) -> Verdict {
     let mut start = off;
     let mut len = d.len as usize;
     if let Some(vtep) = a.decap {
@@ -331,12 +355,21 @@ fn apply(a: &Action, chunk: &mut [u8], off: usize, d: Desc, m: &Meta, hash: u64)
         start += usize::from(m.inner_start);
         len = m.inner_len as usize;
     }
-    if len > usize::from(a.max_len) {
-        return Verdict::Punt(PuntReason::TooBig);
-    }
     // Flow frames are IPv4 with a whole 20-byte header after Ethernet
     // (the classifier checked), so these offsets are inside the frame.
     let ip = start + ETH_LEN;
+    if a.conntrack && ct_events && key.proto == IPPROTO_TCP {
+        // A connection's state changes only with SYN, FIN or RST; a
+        // segment too short to say is the coprocessor's to judge.
+        let ev = rewrite::tcp_flags(chunk, ip)
+            .is_none_or(|f| f & (rewrite::TCP_SYN | rewrite::TCP_FIN | rewrite::TCP_RST) != 0);
+        if ev {
+            return Verdict::Punt(PuntReason::CtEvent);
+        }
+    }
+    if len > usize::from(a.max_len) {
+        return Verdict::Punt(PuntReason::TooBig);
+    }
     if a.dec_ttl {
         let Some(&ttl) = chunk.get(ip + 8) else {
             return Verdict::Drop(DropReason::TooShort);
@@ -350,6 +383,11 @@ fn apply(a: &Action, chunk: &mut [u8], off: usize, d: Desc, m: &Meta, hash: u64)
         if let Some(s) = chunk.get_mut(ip + 8..ip + 12) {
             s[..2].copy_from_slice(&new.to_be_bytes());
             s[2..].copy_from_slice(&vxlan::checksum::update(hc, old, new).to_be_bytes());
+        }
+    }
+    if let Some(n) = &a.nat {
+        if let Err(r) = rewrite::nat(chunk, ip, key, n) {
+            return Verdict::Drop(r);
         }
     }
     if let Some(eth) = chunk

@@ -25,6 +25,7 @@ counted_enum! {
         TtlExpired => "ttl_expired",
         TooBig => "too_big",
         VtepMismatch => "vtep_mismatch",
+        CtEvent => "conntrack_event",
     }
 }
 

@@ -80,3 +80,41 @@ pub fn vxlan_frame(inner: &[u8], spec: &TemplateSpec, hash: u64) -> Vec<u8> {
     debug_assert_eq!(s, 0);
     v
 }
+
+/// An Ethernet/IPv4/TCP frame (20-byte TCP header, then `payload`) with
+/// TCP control flags `flags` and correct IPv4 and TCP checksums.
+pub fn tcp_frame(f: &UdpFlow, flags: u8, payload: &[u8]) -> Vec<u8> {
+    let len = 14 + 20 + 20 + payload.len();
+    let mut b = udp_frame(f, len);
+    b[23] = 6;
+    b[24..26].fill(0);
+    let c = vxlan::checksum::checksum(&b[14..34]);
+    b[24..26].copy_from_slice(&c.to_be_bytes());
+    b[38..46].fill(0); // sequence and acknowledgement numbers
+    b[38..42].copy_from_slice(&1000u32.to_be_bytes());
+    b[46] = 0x50;
+    b[47] = flags;
+    b[48..50].copy_from_slice(&64240u16.to_be_bytes());
+    b[54..].copy_from_slice(payload);
+    let c = l4_checksum(&b);
+    b[50..52].copy_from_slice(&c.to_be_bytes());
+    b
+}
+
+/// The TCP or UDP checksum of the IPv4 packet in frame `b` (options-free
+/// header), computed from scratch with the checksum field taken as zero.
+pub fn l4_checksum(b: &[u8]) -> u16 {
+    let proto = b[23];
+    let at = if proto == 6 { 34 + 16 } else { 34 + 6 };
+    let mut l4 = b[34..].to_vec();
+    l4[at - 34..at - 34 + 2].fill(0);
+    let mut pseudo = b[26..34].to_vec();
+    pseudo.extend_from_slice(&[0, proto]);
+    pseudo.extend_from_slice(&u16::try_from(l4.len()).unwrap_or(0).to_be_bytes());
+    let c = !vxlan::checksum::fold(vxlan::checksum::sum(&pseudo) + vxlan::checksum::sum(&l4));
+    if proto == 17 && c == 0 {
+        0xffff
+    } else {
+        c
+    }
+}

@@ -37,9 +37,31 @@ pub enum Output {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct EncapTemplate(pub [u8; ENCAP_LEN]);
 
+/// Which end of a packet a NAT rewrite changes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum NatSide {
+    /// Source address (and port): SNAT.
+    Src,
+    /// Destination address (and port): DNAT.
+    Dst,
+}
+
+/// An address (and optionally port) rewrite with incremental checksum
+/// updates of the IPv4 header and the TCP/UDP/ICMP checksum. For ICMP
+/// echo the "port" is the echo identifier, on either side.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Nat {
+    pub side: NatSide,
+    /// New address (host order).
+    pub ip: u32,
+    /// New port (or echo identifier); `None` keeps it (1:1 NAT).
+    pub port: Option<u16>,
+}
+
 /// What the fast path does with a frame that hits a flow. Applied in this
-/// order: decap, length check, MAC rewrite, TTL decrement, encap, output.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+/// order: decap, connection-event check, length check, TTL decrement, NAT,
+/// MAC rewrite, encap, output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Action {
     pub output: Output,
     /// Strip the outer VXLAN headers (uplink flows) of frames sent by this
@@ -57,6 +79,17 @@ pub struct Action {
     pub dec_ttl: bool,
     /// Encapsulate towards a remote VTEP with this template.
     pub encap: Option<EncapTemplate>,
+    /// Rewrite an address (and port) first: NAT.
+    pub nat: Option<Nat>,
+    /// A flow of a tracked connection: TCP segments with SYN, FIN or RST
+    /// are punted (the coprocessor follows the connection's state, then
+    /// reinjects them), and the owner reports the flow's removal so the
+    /// connection's timers know when it was last used.
+    pub conntrack: bool,
+    /// A stateless flow admitted by security-group rules (or a denial's
+    /// drop flow): removed whenever the policy changes, so it is compiled
+    /// again under the new rules.
+    pub acl: bool,
 }
 
 impl Action {
@@ -70,6 +103,9 @@ impl Action {
             set_eth_dst: None,
             dec_ttl: false,
             encap: None,
+            nat: None,
+            conntrack: false,
+            acl: false,
         }
     }
 
@@ -125,19 +161,19 @@ impl ActionTable {
         }
         let id = match self.free.pop() {
             Some(id) => {
-                self.actions[id as usize] = a.clone();
+                self.actions[id as usize] = *a;
                 self.refs[id as usize] = 1;
                 id
             }
             None => {
                 // Ids stay below the flow capacity, itself a u32.
                 let id = u32::try_from(self.actions.len()).unwrap_or(u32::MAX);
-                self.actions.push(a.clone());
+                self.actions.push(*a);
                 self.refs.push(1);
                 id
             }
         };
-        self.index.insert(a.clone(), id);
+        self.index.insert(*a, id);
         ActionId(id)
     }
 
@@ -189,7 +225,7 @@ mod tests {
         let mut t = ActionTable::default();
         let a = Action::output(PortId(3));
         let id1 = t.acquire(&a);
-        let id2 = t.acquire(&a.clone());
+        let id2 = t.acquire(&{ a });
         assert_eq!(id1, id2);
         assert_eq!(t.refs(id1), 2);
         let other = t.acquire(&Action::drop());

@@ -12,7 +12,9 @@ pub mod key;
 pub mod slots;
 pub mod table;
 
-pub use action::{Action, ActionId, ActionTable, EncapTemplate, Mac, Output, ENCAP_LEN};
+pub use action::{
+    Action, ActionId, ActionTable, EncapTemplate, Mac, Nat, NatSide, Output, ENCAP_LEN,
+};
 pub use key::{FlowHasher, FlowKey, Ingress, KeyFlags, PortId, Vni};
 pub use table::{
     CapacityError, FlowEntry, FlowStats, FlowTable, Hit, InsertError, TableCounters, MAX_CAPACITY,

@@ -482,14 +482,14 @@ impl FlowTable {
     /// Incremental idle expiry: examine up to `budget` slots from where the
     /// last call stopped, removing entries idle for at least `idle` (by the
     /// caller's clock) and entries of an old generation. `expired` sees
-    /// each removed flow's key and final counters. Cost is bounded by
+    /// each removed flow's key, action and final counters. Cost is bounded by
     /// `budget`, so the owner can call it once per poll without stalling.
     pub fn expire(
         &mut self,
         now: u64,
         idle: u64,
         budget: usize,
-        mut expired: impl FnMut(&FlowKey, &FlowStats),
+        mut expired: impl FnMut(&FlowKey, &Action, &FlowStats),
     ) -> usize {
         let n = self.slots.len();
         let mut removed = 0;
@@ -500,8 +500,11 @@ impl FlowTable {
             let s = &self.slots[self.sweep_cursor];
             let stale = s.generation != self.generation;
             if s.psl != 0 && (stale || now.saturating_sub(s.stats.last_used) >= idle) {
+                let action = self.actions.get(ActionId(s.action)).copied();
                 let (key, _, stats) = self.remove_at(self.sweep_cursor);
-                expired(&key, &stats);
+                if let Some(a) = action {
+                    expired(&key, &a, &stats);
+                }
                 removed += 1;
             } else {
                 self.sweep_cursor += 1;

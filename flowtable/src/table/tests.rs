@@ -170,7 +170,7 @@ fn idle_flows_expire_and_busy_ones_stay() {
     // The sweep is incremental: small budgets, many calls.
     let mut calls = 0;
     while gone.len() < 500 {
-        t.expire(100, 60, 64, |k, s| gone.push((*k, *s)));
+        t.expire(100, 60, 64, |k, _, s| gone.push((*k, *s)));
         calls += 1;
         assert!(calls < 10_000, "sweep did not converge");
     }
@@ -180,7 +180,7 @@ fn idle_flows_expire_and_busy_ones_stay() {
         .iter()
         .all(|(k, s)| (k.src_ip & 1) == 1 && s.packets == 0));
     // One more full pass removes nothing.
-    assert_eq!(t.expire(100, 60, t.slots.len(), |_, _| ()), 0);
+    assert_eq!(t.expire(100, 60, t.slots.len(), |_, _, _| ()), 0);
     for n in 0..1000 {
         assert_eq!(t.get(&key(n)).is_some(), n % 2 == 0, "key {n}");
     }
@@ -193,7 +193,7 @@ fn expire_budget_bounds_the_work() {
     for n in 0..1000 {
         t.insert(key(n), &out(1), 0).unwrap();
     }
-    let removed = t.expire(1_000, 1, 10, |_, _| ());
+    let removed = t.expire(1_000, 1, 10, |_, _, _| ());
     assert!(removed <= 10);
 }
 
@@ -213,7 +213,7 @@ fn a_new_generation_makes_old_flows_miss_until_reinstalled() {
     let hit = t.lookup(&key(1), 1, 1).unwrap();
     assert_eq!(t.action(hit.action), Some(&out(3)));
     // The sweep removes the stale entry even though it is not idle.
-    assert_eq!(t.expire(1, u64::MAX, t.slots.len(), |_, _| ()), 1);
+    assert_eq!(t.expire(1, u64::MAX, t.slots.len(), |_, _, _| ()), 1);
     assert!(t.get(&key(2)).is_none());
     assert_eq!(t.len(), 1);
 }

@@ -1,0 +1,547 @@
+//! Connection tracking: the state of every connection a security group
+//! or NAT decision depends on.
+//!
+//! A connection has two sides, each a fast-path flow: side 0 carries the
+//! original direction (keyed at the originator's ingress), side 1 the
+//! replies (keyed at the responder's ingress, after NAT). Both keys map to
+//! the connection, so a miss on either finds it.
+//!
+//! The fast path does not punt every packet: it punts TCP segments with
+//! SYN, FIN or RST (the state changes), and reports when a flow of a
+//! connection expires idle, with its last use. Timers live in a
+//! [`Wheel`]: when a connection's deadline comes and its flows may still
+//! be in use, the owner asks the fast path for their last use
+//! ([`Expiry::Check`]) and reschedules from the answer; otherwise the
+//! connection ends. Each local VM holds at most `per_vm` connections, so
+//! one VM cannot fill the table for the others.
+
+use std::collections::HashMap;
+
+use flowtable::{Action, FlowKey, PortId};
+
+use crate::acl::RuleRef;
+use crate::wheel::Wheel;
+
+/// Idle timeouts by state, in nanoseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp_syn: u64,
+    pub tcp_established: u64,
+    /// After a FIN (either side) and until both sides closed.
+    pub tcp_closing: u64,
+    /// After both FINs, or a RST.
+    pub tcp_closed: u64,
+    /// UDP before and after the first reply.
+    pub udp_first: u64,
+    pub udp_stream: u64,
+    pub icmp: u64,
+}
+
+const SEC: u64 = 1_000_000_000;
+
+impl Default for Timeouts {
+    /// Close to OVS's userspace conntrack defaults.
+    fn default() -> Self {
+        Timeouts {
+            tcp_syn: 30 * SEC,
+            tcp_established: 24 * 3600 * SEC,
+            tcp_closing: 30 * SEC,
+            tcp_closed: 10 * SEC,
+            udp_first: 30 * SEC,
+            udp_stream: 120 * SEC,
+            icmp: 30 * SEC,
+        }
+    }
+}
+
+/// Table limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max: usize,
+    pub per_vm: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max: 262_144,
+            per_vm: 32_768,
+        }
+    }
+}
+
+/// TCP connection states, as far as the coprocessor sees them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpState {
+    SynSent,
+    Established,
+    /// One side sent FIN.
+    Closing,
+    /// Both sides sent FIN, or one sent RST.
+    Closed,
+}
+
+/// A connection's protocol state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    Tcp(TcpState),
+    Udp { replied: bool },
+    Icmp { replied: bool },
+}
+
+impl ConnState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ConnState::Tcp(TcpState::SynSent) => "syn_sent",
+            ConnState::Tcp(TcpState::Established) => "established",
+            ConnState::Tcp(TcpState::Closing) => "closing",
+            ConnState::Tcp(TcpState::Closed) => "closed",
+            ConnState::Udp { replied: false } | ConnState::Icmp { replied: false } => "new",
+            ConnState::Udp { replied: true } | ConnState::Icmp { replied: true } => "replied",
+        }
+    }
+
+    fn timeout(&self, t: &Timeouts) -> u64 {
+        match self {
+            ConnState::Tcp(TcpState::SynSent) => t.tcp_syn,
+            ConnState::Tcp(TcpState::Established) => t.tcp_established,
+            ConnState::Tcp(TcpState::Closing) => t.tcp_closing,
+            ConnState::Tcp(TcpState::Closed) => t.tcp_closed,
+            ConnState::Udp { replied: false } => t.udp_first,
+            ConnState::Udp { replied: true } => t.udp_stream,
+            ConnState::Icmp { .. } => t.icmp,
+        }
+    }
+
+    fn replied(&mut self) {
+        match self {
+            ConnState::Udp { replied } | ConnState::Icmp { replied } => *replied = true,
+            ConnState::Tcp(_) => {}
+        }
+    }
+}
+
+/// One direction of a connection: its fast-path flow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Side {
+    pub key: FlowKey,
+    pub action: Action,
+    /// The flow is (as far as we know) in the fast path's table.
+    pub installed: bool,
+}
+
+/// A NAT binding held by a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NatBinding {
+    /// The translated (external) address and port of the VM's side.
+    pub ip: u32,
+    pub port: u16,
+    /// From the SNAT pool (released with the connection); false for a
+    /// floating IP (1:1, nothing to release).
+    pub pooled: bool,
+}
+
+/// What admitted a connection, to check again when the policy changes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Admission {
+    pub vni: u32,
+    /// Original direction's addresses (before NAT) and protocol.
+    pub src: u32,
+    pub dst: u32,
+    pub proto: u8,
+    /// Destination port, or ICMP type.
+    pub port: u16,
+    /// The filtered local VM that opened it (egress rules), if any.
+    pub egress: Option<PortId>,
+    /// The filtered local VM it goes to (ingress rules), if any.
+    pub ingress: Option<PortId>,
+    /// The ingress rule that admitted it, if any.
+    pub rule: Option<RuleRef>,
+}
+
+/// A tracked connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conn {
+    pub sides: [Side; 2],
+    pub state: ConnState,
+    /// The local VM charged for it (quota).
+    pub owner: Option<PortId>,
+    pub admission: Admission,
+    pub nat: Option<NatBinding>,
+    pub created: u64,
+    /// Last time either side was known to be used.
+    pub last_seen: u64,
+    fin: [bool; 2],
+    deadline: u64,
+}
+
+impl Conn {
+    pub fn new(sides: [Side; 2], state: ConnState, admission: Admission, now: u64) -> Conn {
+        Conn {
+            sides,
+            state,
+            owner: None,
+            admission,
+            nat: None,
+            created: now,
+            last_seen: now,
+            fin: [false; 2],
+            deadline: 0,
+        }
+    }
+
+    /// Keys of the sides currently in the fast path.
+    pub fn installed_keys(&self) -> impl Iterator<Item = FlowKey> + '_ {
+        self.sides.iter().filter(|s| s.installed).map(|s| s.key)
+    }
+}
+
+/// Why a connection could not be added.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CtRefused {
+    /// The table is full.
+    Full,
+    /// The owner holds its quota of connections.
+    Quota,
+    /// One of its keys already belongs to another connection.
+    Clash,
+}
+
+/// Something the owner must do for an expiring connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expiry {
+    /// Ask the fast path how recently these flows were used.
+    Check { id: u64, keys: [Option<FlowKey>; 2] },
+    /// The connection ended: free what it held, remove its flows.
+    Ended(Box<Conn>),
+}
+
+/// Counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CtCounters {
+    pub created: u64,
+    pub expired: u64,
+    pub revoked: u64,
+    pub refused_full: u64,
+    pub refused_quota: u64,
+    pub events: u64,
+    pub checks: u64,
+}
+
+/// When the fast path does not answer a check, ask again after this.
+const CHECK_RETRY: u64 = 2 * SEC;
+
+/// The connection table.
+#[derive(Debug, Clone)]
+pub struct Conntrack {
+    slots: Vec<Option<Conn>>,
+    gens: Vec<u32>,
+    free: Vec<u32>,
+    by_key: HashMap<FlowKey, (u32, u8)>,
+    per_owner: HashMap<PortId, u32>,
+    wheel: Wheel,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub counters: CtCounters,
+    len: usize,
+}
+
+fn id_of(idx: u32, gen: u32) -> u64 {
+    u64::from(gen) << 32 | u64::from(idx)
+}
+
+fn split(id: u64) -> (u32, u32) {
+    // The two halves of a u64, by construction.
+    #[allow(clippy::cast_possible_truncation)]
+    let r = (id as u32, (id >> 32) as u32);
+    r
+}
+
+impl Conntrack {
+    pub fn new(timeouts: Timeouts, limits: Limits, now: u64) -> Conntrack {
+        Conntrack {
+            slots: Vec::new(),
+            gens: Vec::new(),
+            free: Vec::new(),
+            by_key: HashMap::new(),
+            per_owner: HashMap::new(),
+            // 250 ms ticks, ~17 minutes per turn.
+            wheel: Wheel::new(SEC / 4, 4096, now),
+            timeouts,
+            limits,
+            counters: CtCounters::default(),
+            len: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Connections held by each owner.
+    pub fn per_owner(&self) -> &HashMap<PortId, u32> {
+        &self.per_owner
+    }
+
+    /// The connection and side a fast-path key belongs to.
+    pub fn lookup(&self, key: &FlowKey) -> Option<(u64, usize)> {
+        let &(idx, side) = self.by_key.get(key)?;
+        let gen = *self.gens.get(idx as usize)?;
+        Some((id_of(idx, gen), usize::from(side)))
+    }
+
+    pub fn get(&self, id: u64) -> Option<&Conn> {
+        let (idx, gen) = split(id);
+        if self.gens.get(idx as usize) != Some(&gen) {
+            return None;
+        }
+        self.slots.get(idx as usize)?.as_ref()
+    }
+
+    pub fn get_mut(&mut self, id: u64) -> Option<&mut Conn> {
+        let (idx, gen) = split(id);
+        if self.gens.get(idx as usize) != Some(&gen) {
+            return None;
+        }
+        self.slots.get_mut(idx as usize)?.as_mut()
+    }
+
+    /// Every connection with its id.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &Conn)> + '_ {
+        self.slots.iter().enumerate().filter_map(|(i, c)| {
+            let idx = u32::try_from(i).ok()?;
+            Some((id_of(idx, self.gens[i]), c.as_ref()?))
+        })
+    }
+
+    /// Would `owner` be refused a new connection?
+    pub fn admit(&self, owner: Option<PortId>) -> Result<(), CtRefused> {
+        if self.len >= self.limits.max {
+            return Err(CtRefused::Full);
+        }
+        if let Some(o) = owner {
+            if self.per_owner.get(&o).copied().unwrap_or(0) >= self.limits.per_vm {
+                return Err(CtRefused::Quota);
+            }
+        }
+        Ok(())
+    }
+
+    /// Add `conn`, charged to `owner`.
+    pub fn insert(
+        &mut self,
+        mut conn: Conn,
+        owner: Option<PortId>,
+        now: u64,
+    ) -> Result<u64, CtRefused> {
+        if let Err(e) = self.admit(owner) {
+            match e {
+                CtRefused::Full => self.counters.refused_full += 1,
+                _ => self.counters.refused_quota += 1,
+            }
+            return Err(e);
+        }
+        if conn.sides[0].key == conn.sides[1].key
+            || conn.sides.iter().any(|s| self.by_key.contains_key(&s.key))
+        {
+            return Err(CtRefused::Clash);
+        }
+        let idx = match self.free.pop() {
+            Some(i) => i,
+            None => {
+                let i = u32::try_from(self.slots.len()).map_err(|_| CtRefused::Full)?;
+                self.slots.push(None);
+                self.gens.push(0);
+                i
+            }
+        };
+        let id = id_of(idx, self.gens[idx as usize]);
+        conn.owner = owner;
+        conn.deadline = now + conn.state.timeout(&self.timeouts);
+        self.wheel.schedule(id, conn.deadline);
+        for (side, s) in conn.sides.iter().enumerate() {
+            self.by_key.insert(s.key, (idx, u8::from(side == 1)));
+        }
+        if let Some(o) = owner {
+            *self.per_owner.entry(o).or_default() += 1;
+        }
+        self.slots[idx as usize] = Some(conn);
+        self.len += 1;
+        self.counters.created += 1;
+        Ok(id)
+    }
+
+    /// Remove a connection; the caller frees its NAT binding and flows.
+    pub fn remove(&mut self, id: u64) -> Option<Conn> {
+        let (idx, gen) = split(id);
+        if self.gens.get(idx as usize) != Some(&gen) {
+            return None;
+        }
+        let conn = self.slots.get_mut(idx as usize)?.take()?;
+        for s in &conn.sides {
+            if self.by_key.get(&s.key).is_some_and(|&(i, _)| i == idx) {
+                self.by_key.remove(&s.key);
+            }
+        }
+        if let Some(o) = conn.owner {
+            if let Some(n) = self.per_owner.get_mut(&o) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_owner.remove(&o);
+                }
+            }
+        }
+        self.gens[idx as usize] = gen.wrapping_add(1);
+        self.free.push(idx);
+        self.len -= 1;
+        Some(conn)
+    }
+
+    fn reschedule(&mut self, id: u64) {
+        let t = self.timeouts;
+        if let Some(c) = self.get_mut(id) {
+            let d = c.last_seen + c.state.timeout(&t);
+            if d != c.deadline {
+                c.deadline = d;
+                self.wheel.schedule(id, d);
+            }
+        }
+    }
+
+    /// A packet of side `side` was seen by the coprocessor (a miss).
+    pub fn seen(&mut self, id: u64, side: usize, now: u64) {
+        if let Some(c) = self.get_mut(id) {
+            c.last_seen = c.last_seen.max(now);
+            if side == 1 {
+                c.state.replied();
+            }
+        }
+        self.reschedule(id);
+    }
+
+    /// A TCP segment with control flags `flags` on side `side`.
+    pub fn tcp_event(&mut self, id: u64, side: usize, flags: u8, now: u64) {
+        const FIN: u8 = 0x01;
+        const SYN: u8 = 0x02;
+        const RST: u8 = 0x04;
+        const ACK: u8 = 0x10;
+        self.counters.events += 1;
+        if let Some(c) = self.get_mut(id) {
+            c.last_seen = c.last_seen.max(now);
+            let ConnState::Tcp(st) = &mut c.state else {
+                return;
+            };
+            if flags & RST != 0 {
+                *st = TcpState::Closed;
+            } else if flags & FIN != 0 {
+                c.fin[side.min(1)] = true;
+                *st = if c.fin == [true, true] {
+                    TcpState::Closed
+                } else {
+                    TcpState::Closing
+                };
+            } else if flags & (SYN | ACK) == SYN | ACK && side == 1 && *st == TcpState::SynSent {
+                *st = TcpState::Established;
+            }
+        }
+        self.reschedule(id);
+    }
+
+    /// The fast path removed side `key` after it went idle.
+    pub fn flow_gone(&mut self, key: &FlowKey, last_used: u64, packets: u64) {
+        let Some((id, side)) = self.lookup(key) else {
+            return;
+        };
+        if let Some(c) = self.get_mut(id) {
+            c.sides[side].installed = false;
+            c.last_seen = c.last_seen.max(last_used);
+            if side == 1 && packets > 0 {
+                c.state.replied();
+            }
+        }
+        self.reschedule(id);
+    }
+
+    /// The fast path's answer to a check: each key's (last use, packets),
+    /// `None` for a flow that is not installed. Returns the connection if
+    /// it ended.
+    pub fn checked(
+        &mut self,
+        id: u64,
+        keys: [Option<FlowKey>; 2],
+        used: [Option<(u64, u64)>; 2],
+        now: u64,
+    ) -> Option<Conn> {
+        let t = self.timeouts;
+        let c = self.get_mut(id)?;
+        // An answer about keys the connection no longer has is stale.
+        if keys
+            .iter()
+            .zip(&c.sides)
+            .any(|(k, s)| k.is_some_and(|k| k != s.key))
+        {
+            return None;
+        }
+        for (side, k) in keys.iter().enumerate() {
+            if k.is_none() {
+                continue;
+            }
+            c.sides[side].installed = used[side].is_some();
+            if let Some((last, packets)) = used[side] {
+                c.last_seen = c.last_seen.max(last);
+                if side == 1 && packets > 0 {
+                    c.state.replied();
+                }
+            }
+        }
+        if c.last_seen + c.state.timeout(&t) <= now {
+            self.counters.expired += 1;
+            return self.remove(id);
+        }
+        self.reschedule(id);
+        None
+    }
+
+    /// Advance the timers to `now`.
+    pub fn tick(&mut self, now: u64) -> Vec<Expiry> {
+        let mut due = Vec::new();
+        self.wheel
+            .advance(now, |id, deadline| due.push((id, deadline)));
+        let t = self.timeouts;
+        let mut out = Vec::new();
+        for (id, deadline) in due {
+            let Some(c) = self.get_mut(id) else { continue };
+            if c.deadline != deadline {
+                continue; // rescheduled since
+            }
+            if c.sides.iter().any(|s| s.installed) {
+                let keys = c.sides.map(|s| s.installed.then_some(s.key));
+                c.deadline = now + CHECK_RETRY;
+                let d = c.deadline;
+                self.wheel.schedule(id, d);
+                self.counters.checks += 1;
+                out.push(Expiry::Check { id, keys });
+            } else if c.last_seen + c.state.timeout(&t) <= now {
+                if let Some(c) = self.remove(id) {
+                    self.counters.expired += 1;
+                    out.push(Expiry::Ended(Box::new(c)));
+                }
+            } else {
+                self.reschedule(id);
+            }
+        }
+        out
+    }
+
+    /// Timers waiting (for tests and stats).
+    pub fn timers(&self) -> usize {
+        self.wheel.len()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,176 @@
+use super::*;
+use flowtable::Ingress;
+
+const S: u64 = SEC;
+
+fn key(ingress: u16, sport: u16) -> FlowKey {
+    FlowKey::new(Ingress::Port(PortId(ingress)), 6, 1, 2, sport, 80)
+}
+
+fn conn(sport: u16, state: ConnState) -> Conn {
+    let side = |k| Side {
+        key: k,
+        action: Action::drop(),
+        installed: true,
+    };
+    let rev = FlowKey::new(Ingress::Port(PortId(2)), 6, 2, 1, 80, sport);
+    let adm = Admission {
+        vni: 1,
+        src: 1,
+        dst: 2,
+        proto: 6,
+        port: 80,
+        egress: Some(PortId(1)),
+        ingress: None,
+        rule: None,
+    };
+    Conn::new([side(key(1, sport)), side(rev)], state, adm, 0)
+}
+
+fn syn() -> ConnState {
+    ConnState::Tcp(TcpState::SynSent)
+}
+
+#[test]
+fn both_keys_find_the_connection_and_removal_forgets_them() {
+    let mut ct = Conntrack::new(Timeouts::default(), Limits::default(), 0);
+    let c = conn(1000, syn());
+    let rev = c.sides[1].key;
+    let id = ct.insert(c, Some(PortId(1)), 0).unwrap();
+    assert_eq!(ct.lookup(&key(1, 1000)), Some((id, 0)));
+    assert_eq!(ct.lookup(&rev), Some((id, 1)));
+    assert_eq!(ct.per_owner().get(&PortId(1)), Some(&1));
+    assert_eq!(
+        ct.insert(conn(1000, syn()), None, 0),
+        Err(CtRefused::Clash),
+        "a key belongs to one connection"
+    );
+    assert!(ct.remove(id).is_some());
+    assert!(ct.lookup(&rev).is_none());
+    assert!(ct.get(id).is_none());
+    assert!(ct.remove(id).is_none(), "an id is not reused");
+    assert!(ct.per_owner().is_empty());
+    let again = ct.insert(conn(1000, syn()), None, 0).unwrap();
+    assert_ne!(again, id, "a reused slot has a new generation");
+    assert!(ct.get(id).is_none());
+}
+
+#[test]
+fn quota_is_per_owner_and_capacity_is_global() {
+    let limits = Limits { max: 5, per_vm: 2 };
+    let mut ct = Conntrack::new(Timeouts::default(), limits, 0);
+    ct.insert(conn(1, syn()), Some(PortId(1)), 0).unwrap();
+    ct.insert(conn(2, syn()), Some(PortId(1)), 0).unwrap();
+    assert_eq!(
+        ct.insert(conn(3, syn()), Some(PortId(1)), 0),
+        Err(CtRefused::Quota)
+    );
+    // Another VM is not affected by the first one's quota.
+    let mut c = conn(4, syn());
+    c.sides[0].key.ctx = Ingress::Port(PortId(7)).ctx();
+    ct.insert(c, Some(PortId(7)), 0).unwrap();
+    ct.insert(conn(5, syn()), None, 0).unwrap();
+    ct.insert(conn(6, syn()), None, 0).unwrap();
+    assert_eq!(ct.insert(conn(7, syn()), None, 0), Err(CtRefused::Full));
+    assert_eq!(ct.counters.refused_quota, 1);
+    assert_eq!(ct.counters.refused_full, 1);
+}
+
+#[test]
+fn tcp_states_follow_syn_ack_fin_and_rst() {
+    let mut ct = Conntrack::new(Timeouts::default(), Limits::default(), 0);
+    let id = ct.insert(conn(1, syn()), None, 0).unwrap();
+    let st = |ct: &Conntrack| ct.get(id).unwrap().state;
+    ct.tcp_event(id, 0, 0x02, S); // SYN retransmit: no change
+    assert_eq!(st(&ct), syn());
+    ct.tcp_event(id, 1, 0x12, S); // SYN-ACK from the responder
+    assert_eq!(st(&ct), ConnState::Tcp(TcpState::Established));
+    ct.tcp_event(id, 0, 0x11, 2 * S); // FIN
+    assert_eq!(st(&ct), ConnState::Tcp(TcpState::Closing));
+    ct.tcp_event(id, 1, 0x11, 3 * S); // FIN back
+    assert_eq!(st(&ct), ConnState::Tcp(TcpState::Closed));
+    let id2 = ct.insert(conn(2, syn()), None, 0).unwrap();
+    ct.tcp_event(id2, 1, 0x04, S); // RST
+    assert_eq!(ct.get(id2).unwrap().state, ConnState::Tcp(TcpState::Closed));
+}
+
+#[test]
+fn a_due_connection_with_flows_is_checked_then_kept_or_ended() {
+    let t = Timeouts::default();
+    let mut ct = Conntrack::new(t, Limits::default(), 0);
+    let id = ct.insert(conn(1, syn()), None, 0).unwrap();
+    assert!(ct.tick(t.tcp_syn - S).is_empty(), "not due yet");
+    let ex = ct.tick(t.tcp_syn);
+    let Some(Expiry::Check { id: cid, keys }) = ex.first().cloned() else {
+        panic!("expected a check, got {ex:?}");
+    };
+    assert_eq!(cid, id);
+    // The flows were used 5 s ago: the connection lives on.
+    let used = [Some((t.tcp_syn - 5 * S, 3)), Some((t.tcp_syn - 5 * S, 2))];
+    assert!(ct.checked(id, keys, used, t.tcp_syn).is_none());
+    // Replies were seen but no SYN-ACK event: still syn_sent (timeout 30 s).
+    let due = t.tcp_syn - 5 * S + t.tcp_syn;
+    assert!(ct.tick(due - S).is_empty());
+    let ex = ct.tick(due);
+    assert!(matches!(ex.as_slice(), [Expiry::Check { .. }]), "{ex:?}");
+    // No use since: it ends, and the caller learns which flows to remove.
+    let used = [Some((t.tcp_syn - 5 * S, 3)), None];
+    let gone = ct.checked(id, keys, used, due).expect("ended");
+    assert_eq!(gone.installed_keys().count(), 1);
+    assert!(ct.is_empty());
+    assert_eq!(ct.counters.expired, 1);
+}
+
+#[test]
+fn without_flows_a_connection_ends_at_its_deadline_without_asking() {
+    let t = Timeouts::default();
+    let mut ct = Conntrack::new(t, Limits::default(), 0);
+    let c = conn(1, ConnState::Udp { replied: false });
+    let (k0, k1) = (c.sides[0].key, c.sides[1].key);
+    let id = ct.insert(c, Some(PortId(1)), 0).unwrap();
+    ct.flow_gone(&k0, 10 * S, 5);
+    ct.flow_gone(&k1, 12 * S, 1);
+    assert_eq!(ct.get(id).unwrap().state, ConnState::Udp { replied: true });
+    // Replied UDP lives udp_stream after its last use.
+    assert!(ct.tick(12 * S + t.udp_stream - S).is_empty());
+    let ex = ct.tick(12 * S + t.udp_stream);
+    assert!(matches!(ex.as_slice(), [Expiry::Ended(_)]), "{ex:?}");
+    assert!(ct.per_owner().is_empty());
+}
+
+#[test]
+fn stale_answers_are_ignored() {
+    let mut ct = Conntrack::new(Timeouts::default(), Limits::default(), 0);
+    let id = ct.insert(conn(1, syn()), None, 0).unwrap();
+    let c = ct.remove(id).unwrap();
+    let keys = c.sides.map(|s| Some(s.key));
+    assert!(ct.checked(id, keys, [None, None], 100 * S).is_none());
+    let id2 = ct.insert(conn(2, syn()), None, 0).unwrap();
+    // Keys of another connection in the same slot: ignored.
+    assert!(ct.checked(id2, keys, [None, None], 100 * S).is_none());
+    assert!(ct.get(id2).is_some());
+}
+
+#[test]
+fn expiry_cost_follows_what_is_due() {
+    let t = Timeouts::default();
+    let mut ct = Conntrack::new(
+        t,
+        Limits {
+            max: 200_000,
+            per_vm: 200_000,
+        },
+        0,
+    );
+    for i in 0..100_000u32 {
+        let mut c = conn(0, ConnState::Tcp(TcpState::Established));
+        c.sides[0].key.src_ip = i;
+        c.sides[1].key.dst_ip = i;
+        ct.insert(c, None, 0).unwrap();
+    }
+    // Ticking through the first minute fires nothing: only slots are visited.
+    for s in 0..60 {
+        assert!(ct.tick(s * S).is_empty());
+    }
+    assert_eq!(ct.len(), 100_000);
+}

@@ -1,0 +1,89 @@
+//! Keeping decisions current: connection timers (the fast path's reports
+//! and checks), and policy changes that must reach existing flows.
+
+use flowtable::FlowKey;
+
+use crate::acl::{Direction, PolicyError, Rule};
+use crate::conntrack::{Admission, Expiry};
+use crate::outcome::{CtCheck, Outcome};
+use crate::topology::Topology;
+use crate::{lock, Coprocessor};
+
+impl Coprocessor {
+    /// Advance connection timers to `now` (the fast path's clock): checks
+    /// to send to the fast path, flows of ended connections to remove.
+    pub fn tick(&mut self, now: u64) -> Outcome {
+        let mut out = Outcome::default();
+        let mut sh = lock(&self.shared);
+        for e in sh.ct.tick(now) {
+            match e {
+                Expiry::Check { id, keys } => out.checks.push(CtCheck { id, keys }),
+                Expiry::Ended(c) => sh.end(&c, &mut out),
+            }
+        }
+        out
+    }
+
+    /// The fast path removed an idle flow of a tracked connection.
+    pub fn flow_gone(&mut self, key: &FlowKey, last_used: u64, packets: u64) {
+        lock(&self.shared).ct.flow_gone(key, last_used, packets);
+    }
+
+    /// The fast path's answer to a [`CtCheck`].
+    pub fn checked(
+        &mut self,
+        id: u64,
+        keys: [Option<FlowKey>; 2],
+        used: [Option<(u64, u64)>; 2],
+        now: u64,
+    ) -> Outcome {
+        let mut out = Outcome::default();
+        let mut sh = lock(&self.shared);
+        if let Some(c) = sh.ct.checked(id, keys, used, now) {
+            sh.end(&c, &mut out);
+        }
+        out
+    }
+
+    /// Replace the rules of security group `name` and revalidate: every
+    /// tracked connection the new rules would not admit ends (its flows
+    /// are removed), and every stateless flow compiled under the policy is
+    /// removed to be compiled again. All or nothing: bad rules change
+    /// nothing.
+    pub fn set_rules(&mut self, name: &str, rules: Vec<Rule>) -> Result<Outcome, PolicyError> {
+        let mut out = Outcome {
+            remove_acl_flows: true,
+            ..Outcome::default()
+        };
+        let mut sh = lock(&self.shared);
+        sh.policy.set_rules(name, rules)?;
+        let revoked: Vec<u64> = sh
+            .ct
+            .iter()
+            .filter(|(_, c)| !still_admitted(&self.topo, &sh.policy, &c.admission))
+            .map(|(id, _)| id)
+            .collect();
+        for id in revoked {
+            if let Some(c) = sh.ct.remove(id) {
+                sh.ct.counters.revoked += 1;
+                sh.end(&c, &mut out);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Would the current policy admit this connection if it opened now?
+fn still_admitted(topo: &Topology, policy: &crate::acl::Policy, a: &Admission) -> bool {
+    let check = |port, dir, peer| {
+        topo.vm_on(port).is_none_or(|vm| {
+            vm.groups.is_empty()
+                || policy
+                    .admits(&vm.groups, dir, a.vni, peer, a.proto, a.port)
+                    .is_some()
+        })
+    };
+    a.egress.is_none_or(|p| check(p, Direction::Egress, a.dst))
+        && a.ingress
+            .is_none_or(|p| check(p, Direction::Ingress, a.src))
+}

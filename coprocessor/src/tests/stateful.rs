@@ -1,0 +1,744 @@
+//! Security groups, connection tracking and NAT, run end to end: frames
+//! go through a real pipeline whose misses and connection events are
+//! handed to the coprocessor, whose answers are applied the way the
+//! fast-path thread applies them.
+
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
+
+use fastpath::synth::{self, UdpFlow};
+use fastpath::{BatchOut, Desc, Pipeline, PipelineConfig, PuntReason, SliceMem};
+use flowtable::{FlowHasher, FlowKey, FlowTable, Ingress, PortId};
+
+use super::{vni, GW_MAC, LOCAL_VTEP, NEXT_HOP, REMOTE_VTEP, UPLINK, UPLINK_MAC};
+use crate::acl::{Direction, Peer, Policy, Rule, SecurityGroup};
+use crate::conntrack::{ConnState, Limits, TcpState, Timeouts};
+use crate::topology::{External, LocalVm, Network, RemoteVm, Subnet, Topology, Uplink};
+use crate::{Coprocessor, DropCause, Outcome, PuntKind, Punted, Shared};
+
+const A: PortId = PortId(1);
+const B: PortId = PortId(2);
+const C: PortId = PortId(3);
+const EXT: PortId = PortId(4);
+const A_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0a];
+const B_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0b];
+const C_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0c];
+const EXT_MAC: [u8; 6] = [2, 0xee, 0, 0, 0, 1];
+const ROUTER_MAC: [u8; 6] = [2, 0xee, 0, 0, 0, 0xfe];
+const A_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 10);
+const B_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 11);
+const C_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 12);
+const R_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 20);
+const R_MAC: [u8; 6] = [2, 0, 0, 0, 1, 0x01];
+const SNAT_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 10);
+const FIP_B: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 50);
+const ROUTER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
+const SERVER: Ipv4Addr = Ipv4Addr::new(198, 51, 100, 7);
+const VNI: u32 = 100;
+
+const SYN: u8 = 0x02;
+const ACK: u8 = 0x10;
+const FIN: u8 = 0x01;
+const RST: u8 = 0x04;
+
+fn rule(direction: Direction, proto: Option<u8>, ports: (u16, u16)) -> Rule {
+    Rule {
+        direction,
+        proto,
+        ports,
+        peer: Peer::Cidr("0.0.0.0/0".parse().unwrap()),
+    }
+}
+
+fn web_rules() -> Vec<Rule> {
+    vec![
+        rule(Direction::Ingress, Some(6), (80, 80)),
+        rule(Direction::Egress, None, (0, u16::MAX)),
+    ]
+}
+
+/// Groups: web (ingress TCP 80, all egress), client (all egress), db
+/// (ingress anything from members of client).
+fn policy() -> Policy {
+    Policy::new(vec![
+        SecurityGroup {
+            name: "web".into(),
+            rules: web_rules(),
+        },
+        SecurityGroup {
+            name: "client".into(),
+            rules: vec![rule(Direction::Egress, None, (0, u16::MAX))],
+        },
+        SecurityGroup {
+            name: "db".into(),
+            rules: vec![Rule {
+                direction: Direction::Ingress,
+                proto: None,
+                ports: (0, u16::MAX),
+                peer: Peer::Group("client".into()),
+            }],
+        },
+    ])
+    .unwrap()
+}
+
+/// A (client) and B (web, floating IP) in 10.0.0.0/24, C (not filtered)
+/// in 10.0.1.0/24, R remote (client member); an external network on
+/// port 4 with one SNAT address.
+fn switch(limits: Limits, nat_ports: (u16, u16), per_vm_ports: u32) -> Net {
+    let mut t = Topology::new(Some(Uplink {
+        port: UPLINK,
+        mac: UPLINK_MAC,
+        local_vtep: LOCAL_VTEP,
+        mtu: 1500,
+        ttl: 64,
+    }));
+    t.external = Some(External {
+        port: EXT,
+        mac: EXT_MAC,
+        cidr: "203.0.113.0/24".parse().unwrap(),
+        gateway: Some(ROUTER),
+        snat: vec![SNAT_IP],
+        ports: nat_ports,
+        per_vm_ports,
+    });
+    t.add_network(Network {
+        vni: vni(VNI),
+        subnets: vec![
+            Subnet {
+                cidr: "10.0.0.0/24".parse().unwrap(),
+                gateway: Ipv4Addr::new(10, 0, 0, 1),
+            },
+            Subnet {
+                cidr: "10.0.1.0/24".parse().unwrap(),
+                gateway: Ipv4Addr::new(10, 0, 1, 1),
+            },
+        ],
+        gateway_mac: GW_MAC,
+        dns: vec![],
+        lease_secs: 600,
+        routes: vec![],
+        gateway_vtep: None,
+        snat: true,
+    })
+    .unwrap();
+    let mut pol = policy();
+    for (name, port, mac, ip, groups, fip) in [
+        ("a", A, A_MAC, A_IP, vec![1u16], None),
+        ("b", B, B_MAC, B_IP, vec![0u16], Some(FIP_B)),
+        ("c", C, C_MAC, C_IP, vec![], None),
+    ] {
+        for g in &groups {
+            pol.add_member(*g, VNI, ip);
+        }
+        t.add_vm(LocalVm {
+            name: name.into(),
+            port,
+            mac,
+            ips: vec![ip],
+            vni: vni(VNI),
+            hostname: None,
+            groups,
+            floating_ip: fip,
+        })
+        .unwrap();
+    }
+    pol.add_member(1, VNI, R_IP);
+    t.add_remote(RemoteVm {
+        ip: R_IP,
+        mac: R_MAC,
+        vni: vni(VNI),
+        vtep: REMOTE_VTEP,
+        groups: vec![1],
+    })
+    .unwrap();
+    t.set_neighbor(REMOTE_VTEP, NEXT_HOP);
+    let shared = Shared::new(&t, pol, Timeouts::default(), limits);
+    let cp = Coprocessor::with_shared(t, Arc::new(Mutex::new(shared)));
+    let cfg = PipelineConfig {
+        uplink: UPLINK,
+        local_vtep: LOCAL_VTEP,
+        udp_port: 4789,
+        ports: 5,
+    };
+    let p = Pipeline::new(
+        &cfg,
+        FlowTable::with_hasher(256, FlowHasher::with_seed(5)).unwrap(),
+    );
+    Net {
+        cp,
+        p,
+        now: 1_000,
+        outcomes: Vec::new(),
+        punts: 0,
+    }
+}
+
+fn default_switch() -> Net {
+    switch(Limits::default(), (1024, 65535), 1000)
+}
+
+/// Where a frame went through the pipeline: sent, or punted (why, key).
+type RunResult = (
+    Option<(PortId, Vec<u8>)>,
+    Option<PuntReason>,
+    Option<flowtable::FlowKey>,
+);
+
+/// The pipeline and the coprocessor, wired as the fast-path thread wires
+/// them.
+struct Net {
+    cp: Coprocessor,
+    p: Pipeline,
+    now: u64,
+    /// Every outcome of the last `send`.
+    outcomes: Vec<Outcome>,
+    /// Punts of the last `send`.
+    punts: usize,
+}
+
+/// Where a frame went.
+#[derive(Debug, PartialEq, Eq)]
+enum Went {
+    To(PortId, Vec<u8>),
+    Dropped(Option<DropCause>),
+}
+
+impl Net {
+    fn run(&mut self, port: PortId, frame: &[u8], reinjecting: bool) -> RunResult {
+        let mut mem = vec![0u8; 4096];
+        mem[256..256 + frame.len()].copy_from_slice(frame);
+        let mut b = BatchOut::new(5);
+        let d = [Desc {
+            addr: 256,
+            len: u32::try_from(frame.len()).unwrap(),
+        }];
+        self.p.set_reinjecting(reinjecting);
+        self.p.process(
+            port,
+            &mut SliceMem::new(&mut mem, 4096).unwrap(),
+            &d,
+            self.now,
+            &mut b,
+        );
+        self.p.set_reinjecting(false);
+        if let Some((port, l)) = b.tx.iter().next() {
+            let d = l[0];
+            let at = usize::try_from(d.addr).unwrap();
+            return (
+                Some((port, mem[at..at + d.len as usize].to_vec())),
+                None,
+                None,
+            );
+        }
+        match b.punt.first() {
+            Some(item) => (None, Some(item.reason), item.key),
+            None => (None, None, None),
+        }
+    }
+
+    fn apply(&mut self, out: &Outcome) {
+        let t = self.p.table_mut();
+        for k in &out.remove {
+            t.remove(k);
+        }
+        if out.remove_acl_flows {
+            t.retain(|_, a| !a.acl);
+        }
+        for (k, a) in &out.flows {
+            t.insert(*k, a, self.now).unwrap();
+        }
+    }
+
+    /// Send `frame` in on `port`; follow punts and reinjection.
+    fn send(&mut self, port: PortId, frame: &[u8]) -> Went {
+        self.now += 1_000_000;
+        self.outcomes.clear();
+        self.punts = 0;
+        let (sent, punt, key) = self.run(port, frame, false);
+        if let Some((p, f)) = sent {
+            return Went::To(p, f);
+        }
+        let Some(reason) = punt else {
+            return Went::Dropped(None);
+        };
+        self.punts += 1;
+        let kind = match reason {
+            PuntReason::Miss => PuntKind::Miss,
+            PuntReason::Arp => PuntKind::Control,
+            PuntReason::CtEvent => PuntKind::CtEvent,
+            PuntReason::TooBig => PuntKind::TooBig,
+            PuntReason::TtlExpired => PuntKind::TtlExpired,
+            PuntReason::VtepMismatch => PuntKind::VtepMismatch,
+            PuntReason::Action => PuntKind::Action,
+        };
+        let out = self.cp.handle(&Punted {
+            ingress: port,
+            kind,
+            now: self.now,
+            frame,
+            key,
+        });
+        self.apply(&out);
+        let reinject = out.reinject;
+        let drop = out.drop;
+        let made = out.tx.first().cloned();
+        self.outcomes.push(out);
+        if reinject {
+            let (sent, punt, _) = self.run(port, frame, true);
+            assert!(
+                punt.is_none(),
+                "a reinjected frame was punted again: {punt:?}"
+            );
+            if let Some((p, f)) = sent {
+                return Went::To(p, f);
+            }
+        }
+        if let Some((p, f)) = made {
+            return Went::To(p, f);
+        }
+        Went::Dropped(drop)
+    }
+
+    fn ct_len(&self) -> usize {
+        self.cp.shared().lock().unwrap().ct.len()
+    }
+
+    fn state_of(&self, key: &FlowKey) -> Option<ConnState> {
+        let sh = self.cp.shared().lock().unwrap();
+        let (id, _) = sh.ct.lookup(key)?;
+        sh.ct.get(id).map(|c| c.state)
+    }
+}
+
+fn flow(src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> UdpFlow {
+    UdpFlow {
+        src_mac,
+        dst_mac: GW_MAC,
+        src_ip: src,
+        dst_ip: dst,
+        src_port: sport,
+        dst_port: dport,
+    }
+}
+
+fn tcp(
+    src_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+) -> Vec<u8> {
+    synth::tcp_frame(&flow(src_mac, src, dst, sport, dport), flags, b"data")
+}
+
+fn udp(src_mac: [u8; 6], src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    let mut f = synth::udp_frame(&flow(src_mac, src, dst, sport, dport), 80);
+    let c = synth::l4_checksum(&f);
+    f[40..42].copy_from_slice(&c.to_be_bytes());
+    f
+}
+
+fn key_of(port: PortId, f: &[u8]) -> FlowKey {
+    let mut k = FlowKey::default();
+    let c = fastpath::Classifier {
+        uplink: UPLINK,
+        decap: vxlan::DecapConfig {
+            local_vtep: u32::from(LOCAL_VTEP),
+            udp_port: 4789,
+        },
+    };
+    c.classify(port, f, &mut k);
+    k
+}
+
+fn ip_at(f: &[u8], at: usize) -> Ipv4Addr {
+    Ipv4Addr::new(f[at], f[at + 1], f[at + 2], f[at + 3])
+}
+
+fn port_at(f: &[u8], at: usize) -> u16 {
+    u16::from_be_bytes([f[at], f[at + 1]])
+}
+
+/// Checksums of a delivered frame are right.
+fn checksums_ok(f: &[u8]) {
+    let ip: &[u8; 20] = f[14..34].try_into().unwrap();
+    assert!(vxlan::checksum::ipv4_header_ok(ip), "IPv4 checksum");
+    let at = if f[23] == 6 { 50 } else { 40 };
+    assert_eq!(port_at(f, at), synth::l4_checksum(f), "L4 checksum");
+}
+
+fn delivered(w: Went, port: PortId) -> Vec<u8> {
+    match w {
+        Went::To(p, f) if p == port => f,
+        other => panic!("expected delivery to port {}, got {other:?}", port.0),
+    }
+}
+
+#[test]
+fn an_allowed_connection_passes_both_ways_and_its_replies_need_no_rule() {
+    let mut n = default_switch();
+    // A (client) opens TCP to B's port 80 (web admits it).
+    let syn = tcp(A_MAC, A_IP, B_IP, 40000, 80, SYN);
+    let f = delivered(n.send(A, &syn), B);
+    assert_eq!(f[..6], B_MAC);
+    assert_eq!(n.ct_len(), 1);
+    let k = key_of(A, &syn);
+    assert_eq!(n.state_of(&k), Some(ConnState::Tcp(TcpState::SynSent)));
+    // SYN-ACK: the reverse flow is in place; the segment is punted only
+    // so the connection's state follows it, then forwarded.
+    let synack = tcp(B_MAC, B_IP, A_IP, 80, 40000, SYN | ACK);
+    delivered(n.send(B, &synack), A);
+    assert_eq!(n.punts, 1);
+    assert_eq!(n.outcomes[0].flows.len(), 0, "no new flow for a reply");
+    assert_eq!(n.state_of(&k), Some(ConnState::Tcp(TcpState::Established)));
+    // Data both ways: flow hits, no punt.
+    delivered(n.send(A, &tcp(A_MAC, A_IP, B_IP, 40000, 80, ACK)), B);
+    assert_eq!(n.punts, 0);
+    delivered(n.send(B, &tcp(B_MAC, B_IP, A_IP, 80, 40000, ACK)), A);
+    assert_eq!(n.punts, 0);
+    // Close: FIN each way, each punted once and delivered.
+    delivered(n.send(A, &tcp(A_MAC, A_IP, B_IP, 40000, 80, FIN | ACK)), B);
+    assert_eq!(n.state_of(&k), Some(ConnState::Tcp(TcpState::Closing)));
+    delivered(n.send(B, &tcp(B_MAC, B_IP, A_IP, 80, 40000, FIN | ACK)), A);
+    assert_eq!(n.state_of(&k), Some(ConnState::Tcp(TcpState::Closed)));
+}
+
+#[test]
+fn denied_ports_and_default_ingress_deny_are_counted_drops() {
+    let mut n = default_switch();
+    // B is web: only port 80 comes in.
+    let ssh = tcp(A_MAC, A_IP, B_IP, 40001, 22, SYN);
+    assert_eq!(n.send(A, &ssh), Went::Dropped(Some(DropCause::AclDenied)));
+    // The denial is a drop flow: the retransmission does not punt.
+    assert_eq!(n.send(A, &ssh), Went::Dropped(None));
+    assert_eq!(n.punts, 0);
+    // An unfiltered VM (C, another subnet) gets the same answer from B.
+    let from_c = tcp(C_MAC, C_IP, B_IP, 40002, 22, SYN);
+    assert_eq!(
+        n.send(C, &from_c),
+        Went::Dropped(Some(DropCause::AclDenied))
+    );
+    delivered(n.send(C, &tcp(C_MAC, C_IP, B_IP, 40003, 80, SYN)), B);
+    // Traffic into an unfiltered VM from an unfiltered VM stays stateless.
+    let before = n.ct_len();
+    let d = udp(C_MAC, C_IP, A_IP, 5000, 6000);
+    // A is client: no ingress rule, so this is denied; C itself is free.
+    assert_eq!(n.send(C, &d), Went::Dropped(Some(DropCause::AclDenied)));
+    assert_eq!(n.ct_len(), before);
+    let sh = n.cp.shared().lock().unwrap();
+    assert_eq!(sh.vm_drops[&B].acl_denied, 2);
+    assert_eq!(sh.vm_drops[&A].acl_denied, 1);
+}
+
+#[test]
+fn remote_group_membership_admits_and_replies_go_back_through_the_tunnel() {
+    let mut n = default_switch();
+    // Make B a db (ingress from client members) at run time.
+    n.cp.shared()
+        .lock()
+        .unwrap()
+        .policy
+        .set_rules(
+            "web",
+            vec![Rule {
+                direction: Direction::Ingress,
+                proto: None,
+                ports: (0, u16::MAX),
+                peer: Peer::Group("client".into()),
+            }],
+        )
+        .unwrap();
+    let inner = udp(R_MAC, R_IP, B_IP, 7000, 5432);
+    let outer = super::from_remote(&inner, REMOTE_VTEP, VNI);
+    let f = delivered(n.send(UPLINK, &outer), B);
+    assert_eq!(f[14..], inner[14..]);
+    // B's answer is encapsulated back to R's VTEP without a punt.
+    let back = delivered(n.send(B, &udp(B_MAC, B_IP, R_IP, 5432, 7000)), UPLINK);
+    assert_eq!(n.punts, 0);
+    assert_eq!(ip_at(&back, 30), REMOTE_VTEP);
+    // C is no member: denied.
+    let c_inner = udp(C_MAC, C_IP, B_IP, 7001, 5432);
+    assert_eq!(
+        n.send(C, &c_inner),
+        Went::Dropped(Some(DropCause::AclDenied))
+    );
+}
+
+#[test]
+fn tcp_without_a_connection_is_invalid() {
+    let mut n = default_switch();
+    let ack = tcp(A_MAC, A_IP, B_IP, 40000, 80, ACK);
+    assert_eq!(n.send(A, &ack), Went::Dropped(Some(DropCause::CtInvalid)));
+    assert_eq!(n.ct_len(), 0);
+}
+
+#[test]
+fn a_rule_removed_at_run_time_cuts_existing_connections() {
+    let mut n = default_switch();
+    let syn = tcp(A_MAC, A_IP, B_IP, 40000, 80, SYN);
+    delivered(n.send(A, &syn), B);
+    delivered(n.send(B, &tcp(B_MAC, B_IP, A_IP, 80, 40000, SYN | ACK)), A);
+    // Another, stateless ICMP flow admitted by the rules.
+    let out =
+        n.cp.set_rules("web", vec![rule(Direction::Egress, None, (0, u16::MAX))])
+            .unwrap();
+    assert_eq!(out.remove.len(), 2, "both flows of the connection");
+    assert!(out.remove_acl_flows);
+    n.apply(&out);
+    assert_eq!(n.ct_len(), 0);
+    assert_eq!(n.cp.shared().lock().unwrap().ct.counters.revoked, 1);
+    // The established connection no longer passes, either way.
+    assert_eq!(
+        n.send(A, &tcp(A_MAC, A_IP, B_IP, 40000, 80, ACK)),
+        Went::Dropped(Some(DropCause::CtInvalid))
+    );
+    assert_eq!(
+        n.send(B, &tcp(B_MAC, B_IP, A_IP, 80, 40000, ACK)),
+        Went::Dropped(Some(DropCause::CtInvalid))
+    );
+    // And a new one is denied.
+    assert_eq!(
+        n.send(A, &tcp(A_MAC, A_IP, B_IP, 40001, 80, SYN)),
+        Went::Dropped(Some(DropCause::AclDenied))
+    );
+    // Put the rule back: the denial's drop flow goes, the port opens.
+    let out = n.cp.set_rules("web", web_rules()).unwrap();
+    n.apply(&out);
+    delivered(n.send(A, &tcp(A_MAC, A_IP, B_IP, 40001, 80, SYN)), B);
+    // Bad rules change nothing.
+    let bad = vec![Rule {
+        direction: Direction::Ingress,
+        proto: None,
+        ports: (0, 1),
+        peer: Peer::Group("nope".into()),
+    }];
+    assert!(n.cp.set_rules("web", bad).is_err());
+    assert_eq!(n.ct_len(), 1);
+}
+
+#[test]
+fn rst_closes_and_a_new_syn_reopens_under_the_rules() {
+    let mut n = default_switch();
+    let syn = tcp(A_MAC, A_IP, B_IP, 40000, 80, SYN);
+    let k = key_of(A, &syn);
+    delivered(n.send(A, &syn), B);
+    delivered(n.send(B, &tcp(B_MAC, B_IP, A_IP, 80, 40000, RST | ACK)), A);
+    assert_eq!(n.state_of(&k), Some(ConnState::Tcp(TcpState::Closed)));
+    // The same tuple opens again: a fresh connection.
+    delivered(n.send(A, &syn), B);
+    assert_eq!(n.state_of(&k), Some(ConnState::Tcp(TcpState::SynSent)));
+    assert_eq!(n.ct_len(), 1);
+}
+
+#[test]
+fn one_vm_at_its_connection_quota_does_not_stop_another() {
+    let mut n = switch(
+        Limits {
+            max: 100,
+            per_vm: 3,
+        },
+        (1024, 65535),
+        1000,
+    );
+    for sport in 0..3 {
+        delivered(n.send(A, &udp(A_MAC, A_IP, C_IP, 9000 + sport, 53)), C);
+    }
+    assert_eq!(n.ct_len(), 3);
+    assert_eq!(
+        n.send(A, &udp(A_MAC, A_IP, C_IP, 9100, 53)),
+        Went::Dropped(Some(DropCause::CtQuota))
+    );
+    // B still opens connections.
+    delivered(n.send(B, &udp(B_MAC, B_IP, C_IP, 9000, 53)), C);
+    assert_eq!(n.cp.shared().lock().unwrap().vm_drops[&A].ct_refused, 1);
+}
+
+fn arp_reply_from_router() -> Vec<u8> {
+    let req = crate::arp::Request {
+        sender_mac: EXT_MAC,
+        sender_ip: SNAT_IP,
+        target_ip: ROUTER,
+    };
+    crate::arp::reply(&req, ROUTER_MAC)
+}
+
+#[test]
+fn snat_through_the_pool_with_unique_ports_and_replies_translated_back() {
+    let mut n = default_switch();
+    let out_a = udp(A_MAC, A_IP, SERVER, 5555, 53);
+    // The router's MAC is not known yet: asked for, packet refused.
+    match n.send(A, &out_a) {
+        Went::To(p, f) => {
+            assert_eq!(p, EXT);
+            assert_eq!(f[..6], [0xff; 6], "an ARP request");
+            assert_eq!(f[38..42], ROUTER.octets());
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(n.outcomes[0].drop, Some(DropCause::ExtNeighborPending));
+    assert_eq!(n.send(EXT, &arp_reply_from_router()), Went::Dropped(None));
+    // Now it leaves, translated.
+    let f = delivered(n.send(A, &out_a), EXT);
+    assert_eq!(f[..6], ROUTER_MAC);
+    assert_eq!(f[6..12], EXT_MAC);
+    assert_eq!(ip_at(&f, 26), SNAT_IP);
+    let nat_port = port_at(&f, 34);
+    assert_eq!(f[22], 63, "routed: TTL decremented");
+    checksums_ok(&f);
+    // C uses the same source port to the same server: another NAT port.
+    let f2 = delivered(n.send(C, &udp(C_MAC, C_IP, SERVER, 5555, 53)), EXT);
+    assert_eq!(ip_at(&f2, 26), SNAT_IP);
+    assert_ne!(port_at(&f2, 34), nat_port);
+    // The server's reply comes back to A with A's address and port.
+    let reply = {
+        let mut r = udp(ROUTER_MAC, SERVER, SNAT_IP, 53, nat_port);
+        r[..6].copy_from_slice(&EXT_MAC);
+        let c = synth::l4_checksum(&r);
+        r[40..42].copy_from_slice(&c.to_be_bytes());
+        r
+    };
+    let back = delivered(n.send(EXT, &reply), A);
+    assert_eq!(
+        n.punts, 0,
+        "the reverse flow was installed with the first packet"
+    );
+    assert_eq!(ip_at(&back, 30), A_IP);
+    assert_eq!(port_at(&back, 36), 5555);
+    assert_eq!(back[..6], A_MAC);
+    assert_eq!(back[6..12], GW_MAC);
+    checksums_ok(&back);
+    // Unsolicited traffic to the SNAT address is dropped (and pinned).
+    let probe = udp(ROUTER_MAC, SERVER, SNAT_IP, 53, 1);
+    assert_eq!(
+        n.send(EXT, &probe),
+        Went::Dropped(Some(DropCause::ExtUnsolicited))
+    );
+    let sh = n.cp.shared().lock().unwrap();
+    assert_eq!(sh.nat.as_ref().unwrap().in_use(), 2);
+}
+
+#[test]
+fn nat_port_quota_and_exhaustion_name_the_vm() {
+    let mut n = switch(Limits::default(), (2000, 2002), 2);
+    n.send(EXT, &arp_reply_from_router());
+    for sport in 0..2 {
+        delivered(n.send(A, &udp(A_MAC, A_IP, SERVER, 100 + sport, 53)), EXT);
+    }
+    assert_eq!(
+        n.send(A, &udp(A_MAC, A_IP, SERVER, 200, 53)),
+        Went::Dropped(Some(DropCause::NatQuota))
+    );
+    delivered(n.send(C, &udp(C_MAC, C_IP, SERVER, 100, 53)), EXT);
+    assert_eq!(
+        n.send(C, &udp(C_MAC, C_IP, SERVER, 101, 53)),
+        Went::Dropped(Some(DropCause::NatExhausted))
+    );
+    let sh = n.cp.shared().lock().unwrap();
+    let vms = sh.nat.as_ref().unwrap().vms();
+    assert_eq!(vms[&A].refused_quota, 1);
+    assert_eq!(vms[&C].refused_exhausted, 1);
+    assert_eq!(vms[&A].ports, 2);
+}
+
+#[test]
+fn a_floating_ip_takes_connections_in_and_translates_the_vm_out() {
+    let mut n = default_switch();
+    let syn = {
+        let mut f = tcp(ROUTER_MAC, SERVER, FIP_B, 33000, 80, SYN);
+        f[..6].copy_from_slice(&EXT_MAC);
+        f
+    };
+    let f = delivered(n.send(EXT, &syn), B);
+    assert_eq!(ip_at(&f, 30), B_IP);
+    assert_eq!(port_at(&f, 36), 80);
+    assert_eq!(f[..6], B_MAC);
+    checksums_ok(&f);
+    // B's answer leaves from its floating IP to the hop it came through.
+    let back = delivered(
+        n.send(B, &tcp(B_MAC, B_IP, SERVER, 80, 33000, SYN | ACK)),
+        EXT,
+    );
+    assert_eq!(ip_at(&back, 26), FIP_B);
+    assert_eq!(back[..6], ROUTER_MAC);
+    checksums_ok(&back);
+    // web does not admit port 22 from outside.
+    let mut ssh = tcp(ROUTER_MAC, SERVER, FIP_B, 33001, 22, SYN);
+    ssh[..6].copy_from_slice(&EXT_MAC);
+    assert_eq!(n.send(EXT, &ssh), Went::Dropped(Some(DropCause::AclDenied)));
+    // ARP for the floating IP and the SNAT address is answered; others not.
+    for (ip, answered) in [
+        (FIP_B, true),
+        (SNAT_IP, true),
+        (Ipv4Addr::new(203, 0, 113, 99), false),
+    ] {
+        let req = crate::arp::Request {
+            sender_mac: ROUTER_MAC,
+            sender_ip: ROUTER,
+            target_ip: ip,
+        };
+        let mut f = crate::arp::request(ROUTER_MAC, ROUTER, ip);
+        assert_eq!(crate::arp::parse_request(&f[14..]).unwrap(), req);
+        f[..6].copy_from_slice(&[0xff; 6]);
+        let went = n.send(EXT, &f);
+        assert_eq!(matches!(went, Went::To(EXT, _)), answered, "{ip}: {went:?}");
+    }
+}
+
+#[test]
+fn idle_connections_end_on_their_timers_and_free_their_nat_ports() {
+    let mut n = default_switch();
+    n.send(EXT, &arp_reply_from_router());
+    let f = udp(A_MAC, A_IP, SERVER, 5555, 53);
+    delivered(n.send(A, &f), EXT);
+    assert_eq!(n.ct_len(), 1);
+    let t = Timeouts::default();
+    // At the deadline the coprocessor asks the fast path about the flows.
+    let due = n.now + t.udp_first;
+    let out = n.cp.tick(due);
+    assert_eq!(out.checks.len(), 1);
+    let c = out.checks[0];
+    let used = c.keys.map(|k| {
+        k.and_then(|k| n.p.table().get(&k))
+            .map(|e| (e.stats.last_used, e.stats.packets))
+    });
+    assert!(
+        used[0].is_some() && used[1].is_some(),
+        "both flows installed"
+    );
+    let out = n.cp.checked(c.id, c.keys, used, due);
+    assert_eq!(out.remove.len(), 2);
+    n.apply(&out);
+    assert_eq!(n.ct_len(), 0);
+    assert_eq!(
+        n.cp.shared().lock().unwrap().nat.as_ref().unwrap().in_use(),
+        0
+    );
+    // A flow the fast path expired itself reports its last use; a
+    // connection without flows ends at its deadline without a check.
+    delivered(n.send(A, &f), EXT);
+    let last = n.now;
+    let keys: Vec<FlowKey> = {
+        let sh = n.cp.shared().lock().unwrap();
+        let (id, _) = sh.ct.lookup(&key_of(A, &f)).unwrap();
+        sh.ct.get(id).unwrap().sides.iter().map(|s| s.key).collect()
+    };
+    assert_eq!(keys[1].ingress(), Some(Ingress::Port(EXT)));
+    for k in &keys {
+        let (_, s) = n.p.table_mut().remove(k).unwrap();
+        n.cp.flow_gone(k, s.last_used, s.packets);
+    }
+    assert!(n
+        .cp
+        .tick(last + t.udp_first - 1_000_000_000)
+        .remove
+        .is_empty());
+    let out = n.cp.tick(last + t.udp_first);
+    assert!(out.checks.is_empty(), "nothing to ask: no flows");
+    assert_eq!(n.ct_len(), 0);
+    assert_eq!(
+        n.cp.shared().lock().unwrap().nat.as_ref().unwrap().in_use(),
+        0
+    );
+}
