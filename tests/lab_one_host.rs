@@ -412,4 +412,17 @@ fn the_distributed_router_routes_answers_ping_and_ttl_expiry() {
         out.contains("From 10.0.0.1") && out.contains("Time to live exceeded"),
         "{out}"
     );
+    // traceroute (UDP probes) shows the router as the first hop, then
+    // the destination (its port-unreachable answer ends the trace).
+    let out = sh(&[
+        "timeout", "30", "ip", "netns", "exec", &na, "traceroute", "-n", "-q", "1", "-w", "1",
+        "-m", "4", "10.0.1.10",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hops: Vec<&str> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(1))
+        .collect();
+    assert_eq!(hops, ["10.0.0.1", "10.0.1.10"], "traceroute:\n{text}");
 }
