@@ -1,22 +1,59 @@
-//! Coprocessor flow setup rate: a punted miss is decided (anti-spoof,
-//! forwarding or routing, flow compile with a VXLAN template) and the
-//! resulting flow installed in a flow table — one setup per new flow, on
-//! one thread. Stages not built yet (security groups with 100 rules,
-//! conntrack, NAT) are not in this figure; `benches/flow-setup` says so.
+//! Coprocessor flow setup rate on one thread: a punted miss is classified,
+//! decided (anti-spoof, forwarding or routing), checked against a
+//! security group of 100 rules (the admitting rule is the last one),
+//! tracked (conntrack insert), translated where it leaves for the
+//! external network (SNAT port allocation), compiled into its forward and
+//! reverse flows, and both flows installed in a flow table.
+//!
+//! Half the new connections go to remote VMs (VXLAN, half of those
+//! routed), half to external addresses through SNAT. Every timed setup is
+//! a new connection: the shared state is fresh for each timed batch.
+//!
+//! A second figure, `baseline`, is the same traffic from a VM in no
+//! security group to remote VMs only (stateless, one flow per setup).
 
 use std::hint::black_box;
 use std::net::Ipv4Addr;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use coprocessor::topology::{LocalVm, Network, RemoteVm, Subnet, Topology, Uplink};
-use coprocessor::{Coprocessor, PuntKind, Punted};
+use coprocessor::acl::{Direction, Peer, Policy, Rule, SecurityGroup};
+use coprocessor::conntrack::{Limits, Timeouts};
+use coprocessor::topology::{External, LocalVm, Network, RemoteVm, Subnet, Topology, Uplink};
+use coprocessor::{Coprocessor, PuntKind, Punted, Shared};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use fastpath::synth::{self, UdpFlow};
-use flowtable::{FlowHasher, FlowKey, FlowTable, Ingress, PortId, Vni};
+use fastpath::{Classifier, Kind};
+use flowtable::{FlowHasher, FlowKey, FlowTable, PortId, Vni};
 
 const FLOWS: usize = 4096;
+const EXT: PortId = PortId(2);
+const ROUTER: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 1);
 
-fn setup() -> (Coprocessor, Vec<(Vec<u8>, FlowKey)>) {
+/// 99 rules that do not match the benchmark's traffic, then one that does.
+fn hundred_rules() -> Vec<Rule> {
+    let mut rules: Vec<Rule> = (0..99u16)
+        .map(|i| Rule {
+            direction: if i % 3 == 0 {
+                Direction::Ingress
+            } else {
+                Direction::Egress
+            },
+            proto: Some(if i % 2 == 0 { 6 } else { 17 }),
+            ports: (1000 + i * 10, 1000 + i * 10 + 5),
+            peer: Peer::Cidr(format!("172.{}.0.0/16", 16 + i % 16).parse().unwrap()),
+        })
+        .collect();
+    rules.push(Rule {
+        direction: Direction::Egress,
+        proto: Some(17),
+        ports: (80, 80),
+        peer: Peer::Cidr("0.0.0.0/0".parse().unwrap()),
+    });
+    rules
+}
+
+fn topology(filtered: bool) -> Topology {
     let vni = Vni::new(100).unwrap();
     let mut t = Topology::new(Some(Uplink {
         port: PortId(0),
@@ -25,6 +62,15 @@ fn setup() -> (Coprocessor, Vec<(Vec<u8>, FlowKey)>) {
         mtu: 1500,
         ttl: 64,
     }));
+    t.external = Some(External {
+        port: EXT,
+        mac: [2, 0xee, 0, 0, 0, 1],
+        cidr: "203.0.113.0/24".parse().unwrap(),
+        gateway: Some(ROUTER),
+        snat: vec![Ipv4Addr::new(203, 0, 113, 10), Ipv4Addr::new(203, 0, 113, 11)],
+        ports: (1024, 65535),
+        per_vm_ports: 100_000,
+    });
     t.add_network(Network {
         vni,
         subnets: vec![
@@ -42,7 +88,7 @@ fn setup() -> (Coprocessor, Vec<(Vec<u8>, FlowKey)>) {
         lease_secs: 3600,
         routes: vec![],
         gateway_vtep: None,
-        snat: false,
+        snat: true,
     })
     .unwrap();
     t.add_vm(LocalVm {
@@ -52,7 +98,7 @@ fn setup() -> (Coprocessor, Vec<(Vec<u8>, FlowKey)>) {
         ips: vec![Ipv4Addr::new(10, 0, 0, 10)],
         vni,
         hostname: None,
-        groups: vec![],
+        groups: if filtered { vec![0] } else { vec![] },
         floating_ip: None,
     })
     .unwrap();
@@ -72,11 +118,21 @@ fn setup() -> (Coprocessor, Vec<(Vec<u8>, FlowKey)>) {
         .unwrap();
         t.set_neighbor(vtep, [2, 0xbb, 0, 0, 0, u8::try_from(i % 16).unwrap()]);
     }
-    let frames = (0..FLOWS)
+    t
+}
+
+/// New-connection frames from VM a: to remote VMs, and (if `external`)
+/// every other one to an external address.
+fn frames(external: bool) -> Vec<Vec<u8>> {
+    (0..FLOWS)
         .map(|n| {
             let i = u32::try_from(n % 1000).unwrap();
-            let dst = Ipv4Addr::from(if i % 2 == 0 { 0x0a00_1000 } else { 0x0a01_1000 } + i);
-            let f = synth::udp_frame(
+            let dst = if external && n % 2 == 1 {
+                Ipv4Addr::from(0xc633_6400 + i % 200) // 198.51.100.x
+            } else {
+                Ipv4Addr::from(if i % 2 == 0 { 0x0a00_1000 } else { 0x0a01_1000 } + i)
+            };
+            synth::udp_frame(
                 &UdpFlow {
                     src_mac: [2, 0, 0, 0, 0, 1],
                     dst_mac: [2, 0, 0, 0, 0, 0xfe],
@@ -86,44 +142,72 @@ fn setup() -> (Coprocessor, Vec<(Vec<u8>, FlowKey)>) {
                     dst_port: 80,
                 },
                 64,
-            );
-            let key = FlowKey::new(
-                Ingress::Port(PortId(1)),
-                17,
-                0x0a00_000a,
-                u32::from(dst),
-                1024 + u16::try_from(n).unwrap(),
-                80,
-            );
-            (f, key)
+            )
         })
-        .collect();
-    (Coprocessor::new(t), frames)
+        .collect()
+}
+
+/// A coprocessor with fresh shared state (no connections yet).
+fn fresh(topo: &Topology, policy: &Policy) -> Coprocessor {
+    let mut sh = Shared::new(topo, policy.clone(), Timeouts::default(), Limits::default());
+    sh.ext_neighbors.insert(ROUTER, [2, 0xee, 0, 0, 0, 0xfe]);
+    Coprocessor::with_shared(topo.clone(), Arc::new(Mutex::new(sh)))
+}
+
+/// Time `iters` batches of FLOWS setups, each batch on fresh state.
+fn run(topo: &Topology, policy: &Policy, frames: &[Vec<u8>], iters: u64, expect: usize) -> Duration {
+    let classifier = Classifier {
+        uplink: PortId(0),
+        decap: vxlan::DecapConfig {
+            local_vtep: 0xc0a8_0001,
+            udp_port: 4789,
+        },
+    };
+    let mut table = FlowTable::with_hasher(FLOWS * 4, FlowHasher::with_seed(1)).unwrap();
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let mut cp = fresh(topo, policy);
+        let t = Instant::now();
+        for f in frames {
+            let mut key = FlowKey::default();
+            let c = classifier.classify(PortId(1), f, &mut key);
+            assert_eq!(c.kind, Kind::Flow);
+            let out = cp.handle(&Punted {
+                ingress: PortId(1),
+                kind: PuntKind::Miss,
+                now: 1,
+                frame: f,
+                key: Some(key),
+            });
+            for (k, a) in &out.flows {
+                // Keys repeat across batches: an insert over an existing
+                // key updates it in place, the same work every batch.
+                black_box(table.insert(*k, a, 0).ok());
+            }
+            assert!(out.drop.is_none() && out.reinject, "{:?}", out.drop);
+            assert_eq!(out.flows.len(), expect);
+        }
+        total += t.elapsed();
+        drop(cp);
+    }
+    total
 }
 
 fn bench(c: &mut Criterion) {
-    let (mut cp, frames) = setup();
-    let mut table = FlowTable::with_hasher(FLOWS * 2, FlowHasher::with_seed(1)).unwrap();
+    let policy = Policy::new(vec![SecurityGroup {
+        name: "bench".into(),
+        rules: hundred_rules(),
+    }])
+    .unwrap();
+    let (filtered, plain) = (topology(true), topology(false));
+    let (mixed, remote_only) = (frames(true), frames(false));
     let mut g = c.benchmark_group("coprocessor");
     g.throughput(Throughput::Elements(FLOWS as u64));
     g.bench_function("flow_setup", |b| {
-        b.iter(|| {
-            for (f, key) in &frames {
-                let out = cp.handle(&Punted {
-                    ingress: PortId(1),
-                    kind: PuntKind::Miss,
-                    now: 0,
-                    frame: f,
-                    key: Some(*key),
-                });
-                for (k, a) in &out.flows {
-                    // Installing over an existing key updates it in place, so
-                    // every iteration does the same work.
-                    black_box(table.insert(*k, a, 0).ok());
-                }
-                assert!(out.drop.is_none() && out.reinject);
-            }
-        })
+        b.iter_custom(|iters| run(&filtered, &policy, &mixed, iters, 2))
+    });
+    g.bench_function("baseline", |b| {
+        b.iter_custom(|iters| run(&plain, &policy, &remote_only, iters, 1))
     });
     g.finish();
 }
