@@ -67,7 +67,10 @@ fn topology(filtered: bool) -> Topology {
         mac: [2, 0xee, 0, 0, 0, 1],
         cidr: "203.0.113.0/24".parse().unwrap(),
         gateway: Some(ROUTER),
-        snat: vec![Ipv4Addr::new(203, 0, 113, 10), Ipv4Addr::new(203, 0, 113, 11)],
+        snat: vec![
+            Ipv4Addr::new(203, 0, 113, 10),
+            Ipv4Addr::new(203, 0, 113, 11),
+        ],
         ports: (1024, 65535),
         per_vm_ports: 100_000,
     });
@@ -155,7 +158,13 @@ fn fresh(topo: &Topology, policy: &Policy) -> Coprocessor {
 }
 
 /// Time `iters` batches of FLOWS setups, each batch on fresh state.
-fn run(topo: &Topology, policy: &Policy, frames: &[Vec<u8>], iters: u64, expect: usize) -> Duration {
+fn run(
+    topo: &Topology,
+    policy: &Policy,
+    frames: &[Vec<u8>],
+    iters: u64,
+    expect: usize,
+) -> Duration {
     let classifier = Classifier {
         uplink: PortId(0),
         decap: vxlan::DecapConfig {

@@ -415,8 +415,21 @@ fn the_distributed_router_routes_answers_ping_and_ttl_expiry() {
     // traceroute (UDP probes) shows the router as the first hop, then
     // the destination (its port-unreachable answer ends the trace).
     let out = sh(&[
-        "timeout", "30", "ip", "netns", "exec", &na, "traceroute", "-n", "-q", "1", "-w", "1",
-        "-m", "4", "10.0.1.10",
+        "timeout",
+        "30",
+        "ip",
+        "netns",
+        "exec",
+        &na,
+        "traceroute",
+        "-n",
+        "-q",
+        "1",
+        "-w",
+        "1",
+        "-m",
+        "4",
+        "10.0.1.10",
     ]);
     let text = String::from_utf8_lossy(&out.stdout);
     let hops: Vec<&str> = text

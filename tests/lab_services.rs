@@ -247,13 +247,16 @@ fn security_groups_allow_deny_and_let_replies_back() {
     let _web = Kill(serve(&lab, b, "whoami.py", WHOAMI, B.ip, "8080"));
     let _ssh = Kill(serve(&lab, b, "whoami2.py", WHOAMI, B.ip, "2222"));
     // The allowed port connects, from a filtered and an unfiltered VM.
-    let body = get(&lab, a, B.ip, "8080", "0", "3").unwrap_or_else(|| {
-        panic!("a → b:8080 (allowed) failed\n{}", lab.log("sw"))
-    });
+    let body = get(&lab, a, B.ip, "8080", "0", "3")
+        .unwrap_or_else(|| panic!("a → b:8080 (allowed) failed\n{}", lab.log("sw")));
     assert!(body.starts_with(A.ip), "{body}");
     assert!(get(&lab, c, B.ip, "8080", "0", "3").is_some(), "c → b:8080");
     // A port with no ingress rule does not.
-    assert_eq!(get(&lab, a, B.ip, "2222", "0", "2"), None, "b:2222 is not allowed");
+    assert_eq!(
+        get(&lab, a, B.ip, "2222", "0", "2"),
+        None,
+        "b:2222 is not allowed"
+    );
     // Replies come back to a VM whose groups admit nothing inbound.
     let _c_srv = Kill(serve(&lab, c, "whoami3.py", WHOAMI, C.ip, "9000"));
     assert!(
@@ -262,7 +265,11 @@ fn security_groups_allow_deny_and_let_replies_back() {
     );
     // ...but a new connection into it is refused.
     let _a_srv = Kill(serve(&lab, a, "whoami4.py", WHOAMI, A.ip, "9000"));
-    assert_eq!(get(&lab, c, A.ip, "9000", "0", "2"), None, "c → a is not allowed");
+    assert_eq!(
+        get(&lab, c, A.ip, "9000", "0", "2"),
+        None,
+        "c → a is not allowed"
+    );
     let ct = lab.ctl(&sw.sock, "conntrack").expect("conntrack");
     assert!(
         ct["connections"]
@@ -271,7 +278,10 @@ fn security_groups_allow_deny_and_let_replies_back() {
         "no connection admitted by web#0 in {ct}"
     );
     let st = lab.ctl(&sw.sock, "stats").expect("stats");
-    assert!(st["conntrack"]["created"].as_u64().unwrap_or(0) >= 3, "{st}");
+    assert!(
+        st["conntrack"]["created"].as_u64().unwrap_or(0) >= 3,
+        "{st}"
+    );
 }
 
 #[test]
@@ -296,7 +306,11 @@ fn a_rule_removed_at_run_time_cuts_an_established_connection() {
     // Established and echoing.
     for _ in 0..5 {
         let l = next();
-        assert!(l.starts_with("ok"), "before the change: {l:?}\n{}", lab.log("sw"));
+        assert!(
+            l.starts_with("ok"),
+            "before the change: {l:?}\n{}",
+            lab.log("sw")
+        );
     }
     // Remove the ingress rule: only egress stays.
     let out = sh(&[
@@ -324,7 +338,10 @@ fn a_rule_removed_at_run_time_cuts_an_established_connection() {
         );
     }
     let groups = lab.ctl(&sw.sock, "security-groups").expect("groups");
-    assert_eq!(groups["groups"][1]["rules"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        groups["groups"][1]["rules"].as_array().map(Vec::len),
+        Some(1)
+    );
     // Bad requests change nothing and say what is wrong.
     let (ok, out) = try_sh(&[
         env!("CARGO_BIN_EXE_vswitch"),
@@ -338,7 +355,10 @@ fn a_rule_removed_at_run_time_cuts_an_established_connection() {
     ]);
     assert!(!ok && out.contains("rules[0]"), "{out}");
     let groups = lab.ctl(&sw.sock, "security-groups").expect("groups");
-    assert_eq!(groups["groups"][1]["rules"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        groups["groups"][1]["rules"].as_array().map(Vec::len),
+        Some(1)
+    );
 }
 
 #[test]
@@ -346,7 +366,14 @@ fn snat_and_floating_ips_reach_and_are_reached_from_outside() {
     let mut lab = Lab::new();
     let sw = start(&mut lab);
     let (a, b, c) = (&sw.ns[0], &sw.ns[1], &sw.ns[2]);
-    let _srv = Kill(serve(&lab, &sw.ext, "whoami.py", WHOAMI, "203.0.113.1", "8000"));
+    let _srv = Kill(serve(
+        &lab,
+        &sw.ext,
+        "whoami.py",
+        WHOAMI,
+        "203.0.113.1",
+        "8000",
+    ));
     // SNAT: the server sees the switch's external address. The first SYN
     // waits for ARP to resolve the server; TCP retries it.
     let body = get(&lab, a, "203.0.113.1", "8000", "0", "5")
@@ -358,8 +385,15 @@ fn snat_and_floating_ips_reach_and_are_reached_from_outside() {
     assert!(from_a.starts_with("203.0.113.10:") && from_c.starts_with("203.0.113.10:"));
     assert_ne!(from_a, from_c, "two VMs collided on one external port");
     for seen in [&from_a, &from_c] {
-        let port: u16 = seen.rsplit(':').next().and_then(|p| p.parse().ok()).expect("port");
-        assert!((40000..=40100).contains(&port), "{seen} outside the SNAT range");
+        let port: u16 = seen
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .expect("port");
+        assert!(
+            (40000..=40100).contains(&port),
+            "{seen} outside the SNAT range"
+        );
     }
     // A floating IP takes connections in (B's web group admits 8080)...
     let _web = Kill(serve(&lab, b, "whoami2.py", WHOAMI, B.ip, "8080"));
@@ -374,7 +408,8 @@ fn snat_and_floating_ips_reach_and_are_reached_from_outside() {
     let nat = lab.ctl(&sw.sock, "nat").expect("nat");
     let vms = nat["vms"].as_array().expect("vms");
     assert!(
-        vms.iter().any(|v| v["vm"] == "a" && v["nat_ports"].as_u64() >= Some(1)),
+        vms.iter()
+            .any(|v| v["vm"] == "a" && v["nat_ports"].as_u64() >= Some(1)),
         "{nat}"
     );
 }

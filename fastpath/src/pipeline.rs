@@ -332,6 +332,29 @@ fn be16(b: &[u8], at: usize) -> u16 {
     }
 }
 
+/// The part of an action that only tracked connections have, out of the
+/// common path: punt a TCP state change (unless the coprocessor already
+/// saw it), punt an expiring TTL before anything is rewritten, then NAT.
+#[inline(never)]
+fn tracked(
+    a: &Action,
+    chunk: &mut [u8],
+    ip: usize,
+    key: &FlowKey,
+    ct_events: bool,
+) -> Result<(), Verdict> {
+    if ct_events && key.proto == IPPROTO_TCP && rewrite::tcp_event(chunk, ip) {
+        return Err(Verdict::Punt(PuntReason::CtEvent));
+    }
+    if a.dec_ttl && chunk.get(ip + 8).is_some_and(|&t| t <= 1) {
+        return Err(Verdict::Punt(PuntReason::TtlExpired));
+    }
+    if let Some(n) = &a.nat {
+        rewrite::nat(chunk, ip, key, n).map_err(Verdict::Drop)?;
+    }
+    Ok(())
+}
+
 /// Apply `a` to the frame at `chunk[off..]`. Checks come first, so a frame
 /// that is punted is unmodified.
 #[inline(always)]
@@ -355,20 +378,16 @@ fn apply(
         start += usize::from(m.inner_start);
         len = m.inner_len as usize;
     }
+    if len > usize::from(a.max_len) {
+        return Verdict::Punt(PuntReason::TooBig);
+    }
     // Flow frames are IPv4 with a whole 20-byte header after Ethernet
     // (the classifier checked), so these offsets are inside the frame.
     let ip = start + ETH_LEN;
-    if a.conntrack && ct_events && key.proto == IPPROTO_TCP {
-        // A connection's state changes only with SYN, FIN or RST; a
-        // segment too short to say is the coprocessor's to judge.
-        let ev = rewrite::tcp_flags(chunk, ip)
-            .is_none_or(|f| f & (rewrite::TCP_SYN | rewrite::TCP_FIN | rewrite::TCP_RST) != 0);
-        if ev {
-            return Verdict::Punt(PuntReason::CtEvent);
+    if a.conntrack {
+        if let Err(v) = tracked(a, chunk, ip, key, ct_events) {
+            return v;
         }
-    }
-    if len > usize::from(a.max_len) {
-        return Verdict::Punt(PuntReason::TooBig);
     }
     if a.dec_ttl {
         let Some(&ttl) = chunk.get(ip + 8) else {
@@ -383,11 +402,6 @@ fn apply(
         if let Some(s) = chunk.get_mut(ip + 8..ip + 12) {
             s[..2].copy_from_slice(&new.to_be_bytes());
             s[2..].copy_from_slice(&vxlan::checksum::update(hc, old, new).to_be_bytes());
-        }
-    }
-    if let Some(n) = &a.nat {
-        if let Err(r) = rewrite::nat(chunk, ip, key, n) {
-            return Verdict::Drop(r);
         }
     }
     if let Some(eth) = chunk

@@ -34,6 +34,12 @@ pub fn tcp_flags(b: &[u8], ip: usize) -> Option<u8> {
     b.get(l4_offset(b, ip)? + 13).copied()
 }
 
+/// A TCP segment that changes its connection's state: SYN, FIN or RST
+/// (or one too short to say, which is the coprocessor's to judge).
+pub fn tcp_event(b: &[u8], ip: usize) -> bool {
+    tcp_flags(b, ip).is_none_or(|f| f & (TCP_SYN | TCP_FIN | TCP_RST) != 0)
+}
+
 /// Where a protocol keeps its checksum and whether the pseudo-header
 /// (addresses) is covered.
 fn l4_checksum(proto: u8) -> Option<(usize, bool)> {
