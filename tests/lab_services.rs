@@ -144,9 +144,15 @@ struct Switch {
 /// VMs A (client), B (web, floating IP), C (unfiltered, other subnet);
 /// an external namespace on the switch's external port at 203.0.113.1.
 fn start(lab: &mut Lab) -> Switch {
+    start_with(lab, "")
+}
+
+/// [`start`] with `extra` config (sections) appended.
+fn start_with(lab: &mut Lab, extra: &str) -> Switch {
     let ext_tap = lab.name("tx");
+    let idle = if extra.is_empty() { 30 } else { 1 };
     let mut c = format!(
-        "[switch]\npoll = \"adaptive\"\nflow_capacity = 4096\ncontrol_socket = \"{}\"\n\n\
+        "[switch]\npoll = \"adaptive\"\nflow_capacity = 4096\nidle_timeout_s = {idle}\ncontrol_socket = \"{}\"\n\n\
          [[network]]\nvni = 100\ngateway_mac = \"02:00:00:00:00:fe\"\nsnat = true\n\
          [[network.subnet]]\ncidr = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\n\
          [[network.subnet]]\ncidr = \"10.0.1.0/24\"\ngateway = \"10.0.1.1\"\n\n\
@@ -163,6 +169,7 @@ fn start(lab: &mut Lab) -> Switch {
             v.name, v.mac, v.ip, v.extra
         );
     }
+    c += extra;
     let sock = lab.vswitch("sw", &c);
     let mut ns = Vec::new();
     for v in [&A, &B, &C] {
@@ -412,4 +419,49 @@ fn snat_and_floating_ips_reach_and_are_reached_from_outside() {
             .any(|v| v["vm"] == "a" && v["nat_ports"].as_u64() >= Some(1)),
         "{nat}"
     );
+}
+
+#[test]
+fn finished_connections_expire_and_give_their_nat_ports_back() {
+    let mut lab = Lab::new();
+    // Short timeouts: flows idle out of the fast path after 1 s, closed
+    // TCP connections end 2 s after their last packet.
+    let sw = start_with(
+        &mut lab,
+        "\n[conntrack]\ntcp_closed_s = 2\ntcp_closing_s = 2\n",
+    );
+    let a = &sw.ns[0];
+    let _srv = Kill(serve(
+        &lab,
+        &sw.ext,
+        "whoami.py",
+        WHOAMI,
+        "203.0.113.1",
+        "8000",
+    ));
+    for _ in 0..3 {
+        get(&lab, a, "203.0.113.1", "8000", "0", "5")
+            .unwrap_or_else(|| panic!("a → external server failed\n{}", lab.log("sw")));
+    }
+    let held = |lab: &Lab| {
+        let nat = lab.ctl(&sw.sock, "nat").expect("nat");
+        let ct = lab.ctl(&sw.sock, "conntrack").expect("conntrack");
+        (
+            nat["ports_in_use"].as_u64().unwrap_or(99),
+            ct["total"].as_u64().unwrap_or(99),
+        )
+    };
+    let (ports, conns) = held(&lab);
+    assert!(
+        ports >= 1 && conns >= 3,
+        "after three requests: {ports} ports, {conns} connections"
+    );
+    wait_until(
+        "closed connections to expire and free their NAT ports",
+        Duration::from_secs(20),
+        || held(&lab) == (0, 0),
+    );
+    let st = lab.ctl(&sw.sock, "stats").expect("stats");
+    assert!(st["conntrack"]["expired"].as_u64() >= Some(3), "{st}");
+    assert_eq!(st["flows"]["active"].as_u64(), Some(0), "{st}");
 }
