@@ -226,6 +226,8 @@ pub struct CtCounters {
     pub refused_quota: u64,
     pub events: u64,
     pub checks: u64,
+    /// ICMP errors let through as related to a connection.
+    pub related: u64,
 }
 
 /// When the fast path does not answer a check, ask again after this.

@@ -21,6 +21,7 @@ pub mod forward;
 pub mod icmp;
 pub mod nat;
 pub mod outcome;
+pub mod related;
 pub mod reply;
 mod revalidate;
 mod setup;
@@ -409,8 +410,11 @@ impl Coprocessor {
                 }
                 let target = self.topo.external_addr(Ipv4Addr::from(key.dst_ip));
                 let Some(topology::ExternalAddr::Floating(port)) = target else {
-                    // Nothing of ours opened it: keep the repeats out.
-                    setup.out.flows.push((key, Action::drop()));
+                    // Nothing of ours opened it: keep the repeats out (but
+                    // not ICMP errors: a later one may be related).
+                    if !setup::is_icmp_error(&key) {
+                        setup.out.flows.push((key, Action::drop()));
+                    }
                     return Err(DropCause::ExtUnsolicited);
                 };
                 let vm = self.topo.vm_on(port).ok_or(DropCause::UnknownPort)?;

@@ -11,7 +11,7 @@
 
 use std::net::Ipv4Addr;
 
-use flowtable::{Action, FlowKey, Ingress, Mac, Nat, NatSide, PortId};
+use flowtable::{Action, FlowKey, Ingress, Mac, Nat, NatSide, Output, PortId};
 
 use crate::acl::{Direction, RuleRef};
 use crate::compile;
@@ -19,6 +19,7 @@ use crate::conntrack::{Admission, Conn, ConnState, CtRefused, Side, TcpState};
 use crate::forward::{self, Next};
 use crate::nat::NatRefused;
 use crate::outcome::{DropCause, Outcome, PuntKind, Punted};
+use crate::related;
 use crate::shared::Shared;
 use crate::topology::{LocalVm, Topology};
 
@@ -35,6 +36,11 @@ const ACK: u8 = 0x10;
 pub fn tcp_flags(f: &[u8]) -> Option<u8> {
     let ihl = usize::from(f.get(14)? & 0x0f) * 4;
     f.get(14 + ihl + 13).copied()
+}
+
+/// An ICMP error message (its key's "port" is type << 8 | code).
+pub fn is_icmp_error(key: &FlowKey) -> bool {
+    key.proto == ICMP && related::is_error(key.dst_port.to_be_bytes()[0])
 }
 
 /// What a rule's port range is matched against: the destination port, or
@@ -109,7 +115,7 @@ impl Setup<'_, '_> {
                 // The flow outlived its connection: recompile from scratch.
                 self.out.remove.push(self.key);
             }
-            return Ok(None);
+            return self.related();
         };
         let now = self.p.now;
         let flags = if self.key.proto == TCP {
@@ -151,6 +157,47 @@ impl Setup<'_, '_> {
         Ok(Some(Some(s.action)))
     }
 
+    /// An ICMP error quoting a packet of a tracked connection goes where
+    /// that connection's replies go (see [`crate::related`]). `Ok(None)`:
+    /// not such an error.
+    fn related(&mut self) -> Result<Option<Flow>, DropCause> {
+        let key = self.key;
+        if !is_icmp_error(&key) {
+            return Ok(None);
+        }
+        let Some(q) = related::quoted(self.frame) else {
+            return Ok(None);
+        };
+        let Some((id, side)) = self.sh.ct.lookup(&related::reply_key(&key, &q)) else {
+            return Ok(None);
+        };
+        let Some(action) = self.sh.ct.get(id).map(|c| c.sides[side].action) else {
+            return Ok(None);
+        };
+        self.sh.ct.counters.related += 1;
+        match action.nat {
+            None => {
+                // The same path, stateless, removed when the policy changes.
+                let a = Action {
+                    conntrack: false,
+                    acl: true,
+                    ..action
+                };
+                self.out.flows.push((key, a));
+                Ok(Some(Some(a)))
+            }
+            Some(nat) => {
+                let Output::Port(port) = action.output else {
+                    return Err(DropCause::CtInvalid);
+                };
+                let f = related::translate(self.frame, &q, &nat, &action)
+                    .ok_or(DropCause::CtInvalid)?;
+                self.out.tx.push((port, f));
+                Ok(Some(None))
+            }
+        }
+    }
+
     /// Deny: a drop flow keeps the repeats out of the slow path until
     /// the policy changes.
     fn deny(&mut self, charged: PortId) -> DropCause {
@@ -158,7 +205,11 @@ impl Setup<'_, '_> {
             acl: true,
             ..Action::drop()
         };
-        self.out.flows.push((self.key, drop));
+        // ICMP errors stay punted: a later one may be related to a
+        // connection (path MTU discovery must not be pinned shut).
+        if !is_icmp_error(&self.key) {
+            self.out.flows.push((self.key, drop));
+        }
         self.sh.vm_drop(charged, DropCause::AclDenied);
         DropCause::AclDenied
     }

@@ -742,3 +742,63 @@ fn idle_connections_end_on_their_timers_and_free_their_nat_ports() {
         0
     );
 }
+
+/// An ICMP error (type, code) from `src` to `dst` quoting the IPv4
+/// header and 8 bytes of `about` (an Ethernet frame), from `src_mac`.
+fn icmp_error(
+    src_mac: [u8; 6],
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    t: u8,
+    code: u8,
+    about: &[u8],
+) -> Vec<u8> {
+    let mut icmp = vec![t, code, 0, 0, 0, 0, 0x05, 0x78];
+    icmp.extend_from_slice(&about[14..14 + 28]);
+    let c = vxlan::checksum::checksum(&icmp);
+    icmp[2..4].copy_from_slice(&c.to_be_bytes());
+    let mut f = synth::udp_frame(&flow(src_mac, src, dst, 0, 0), 42);
+    f.truncate(34);
+    f[23] = 1;
+    f[16..18].copy_from_slice(&u16::try_from(20 + icmp.len()).unwrap().to_be_bytes());
+    f[24..26].fill(0);
+    let c = vxlan::checksum::checksum(&f[14..34]);
+    f[24..26].copy_from_slice(&c.to_be_bytes());
+    f.extend_from_slice(&icmp);
+    f
+}
+
+#[test]
+fn icmp_errors_about_a_connection_pass_and_are_translated_through_nat() {
+    let mut n = default_switch();
+    n.send(EXT, &arp_reply_from_router());
+    let out = udp(A_MAC, A_IP, SERVER, 5555, 53);
+    let sent = delivered(n.send(A, &out), EXT);
+    // A router on the way says the packet was too big.
+    let mut err = icmp_error(ROUTER_MAC, ROUTER, SNAT_IP, 3, 4, &sent);
+    err[..6].copy_from_slice(&EXT_MAC);
+    let f = delivered(n.send(EXT, &err), A);
+    assert_eq!(ip_at(&f, 30), A_IP, "outer destination translated back");
+    assert_eq!(ip_at(&f, 42 + 12), A_IP, "quoted source translated back");
+    assert_eq!(port_at(&f, 62), 5555, "quoted source port translated back");
+    assert_eq!(f[..6], A_MAC);
+    assert_eq!(
+        vxlan::checksum::fold(vxlan::checksum::sum(&f[34..])),
+        0xffff
+    );
+    // Again: still punted (no flow pins ICMP errors), still delivered.
+    delivered(n.send(EXT, &err), A);
+    assert_eq!(n.punts, 1);
+    // Without NAT: A (no ingress rules) gets C's port-unreachable about
+    // A's own packet.
+    let to_c = udp(A_MAC, A_IP, C_IP, 6000, 7000);
+    delivered(n.send(A, &to_c), C);
+    let unreach = icmp_error(C_MAC, C_IP, A_IP, 3, 3, &to_c);
+    delivered(n.send(C, &unreach), A);
+    // An error about nothing A sent is denied, and not pinned by a flow.
+    let other = udp(A_MAC, A_IP, C_IP, 6001, 7000);
+    let stray = icmp_error(C_MAC, C_IP, A_IP, 3, 1, &other);
+    assert_eq!(n.send(C, &stray), Went::Dropped(Some(DropCause::AclDenied)));
+    assert_eq!(n.send(C, &stray), Went::Dropped(Some(DropCause::AclDenied)));
+    assert_eq!(n.cp.shared().lock().unwrap().ct.counters.related, 3);
+}
