@@ -42,19 +42,24 @@ fn main() -> std::io::Result<()> {
     let decap = Path::new("fuzz/corpus/vxlan_decap");
     std::fs::create_dir_all(classify)?;
     std::fs::create_dir_all(decap)?;
-    // First byte selects the ingress (bit 0: 0 = uplink, 1 = VM port) and
-    // the actions of the installed flow (see the target).
-    for (name, sel, frame) in [
-        ("vm_udp", 0x01u8, &udp),
-        ("vm_tcp_ttl", 0x05, &tcp),
-        ("vm_icmp_encap", 0x09, &icmp),
-        ("vm_fragment", 0x01, &frag),
-        ("vm_arp", 0x01, &arp),
-        ("uplink_udp_decap", 0x02, &vx_udp),
-        ("uplink_arp", 0x00, &vx_arp),
-        ("uplink_small_mtu", 0x12, &vx_udp),
+    // Two selector bytes: the first picks the ingress (bit 0: 0 = uplink,
+    // 1 = VM port) and the rewrites of the installed flow, the second its
+    // connection tracking and NAT (see `fastpath::synth::fuzz_action`).
+    for (name, sel, sel2, frame) in [
+        ("vm_udp", 0x01u8, 0u8, &udp),
+        ("vm_tcp_ttl", 0x05, 0, &tcp),
+        ("vm_icmp_encap", 0x09, 0, &icmp),
+        ("vm_fragment", 0x01, 0, &frag),
+        ("vm_arp", 0x01, 0, &arp),
+        ("uplink_udp_decap", 0x02, 0, &vx_udp),
+        ("uplink_arp", 0x00, 0, &vx_arp),
+        ("uplink_small_mtu", 0x12, 0, &vx_udp),
+        ("vm_tcp_tracked", 0x01, 0x01, &tcp),
+        ("vm_udp_snat", 0x05, 0x1d, &udp),
+        ("vm_icmp_dnat", 0x01, 0x05, &icmp),
+        ("uplink_tcp_tracked_decap", 0x02, 0x03, &vx_udp),
     ] {
-        let mut v = vec![sel];
+        let mut v = vec![sel, sel2];
         v.extend_from_slice(frame);
         std::fs::write(classify.join(name), v)?;
     }

@@ -118,3 +118,43 @@ pub fn l4_checksum(b: &[u8]) -> u16 {
         c
     }
 }
+
+/// The action the `classify` fuzz target (and the corpus replay test)
+/// installs for a frame: the selector bytes pick decap (`sel` bit 1), TTL
+/// decrement (bit 2), encap (bit 3), a 100-byte length limit (bit 4) and
+/// the output port (bits 6–7); connection tracking (`sel2` bit 0) and NAT
+/// (bit 2; bit 3 SNAT, bit 4 with a port). `outer_src` is the frame's
+/// outer source VTEP (for decap).
+pub fn fuzz_action(sel: u8, sel2: u8, outer_src: u32) -> flowtable::Action {
+    let tpl = Template::new(&TemplateSpec {
+        src_mac: [2, 0, 0, 0, 0, 1],
+        dst_mac: [2, 0, 0, 0, 0, 2],
+        local_vtep: Ipv4Addr::new(192, 168, 0, 1),
+        remote_vtep: Ipv4Addr::new(192, 168, 0, 2),
+        vni: 1,
+        ttl: 64,
+    });
+    flowtable::Action {
+        decap: (sel & 2 != 0).then_some(outer_src),
+        dec_ttl: sel & 4 != 0,
+        set_eth_dst: Some([2, 0, 0, 0, 0, 3]),
+        set_eth_src: Some([2, 0, 0, 0, 0, 4]),
+        encap: if sel & 8 != 0 {
+            tpl.ok().map(|t| flowtable::EncapTemplate(*t.bytes()))
+        } else {
+            None
+        },
+        max_len: if sel & 16 != 0 { 100 } else { u16::MAX },
+        conntrack: sel2 & 1 != 0,
+        nat: (sel2 & 4 != 0).then_some(flowtable::Nat {
+            side: if sel2 & 8 != 0 {
+                flowtable::NatSide::Src
+            } else {
+                flowtable::NatSide::Dst
+            },
+            ip: 0xcb00_710a,
+            port: (sel2 & 16 != 0).then_some(40000),
+        }),
+        ..flowtable::Action::output(flowtable::PortId(u16::from(sel >> 6)))
+    }
+}

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::path::PathBuf;
 
 use fastpath::{BatchOut, Desc, Kind, Pipeline, PipelineConfig, SliceMem};
-use flowtable::{Action, FlowHasher, FlowKey, FlowTable, PortId};
+use flowtable::{FlowHasher, FlowKey, FlowTable, PortId};
 
 fn corpus(name: &str) -> Vec<Vec<u8>> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -32,7 +32,11 @@ fn classify_corpus_is_handled() {
     };
     let mut flows = 0;
     for data in inputs {
-        let Some((&sel, frame)) = data.split_first() else {
+        // The target's format: two selector bytes, then the frame.
+        let Some((&sel, rest)) = data.split_first() else {
+            continue;
+        };
+        let Some((&sel2, frame)) = rest.split_first() else {
             continue;
         };
         let port = PortId(u16::from(sel & 1));
@@ -41,12 +45,13 @@ fn classify_corpus_is_handled() {
             FlowTable::with_hasher(16, FlowHasher::with_seed(1)).unwrap(),
         );
         let mut key = FlowKey::default();
-        if p.classifier().classify(port, frame, &mut key).kind == Kind::Flow {
+        let c = p.classifier().classify(port, frame, &mut key);
+        if c.kind == Kind::Flow {
             flows += 1;
-            p.table_mut()
-                .insert(key, &Action::output(PortId(2)), 0)
-                .unwrap();
+            let action = fastpath::synth::fuzz_action(sel, sel2, c.outer_src);
+            p.table_mut().insert(key, &action, 0).unwrap();
         }
+        p.set_reinjecting(sel2 & 2 != 0);
         let mut mem = vec![0u8; 4096];
         let len = frame.len().min(4096 - 64);
         mem[64..64 + len].copy_from_slice(&frame[..len]);
