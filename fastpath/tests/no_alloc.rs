@@ -73,9 +73,21 @@ fn steady_state_makes_no_allocation() {
         encap: Some(EncapTemplate(*tpl.bytes())),
         ..Action::output(PortId(0))
     };
+    // A tracked, NATed, routed flow: the rarer rewrites run too.
+    let tracked = Action {
+        conntrack: true,
+        dec_ttl: true,
+        nat: Some(flowtable::Nat {
+            side: flowtable::NatSide::Src,
+            ip: 0xcb00_710a,
+            port: Some(40000),
+        }),
+        ..Action::output(PortId(0))
+    };
     const CHUNK: usize = 2048;
     let mut mem = vec![0u8; CHUNK * 32];
     let mut descs = Vec::new();
+    let mut flows = Vec::new();
     for i in 0..32u16 {
         let f = UdpFlow {
             src_mac: [2, 0, 0, 0, 0, 9],
@@ -87,6 +99,7 @@ fn steady_state_makes_no_allocation() {
         };
         let at = usize::from(i) * CHUNK + 256;
         synth::write_udp_frame(&mut mem[at..], &f, 64);
+        flows.push((at, f));
         descs.push(Desc {
             addr: at as u64,
             len: 64,
@@ -98,7 +111,8 @@ fn steady_state_makes_no_allocation() {
             else {
                 panic!("synthetic frame did not classify");
             };
-            p.table_mut().insert(k, &action, 0).unwrap();
+            let a = if i % 4 == 0 { &tracked } else { &action };
+            p.table_mut().insert(k, a, 0).unwrap();
         }
     }
     let (mut punter, rx) = punt_path(
@@ -114,6 +128,10 @@ fn steady_state_makes_no_allocation() {
         for _ in 0..rounds {
             clock += 1_000_000;
             let r = clock;
+            // Fresh frames each round (NAT and TTL rewrite them in place).
+            for (at, f) in &flows {
+                synth::write_udp_frame(&mut mem[*at..], f, 64);
+            }
             let mut m = SliceMem::new(mem, CHUNK).unwrap();
             p.process(PortId(1), &mut m, &descs, r, &mut out);
             for item in &out.punt {

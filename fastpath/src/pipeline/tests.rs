@@ -405,3 +405,70 @@ proptest! {
         prop_assert_eq!(c.tx_packets + punts + c.drops.total(), descs.len() as u64);
     }
 }
+
+#[test]
+fn tracked_flows_punt_state_changes_and_expiring_ttls_before_any_nat() {
+    let mut p = pipeline();
+    let f = vm1_flow();
+    let syn = synth::tcp_frame(&f, 0x02, b"");
+    let ack = synth::tcp_frame(&f, 0x10, b"");
+    let mut expiring = ack.clone();
+    expiring[synth::at::IP_TTL] = 1;
+    let key = key_of(&syn, Ingress::Port(VM1));
+    let action = Action {
+        conntrack: true,
+        dec_ttl: true,
+        nat: Some(flowtable::Nat {
+            side: flowtable::NatSide::Src,
+            ip: 0xcb00_710a,
+            port: Some(40000),
+        }),
+        ..Action::output(VM2)
+    };
+    p.table_mut().insert(key, &action, 0).unwrap();
+    let run = |p: &mut Pipeline, frames: &[Vec<u8>]| {
+        let (mut mem, descs) = load(frames);
+        let mut out = BatchOut::new(3);
+        p.process(
+            VM1,
+            &mut SliceMem::new(&mut mem, CHUNK).unwrap(),
+            &descs,
+            1,
+            &mut out,
+        );
+        let sent: Vec<Vec<u8>> = out
+            .tx
+            .iter()
+            .flat_map(|(_, l)| {
+                l.iter()
+                    .map(|d| bytes(&mem, *d).to_vec())
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        let punted: Vec<(PuntReason, Vec<u8>)> = out
+            .punt
+            .iter()
+            .map(|i| (i.reason, bytes(&mem, i.desc).to_vec()))
+            .collect();
+        (sent, punted)
+    };
+    let (sent, punted) = run(&mut p, &[syn.clone(), ack.clone(), expiring.clone()]);
+    // The SYN is punted as a connection event, untouched.
+    assert_eq!(punted[0], (PuntReason::CtEvent, syn.clone()));
+    // The expiring TTL is punted before NAT touched it.
+    assert_eq!(punted[1], (PuntReason::TtlExpired, expiring));
+    // The plain segment is translated, routed, with good checksums.
+    assert_eq!(sent.len(), 1);
+    let s = &sent[0];
+    assert_eq!(s[26..30], [203, 0, 113, 10]);
+    assert_eq!(u16::from_be_bytes([s[34], s[35]]), 40000);
+    assert_eq!(s[synth::at::IP_TTL], 63);
+    assert_eq!(u16::from_be_bytes([s[50], s[51]]), synth::l4_checksum(s));
+    let ip: &[u8; 20] = s[14..34].try_into().unwrap();
+    assert!(vxlan::checksum::ipv4_header_ok(ip));
+    // Reinjected by the coprocessor, the SYN goes through.
+    p.set_reinjecting(true);
+    let (sent, punted) = run(&mut p, &[syn]);
+    assert!(punted.is_empty());
+    assert_eq!(sent.len(), 1);
+}
