@@ -152,9 +152,14 @@ fn frames(external: bool) -> Vec<Vec<u8>> {
 
 /// A coprocessor with fresh shared state (no connections yet).
 fn fresh(topo: &Topology, policy: &Policy) -> Coprocessor {
-    let mut sh = Shared::new(topo, policy.clone(), Timeouts::default(), Limits::default());
+    let mut sh = Shared::new(
+        topo.clone(),
+        policy.clone(),
+        Timeouts::default(),
+        Limits::default(),
+    );
     sh.ext_neighbors.insert(ROUTER, [2, 0xee, 0, 0, 0, 0xfe]);
-    Coprocessor::with_shared(topo.clone(), Arc::new(Mutex::new(sh)))
+    Coprocessor::with_shared(Arc::new(Mutex::new(sh)))
 }
 
 /// Time `iters` batches of FLOWS setups, each batch on fresh state.

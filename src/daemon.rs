@@ -7,7 +7,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -130,7 +130,7 @@ pub fn run(cfg: Config) -> Result<()> {
     // Leases, policy, connections, NAT: one state for all coprocessor
     // threads (and the control thread's policy changes).
     let shared = Arc::new(std::sync::Mutex::new(Shared::new(
-        &topo,
+        topo.clone(),
         built.policy,
         built.timeouts,
         built.limits,
@@ -138,9 +138,8 @@ pub fn run(cfg: Config) -> Result<()> {
     let reports = Arc::new(ArrayQueue::new(REPORT_QUEUE));
     let epoch = Instant::now();
     let mut coproc_threads = Vec::new();
-    let mut updates = Vec::new();
     for i in 0..s.coprocessor_threads {
-        let mut cp = Coprocessor::with_shared(topo.clone(), shared.clone());
+        let mut cp = Coprocessor::with_shared(shared.clone());
         let links = CoprocLinks {
             punts: punt_rx.clone(),
             reports: reports.clone(),
@@ -151,11 +150,9 @@ pub fn run(cfg: Config) -> Result<()> {
             timekeeper: i == 0,
         };
         let stop = stop.clone();
-        let (utx, urx) = mpsc::channel();
-        updates.push(utx);
         let h = thread::Builder::new()
             .name(format!("coproc-{i}"))
-            .spawn(move || coprocessor_loop(&mut cp, &links, &urx, &stop))
+            .spawn(move || coprocessor_loop(&mut cp, &links, &stop))
             .context("spawning a coprocessor thread")?;
         coproc_threads.push(h);
     }
@@ -190,15 +187,16 @@ pub fn run(cfg: Config) -> Result<()> {
         None
     } else {
         let (stop, req, wake) = (stop.clone(), req_tx.clone(), wake.clone());
+        let nshared = shared.clone();
         Some(
             thread::Builder::new()
                 .name("neighbors".into())
-                .spawn(move || neighbor_loop(&vteps, &updates, &req, &wake, &stop))
+                .spawn(move || neighbor_loop(&vteps, &nshared, &req, &wake, &stop))
                 .context("spawning the neighbour thread")?,
         )
     };
 
-    let ctl_cp = Coprocessor::with_shared(topo.clone(), shared);
+    let ctl_cp = Coprocessor::with_shared(shared);
     let mut server = control::Server::bind(
         &s.control_socket,
         control::Links {
@@ -229,12 +227,6 @@ pub fn run(cfg: Config) -> Result<()> {
     let _ = std::fs::remove_file(&s.control_socket);
     info!("stopped");
     Ok(())
-}
-
-/// A change the coprocessors must learn.
-pub enum TopologyUpdate {
-    /// Next-hop MAC of a remote VTEP (None: unresolved).
-    Neighbor(std::net::Ipv4Addr, Option<flowtable::Mac>),
 }
 
 /// Fast-path reports waiting for the coprocessors.
@@ -306,23 +298,10 @@ fn is_empty(i: &Install) -> bool {
 /// path's reports on tracked connections, keep their timers (one thread),
 /// send the results back to the fast path, sleep when there is nothing
 /// to do.
-fn coprocessor_loop(
-    cp: &mut Coprocessor,
-    l: &CoprocLinks,
-    updates: &mpsc::Receiver<TopologyUpdate>,
-    stop: &AtomicBool,
-) {
+fn coprocessor_loop(cp: &mut Coprocessor, l: &CoprocLinks, stop: &AtomicBool) {
     let now = || u64::try_from(l.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let mut next_tick = Instant::now();
     while !stop.load(Ordering::Relaxed) {
-        while let Ok(u) = updates.try_recv() {
-            match u {
-                TopologyUpdate::Neighbor(vtep, Some(mac)) => {
-                    cp.topology_mut().set_neighbor(vtep, mac)
-                }
-                TopologyUpdate::Neighbor(vtep, None) => cp.topology_mut().remove_neighbor(vtep),
-            }
-        }
         let mut worked = false;
         if l.timekeeper && Instant::now() >= next_tick {
             next_tick = Instant::now() + TICK;
@@ -397,7 +376,7 @@ fn coprocessor_loop(
 /// whose MAC changed.
 fn neighbor_loop(
     vteps: &[std::net::Ipv4Addr],
-    updates: &[mpsc::Sender<TopologyUpdate>],
+    shared: &Mutex<Shared>,
     requests: &mpsc::Sender<fastpath::dataplane::Request>,
     wake: &Wake,
     stop: &AtomicBool,
@@ -430,9 +409,13 @@ fn neighbor_loop(
                         warn!(%vtep, next_hop = %hop, "next hop lost");
                     }
                 }
-                for u in updates {
-                    let _ = u.send(TopologyUpdate::Neighbor(vtep, now));
+                let mut sh = coprocessor::lock(shared);
+                let topo = Arc::make_mut(&mut sh.topo);
+                match now {
+                    Some(m) => topo.set_neighbor(vtep, m),
+                    None => topo.remove_neighbor(vtep),
                 }
+                drop(sh);
                 if let Some(old) = before {
                     let _ = requests.send(fastpath::dataplane::Request::InvalidateNextHop(old));
                     wake.notify();

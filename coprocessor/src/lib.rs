@@ -61,7 +61,6 @@ impl Stats {
 /// The slow path for one set of ports (see the crate documentation).
 #[derive(Debug)]
 pub struct Coprocessor {
-    topo: Topology,
     stats: Stats,
     /// Leases, policy, connections, NAT: shared by every coprocessor
     /// thread of the switch.
@@ -78,19 +77,18 @@ impl Coprocessor {
     /// A coprocessor with its own state and no security groups.
     pub fn new(topo: Topology) -> Coprocessor {
         let shared = Shared::new(
-            &topo,
+            topo,
             acl::Policy::default(),
             conntrack::Timeouts::default(),
             conntrack::Limits::default(),
         );
-        Coprocessor::with_shared(topo, Arc::new(Mutex::new(shared)))
+        Coprocessor::with_shared(Arc::new(Mutex::new(shared)))
     }
 
     /// A coprocessor sharing `shared` with others (one per thread).
-    pub fn with_shared(topo: Topology, shared: Arc<Mutex<Shared>>) -> Coprocessor {
+    pub fn with_shared(shared: Arc<Mutex<Shared>>) -> Coprocessor {
         Coprocessor {
             shared,
-            topo,
             stats: Stats {
                 drops: vec![0; DropCause::ALL.len()],
                 ..Stats::default()
@@ -98,12 +96,15 @@ impl Coprocessor {
         }
     }
 
-    pub fn topology(&self) -> &Topology {
-        &self.topo
+    /// The topology as it is now (a snapshot: later changes make a new one).
+    pub fn topology(&self) -> Arc<Topology> {
+        Arc::clone(&lock(&self.shared).topo)
     }
 
-    pub fn topology_mut(&mut self) -> &mut Topology {
-        &mut self.topo
+    /// Change the topology in place (under the shared lock).
+    pub fn update_topology<R>(&self, f: impl FnOnce(&mut Topology) -> R) -> R {
+        let mut sh = lock(&self.shared);
+        f(Arc::make_mut(&mut sh.topo))
     }
 
     pub fn stats(&self) -> &Stats {
@@ -118,29 +119,27 @@ impl Coprocessor {
     /// Decide for one punted frame.
     pub fn handle(&mut self, p: &Punted<'_>) -> Outcome {
         let mut out = Outcome::default();
-        let from_uplink = self
-            .topo
-            .uplink
-            .as_ref()
-            .is_some_and(|u| u.port == p.ingress);
-        let from_external = self
-            .topo
-            .external
-            .as_ref()
-            .is_some_and(|e| e.port == p.ingress);
+        // The whole decision is made under the shared lock, on one
+        // topology: a concurrent change applies before or after it.
+        let shared = Arc::clone(&self.shared);
+        let mut sh = lock(&shared);
+        let topo = Arc::clone(&sh.topo);
+        let from_uplink = topo.uplink.as_ref().is_some_and(|u| u.port == p.ingress);
+        let from_external = topo.external.as_ref().is_some_and(|e| e.port == p.ingress);
         let r = if matches!(
             p.kind,
             outcome::PuntKind::TooBig | outcome::PuntKind::TtlExpired
         ) {
             // The flow exists and stays; this packet gets an ICMP answer.
-            self.icmp_error(p, from_uplink || from_external, &mut out)
+            self.icmp_error(&topo, p, from_uplink || from_external, &mut out)
         } else if from_uplink {
-            self.handle_uplink_frame(p, &mut out)
+            self.handle_uplink_frame(&topo, &mut sh, p, &mut out)
         } else if from_external {
-            self.handle_external_frame(p, &mut out)
+            self.handle_external_frame(&topo, &mut sh, p, &mut out)
         } else {
-            self.handle_vm_frame(p, &mut out)
+            self.handle_vm_frame(&topo, &mut sh, p, &mut out)
         };
+        drop(topo);
         self.stats.handled += 1;
         self.stats.flows_compiled += out.flows.len() as u64;
         if let Err(cause) = r {
@@ -152,8 +151,14 @@ impl Coprocessor {
         out
     }
 
-    fn handle_vm_frame(&mut self, p: &Punted<'_>, out: &mut Outcome) -> Result<(), DropCause> {
-        let vm = self.topo.vm_on(p.ingress).ok_or(DropCause::UnknownPort)?;
+    fn handle_vm_frame(
+        &mut self,
+        topo: &Topology,
+        sh: &mut Shared,
+        p: &Punted<'_>,
+        out: &mut Outcome,
+    ) -> Result<(), DropCause> {
+        let vm = topo.vm_on(p.ingress).ok_or(DropCause::UnknownPort)?;
         let eth = EthernetFrame::new_checked(p.frame).map_err(|_| DropCause::Malformed)?;
         antispoof::check_mac(vm, eth.src_addr().0)?;
         let vni = vm.vni.get();
@@ -164,7 +169,7 @@ impl Coprocessor {
                 if vm.ips.contains(&req.target_ip) {
                     return Err(DropCause::ArpForSelf);
                 }
-                let mac = match self.topo.lookup(vni, req.target_ip) {
+                let mac = match topo.lookup(vni, req.target_ip) {
                     Some(
                         topology::Endpoint::Local { mac, .. }
                         | topology::Endpoint::Remote { mac, .. }
@@ -183,9 +188,8 @@ impl Coprocessor {
                 // is installed: every DHCP packet comes here, within the
                 // port's punt budget.
                 if dhcp::is_request(key.proto, key.src_port, key.dst_port) {
-                    let mut sh = lock(&self.shared);
                     if let dhcp::Answer::Reply(f) =
-                        dhcp::handle(&self.topo, vm, &mut sh.leases, p.frame, p.now)?
+                        dhcp::handle(topo, vm, &mut sh.leases, p.frame, p.now)?
                     {
                         out.tx.push((p.ingress, f));
                         self.stats.dhcp_replies += 1;
@@ -198,10 +202,9 @@ impl Coprocessor {
                     out.flows.push((key, Action::drop()));
                     return Err(e);
                 }
-                let mut sh = lock(&self.shared);
                 let mut setup = setup::Setup {
-                    topo: &self.topo,
-                    sh: &mut sh,
+                    topo,
+                    sh,
                     p,
                     frame: p.frame,
                     key,
@@ -210,14 +213,11 @@ impl Coprocessor {
                 let flow = match setup.existing()? {
                     Some(flow) => flow,
                     None => {
-                        let next = match forward::decide(&self.topo, vni, src, dst) {
+                        let next = match forward::decide(topo, vni, src, dst) {
                             Err(DropCause::ToGateway) => {
                                 // A gateway address: the router answers pings itself.
-                                let gw_mac = self
-                                    .topo
-                                    .network(vni)
-                                    .ok_or(DropCause::UnknownVni)?
-                                    .gateway_mac;
+                                let gw_mac =
+                                    topo.network(vni).ok_or(DropCause::UnknownVni)?.gateway_mac;
                                 setup
                                     .out
                                     .tx
@@ -229,13 +229,12 @@ impl Coprocessor {
                         };
                         let fwd = match next {
                             forward::Next::External => None,
-                            n => Some(compile::next_action(&self.topo, vni, vm, n)?),
+                            n => Some(compile::next_action(topo, vni, vm, n)?),
                         };
                         setup.vm_new(vm, next, fwd)?
                     }
                 };
-                drop(sh);
-                self.first_packet(p, flow, out)
+                self.first_packet(topo, p, flow, out)
             }
             _ => Err(DropCause::UnsupportedEthertype),
         }
@@ -247,6 +246,7 @@ impl Coprocessor {
     /// twice).
     fn first_packet(
         &mut self,
+        topo: &Topology,
         p: &Punted<'_>,
         flow: setup::Flow,
         out: &mut Outcome,
@@ -263,14 +263,20 @@ impl Coprocessor {
             } else {
                 outcome::PuntKind::TooBig
             };
-            return self.icmp_error(&Punted { kind, ..*p }, false, out);
+            return self.icmp_error(topo, &Punted { kind, ..*p }, false, out);
         }
         out.reinject = true;
         Ok(())
     }
 
-    fn handle_uplink_frame(&mut self, p: &Punted<'_>, out: &mut Outcome) -> Result<(), DropCause> {
-        let up = self.topo.uplink.as_ref().ok_or(DropCause::NoUplink)?;
+    fn handle_uplink_frame(
+        &mut self,
+        topo: &Topology,
+        sh: &mut Shared,
+        p: &Punted<'_>,
+        out: &mut Outcome,
+    ) -> Result<(), DropCause> {
+        let up = topo.uplink.as_ref().ok_or(DropCause::NoUplink)?;
         let cfg = vxlan::DecapConfig {
             local_vtep: u32::from(up.local_vtep),
             udp_port: vxlan::UDP_PORT,
@@ -278,16 +284,16 @@ impl Coprocessor {
         let d = vxlan::decap(p.frame, &cfg).map_err(|_| DropCause::NotLocalVtep)?;
         let vni = d.vni;
         let outer_src = Ipv4Addr::from(d.outer_src);
-        self.topo.network(vni).ok_or(DropCause::UnknownVni)?;
+        topo.network(vni).ok_or(DropCause::UnknownVni)?;
         let inner = p.frame.get(d.inner()).ok_or(DropCause::Malformed)?;
         let eth = EthernetFrame::new_checked(inner).map_err(|_| DropCause::Malformed)?;
         match eth.ethertype() {
             EthernetProtocol::Arp => {
                 let req = arp::parse_request(eth.payload())?;
-                self.check_remote(vni, req.sender_ip, outer_src)?;
+                Self::check_remote(topo, vni, req.sender_ip, outer_src)?;
                 // Answer only for what lives here: the remote side's own
                 // switch answers for its VMs.
-                let mac = match self.topo.lookup(vni, req.target_ip) {
+                let mac = match topo.lookup(vni, req.target_ip) {
                     Some(
                         topology::Endpoint::Local { mac, .. } | topology::Endpoint::Gateway { mac },
                     ) => mac,
@@ -301,17 +307,15 @@ impl Coprocessor {
                     .and_then(|m| m.try_into().ok())
                     .ok_or(DropCause::Malformed)?;
                 let frame = compile::encapsulate(
-                    &self.topo,
+                    topo,
                     vni,
                     &arp::reply(&req, mac),
                     outer_src,
                     outer_src_mac,
                 )
                 .ok_or(DropCause::Malformed)?;
-                out.tx.push((
-                    self.topo.uplink.as_ref().map_or(p.ingress, |u| u.port),
-                    frame,
-                ));
+                out.tx
+                    .push((topo.uplink.as_ref().map_or(p.ingress, |u| u.port), frame));
                 self.stats.arp_replies += 1;
                 Ok(())
             }
@@ -320,10 +324,9 @@ impl Coprocessor {
                 if key.ingress() != flowtable::Vni::new(vni).map(Ingress::Vni) {
                     return Err(DropCause::Malformed);
                 }
-                let mut sh = lock(&self.shared);
                 let mut setup = setup::Setup {
-                    topo: &self.topo,
-                    sh: &mut sh,
+                    topo,
+                    sh,
                     p,
                     frame: inner,
                     key,
@@ -337,20 +340,15 @@ impl Coprocessor {
                     return Ok(());
                 }
                 let (src, dst) = (Ipv4Addr::from(key.src_ip), Ipv4Addr::from(key.dst_ip));
-                let mut src_mac = self.check_remote(vni, src, outer_src)?;
-                let Some(topology::Endpoint::Local { port, mac }) = self.topo.lookup(vni, dst)
-                else {
+                let mut src_mac = Self::check_remote(topo, vni, src, outer_src)?;
+                let Some(topology::Endpoint::Local { port, mac }) = topo.lookup(vni, dst) else {
                     return Err(DropCause::UnknownDestination);
                 };
-                let dst_vm = self.topo.vm_on(port).ok_or(DropCause::UnknownPort)?;
+                let dst_vm = topo.vm_on(port).ok_or(DropCause::UnknownPort)?;
                 // Routed on the sending host: to the receiver it comes from
                 // its gateway.
-                if self.topo.subnet_of(vni, src) != self.topo.subnet_of(vni, dst) {
-                    src_mac = self
-                        .topo
-                        .network(vni)
-                        .ok_or(DropCause::UnknownVni)?
-                        .gateway_mac;
+                if topo.subnet_of(vni, src) != topo.subnet_of(vni, dst) {
+                    src_mac = topo.network(vni).ok_or(DropCause::UnknownVni)?.gateway_mac;
                 }
                 let fwd = compile::from_remote(outer_src, src_mac, mac, port);
                 if setup.overlay_new(vni, dst_vm, fwd)?.is_some() {
@@ -367,23 +365,23 @@ impl Coprocessor {
     /// connections to floating IPs.
     fn handle_external_frame(
         &mut self,
+        topo: &Topology,
+        sh: &mut Shared,
         p: &Punted<'_>,
         out: &mut Outcome,
     ) -> Result<(), DropCause> {
-        let ext = self.topo.external.as_ref().ok_or(DropCause::NoExternal)?;
+        let ext = topo.external.as_ref().ok_or(DropCause::NoExternal)?;
         let eth = EthernetFrame::new_checked(p.frame).map_err(|_| DropCause::Malformed)?;
         match eth.ethertype() {
             EthernetProtocol::Arp => {
                 let (is_request, req) = arp::parse(eth.payload())?;
-                let mut sh = lock(&self.shared);
                 if ext.cidr.contains(req.sender_ip) && req.sender_mac[0] & 1 == 0 {
                     sh.ext_neighbors.insert(req.sender_ip, req.sender_mac);
                 }
-                drop(sh);
                 if !is_request {
                     return Ok(());
                 }
-                if self.topo.external_addr(req.target_ip).is_none() {
+                if topo.external_addr(req.target_ip).is_none() {
                     return Err(DropCause::ArpUnknownTarget);
                 }
                 out.tx.push((p.ingress, arp::reply(&req, ext.mac)));
@@ -393,10 +391,9 @@ impl Coprocessor {
             EthernetProtocol::Ipv4 => {
                 let key = vm_key(p)?;
                 let hop_mac = eth.src_addr().0;
-                let mut sh = lock(&self.shared);
                 let mut setup = setup::Setup {
-                    topo: &self.topo,
-                    sh: &mut sh,
+                    topo,
+                    sh,
                     p,
                     frame: p.frame,
                     key,
@@ -408,7 +405,7 @@ impl Coprocessor {
                     }
                     return Ok(());
                 }
-                let target = self.topo.external_addr(Ipv4Addr::from(key.dst_ip));
+                let target = topo.external_addr(Ipv4Addr::from(key.dst_ip));
                 let Some(topology::ExternalAddr::Floating(port)) = target else {
                     // Nothing of ours opened it: keep the repeats out (but
                     // not ICMP errors: a later one may be related).
@@ -417,7 +414,7 @@ impl Coprocessor {
                     }
                     return Err(DropCause::ExtUnsolicited);
                 };
-                let vm = self.topo.vm_on(port).ok_or(DropCause::UnknownPort)?;
+                let vm = topo.vm_on(port).ok_or(DropCause::UnknownPort)?;
                 if setup.external_new(vm, hop_mac)?.is_some() {
                     setup.out.reinject = true;
                 }
@@ -433,6 +430,7 @@ impl Coprocessor {
     /// sending host).
     fn icmp_error(
         &mut self,
+        topo: &Topology,
         p: &Punted<'_>,
         from_uplink: bool,
         out: &mut Outcome,
@@ -445,23 +443,17 @@ impl Coprocessor {
         if from_uplink {
             return Err(cause);
         }
-        let vm = self.topo.vm_on(p.ingress).ok_or(DropCause::UnknownPort)?;
+        let vm = topo.vm_on(p.ingress).ok_or(DropCause::UnknownPort)?;
         let key = vm_key(p)?;
         let vni = vm.vni.get();
-        let gw = self
-            .topo
+        let gw = topo
             .subnet_of(vni, Ipv4Addr::from(key.src_ip))
             .ok_or(DropCause::SpoofedIp)?
             .gateway;
-        let gw_mac = self
-            .topo
-            .network(vni)
-            .ok_or(DropCause::UnknownVni)?
-            .gateway_mac;
+        let gw_mac = topo.network(vni).ok_or(DropCause::UnknownVni)?.gateway_mac;
         let reply = match cause {
             DropCause::TooBig => {
-                let mtu = self
-                    .topo
+                let mtu = topo
                     .uplink
                     .as_ref()
                     .map_or(1500, |u| u.mtu.saturating_sub(50));
@@ -476,8 +468,13 @@ impl Coprocessor {
 
     /// A sender on the overlay must be a known remote endpoint of `vni`,
     /// behind the VTEP the packet came from. Returns its MAC.
-    fn check_remote(&self, vni: u32, ip: Ipv4Addr, from: Ipv4Addr) -> Result<[u8; 6], DropCause> {
-        match self.topo.lookup(vni, ip) {
+    fn check_remote(
+        topo: &Topology,
+        vni: u32,
+        ip: Ipv4Addr,
+        from: Ipv4Addr,
+    ) -> Result<[u8; 6], DropCause> {
+        match topo.lookup(vni, ip) {
             Some(topology::Endpoint::Remote { mac, vtep }) if vtep == from => Ok(mac),
             Some(topology::Endpoint::Remote { .. }) => Err(DropCause::VtepMismatch),
             _ => Err(DropCause::UnknownRemoteSource),

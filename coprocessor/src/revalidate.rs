@@ -60,7 +60,7 @@ impl Coprocessor {
         let revoked: Vec<u64> = sh
             .ct
             .iter()
-            .filter(|(_, c)| !still_admitted(&self.topo, &sh.policy, &c.admission))
+            .filter(|(_, c)| !still_admitted(&sh.topo, &sh.policy, &c.admission))
             .map(|(id, _)| id)
             .collect();
         for id in revoked {

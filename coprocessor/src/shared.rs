@@ -1,10 +1,11 @@
-//! State every coprocessor thread of a switch shares: DHCP leases, the
+//! State every coprocessor thread of a switch shares: the topology, DHCP leases, the
 //! security-group policy, the connection table, the SNAT pool and the
 //! external network's neighbours. One lock guards all of it, so a policy
 //! change and its revalidation are atomic with respect to flow setup.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use flowtable::{Mac, PortId};
 
@@ -26,6 +27,9 @@ pub struct VmDrops {
 /// See the module documentation.
 #[derive(Debug, Clone)]
 pub struct Shared {
+    /// The tenant world. Copy on write: a decision holds a snapshot for
+    /// its duration; a change made while nobody holds one is in place.
+    pub topo: Arc<Topology>,
     pub leases: Leases,
     pub policy: Policy,
     pub ct: Conntrack,
@@ -39,13 +43,14 @@ pub struct Shared {
 
 impl Shared {
     /// State for `topo` (the SNAT pool comes from its external network).
-    pub fn new(topo: &Topology, policy: Policy, timeouts: Timeouts, limits: Limits) -> Shared {
+    pub fn new(topo: Topology, policy: Policy, timeouts: Timeouts, limits: Limits) -> Shared {
         let nat = topo
             .external
             .as_ref()
             .filter(|e| !e.snat.is_empty())
             .map(|e| NatPool::new(e.snat.clone(), e.ports.0, e.ports.1, e.per_vm_ports));
         Shared {
+            topo: Arc::new(topo),
             leases: Leases::default(),
             policy,
             ct: Conntrack::new(timeouts, limits, 0),

@@ -244,7 +244,7 @@ fn local_vm_to_remote_vm_is_encapsulated() {
 #[test]
 fn unknown_next_hop_is_a_counted_drop() {
     let mut c = coprocessor();
-    c.topology_mut().remove_neighbor(REMOTE_VTEP);
+    c.update_topology(|t| t.remove_neighbor(REMOTE_VTEP));
     let (out, sent) = through(&mut c, PortId(1), &udp(A_MAC, A_IP, R_IP));
     assert_eq!(out.drop, Some(DropCause::NoNeighbor));
     assert!(sent.is_none());

@@ -153,8 +153,8 @@ fn switch(limits: Limits, nat_ports: (u16, u16), per_vm_ports: u32) -> Net {
     })
     .unwrap();
     t.set_neighbor(REMOTE_VTEP, NEXT_HOP);
-    let shared = Shared::new(&t, pol, Timeouts::default(), limits);
-    let cp = Coprocessor::with_shared(t, Arc::new(Mutex::new(shared)));
+    let shared = Shared::new(t, pol, Timeouts::default(), limits);
+    let cp = Coprocessor::with_shared(Arc::new(Mutex::new(shared)));
     let cfg = PipelineConfig {
         uplink: UPLINK,
         local_vtep: LOCAL_VTEP,
