@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use coprocessor::acl::{Direction, Peer, Rule};
+use coprocessor::topology::Topology;
 use coprocessor::{lock, Coprocessor};
 use crossbeam_queue::ArrayQueue;
 use fastpath::dataplane::{FlowDump, Install, Request, Snapshot};
@@ -133,14 +134,6 @@ impl Server {
         u64::try_from(self.links.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
-    fn vm_name(&self, port: PortId) -> String {
-        self.links
-            .coprocessor
-            .topology()
-            .vm_on(port)
-            .map_or_else(|| format!("port {}", port.0), |v| v.name.clone())
-    }
-
     fn conntrack_counters(&self) -> Value {
         let sh = lock(self.links.coprocessor.shared());
         let c = sh.ct.counters;
@@ -174,7 +167,7 @@ impl Server {
                     "id": id, "proto": o.proto, "state": c.state.name(),
                     "original": format!("{}:{} > {}:{}", Ipv4Addr::from(o.src_ip), o.src_port, Ipv4Addr::from(o.dst_ip), o.dst_port),
                     "reply": format!("{}:{} > {}:{}", Ipv4Addr::from(r.src_ip), r.src_port, Ipv4Addr::from(r.dst_ip), r.dst_port),
-                    "vm": c.owner.map(|p| self.vm_name(p)),
+                    "vm": c.owner.map(|p| vm_name(&sh.topo, p)),
                     "nat": c.nat.map(|n| format!("{}:{}", Ipv4Addr::from(n.ip), n.port)),
                     "rule": rule,
                     "age_s": now.saturating_sub(c.created) as f64 / 1e9,
@@ -206,7 +199,7 @@ impl Server {
                     .and_then(|n| n.vms().get(&p).copied())
                     .unwrap_or_default();
                 let d = sh.vm_drops.get(&p).copied().unwrap_or_default();
-                let v = json!({"vm": self.vm_name(p), "port": p.0, "connections": conns,
+                let v = json!({"vm": vm_name(&sh.topo, p), "port": p.0, "connections": conns,
                     "nat_ports": nat.ports, "nat_refused_quota": nat.refused_quota,
                     "nat_refused_exhausted": nat.refused_exhausted,
                     "conn_refused": d.ct_refused, "acl_denied": d.acl_denied});
@@ -269,6 +262,12 @@ impl Server {
         );
         Ok(json!({"ok": true, "flows_removed": removed}))
     }
+}
+
+/// A VM's name, or its port's number.
+fn vm_name(topo: &Topology, port: PortId) -> String {
+    topo.vm_on(port)
+        .map_or_else(|| format!("port {}", port.0), |v| v.name.clone())
 }
 
 fn rule_json(r: &Rule) -> Value {
