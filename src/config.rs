@@ -877,8 +877,9 @@ mod tests {
         let ext = b.topo.external.as_ref().unwrap();
         assert_eq!(ext.port, PortId(2));
         assert_eq!(ext.ports, (20000, 29999));
-        assert_eq!(b.policy.groups()[0].rules.len(), 3);
-        assert_eq!(b.policy.groups()[0].rules[0].ports, (80, 80));
+        let web = b.policy.groups().next().unwrap();
+        assert_eq!(web.rules.len(), 3);
+        assert_eq!(web.rules[0].ports, (80, 80));
         assert_eq!(b.limits.per_vm, 100);
         assert_eq!(b.timeouts.udp_first, 10_000_000_000);
         let vm = b.topo.vm_on(PortId(1)).unwrap();

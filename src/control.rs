@@ -219,7 +219,6 @@ impl Server {
         let groups: Vec<Value> = sh
             .policy
             .groups()
-            .iter()
             .map(|g| {
                 let rules: Vec<Value> = g.rules.iter().map(rule_json).collect();
                 json!({"name": g.name, "rules": rules})

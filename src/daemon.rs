@@ -15,7 +15,8 @@ use anyhow::{Context, Result};
 use coprocessor::{Coprocessor, Outcome, PuntKind, Punted, Shared};
 use crossbeam_queue::ArrayQueue;
 use fastpath::dataplane::{
-    CtCheck, Dataplane, Install, Links, LoopConfig, PollMode, Port, PortCounters, PortIo, Report,
+    CtCheck, Dataplane, Install, Invalidation, Links, LoopConfig, PollMode, Port, PortCounters,
+    PortIo, Report,
 };
 use fastpath::tap::Tap;
 use fastpath::umem::FramePool;
@@ -252,7 +253,11 @@ pub fn install_of(out: Outcome, reinject: Option<fastpath::PuntMsg>) -> Install 
         tx: out.tx,
         reinject,
         remove: out.remove,
-        remove_acl_flows: out.remove_acl_flows,
+        invalidation: out.invalidate.map(|inv| Invalidation {
+            version: out.version,
+            hits: Box::new(move |k, a| inv.hits(k, a)),
+        }),
+        version: out.version,
         checks: out
             .checks
             .iter()
@@ -290,7 +295,7 @@ fn is_empty(i: &Install) -> bool {
         && i.tx.is_empty()
         && i.reinject.is_none()
         && i.remove.is_empty()
-        && !i.remove_acl_flows
+        && i.invalidation.is_none()
         && i.checks.is_empty()
 }
 

@@ -83,6 +83,8 @@ pub enum PolicyError {
     UnknownGroup { object: String, name: String },
     #[error("too many security groups (at most {max})")]
     TooMany { max: usize },
+    #[error("security group {name}: still used by {user}")]
+    InUse { name: String, user: String },
 }
 
 #[derive(Debug, Clone)]
@@ -215,6 +217,80 @@ impl Policy {
         }
     }
 
+    /// `ip` in network `vni` leaves group `id`.
+    pub fn remove_member(&mut self, id: u16, vni: u32, ip: Ipv4Addr) {
+        if let Some(m) = self.members.get_mut(usize::from(id)) {
+            m.remove(&(vni, u32::from(ip)));
+        }
+    }
+
+    /// Add a group.
+    pub fn add_group(&mut self, g: SecurityGroup) -> Result<u16, PolicyError> {
+        if self.by_name.contains_key(&g.name) {
+            return Err(PolicyError::Duplicate { name: g.name });
+        }
+        let max = usize::from(u16::MAX);
+        let id = u16::try_from(self.groups.len())
+            .ok()
+            .filter(|i| usize::from(*i) < max)
+            .ok_or(PolicyError::TooMany { max })?;
+        // Rules may name the group itself.
+        self.by_name.insert(g.name.clone(), id);
+        let c = match self.compile(&g) {
+            Ok(c) => c,
+            Err(e) => {
+                self.by_name.remove(&g.name);
+                return Err(e);
+            }
+        };
+        self.groups.push(g);
+        self.compiled.push(c);
+        self.members.push(HashSet::new());
+        self.version += 1;
+        Ok(id)
+    }
+
+    /// Remove group `name`, refused while a rule of another group names
+    /// it. (Members are the caller's to check.) Its id is not reused.
+    pub fn remove_group(&mut self, name: &str) -> Result<SecurityGroup, PolicyError> {
+        let id = *self
+            .by_name
+            .get(name)
+            .ok_or_else(|| PolicyError::UnknownGroup {
+                object: "request".into(),
+                name: name.into(),
+            })?;
+        if let Some(user) = self.groups.iter().find(|g| {
+            g.name != name
+                && g.rules
+                    .iter()
+                    .any(|r| matches!(&r.peer, Peer::Group(p) if p == name))
+        }) {
+            return Err(PolicyError::InUse {
+                name: name.into(),
+                user: format!("a rule of security group {}", user.name),
+            });
+        }
+        let i = usize::from(id);
+        self.by_name.remove(name);
+        let g = std::mem::replace(
+            &mut self.groups[i],
+            SecurityGroup {
+                name: String::new(),
+                rules: Vec::new(),
+            },
+        );
+        self.compiled[i] = Compiled::default();
+        self.members[i].clear();
+        self.version += 1;
+        Ok(g)
+    }
+
+    /// The id of group `name`.
+    pub fn id(&self, name: &str) -> Option<u16> {
+        self.by_name.get(name).copied()
+    }
+
     /// Replace the rules of group `name`; all or nothing.
     pub fn set_rules(&mut self, name: &str, rules: Vec<Rule>) -> Result<(), PolicyError> {
         let id = *self
@@ -236,8 +312,9 @@ impl Policy {
         Ok(())
     }
 
-    pub fn groups(&self) -> &[SecurityGroup] {
-        &self.groups
+    /// The groups (removed ones have an empty name).
+    pub fn groups(&self) -> impl Iterator<Item = &SecurityGroup> + '_ {
+        self.groups.iter().filter(|g| !g.name.is_empty())
     }
 
     pub fn group_name(&self, id: u16) -> Option<&str> {
@@ -402,13 +479,13 @@ mod tests {
     #[test]
     fn set_rules_is_all_or_nothing() {
         let mut p = policy();
-        let before = p.groups().to_vec();
+        let before: Vec<SecurityGroup> = p.groups().cloned().collect();
         let bad = vec![
             rule(Direction::Ingress, None, (0, 1), any()),
             rule(Direction::Ingress, None, (0, 1), Peer::Group("zz".into())),
         ];
         assert!(p.set_rules("web", bad).is_err());
-        assert_eq!(p.groups(), &before[..]);
+        assert_eq!(p.groups().cloned().collect::<Vec<_>>(), before);
         assert_eq!(p.version, 0);
         p.set_rules("web", vec![]).unwrap();
         assert_eq!(p.version, 1);

@@ -42,6 +42,11 @@ pub struct Leases {
 }
 
 impl Leases {
+    /// Drop the lease of `mac` (its VM is gone).
+    pub fn forget(&mut self, mac: &Mac) {
+        self.by_mac.remove(mac);
+    }
+
     pub fn get(&self, mac: &Mac) -> Option<&Lease> {
         self.by_mac.get(mac)
     }

@@ -20,6 +20,7 @@ pub mod dhcp;
 pub mod forward;
 pub mod icmp;
 pub mod nat;
+pub mod ops;
 pub mod outcome;
 pub mod related;
 pub mod reply;
@@ -35,7 +36,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use flowtable::{Action, FlowKey, Ingress};
 use smoltcp::wire::{EthernetFrame, EthernetProtocol};
 
-pub use outcome::{CtCheck, DropCause, Outcome, PuntKind, Punted};
+pub use outcome::{CtCheck, DropCause, Invalidate, Outcome, PuntKind, Punted};
 pub use shared::Shared;
 pub use topology::Topology;
 
@@ -140,6 +141,7 @@ impl Coprocessor {
             self.handle_vm_frame(&topo, &mut sh, p, &mut out)
         };
         drop(topo);
+        out.version = sh.version;
         self.stats.handled += 1;
         self.stats.flows_compiled += out.flows.len() as u64;
         if let Err(cause) = r {

@@ -164,10 +164,39 @@ pub struct Outcome {
     pub drop: Option<DropCause>,
     /// Flows to remove from the fast path (connections that ended).
     pub remove: Vec<FlowKey>,
-    /// Remove every stateless security-group flow (the policy changed).
-    pub remove_acl_flows: bool,
     /// Connections whose flows' last use the coprocessor needs.
     pub checks: Vec<CtCheck>,
+    /// Flows a change of topology or policy affects.
+    pub invalidate: Option<Invalidate>,
+    /// The shared state's version this was decided under: flows decided
+    /// under a version older than the fast path's last invalidation are
+    /// not installed.
+    pub version: u64,
+}
+
+/// Which flows a change affects: a flow goes if its ingress context is in
+/// `ctxs`, it outputs to a port in `outputs`, its source or destination
+/// is in the address set of its ingress context, or it is a stateless
+/// security-group flow (`acl`) and the policy changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Invalidate {
+    pub ctxs: std::collections::HashSet<u32>,
+    pub outputs: std::collections::HashSet<PortId>,
+    pub addrs: std::collections::HashMap<u32, std::sync::Arc<std::collections::HashSet<u32>>>,
+    pub acl: bool,
+}
+
+impl Invalidate {
+    /// Does the flow (`key`, `action`) go?
+    pub fn hits(&self, key: &FlowKey, action: &Action) -> bool {
+        (self.acl && action.acl)
+            || self.ctxs.contains(&key.ctx)
+            || matches!(action.output, flowtable::Output::Port(p) if self.outputs.contains(&p))
+            || self
+                .addrs
+                .get(&key.ctx)
+                .is_some_and(|s| s.contains(&key.src_ip) || s.contains(&key.dst_ip))
+    }
 }
 
 /// A question to the fast path about a connection's flows.

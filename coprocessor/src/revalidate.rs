@@ -3,8 +3,9 @@
 
 use flowtable::FlowKey;
 
-use crate::acl::{Direction, PolicyError, Rule};
+use crate::acl::{Direction, Rule};
 use crate::conntrack::{Admission, Expiry};
+use crate::ops::{Applied, Op, OpError};
 use crate::outcome::{CtCheck, Outcome};
 use crate::topology::Topology;
 use crate::{lock, Coprocessor};
@@ -50,31 +51,21 @@ impl Coprocessor {
     /// are removed), and every stateless flow compiled under the policy is
     /// removed to be compiled again. All or nothing: bad rules change
     /// nothing.
-    pub fn set_rules(&mut self, name: &str, rules: Vec<Rule>) -> Result<Outcome, PolicyError> {
-        let mut out = Outcome {
-            remove_acl_flows: true,
-            ..Outcome::default()
-        };
-        let mut sh = lock(&self.shared);
-        sh.policy.set_rules(name, rules)?;
-        let revoked: Vec<u64> = sh
-            .ct
-            .iter()
-            .filter(|(_, c)| !still_admitted(&sh.topo, &sh.policy, &c.admission))
-            .map(|(id, _)| id)
-            .collect();
-        for id in revoked {
-            if let Some(c) = sh.ct.remove(id) {
-                sh.ct.counters.revoked += 1;
-                sh.end(&c, &mut out);
-            }
-        }
-        Ok(out)
+    pub fn set_rules(&mut self, name: &str, rules: Vec<Rule>) -> Result<Outcome, OpError> {
+        self.apply(vec![Op::SetRules(name.into(), rules)])
+            .map(|(out, _)| out)
+    }
+
+    /// Apply a batch of changes atomically (see [`crate::ops`]).
+    pub fn apply(&mut self, ops: Vec<Op>) -> Result<(Outcome, Applied), OpError> {
+        let mut out = Outcome::default();
+        let applied = lock(&self.shared).apply(ops, &mut out)?;
+        Ok((out, applied))
     }
 }
 
 /// Would the current policy admit this connection if it opened now?
-fn still_admitted(topo: &Topology, policy: &crate::acl::Policy, a: &Admission) -> bool {
+pub(crate) fn still_admitted(topo: &Topology, policy: &crate::acl::Policy, a: &Admission) -> bool {
     let check = |port, dir, peer| {
         topo.vm_on(port).is_none_or(|vm| {
             vm.groups.is_empty()

@@ -39,6 +39,9 @@ pub struct Shared {
     /// When we last asked for each unresolved external neighbour.
     pub(crate) ext_asked: HashMap<Ipv4Addr, u64>,
     pub vm_drops: HashMap<PortId, VmDrops>,
+    /// Bumped by every change of topology or policy; decisions carry the
+    /// version they were made under.
+    pub version: u64,
 }
 
 impl Shared {
@@ -58,6 +61,7 @@ impl Shared {
             ext_neighbors: HashMap::new(),
             ext_asked: HashMap::new(),
             vm_drops: HashMap::new(),
+            version: 0,
         }
     }
 

@@ -242,6 +242,14 @@ pub enum TopologyError {
     NotFound { object: String },
     #[error("vm {name}: field `floating_ip`: {problem}")]
     BadFloatingIp { name: String, problem: String },
+    #[error("network {vni}: still in use by {user}")]
+    NetworkInUse { vni: u32, user: String },
+    #[error("network {vni}: field `subnets`: {ip} ({user}) would be outside every subnet")]
+    WouldStrand {
+        vni: u32,
+        ip: Ipv4Addr,
+        user: String,
+    },
 }
 
 /// "aa:bb:cc:dd:ee:ff".
@@ -457,6 +465,110 @@ impl Topology {
         );
         self.remotes.insert((vni, r.ip), r);
         Ok(())
+    }
+
+    /// Remove the VM on `port`.
+    pub fn remove_vm(&mut self, port: PortId) -> Option<LocalVm> {
+        let vm = self.vms.remove(&port)?;
+        for ip in &vm.ips {
+            self.index.remove(&(vm.vni.get(), *ip));
+        }
+        if let Some(fip) = vm.floating_ip {
+            self.floating.remove(&fip);
+        }
+        Some(vm)
+    }
+
+    /// The VM called `name`.
+    pub fn vm_named(&self, name: &str) -> Option<&LocalVm> {
+        self.vms.values().find(|v| v.name == name)
+    }
+
+    /// Remove the remote endpoint `ip` of network `vni`.
+    pub fn remove_remote(&mut self, vni: u32, ip: Ipv4Addr) -> Option<RemoteVm> {
+        let r = self.remotes.remove(&(vni, ip))?;
+        self.index.remove(&(vni, ip));
+        Some(r)
+    }
+
+    pub fn remote(&self, vni: u32, ip: Ipv4Addr) -> Option<&RemoteVm> {
+        self.remotes.get(&(vni, ip))
+    }
+
+    /// Remove network `vni`; refused while a VM or remote endpoint is in it.
+    pub fn remove_network(&mut self, vni: u32) -> Result<Network, TopologyError> {
+        if let Some(v) = self.vms.values().find(|v| v.vni.get() == vni) {
+            return Err(TopologyError::NetworkInUse {
+                vni,
+                user: format!("vm {}", v.name),
+            });
+        }
+        if let Some(r) = self.remotes.values().find(|r| r.vni.get() == vni) {
+            return Err(TopologyError::NetworkInUse {
+                vni,
+                user: format!("remote {}", r.ip),
+            });
+        }
+        let n = self.networks.remove(&vni).ok_or(TopologyError::NotFound {
+            object: format!("network {vni}"),
+        })?;
+        self.index.retain(|(v, _), _| *v != vni);
+        Ok(n)
+    }
+
+    /// Replace network `n.vni` (subnets, gateways, DHCP options, routes):
+    /// refused if an address in use would fall outside every subnet.
+    /// Returns the old definition.
+    pub fn change_network(&mut self, n: Network) -> Result<Network, TopologyError> {
+        let vni = n.vni.get();
+        let old = self.networks.remove(&vni).ok_or(TopologyError::NotFound {
+            object: format!("network {vni}"),
+        })?;
+        let inside = |ip: &Ipv4Addr| n.subnets.iter().any(|s| s.cidr.contains(*ip));
+        let stranded = self
+            .vms
+            .values()
+            .filter(|v| v.vni.get() == vni)
+            .flat_map(|v| v.ips.iter().map(move |ip| (*ip, format!("vm {}", v.name))))
+            .chain(
+                self.remotes
+                    .values()
+                    .filter(|r| r.vni.get() == vni)
+                    .map(|r| (r.ip, "a remote endpoint".to_string())),
+            )
+            .find(|(ip, _)| !inside(ip));
+        let gateways: Vec<Ipv4Addr> = old.subnets.iter().map(|s| s.gateway).collect();
+        for g in &gateways {
+            self.index.remove(&(vni, *g));
+        }
+        let taken = n.subnets.iter().find_map(|s| {
+            self.owner(vni, s.gateway)
+                .map(|other| TopologyError::DuplicateIp {
+                    object: format!("network {vni}: gateway"),
+                    ip: s.gateway,
+                    vni,
+                    other,
+                })
+        });
+        let refused = match (stranded, taken) {
+            (Some((ip, user)), _) => Err(TopologyError::WouldStrand { vni, ip, user }),
+            (None, Some(e)) => Err(e),
+            (None, None) => self.add_network(n),
+        };
+        if let Err(e) = refused {
+            // Put the old one back exactly.
+            for s in &old.subnets {
+                self.index.insert(
+                    (vni, s.gateway),
+                    Endpoint::Gateway {
+                        mac: old.gateway_mac,
+                    },
+                );
+            }
+            self.networks.insert(vni, old);
+            return Err(e);
+        }
+        Ok(old)
     }
 
     /// Record (or replace) the next-hop MAC towards `vtep`.

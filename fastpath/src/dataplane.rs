@@ -98,12 +98,30 @@ pub struct Install {
     pub reinject: Option<PuntMsg>,
     /// Flows to remove (connections that ended or lost their permission).
     pub remove: Vec<FlowKey>,
-    /// Remove every flow compiled under the security-group policy without
-    /// a tracked connection (the policy changed: they are compiled again
-    /// on their next packet).
-    pub remove_acl_flows: bool,
+    /// Flows a change of topology or policy affects, to remove.
+    pub invalidation: Option<Invalidation>,
+    /// The version of the coprocessors' state these flows were decided
+    /// under: older than the last invalidation's, they are not installed.
+    pub version: u64,
     /// Connections whose flows' use the coprocessor wants to know.
     pub checks: Vec<CtCheck>,
+}
+
+/// Which flows a change of topology or policy affects (they are removed,
+/// and compiled again on their next packet), and the state version it
+/// starts.
+pub struct Invalidation {
+    pub version: u64,
+    pub hits: FlowPredicate,
+}
+
+/// True for the flows to remove.
+pub type FlowPredicate = Box<dyn Fn(&FlowKey, &Action) -> bool + Send>;
+
+impl std::fmt::Debug for Invalidation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Invalidation {{ version: {} }}", self.version)
+    }
 }
 
 /// A question about a tracked connection's flows (one or two keys).
@@ -183,6 +201,10 @@ pub struct Snapshot {
     pub reinject_failed: u64,
     /// Conntrack reports that found the report queue full.
     pub reports_lost: u64,
+    /// Flows removed by changes of topology or policy.
+    pub invalidated: u64,
+    /// Coprocessor answers decided under a state that changed since.
+    pub stale_installs: u64,
     pub first_packet: FirstPacket,
     pub uptime_ns: u64,
 }
@@ -261,6 +283,10 @@ pub struct Dataplane {
     reinject_failed: u64,
     reports_lost: u64,
     first_packet: FirstPacket,
+    /// The last invalidation's version (see [`Install::version`]).
+    min_version: u64,
+    invalidated: u64,
+    stale_installs: u64,
 }
 
 impl Dataplane {
@@ -304,6 +330,9 @@ impl Dataplane {
             reinject_failed: 0,
             reports_lost: 0,
             first_packet: FirstPacket::default(),
+            min_version: 0,
+            invalidated: 0,
+            stale_installs: 0,
         }
     }
 
@@ -479,9 +508,13 @@ impl Dataplane {
         for key in &ins.remove {
             table.remove(key);
         }
-        if ins.remove_acl_flows {
-            table.retain(|_, a| !a.acl);
+        if let Some(inv) = &ins.invalidation {
+            self.invalidated += table.retain(|k, a| !(inv.hits)(k, a)) as u64;
+            self.min_version = self.min_version.max(inv.version);
         }
+        // Decided before the last change: not installed; the frame is
+        // decided again.
+        let stale = ins.version < self.min_version;
         for c in &ins.checks {
             let used = c.keys.map(|k| {
                 k.and_then(|k| table.get(&k)).map(|e| FlowUse {
@@ -499,7 +532,7 @@ impl Dataplane {
                 self.reports_lost += 1;
             }
         }
-        for (key, action) in &ins.flows {
+        for (key, action) in ins.flows.iter().filter(|_| !stale) {
             match self.pipeline.table_mut().insert(*key, action, now) {
                 Ok(_) => self.installs += 1,
                 Err(_) => self.install_failures += 1,
@@ -520,8 +553,11 @@ impl Dataplane {
             self.links.recycler.recycle(msg);
             if let Some(d) = d {
                 self.reinjected += 1;
-                self.pipeline.set_reinjecting(true);
-                self.process(ingress, &[d], now, false);
+                if stale {
+                    self.stale_installs += 1;
+                }
+                self.pipeline.set_reinjecting(!stale);
+                self.process(ingress, &[d], now, stale);
                 self.pipeline.set_reinjecting(false);
                 self.first_packet
                     .record(self.now().saturating_sub(punted_at));
@@ -580,6 +616,8 @@ impl Dataplane {
                     reinjected: self.reinjected,
                     reinject_failed: self.reinject_failed,
                     reports_lost: self.reports_lost,
+                    invalidated: self.invalidated,
+                    stale_installs: self.stale_installs,
                     first_packet: self.first_packet,
                     uptime_ns: now,
                 });

@@ -159,7 +159,7 @@ fn switch(limits: Limits, nat_ports: (u16, u16), per_vm_ports: u32) -> Net {
         uplink: UPLINK,
         local_vtep: LOCAL_VTEP,
         udp_port: 4789,
-        ports: 5,
+        ports: 6,
     };
     let p = Pipeline::new(
         &cfg,
@@ -208,7 +208,7 @@ impl Net {
     fn run(&mut self, port: PortId, frame: &[u8], reinjecting: bool) -> RunResult {
         let mut mem = vec![0u8; 4096];
         mem[256..256 + frame.len()].copy_from_slice(frame);
-        let mut b = BatchOut::new(5);
+        let mut b = BatchOut::new(6);
         let d = [Desc {
             addr: 256,
             len: u32::try_from(frame.len()).unwrap(),
@@ -242,8 +242,8 @@ impl Net {
         for k in &out.remove {
             t.remove(k);
         }
-        if out.remove_acl_flows {
-            t.retain(|_, a| !a.acl);
+        if let Some(inv) = &out.invalidate {
+            t.retain(|k, a| !inv.hits(k, a));
         }
         for (k, a) in &out.flows {
             t.insert(*k, a, self.now).unwrap();
@@ -485,7 +485,7 @@ fn a_rule_removed_at_run_time_cuts_existing_connections() {
         n.cp.set_rules("web", vec![rule(Direction::Egress, None, (0, u16::MAX))])
             .unwrap();
     assert_eq!(out.remove.len(), 2, "both flows of the connection");
-    assert!(out.remove_acl_flows);
+    assert!(out.invalidate.as_ref().is_some_and(|i| i.acl));
     n.apply(&out);
     assert_eq!(n.ct_len(), 0);
     assert_eq!(n.cp.shared().lock().unwrap().ct.counters.revoked, 1);
@@ -801,4 +801,190 @@ fn icmp_errors_about_a_connection_pass_and_are_translated_through_nat() {
     assert_eq!(n.send(C, &stray), Went::Dropped(Some(DropCause::AclDenied)));
     assert_eq!(n.send(C, &stray), Went::Dropped(Some(DropCause::AclDenied)));
     assert_eq!(n.cp.shared().lock().unwrap().ct.counters.related, 3);
+}
+
+mod ops {
+    use super::*;
+    use crate::ops::{Op, OpError};
+
+    const D: PortId = PortId(5);
+    const D_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x0d];
+    const D_IP: Ipv4Addr = Ipv4Addr::new(10, 0, 1, 13);
+    const NEW_VTEP: Ipv4Addr = Ipv4Addr::new(192, 168, 0, 3);
+
+    fn vm_d(groups: Vec<u16>) -> LocalVm {
+        LocalVm {
+            name: "d".into(),
+            port: D,
+            mac: D_MAC,
+            ips: vec![D_IP],
+            vni: vni(VNI),
+            hostname: None,
+            groups,
+            floating_ip: None,
+        }
+    }
+
+    fn remote(ip: Ipv4Addr, vtep: Ipv4Addr) -> RemoteVm {
+        RemoteVm {
+            ip,
+            mac: R_MAC,
+            vni: vni(VNI),
+            vtep,
+            groups: vec![],
+        }
+    }
+
+    /// Apply `ops` as the control thread does, and its answer as the
+    /// fast path does.
+    fn apply(n: &mut Net, ops: Vec<Op>) -> Result<Outcome, OpError> {
+        let (out, _) = n.cp.apply(ops)?;
+        n.apply(&out);
+        Ok(out)
+    }
+
+    #[test]
+    fn a_failed_batch_changes_nothing() {
+        let mut n = default_switch();
+        let before = n.cp.topology();
+        let version = n.cp.shared().lock().unwrap().version;
+        let e = apply(
+            &mut n,
+            vec![
+                Op::AddVm(vm_d(vec![1])),
+                Op::SetRemotes(vec![remote(Ipv4Addr::new(10, 0, 0, 77), NEW_VTEP)]),
+                Op::RemoveRemotes(vec![(VNI, R_IP)]),
+                Op::RemoveVm("nope".into()),
+            ],
+        )
+        .unwrap_err();
+        assert!(matches!(e, OpError::NotFound { index: 3, .. }), "{e}");
+        let after = n.cp.topology();
+        assert!(after.vm_named("d").is_none());
+        assert!(after.remote(VNI, Ipv4Addr::new(10, 0, 0, 77)).is_none());
+        assert_eq!(after.remote(VNI, R_IP).map(|r| r.vtep), Some(REMOTE_VTEP));
+        assert_eq!(after.vms().count(), before.vms().count());
+        assert_eq!(n.cp.shared().lock().unwrap().version, version);
+        // Membership was rolled back too: client (1) does not hold D.
+        let sh = n.cp.shared().lock().unwrap();
+        assert!(sh
+            .policy
+            .admits(&[2], Direction::Ingress, VNI, u32::from(D_IP), 6, 1)
+            .is_none());
+    }
+
+    #[test]
+    fn a_vm_added_at_run_time_gets_traffic_and_a_removed_one_loses_everything() {
+        let mut n = default_switch();
+        apply(&mut n, vec![Op::AddVm(vm_d(vec![]))]).unwrap();
+        let f = delivered(n.send(C, &udp(C_MAC, C_IP, D_IP, 1, 2)), D);
+        assert_eq!(f[..6], D_MAC);
+        // B's established connection from A, then B goes away.
+        delivered(n.send(A, &tcp(A_MAC, A_IP, B_IP, 40000, 80, SYN)), B);
+        delivered(n.send(B, &tcp(B_MAC, B_IP, A_IP, 80, 40000, SYN | ACK)), A);
+        let (out, applied) = n.cp.apply(vec![Op::RemoveVm("b".into())]).unwrap();
+        assert_eq!(applied.connections_ended, 1);
+        let inv = out.invalidate.clone().unwrap();
+        let k = key_of(A, &tcp(A_MAC, A_IP, B_IP, 40000, 80, ACK));
+        assert!(
+            inv.hits(&k, &flowtable::Action::output(B)),
+            "the flow towards B goes"
+        );
+        n.apply(&out);
+        assert!(n.p.table().get(&k).is_none());
+        assert_eq!(
+            n.send(A, &udp(A_MAC, A_IP, B_IP, 1, 2)),
+            Went::Dropped(Some(DropCause::UnknownDestination))
+        );
+        // Its floating IP went with it.
+        assert!(n.cp.topology().external_addr(FIP_B).is_none());
+    }
+
+    #[test]
+    fn moving_a_remote_endpoint_moves_its_traffic() {
+        let mut n = default_switch();
+        n.cp.update_topology(|t| t.set_neighbor(NEW_VTEP, NEXT_HOP));
+        let f = udp(C_MAC, C_IP, R_IP, 1, 2);
+        let before = delivered(n.send(C, &f), UPLINK);
+        assert_eq!(ip_at(&before, 30), REMOTE_VTEP);
+        let out = apply(&mut n, vec![Op::SetRemotes(vec![remote(R_IP, NEW_VTEP)])]).unwrap();
+        assert!(out.version > 0);
+        let after = delivered(n.send(C, &f), UPLINK);
+        assert_eq!(n.punts, 1, "the old flow was invalidated");
+        assert_eq!(ip_at(&after, 30), NEW_VTEP);
+        // In bulk, and back.
+        let many: Vec<RemoteVm> = (0..1000u32)
+            .map(|i| remote(Ipv4Addr::from(0x0a00_0000 + 1000 + i), NEW_VTEP))
+            .collect();
+        apply(&mut n, vec![Op::SetRemotes(many)]).unwrap();
+        assert_eq!(n.cp.topology().remotes().count(), 1001);
+        let keys: Vec<(u32, Ipv4Addr)> = (0..1000u32)
+            .map(|i| (VNI, Ipv4Addr::from(0x0a00_0000 + 1000 + i)))
+            .collect();
+        apply(&mut n, vec![Op::RemoveRemotes(keys)]).unwrap();
+        assert_eq!(n.cp.topology().remotes().count(), 1);
+    }
+
+    #[test]
+    fn groups_in_use_stay_and_new_ones_apply_to_changed_vms() {
+        let mut n = default_switch();
+        let e = apply(&mut n, vec![Op::RemoveGroup("web".into())]).unwrap_err();
+        assert!(e.to_string().contains("still used by vm b"), "{e}");
+        let e = apply(&mut n, vec![Op::RemoveGroup("client".into())]).unwrap_err();
+        assert!(e.to_string().contains("still used by"), "{e}");
+        // A new group for C, which was unfiltered: C → B:80 was allowed
+        // (web admits it); give C a group without egress rules.
+        apply(
+            &mut n,
+            vec![Op::AddGroup(SecurityGroup {
+                name: "mute".into(),
+                rules: vec![],
+            })],
+        )
+        .unwrap();
+        let mute = n.cp.shared().lock().unwrap().policy.id("mute").unwrap();
+        let c = n.cp.topology().vm_named("c").cloned().unwrap();
+        apply(
+            &mut n,
+            vec![Op::ChangeVm(LocalVm {
+                groups: vec![mute],
+                ..c
+            })],
+        )
+        .unwrap();
+        assert_eq!(
+            n.send(C, &tcp(C_MAC, C_IP, B_IP, 40000, 80, SYN)),
+            Went::Dropped(Some(DropCause::AclDenied))
+        );
+        let e = apply(&mut n, vec![Op::RemoveGroup("mute".into())]).unwrap_err();
+        assert!(e.to_string().contains("still used by vm c"), "{e}");
+    }
+
+    #[test]
+    fn a_network_change_that_strands_a_vm_is_refused() {
+        let mut n = default_switch();
+        let net = n.cp.topology().network(VNI).cloned().unwrap();
+        let shrunk = Network {
+            subnets: net.subnets[..1].to_vec(),
+            ..net.clone()
+        };
+        let e = apply(&mut n, vec![Op::ChangeNetwork(shrunk)]).unwrap_err();
+        assert!(
+            e.to_string().contains("10.0.1.12 (vm c) would be outside"),
+            "{e}"
+        );
+        assert_eq!(n.cp.topology().network(VNI), Some(&net));
+        // DHCP options change freely.
+        let dns = Network {
+            dns: vec![Ipv4Addr::new(9, 9, 9, 9)],
+            ..net
+        };
+        apply(&mut n, vec![Op::ChangeNetwork(dns)]).unwrap();
+        assert_eq!(
+            n.cp.topology().network(VNI).unwrap().dns,
+            [Ipv4Addr::new(9, 9, 9, 9)]
+        );
+        let e = apply(&mut n, vec![Op::RemoveNetwork(VNI)]).unwrap_err();
+        assert!(e.to_string().contains("still in use"), "{e}");
+    }
 }
