@@ -216,11 +216,143 @@ fn parse_proto(s: &str) -> Option<Option<u8>> {
     }
 }
 
+/// Group name → id, for resolving `security_groups`.
+pub type GroupIds<'a> = &'a dyn Fn(&str) -> Option<u16>;
+
+fn resolve_groups(at: &str, names: &[String], ids: GroupIds) -> Result<Vec<u16>> {
+    names
+        .iter()
+        .map(|n| {
+            ids(n).with_context(|| format!("{at}: field `security_groups`: no group named {n}"))
+        })
+        .collect()
+}
+
+impl NetworkConfig {
+    /// The network, or an error naming `at` and the field.
+    pub fn build(&self, at: &str) -> Result<Network> {
+        let n = self;
+        let vni = Vni::new(n.vni)
+            .with_context(|| format!("{at}: field `vni`: {} does not fit in 24 bits", n.vni))?;
+        let at = format!("{at} (vni {})", n.vni);
+        let gateway_mac = parse_mac(&n.gateway_mac).with_context(|| {
+            format!(
+                "{at}: field `gateway_mac`: {:?} is not a MAC address",
+                n.gateway_mac
+            )
+        })?;
+        let mut subnets = Vec::new();
+        for (j, sn) in n.subnets.iter().enumerate() {
+            let cidr: Cidr = sn
+                .cidr
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{at}: subnet[{j}]: field `cidr`: {e}"))?;
+            subnets.push(Subnet {
+                cidr,
+                gateway: sn.gateway,
+            });
+        }
+        if n.lease_s < 60 {
+            bail!("{at}: field `lease_s`: {} is below 60 seconds", n.lease_s);
+        }
+        let mut routes = Vec::new();
+        for (j, r) in n.routes.iter().enumerate() {
+            let at = || format!("{at}: route[{j}]");
+            let cidr: Cidr = r
+                .cidr
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{}: field `cidr`: {e}", at()))?;
+            let via = match r.via.as_str() {
+                "gateway-vtep" if n.gateway_vtep.is_some() => Via::GatewayVtep,
+                "gateway-vtep" => bail!(
+                    "{}: field `via`: \"gateway-vtep\" but the network has no `gateway_vtep`",
+                    at()
+                ),
+                ip => {
+                    let ip: Ipv4Addr = ip.parse().map_err(|_| {
+                        anyhow::anyhow!(
+                            "{}: field `via`: {ip:?} is neither a VM address nor \"gateway-vtep\"",
+                            at()
+                        )
+                    })?;
+                    if !subnets.iter().any(|s: &Subnet| s.cidr.contains(ip)) {
+                        bail!(
+                            "{}: field `via`: {ip} is not inside the network's subnets",
+                            at()
+                        );
+                    }
+                    Via::Vm(ip)
+                }
+            };
+            routes.push(Route { cidr, via });
+        }
+        Ok(Network {
+            vni,
+            subnets,
+            gateway_mac,
+            dns: n.dns.clone(),
+            lease_secs: n.lease_s,
+            routes,
+            gateway_vtep: n.gateway_vtep,
+            snat: n.snat,
+        })
+    }
+}
+
+impl VmConfig {
+    /// The VM, its port and groups resolved, or an error naming `at`
+    /// and the field.
+    pub fn build(
+        &self,
+        at: &str,
+        ports: &HashMap<String, PortId>,
+        groups: GroupIds,
+    ) -> Result<LocalVm> {
+        let v = self;
+        let port = *ports.get(&v.port).with_context(|| {
+            format!("{at}: field `port`: {:?} is not a configured port", v.port)
+        })?;
+        let mac = parse_mac(&v.mac)
+            .with_context(|| format!("{at}: field `mac`: {:?} is not a MAC address", v.mac))?;
+        let vni = Vni::new(v.network)
+            .with_context(|| format!("{at}: field `network`: {} is not a VNI", v.network))?;
+        Ok(LocalVm {
+            name: v.name.clone(),
+            port,
+            mac,
+            ips: v.ips.clone(),
+            vni,
+            hostname: v.hostname.clone(),
+            groups: resolve_groups(at, &v.security_groups, groups)?,
+            floating_ip: v.floating_ip,
+        })
+    }
+}
+
+impl RemoteConfig {
+    /// The remote endpoint, or an error naming `at` and the field.
+    pub fn build(&self, at: &str, groups: GroupIds) -> Result<RemoteVm> {
+        let r = self;
+        let mac = parse_mac(&r.mac)
+            .with_context(|| format!("{at}: field `mac`: {:?} is not a MAC address", r.mac))?;
+        let vni = Vni::new(r.network)
+            .with_context(|| format!("{at}: field `network`: {} is not a VNI", r.network))?;
+        Ok(RemoteVm {
+            ip: r.ip,
+            mac,
+            vni,
+            vtep: r.vtep,
+            groups: resolve_groups(at, &r.security_groups, groups)?,
+        })
+    }
+}
+
 impl SecurityGroupConfig {
-    fn build(&self, i: usize) -> Result<SecurityGroup> {
+    /// The group, or an error naming `at`, the rule and the field.
+    pub fn build(&self, at: &str) -> Result<SecurityGroup> {
         let mut rules = Vec::new();
         for (j, r) in self.rules.iter().enumerate() {
-            let at = || format!("security_group[{i}] ({}): rule[{j}]", self.name);
+            let at = || format!("{at} ({}): rule[{j}]", self.name);
             rules.push(r.build().map_err(|e| anyhow::anyhow!("{}: {e}", at()))?);
         }
         Ok(SecurityGroup {
@@ -496,7 +628,7 @@ impl Config {
             .security_groups
             .iter()
             .enumerate()
-            .map(|(i, g)| g.build(i))
+            .map(|(i, g)| g.build(&format!("security_group[{i}]")))
             .collect::<Result<Vec<_>>>()?;
         let mut policy = Policy::new(groups).map_err(|e| anyhow::anyhow!("{e}"))?;
         let (timeouts, limits) = self.conntrack.build()?;
@@ -504,151 +636,33 @@ impl Config {
             topo.external = Some(self.external(e, &ids)?);
         }
         for (i, n) in self.networks.iter().enumerate() {
-            let vni = Vni::new(n.vni).with_context(|| {
-                format!(
-                    "network[{i}]: field `vni`: {} does not fit in 24 bits",
-                    n.vni
-                )
-            })?;
-            let gateway_mac = parse_mac(&n.gateway_mac).with_context(|| {
-                format!(
-                    "network[{i}] (vni {}): field `gateway_mac`: {:?} is not a MAC address",
-                    n.vni, n.gateway_mac
-                )
-            })?;
-            let mut subnets = Vec::new();
-            for (j, sn) in n.subnets.iter().enumerate() {
-                let cidr: Cidr = sn.cidr.parse().map_err(|e| {
-                    anyhow::anyhow!(
-                        "network[{i}] (vni {}): subnet[{j}]: field `cidr`: {e}",
-                        n.vni
-                    )
-                })?;
-                subnets.push(Subnet {
-                    cidr,
-                    gateway: sn.gateway,
-                });
-            }
-            if n.lease_s < 60 {
-                bail!(
-                    "network[{i}] (vni {}): field `lease_s`: {} is below 60 seconds",
-                    n.vni,
-                    n.lease_s
-                );
-            }
-            let mut routes = Vec::new();
-            for (j, r) in n.routes.iter().enumerate() {
-                let at = || format!("network[{i}] (vni {}): route[{j}]", n.vni);
-                let cidr: Cidr = r
-                    .cidr
-                    .parse()
-                    .map_err(|e| anyhow::anyhow!("{}: field `cidr`: {e}", at()))?;
-                let via = match r.via.as_str() {
-                    "gateway-vtep" if n.gateway_vtep.is_some() => Via::GatewayVtep,
-                    "gateway-vtep" => bail!(
-                        "{}: field `via`: \"gateway-vtep\" but the network has no `gateway_vtep`",
-                        at()
-                    ),
-                    ip => {
-                        let ip: Ipv4Addr = ip
-                            .parse()
-                            .map_err(|_| anyhow::anyhow!("{}: field `via`: {ip:?} is neither a VM address nor \"gateway-vtep\"", at()))?;
-                        if !subnets.iter().any(|s: &Subnet| s.cidr.contains(ip)) {
-                            bail!(
-                                "{}: field `via`: {ip} is not inside the network's subnets",
-                                at()
-                            );
-                        }
-                        Via::Vm(ip)
-                    }
-                };
-                routes.push(Route { cidr, via });
-            }
-            topo.add_network(Network {
-                vni,
-                subnets,
-                gateway_mac,
-                dns: n.dns.clone(),
-                lease_secs: n.lease_s,
-                routes,
-                gateway_vtep: n.gateway_vtep,
-                snat: n.snat,
-            })
-            .with_context(|| format!("network[{i}]"))?;
+            let at = format!("network[{i}]");
+            topo.add_network(n.build(&at)?)
+                .with_context(|| at.clone())?;
         }
         for (i, v) in self.vms.iter().enumerate() {
-            let port = *ids.get(&v.port).with_context(|| {
-                format!(
-                    "vm[{i}] ({}): field `port`: {:?} is not a configured port",
-                    v.name, v.port
-                )
-            })?;
-            let mac = parse_mac(&v.mac).with_context(|| {
-                format!(
-                    "vm[{i}] ({}): field `mac`: {:?} is not a MAC address",
-                    v.name, v.mac
-                )
-            })?;
-            let vni = Vni::new(v.network).with_context(|| {
-                format!(
-                    "vm[{i}] ({}): field `network`: {} is not a VNI",
-                    v.name, v.network
-                )
-            })?;
-            let groups = policy
-                .resolve(&format!("vm[{i}] ({})", v.name), &v.security_groups)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            if topo.external.as_ref().is_some_and(|e| e.port == port) {
+            let at = format!("vm[{i}] ({})", v.name);
+            let vm = v.build(&at, &ids, &|g| policy.id(g))?;
+            if topo.external.as_ref().is_some_and(|e| e.port == vm.port) {
                 bail!(
-                    "vm[{i}] ({}): field `port`: {:?} is the external network's port",
-                    v.name,
+                    "{at}: field `port`: {:?} is the external network's port",
                     v.port
                 );
             }
-            for g in &groups {
-                for ip in &v.ips {
+            for g in &vm.groups {
+                for ip in &vm.ips {
                     policy.add_member(*g, v.network, *ip);
                 }
             }
-            topo.add_vm(LocalVm {
-                name: v.name.clone(),
-                port,
-                mac,
-                ips: v.ips.clone(),
-                vni,
-                hostname: v.hostname.clone(),
-                groups,
-                floating_ip: v.floating_ip,
-            })
-            .with_context(|| format!("vm[{i}]"))?;
+            topo.add_vm(vm).with_context(|| format!("vm[{i}]"))?;
         }
         for (i, r) in self.remotes.iter().enumerate() {
-            let mac = parse_mac(&r.mac).with_context(|| {
-                format!(
-                    "remote[{i}] ({}): field `mac`: {:?} is not a MAC address",
-                    r.ip, r.mac
-                )
-            })?;
-            let vni = Vni::new(r.network).with_context(|| {
-                format!(
-                    "remote[{i}] ({}): field `network`: {} is not a VNI",
-                    r.ip, r.network
-                )
-            })?;
-            let groups = policy
-                .resolve(&format!("remote[{i}] ({})", r.ip), &r.security_groups)
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
-            for g in &groups {
+            let rv = r.build(&format!("remote[{i}] ({})", r.ip), &|g| policy.id(g))?;
+            for g in &rv.groups {
                 policy.add_member(*g, r.network, r.ip);
             }
-            topo.add_remote(RemoteVm {
-                ip: r.ip,
-                mac,
-                vni,
-                vtep: r.vtep,
-                groups,
-            })
-            .with_context(|| format!("remote[{i}]"))?;
+            topo.add_remote(rv)
+                .with_context(|| format!("remote[{i}]"))?;
         }
         Ok(Built {
             topo,

@@ -43,6 +43,8 @@ pub struct Links {
     pub coprocessor: Coprocessor,
     /// Time zero of the fast path's clock.
     pub epoch: Instant,
+    /// Port names → ids (VMs name their port).
+    pub ports: std::collections::HashMap<String, PortId>,
 }
 
 impl Server {
@@ -101,12 +103,18 @@ impl Server {
                     v["conntrack"] = self.conntrack_counters();
                     v
                 }),
-                Some("flows") => self.ask(Request::Flows).map(|f| flows_json(&f)),
+                Some("flows") => FlowFilter::parse(&v).and_then(|flt| {
+                    let now = self.now();
+                    self.ask(Request::Flows).map(|f| flows_json(&f, &flt, now))
+                }),
                 Some("conntrack") => Ok(self.conntrack_json()),
                 Some("nat") => Ok(self.nat_json()),
                 Some("security-groups") => Ok(self.groups_json()),
                 Some("security-group-set") => self.set_group(&v, stop),
-                Some(other) => Ok(json!({"error": format!("field `cmd`: unknown command {other:?} (known: stats, flows, conntrack, nat, security-groups, security-group-set)")})),
+                Some("apply") => self.apply(&v, stop),
+                Some("topology") => Ok(self.topology_json()),
+                Some("leases") => Ok(self.leases_json()),
+                Some(other) => Ok(json!({"error": format!("field `cmd`: unknown command {other:?} (known: stats, flows, conntrack, nat, security-groups, security-group-set, apply, topology, leases)")})),
                 None => Ok(json!({"error": "field `cmd` is missing or not a string"})),
             }
             .unwrap_or_else(|e| json!({"error": format!("{e:#}")})),
@@ -269,6 +277,93 @@ fn vm_name(topo: &Topology, port: PortId) -> String {
         .map_or_else(|| format!("port {}", port.0), |v| v.name.clone())
 }
 
+impl Server {
+    /// `{"cmd": "apply", "ops": [...]}`: a batch of changes (see `api`),
+    /// whole or not at all; the fast path drops exactly the flows it
+    /// affects.
+    fn apply(&mut self, v: &Value, stop: &AtomicBool) -> Result<Value> {
+        let t = Instant::now();
+        let ops = v.get("ops").context("field `ops` is missing")?;
+        let shared = std::sync::Arc::clone(self.links.coprocessor.shared());
+        let mut sh = lock(&shared);
+        let ops = crate::api::build_ops(ops, &self.links.ports, &sh.policy)?;
+        let mut out = coprocessor::Outcome::default();
+        let applied = sh
+            .apply(ops, &mut out)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let version = sh.version;
+        drop(sh);
+        let removed = out.remove.len();
+        let ins = crate::daemon::install_of(out, None);
+        if !crate::daemon::send_install(&self.links.installs, ins, &self.links.wake, stop) {
+            bail!("the switch is stopping");
+        }
+        info!(
+            ops = applied.ops,
+            connections_ended = applied.connections_ended,
+            version,
+            "applied"
+        );
+        Ok(
+            json!({"ok": true, "ops": applied.ops, "connections_ended": applied.connections_ended,
+                  "flows_removed": removed, "version": version,
+                  "applied_us": t.elapsed().as_secs_f64() * 1e6}),
+        )
+    }
+
+    /// Networks, VMs and remote endpoints as the switch knows them now.
+    fn topology_json(&self) -> Value {
+        let sh = lock(self.links.coprocessor.shared());
+        let t = &sh.topo;
+        let group = |g: &u16| sh.policy.group_name(*g).unwrap_or("?").to_string();
+        let mut nets: Vec<Value> = t
+            .networks()
+            .map(|n| {
+                json!({"vni": n.vni.get(), "subnets": n.subnets.iter().map(|s| json!({"cidr": s.cidr.to_string(), "gateway": s.gateway.to_string()})).collect::<Vec<_>>(),
+                       "dns": n.dns.iter().map(|d| d.to_string()).collect::<Vec<_>>(), "lease_s": n.lease_secs,
+                       "routes": n.routes.len(), "gateway_vtep": n.gateway_vtep.map(|g| g.to_string()), "snat": n.snat})
+            })
+            .collect();
+        nets.sort_by_key(|n| n["vni"].as_u64());
+        let mut vms: Vec<Value> = t
+            .vms()
+            .map(|v| {
+                json!({"name": v.name, "port": v.port.0, "mac": coprocessor::topology::mac_str(&v.mac),
+                       "ips": v.ips.iter().map(|i| i.to_string()).collect::<Vec<_>>(), "network": v.vni.get(),
+                       "security_groups": v.groups.iter().map(group).collect::<Vec<_>>(),
+                       "floating_ip": v.floating_ip.map(|f| f.to_string())})
+            })
+            .collect();
+        vms.sort_by_key(|v| v["port"].as_u64());
+        const MAX: usize = 10_000;
+        let remotes: Vec<Value> = t
+            .remotes()
+            .take(MAX)
+            .map(|r| {
+                json!({"network": r.vni.get(), "ip": r.ip.to_string(), "vtep": r.vtep.to_string(),
+                             "mac": coprocessor::topology::mac_str(&r.mac)})
+            })
+            .collect();
+        json!({"version": sh.version, "networks": nets, "vms": vms,
+               "remotes_total": t.remotes().count(), "remotes": remotes})
+    }
+
+    fn leases_json(&self) -> Value {
+        let now = self.now();
+        let sh = lock(self.links.coprocessor.shared());
+        let leases: Vec<Value> = sh
+            .leases
+            .iter()
+            .map(|l| {
+                let vm = sh.topo.vms().find(|v| v.mac == l.mac).map(|v| v.name.clone());
+                json!({"mac": coprocessor::topology::mac_str(&l.mac), "ip": l.ip.to_string(), "vm": vm,
+                       "expires_in_s": l.expires.saturating_sub(now) as f64 / 1e9})
+            })
+            .collect();
+        json!({"leases": leases})
+    }
+}
+
 fn rule_json(r: &Rule) -> Value {
     let proto = match r.proto {
         None => "any".to_string(),
@@ -350,32 +445,100 @@ fn stats_json(s: &Snapshot) -> Value {
     })
 }
 
-fn flows_json(f: &[FlowDump]) -> Value {
-    Value::Array(
-        f.iter()
-            .map(|d| {
-                let k = &d.key;
-                let ingress = match k.ingress() {
-                    Some(Ingress::Port(p)) => format!("port {}", p.0),
-                    Some(Ingress::Vni(v)) => format!("vni {}", v.get()),
-                    None => "?".into(),
+/// Which flows `ctl flows` shows: by ingress port or VNI, address,
+/// protocol; at most `limit` of them.
+#[derive(Debug, Default)]
+struct FlowFilter {
+    port: Option<u16>,
+    vni: Option<u32>,
+    ip: Option<Ipv4Addr>,
+    proto: Option<u8>,
+    limit: usize,
+}
+
+impl FlowFilter {
+    fn parse(v: &Value) -> Result<FlowFilter> {
+        let f = &v["filter"];
+        let num = |k: &str| -> Result<Option<u64>> {
+            match f.get(k) {
+                None | Some(Value::Null) => Ok(None),
+                Some(x) => x
+                    .as_u64()
+                    .map(Some)
+                    .with_context(|| format!("filter: field `{k}`: not a number")),
+            }
+        };
+        let ip = match f.get("ip").and_then(Value::as_str) {
+            None => None,
+            Some(s) => Some(
+                s.parse()
+                    .map_err(|_| anyhow::anyhow!("filter: field `ip`: {s:?} is not an address"))?,
+            ),
+        };
+        Ok(FlowFilter {
+            port: num("port")?.map(|p| u16::try_from(p).unwrap_or(u16::MAX)),
+            vni: num("vni")?.map(|p| u32::try_from(p).unwrap_or(u32::MAX)),
+            ip,
+            proto: num("proto")?.map(|p| u8::try_from(p).unwrap_or(u8::MAX)),
+            limit: num("limit")?.map_or(10_000, |l| usize::try_from(l).unwrap_or(usize::MAX)),
+        })
+    }
+
+    fn keeps(&self, d: &FlowDump) -> bool {
+        let k = &d.key;
+        let ingress = k.ingress();
+        self.port
+            .is_none_or(|p| ingress == Some(Ingress::Port(PortId(p))))
+            && self
+                .vni
+                .is_none_or(|v| matches!(ingress, Some(Ingress::Vni(x)) if x.get() == v))
+            && self
+                .ip
+                .is_none_or(|ip| k.src_ip == u32::from(ip) || k.dst_ip == u32::from(ip))
+            && self.proto.is_none_or(|p| k.proto == p)
+    }
+}
+
+fn flows_json(f: &[FlowDump], flt: &FlowFilter, now: u64) -> Value {
+    let shown: Vec<Value> = f
+        .iter()
+        .filter(|d| flt.keeps(d))
+        .take(flt.limit)
+        .map(|d| {
+            let k = &d.key;
+            let ingress = match k.ingress() {
+                Some(Ingress::Port(p)) => format!("port {}", p.0),
+                Some(Ingress::Vni(v)) => format!("vni {}", v.get()),
+                None => "?".into(),
+            };
+            let a = &d.action;
+            let output = match a.output {
+                Output::Port(p) => format!("port {}", p.0),
+                Output::Punt => "punt".into(),
+                Output::Drop => "drop".into(),
+            };
+            let nat = a.nat.map(|n| {
+                let side = match n.side {
+                    flowtable::NatSide::Src => "snat",
+                    flowtable::NatSide::Dst => "dnat",
                 };
-                let a = &d.action;
-                let output = match a.output {
-                    Output::Port(p) => format!("port {}", p.0),
-                    Output::Punt => "punt".into(),
-                    Output::Drop => "drop".into(),
-                };
-                json!({
-                    "ingress": ingress, "proto": k.proto,
-                    "src": format!("{}:{}", std::net::Ipv4Addr::from(k.src_ip), k.src_port),
-                    "dst": format!("{}:{}", std::net::Ipv4Addr::from(k.dst_ip), k.dst_port),
-                    "output": output, "encap": a.encap.is_some(), "decap": a.decap.is_some(),
-                    "packets": d.stats.packets, "bytes": d.stats.bytes, "current": d.current,
-                })
+                match n.port {
+                    Some(p) => format!("{side} {}:{p}", Ipv4Addr::from(n.ip)),
+                    None => format!("{side} {}", Ipv4Addr::from(n.ip)),
+                }
+            });
+            json!({
+                "ingress": ingress, "proto": k.proto,
+                "src": format!("{}:{}", Ipv4Addr::from(k.src_ip), k.src_port),
+                "dst": format!("{}:{}", Ipv4Addr::from(k.dst_ip), k.dst_port),
+                "output": output, "encap": a.encap.is_some(), "decap": a.decap.is_some(),
+                "nat": nat, "tracked": a.conntrack, "routed": a.dec_ttl,
+                "packets": d.stats.packets, "bytes": d.stats.bytes, "current": d.current,
+                "idle_s": now.saturating_sub(d.stats.last_used) as f64 / 1e9,
             })
-            .collect(),
-    )
+        })
+        .collect();
+    json!({"total": f.len(), "shown": shown.len(), "flows": shown})
 }
 
 /// Send one request to the socket at `path` and return the answer.
@@ -396,21 +559,55 @@ pub fn request(path: &Path, req: &Value) -> Result<Value> {
 }
 
 /// `vswitch ctl`: send `req`, print the answer as a table, or as JSON.
-pub fn ctl(path: &Path, req: &Value, as_json: bool) -> Result<()> {
+pub fn ctl(path: &Path, req: &Value, as_json: bool, ports_only: bool) -> Result<()> {
     let v = request(path, req)?;
     if as_json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
     match req["cmd"].as_str().unwrap_or("") {
+        "stats" if ports_only => print_ports(&v),
         "stats" => print_stats(&v),
         "flows" => print_flows(&v),
+        "topology" => print_topology(&v),
+        "leases" => print_leases(&v),
+        "ports" => print_ports(&v),
+        "apply" => println!(
+            "applied {} operations (version {}): {} connections ended, {} flows removed, {:.0} µs",
+            n(&v, "ops"),
+            n(&v, "version"),
+            n(&v, "connections_ended"),
+            n(&v, "flows_removed"),
+            v["applied_us"].as_f64().unwrap_or(0.0)
+        ),
         "conntrack" => print_conntrack(&v),
         "nat" => print_nat(&v),
         "security-groups" => print_groups(&v),
         _ => println!("ok: {} flows removed", n(&v, "flows_removed")),
     }
     Ok(())
+}
+
+/// The `apply` request from `file` (or standard input): an array of
+/// operations, or an object with `ops`.
+pub fn apply_request(file: Option<&Path>) -> Result<Value> {
+    let text = match file {
+        Some(f) if f != Path::new("-") => {
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
+        }
+        _ => {
+            let mut t = String::new();
+            std::io::stdin().read_to_string(&mut t)?;
+            t
+        }
+    };
+    let v: Value = serde_json::from_str(&text).context("the changes are not JSON")?;
+    let ops = match v {
+        Value::Array(_) => v,
+        Value::Object(mut o) => o.remove("ops").context("no `ops` in the changes")?,
+        _ => bail!("the changes must be an array of operations or an object with `ops`"),
+    };
+    Ok(json!({"cmd": "apply", "ops": ops}))
 }
 
 /// A rule from "direction=ingress,protocol=tcp,ports=80,cidr=10.0.0.0/8"
@@ -518,7 +715,7 @@ fn n(v: &Value, k: &str) -> u64 {
     v.get(k).and_then(Value::as_u64).unwrap_or(0)
 }
 
-fn print_stats(v: &Value) {
+fn print_port_table(v: &Value) {
     println!(
         "{:<4} {:<16} {:>10} {:>12} {:>10} {:>12} {:>8} {:>8} {:>8}",
         "id", "port", "rx_pkts", "rx_bytes", "tx_pkts", "tx_bytes", "rx_err", "tx_err", "tx_drop"
@@ -537,6 +734,10 @@ fn print_stats(v: &Value) {
             n(p, "tx_dropped")
         );
     }
+}
+
+fn print_stats(v: &Value) {
+    print_port_table(v);
     let pl = &v["pipeline"];
     println!(
         "\npipeline: rx {} hits {} misses {} tx {}",
@@ -595,25 +796,100 @@ fn counters(obj: &Value, prefix: &str) -> Vec<String> {
 
 fn print_flows(v: &Value) {
     println!(
-        "{:<10} {:>5} {:<22} {:<22} {:<10} {:<12} {:>10} {:>12}",
-        "ingress", "proto", "src", "dst", "output", "tunnel", "packets", "bytes"
+        "{:<10} {:>5} {:<22} {:<22} {:<10} {:<6} {:<26} {:>10} {:>12} {:>8}",
+        "ingress", "proto", "src", "dst", "output", "tunnel", "nat", "packets", "bytes", "idle_s"
     );
-    for f in v.as_array().into_iter().flatten() {
+    for f in v["flows"].as_array().into_iter().flatten() {
         let tunnel = match (f["encap"].as_bool(), f["decap"].as_bool()) {
             (Some(true), _) => "encap",
             (_, Some(true)) => "decap",
             _ => "-",
         };
         println!(
-            "{:<10} {:>5} {:<22} {:<22} {:<10} {:<12} {:>10} {:>12}",
-            f["ingress"].as_str().unwrap_or("?"),
+            "{:<10} {:>5} {:<22} {:<22} {:<10} {:<6} {:<26} {:>10} {:>12} {:>8.1}",
+            s(f, "ingress"),
             n(f, "proto"),
-            f["src"].as_str().unwrap_or("?"),
-            f["dst"].as_str().unwrap_or("?"),
-            f["output"].as_str().unwrap_or("?"),
+            s(f, "src"),
+            s(f, "dst"),
+            s(f, "output"),
             tunnel,
+            s(f, "nat"),
             n(f, "packets"),
-            n(f, "bytes")
+            n(f, "bytes"),
+            f["idle_s"].as_f64().unwrap_or(0.0)
         );
+    }
+    println!("{} flows ({} shown)", n(v, "total"), n(v, "shown"));
+}
+
+fn print_topology(v: &Value) {
+    println!("networks:");
+    for net in v["networks"].as_array().into_iter().flatten() {
+        let subnets: Vec<String> = net["subnets"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|x| format!("{} gw {}", s(x, "cidr"), s(x, "gateway")))
+            .collect();
+        println!(
+            "  vni {:<8} {}  routes {}  snat {}",
+            n(net, "vni"),
+            subnets.join(", "),
+            n(net, "routes"),
+            net["snat"]
+        );
+    }
+    println!(
+        "{:<16} {:>5} {:<18} {:<18} {:>8} {:<16} security_groups",
+        "vm", "port", "mac", "ips", "network", "floating_ip"
+    );
+    for vm in v["vms"].as_array().into_iter().flatten() {
+        let list = |k: &str| -> String {
+            vm[k]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        println!(
+            "{:<16} {:>5} {:<18} {:<18} {:>8} {:<16} {}",
+            s(vm, "name"),
+            n(vm, "port"),
+            s(vm, "mac"),
+            list("ips"),
+            n(vm, "network"),
+            s(vm, "floating_ip"),
+            list("security_groups")
+        );
+    }
+    println!("remote endpoints: {}", n(v, "remotes_total"));
+}
+
+fn print_leases(v: &Value) {
+    println!(
+        "{:<18} {:<16} {:<16} {:>12}",
+        "mac", "ip", "vm", "expires_in_s"
+    );
+    for l in v["leases"].as_array().into_iter().flatten() {
+        println!(
+            "{:<18} {:<16} {:<16} {:>12.0}",
+            s(l, "mac"),
+            s(l, "ip"),
+            s(l, "vm"),
+            l["expires_in_s"].as_f64().unwrap_or(0.0)
+        );
+    }
+}
+
+fn print_ports(v: &Value) {
+    print_port_table(v);
+    for p in v["ports"].as_array().into_iter().flatten() {
+        let mut d = counters(&p["drops"], "");
+        d.extend(counters(&p["af_xdp"], "kernel "));
+        if !d.is_empty() {
+            println!("  drops on {}: {}", s(p, "name"), d.join(", "));
+        }
     }
 }

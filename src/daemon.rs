@@ -198,6 +198,7 @@ pub fn run(cfg: Config) -> Result<()> {
     };
 
     let ctl_cp = Coprocessor::with_shared(shared);
+    let port_names = cfg.port_ids()?;
     let mut server = control::Server::bind(
         &s.control_socket,
         control::Links {
@@ -206,6 +207,7 @@ pub fn run(cfg: Config) -> Result<()> {
             installs: installs_for_control,
             coprocessor: ctl_cp,
             epoch,
+            ports: port_names,
         },
     )?;
     info!(socket = %s.control_socket.display(), "vswitch running");

@@ -1,6 +1,7 @@
 //! The `vswitch` binary: the daemon (`vswitch run`) and its control client
 //! (`vswitch ctl`).
 
+mod api;
 mod config;
 mod control;
 mod daemon;
@@ -51,8 +52,33 @@ enum Cmd {
 enum CtlCmd {
     /// Per-port counters, pipeline counters, punts and drops by reason.
     Stats,
-    /// Installed flows with their hit counts.
-    Flows,
+    /// Installed flows with their hit counts and idle time.
+    Flows {
+        /// Only flows entering on this port id.
+        #[arg(long)]
+        port: Option<u16>,
+        /// Only flows entering from the overlay with this VNI.
+        #[arg(long)]
+        vni: Option<u32>,
+        /// Only flows from or to this address.
+        #[arg(long)]
+        ip: Option<std::net::Ipv4Addr>,
+        /// Only this IP protocol (6 tcp, 17 udp, 1 icmp).
+        #[arg(long)]
+        proto: Option<u8>,
+        /// At most this many.
+        #[arg(long, default_value_t = 10_000)]
+        limit: usize,
+    },
+    /// Per-port counters and drops by reason.
+    Ports,
+    /// Networks, VMs and remote endpoints as the switch knows them now.
+    Topology,
+    /// DHCP leases.
+    Leases,
+    /// Apply a batch of changes (JSON: an array of operations, or an
+    /// object with `ops`) from FILE, or standard input; all or nothing.
+    Apply { file: Option<PathBuf> },
     /// Tracked connections: state, NAT, the rule that admitted them.
     Conntrack,
     /// Per VM: connections and NAT ports held, refusals; heaviest first.
@@ -96,10 +122,22 @@ fn main() -> ExitCode {
             config::Config::load(&config).and_then(|c| c.topology().map(|_| println!("config ok")))
         }
         Some(Cmd::Ctl { socket, json, what }) => {
+            let ports_only = matches!(what, CtlCmd::Ports);
             let cmd = |c: &str| serde_json::json!({ "cmd": c });
             let req = match what {
                 CtlCmd::Stats => Ok(cmd("stats")),
-                CtlCmd::Flows => Ok(cmd("flows")),
+                CtlCmd::Flows {
+                    port,
+                    vni,
+                    ip,
+                    proto,
+                    limit,
+                } => Ok(serde_json::json!({"cmd": "flows", "filter": {
+                    "port": port, "vni": vni, "ip": ip.map(|i| i.to_string()), "proto": proto, "limit": limit}})),
+                CtlCmd::Ports => Ok(cmd("stats")),
+                CtlCmd::Topology => Ok(cmd("topology")),
+                CtlCmd::Leases => Ok(cmd("leases")),
+                CtlCmd::Apply { file } => control::apply_request(file.as_deref()),
                 CtlCmd::Conntrack => Ok(cmd("conntrack")),
                 CtlCmd::Nat => Ok(cmd("nat")),
                 CtlCmd::SecurityGroups => Ok(cmd("security-groups")),
@@ -111,7 +149,7 @@ fn main() -> ExitCode {
                         serde_json::json!({"cmd": "security-group-set", "name": name, "rules": rules})
                     }),
             };
-            req.and_then(|r| control::ctl(&socket, &r, json))
+            req.and_then(|r| control::ctl(&socket, &r, json, ports_only))
         }
     };
     match r {

@@ -108,7 +108,7 @@ fn two_vms_ping_and_carry_tcp() {
     eprintln!("iperf3 TCP a → b: {:.2} Gbit/s", bps / 1e9);
     let flows = lab.ctl(&sock, "flows").expect("flows");
     assert!(
-        flows
+        flows["flows"]
             .as_array()
             .is_some_and(|f| f.iter().any(|f| f["proto"] == 6)),
         "no TCP flow in {flows}"

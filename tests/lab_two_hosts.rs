@@ -164,7 +164,7 @@ fn two_hypervisors_carry_ping_and_tcp_over_vxlan() {
     ]);
     assert!(ok, "a 1450-byte packet must fit:\n{out}");
     let flows = lab.ctl(&s1, "flows").expect("flows");
-    let flows = flows.as_array().expect("flow list");
+    let flows = flows["flows"].as_array().expect("flow list");
     assert!(
         flows.iter().any(|f| f["encap"] == true),
         "no encap flow on sw1"

@@ -286,6 +286,11 @@ impl Policy {
         Ok(g)
     }
 
+    /// The id the next added group gets.
+    pub fn next_id(&self) -> u16 {
+        u16::try_from(self.groups.len()).unwrap_or(u16::MAX)
+    }
+
     /// The id of group `name`.
     pub fn id(&self, name: &str) -> Option<u16> {
         self.by_name.get(name).copied()
