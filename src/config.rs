@@ -419,6 +419,8 @@ pub struct SwitchConfig {
     pub punt_rate: u64,
     pub punt_burst: u64,
     pub log: String,
+    /// Prometheus metrics at http://ADDR/metrics (a loopback address).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl Default for SwitchConfig {
@@ -432,6 +434,7 @@ impl Default for SwitchConfig {
             punt_rate: 10_000,
             punt_burst: 256,
             log: "info".into(),
+            metrics: None,
         }
     }
 }
@@ -599,6 +602,11 @@ impl Config {
         }
         if s.idle_timeout_s == 0 {
             bail!("switch: field `idle_timeout_s`: must be at least 1");
+        }
+        if let Some(m) = s.metrics {
+            if !m.ip().is_loopback() {
+                bail!("switch: field `metrics`: {m} is not a loopback address (metrics are served on localhost only)");
+            }
         }
         if let Some(u) = &self.uplink {
             if u.mtu < 1280 || u.mtu > 9216 {

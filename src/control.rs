@@ -25,10 +25,12 @@ use serde_json::{json, Value};
 use tracing::{info, warn};
 
 /// Largest request accepted.
-const MAX_REQUEST: u64 = 64 * 1024;
+/// Largest request accepted (a bulk change of 100 000 endpoints is ~15 MiB).
+const MAX_REQUEST: u64 = 64 << 20;
 
 pub struct Server {
     listener: UnixListener,
+    metrics: Option<std::net::TcpListener>,
     links: Links,
 }
 
@@ -45,11 +47,27 @@ pub struct Links {
     pub epoch: Instant,
     /// Port names → ids (VMs name their port).
     pub ports: std::collections::HashMap<String, PortId>,
+    /// Messages waiting in the punt queue (coprocessor backlog).
+    pub punt_depth: Option<Box<dyn Fn() -> usize + Send>>,
 }
 
 impl Server {
     /// Listen on `path` with mode 0600 (a stale socket file is replaced).
-    pub fn bind(path: &Path, links: Links) -> Result<Server> {
+    pub fn bind(
+        path: &Path,
+        metrics: Option<std::net::SocketAddr>,
+        links: Links,
+    ) -> Result<Server> {
+        let metrics = match metrics {
+            None => None,
+            Some(a) => {
+                let l = std::net::TcpListener::bind(a)
+                    .with_context(|| format!("switch: field `metrics`: binding {a}"))?;
+                l.set_nonblocking(true)?;
+                info!(address = %a, "metrics at /metrics");
+                Some(l)
+            }
+        };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
@@ -67,12 +85,21 @@ impl Server {
             UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
-        Ok(Server { listener, links })
+        Ok(Server {
+            listener,
+            metrics,
+            links,
+        })
     }
 
     /// Answer requests until `stop` is set.
     pub fn serve(&mut self, stop: &AtomicBool) {
         while !stop.load(Ordering::Relaxed) {
+            if let Some(Ok((s, _))) = self.metrics.as_ref().map(|l| l.accept()) {
+                if let Err(e) = self.serve_metrics(s) {
+                    warn!("metrics request failed: {e:#}");
+                }
+            }
             match self.listener.accept() {
                 Ok((s, _)) => {
                     if let Err(e) = self.handle(s, stop) {
@@ -92,10 +119,24 @@ impl Server {
 
     fn handle(&mut self, s: UnixStream, stop: &AtomicBool) -> Result<()> {
         s.set_nonblocking(false)?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
         let mut line = String::new();
-        BufReader::new((&s).take(MAX_REQUEST)).read_line(&mut line)?;
-        let reply = match serde_json::from_str::<Value>(&line) {
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        let n = BufReader::new((&s).take(MAX_REQUEST)).read_line(&mut line);
+        let reply = match n {
+            Err(e) => json!({"error": format!("reading the request: {e}")}),
+            Ok(n) if n as u64 >= MAX_REQUEST && !line.ends_with('\n') => {
+                json!({"error": format!("request larger than {} MiB", MAX_REQUEST >> 20)})
+            }
+            Ok(_) => self.answer(&line, stop),
+        };
+        let mut w = &s;
+        w.write_all(serde_json::to_string(&reply)?.as_bytes())?;
+        w.write_all(b"\n")?;
+        Ok(())
+    }
+
+    fn answer(&mut self, line: &str, stop: &AtomicBool) -> Value {
+        match serde_json::from_str::<Value>(line) {
             Err(e) => json!({"error": format!("request is not JSON: {e}")}),
             Ok(v) => match v.get("cmd").and_then(Value::as_str) {
                 Some("stats") => self.ask(Request::Stats).map(|s| {
@@ -112,17 +153,14 @@ impl Server {
                 Some("security-groups") => Ok(self.groups_json()),
                 Some("security-group-set") => self.set_group(&v, stop),
                 Some("apply") => self.apply(&v, stop),
+                Some("trace") => self.trace(&v),
                 Some("topology") => Ok(self.topology_json()),
                 Some("leases") => Ok(self.leases_json()),
-                Some(other) => Ok(json!({"error": format!("field `cmd`: unknown command {other:?} (known: stats, flows, conntrack, nat, security-groups, security-group-set, apply, topology, leases)")})),
+                Some(other) => Ok(json!({"error": format!("field `cmd`: unknown command {other:?} (known: stats, flows, conntrack, nat, security-groups, security-group-set, apply, topology, leases, trace)")})),
                 None => Ok(json!({"error": "field `cmd` is missing or not a string"})),
             }
             .unwrap_or_else(|e| json!({"error": format!("{e:#}")})),
-        };
-        let mut w = &s;
-        w.write_all(serde_json::to_string(&reply)?.as_bytes())?;
-        w.write_all(b"\n")?;
-        Ok(())
+        }
     }
 
     fn ask<T>(&self, make: impl FnOnce(Sender<T>) -> Request) -> Result<T> {
@@ -138,6 +176,40 @@ impl Server {
 }
 
 impl Server {
+    /// One HTTP request on the metrics port: `GET /metrics`.
+    fn serve_metrics(&self, s: std::net::TcpStream) -> Result<()> {
+        s.set_nonblocking(false)?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut line = String::new();
+        BufReader::new((&s).take(8192)).read_line(&mut line)?;
+        let (status, body) = if line.starts_with("GET /metrics ") {
+            ("200 OK", self.metrics_text()?)
+        } else {
+            ("404 Not Found", "try /metrics\n".to_string())
+        };
+        let mut w = &s;
+        write!(
+            w,
+            "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )?;
+        Ok(())
+    }
+
+    /// Everything in Prometheus text exposition.
+    fn metrics_text(&self) -> Result<String> {
+        let snap = self.ask(Request::Stats)?;
+        let mut m = crate::metrics::Metrics::default();
+        crate::metrics::fast_path(&mut m, &snap);
+        let sh = lock(self.links.coprocessor.shared());
+        crate::metrics::coprocessor(
+            &mut m,
+            &sh,
+            self.links.punt_depth.as_ref().map_or(0, |f| f()),
+        );
+        Ok(m.finish())
+    }
+
     fn now(&self) -> u64 {
         u64::try_from(self.links.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
@@ -308,6 +380,23 @@ impl Server {
             json!({"ok": true, "ops": applied.ops, "connections_ended": applied.connections_ended,
                   "flows_removed": removed, "version": version,
                   "applied_us": t.elapsed().as_secs_f64() * 1e6}),
+        )
+    }
+
+    /// `{"cmd": "trace", "packet": {...}}`: every decision the switch
+    /// would take for the packet (see `trace`).
+    fn trace(&self, v: &Value) -> Result<Value> {
+        let p: crate::trace::TracePacket = serde_json::from_value(
+            v.get("packet")
+                .cloned()
+                .context("field `packet` is missing")?,
+        )
+        .map_err(|e| anyhow::anyhow!("packet: {e}"))?;
+        crate::trace::trace(
+            &p,
+            self.links.coprocessor.shared(),
+            &self.links.ports,
+            |key| self.ask(|tx| Request::Lookup(key, tx)),
         )
     }
 
@@ -570,6 +659,12 @@ pub fn ctl(path: &Path, req: &Value, as_json: bool, ports_only: bool) -> Result<
         "stats" => print_stats(&v),
         "flows" => print_flows(&v),
         "topology" => print_topology(&v),
+        "trace" => {
+            for st in v["steps"].as_array().into_iter().flatten() {
+                println!("{:<16} {}", s(st, "stage"), s(st, "what"));
+            }
+            println!("=> {}", s(&v, "verdict"));
+        }
         "leases" => print_leases(&v),
         "ports" => print_ports(&v),
         "apply" => println!(

@@ -158,6 +158,7 @@ pub fn run(cfg: Config) -> Result<()> {
         coproc_threads.push(h);
     }
 
+    let depth_rx = punt_rx.clone();
     let links = Links {
         punter,
         recycler: punt_rx,
@@ -199,9 +200,12 @@ pub fn run(cfg: Config) -> Result<()> {
 
     let ctl_cp = Coprocessor::with_shared(shared);
     let port_names = cfg.port_ids()?;
+    let depth_rx = depth_rx;
     let mut server = control::Server::bind(
         &s.control_socket,
+        s.metrics,
         control::Links {
+            punt_depth: Some(Box::new(move || depth_rx.depth())),
             requests: req_tx,
             wake: wake.clone(),
             installs: installs_for_control,

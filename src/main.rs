@@ -5,7 +5,9 @@ mod api;
 mod config;
 mod control;
 mod daemon;
+mod metrics;
 mod neighbor;
+mod trace;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -76,6 +78,34 @@ enum CtlCmd {
     Topology,
     /// DHCP leases.
     Leases,
+    /// Every decision the switch would take for a packet, without
+    /// sending it: e.g. `trace --port tap-a --src 10.0.0.10 --dst
+    /// 10.0.0.11 --proto tcp --dport 80`.
+    Trace {
+        /// Ingress: a VM port by name.
+        #[arg(long)]
+        port: Option<String>,
+        /// Ingress: the overlay, with this VNI.
+        #[arg(long)]
+        vni: Option<u32>,
+        /// Sending VTEP (overlay ingress; default: the source's).
+        #[arg(long)]
+        vtep: Option<std::net::Ipv4Addr>,
+        #[arg(long)]
+        src: std::net::Ipv4Addr,
+        #[arg(long)]
+        dst: std::net::Ipv4Addr,
+        /// tcp, udp or icmp (echo request).
+        #[arg(long, default_value = "udp")]
+        proto: String,
+        #[arg(long, default_value_t = 40000)]
+        sport: u16,
+        #[arg(long, default_value_t = 80)]
+        dport: u16,
+        /// TCP flags: syn, synack, ack, fin, rst.
+        #[arg(long)]
+        flags: Option<String>,
+    },
     /// Apply a batch of changes (JSON: an array of operations, or an
     /// object with `ops`) from FILE, or standard input; all or nothing.
     Apply { file: Option<PathBuf> },
@@ -138,6 +168,20 @@ fn main() -> ExitCode {
                 CtlCmd::Topology => Ok(cmd("topology")),
                 CtlCmd::Leases => Ok(cmd("leases")),
                 CtlCmd::Apply { file } => control::apply_request(file.as_deref()),
+                CtlCmd::Trace {
+                    port,
+                    vni,
+                    vtep,
+                    src,
+                    dst,
+                    proto,
+                    sport,
+                    dport,
+                    flags,
+                } => Ok(serde_json::json!({"cmd": "trace", "packet": {
+                    "port": port, "vni": vni, "vtep": vtep.map(|v| v.to_string()),
+                    "src": src.to_string(), "dst": dst.to_string(), "proto": proto,
+                    "sport": sport, "dport": dport, "flags": flags}})),
                 CtlCmd::Conntrack => Ok(cmd("conntrack")),
                 CtlCmd::Nat => Ok(cmd("nat")),
                 CtlCmd::SecurityGroups => Ok(cmd("security-groups")),

@@ -52,6 +52,14 @@ pub struct Stats {
 }
 
 impl Stats {
+    /// Zero counters, one per drop cause.
+    pub fn new() -> Stats {
+        Stats {
+            drops: vec![0; DropCause::ALL.len()],
+            ..Stats::default()
+        }
+    }
+
     pub fn drops_by_cause(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
         DropCause::ALL
             .iter()
@@ -90,10 +98,7 @@ impl Coprocessor {
     pub fn with_shared(shared: Arc<Mutex<Shared>>) -> Coprocessor {
         Coprocessor {
             shared,
-            stats: Stats {
-                drops: vec![0; DropCause::ALL.len()],
-                ..Stats::default()
-            },
+            stats: Stats::new(),
         }
     }
 
@@ -142,6 +147,12 @@ impl Coprocessor {
         };
         drop(topo);
         out.version = sh.version;
+        let all = &mut sh.counters;
+        all.handled += 1;
+        all.flows_compiled += out.flows.len() as u64;
+        if let Some(c) = r.as_ref().err().and_then(|c| all.drops.get_mut(c.index())) {
+            *c += 1;
+        }
         self.stats.handled += 1;
         self.stats.flows_compiled += out.flows.len() as u64;
         if let Err(cause) = r {

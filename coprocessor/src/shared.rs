@@ -42,6 +42,8 @@ pub struct Shared {
     /// Bumped by every change of topology or policy; decisions carry the
     /// version they were made under.
     pub version: u64,
+    /// Decisions and drops of all coprocessor threads.
+    pub counters: crate::Stats,
 }
 
 impl Shared {
@@ -62,6 +64,7 @@ impl Shared {
             ext_asked: HashMap::new(),
             vm_drops: HashMap::new(),
             version: 0,
+            counters: crate::Stats::new(),
         }
     }
 

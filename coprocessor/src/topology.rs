@@ -242,6 +242,12 @@ pub enum TopologyError {
     NotFound { object: String },
     #[error("vm {name}: field `floating_ip`: {problem}")]
     BadFloatingIp { name: String, problem: String },
+    #[error("vm {name}: field `mac`: {mac} is already the MAC of vm {other}")]
+    DuplicateMac {
+        name: String,
+        mac: String,
+        other: String,
+    },
     #[error("network {vni}: still in use by {user}")]
     NetworkInUse { vni: u32, user: String },
     #[error("network {vni}: field `subnets`: {ip} ({user}) would be outside every subnet")]
@@ -383,6 +389,13 @@ impl Topology {
         }
         if vm.ips.is_empty() {
             return Err(TopologyError::NoIps { name: vm.name });
+        }
+        if let Some(other) = self.vms.values().find(|o| o.mac == vm.mac) {
+            return Err(TopologyError::DuplicateMac {
+                name: vm.name,
+                mac: mac_str(&vm.mac),
+                other: other.name.clone(),
+            });
         }
         for ip in &vm.ips {
             if !net.subnets.iter().any(|s| s.cidr.contains(*ip)) {

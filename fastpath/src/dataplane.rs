@@ -214,6 +214,8 @@ pub struct Snapshot {
 pub enum Request {
     Stats(Sender<Snapshot>),
     Flows(Sender<Vec<FlowDump>>),
+    /// The action of the flow for a key, if any (not counted as a hit).
+    Lookup(FlowKey, Sender<Option<Action>>),
     /// The next hop with this MAC changed or went away: remove the flows
     /// that encapsulate towards it (they are recompiled on their next packet).
     InvalidateNextHop(flowtable::Mac),
@@ -621,6 +623,9 @@ impl Dataplane {
                     first_packet: self.first_packet,
                     uptime_ns: now,
                 });
+            }
+            Request::Lookup(key, tx) => {
+                let _ = tx.send(self.pipeline.table().get(&key).map(|e| *e.action));
             }
             Request::InvalidateNextHop(mac) => {
                 self.pipeline

@@ -1,0 +1,323 @@
+//! Prometheus text exposition of the switch's counters: per port, drops
+//! by reason and port (and policy drops by VM and the default-deny rule),
+//! punts, the flow table, the coprocessors (decisions, drops by cause,
+//! backlog, first-packet latency), connection tracking and NAT.
+
+use std::fmt::Write;
+
+use coprocessor::Shared;
+use fastpath::dataplane::Snapshot;
+use fastpath::{DropReason, PuntReason};
+
+/// A metrics page being written: each family's HELP and TYPE once.
+#[derive(Default)]
+pub struct Metrics {
+    out: String,
+    seen: std::collections::HashSet<&'static str>,
+}
+
+/// A label value with `\`, `"` and newlines escaped.
+fn esc(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Metrics {
+    fn family(&mut self, name: &'static str, kind: &str, help: &str) {
+        if self.seen.insert(name) {
+            let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        }
+    }
+
+    /// One sample; `labels` as (name, value).
+    pub fn sample(
+        &mut self,
+        name: &'static str,
+        kind: &str,
+        help: &str,
+        labels: &[(&str, &str)],
+        v: f64,
+    ) {
+        self.family(name, kind, help);
+        let l: Vec<String> = labels
+            .iter()
+            .map(|(k, v)| format!("{k}=\"{}\"", esc(v)))
+            .collect();
+        if l.is_empty() {
+            let _ = writeln!(self.out, "{name} {v}");
+        } else {
+            let _ = writeln!(self.out, "{name}{{{}}} {v}", l.join(","));
+        }
+    }
+
+    pub fn finish(self) -> String {
+        self.out
+    }
+}
+
+#[allow(clippy::cast_precision_loss)]
+fn f(v: u64) -> f64 {
+    v as f64
+}
+
+/// The fast path's counters.
+pub fn fast_path(m: &mut Metrics, s: &Snapshot) {
+    for (id, name, c) in &s.ports {
+        let l = [("port", name.as_str())];
+        for (metric, help, v) in [
+            (
+                "vswitch_port_rx_packets_total",
+                "Frames received on the port.",
+                c.rx_packets,
+            ),
+            (
+                "vswitch_port_rx_bytes_total",
+                "Bytes received on the port.",
+                c.rx_bytes,
+            ),
+            (
+                "vswitch_port_tx_packets_total",
+                "Frames sent on the port.",
+                c.tx_packets,
+            ),
+            (
+                "vswitch_port_tx_bytes_total",
+                "Bytes sent on the port.",
+                c.tx_bytes,
+            ),
+            (
+                "vswitch_port_rx_errors_total",
+                "Receive errors.",
+                c.rx_errors,
+            ),
+            (
+                "vswitch_port_tx_errors_total",
+                "Transmit errors.",
+                c.tx_errors,
+            ),
+            (
+                "vswitch_port_tx_dropped_total",
+                "Frames the port could not take.",
+                c.tx_dropped,
+            ),
+            (
+                "vswitch_port_rx_no_buffer_total",
+                "Receives skipped for want of a frame buffer.",
+                c.rx_no_buffer,
+            ),
+        ] {
+            m.sample(metric, "counter", help, &l, f(v));
+        }
+        if let Some(d) = s.pipeline.port_drops.get(usize::from(id.0)) {
+            for r in DropReason::ALL {
+                let v = d.0[r.index()];
+                if v > 0 {
+                    m.sample(
+                        "vswitch_drops_total",
+                        "counter",
+                        "Frames the fast path dropped, by ingress port and reason.",
+                        &[("port", name), ("reason", r.name())],
+                        f(v),
+                    );
+                }
+            }
+        }
+    }
+    for r in PuntReason::ALL {
+        m.sample(
+            "vswitch_punts_total",
+            "counter",
+            "Frames sent to the coprocessor, by reason.",
+            &[("reason", r.name())],
+            f(s.punted[r.index()]),
+        );
+    }
+    let p = &s.pipeline;
+    m.sample(
+        "vswitch_pipeline_hits_total",
+        "counter",
+        "Flow table hits.",
+        &[],
+        f(p.hits),
+    );
+    m.sample(
+        "vswitch_pipeline_misses_total",
+        "counter",
+        "Flow table misses.",
+        &[],
+        f(p.misses),
+    );
+    m.sample(
+        "vswitch_flows",
+        "gauge",
+        "Flows in the table.",
+        &[],
+        f(s.table_len as u64),
+    );
+    m.sample(
+        "vswitch_flow_capacity",
+        "gauge",
+        "Flow table capacity.",
+        &[],
+        f(s.table_capacity as u64),
+    );
+    m.sample(
+        "vswitch_flows_expired_total",
+        "counter",
+        "Flows removed idle.",
+        &[],
+        f(s.table.expired),
+    );
+    m.sample(
+        "vswitch_flows_invalidated_total",
+        "counter",
+        "Flows removed by changes of topology or policy.",
+        &[],
+        f(s.invalidated),
+    );
+    m.sample(
+        "vswitch_flow_install_failures_total",
+        "counter",
+        "Flows the table refused (full).",
+        &[],
+        f(s.install_failures),
+    );
+    m.sample(
+        "vswitch_frame_pool_free",
+        "gauge",
+        "Free frame buffers.",
+        &[],
+        f(s.pool_free as u64),
+    );
+    let fp = &s.first_packet;
+    m.sample(
+        "vswitch_first_packet_seconds_sum",
+        "counter",
+        "Punt-to-transmit time of first packets through the coprocessor.",
+        &[],
+        fp.sum_ns as f64 / 1e9,
+    );
+    m.sample(
+        "vswitch_first_packet_seconds_count",
+        "counter",
+        "First packets through the coprocessor.",
+        &[],
+        f(fp.count),
+    );
+    m.sample(
+        "vswitch_uptime_seconds",
+        "gauge",
+        "Time since the fast path started.",
+        &[],
+        s.uptime_ns as f64 / 1e9,
+    );
+}
+
+/// The coprocessors' shared state.
+pub fn coprocessor(m: &mut Metrics, sh: &Shared, backlog: usize) {
+    m.sample(
+        "vswitch_coprocessor_backlog",
+        "gauge",
+        "Punted frames waiting for a coprocessor.",
+        &[],
+        f(backlog as u64),
+    );
+    m.sample(
+        "vswitch_coprocessor_decisions_total",
+        "counter",
+        "Punted frames decided.",
+        &[],
+        f(sh.counters.handled),
+    );
+    for (cause, v) in sh.counters.drops_by_cause() {
+        if v > 0 {
+            m.sample(
+                "vswitch_coprocessor_drops_total",
+                "counter",
+                "Frames the coprocessor dropped or left unanswered, by cause.",
+                &[("cause", cause)],
+                f(v),
+            );
+        }
+    }
+    for (port, d) in &sh.vm_drops {
+        let vm = sh
+            .topo
+            .vm_on(*port)
+            .map_or_else(|| format!("port {}", port.0), |v| v.name.clone());
+        m.sample(
+            "vswitch_policy_drops_total",
+            "counter",
+            "New connections security groups refused, by VM and rule (allow-lists: the default deny).",
+            &[("vm", &vm), ("rule", "default-deny")],
+            f(d.acl_denied),
+        );
+        m.sample(
+            "vswitch_conntrack_refused_total",
+            "counter",
+            "New connections refused for the VM's quota or a full table.",
+            &[("vm", &vm)],
+            f(d.ct_refused),
+        );
+        m.sample(
+            "vswitch_nat_refused_total",
+            "counter",
+            "SNAT ports refused (quota or exhaustion).",
+            &[("vm", &vm)],
+            f(d.nat_refused),
+        );
+    }
+    let c = sh.ct.counters;
+    m.sample(
+        "vswitch_conntrack_connections",
+        "gauge",
+        "Tracked connections.",
+        &[],
+        f(sh.ct.len() as u64),
+    );
+    m.sample(
+        "vswitch_conntrack_created_total",
+        "counter",
+        "Connections created.",
+        &[],
+        f(c.created),
+    );
+    m.sample(
+        "vswitch_conntrack_expired_total",
+        "counter",
+        "Connections ended by their timers.",
+        &[],
+        f(c.expired),
+    );
+    m.sample(
+        "vswitch_conntrack_revoked_total",
+        "counter",
+        "Connections cut by changes of topology or policy.",
+        &[],
+        f(c.revoked),
+    );
+    m.sample(
+        "vswitch_conntrack_related_total",
+        "counter",
+        "ICMP errors let through as related.",
+        &[],
+        f(c.related),
+    );
+    if let Some(n) = &sh.nat {
+        m.sample(
+            "vswitch_nat_ports_in_use",
+            "gauge",
+            "SNAT ports held.",
+            &[],
+            f(n.in_use()),
+        );
+    }
+    m.sample(
+        "vswitch_state_version",
+        "gauge",
+        "Changes of topology or policy applied.",
+        &[],
+        f(sh.version),
+    );
+}
