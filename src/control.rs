@@ -30,6 +30,8 @@ const MAX_REQUEST: u64 = 64 << 20;
 
 pub struct Server {
     listener: UnixListener,
+    /// The last top-talkers sample, for rates: (vni, dst, vtep) → bytes.
+    talkers: (Instant, std::collections::HashMap<(u32, u32, u32), u64>),
     metrics: Option<std::net::TcpListener>,
     links: Links,
 }
@@ -86,6 +88,7 @@ impl Server {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
         listener.set_nonblocking(true)?;
         Ok(Server {
+            talkers: (Instant::now(), std::collections::HashMap::new()),
             listener,
             metrics,
             links,
@@ -154,9 +157,10 @@ impl Server {
                 Some("security-group-set") => self.set_group(&v, stop),
                 Some("apply") => self.apply(&v, stop),
                 Some("trace") => self.trace(&v),
+                Some("top-talkers") => self.top_talkers(&v),
                 Some("topology") => Ok(self.topology_json()),
                 Some("leases") => Ok(self.leases_json()),
-                Some(other) => Ok(json!({"error": format!("field `cmd`: unknown command {other:?} (known: stats, flows, conntrack, nat, security-groups, security-group-set, apply, topology, leases, trace)")})),
+                Some(other) => Ok(json!({"error": format!("field `cmd`: unknown command {other:?} (known: stats, flows, conntrack, nat, security-groups, security-group-set, apply, topology, leases, trace, top-talkers)")})),
                 None => Ok(json!({"error": "field `cmd` is missing or not a string"})),
             }
             .unwrap_or_else(|e| json!({"error": format!("{e:#}")})),
@@ -398,6 +402,41 @@ impl Server {
             &self.links.ports,
             |key| self.ask(|tx| Request::Lookup(key, tx)),
         )
+    }
+
+    /// Remote destinations by the traffic of their live flows, with the
+    /// byte rate since the previous query (the window), heaviest first;
+    /// whether each goes through the network's gateway VTEP (Hoverboard:
+    /// the hot ones deserve a direct route).
+    fn top_talkers(&mut self, v: &Value) -> Result<Value> {
+        let limit = v.get("limit").and_then(Value::as_u64).unwrap_or(20);
+        let mut talkers = self.ask(Request::Talkers)?;
+        let now = Instant::now();
+        let window = now.duration_since(self.talkers.0).as_secs_f64().max(1e-3);
+        talkers.sort_by_key(|t| std::cmp::Reverse(t.bytes));
+        let sh = lock(self.links.coprocessor.shared());
+        let rows: Vec<Value> = talkers
+            .iter()
+            .take(usize::try_from(limit).unwrap_or(usize::MAX))
+            .map(|t| {
+                let before = self.talkers.1.get(&(t.vni, t.dst, t.vtep)).copied().unwrap_or(0);
+                let gw = sh.topo.network(t.vni).and_then(|n| n.gateway_vtep);
+                json!({"vni": t.vni, "dst": Ipv4Addr::from(t.dst).to_string(),
+                       "vtep": Ipv4Addr::from(t.vtep).to_string(),
+                       "via_gateway": gw == Some(Ipv4Addr::from(t.vtep)),
+                       "flows": t.flows, "packets": t.packets, "bytes": t.bytes,
+                       "bytes_per_s": t.bytes.saturating_sub(before) as f64 / window})
+            })
+            .collect();
+        drop(sh);
+        self.talkers = (
+            now,
+            talkers
+                .iter()
+                .map(|t| ((t.vni, t.dst, t.vtep), t.bytes))
+                .collect(),
+        );
+        Ok(json!({"window_s": window, "destinations": talkers.len(), "talkers": rows}))
     }
 
     /// Networks, VMs and remote endpoints as the switch knows them now.
@@ -659,6 +698,26 @@ pub fn ctl(path: &Path, req: &Value, as_json: bool, ports_only: bool) -> Result<
         "stats" => print_stats(&v),
         "flows" => print_flows(&v),
         "topology" => print_topology(&v),
+        "top-talkers" => {
+            println!(
+                "{:>8} {:<16} {:<16} {:>6} {:>12} {:>14} {:>14}",
+                "vni", "destination", "vtep", "flows", "packets", "bytes", "bytes/s"
+            );
+            for t in v["talkers"].as_array().into_iter().flatten() {
+                let via = if t["via_gateway"] == true { " (gateway)" } else { "" };
+                println!(
+                    "{:>8} {:<16} {:<16} {:>6} {:>12} {:>14} {:>14.0}{via}",
+                    n(t, "vni"),
+                    s(t, "dst"),
+                    s(t, "vtep"),
+                    n(t, "flows"),
+                    n(t, "packets"),
+                    n(t, "bytes"),
+                    t["bytes_per_s"].as_f64().unwrap_or(0.0)
+                );
+            }
+            println!("window {:.1} s", v["window_s"].as_f64().unwrap_or(0.0));
+        }
         "trace" => {
             for st in v["steps"].as_array().into_iter().flatten() {
                 println!("{:<16} {}", s(st, "stage"), s(st, "what"));

@@ -78,6 +78,13 @@ enum CtlCmd {
     Topology,
     /// DHCP leases.
     Leases,
+    /// Remote destinations by traffic, with rates since the previous
+    /// query, and whether they go through the gateway VTEP.
+    #[command(name = "top-talkers")]
+    TopTalkers {
+        #[arg(long, default_value_t = 20)]
+        limit: u64,
+    },
     /// Every decision the switch would take for a packet, without
     /// sending it: e.g. `trace --port tap-a --src 10.0.0.10 --dst
     /// 10.0.0.11 --proto tcp --dport 80`.
@@ -167,6 +174,9 @@ fn main() -> ExitCode {
                 CtlCmd::Ports => Ok(cmd("stats")),
                 CtlCmd::Topology => Ok(cmd("topology")),
                 CtlCmd::Leases => Ok(cmd("leases")),
+                CtlCmd::TopTalkers { limit } => {
+                    Ok(serde_json::json!({"cmd": "top-talkers", "limit": limit}))
+                }
                 CtlCmd::Apply { file } => control::apply_request(file.as_deref()),
                 CtlCmd::Trace {
                     port,

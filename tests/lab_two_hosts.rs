@@ -163,6 +163,14 @@ fn two_hypervisors_carry_ping_and_tcp_over_vxlan() {
         "-W", "1", b.2,
     ]);
     assert!(ok, "a 1450-byte packet must fit:\n{out}");
+    // Hoverboard's export: the remote VM is a top talker of sw1.
+    let top = lab.ctl(&s1, "top-talkers").expect("top-talkers");
+    assert!(
+        top["talkers"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["bytes"].as_u64() > Some(0) && t["vni"] == 100)),
+        "{top}"
+    );
     let flows = lab.ctl(&s1, "flows").expect("flows");
     let flows = flows["flows"].as_array().expect("flow list");
     assert!(

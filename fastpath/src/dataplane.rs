@@ -214,11 +214,27 @@ pub struct Snapshot {
 pub enum Request {
     Stats(Sender<Snapshot>),
     Flows(Sender<Vec<FlowDump>>),
+    /// Traffic towards each remote destination (flows that encapsulate),
+    /// summed over the live flows.
+    Talkers(Sender<Vec<Talker>>),
     /// The action of the flow for a key, if any (not counted as a hit).
     Lookup(FlowKey, Sender<Option<Action>>),
     /// The next hop with this MAC changed or went away: remove the flows
     /// that encapsulate towards it (they are recompiled on their next packet).
     InvalidateNextHop(flowtable::Mac),
+}
+
+/// Traffic of the live flows towards one remote destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Talker {
+    pub vni: u32,
+    /// Inner destination address.
+    pub dst: u32,
+    /// The VTEP it is sent to.
+    pub vtep: u32,
+    pub flows: u64,
+    pub packets: u64,
+    pub bytes: u64,
 }
 
 /// Tunables of the loop.
@@ -623,6 +639,29 @@ impl Dataplane {
                     first_packet: self.first_packet,
                     uptime_ns: now,
                 });
+            }
+            Request::Talkers(tx) => {
+                let mut by: std::collections::HashMap<(u32, u32, u32), Talker> =
+                    std::collections::HashMap::new();
+                for e in self.pipeline.table().iter() {
+                    let Some(t) = &e.action.encap else { continue };
+                    let b = &t.0;
+                    let vni = u32::from_be_bytes([0, b[46], b[47], b[48]]);
+                    let vtep = u32::from_be_bytes([b[30], b[31], b[32], b[33]]);
+                    let k = (vni, e.key.dst_ip, vtep);
+                    let x = by.entry(k).or_insert(Talker {
+                        vni,
+                        dst: e.key.dst_ip,
+                        vtep,
+                        flows: 0,
+                        packets: 0,
+                        bytes: 0,
+                    });
+                    x.flows += 1;
+                    x.packets += e.stats.packets;
+                    x.bytes += e.stats.bytes;
+                }
+                let _ = tx.send(by.into_values().collect());
             }
             Request::Lookup(key, tx) => {
                 let _ = tx.send(self.pipeline.table().get(&key).map(|e| *e.action));
