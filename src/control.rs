@@ -419,7 +419,12 @@ impl Server {
             .iter()
             .take(usize::try_from(limit).unwrap_or(usize::MAX))
             .map(|t| {
-                let before = self.talkers.1.get(&(t.vni, t.dst, t.vtep)).copied().unwrap_or(0);
+                let before = self
+                    .talkers
+                    .1
+                    .get(&(t.vni, t.dst, t.vtep))
+                    .copied()
+                    .unwrap_or(0);
                 let gw = sh.topo.network(t.vni).and_then(|n| n.gateway_vtep);
                 json!({"vni": t.vni, "dst": Ipv4Addr::from(t.dst).to_string(),
                        "vtep": Ipv4Addr::from(t.vtep).to_string(),
@@ -704,7 +709,11 @@ pub fn ctl(path: &Path, req: &Value, as_json: bool, ports_only: bool) -> Result<
                 "vni", "destination", "vtep", "flows", "packets", "bytes", "bytes/s"
             );
             for t in v["talkers"].as_array().into_iter().flatten() {
-                let via = if t["via_gateway"] == true { " (gateway)" } else { "" };
+                let via = if t["via_gateway"] == true {
+                    " (gateway)"
+                } else {
+                    ""
+                };
                 println!(
                     "{:>8} {:<16} {:<16} {:>6} {:>12} {:>14} {:>14.0}{via}",
                     n(t, "vni"),

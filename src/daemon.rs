@@ -311,6 +311,7 @@ fn is_empty(i: &Install) -> bool {
 /// to do.
 fn coprocessor_loop(cp: &mut Coprocessor, l: &CoprocLinks, stop: &AtomicBool) {
     let now = || u64::try_from(l.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let mut log = crate::ratelog::RateLog::new(20);
     let mut next_tick = Instant::now();
     while !stop.load(Ordering::Relaxed) {
         let mut worked = false;
@@ -365,6 +366,9 @@ fn coprocessor_loop(cp: &mut Coprocessor, l: &CoprocLinks, stop: &AtomicBool) {
             frame: &msg.data,
             key: msg.key,
         });
+        if let Some(cause) = out.drop {
+            log.drop(msg.ingress, cause);
+        }
         let whole = msg.orig_len as usize == msg.data.len();
         let reinject = if out.reinject && whole {
             Some(msg)

@@ -7,6 +7,7 @@ mod control;
 mod daemon;
 mod metrics;
 mod neighbor;
+mod ratelog;
 mod trace;
 
 use std::path::PathBuf;

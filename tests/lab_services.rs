@@ -388,13 +388,39 @@ fn snat_and_floating_ips_reach_and_are_reached_from_outside() {
     assert!(body.starts_with("203.0.113.10:"), "server saw {body}");
     // ctl trace of a new connection out: routed, tracked, SNATed.
     let out = sh(&[
-        env!("CARGO_BIN_EXE_vswitch"), "ctl", "--json", "--socket", sw.sock.to_str().expect("path"),
-        "trace", "--port", &lab.name("ta"), "--src", A.ip, "--dst", "203.0.113.1", "--proto", "tcp",
-        "--sport", "45678", "--dport", "8000",
+        env!("CARGO_BIN_EXE_vswitch"),
+        "ctl",
+        "--json",
+        "--socket",
+        sw.sock.to_str().expect("path"),
+        "trace",
+        "--port",
+        &lab.name("ta"),
+        "--src",
+        A.ip,
+        "--dst",
+        "203.0.113.1",
+        "--proto",
+        "tcp",
+        "--sport",
+        "45678",
+        "--dport",
+        "8000",
     ]);
     let t: serde_json::Value = serde_json::from_slice(&out.stdout).expect("trace JSON");
-    assert!(t["steps"].to_string().contains("out to the external network (NAT)"), "{t}");
-    assert!(t["verdict"].as_str().unwrap_or("").contains("snat 203.0.113.10:"), "{t}");
+    assert!(
+        t["steps"]
+            .to_string()
+            .contains("out to the external network (NAT)"),
+        "{t}"
+    );
+    assert!(
+        t["verdict"]
+            .as_str()
+            .unwrap_or("")
+            .contains("snat 203.0.113.10:"),
+        "{t}"
+    );
     // Two VMs with the same source port get different external ports.
     let from_a = get(&lab, a, "203.0.113.1", "8000", "34567", "5").expect("a");
     let from_c = get(&lab, c, "203.0.113.1", "8000", "34567", "5").expect("c");

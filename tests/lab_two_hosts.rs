@@ -166,9 +166,9 @@ fn two_hypervisors_carry_ping_and_tcp_over_vxlan() {
     // Hoverboard's export: the remote VM is a top talker of sw1.
     let top = lab.ctl(&s1, "top-talkers").expect("top-talkers");
     assert!(
-        top["talkers"]
-            .as_array()
-            .is_some_and(|t| t.iter().any(|t| t["bytes"].as_u64() > Some(0) && t["vni"] == 100)),
+        top["talkers"].as_array().is_some_and(|t| t
+            .iter()
+            .any(|t| t["bytes"].as_u64() > Some(0) && t["vni"] == 100)),
         "{top}"
     );
     let flows = lab.ctl(&s1, "flows").expect("flows");
