@@ -330,19 +330,25 @@ impl VmConfig {
 }
 
 impl RemoteConfig {
-    /// The remote endpoint, or an error naming `at` and the field.
-    pub fn build(&self, at: &str, groups: GroupIds) -> Result<RemoteVm> {
+    /// The remote endpoint, or an error naming `at()` and the field (the
+    /// name is made only on error: bulk requests carry many).
+    pub fn build(&self, at: &dyn Fn() -> String, groups: GroupIds) -> Result<RemoteVm> {
         let r = self;
         let mac = parse_mac(&r.mac)
-            .with_context(|| format!("{at}: field `mac`: {:?} is not a MAC address", r.mac))?;
+            .with_context(|| format!("{}: field `mac`: {:?} is not a MAC address", at(), r.mac))?;
         let vni = Vni::new(r.network)
-            .with_context(|| format!("{at}: field `network`: {} is not a VNI", r.network))?;
+            .with_context(|| format!("{}: field `network`: {} is not a VNI", at(), r.network))?;
+        let groups = if r.security_groups.is_empty() {
+            Vec::new()
+        } else {
+            resolve_groups(&at(), &r.security_groups, groups)?
+        };
         Ok(RemoteVm {
             ip: r.ip,
             mac,
             vni,
             vtep: r.vtep,
-            groups: resolve_groups(at, &r.security_groups, groups)?,
+            groups,
         })
     }
 }
@@ -665,7 +671,7 @@ impl Config {
             topo.add_vm(vm).with_context(|| format!("vm[{i}]"))?;
         }
         for (i, r) in self.remotes.iter().enumerate() {
-            let rv = r.build(&format!("remote[{i}] ({})", r.ip), &|g| policy.id(g))?;
+            let rv = r.build(&|| format!("remote[{i}] ({})", r.ip), &|g| policy.id(g))?;
             for g in &rv.groups {
                 policy.add_member(*g, r.network, r.ip);
             }

@@ -51,6 +51,9 @@ pub struct Links {
     pub ports: std::collections::HashMap<String, PortId>,
     /// Messages waiting in the punt queue (coprocessor backlog).
     pub punt_depth: Option<Box<dyn Fn() -> usize + Send>>,
+    /// The kernel's routes and neighbours: a VTEP a change introduces is
+    /// resolved before the change applies, so its first packet can go.
+    pub netlink: Option<crate::neighbor::Netlink>,
 }
 
 impl Server {
@@ -97,7 +100,22 @@ impl Server {
 
     /// Answer requests until `stop` is set.
     pub fn serve(&mut self, stop: &AtomicBool) {
+        use std::os::fd::AsRawFd;
+        let mut fds = vec![libc::pollfd {
+            fd: self.listener.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        if let Some(m) = &self.metrics {
+            fds.push(libc::pollfd {
+                fd: m.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
         while !stop.load(Ordering::Relaxed) {
+            // Sleep until a client connects (or a while, to see `stop`).
+            fastpath::wake::wait_readable(&mut fds, 100);
             if let Some(Ok((s, _))) = self.metrics.as_ref().map(|l| l.accept()) {
                 if let Err(e) = self.serve_metrics(s) {
                     warn!("metrics request failed: {e:#}");
@@ -109,9 +127,7 @@ impl Server {
                         warn!("control request failed: {e:#}");
                     }
                 }
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-                    std::thread::sleep(Duration::from_millis(20))
-                }
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                 Err(e) => {
                     warn!("control socket accept: {e}");
                     std::thread::sleep(Duration::from_millis(100));
@@ -139,6 +155,22 @@ impl Server {
     }
 
     fn answer(&mut self, line: &str, stop: &AtomicBool) -> Value {
+        // A change is read into its types directly (it may hold 100 000
+        // endpoints); everything else through a JSON value.
+        #[derive(serde::Deserialize)]
+        struct Head {
+            cmd: Option<Value>,
+        }
+        if let Ok(Head {
+            cmd: Some(Value::String(c)),
+        }) = serde_json::from_str::<Head>(line)
+        {
+            if c == "apply" {
+                return self
+                    .apply(line, stop)
+                    .unwrap_or_else(|e| json!({"error": format!("{e:#}")}));
+            }
+        }
         match serde_json::from_str::<Value>(line) {
             Err(e) => json!({"error": format!("request is not JSON: {e}")}),
             Ok(v) => match v.get("cmd").and_then(Value::as_str) {
@@ -155,7 +187,6 @@ impl Server {
                 Some("nat") => Ok(self.nat_json()),
                 Some("security-groups") => Ok(self.groups_json()),
                 Some("security-group-set") => self.set_group(&v, stop),
-                Some("apply") => self.apply(&v, stop),
                 Some("trace") => self.trace(&v),
                 Some("top-talkers") => self.top_talkers(&v),
                 Some("topology") => Ok(self.topology_json()),
@@ -357,18 +388,28 @@ impl Server {
     /// `{"cmd": "apply", "ops": [...]}`: a batch of changes (see `api`),
     /// whole or not at all; the fast path drops exactly the flows it
     /// affects.
-    fn apply(&mut self, v: &Value, stop: &AtomicBool) -> Result<Value> {
+    fn apply(&mut self, text: &str, stop: &AtomicBool) -> Result<Value> {
         let t = Instant::now();
-        let ops = v.get("ops").context("field `ops` is missing")?;
+        let ops = crate::api::ApplyRequest::parse(text)?.ops;
+        let parsed = t.elapsed();
         let shared = std::sync::Arc::clone(self.links.coprocessor.shared());
+        let ops = crate::api::build_ops(ops, &self.links.ports, &lock(&shared).policy)?;
+        let checked = t.elapsed();
+        let resolved = self.resolve_vteps(&ops, &shared);
         let mut sh = lock(&shared);
-        let ops = crate::api::build_ops(ops, &self.links.ports, &sh.policy)?;
+        if !resolved.is_empty() {
+            let topo = std::sync::Arc::make_mut(&mut sh.topo);
+            for (vtep, mac) in resolved {
+                topo.set_neighbor(vtep, mac);
+            }
+        }
         let mut out = coprocessor::Outcome::default();
         let applied = sh
             .apply(ops, &mut out)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let version = sh.version;
         drop(sh);
+        let done = t.elapsed();
         let removed = out.remove.len();
         let ins = crate::daemon::install_of(out, None);
         if !crate::daemon::send_install(&self.links.installs, ins, &self.links.wake, stop) {
@@ -383,7 +424,10 @@ impl Server {
         Ok(
             json!({"ok": true, "ops": applied.ops, "connections_ended": applied.connections_ended,
                   "flows_removed": removed, "version": version,
-                  "applied_us": t.elapsed().as_secs_f64() * 1e6}),
+                  "applied_us": t.elapsed().as_secs_f64() * 1e6,
+                  "phases_us": {"parse": parsed.as_secs_f64() * 1e6,
+                                "check": (checked - parsed).as_secs_f64() * 1e6,
+                                "apply": (done - checked).as_secs_f64() * 1e6}}),
         )
     }
 
@@ -442,6 +486,46 @@ impl Server {
                 .collect(),
         );
         Ok(json!({"window_s": window, "destinations": talkers.len(), "talkers": rows}))
+    }
+
+    /// Next-hop MACs of the VTEPs `ops` introduce that the switch does not
+    /// know yet, from the kernel's tables (those it has).
+    fn resolve_vteps(
+        &mut self,
+        ops: &[coprocessor::ops::Op],
+        shared: &std::sync::Mutex<coprocessor::Shared>,
+    ) -> Vec<(Ipv4Addr, flowtable::Mac)> {
+        use coprocessor::ops::Op;
+        let mut want: Vec<Ipv4Addr> = ops
+            .iter()
+            .flat_map(|op| match op {
+                Op::SetRemotes(list) => list.iter().map(|r| r.vtep).collect::<Vec<_>>(),
+                Op::AddNetwork(n) | Op::ChangeNetwork(n) => n.gateway_vtep.into_iter().collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        want.sort();
+        want.dedup();
+        {
+            let sh = lock(shared);
+            if sh.topo.uplink.is_none() {
+                return Vec::new();
+            }
+            want.retain(|v| sh.topo.neighbor(*v).is_none());
+        }
+        let Some(nl) = self.links.netlink.as_mut() else {
+            return Vec::new();
+        };
+        if want.is_empty() {
+            return Vec::new();
+        }
+        let table = nl.neighbors().unwrap_or_default();
+        want.into_iter()
+            .filter_map(|v| {
+                let hop = nl.next_hop(v).unwrap_or(v);
+                table.get(&hop).map(|m| (v, *m))
+            })
+            .collect()
     }
 
     /// Networks, VMs and remote endpoints as the switch knows them now.

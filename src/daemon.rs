@@ -184,8 +184,7 @@ pub fn run(cfg: Config) -> Result<()> {
         .spawn(move || dp.run(&dp_stop))
         .context("spawning the fast-path thread")?;
 
-    let vteps = topo.remote_vteps();
-    let neigh = if vteps.is_empty() || topo.uplink.is_none() {
+    let neigh = if topo.uplink.is_none() {
         None
     } else {
         let (stop, req, wake) = (stop.clone(), req_tx.clone(), wake.clone());
@@ -193,7 +192,7 @@ pub fn run(cfg: Config) -> Result<()> {
         Some(
             thread::Builder::new()
                 .name("neighbors".into())
-                .spawn(move || neighbor_loop(&vteps, &nshared, &req, &wake, &stop))
+                .spawn(move || neighbor_loop(&nshared, &req, &wake, &stop))
                 .context("spawning the neighbour thread")?,
         )
     };
@@ -206,6 +205,7 @@ pub fn run(cfg: Config) -> Result<()> {
         s.metrics,
         control::Links {
             punt_depth: Some(Box::new(move || depth_rx.depth())),
+            netlink: neighbor::Netlink::open().ok(),
             requests: req_tx,
             wake: wake.clone(),
             installs: installs_for_control,
@@ -390,7 +390,6 @@ fn coprocessor_loop(cp: &mut Coprocessor, l: &CoprocLinks, stop: &AtomicBool) {
 /// the coprocessors, and have the fast path drop flows through a next hop
 /// whose MAC changed.
 fn neighbor_loop(
-    vteps: &[std::net::Ipv4Addr],
     shared: &Mutex<Shared>,
     requests: &mpsc::Sender<fastpath::dataplane::Request>,
     wake: &Wake,
@@ -409,7 +408,10 @@ fn neighbor_loop(
     while !stop.load(Ordering::Relaxed) {
         let table = nl.neighbors().unwrap_or_default();
         let mut missing = Vec::new();
-        for &vtep in vteps {
+        // The VTEPs in use now (remote endpoints change at run time).
+        let vteps = coprocessor::lock(shared).topo.remote_vteps();
+        known.retain(|v, _| vteps.binary_search(v).is_ok());
+        for &vtep in &vteps {
             let hop = nl.next_hop(vtep).unwrap_or(vtep);
             let now = table.get(&hop).copied();
             let before = known.get(&vtep).copied();

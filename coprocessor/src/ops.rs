@@ -17,6 +17,7 @@ use std::net::Ipv4Addr;
 use std::sync::Arc;
 
 use flowtable::{Ingress, PortId, Vni};
+use rustc_hash::FxHashSet;
 use thiserror::Error;
 
 use crate::acl::{PolicyError, Rule, SecurityGroup};
@@ -68,7 +69,7 @@ pub struct Applied {
 struct Touched {
     networks: HashSet<u32>,
     ports: HashSet<PortId>,
-    addrs: HashMap<u32, HashSet<u32>>,
+    addrs: HashMap<u32, FxHashSet<u32>>,
     policy: bool,
 }
 

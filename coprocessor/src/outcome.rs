@@ -182,7 +182,7 @@ pub struct Outcome {
 pub struct Invalidate {
     pub ctxs: std::collections::HashSet<u32>,
     pub outputs: std::collections::HashSet<PortId>,
-    pub addrs: std::collections::HashMap<u32, std::sync::Arc<std::collections::HashSet<u32>>>,
+    pub addrs: std::collections::HashMap<u32, std::sync::Arc<rustc_hash::FxHashSet<u32>>>,
     pub acl: bool,
 }
 

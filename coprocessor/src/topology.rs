@@ -4,6 +4,8 @@
 //! applied; an error names the object, the field and the problem.
 
 use std::collections::HashMap;
+
+use rustc_hash::FxHashMap;
 use std::net::Ipv4Addr;
 
 use flowtable::{Mac, PortId, Vni};
@@ -277,15 +279,18 @@ pub struct Topology {
     pub uplink: Option<Uplink>,
     networks: HashMap<u32, Network>,
     vms: HashMap<PortId, LocalVm>,
-    remotes: HashMap<(u32, Ipv4Addr), RemoteVm>,
+    remotes: FxHashMap<(u32, Ipv4Addr), RemoteVm>,
     /// (VNI, address) → where it lives; rebuilt from the above on change.
-    index: HashMap<(u32, Ipv4Addr), Endpoint>,
+    /// (Fx hashing: keys come from the control plane; packets only look up.)
+    index: FxHashMap<(u32, Ipv4Addr), Endpoint>,
     /// Next-hop MAC towards each remote VTEP (learned from the kernel).
     neighbors: HashMap<Ipv4Addr, Mac>,
     /// The external network, if this switch has one.
     pub external: Option<External>,
     /// Floating IPs → the VM's port.
     floating: HashMap<Ipv4Addr, PortId>,
+    /// Remote VTEPs → how many endpoints live behind each.
+    vteps: FxHashMap<Ipv4Addr, usize>,
 }
 
 impl Topology {
@@ -294,11 +299,12 @@ impl Topology {
             uplink,
             networks: HashMap::new(),
             vms: HashMap::new(),
-            remotes: HashMap::new(),
-            index: HashMap::new(),
+            remotes: FxHashMap::default(),
+            index: FxHashMap::default(),
             neighbors: HashMap::new(),
             external: None,
             floating: HashMap::new(),
+            vteps: FxHashMap::default(),
         }
     }
 
@@ -451,19 +457,23 @@ impl Topology {
 
     pub fn add_remote(&mut self, r: RemoteVm) -> Result<(), TopologyError> {
         let vni = r.vni.get();
-        let object = format!("remote {} in network {vni}", r.ip);
+        // (Named only on error: bulk changes add many.)
+        let object = || format!("remote {} in network {vni}", r.ip);
         if !self.networks.contains_key(&vni) {
-            return Err(TopologyError::UnknownNetwork { object, vni });
+            return Err(TopologyError::UnknownNetwork {
+                object: object(),
+                vni,
+            });
         }
         if !unicast(&r.mac) {
             return Err(TopologyError::BadMac {
-                object,
+                object: object(),
                 mac: mac_str(&r.mac),
             });
         }
         if let Some(other) = self.owner(vni, r.ip) {
             return Err(TopologyError::DuplicateIp {
-                object,
+                object: object(),
                 ip: r.ip,
                 vni,
                 other,
@@ -476,6 +486,7 @@ impl Topology {
                 vtep: r.vtep,
             },
         );
+        *self.vteps.entry(r.vtep).or_default() += 1;
         self.remotes.insert((vni, r.ip), r);
         Ok(())
     }
@@ -501,6 +512,12 @@ impl Topology {
     pub fn remove_remote(&mut self, vni: u32, ip: Ipv4Addr) -> Option<RemoteVm> {
         let r = self.remotes.remove(&(vni, ip))?;
         self.index.remove(&(vni, ip));
+        if let Some(n) = self.vteps.get_mut(&r.vtep) {
+            *n -= 1;
+            if *n == 0 {
+                self.vteps.remove(&r.vtep);
+            }
+        }
         Some(r)
     }
 
@@ -644,7 +661,7 @@ impl Topology {
 
     /// VTEPs that remote endpoints live behind (for neighbour resolution).
     pub fn remote_vteps(&self) -> Vec<Ipv4Addr> {
-        let mut v: Vec<_> = self.remotes.values().map(|r| r.vtep).collect();
+        let mut v: Vec<_> = self.vteps.keys().copied().collect();
         v.extend(self.networks.values().filter_map(|n| n.gateway_vtep));
         v.sort();
         v.dedup();
