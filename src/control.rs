@@ -51,6 +51,8 @@ pub struct Links {
     pub ports: std::collections::HashMap<String, PortId>,
     /// Messages waiting in the punt queue (coprocessor backlog).
     pub punt_depth: Option<Box<dyn Fn() -> usize + Send>>,
+    /// The id the next port added at run time gets.
+    pub next_port: u16,
     /// The kernel's routes and neighbours: a VTEP a change introduces is
     /// resolved before the change applies, so its first packet can go.
     pub netlink: Option<crate::neighbor::Netlink>,
@@ -188,10 +190,12 @@ impl Server {
                 Some("security-groups") => Ok(self.groups_json()),
                 Some("security-group-set") => self.set_group(&v, stop),
                 Some("trace") => self.trace(&v),
+                Some("port-add") => self.port_add(&v),
+                Some("port-remove") => self.port_remove(&v),
                 Some("top-talkers") => self.top_talkers(&v),
                 Some("topology") => Ok(self.topology_json()),
                 Some("leases") => Ok(self.leases_json()),
-                Some(other) => Ok(json!({"error": format!("field `cmd`: unknown command {other:?} (known: stats, flows, conntrack, nat, security-groups, security-group-set, apply, topology, leases, trace, top-talkers)")})),
+                Some(other) => Ok(json!({"error": format!("field `cmd`: unknown command {other:?} (known: stats, flows, conntrack, nat, security-groups, security-group-set, apply, topology, leases, trace, top-talkers, port-add, port-remove)")})),
                 None => Ok(json!({"error": "field `cmd` is missing or not a string"})),
             }
             .unwrap_or_else(|e| json!({"error": format!("{e:#}")})),
@@ -203,7 +207,7 @@ impl Server {
         self.links
             .requests
             .send(make(tx))
-            .context("the fast-path thread is gone")?;
+            .map_err(|_| anyhow::anyhow!("the fast-path thread is gone"))?;
         self.links.wake.notify();
         rx.recv_timeout(Duration::from_secs(2))
             .context("the fast-path thread did not answer within 2 s")
@@ -486,6 +490,72 @@ impl Server {
                 .collect(),
         );
         Ok(json!({"window_s": window, "destinations": talkers.len(), "talkers": rows}))
+    }
+
+    /// `{"cmd": "port-add", "name": N, "type": "tap"}`: a new VM port
+    /// (VMs are then attached to it with `apply`).
+    fn port_add(&mut self, v: &Value) -> Result<Value> {
+        let name = v
+            .get("name")
+            .and_then(Value::as_str)
+            .context("field `name` is missing or not a string")?;
+        match v.get("type").and_then(Value::as_str).unwrap_or("tap") {
+            "tap" => {}
+            "af-xdp" => bail!(
+                "field `type`: af-xdp ports are opened at start (they join the frame pool's UMEM); add them to the config"
+            ),
+            other => bail!("field `type`: {other:?} is not tap"),
+        }
+        if name.is_empty() || name.len() > 15 {
+            bail!("field `name`: {name:?} is not an interface name (1 to 15 bytes)");
+        }
+        if self.links.ports.contains_key(name) {
+            bail!("field `name`: port {name:?} already exists");
+        }
+        let id = PortId(self.links.next_port);
+        let tap = fastpath::tap::Tap::open(name).with_context(|| format!("port {name}"))?;
+        let port = fastpath::dataplane::Port {
+            id,
+            name: name.to_string(),
+            io: fastpath::dataplane::PortIo::Tap(tap),
+            counters: Default::default(),
+        };
+        self.ask(|tx| Request::AddPort(port, tx))?
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.links.next_port += 1;
+        self.links.ports.insert(name.to_string(), id);
+        info!(port = name, id = id.0, "port added");
+        Ok(json!({"ok": true, "id": id.0}))
+    }
+
+    /// `{"cmd": "port-remove", "name": N}`: close a port no VM uses.
+    fn port_remove(&mut self, v: &Value) -> Result<Value> {
+        let name = v
+            .get("name")
+            .and_then(Value::as_str)
+            .context("field `name` is missing or not a string")?;
+        let id = *self
+            .links
+            .ports
+            .get(name)
+            .with_context(|| format!("field `name`: no port {name:?}"))?;
+        {
+            let sh = lock(self.links.coprocessor.shared());
+            if let Some(vm) = sh.topo.vm_on(id) {
+                bail!(
+                    "port {name}: vm {} is attached to it (remove the VM first)",
+                    vm.name
+                );
+            }
+            if sh.topo.external.as_ref().is_some_and(|e| e.port == id) {
+                bail!("port {name}: it is the external network's port");
+            }
+        }
+        self.ask(|tx| Request::RemovePort(id, tx))?
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        self.links.ports.remove(name);
+        info!(port = name, id = id.0, "port removed");
+        Ok(json!({"ok": true}))
     }
 
     /// Next-hop MACs of the VTEPs `ops` introduce that the switch does not
@@ -819,6 +889,8 @@ pub fn ctl(path: &Path, req: &Value, as_json: bool, ports_only: bool) -> Result<
         }
         "leases" => print_leases(&v),
         "ports" => print_ports(&v),
+        "port-add" => println!("port added (id {})", n(&v, "id")),
+        "port-remove" => println!("port removed"),
         "apply" => println!(
             "applied {} operations (version {}): {} connections ended, {} flows removed, {:.0} µs",
             n(&v, "ops"),

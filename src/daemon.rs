@@ -206,6 +206,7 @@ pub fn run(cfg: Config) -> Result<()> {
         control::Links {
             punt_depth: Some(Box::new(move || depth_rx.depth())),
             netlink: neighbor::Netlink::open().ok(),
+            next_port: n_ports,
             requests: req_tx,
             wake: wake.clone(),
             installs: installs_for_control,

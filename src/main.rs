@@ -79,6 +79,12 @@ enum CtlCmd {
     Topology,
     /// DHCP leases.
     Leases,
+    /// Add a tap VM port at run time (attach a VM to it with `apply`).
+    #[command(name = "port-add")]
+    PortAdd { name: String },
+    /// Close a port no VM uses.
+    #[command(name = "port-remove")]
+    PortRemove { name: String },
     /// Remote destinations by traffic, with rates since the previous
     /// query, and whether they go through the gateway VTEP.
     #[command(name = "top-talkers")]
@@ -175,6 +181,12 @@ fn main() -> ExitCode {
                 CtlCmd::Ports => Ok(cmd("stats")),
                 CtlCmd::Topology => Ok(cmd("topology")),
                 CtlCmd::Leases => Ok(cmd("leases")),
+                CtlCmd::PortAdd { name } => {
+                    Ok(serde_json::json!({"cmd": "port-add", "name": name, "type": "tap"}))
+                }
+                CtlCmd::PortRemove { name } => {
+                    Ok(serde_json::json!({"cmd": "port-remove", "name": name}))
+                }
                 CtlCmd::TopTalkers { limit } => {
                     Ok(serde_json::json!({"cmd": "top-talkers", "limit": limit}))
                 }

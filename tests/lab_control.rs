@@ -412,3 +412,36 @@ fn trace_explains_hits_denials_and_metrics_are_served() {
         assert!(text.contains(family), "no {family} in\n{text}");
     }
 }
+
+#[test]
+fn ports_are_added_and_removed_at_run_time() {
+    let mut lab = Lab::new();
+    let sw = start(&mut lab, 19468);
+    let td = lab.name("td");
+    let r = ctl(&sw.sock, &["port-add", &td]).expect("port-add");
+    assert_eq!(r["id"], 3, "the next id after the configured ports");
+    apply(
+        &sw.sock,
+        json!([{"op": "add-vm", "vm": {"name": "d", "port": td, "mac": "02:00:00:00:00:0d",
+                                       "ips": ["10.0.0.13"], "network": 100}}]),
+    )
+    .expect("add-vm on the new port");
+    let ns_d = lab.netns("vd");
+    lab.attach_vm(&td, &ns_d, "02:00:00:00:00:0d", "10.0.0.13/24");
+    assert!(
+        ping(&sw.ns_a, "10.0.0.13"),
+        "a → d on a port added at run time\n{}",
+        lab.log("sw")
+    );
+    let e = ctl(&sw.sock, &["port-remove", &td]).expect_err("removed under a VM");
+    assert!(e.contains("vm d is attached"), "{e}");
+    let e = ctl(&sw.sock, &["port-add", &td]).expect_err("added twice");
+    assert!(e.contains("already exists"), "{e}");
+    apply(&sw.sock, json!([{"op": "remove-vm", "name": "d"}])).expect("remove-vm");
+    ctl(&sw.sock, &["port-remove", &td]).expect("port-remove");
+    assert!(!ping(&sw.ns_a, "10.0.0.13"));
+    let st = ctl(&sw.sock, &["stats"]).unwrap();
+    assert!(st["ports"].as_array().is_some_and(|p| p.len() == 4), "{st}");
+    // The rest of the switch carries on.
+    assert!(ping(&sw.ns_a, "10.0.0.11"));
+}

@@ -43,6 +43,8 @@ pub enum PortIo {
     Tap(Tap),
     /// An AF_XDP socket (the uplink); its UMEM is the thread's frame pool.
     Xsk(XskSocket),
+    /// Removed at run time; its id is not reused.
+    Closed,
 }
 
 impl PortIo {
@@ -50,6 +52,8 @@ impl PortIo {
         match self {
             PortIo::Tap(t) => t.fd(),
             PortIo::Xsk(x) => x.fd(),
+            // poll(2) skips negative descriptors.
+            PortIo::Closed => -1,
         }
     }
 }
@@ -59,6 +63,7 @@ impl std::fmt::Debug for PortIo {
         match self {
             PortIo::Tap(t) => write!(f, "tap {}", t.name()),
             PortIo::Xsk(x) => write!(f, "af_xdp fd {}", x.fd()),
+            PortIo::Closed => write!(f, "closed"),
         }
     }
 }
@@ -217,6 +222,10 @@ pub enum Request {
     /// Traffic towards each remote destination (flows that encapsulate),
     /// summed over the live flows.
     Talkers(Sender<Vec<Talker>>),
+    /// Add a port; its id must be the next one (the number of ports).
+    AddPort(Port, Sender<Result<(), String>>),
+    /// Close a port and remove every flow from or to it.
+    RemovePort(PortId, Sender<Result<(), String>>),
     /// The action of the flow for a key, if any (not counted as a hit).
     Lookup(FlowKey, Sender<Option<Action>>),
     /// The next hop with this MAC changed or went away: remove the flows
@@ -458,6 +467,7 @@ impl Dataplane {
                     descs.push(d);
                 });
             }
+            PortIo::Closed => {}
         }
         let n = self.descs.len();
         if n > 0 {
@@ -612,7 +622,7 @@ impl Dataplane {
                     .iter()
                     .filter_map(|p| match &p.io {
                         PortIo::Xsk(x) => x.stats().ok().map(|s| (p.id, s)),
-                        PortIo::Tap(_) => None,
+                        PortIo::Tap(_) | PortIo::Closed => None,
                     })
                     .collect();
                 let _ = tx.send(Snapshot {
@@ -663,6 +673,51 @@ impl Dataplane {
                 }
                 let _ = tx.send(by.into_values().collect());
             }
+            Request::AddPort(port, tx) => {
+                let r = if usize::from(port.id.0) != self.ports.len() {
+                    Err(format!(
+                        "port {}: id {} is not the next ({})",
+                        port.name,
+                        port.id.0,
+                        self.ports.len()
+                    ))
+                } else {
+                    let at = self.pollfds.len() - 1; // the wakeup fd stays last
+                    self.pollfds.insert(
+                        at,
+                        libc::pollfd {
+                            fd: port.io.fd(),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        },
+                    );
+                    self.pipeline.add_port();
+                    self.out.tx.add_port();
+                    self.links.punter.add_port();
+                    self.ports.push(port);
+                    Ok(())
+                };
+                let _ = tx.send(r);
+            }
+            Request::RemovePort(id, tx) => {
+                let i = usize::from(id.0);
+                let r = match self.ports.get_mut(i) {
+                    Some(p) if !matches!(p.io, PortIo::Closed) => {
+                        p.io = PortIo::Closed;
+                        if let Some(f) = self.pollfds.get_mut(i) {
+                            f.fd = -1;
+                        }
+                        let ctx = flowtable::Ingress::Port(id).ctx();
+                        self.invalidated +=
+                            self.pipeline.table_mut().retain(|k, a| {
+                                k.ctx != ctx && a.output != flowtable::Output::Port(id)
+                            }) as u64;
+                        Ok(())
+                    }
+                    _ => Err(format!("port {}: no such open port", id.0)),
+                };
+                let _ = tx.send(r);
+            }
             Request::Lookup(key, tx) => {
                 let _ = tx.send(self.pipeline.table().get(&key).map(|e| *e.action));
             }
@@ -693,6 +748,10 @@ impl Dataplane {
 /// is not handed to the kernel.
 fn transmit(p: &mut Port, pool: &mut FramePool, frames: &[Desc]) {
     match &mut p.io {
+        PortIo::Closed => {
+            p.counters.tx_dropped += frames.len() as u64;
+            frames.iter().for_each(|d| pool.release(d.addr));
+        }
         PortIo::Tap(t) => {
             for d in frames {
                 let r = match pool.chunk_mut(d.addr) {

@@ -165,6 +165,11 @@ impl Pipeline {
         self.counters.count_drop(ingress, r);
     }
 
+    /// Counters for one more port (id = the current count).
+    pub fn add_port(&mut self) {
+        self.counters.port_drops.push(DropCounters::default());
+    }
+
     /// Mark the next batches as reinjected by the coprocessor (see
     /// [`Action::conntrack`]): connection events are not punted again.
     pub fn set_reinjecting(&mut self, on: bool) {

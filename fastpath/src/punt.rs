@@ -207,6 +207,11 @@ impl Punter {
         self.budgets[i] = b;
     }
 
+    /// A budget for one more port (id = the current count).
+    pub fn add_port(&mut self) {
+        self.budgets.push(self.default_budget);
+    }
+
     /// Copy `frame` into a message and queue it. `inner_start` locates the
     /// inner Ethernet header in `frame`.
     #[inline]

@@ -25,6 +25,11 @@ impl TxLists {
     /// Queue `d` on `port`. `Err(false)` if the port does not exist,
     /// `Err(true)` if its list is full (more than a batch without a clear).
     #[inline(always)]
+    /// Room for one more port (id = the current count).
+    pub fn add_port(&mut self) {
+        self.lists.push(ArrayVec::new());
+    }
+
     pub fn push(&mut self, port: PortId, d: Desc) -> Result<(), bool> {
         let list = self.lists.get_mut(usize::from(port.0)).ok_or(false)?;
         if list.is_empty() && self.touched.try_push(port).is_err() {
