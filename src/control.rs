@@ -520,7 +520,7 @@ impl Server {
             io: fastpath::dataplane::PortIo::Tap(tap),
             counters: Default::default(),
         };
-        self.ask(|tx| Request::AddPort(port, tx))?
+        self.ask(|tx| Request::AddPort(Box::new(port), tx))?
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         self.links.next_port += 1;
         self.links.ports.insert(name.to_string(), id);

@@ -223,7 +223,7 @@ pub enum Request {
     /// summed over the live flows.
     Talkers(Sender<Vec<Talker>>),
     /// Add a port; its id must be the next one (the number of ports).
-    AddPort(Port, Sender<Result<(), String>>),
+    AddPort(Box<Port>, Sender<Result<(), String>>),
     /// Close a port and remove every flow from or to it.
     RemovePort(PortId, Sender<Result<(), String>>),
     /// The action of the flow for a key, if any (not counted as a hit).
@@ -694,7 +694,7 @@ impl Dataplane {
                     self.pipeline.add_port();
                     self.out.tx.add_port();
                     self.links.punter.add_port();
-                    self.ports.push(port);
+                    self.ports.push(*port);
                     Ok(())
                 };
                 let _ = tx.send(r);
