@@ -287,6 +287,30 @@ fn the_socket_refuses_other_users() {
     assert!(ctl(&sw.sock, &["stats"]).is_ok());
 }
 
+/// `ctl trace` of a packet from A (its tap port) to B.
+fn trace_a_to_b(sock: &Path, lab: &Lab, proto: &str, sport: &str, dport: &str) -> Value {
+    let port = lab.name("ta");
+    ctl(
+        sock,
+        &[
+            "trace",
+            "--port",
+            &port,
+            "--src",
+            "10.0.0.10",
+            "--dst",
+            "10.0.0.11",
+            "--proto",
+            proto,
+            "--sport",
+            sport,
+            "--dport",
+            dport,
+        ],
+    )
+    .expect("trace")
+}
+
 #[test]
 fn trace_explains_hits_denials_and_metrics_are_served() {
     let mut lab = Lab::new();
@@ -302,27 +326,7 @@ fn trace_explains_hits_denials_and_metrics_are_served() {
         "import socket; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
          s.bind(('10.0.0.10', 40000)); s.sendto(b'x', ('10.0.0.11', 80))",
     ]);
-    let trace_udp = || {
-        ctl(
-            &sw.sock,
-            &[
-                "trace",
-                "--port",
-                &lab.name("ta"),
-                "--src",
-                "10.0.0.10",
-                "--dst",
-                "10.0.0.11",
-                "--proto",
-                "udp",
-                "--sport",
-                "40000",
-                "--dport",
-                "80",
-            ],
-        )
-        .expect("trace")
-    };
+    let trace_udp = || trace_a_to_b(&sw.sock, &lab, "udp", "40000", "80");
     // (The datagram leaves once the VM's ARP is answered.)
     lab::wait_until("the datagram's flow", Duration::from_secs(5), || {
         trace_udp()["steps"].to_string().contains("hit")
@@ -348,45 +352,13 @@ fn trace_explains_hits_denials_and_metrics_are_served() {
         ]),
     )
     .expect("group");
-    let t = ctl(
-        &sw.sock,
-        &[
-            "trace",
-            "--port",
-            &lab.name("ta"),
-            "--src",
-            "10.0.0.10",
-            "--dst",
-            "10.0.0.11",
-            "--proto",
-            "tcp",
-            "--dport",
-            "22",
-        ],
-    )
-    .expect("trace");
+    let t = trace_a_to_b(&sw.sock, &lab, "tcp", "40000", "22");
     assert!(
         t["steps"].to_string().contains("denied (default deny)"),
         "{t}"
     );
     assert_eq!(t["verdict"], "drop (acl_denied)", "{t}");
-    let t = ctl(
-        &sw.sock,
-        &[
-            "trace",
-            "--port",
-            &lab.name("ta"),
-            "--src",
-            "10.0.0.10",
-            "--dst",
-            "10.0.0.11",
-            "--proto",
-            "tcp",
-            "--dport",
-            "80",
-        ],
-    )
-    .expect("trace");
+    let t = trace_a_to_b(&sw.sock, &lab, "tcp", "40000", "80");
     assert!(t["steps"].to_string().contains("admitted by web#0"), "{t}");
     assert!(
         t["verdict"].as_str().unwrap_or("").contains("tracked"),

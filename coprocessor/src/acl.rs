@@ -253,13 +253,7 @@ impl Policy {
     /// Remove group `name`, refused while a rule of another group names
     /// it. (Members are the caller's to check.) Its id is not reused.
     pub fn remove_group(&mut self, name: &str) -> Result<SecurityGroup, PolicyError> {
-        let id = *self
-            .by_name
-            .get(name)
-            .ok_or_else(|| PolicyError::UnknownGroup {
-                object: "request".into(),
-                name: name.into(),
-            })?;
+        let id = self.existing(name)?;
         if let Some(user) = self.groups.iter().find(|g| {
             g.name != name
                 && g.rules
@@ -286,6 +280,14 @@ impl Policy {
         Ok(g)
     }
 
+    /// The id of group `name`, which must exist.
+    fn existing(&self, name: &str) -> Result<u16, PolicyError> {
+        self.id(name).ok_or_else(|| PolicyError::UnknownGroup {
+            object: "request".into(),
+            name: name.into(),
+        })
+    }
+
     /// The id the next added group gets.
     pub fn next_id(&self) -> u16 {
         u16::try_from(self.groups.len()).unwrap_or(u16::MAX)
@@ -298,13 +300,7 @@ impl Policy {
 
     /// Replace the rules of group `name`; all or nothing.
     pub fn set_rules(&mut self, name: &str, rules: Vec<Rule>) -> Result<(), PolicyError> {
-        let id = *self
-            .by_name
-            .get(name)
-            .ok_or_else(|| PolicyError::UnknownGroup {
-                object: "request".into(),
-                name: name.into(),
-            })?;
+        let id = self.existing(name)?;
         let g = SecurityGroup {
             name: name.into(),
             rules,

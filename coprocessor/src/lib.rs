@@ -345,11 +345,7 @@ impl Coprocessor {
                     key,
                     out,
                 };
-                if let Some(flow) = setup.existing()? {
-                    // Decapsulated flows carry no TTL or size limit.
-                    if flow.is_some() {
-                        setup.out.reinject = true;
-                    }
+                if setup.known()? {
                     return Ok(());
                 }
                 let (src, dst) = (Ipv4Addr::from(key.src_ip), Ipv4Addr::from(key.dst_ip));
@@ -412,10 +408,7 @@ impl Coprocessor {
                     key,
                     out,
                 };
-                if let Some(flow) = setup.existing()? {
-                    if flow.is_some() {
-                        setup.out.reinject = true;
-                    }
+                if setup.known()? {
                     return Ok(());
                 }
                 let target = topo.external_addr(Ipv4Addr::from(key.dst_ip));

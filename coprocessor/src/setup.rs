@@ -198,6 +198,40 @@ impl Setup<'_, '_> {
         }
     }
 
+    /// [`Setup::existing`] where the flow has no TTL or size limit
+    /// (overlay and external ingress): a known connection's packet is
+    /// reinjected. True if it was one.
+    pub fn known(&mut self) -> Result<bool, DropCause> {
+        match self.existing()? {
+            Some(flow) => {
+                self.out.reinject |= flow.is_some();
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    /// What admitted a new connection (original direction `src` → `dst`).
+    fn admission(
+        &self,
+        vni: u32,
+        dst: u32,
+        egress: Option<PortId>,
+        ingress: Option<PortId>,
+        rule: Option<RuleRef>,
+    ) -> Admission {
+        Admission {
+            vni,
+            src: self.key.src_ip,
+            dst,
+            proto: self.key.proto,
+            port: rule_port(&self.key),
+            egress,
+            ingress,
+            rule,
+        }
+    }
+
     /// Deny: a drop flow keeps the repeats out of the slow path until
     /// the policy changes.
     fn deny(&mut self, charged: PortId) -> DropCause {
@@ -323,16 +357,13 @@ impl Setup<'_, '_> {
             return Ok(Some(a));
         };
         self.refuse_early(vm.port)?;
-        let admission = Admission {
+        let admission = self.admission(
             vni,
-            src: key.src_ip,
-            dst: key.dst_ip,
-            proto: key.proto,
-            port: rule_port(&key),
-            egress: (!vm.groups.is_empty()).then_some(vm.port),
-            ingress: dst_vm.filter(|d| !d.groups.is_empty()).map(|d| d.port),
+            key.dst_ip,
+            (!vm.groups.is_empty()).then_some(vm.port),
+            dst_vm.filter(|d| !d.groups.is_empty()).map(|d| d.port),
             rule,
-        };
+        );
         if external {
             return self.out_external(vm, state, admission);
         }
@@ -504,16 +535,7 @@ impl Setup<'_, '_> {
             key.dst_port,
             key.src_port,
         );
-        let admission = Admission {
-            vni,
-            src: key.src_ip,
-            dst: key.dst_ip,
-            proto: key.proto,
-            port: rule_port(&key),
-            egress: None,
-            ingress: Some(dst.port),
-            rule,
-        };
+        let admission = self.admission(vni, key.dst_ip, None, Some(dst.port), rule);
         self.track(
             [side(key, fwd), side(rk, rev)],
             state,
@@ -569,16 +591,13 @@ impl Setup<'_, '_> {
             key.dst_port,
             key.src_port,
         );
-        let admission = Admission {
-            vni: vm.vni.get(),
-            src: key.src_ip,
-            dst: vm_ip,
-            proto: key.proto,
-            port: rule_port(&key),
-            egress: None,
-            ingress: (!vm.groups.is_empty()).then_some(vm.port),
+        let admission = self.admission(
+            vm.vni.get(),
+            vm_ip,
+            None,
+            (!vm.groups.is_empty()).then_some(vm.port),
             rule,
-        };
+        );
         let binding = crate::conntrack::NatBinding {
             ip: fip,
             port: key.dst_port,
