@@ -14,7 +14,9 @@ use coprocessor::ops::Op;
 use flowtable::PortId;
 use serde::Deserialize;
 
-use crate::config::{NetworkConfig, RemoteConfig, RuleConfig, SecurityGroupConfig, VmConfig};
+use crate::config::{
+    ExternalConfig, NetworkConfig, RemoteConfig, RuleConfig, SecurityGroupConfig, VmConfig,
+};
 
 /// One operation as the API takes it: `{"op": "add-vm", "vm": {...}}`.
 #[derive(Debug, Clone)]
@@ -53,6 +55,10 @@ pub enum OpRequest {
     SetRules {
         name: String,
         rules: Vec<RuleConfig>,
+    },
+    /// Replace the external network (`null`: remove it).
+    SetExternal {
+        external: Option<ExternalConfig>,
     },
 }
 
@@ -114,6 +120,7 @@ mod args {
         security_group: SecurityGroupConfig
     });
     args!(Rules { name: String, rules: Vec<RuleConfig> });
+    args!(External { external: Option<ExternalConfig> });
 }
 
 /// The operation's name when `op` is the object's first field (as
@@ -196,6 +203,9 @@ impl ApplyRequest {
                         rules: a.rules,
                     }
                 }
+                "set-external" => OpRequest::SetExternal {
+                    external: typed::<args::External>(t, &at)?.external,
+                },
                 other => anyhow::bail!(
                     "{at}: field `op`: unknown variant `{other}`, expected one of {}",
                     OP_NAMES.join(", ")
@@ -208,7 +218,7 @@ impl ApplyRequest {
 }
 
 /// Every `op`.
-const OP_NAMES: [&str; 11] = [
+const OP_NAMES: [&str; 12] = [
     "add-network",
     "change-network",
     "remove-network",
@@ -220,6 +230,7 @@ const OP_NAMES: [&str; 11] = [
     "add-security-group",
     "remove-security-group",
     "set-rules",
+    "set-external",
 ];
 
 /// Check `ops` against the current policy and the switch's ports. Groups
@@ -263,6 +274,12 @@ pub fn build_ops(
                 Op::AddGroup(security_group.build(&at)?)
             }
             OpRequest::RemoveSecurityGroup { name } => Op::RemoveGroup(name),
+            OpRequest::SetExternal { external } => Op::SetExternal(
+                external
+                    .map(|e| e.build(ports))
+                    .transpose()
+                    .map_err(|e| anyhow::anyhow!("{at}: {e:#}"))?,
+            ),
             OpRequest::SetRules { name, rules } => Op::SetRules(
                 name,
                 rules

@@ -228,6 +228,62 @@ fn resolve_groups(at: &str, names: &[String], ids: GroupIds) -> Result<Vec<u16>>
         .collect()
 }
 
+impl ExternalConfig {
+    /// The external network, or an error naming the field.
+    pub fn build(&self, ids: &HashMap<String, PortId>) -> Result<External> {
+        let e = self;
+        let port = *ids.get(&e.port).with_context(|| {
+            format!(
+                "external: field `port`: {:?} is not a configured port",
+                e.port
+            )
+        })?;
+        let cidr: Cidr = e
+            .cidr
+            .parse()
+            .map_err(|err| anyhow::anyhow!("external: field `cidr`: {err}"))?;
+        for a in &e.snat {
+            if !cidr.contains(*a) || *a == cidr.addr || *a == cidr.broadcast() {
+                bail!("external: field `snat`: {a} is not a host address of {cidr}");
+            }
+        }
+        if let Some(g) = e.gateway {
+            if !cidr.contains(g) {
+                bail!("external: field `gateway`: {g} is not inside {cidr}");
+            }
+        }
+        let ports = parse_range(&e.snat_ports)
+            .filter(|(a, b)| a <= b && *a > 0)
+            .with_context(|| {
+                format!(
+                    "external: field `snat_ports`: {:?} is not LOW-HIGH within 1..=65535",
+                    e.snat_ports
+                )
+            })?;
+        if e.per_vm_ports == 0 {
+            bail!("external: field `per_vm_ports`: must be at least 1");
+        }
+        let mac = match &e.mac {
+            Some(m) => parse_mac(m)
+                .filter(|m| m[0] & 1 == 0)
+                .with_context(|| format!("external: field `mac`: {m:?} is not a unicast MAC"))?,
+            None => {
+                let a = e.snat.first().copied().unwrap_or(cidr.addr).octets();
+                [0x02, 0xee, a[0], a[1], a[2], a[3]]
+            }
+        };
+        Ok(External {
+            port,
+            mac,
+            cidr,
+            gateway: e.gateway,
+            snat: e.snat.clone(),
+            ports,
+            per_vm_ports: e.per_vm_ports,
+        })
+    }
+}
+
 impl NetworkConfig {
     /// The network, or an error naming `at` and the field.
     pub fn build(&self, at: &str) -> Result<Network> {
@@ -647,7 +703,7 @@ impl Config {
         let mut policy = Policy::new(groups).map_err(|e| anyhow::anyhow!("{e}"))?;
         let (timeouts, limits) = self.conntrack.build()?;
         if let Some(e) = &self.external {
-            topo.external = Some(self.external(e, &ids)?);
+            topo.external = Some(e.build(&ids)?);
         }
         for (i, n) in self.networks.iter().enumerate() {
             let at = format!("network[{i}]");
@@ -683,58 +739,6 @@ impl Config {
             policy,
             timeouts,
             limits,
-        })
-    }
-
-    fn external(&self, e: &ExternalConfig, ids: &HashMap<String, PortId>) -> Result<External> {
-        let port = *ids.get(&e.port).with_context(|| {
-            format!(
-                "external: field `port`: {:?} is not a configured port",
-                e.port
-            )
-        })?;
-        let cidr: Cidr = e
-            .cidr
-            .parse()
-            .map_err(|err| anyhow::anyhow!("external: field `cidr`: {err}"))?;
-        for a in &e.snat {
-            if !cidr.contains(*a) || *a == cidr.addr || *a == cidr.broadcast() {
-                bail!("external: field `snat`: {a} is not a host address of {cidr}");
-            }
-        }
-        if let Some(g) = e.gateway {
-            if !cidr.contains(g) {
-                bail!("external: field `gateway`: {g} is not inside {cidr}");
-            }
-        }
-        let ports = parse_range(&e.snat_ports)
-            .filter(|(a, b)| a <= b && *a > 0)
-            .with_context(|| {
-                format!(
-                    "external: field `snat_ports`: {:?} is not LOW-HIGH within 1..=65535",
-                    e.snat_ports
-                )
-            })?;
-        if e.per_vm_ports == 0 {
-            bail!("external: field `per_vm_ports`: must be at least 1");
-        }
-        let mac = match &e.mac {
-            Some(m) => parse_mac(m)
-                .filter(|m| m[0] & 1 == 0)
-                .with_context(|| format!("external: field `mac`: {m:?} is not a unicast MAC"))?,
-            None => {
-                let a = e.snat.first().copied().unwrap_or(cidr.addr).octets();
-                [0x02, 0xee, a[0], a[1], a[2], a[3]]
-            }
-        };
-        Ok(External {
-            port,
-            mac,
-            cidr,
-            gateway: e.gateway,
-            snat: e.snat.clone(),
-            ports,
-            per_vm_ports: e.per_vm_ports,
         })
     }
 }

@@ -23,7 +23,7 @@ use thiserror::Error;
 use crate::acl::{PolicyError, Rule, SecurityGroup};
 use crate::outcome::{Invalidate, Outcome};
 use crate::shared::Shared;
-use crate::topology::{LocalVm, Network, RemoteVm, TopologyError};
+use crate::topology::{External, LocalVm, Network, RemoteVm, TopologyError};
 
 /// One change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,6 +42,9 @@ pub enum Op {
     AddGroup(SecurityGroup),
     RemoveGroup(String),
     SetRules(String, Vec<Rule>),
+    /// Replace (or add, or remove) the external network. Connections
+    /// through NAT end: their bindings and next hops belong to the old one.
+    SetExternal(Option<External>),
 }
 
 /// Why a batch was refused (nothing of it was applied).
@@ -71,6 +74,9 @@ struct Touched {
     ports: HashSet<PortId>,
     addrs: HashMap<u32, FxHashSet<u32>>,
     policy: bool,
+    /// The external network changed: NATed connections end; these ports'
+    /// flows go.
+    external: Vec<PortId>,
 }
 
 impl Touched {
@@ -113,6 +119,20 @@ impl Shared {
         }
         self.version += 1;
         let ended = self.end_touched(&touched, out);
+        if !touched.external.is_empty() {
+            // NATed connections ended above, into the old pool; the new
+            // external network starts with a fresh one.
+            self.nat = self
+                .topo
+                .external
+                .as_ref()
+                .filter(|e| !e.snat.is_empty())
+                .map(|e| {
+                    crate::nat::NatPool::new(e.snat.clone(), e.ports.0, e.ports.1, e.per_vm_ports)
+                });
+            self.ext_neighbors.clear();
+            self.ext_asked.clear();
+        }
         out.version = self.version;
         out.invalidate = Some(self.invalidation(&touched));
         Ok(Applied {
@@ -299,6 +319,15 @@ impl Shared {
                 t.policy = true;
                 Ok(vec![Op::AddGroup(g)])
             }
+            Op::SetExternal(ext) => {
+                let new_port = ext.as_ref().map(|e| e.port);
+                let old = Arc::make_mut(&mut self.topo)
+                    .set_external(ext)
+                    .map_err(topo_err)?;
+                t.external.extend(old.as_ref().map(|e| e.port));
+                t.external.extend(new_port);
+                Ok(vec![Op::SetExternal(old)])
+            }
             Op::SetRules(name, rules) => {
                 let old = self
                     .policy
@@ -375,6 +404,7 @@ impl Shared {
                     || hit(a.vni, a.src)
                     || hit(a.vni, a.dst)
                     || c.owner.is_some_and(|p| t.ports.contains(&p))
+                    || (!t.external.is_empty() && c.nat.is_some())
                     || (t.policy && !crate::revalidate::still_admitted(&topo, &self.policy, a))
             })
             .map(|(id, _)| id)
@@ -407,7 +437,7 @@ impl Shared {
         for vni in &t.networks {
             inv.ctxs.extend(tenant_ctxs(*vni));
         }
-        for p in &t.ports {
+        for p in t.ports.iter().chain(&t.external) {
             inv.ctxs.insert(Ingress::Port(*p).ctx());
             inv.outputs.insert(*p);
         }

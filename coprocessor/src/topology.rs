@@ -250,6 +250,8 @@ pub enum TopologyError {
         mac: String,
         other: String,
     },
+    #[error("external: field `port`: port {port} is vm {vm}'s")]
+    ExternalPort { port: u16, vm: String },
     #[error("network {vni}: still in use by {user}")]
     NetworkInUse { vni: u32, user: String },
     #[error("network {vni}: field `subnets`: {ip} ({user}) would be outside every subnet")]
@@ -489,6 +491,42 @@ impl Topology {
         *self.vteps.entry(r.vtep).or_default() += 1;
         self.remotes.insert((vni, r.ip), r);
         Ok(())
+    }
+
+    /// Replace the external network (or add one, or remove it with
+    /// `None`): refused if a VM's floating IP would not fit the new one, or
+    /// its port is a VM's. Returns the old one.
+    pub fn set_external(
+        &mut self,
+        ext: Option<External>,
+    ) -> Result<Option<External>, TopologyError> {
+        if let Some(e) = &ext {
+            if let Some(vm) = self.vms.get(&e.port) {
+                return Err(TopologyError::ExternalPort {
+                    port: e.port.0,
+                    vm: vm.name.clone(),
+                });
+            }
+        }
+        for vm in self.vms.values() {
+            let Some(fip) = vm.floating_ip else { continue };
+            let problem = match &ext {
+                None => Some("the external network would be gone".to_string()),
+                Some(e) if !e.cidr.contains(fip) => Some(format!(
+                    "{fip} would be outside the external subnet {}",
+                    e.cidr
+                )),
+                Some(e) if e.snat.contains(&fip) => Some(format!("{fip} would be an SNAT address")),
+                _ => None,
+            };
+            if let Some(problem) = problem {
+                return Err(TopologyError::BadFloatingIp {
+                    name: vm.name.clone(),
+                    problem,
+                });
+            }
+        }
+        Ok(std::mem::replace(&mut self.external, ext))
     }
 
     /// Remove the VM on `port`.

@@ -961,6 +961,36 @@ mod ops {
     }
 
     #[test]
+    fn a_new_external_network_ends_nat_connections_and_takes_new_ones() {
+        let mut n = default_switch();
+        n.send(EXT, &arp_reply_from_router());
+        let f = udp(A_MAC, A_IP, SERVER, 5555, 53);
+        let before = delivered(n.send(A, &f), EXT);
+        assert_eq!(ip_at(&before, 26), SNAT_IP);
+        let mut ext = n.cp.topology().external.clone().unwrap();
+        let new_ip = Ipv4Addr::new(203, 0, 113, 11);
+        ext.snat = vec![new_ip];
+        // The floating IP must still fit: a pool holding it is refused.
+        let clash = crate::topology::External {
+            snat: vec![FIP_B],
+            ..ext.clone()
+        };
+        let e = apply(&mut n, vec![Op::SetExternal(Some(clash))]).unwrap_err();
+        assert!(e.to_string().contains("would be an SNAT address"), "{e}");
+        let (out, applied) = n.cp.apply(vec![Op::SetExternal(Some(ext))]).unwrap();
+        assert_eq!(applied.connections_ended, 1);
+        n.apply(&out);
+        // Neighbours are learned again on the new network.
+        n.send(EXT, &arp_reply_from_router());
+        let after = delivered(n.send(A, &f), EXT);
+        assert_eq!(ip_at(&after, 26), new_ip);
+        assert_eq!(
+            n.cp.shared().lock().unwrap().nat.as_ref().unwrap().in_use(),
+            1
+        );
+    }
+
+    #[test]
     fn a_network_change_that_strands_a_vm_is_refused() {
         let mut n = default_switch();
         let net = n.cp.topology().network(VNI).cloned().unwrap();
