@@ -479,3 +479,87 @@ fn dhcp_clients_get_their_binding_with_the_overlay_mtu_and_renew() {
     let _ = renew.kill();
     let _ = renew.wait();
 }
+
+/// Another subnet of the network on the second hypervisor, and security
+/// groups: `extra` is added to both configs' network, `b_extra` to the VM
+/// on hv2, `a_remote` to hv2's view of A.
+fn routed_config(c: String, b_extra: &str, a_remote_extra: &str) -> String {
+    let c = c.replace(
+        "gateway = \"10.0.0.1\"\n",
+        "gateway = \"10.0.0.1\"\n[[network.subnet]]\ncidr = \"10.0.1.0/24\"\ngateway = \"10.0.1.1\"\n",
+    );
+    let c = c.replace(
+        "network = 100\n\n[[remote]]",
+        &format!("network = 100\n{b_extra}\n\n[[remote]]"),
+    );
+    format!("{c}{a_remote_extra}\n")
+}
+
+#[test]
+fn routed_across_hypervisors_with_remote_group_rules() {
+    let mut lab = Lab::new();
+    let (hv1, hv2) = (lab.netns("h1"), lab.netns("h2"));
+    let (vm1, vm2) = (lab.netns("m1"), lab.netns("m2"));
+    let (u1, u2) = wire(&lab, &hv1, "192.168.61.1", &hv2, "192.168.61.2");
+    let a = ("a", "02:00:00:00:00:0a", "10.0.0.10");
+    let b = ("b", "02:00:00:00:00:0b", "10.0.1.11");
+    let groups = "\n[[security_group]]\nname = \"client\"\n[[security_group.rule]]\ndirection = \"egress\"\n\
+                  [[security_group]]\nname = \"web\"\n[[security_group.rule]]\ndirection = \"ingress\"\n\
+                  remote_group = \"client\"\n[[security_group.rule]]\ndirection = \"egress\"\n";
+    // hv1: A is a client; hv2: B is web, admitting anything from clients
+    // (A is one, as hv2's remote endpoint).
+    let c1 = routed_config(
+        config(
+            &lab,
+            "sw1",
+            &u1,
+            "192.168.61.1",
+            a,
+            (b.2, b.1, "192.168.61.2"),
+        ),
+        "security_groups = [\"client\"]",
+        groups,
+    );
+    let c2 = routed_config(
+        config(
+            &lab,
+            "sw2",
+            &u2,
+            "192.168.61.2",
+            b,
+            (a.2, a.1, "192.168.61.1"),
+        ),
+        "security_groups = [\"web\"]",
+        &format!("security_groups = [\"client\"]\n{groups}"),
+    );
+    let s1 = lab.vswitch_in(Some(&hv1), "sw1", &c1);
+    lab.vswitch_in(Some(&hv2), "sw2", &c2);
+    let (ta, tb) = (lab.name("ta"), lab.name("tb"));
+    lab.attach_vm_from(Some(&hv1), &ta, &vm1, a.1, "10.0.0.10/24");
+    lab.attach_vm_from(Some(&hv2), &tb, &vm2, b.1, "10.0.1.11/24");
+    vm_mtu(&vm1, &ta);
+    vm_mtu(&vm2, &tb);
+    sh(&[
+        "ip", "-n", &vm1, "route", "add", "default", "via", "10.0.0.1",
+    ]);
+    sh(&[
+        "ip", "-n", &vm2, "route", "add", "default", "via", "10.0.1.1",
+    ]);
+    // Routed on the sending host, admitted on the receiving one by the
+    // remote-group rule; the replies come back as the connection's.
+    let (ok, out) = ping(&vm1, b.2, "3");
+    assert!(
+        ok,
+        "routed ping across hypervisors failed:\n{out}\nsw1:\n{}\nsw2:\n{}",
+        lab.log("sw1"),
+        lab.log("sw2")
+    );
+    assert!(out.contains("ttl=63"), "not routed:\n{out}");
+    let bps = iperf(&vm2, &vm1, b.2, "5201");
+    assert!(bps > 1e6, "routed TCP across VXLAN: only {bps} bit/s");
+    // B may not open connections to A (A's group admits nothing in).
+    let (ok, _) = ping(&vm2, a.2, "2");
+    assert!(!ok, "a connection into a client was admitted");
+    let ct = lab.ctl(&s1, "conntrack").expect("conntrack");
+    assert!(ct["total"].as_u64() >= Some(1), "{ct}");
+}
