@@ -22,14 +22,14 @@ use thiserror::Error;
 use crate::topology::Cidr;
 
 /// Which way a new connection goes, seen from the VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Direction {
     Ingress,
     Egress,
 }
 
 /// Whom a rule admits.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Peer {
     Cidr(Cidr),
     /// Members of this group (by name).
@@ -37,7 +37,7 @@ pub enum Peer {
 }
 
 /// One rule of a security group.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rule {
     pub direction: Direction,
     /// IP protocol number; `None` for any.
@@ -48,14 +48,14 @@ pub struct Rule {
 }
 
 /// A named set of rules.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SecurityGroup {
     pub name: String,
     pub rules: Vec<Rule>,
 }
 
 /// Which rule admitted a connection: group index and rule index.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RuleRef {
     pub group: u16,
     pub rule: u16,
@@ -208,6 +208,60 @@ impl Policy {
                     })
             })
             .collect()
+    }
+
+    /// The groups (removed ones included, with an empty name, so ids stay)
+    /// and each group's members, for a snapshot.
+    pub fn to_parts(&self) -> (Vec<SecurityGroup>, Vec<Vec<(u32, u32)>>) {
+        let members = self
+            .members
+            .iter()
+            .map(|m| {
+                let mut v: Vec<(u32, u32)> = m.iter().copied().collect();
+                v.sort_unstable();
+                v
+            })
+            .collect();
+        (self.groups.clone(), members)
+    }
+
+    /// Rebuild from [`Policy::to_parts`].
+    pub fn from_parts(
+        groups: Vec<SecurityGroup>,
+        members: Vec<Vec<(u32, u32)>>,
+        version: u64,
+    ) -> Result<Policy, PolicyError> {
+        let mut p = Policy {
+            members: members
+                .into_iter()
+                .map(|m| m.into_iter().collect())
+                .collect(),
+            version,
+            ..Policy::default()
+        };
+        p.members.resize(groups.len(), HashSet::new());
+        for (i, g) in groups.iter().enumerate() {
+            let id = u16::try_from(i).map_err(|_| PolicyError::TooMany {
+                max: usize::from(u16::MAX),
+            })?;
+            if !g.name.is_empty() && p.by_name.insert(g.name.clone(), id).is_some() {
+                return Err(PolicyError::Duplicate {
+                    name: g.name.clone(),
+                });
+            }
+        }
+        p.compiled = groups
+            .iter()
+            .map(|g| {
+                if g.name.is_empty() {
+                    Ok(Compiled::default())
+                } else {
+                    p.compile(g)
+                }
+            })
+            .collect::<Result<_, _>>()?;
+        p.groups = groups;
+        Ok(p)
     }
 
     /// `ip` in network `vni` is a member of group `id`.

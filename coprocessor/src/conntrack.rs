@@ -23,7 +23,7 @@ use crate::acl::RuleRef;
 use crate::wheel::Wheel;
 
 /// Idle timeouts by state, in nanoseconds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Timeouts {
     pub tcp_syn: u64,
     pub tcp_established: u64,
@@ -55,7 +55,7 @@ impl Default for Timeouts {
 }
 
 /// Table limits.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Limits {
     pub max: usize,
     pub per_vm: u32,
@@ -71,7 +71,7 @@ impl Default for Limits {
 }
 
 /// TCP connection states, as far as the coprocessor sees them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TcpState {
     SynSent,
     Established,
@@ -82,7 +82,7 @@ pub enum TcpState {
 }
 
 /// A connection's protocol state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum ConnState {
     Tcp(TcpState),
     Udp { replied: bool },
@@ -122,7 +122,7 @@ impl ConnState {
 }
 
 /// One direction of a connection: its fast-path flow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Side {
     pub key: FlowKey,
     pub action: Action,
@@ -131,7 +131,7 @@ pub struct Side {
 }
 
 /// A NAT binding held by a connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NatBinding {
     /// The translated (external) address and port of the VM's side.
     pub ip: u32,
@@ -142,7 +142,7 @@ pub struct NatBinding {
 }
 
 /// What admitted a connection, to check again when the policy changes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Admission {
     pub vni: u32,
     /// Original direction's addresses (before NAT) and protocol.
@@ -160,7 +160,7 @@ pub struct Admission {
 }
 
 /// A tracked connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Conn {
     pub sides: [Side; 2],
     pub state: ConnState,
@@ -217,7 +217,7 @@ pub enum Expiry {
 }
 
 /// Counters.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CtCounters {
     pub created: u64,
     pub expired: u64,
@@ -537,6 +537,42 @@ impl Conntrack {
             }
         }
         out
+    }
+
+    /// Every connection, for a snapshot.
+    pub fn to_parts(&self) -> Vec<Conn> {
+        self.slots.iter().flatten().cloned().collect()
+    }
+
+    /// Rebuild from [`Conntrack::to_parts`]: the same connections, keys,
+    /// owners and timers (times are the clock the snapshot was taken on,
+    /// which the restoring process continues).
+    pub fn from_parts(
+        timeouts: Timeouts,
+        limits: Limits,
+        counters: CtCounters,
+        conns: Vec<Conn>,
+        now: u64,
+    ) -> Conntrack {
+        let mut ct = Conntrack::new(timeouts, limits, now);
+        for c in conns {
+            let Ok(idx) = u32::try_from(ct.slots.len()) else {
+                break;
+            };
+            let id = id_of(idx, 0);
+            for (side, s) in c.sides.iter().enumerate() {
+                ct.by_key.insert(s.key, (idx, u8::from(side == 1)));
+            }
+            if let Some(o) = c.owner {
+                *ct.per_owner.entry(o).or_default() += 1;
+            }
+            ct.wheel.schedule(id, c.deadline.max(now));
+            ct.slots.push(Some(c));
+            ct.gens.push(0);
+            ct.len += 1;
+        }
+        ct.counters = counters;
+        ct
     }
 
     /// Timers waiting (for tests and stats).

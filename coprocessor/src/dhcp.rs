@@ -27,7 +27,7 @@ const OPT_HOSTNAME: u8 = 12;
 const OPT_MTU: u8 = 26;
 
 /// One lease.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Lease {
     pub mac: Mac,
     pub ip: Ipv4Addr,
@@ -36,7 +36,7 @@ pub struct Lease {
 }
 
 /// The leases handed out, by client MAC.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Leases {
     by_mac: HashMap<Mac, Lease>,
 }

@@ -41,7 +41,7 @@ pub use shared::Shared;
 pub use topology::Topology;
 
 /// Coprocessor counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stats {
     pub handled: u64,
     pub flows_compiled: u64,

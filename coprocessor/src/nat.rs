@@ -115,6 +115,20 @@ impl NatPool {
         Err(NatRefused::Exhausted)
     }
 
+    /// Mark a binding handed out before (a restored connection's).
+    pub fn claim(&mut self, vm: PortId, proto: u8, addr: u32, port: u16) {
+        let bits = self
+            .used
+            .entry((addr, proto))
+            .or_insert_with(|| Box::new([0; WORDS]));
+        let (w, b) = (usize::from(port / 64), port % 64);
+        if bits[w] & (1 << b) == 0 {
+            bits[w] |= 1 << b;
+            self.in_use += 1;
+            self.vms.entry(vm).or_default().ports += 1;
+        }
+    }
+
     /// Give back what [`NatPool::allocate`] handed out.
     pub fn release(&mut self, vm: PortId, proto: u8, addr: u32, port: u16) {
         let Some(bits) = self.used.get_mut(&(addr, proto)) else {

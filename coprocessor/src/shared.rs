@@ -17,7 +17,7 @@ use crate::outcome::{DropCause, Outcome};
 use crate::topology::Topology;
 
 /// Per-VM refusals, for `ctl` (who is being denied what).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VmDrops {
     pub acl_denied: u64,
     pub ct_refused: u64,
@@ -46,7 +46,78 @@ pub struct Shared {
     pub counters: crate::Stats,
 }
 
+/// Everything [`Shared`] holds, as plain data (what a live handover
+/// carries to the next binary).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SharedState {
+    pub topology: crate::topology::TopologyParts,
+    pub leases: Leases,
+    pub groups: Vec<crate::acl::SecurityGroup>,
+    pub members: Vec<Vec<(u32, u32)>>,
+    pub policy_version: u64,
+    pub timeouts: Timeouts,
+    pub limits: Limits,
+    pub conns: Vec<Conn>,
+    pub ct_counters: crate::conntrack::CtCounters,
+    pub ext_neighbors: Vec<(Ipv4Addr, Mac)>,
+    pub vm_drops: Vec<(PortId, VmDrops)>,
+    pub version: u64,
+    pub counters: crate::Stats,
+}
+
 impl Shared {
+    /// The state as plain data.
+    pub fn save(&self) -> SharedState {
+        let (groups, members) = self.policy.to_parts();
+        let mut ext_neighbors: Vec<(Ipv4Addr, Mac)> =
+            self.ext_neighbors.iter().map(|(k, v)| (*k, *v)).collect();
+        ext_neighbors.sort();
+        let mut vm_drops: Vec<(PortId, VmDrops)> =
+            self.vm_drops.iter().map(|(k, v)| (*k, *v)).collect();
+        vm_drops.sort_by_key(|(p, _)| *p);
+        SharedState {
+            topology: self.topo.to_parts(),
+            leases: self.leases.clone(),
+            groups,
+            members,
+            policy_version: self.policy.version,
+            timeouts: self.ct.timeouts,
+            limits: self.ct.limits,
+            conns: self.ct.to_parts(),
+            ct_counters: self.ct.counters,
+            ext_neighbors,
+            vm_drops,
+            version: self.version,
+            counters: self.counters.clone(),
+        }
+    }
+
+    /// Rebuild from [`Shared::save`] at time `now` of the same clock:
+    /// everything is checked again as it is rebuilt; NAT bindings are
+    /// claimed back from the connections that hold them.
+    pub fn restore(s: SharedState, now: u64) -> Result<Shared, String> {
+        let topo = Topology::from_parts(s.topology).map_err(|e| format!("topology: {e}"))?;
+        let policy = Policy::from_parts(s.groups, s.members, s.policy_version)
+            .map_err(|e| format!("security groups: {e}"))?;
+        let mut sh = Shared::new(topo, policy, s.timeouts, s.limits);
+        sh.ct = Conntrack::from_parts(s.timeouts, s.limits, s.ct_counters, s.conns, now);
+        if let Some(pool) = sh.nat.as_mut() {
+            for (_, c) in sh.ct.iter() {
+                if let (Some(b), Some(owner)) = (c.nat, c.owner) {
+                    if b.pooled {
+                        pool.claim(owner, c.admission.proto, b.ip, b.port);
+                    }
+                }
+            }
+        }
+        sh.leases = s.leases;
+        sh.ext_neighbors = s.ext_neighbors.into_iter().collect();
+        sh.vm_drops = s.vm_drops.into_iter().collect();
+        sh.version = s.version;
+        sh.counters = s.counters;
+        Ok(sh)
+    }
+
     /// State for `topo` (the SNAT pool comes from its external network).
     pub fn new(topo: Topology, policy: Policy, timeouts: Timeouts, limits: Limits) -> Shared {
         let nat = topo

@@ -12,7 +12,7 @@ use flowtable::{Mac, PortId, Vni};
 use thiserror::Error;
 
 /// An IPv4 prefix.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Cidr {
     pub addr: Ipv4Addr,
     pub len: u8,
@@ -71,7 +71,7 @@ impl std::str::FromStr for Cidr {
 }
 
 /// A subnet of a tenant network.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Subnet {
     pub cidr: Cidr,
     /// The distributed router's address in this subnet (answered by the ARP proxy).
@@ -79,7 +79,7 @@ pub struct Subnet {
 }
 
 /// Where a static route sends its traffic.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Via {
     /// A VM of the network (an appliance: firewall, VPN, router VM).
     Vm(Ipv4Addr),
@@ -88,14 +88,14 @@ pub enum Via {
 }
 
 /// A static route of a tenant network.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Route {
     pub cidr: Cidr,
     pub via: Via,
 }
 
 /// A tenant network (one VNI).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Network {
     pub vni: Vni,
     pub subnets: Vec<Subnet>,
@@ -115,7 +115,7 @@ pub struct Network {
 }
 
 /// A VM attached to a port of this switch.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct LocalVm {
     pub name: String,
     pub port: PortId,
@@ -131,7 +131,7 @@ pub struct LocalVm {
 }
 
 /// A VM behind another hypervisor's VTEP.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RemoteVm {
     pub ip: Ipv4Addr,
     pub mac: Mac,
@@ -144,7 +144,7 @@ pub struct RemoteVm {
 /// The external network: a port towards the outside world (the
 /// provider network), the host's addresses on it, and how to reach the
 /// rest of it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct External {
     pub port: PortId,
     /// Our MAC on the external port.
@@ -181,7 +181,7 @@ pub enum ExternalAddr {
 }
 
 /// The uplink: where VXLAN leaves and arrives.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Uplink {
     pub port: PortId,
     pub mac: Mac,
@@ -295,7 +295,59 @@ pub struct Topology {
     vteps: FxHashMap<Ipv4Addr, usize>,
 }
 
+/// A topology as plain lists (for snapshots): rebuilt with the same
+/// checks as any change.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TopologyParts {
+    pub uplink: Option<Uplink>,
+    pub external: Option<External>,
+    pub networks: Vec<Network>,
+    pub vms: Vec<LocalVm>,
+    pub remotes: Vec<RemoteVm>,
+    pub neighbors: Vec<(Ipv4Addr, Mac)>,
+}
+
 impl Topology {
+    /// The topology as plain lists.
+    pub fn to_parts(&self) -> TopologyParts {
+        let mut networks: Vec<Network> = self.networks.values().cloned().collect();
+        networks.sort_by_key(|n| n.vni);
+        let mut vms: Vec<LocalVm> = self.vms.values().cloned().collect();
+        vms.sort_by_key(|v| v.port);
+        let mut remotes: Vec<RemoteVm> = self.remotes.values().cloned().collect();
+        remotes.sort_by_key(|r| (r.vni, r.ip));
+        let mut neighbors: Vec<(Ipv4Addr, Mac)> =
+            self.neighbors.iter().map(|(k, v)| (*k, *v)).collect();
+        neighbors.sort();
+        TopologyParts {
+            uplink: self.uplink.clone(),
+            external: self.external.clone(),
+            networks,
+            vms,
+            remotes,
+            neighbors,
+        }
+    }
+
+    /// Rebuild a topology from its parts, checking everything again.
+    pub fn from_parts(p: TopologyParts) -> Result<Topology, TopologyError> {
+        let mut t = Topology::new(p.uplink);
+        t.external = p.external;
+        for n in p.networks {
+            t.add_network(n)?;
+        }
+        for v in p.vms {
+            t.add_vm(v)?;
+        }
+        for r in p.remotes {
+            t.add_remote(r)?;
+        }
+        for (vtep, mac) in p.neighbors {
+            t.set_neighbor(vtep, mac);
+        }
+        Ok(t)
+    }
+
     pub fn new(uplink: Option<Uplink>) -> Topology {
         Topology {
             uplink,

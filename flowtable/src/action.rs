@@ -19,7 +19,7 @@ pub const ENCAP_LEN: usize = 50;
 pub type Mac = [u8; 6];
 
 /// Where a frame goes after its rewrites.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Output {
     /// Transmit on this port.
     Port(PortId),
@@ -37,8 +37,35 @@ pub enum Output {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct EncapTemplate(pub [u8; ENCAP_LEN]);
 
+impl serde::Serialize for EncapTemplate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for EncapTemplate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Bytes;
+        impl serde::de::Visitor<'_> for Bytes {
+            type Value = EncapTemplate;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "{ENCAP_LEN} bytes of encapsulation template")
+            }
+            fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<EncapTemplate, E> {
+                v.try_into()
+                    .map(EncapTemplate)
+                    .map_err(|_| E::invalid_length(v.len(), &self))
+            }
+            fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<EncapTemplate, E> {
+                self.visit_bytes(&v)
+            }
+        }
+        d.deserialize_bytes(Bytes)
+    }
+}
+
 /// Which end of a packet a NAT rewrite changes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum NatSide {
     /// Source address (and port): SNAT.
     Src,
@@ -49,7 +76,7 @@ pub enum NatSide {
 /// An address (and optionally port) rewrite with incremental checksum
 /// updates of the IPv4 header and the TCP/UDP/ICMP checksum. For ICMP
 /// echo the "port" is the echo identifier, on either side.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Nat {
     pub side: NatSide,
     /// New address (host order).
@@ -61,7 +88,7 @@ pub struct Nat {
 /// What the fast path does with a frame that hits a flow. Applied in this
 /// order: decap, connection-event check, length check, TTL decrement, NAT,
 /// MAC rewrite, encap, output.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct Action {
     pub output: Output,
     /// Strip the outer VXLAN headers (uplink flows) of frames sent by this

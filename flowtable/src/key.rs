@@ -10,13 +10,41 @@ use std::hash::{BuildHasher, RandomState};
 
 /// A port of the switch (VM port, uplink). Small and dense: it indexes
 /// per-port arrays in the fast path.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+)]
 pub struct PortId(pub u16);
 
 /// A VXLAN network identifier. Only the low 24 bits are meaningful; the
 /// constructor refuses anything wider.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(try_from = "u32", into = "u32")]
 pub struct Vni(u32);
+
+impl TryFrom<u32> for Vni {
+    type Error = String;
+    fn try_from(v: u32) -> Result<Vni, String> {
+        Vni::new(v).ok_or_else(|| format!("VNI {v} does not fit in 24 bits"))
+    }
+}
+
+impl From<Vni> for u32 {
+    fn from(v: Vni) -> u32 {
+        v.0
+    }
+}
 
 impl Vni {
     /// The largest VNI a 24-bit field can carry.
@@ -86,7 +114,7 @@ impl KeyFlags {
 /// For ICMP, `src_port` is the echo identifier (0 for other types) and
 /// `dst_port` is `type << 8 | code`, so echo requests and replies of one
 /// ping session are distinct, reversible flows.
-#[derive(Clone, Copy, Debug, Eq, Default)]
+#[derive(Clone, Copy, Debug, Eq, Default, serde::Serialize, serde::Deserialize)]
 #[repr(C)]
 pub struct FlowKey {
     pub ctx: u32,

@@ -55,7 +55,7 @@ const LOAD_DEN: usize = 2;
 pub const MAX_CAPACITY: usize = 1 << 28;
 
 /// Per-flow counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FlowStats {
     pub packets: u64,
     pub bytes: u64,

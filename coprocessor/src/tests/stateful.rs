@@ -1018,3 +1018,47 @@ mod ops {
         assert!(e.to_string().contains("still in use"), "{e}");
     }
 }
+
+#[test]
+fn the_shared_state_survives_save_and_restore() {
+    let mut n = default_switch();
+    n.send(EXT, &arp_reply_from_router());
+    let syn = tcp(A_MAC, A_IP, B_IP, 40000, 80, SYN);
+    delivered(n.send(A, &syn), B);
+    delivered(n.send(A, &udp(A_MAC, A_IP, SERVER, 5555, 53)), EXT);
+    let saved = n.cp.shared().lock().unwrap().save();
+    let restored = Shared::restore(saved.clone(), n.now).expect("restore");
+    assert_eq!(restored.save(), saved, "save ∘ restore is the identity");
+    assert_eq!(restored.ct.len(), 2);
+    assert_eq!(
+        restored.nat.as_ref().unwrap().in_use(),
+        1,
+        "the NAT port is claimed back"
+    );
+    let (id, side) = restored
+        .ct
+        .lookup(&key_of(A, &syn))
+        .expect("the connection");
+    assert_eq!(side, 0);
+    assert_eq!(
+        restored.ct.get(id).unwrap().state,
+        ConnState::Tcp(TcpState::SynSent)
+    );
+    // A coprocessor on the restored state carries on: the reply passes.
+    let mut n2 = Net {
+        cp: Coprocessor::with_shared(Arc::new(Mutex::new(restored))),
+        ..switch(Limits::default(), (1024, 65535), 1000)
+    };
+    delivered(n2.send(B, &tcp(B_MAC, B_IP, A_IP, 80, 40000, SYN | ACK)), A);
+    // The next SNAT port is not the one a restored connection holds.
+    let f = delivered(n2.send(A, &udp(A_MAC, A_IP, SERVER, 5556, 53)), EXT);
+    let held =
+        n.cp.shared()
+            .lock()
+            .unwrap()
+            .ct
+            .iter()
+            .find_map(|(_, c)| c.nat)
+            .unwrap();
+    assert_ne!(port_at(&f, 34), held.port);
+}

@@ -1,0 +1,201 @@
+use std::net::Ipv4Addr;
+
+use coprocessor::acl::{Direction, Peer, Policy, Rule, SecurityGroup};
+use coprocessor::conntrack::{Admission, Conn, ConnState, Limits, Side, TcpState, Timeouts};
+use coprocessor::shared::Shared;
+use coprocessor::topology::{LocalVm, Network, RemoteVm, Subnet, Topology, Uplink};
+use flowtable::{Action, EncapTemplate, FlowKey, FlowStats, Ingress, Nat, NatSide, PortId, Vni};
+
+use super::*;
+
+/// A small but complete state, the same every time.
+fn state() -> SwitchState {
+    let vni = Vni::new(100).unwrap();
+    let mut t = Topology::new(Some(Uplink {
+        port: PortId(2),
+        mac: [2, 0xaa, 0, 0, 0, 1],
+        local_vtep: Ipv4Addr::new(192, 168, 0, 1),
+        mtu: 1500,
+        ttl: 64,
+    }));
+    t.add_network(Network {
+        vni,
+        subnets: vec![Subnet {
+            cidr: "10.0.0.0/24".parse().unwrap(),
+            gateway: Ipv4Addr::new(10, 0, 0, 1),
+        }],
+        gateway_mac: [2, 0, 0, 0, 0, 0xfe],
+        dns: vec![Ipv4Addr::new(10, 0, 0, 53)],
+        lease_secs: 600,
+        routes: vec![],
+        gateway_vtep: None,
+        snat: false,
+    })
+    .unwrap();
+    t.add_vm(LocalVm {
+        name: "a".into(),
+        port: PortId(0),
+        mac: [2, 0, 0, 0, 0, 0x0a],
+        ips: vec![Ipv4Addr::new(10, 0, 0, 10)],
+        vni,
+        hostname: Some("vm-a".into()),
+        groups: vec![0],
+        floating_ip: None,
+    })
+    .unwrap();
+    t.add_remote(RemoteVm {
+        ip: Ipv4Addr::new(10, 0, 0, 20),
+        mac: [2, 0, 0, 0, 1, 0x20],
+        vni,
+        vtep: Ipv4Addr::new(192, 168, 0, 2),
+        groups: vec![],
+    })
+    .unwrap();
+    t.set_neighbor(Ipv4Addr::new(192, 168, 0, 2), [2, 0xbb, 0, 0, 0, 2]);
+    let mut policy = Policy::new(vec![SecurityGroup {
+        name: "web".into(),
+        rules: vec![Rule {
+            direction: Direction::Ingress,
+            proto: Some(6),
+            ports: (80, 80),
+            peer: Peer::Cidr("0.0.0.0/0".parse().unwrap()),
+        }],
+    }])
+    .unwrap();
+    policy.add_member(0, 100, Ipv4Addr::new(10, 0, 0, 10));
+    let mut sh = Shared::new(t, policy, Timeouts::default(), Limits::default());
+    let fwd = FlowKey::new(
+        Ingress::Port(PortId(0)),
+        6,
+        0x0a00_000a,
+        0x0a00_0014,
+        40000,
+        80,
+    );
+    let rev = FlowKey::new(Ingress::Vni(vni), 6, 0x0a00_0014, 0x0a00_000a, 80, 40000);
+    let encap = Action {
+        encap: Some(EncapTemplate([7; 50])),
+        conntrack: true,
+        ..Action::output(PortId(2))
+    };
+    let decap = Action {
+        decap: Some(0xc0a8_0002),
+        nat: Some(Nat {
+            side: NatSide::Dst,
+            ip: 0x0a00_000a,
+            port: Some(40000),
+        }),
+        conntrack: true,
+        ..Action::output(PortId(0))
+    };
+    let side = |key, action| Side {
+        key,
+        action,
+        installed: true,
+    };
+    let adm = Admission {
+        vni: 100,
+        src: 0x0a00_000a,
+        dst: 0x0a00_0014,
+        proto: 6,
+        port: 80,
+        egress: Some(PortId(0)),
+        ingress: None,
+        rule: None,
+    };
+    sh.ct
+        .insert(
+            Conn::new(
+                [side(fwd, encap), side(rev, decap)],
+                ConnState::Tcp(TcpState::Established),
+                adm,
+                5_000,
+            ),
+            Some(PortId(0)),
+            5_000,
+        )
+        .unwrap();
+    SwitchState {
+        clock_ns: 7_000_000_000,
+        config: "[switch]\npoll = \"busy\"\n".into(),
+        shared: sh.save(),
+        flows: vec![
+            FlowRecord {
+                key: fwd,
+                action: encap,
+                stats: FlowStats {
+                    packets: 3,
+                    bytes: 300,
+                    last_used: 6_000,
+                },
+            },
+            FlowRecord {
+                key: rev,
+                action: decap,
+                stats: FlowStats::default(),
+            },
+        ],
+    }
+}
+
+#[test]
+fn a_snapshot_round_trips() {
+    let s = state();
+    let bytes = encode(&s).unwrap();
+    assert_eq!(bytes[..8], MAGIC);
+    assert_eq!(decode(&bytes).unwrap(), s);
+    // And the shared state it carries restores.
+    let sh = Shared::restore(s.shared.clone(), s.clock_ns).unwrap();
+    assert_eq!(sh.ct.len(), 1);
+    assert_eq!(sh.topo.vm_named("a").map(|v| v.port), Some(PortId(0)));
+}
+
+#[test]
+fn damaged_snapshots_are_refused_with_their_defect() {
+    let bytes = encode(&state()).unwrap();
+    assert_eq!(
+        decode(b"hello, world, not a snapshot"),
+        Err(SnapshotError::NotASnapshot)
+    );
+    for cut in [0, 7, 23, 24, bytes.len() / 2, bytes.len() - 1] {
+        assert!(
+            matches!(decode(&bytes[..cut]), Err(SnapshotError::Truncated { .. })),
+            "cut at {cut}"
+        );
+    }
+    let mut flipped = bytes.clone();
+    let last = flipped.len() - 1;
+    flipped[last] ^= 0x40;
+    assert!(matches!(
+        decode(&flipped),
+        Err(SnapshotError::Corrupt { .. })
+    ));
+    let mut future = bytes.clone();
+    future[8..12].copy_from_slice(&99u32.to_le_bytes());
+    assert_eq!(
+        decode(&future),
+        Err(SnapshotError::UnsupportedFormat { found: 99 })
+    );
+    // A body that passes the checksum but does not decode.
+    let mut lying = bytes[..24].to_vec();
+    lying.extend_from_slice(&[0xff; 16]);
+    lying[12..20].copy_from_slice(&16u64.to_le_bytes());
+    let crc = crc32fast::hash(&[0xff; 16]);
+    lying[20..24].copy_from_slice(&crc.to_le_bytes());
+    assert!(matches!(decode(&lying), Err(SnapshotError::Body(_))));
+}
+
+/// The checked-in snapshot of format 1 still loads. (Regenerate only when
+/// format 1 is still the current one: `UPDATE_FIXTURES=1 cargo test -p
+/// live-migrate`; a new format gets a new fixture and v1 stays.)
+#[test]
+fn the_format_1_fixture_loads() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/v1.snap");
+    if std::env::var_os("UPDATE_FIXTURES").is_some() {
+        std::fs::write(&path, encode(&state()).unwrap()).unwrap();
+    }
+    let bytes = std::fs::read(&path).expect("fixtures/v1.snap is checked in");
+    let s = decode(&bytes).expect("format 1 loads");
+    assert_eq!(s, state());
+    Shared::restore(s.shared, s.clock_ns).expect("and restores");
+}
