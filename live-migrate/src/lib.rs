@@ -12,6 +12,8 @@
 //! (`fixtures/vN.snap`) that the tests load, so a newer binary keeps
 //! reading what the previous one wrote.
 
+pub mod fdpass;
+
 use coprocessor::shared::SharedState;
 use flowtable::{Action, FlowKey, FlowStats};
 use serde::{Deserialize, Serialize};
