@@ -619,6 +619,14 @@ impl Config {
         toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))
     }
 
+    /// The config at `path` and its text.
+    pub fn load_text(path: &std::path::Path) -> Result<(Config, String)> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config {}", path.display()))?;
+        let c = Config::parse(&text).with_context(|| format!("config {}", path.display()))?;
+        Ok((c, text))
+    }
+
     pub fn load(path: &std::path::Path) -> Result<Config> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading config {}", path.display()))?;

@@ -30,9 +30,13 @@ const MAX_REQUEST: u64 = 64 << 20;
 
 pub struct Server {
     listener: UnixListener,
+    /// The switch was handed over to a new binary (which serves this
+    /// socket now: do not remove its path on exit).
+    handed_over: bool,
     /// The last top-talkers sample, for rates: (vni, dst, vtep) → bytes.
     talkers: (Instant, std::collections::HashMap<(u32, u32, u32), u64>),
     metrics: Option<std::net::TcpListener>,
+    metrics_addr: Option<std::net::SocketAddr>,
     links: Links,
 }
 
@@ -53,6 +57,12 @@ pub struct Links {
     pub punt_depth: Option<Box<dyn Fn() -> usize + Send>>,
     /// The id the next port added at run time gets.
     pub next_port: u16,
+    /// The configuration text the switch started from (handed over).
+    pub config_text: String,
+    /// Why this switch cannot be handed over, if it cannot.
+    pub handover_refused: Option<String>,
+    /// The last handover into this process, for `ctl stats`.
+    pub last_handover: Option<Value>,
     /// The kernel's routes and neighbours: a VTEP a change introduces is
     /// resolved before the change applies, so its first packet can go.
     pub netlink: Option<crate::neighbor::Netlink>,
@@ -60,21 +70,13 @@ pub struct Links {
 
 impl Server {
     /// Listen on `path` with mode 0600 (a stale socket file is replaced).
+    /// Bind the control socket at `path` with mode 0600 (a stale socket
+    /// file is replaced).
     pub fn bind(
         path: &Path,
         metrics: Option<std::net::SocketAddr>,
         links: Links,
     ) -> Result<Server> {
-        let metrics = match metrics {
-            None => None,
-            Some(a) => {
-                let l = std::net::TcpListener::bind(a)
-                    .with_context(|| format!("switch: field `metrics`: binding {a}"))?;
-                l.set_nonblocking(true)?;
-                info!(address = %a, "metrics at /metrics");
-                Some(l)
-            }
-        };
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
@@ -91,13 +93,45 @@ impl Server {
         let listener =
             UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        let mut s = Server::inherit(listener, None, links)?;
+        if let Some(a) = metrics {
+            s.bind_metrics(a)?;
+        }
+        s.metrics_addr = metrics;
+        Ok(s)
+    }
+
+    /// Serve an already bound listener (handed over by the previous
+    /// binary). The metrics address is bound once it is free (the
+    /// previous binary holds it until it exits).
+    pub fn inherit(
+        listener: UnixListener,
+        metrics: Option<std::net::SocketAddr>,
+        links: Links,
+    ) -> Result<Server> {
         listener.set_nonblocking(true)?;
         Ok(Server {
+            handed_over: false,
             talkers: (Instant::now(), std::collections::HashMap::new()),
             listener,
-            metrics,
+            metrics: None,
+            metrics_addr: metrics,
             links,
         })
+    }
+
+    fn bind_metrics(&mut self, a: std::net::SocketAddr) -> Result<()> {
+        let l = std::net::TcpListener::bind(a)
+            .with_context(|| format!("switch: field `metrics`: binding {a}"))?;
+        l.set_nonblocking(true)?;
+        info!(address = %a, "metrics at /metrics");
+        self.metrics = Some(l);
+        Ok(())
+    }
+
+    /// True once this switch was handed over to a new binary.
+    pub fn handed_over(&self) -> bool {
+        self.handed_over
     }
 
     /// Answer requests until `stop` is set.
@@ -108,14 +142,24 @@ impl Server {
             events: libc::POLLIN,
             revents: 0,
         }];
-        if let Some(m) = &self.metrics {
-            fds.push(libc::pollfd {
-                fd: m.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
-        }
+        let mut last_try = Instant::now();
         while !stop.load(Ordering::Relaxed) {
+            if self.metrics.is_none() && last_try.elapsed() >= Duration::from_secs(1) {
+                last_try = Instant::now();
+                if let Some(a) = self.metrics_addr {
+                    if self.bind_metrics(a).is_ok() {
+                        info!("metrics bound");
+                    }
+                }
+            }
+            fds.truncate(1);
+            if let Some(m) = &self.metrics {
+                fds.push(libc::pollfd {
+                    fd: m.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                });
+            }
             // Sleep until a client connects (or a while, to see `stop`).
             fastpath::wake::wait_readable(&mut fds, 100);
             if let Some(Ok((s, _))) = self.metrics.as_ref().map(|l| l.accept()) {
@@ -148,12 +192,57 @@ impl Server {
             Ok(n) if n as u64 >= MAX_REQUEST && !line.ends_with('\n') => {
                 json!({"error": format!("request larger than {} MiB", MAX_REQUEST >> 20)})
             }
+            Ok(_) if line.contains("\"handover\"") && is_cmd(&line, "handover") => {
+                self.handover(&s, stop);
+                return Ok(());
+            }
             Ok(_) => self.answer(&line, stop),
         };
         let mut w = &s;
         w.write_all(serde_json::to_string(&reply)?.as_bytes())?;
         w.write_all(b"\n")?;
         Ok(())
+    }
+
+    /// Hand the switch over to the binary on `s` (see `handover`); on
+    /// any failure, resume as if nothing happened.
+    fn handover(&mut self, s: &UnixStream, stop: &AtomicBool) {
+        if let Some(why) = &self.links.handover_refused {
+            let mut w = s;
+            let _ = w.write_all(json!({"error": why}).to_string().as_bytes());
+            return;
+        }
+        let t = Instant::now();
+        let paused = match self.ask(Request::Pause) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!("handover: {e:#}");
+                return;
+            }
+        };
+        let state = live_migrate::SwitchState {
+            clock_ns: paused.clock_ns,
+            config: self.links.config_text.clone(),
+            shared: lock(self.links.coprocessor.shared()).save(),
+            flows: crate::handover::flows(&paused),
+        };
+        match crate::handover::give(s, &paused, &state, &self.listener) {
+            Ok(true) => {
+                info!(
+                    flows = state.flows.len(),
+                    connections = state.shared.conns.len(),
+                    elapsed_ms = t.elapsed().as_secs_f64() * 1e3,
+                    "handed over to the new binary; exiting"
+                );
+                self.handed_over = true;
+                stop.store(true, Ordering::Relaxed);
+            }
+            other => {
+                warn!(result = ?other.map_err(|e| format!("{e:#}")), "handover failed; resuming");
+                let _ = self.links.requests.send(Request::Resume);
+                self.links.wake.notify();
+            }
+        }
     }
 
     fn answer(&mut self, line: &str, stop: &AtomicBool) -> Value {
@@ -179,6 +268,7 @@ impl Server {
                 Some("stats") => self.ask(Request::Stats).map(|s| {
                     let mut v = stats_json(&s);
                     v["conntrack"] = self.conntrack_counters();
+                    v["last_handover"] = self.links.last_handover.clone().unwrap_or(Value::Null);
                     v
                 }),
                 Some("flows") => FlowFilter::parse(&v).and_then(|flt| {
@@ -380,6 +470,11 @@ impl Server {
         );
         Ok(json!({"ok": true, "flows_removed": removed}))
     }
+}
+
+/// Is `line` the JSON request `{"cmd": cmd}`?
+fn is_cmd(line: &str, cmd: &str) -> bool {
+    serde_json::from_str::<Value>(line).is_ok_and(|v| v["cmd"] == cmd)
 }
 
 /// A VM's name, or its port's number.

@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use std::io::Write;
+
+use anyhow::{bail, Context, Result};
 use coprocessor::{Coprocessor, Outcome, PuntKind, Punted, Shared};
 use crossbeam_queue::ArrayQueue;
 use fastpath::dataplane::{
@@ -31,10 +33,61 @@ use crate::config::{Config, Poll, PortType};
 use crate::control;
 use crate::neighbor;
 
-/// Run until a signal (or `stop`) ends it.
-pub fn run(cfg: Config) -> Result<()> {
+/// What a new binary took over from the running one.
+pub struct Inherited {
+    pub taken: crate::handover::Taken,
+    /// When the takeover started (for the phase times).
+    pub started: Instant,
+}
+
+/// Take the switch over from the binary running with `config`'s control
+/// socket, then run (see `handover`).
+pub fn takeover(config: &std::path::Path) -> Result<()> {
+    let started = Instant::now();
+    let own = Config::load(config)?;
+    let taken = crate::handover::take(&own.switch.control_socket)?;
+    let text = taken.state.config.clone();
+    let cfg = Config::parse(&text).context("the running switch's configuration")?;
+    run(cfg, text, Some(Inherited { taken, started }))
+}
+
+/// Run until a signal (or `stop`) ends it. `inherit`: the state and
+/// descriptors a previous binary handed over.
+pub fn run(cfg: Config, config_text: String, inherit: Option<Inherited>) -> Result<()> {
     let built = cfg.build()?;
     let mut topo = built.topo;
+    let handover_refused =
+        (cfg.uplink.is_some() || cfg.ports.iter().any(|p| p.kind == PortType::AfXdp)).then(|| {
+            "this switch has AF_XDP ports (the uplink or af-xdp VM ports): their sockets share \
+         the process's UMEM and cannot be handed over yet"
+                .to_string()
+        });
+    if inherit.is_some() && handover_refused.is_some() {
+        bail!("the handed-over configuration has AF_XDP ports: not supported yet");
+    }
+    let mut inherit = inherit;
+    let carried = inherit
+        .as_ref()
+        .map_or(0, |i| i.taken.state.shared.conns.len());
+    let restored = match &mut inherit {
+        Some(i) => {
+            let s = std::mem::replace(
+                &mut i.taken.state.shared,
+                coprocessor::shared::Shared::new(
+                    topo.clone(),
+                    coprocessor::acl::Policy::default(),
+                    built.timeouts,
+                    built.limits,
+                )
+                .save(),
+            );
+            let sh = Shared::restore(s, i.taken.state.clock_ns)
+                .map_err(|e| anyhow::anyhow!("restoring the handed-over state: {e}"))?;
+            topo = (*sh.topo).clone();
+            Some(sh)
+        }
+        None => None,
+    };
     let s = &cfg.switch;
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())
@@ -53,7 +106,22 @@ pub fn run(cfg: Config) -> Result<()> {
     // XDP programs stay attached while they are held.
     let mut programs = Vec::new();
     let mut ports = Vec::new();
-    for (i, p) in cfg.ports.iter().enumerate() {
+    let mut port_names = cfg.port_ids()?;
+    if let Some(i) = &mut inherit {
+        // The previous binary's tap queues, by port id.
+        port_names.clear();
+        for (id, (name, fd)) in std::mem::take(&mut i.taken.ports).into_iter().enumerate() {
+            let id = PortId(u16::try_from(id).context("too many ports")?);
+            port_names.insert(name.clone(), id);
+            ports.push(Port {
+                id,
+                name: name.clone(),
+                io: PortIo::Tap(Tap::from_fd(fd, &name)),
+                counters: PortCounters::default(),
+            });
+        }
+    }
+    for (i, p) in cfg.ports.iter().enumerate().filter(|_| inherit.is_none()) {
         let what = || format!("port[{i}] ({})", p.name);
         let io = match p.kind {
             PortType::Tap => PortIo::Tap(Tap::open(&p.name).with_context(what)?),
@@ -130,14 +198,33 @@ pub fn run(cfg: Config) -> Result<()> {
 
     // Leases, policy, connections, NAT: one state for all coprocessor
     // threads (and the control thread's policy changes).
-    let shared = Arc::new(std::sync::Mutex::new(Shared::new(
-        topo.clone(),
-        built.policy,
-        built.timeouts,
-        built.limits,
-    )));
+    let shared = Arc::new(std::sync::Mutex::new(match restored {
+        Some(sh) => sh,
+        None => Shared::new(topo.clone(), built.policy, built.timeouts, built.limits),
+    }));
     let reports = Arc::new(ArrayQueue::new(REPORT_QUEUE));
-    let epoch = Instant::now();
+    // A handed-over switch continues its predecessor's clock, so every
+    // stored time (flow use, timers, leases) keeps its meaning.
+    let epoch = match &inherit {
+        Some(i) => Instant::now()
+            .checked_sub(Duration::from_nanos(i.taken.state.clock_ns))
+            .unwrap_or_else(Instant::now),
+        None => Instant::now(),
+    };
+    if let Some(i) = &inherit {
+        // Start warm: the predecessor's flows go in before the first poll.
+        let flows = i
+            .taken
+            .state
+            .flows
+            .iter()
+            .map(|f| (f.key, f.action))
+            .collect();
+        let _ = installs.push(Install {
+            flows,
+            ..Install::default()
+        });
+    }
     let mut coproc_threads = Vec::new();
     for i in 0..s.coprocessor_threads {
         let mut cp = Coprocessor::with_shared(shared.clone());
@@ -198,23 +285,39 @@ pub fn run(cfg: Config) -> Result<()> {
     };
 
     let ctl_cp = Coprocessor::with_shared(shared);
-    let port_names = cfg.port_ids()?;
     let depth_rx = depth_rx;
-    let mut server = control::Server::bind(
-        &s.control_socket,
-        s.metrics,
-        control::Links {
-            punt_depth: Some(Box::new(move || depth_rx.depth())),
-            netlink: neighbor::Netlink::open().ok(),
-            next_port: n_ports,
-            requests: req_tx,
-            wake: wake.clone(),
-            installs: installs_for_control,
-            coprocessor: ctl_cp,
-            epoch,
-            ports: port_names,
-        },
-    )?;
+    // A taken-over switch confirms once its fast path polls.
+    let mut last_handover = None;
+    if let Some(i) = &mut inherit {
+        let first = wait_first_poll(&req_tx, &wake)?;
+        let blackout_us = first.saturating_sub(i.taken.paused_mono_ns) as f64 / 1e3;
+        (&i.taken.conn)
+            .write_all(b"confirm\n")
+            .context("confirming the handover")?;
+        let v = serde_json::json!({"blackout_us": blackout_us,
+            "takeover_ms": i.started.elapsed().as_secs_f64() * 1e3,
+            "flows": i.taken.state.flows.len(), "connections": carried});
+        info!(%v, "took the switch over");
+        last_handover = Some(v);
+    }
+    let links = control::Links {
+        config_text,
+        handover_refused,
+        last_handover,
+        punt_depth: Some(Box::new(move || depth_rx.depth())),
+        netlink: neighbor::Netlink::open().ok(),
+        next_port: n_ports,
+        requests: req_tx,
+        wake: wake.clone(),
+        installs: installs_for_control,
+        coprocessor: ctl_cp,
+        epoch,
+        ports: port_names,
+    };
+    let mut server = match inherit {
+        Some(i) => control::Server::inherit(i.taken.listener, s.metrics, links)?,
+        None => control::Server::bind(&s.control_socket, s.metrics, links)?,
+    };
     info!(socket = %s.control_socket.display(), "vswitch running");
     server.serve(&stop);
 
@@ -232,9 +335,30 @@ pub fn run(cfg: Config) -> Result<()> {
         h.thread().unpark();
         let _ = h.join();
     }
-    let _ = std::fs::remove_file(&s.control_socket);
+    // After a handover the socket is the new binary's.
+    if !server.handed_over() {
+        let _ = std::fs::remove_file(&s.control_socket);
+    }
     info!("stopped");
     Ok(())
+}
+
+/// Wait (at most 2 s) for the fast path's first poll; its CLOCK_MONOTONIC.
+fn wait_first_poll(req: &mpsc::Sender<fastpath::dataplane::Request>, wake: &Wake) -> Result<u64> {
+    let t = Instant::now();
+    while t.elapsed() < Duration::from_secs(2) {
+        let (tx, rx) = mpsc::channel();
+        req.send(fastpath::dataplane::Request::Stats(tx))
+            .map_err(|_| anyhow::anyhow!("the fast path is gone"))?;
+        wake.notify();
+        if let Ok(s) = rx.recv_timeout(Duration::from_millis(500)) {
+            if let Some(f) = s.first_poll_mono_ns {
+                return Ok(f);
+            }
+        }
+        thread::sleep(Duration::from_micros(100));
+    }
+    bail!("the fast path did not start polling within 2 s")
 }
 
 /// Fast-path reports waiting for the coprocessors.

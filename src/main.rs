@@ -5,6 +5,7 @@ mod api;
 mod config;
 mod control;
 mod daemon;
+mod handover;
 mod metrics;
 mod neighbor;
 mod ratelog;
@@ -32,6 +33,11 @@ enum Cmd {
     Run {
         #[arg(long)]
         config: PathBuf,
+        /// Take over the switch running with this config's control socket
+        /// (live upgrade): its state, tap ports and control socket move
+        /// here without closing, then it exits.
+        #[arg(long)]
+        takeover: bool,
     },
     /// Check a config file and exit.
     Check {
@@ -154,14 +160,20 @@ fn main() -> ExitCode {
             );
             return ExitCode::from(2);
         }
-        Some(Cmd::Run { config }) => config::Config::load(&config).and_then(|c| {
-            let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| c.switch.log.clone());
-            tracing_subscriber::fmt()
-                .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-                .with_writer(std::io::stderr)
-                .init();
-            daemon::run(c)
-        }),
+        Some(Cmd::Run { config, takeover }) => {
+            config::Config::load_text(&config).and_then(|(c, text)| {
+                let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| c.switch.log.clone());
+                tracing_subscriber::fmt()
+                    .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+                    .with_writer(std::io::stderr)
+                    .init();
+                if takeover {
+                    daemon::takeover(&config)
+                } else {
+                    daemon::run(c, text, None)
+                }
+            })
+        }
         Some(Cmd::Check { config }) => {
             config::Config::load(&config).and_then(|c| c.topology().map(|_| println!("config ok")))
         }

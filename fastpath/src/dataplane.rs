@@ -212,6 +212,8 @@ pub struct Snapshot {
     pub stale_installs: u64,
     pub first_packet: FirstPacket,
     pub uptime_ns: u64,
+    /// CLOCK_MONOTONIC of the first poll of the ports.
+    pub first_poll_mono_ns: Option<u64>,
 }
 
 /// Requests from the control thread; answers go back on the sender.
@@ -226,11 +228,41 @@ pub enum Request {
     AddPort(Box<Port>, Sender<Result<(), String>>),
     /// Close a port and remove every flow from or to it.
     RemovePort(PortId, Sender<Result<(), String>>),
+    /// Stop polling the ports (a handover is taking the switch over);
+    /// installs and requests are still served. Answers with what the next
+    /// binary needs from this thread.
+    Pause(Sender<Paused>),
+    /// Poll again (the handover failed).
+    Resume,
     /// The action of the flow for a key, if any (not counted as a hit).
     Lookup(FlowKey, Sender<Option<Action>>),
     /// The next hop with this MAC changed or went away: remove the flows
     /// that encapsulate towards it (they are recompiled on their next packet).
     InvalidateNextHop(flowtable::Mac),
+}
+
+/// A paused fast path's state for the next binary.
+#[derive(Debug)]
+pub struct Paused {
+    /// The thread's clock (ns since its epoch) when it stopped polling.
+    pub clock_ns: u64,
+    /// CLOCK_MONOTONIC (ns) of the last poll, for the blackout.
+    pub last_poll_mono_ns: u64,
+    pub flows: Vec<FlowDump>,
+    /// Each port by id: its name and, for a tap, its descriptor (still
+    /// owned here: the caller passes copies).
+    pub ports: Vec<(String, Option<i32>)>,
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (comparable across processes).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec through a valid pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
 }
 
 /// Traffic of the live flows towards one remote destination.
@@ -312,6 +344,10 @@ pub struct Dataplane {
     first_packet: FirstPacket,
     /// The last invalidation's version (see [`Install::version`]).
     min_version: u64,
+    /// Ports are not polled (handover in progress).
+    paused: bool,
+    /// CLOCK_MONOTONIC of the first poll (a handover's end of blackout).
+    pub first_poll_mono_ns: Option<u64>,
     invalidated: u64,
     stale_installs: u64,
 }
@@ -358,6 +394,8 @@ impl Dataplane {
             reports_lost: 0,
             first_packet: FirstPacket::default(),
             min_version: 0,
+            paused: false,
+            first_poll_mono_ns: None,
             invalidated: 0,
             stale_installs: 0,
         }
@@ -395,8 +433,13 @@ impl Dataplane {
             self.apply_install(ins, now);
             work += 1;
         }
-        for i in 0..self.ports.len() {
-            work += self.poll_port(i, now);
+        if !self.paused {
+            if self.first_poll_mono_ns.is_none() {
+                self.first_poll_mono_ns = Some(monotonic_ns());
+            }
+            for i in 0..self.ports.len() {
+                work += self.poll_port(i, now);
+            }
         }
         let c = self.cfg;
         let (reports, lost) = (&self.links.reports, &mut self.reports_lost);
@@ -648,6 +691,7 @@ impl Dataplane {
                     stale_installs: self.stale_installs,
                     first_packet: self.first_packet,
                     uptime_ns: now,
+                    first_poll_mono_ns: self.first_poll_mono_ns,
                 });
             }
             Request::Talkers(tx) => {
@@ -718,6 +762,38 @@ impl Dataplane {
                 };
                 let _ = tx.send(r);
             }
+            Request::Pause(tx) => {
+                self.paused = true;
+                let flows = self
+                    .pipeline
+                    .table()
+                    .iter()
+                    .map(|e| FlowDump {
+                        key: e.key,
+                        action: *e.action,
+                        stats: e.stats,
+                        current: e.current,
+                    })
+                    .collect();
+                let ports = self
+                    .ports
+                    .iter()
+                    .map(|p| {
+                        let fd = match &p.io {
+                            PortIo::Tap(t) => Some(t.fd()),
+                            _ => None,
+                        };
+                        (p.name.clone(), fd)
+                    })
+                    .collect();
+                let _ = tx.send(Paused {
+                    clock_ns: now,
+                    last_poll_mono_ns: monotonic_ns(),
+                    flows,
+                    ports,
+                });
+            }
+            Request::Resume => self.paused = false,
             Request::Lookup(key, tx) => {
                 let _ = tx.send(self.pipeline.table().get(&key).map(|e| *e.action));
             }

@@ -83,6 +83,16 @@ impl Tap {
         })
     }
 
+    /// A tap whose queue another process opened and passed on (live
+    /// handover): `fd` is an open, non-blocking /dev/net/tun queue
+    /// attached to `name`.
+    pub fn from_fd(fd: std::os::fd::OwnedFd, name: &str) -> Tap {
+        Tap {
+            file: File::from(fd),
+            name: name.into(),
+        }
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }

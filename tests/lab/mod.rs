@@ -164,6 +164,36 @@ impl Lab {
         sock
     }
 
+    /// Start `binary run --config <name>.toml --takeover` (a new vswitch
+    /// taking over a running one); its log is `<name>-new.log`.
+    pub fn takeover(&mut self, binary: &std::path::Path, name: &str) -> u32 {
+        let path = self.dir.join(format!("{name}.toml"));
+        let log =
+            std::fs::File::create(self.dir.join(format!("{name}-new.log"))).expect("log file");
+        let child = Command::new(binary)
+            .args(["run", "--takeover", "--config"])
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting the new vswitch");
+        let pid = child.id();
+        self.children.push(child);
+        pid
+    }
+
+    /// Has the `i`-th vswitch started exited (within `limit`)?
+    pub fn exited(&mut self, i: usize, limit: Duration) -> bool {
+        let t = Instant::now();
+        while t.elapsed() < limit {
+            if matches!(self.children[i].try_wait(), Ok(Some(_))) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
     pub fn socket(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.sock"))
     }

@@ -1,0 +1,218 @@
+//! Live handover in the lab: a second copy of the binary takes a running
+//! switch over while traffic flows; a new binary that fails leaves the
+//! old one forwarding with its state.
+//!
+//! Run serially (`--test-threads=1`, as scripts/test does).
+
+mod lab;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use lab::{sh, try_sh, Lab};
+
+struct Switch {
+    sock: std::path::PathBuf,
+    a: String,
+    b: String,
+}
+
+/// A and B on tap ports; B in a security group admitting ICMP and the
+/// iperf3 port (so the connections through it are tracked state).
+fn start(lab: &mut Lab) -> Switch {
+    let (ta, tb) = (lab.name("ta"), lab.name("tb"));
+    let cfg = format!(
+        "[switch]\npoll = \"adaptive\"\nflow_capacity = 4096\ncontrol_socket = \"{sock}\"\n\n\
+         [[port]]\nname = \"{ta}\"\ntype = \"tap\"\n[[port]]\nname = \"{tb}\"\ntype = \"tap\"\n\n\
+         [[network]]\nvni = 100\ngateway_mac = \"02:00:00:00:00:fe\"\n\
+         [[network.subnet]]\ncidr = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\n\n\
+         [[security_group]]\nname = \"srv\"\n\
+         [[security_group.rule]]\ndirection = \"ingress\"\nprotocol = \"icmp\"\n\
+         [[security_group.rule]]\ndirection = \"ingress\"\nprotocol = \"tcp\"\nports = 5201\n\
+         [[security_group.rule]]\ndirection = \"egress\"\n\n\
+         [[vm]]\nname = \"a\"\nport = \"{ta}\"\nmac = \"02:00:00:00:00:0a\"\nips = [\"10.0.0.10\"]\nnetwork = 100\n\
+         [[vm]]\nname = \"b\"\nport = \"{tb}\"\nmac = \"02:00:00:00:00:0b\"\nips = [\"10.0.0.11\"]\nnetwork = 100\n\
+         security_groups = [\"srv\"]\n",
+        sock = lab.socket("sw").display(),
+    );
+    let sock = lab.vswitch("sw", &cfg);
+    let a = lab.netns("va");
+    let b = lab.netns("vb");
+    lab.attach_vm(&ta, &a, "02:00:00:00:00:0a", "10.0.0.10/24");
+    lab.attach_vm(&tb, &b, "02:00:00:00:00:0b", "10.0.0.11/24");
+    Switch { sock, a, b }
+}
+
+/// (transmitted, received) from ping's summary.
+fn ping_counts(out: &str) -> (u64, u64) {
+    let line = out
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_else(|| panic!("no ping summary in:\n{out}"));
+    let nums: Vec<u64> = line
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    (nums[0], nums[1])
+}
+
+/// A copy of the binary, as an upgrade would bring.
+fn second_binary(lab: &Lab) -> std::path::PathBuf {
+    let p = lab.dir.join("vswitch-new");
+    std::fs::copy(env!("CARGO_BIN_EXE_vswitch"), &p).expect("copying the binary");
+    p
+}
+
+#[test]
+fn a_new_binary_takes_over_while_ping_floods_and_tcp_streams() {
+    let mut lab = Lab::new();
+    let sw = start(&mut lab);
+    let (ok, out) = try_sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &sw.a,
+        "ping",
+        "-c",
+        "2",
+        "-W",
+        "1",
+        "10.0.0.11",
+    ]);
+    assert!(ok, "{out}\n{}", lab.log("sw"));
+    // iperf3 server in B; a 5 s stream from A, and a ping flood.
+    sh(&[
+        "ip", "netns", "exec", &sw.b, "iperf3", "-s", "-1", "-D", "-p", "5201",
+    ]);
+    lab::wait_until("iperf3 server", Duration::from_secs(5), || {
+        try_sh(&["ip", "netns", "exec", &sw.b, "ss", "-ltn"])
+            .1
+            .contains(":5201")
+    });
+    let iperf = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &sw.a,
+            "iperf3",
+            "-c",
+            "10.0.0.11",
+            "-p",
+            "5201",
+            "-t",
+            "5",
+            "-J",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("iperf3");
+    let ping = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &sw.a,
+            "ping",
+            "-i",
+            "0.002",
+            "-c",
+            "2000",
+            "-W",
+            "1",
+            "10.0.0.11",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ping");
+    std::thread::sleep(Duration::from_millis(1500));
+    let new = second_binary(&lab);
+    lab.takeover(&new, "sw");
+    assert!(
+        lab.exited(0, Duration::from_secs(15)),
+        "the old binary did not hand over and exit\nold:\n{}\nnew:\n{}",
+        lab.log("sw"),
+        lab.log("sw-new")
+    );
+    let ping = ping.wait_with_output().expect("ping");
+    let (sent, got) = ping_counts(&String::from_utf8_lossy(&ping.stdout));
+    let iperf = iperf.wait_with_output().expect("iperf3");
+    let v: serde_json::Value = serde_json::from_slice(&iperf.stdout).unwrap_or_default();
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0);
+    assert!(
+        bps > 1e6,
+        "the TCP stream did not survive the handover: {}\n{}",
+        String::from_utf8_lossy(&iperf.stdout),
+        lab.log("sw-new")
+    );
+    let st = lab
+        .ctl(&sw.sock, "stats")
+        .expect("the new binary answers on the same socket");
+    let h = &st["last_handover"];
+    eprintln!("handover: {h}; pings lost {} of {sent}", sent - got);
+    assert!(h["blackout_us"].as_f64().is_some(), "{st}");
+    assert!(
+        h["connections"].as_u64() >= Some(2),
+        "tracked connections carried: {h}"
+    );
+    assert!(sent - got <= 5, "{} of {sent} pings lost", sent - got);
+    // The new binary forwards, with its state: B's group still admits
+    // ICMP, and the topology is the old one.
+    let (ok, out) = try_sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &sw.a,
+        "ping",
+        "-c",
+        "2",
+        "-W",
+        "1",
+        "10.0.0.11",
+    ]);
+    assert!(ok, "after the handover: {out}\n{}", lab.log("sw-new"));
+    // And a second upgrade in a row (back to the first binary).
+    lab.takeover(std::path::Path::new(env!("CARGO_BIN_EXE_vswitch")), "sw");
+    assert!(
+        lab.exited(1, Duration::from_secs(15)),
+        "{}",
+        lab.log("sw-new")
+    );
+    let (ok, out) = try_sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &sw.a,
+        "ping",
+        "-c",
+        "2",
+        "-W",
+        "1",
+        "10.0.0.11",
+    ]);
+    assert!(ok, "after the second handover: {out}");
+}
+
+#[test]
+fn a_new_binary_that_fails_leaves_the_old_one_forwarding() {
+    let mut lab = Lab::new();
+    let sw = start(&mut lab);
+    let sock = sw.sock.to_str().expect("path").to_string();
+    // One that takes the state and dies before confirming, then one that
+    // hangs past the deadline.
+    for (what, script) in [
+        ("exits before confirming", "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b'{\"cmd\": \"handover\"}\\n'); s.recv(100)"),
+        ("hangs", "import socket,sys,time; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); s.sendall(b'{\"cmd\": \"handover\"}\\n'); s.recv(100); time.sleep(12)"),
+    ] {
+        let (_, out) = try_sh(&["timeout", "20", "python3", "-c", script, &sock]);
+        let (ok, ping) = try_sh(&["ip", "netns", "exec", &sw.a, "ping", "-c", "3", "-i", "0.2", "-W", "1", "10.0.0.11"]);
+        assert!(ok, "after a new binary that {what}: {out}\n{ping}\n{}", lab.log("sw"));
+        assert!(lab.log("sw").contains("handover failed; resuming"), "{}", lab.log("sw"));
+    }
+    assert!(
+        lab.ctl(&sw.sock, "stats").is_some(),
+        "the old binary still answers"
+    );
+}
