@@ -57,6 +57,8 @@ pub struct Links {
     pub punt_depth: Option<Box<dyn Fn() -> usize + Send>>,
     /// The id the next port added at run time gets.
     pub next_port: u16,
+    /// CLOCK_MONOTONIC at this switch's clock zero.
+    pub epoch_mono_ns: u64,
     /// The configuration text the switch started from (handed over).
     pub config_text: String,
     /// Why this switch cannot be handed over, if it cannot.
@@ -281,6 +283,11 @@ impl Server {
                 Some("security-group-set") => self.set_group(&v, stop),
                 Some("trace") => self.trace(&v),
                 Some("port-add") => self.port_add(&v),
+                Some("handover-prepare") => Ok(match &self.links.handover_refused {
+                    Some(why) => json!({"error": why}),
+                    None => json!({"config": self.links.config_text,
+                                   "epoch_mono_ns": self.links.epoch_mono_ns}),
+                }),
                 Some("port-remove") => self.port_remove(&v),
                 Some("top-talkers") => self.top_talkers(&v),
                 Some("topology") => Ok(self.topology_json()),

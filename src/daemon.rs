@@ -33,10 +33,13 @@ use crate::config::{Config, Poll, PortType};
 use crate::control;
 use crate::neighbor;
 
-/// What a new binary took over from the running one.
-pub struct Inherited {
-    pub taken: crate::handover::Taken,
-    /// When the takeover started (for the phase times).
+/// A takeover in progress: this binary prepares everything, then asks
+/// the running one (on `socket`) for its state and ports.
+pub struct Takeover {
+    pub socket: std::path::PathBuf,
+    /// CLOCK_MONOTONIC at the running switch's clock zero, which this one
+    /// continues.
+    pub epoch_mono_ns: u64,
     pub started: Instant,
 }
 
@@ -45,15 +48,24 @@ pub struct Inherited {
 pub fn takeover(config: &std::path::Path) -> Result<()> {
     let started = Instant::now();
     let own = Config::load(config)?;
-    let taken = crate::handover::take(&own.switch.control_socket)?;
-    let text = taken.state.config.clone();
+    let socket = own.switch.control_socket.clone();
+    let (text, epoch_mono_ns) = crate::handover::prepare(&socket)?;
     let cfg = Config::parse(&text).context("the running switch's configuration")?;
-    run(cfg, text, Some(Inherited { taken, started }))
+    run(
+        cfg,
+        text,
+        Some(Takeover {
+            socket,
+            epoch_mono_ns,
+            started,
+        }),
+    )
 }
 
-/// Run until a signal (or `stop`) ends it. `inherit`: the state and
-/// descriptors a previous binary handed over.
-pub fn run(cfg: Config, config_text: String, inherit: Option<Inherited>) -> Result<()> {
+/// Run until a signal (or `stop`) ends it. With `takeover`, the ports,
+/// state and control socket come from the running binary once this one
+/// is ready.
+pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Result<()> {
     let built = cfg.build()?;
     let mut topo = built.topo;
     let handover_refused =
@@ -62,32 +74,9 @@ pub fn run(cfg: Config, config_text: String, inherit: Option<Inherited>) -> Resu
          the process's UMEM and cannot be handed over yet"
                 .to_string()
         });
-    if inherit.is_some() && handover_refused.is_some() {
-        bail!("the handed-over configuration has AF_XDP ports: not supported yet");
+    if takeover.is_some() && handover_refused.is_some() {
+        bail!("the running switch has AF_XDP ports: taking them over is not supported yet");
     }
-    let mut inherit = inherit;
-    let carried = inherit
-        .as_ref()
-        .map_or(0, |i| i.taken.state.shared.conns.len());
-    let restored = match &mut inherit {
-        Some(i) => {
-            let s = std::mem::replace(
-                &mut i.taken.state.shared,
-                coprocessor::shared::Shared::new(
-                    topo.clone(),
-                    coprocessor::acl::Policy::default(),
-                    built.timeouts,
-                    built.limits,
-                )
-                .save(),
-            );
-            let sh = Shared::restore(s, i.taken.state.clock_ns)
-                .map_err(|e| anyhow::anyhow!("restoring the handed-over state: {e}"))?;
-            topo = (*sh.topo).clone();
-            Some(sh)
-        }
-        None => None,
-    };
     let s = &cfg.switch;
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())
@@ -107,21 +96,11 @@ pub fn run(cfg: Config, config_text: String, inherit: Option<Inherited>) -> Resu
     let mut programs = Vec::new();
     let mut ports = Vec::new();
     let mut port_names = cfg.port_ids()?;
-    if let Some(i) = &mut inherit {
-        // The previous binary's tap queues, by port id.
+    if takeover.is_some() {
+        // The ports come from the running binary, added once it pauses.
         port_names.clear();
-        for (id, (name, fd)) in std::mem::take(&mut i.taken.ports).into_iter().enumerate() {
-            let id = PortId(u16::try_from(id).context("too many ports")?);
-            port_names.insert(name.clone(), id);
-            ports.push(Port {
-                id,
-                name: name.clone(),
-                io: PortIo::Tap(Tap::from_fd(fd, &name)),
-                counters: PortCounters::default(),
-            });
-        }
     }
-    for (i, p) in cfg.ports.iter().enumerate().filter(|_| inherit.is_none()) {
+    for (i, p) in cfg.ports.iter().enumerate().filter(|_| takeover.is_none()) {
         let what = || format!("port[{i}] ({})", p.name);
         let io = match p.kind {
             PortType::Tap => PortIo::Tap(Tap::open(&p.name).with_context(what)?),
@@ -198,33 +177,25 @@ pub fn run(cfg: Config, config_text: String, inherit: Option<Inherited>) -> Resu
 
     // Leases, policy, connections, NAT: one state for all coprocessor
     // threads (and the control thread's policy changes).
-    let shared = Arc::new(std::sync::Mutex::new(match restored {
-        Some(sh) => sh,
-        None => Shared::new(topo.clone(), built.policy, built.timeouts, built.limits),
-    }));
+    let shared = Arc::new(std::sync::Mutex::new(Shared::new(
+        topo.clone(),
+        built.policy,
+        built.timeouts,
+        built.limits,
+    )));
     let reports = Arc::new(ArrayQueue::new(REPORT_QUEUE));
     // A handed-over switch continues its predecessor's clock, so every
     // stored time (flow use, timers, leases) keeps its meaning.
-    let epoch = match &inherit {
-        Some(i) => Instant::now()
-            .checked_sub(Duration::from_nanos(i.taken.state.clock_ns))
+    let epoch = match &takeover {
+        Some(t) => Instant::now()
+            .checked_sub(Duration::from_nanos(
+                fastpath::dataplane::monotonic_ns().saturating_sub(t.epoch_mono_ns),
+            ))
             .unwrap_or_else(Instant::now),
         None => Instant::now(),
     };
-    if let Some(i) = &inherit {
-        // Start warm: the predecessor's flows go in before the first poll.
-        let flows = i
-            .taken
-            .state
-            .flows
-            .iter()
-            .map(|f| (f.key, f.action))
-            .collect();
-        let _ = installs.push(Install {
-            flows,
-            ..Install::default()
-        });
-    }
+    let epoch_mono_ns = fastpath::dataplane::monotonic_ns()
+        .saturating_sub(u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(0));
     let mut coproc_threads = Vec::new();
     for i in 0..s.coprocessor_threads {
         let mut cp = Coprocessor::with_shared(shared.clone());
@@ -286,19 +257,57 @@ pub fn run(cfg: Config, config_text: String, inherit: Option<Inherited>) -> Resu
 
     let ctl_cp = Coprocessor::with_shared(shared);
     let depth_rx = depth_rx;
-    // A taken-over switch confirms once its fast path polls.
+    // Taking over: everything is running; now the old binary pauses and
+    // hands over its state, ports and control socket.
     let mut last_handover = None;
-    if let Some(i) = &mut inherit {
+    let mut inherited_listener = None;
+    let mut next_port = n_ports;
+    if let Some(t) = &takeover {
+        let taken = crate::handover::take(&t.socket)?;
+        let carried = taken.state.shared.conns.len();
+        let flows = taken.state.flows.len();
+        let restored = Shared::restore(taken.state.shared, taken.state.clock_ns)
+            .map_err(|e| anyhow::anyhow!("restoring the handed-over state: {e}"))?;
+        *coprocessor::lock(ctl_cp.shared()) = restored;
+        let _ = installs_for_control.push(Install {
+            flows: taken
+                .state
+                .flows
+                .iter()
+                .map(|f| (f.key, f.action))
+                .collect(),
+            ..Install::default()
+        });
+        for (id, (name, fd)) in taken.ports.into_iter().enumerate() {
+            let id = PortId(u16::try_from(id).context("too many ports")?);
+            port_names.insert(name.clone(), id);
+            let port = Port {
+                id,
+                name: name.clone(),
+                io: PortIo::Tap(Tap::from_fd(fd, &name)),
+                counters: PortCounters::default(),
+            };
+            let (tx, rx) = mpsc::channel();
+            req_tx
+                .send(fastpath::dataplane::Request::AddPort(Box::new(port), tx))
+                .map_err(|_| anyhow::anyhow!("the fast path is gone"))?;
+            wake.notify();
+            rx.recv_timeout(Duration::from_secs(2))
+                .context("the fast path did not take a port")?
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            next_port = id.0 + 1;
+        }
         let first = wait_first_poll(&req_tx, &wake)?;
-        let blackout_us = first.saturating_sub(i.taken.paused_mono_ns) as f64 / 1e3;
-        (&i.taken.conn)
+        let blackout_us = first.saturating_sub(taken.paused_mono_ns) as f64 / 1e3;
+        (&taken.conn)
             .write_all(b"confirm\n")
             .context("confirming the handover")?;
         let v = serde_json::json!({"blackout_us": blackout_us,
-            "takeover_ms": i.started.elapsed().as_secs_f64() * 1e3,
-            "flows": i.taken.state.flows.len(), "connections": carried});
+            "takeover_ms": t.started.elapsed().as_secs_f64() * 1e3,
+            "flows": flows, "connections": carried});
         info!(%v, "took the switch over");
         last_handover = Some(v);
+        inherited_listener = Some(taken.listener);
     }
     let links = control::Links {
         config_text,
@@ -306,7 +315,8 @@ pub fn run(cfg: Config, config_text: String, inherit: Option<Inherited>) -> Resu
         last_handover,
         punt_depth: Some(Box::new(move || depth_rx.depth())),
         netlink: neighbor::Netlink::open().ok(),
-        next_port: n_ports,
+        next_port,
+        epoch_mono_ns,
         requests: req_tx,
         wake: wake.clone(),
         installs: installs_for_control,
@@ -314,8 +324,8 @@ pub fn run(cfg: Config, config_text: String, inherit: Option<Inherited>) -> Resu
         epoch,
         ports: port_names,
     };
-    let mut server = match inherit {
-        Some(i) => control::Server::inherit(i.taken.listener, s.metrics, links)?,
+    let mut server = match inherited_listener {
+        Some(l) => control::Server::inherit(l, s.metrics, links)?,
         None => control::Server::bind(&s.control_socket, s.metrics, links)?,
     };
     info!(socket = %s.control_socket.display(), "vswitch running");

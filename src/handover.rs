@@ -1,7 +1,9 @@
 //! Live handover, both sides (`shared/DESIGN.md` §7).
 //!
-//! The new binary (`vswitch run --config F --takeover`) connects to the
-//! running switch's control socket and asks `{"cmd": "handover"}`. The old
+//! The new binary (`vswitch run --config F --takeover`) first asks the
+//! running switch for its configuration and clock (`handover-prepare`),
+//! starts everything it can (frame pool, fast path, coprocessors), then
+//! asks `{"cmd": "handover"}`. The old
 //! one stops polling its ports (the fast path finishes its batch; frames
 //! wait in the tap queues), saves its state (config, topology, policy,
 //! connections with NAT bindings, leases, flows) as a versioned snapshot
@@ -66,6 +68,31 @@ pub fn give(
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
     Ok(line.trim() == "confirm")
+}
+
+/// The new side, before anything pauses: the running switch's
+/// configuration and clock zero (CLOCK_MONOTONIC ns), so this binary can
+/// start everything first and keep the blackout to the state transfer.
+pub fn prepare(socket: &Path) -> Result<(String, u64)> {
+    let conn = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to the running switch at {}", socket.display()))?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    (&conn).write_all(b"{\"cmd\": \"handover-prepare\"}\n")?;
+    let mut line = String::new();
+    BufReader::new(&conn).read_line(&mut line)?;
+    let v: Value = serde_json::from_str(&line).context("the running switch's answer")?;
+    if let Some(e) = v.get("error").and_then(Value::as_str) {
+        bail!("the running switch refused: {e}");
+    }
+    Ok((
+        v["config"]
+            .as_str()
+            .context("no config in the answer")?
+            .to_string(),
+        v["epoch_mono_ns"]
+            .as_u64()
+            .context("no clock in the answer")?,
+    ))
 }
 
 /// What the new binary received.

@@ -739,6 +739,8 @@ impl Dataplane {
                     self.out.tx.add_port();
                     self.links.punter.add_port();
                     self.ports.push(*port);
+                    // The next poll is the first of this port.
+                    self.first_poll_mono_ns = None;
                     Ok(())
                 };
                 let _ = tx.send(r);
