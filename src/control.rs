@@ -226,6 +226,7 @@ impl Server {
             clock_ns: paused.clock_ns,
             config: self.links.config_text.clone(),
             shared: lock(self.links.coprocessor.shared()).save(),
+            actions: paused.actions.clone(),
             flows: crate::handover::flows(&paused),
         };
         match crate::handover::give(s, &paused, &state, &self.listener) {

@@ -266,16 +266,12 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         let taken = crate::handover::take(&t.socket)?;
         let carried = taken.state.shared.conns.len();
         let flows = taken.state.flows.len();
+        let warm: Vec<_> = taken.state.flows().collect();
         let restored = Shared::restore(taken.state.shared, taken.state.clock_ns)
             .map_err(|e| anyhow::anyhow!("restoring the handed-over state: {e}"))?;
         *coprocessor::lock(ctl_cp.shared()) = restored;
         let _ = installs_for_control.push(Install {
-            flows: taken
-                .state
-                .flows
-                .iter()
-                .map(|f| (f.key, f.action))
-                .collect(),
+            flows: warm,
             ..Install::default()
         });
         for (id, (name, fd)) in taken.ports.into_iter().enumerate() {

@@ -168,14 +168,15 @@ pub fn take(socket: &Path) -> Result<Taken> {
     })
 }
 
-/// The flows of a paused fast path, for the snapshot.
-pub fn flows(p: &Paused) -> Vec<FlowRecord> {
-    p.flows
-        .iter()
-        .map(|f| FlowRecord {
-            key: f.key,
-            action: f.action,
-            stats: f.stats,
-        })
-        .collect()
+/// The flows of a paused fast path, packed for the snapshot.
+pub fn flows(p: &Paused) -> live_migrate::Flows {
+    let mut f = live_migrate::Flows::with_capacity(p.flows.len());
+    for (key, action, stats) in &p.flows {
+        f.push(&FlowRecord {
+            key: *key,
+            action: *action,
+            stats: *stats,
+        });
+    }
+    f
 }

@@ -248,7 +248,10 @@ pub struct Paused {
     pub clock_ns: u64,
     /// CLOCK_MONOTONIC (ns) of the last poll, for the blackout.
     pub last_poll_mono_ns: u64,
-    pub flows: Vec<FlowDump>,
+    /// The flows: key, index into `actions`, counters.
+    pub flows: Vec<(FlowKey, u32, FlowStats)>,
+    /// The distinct actions the flows use.
+    pub actions: Vec<Action>,
     /// Each port by id: its name and, for a tap, its descriptor (still
     /// owned here: the caller passes copies).
     pub ports: Vec<(String, Option<i32>)>,
@@ -766,17 +769,22 @@ impl Dataplane {
             }
             Request::Pause(tx) => {
                 self.paused = true;
-                let flows = self
-                    .pipeline
-                    .table()
-                    .iter()
-                    .map(|e| FlowDump {
-                        key: e.key,
-                        action: *e.action,
-                        stats: e.stats,
-                        current: e.current,
-                    })
-                    .collect();
+                // The table's own action ids, made dense: no hashing.
+                let t = self.pipeline.table();
+                let mut dense: Vec<u32> = Vec::new();
+                let mut actions = Vec::new();
+                let mut flows = Vec::with_capacity(t.len());
+                for e in t.iter() {
+                    let id = e.action_id.0 as usize;
+                    if dense.len() <= id {
+                        dense.resize(id + 1, u32::MAX);
+                    }
+                    if dense[id] == u32::MAX {
+                        dense[id] = u32::try_from(actions.len()).unwrap_or(u32::MAX);
+                        actions.push(*e.action);
+                    }
+                    flows.push((e.key, dense[id], e.stats));
+                }
                 let ports = self
                     .ports
                     .iter()
@@ -792,6 +800,7 @@ impl Dataplane {
                     clock_ns: now,
                     last_poll_mono_ns: monotonic_ns(),
                     flows,
+                    actions,
                     ports,
                 });
             }

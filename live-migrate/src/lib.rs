@@ -27,12 +27,119 @@ pub const FORMAT: u32 = 1;
 pub const READS: &[u32] = &[1];
 const HEADER: usize = 24;
 
-/// One fast-path flow.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One fast-path flow; its action is an index into
+/// [`SwitchState::actions`] (many flows share one action, as in the flow
+/// table: a million flows carry a few thousand actions).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FlowRecord {
     pub key: FlowKey,
-    pub action: Action,
+    pub action: u32,
     pub stats: FlowStats,
+}
+
+/// Bytes of one packed [`FlowRecord`]: key 20, action 4, packets,
+/// bytes, last use 8 each, little-endian.
+const FLOW_BYTES: usize = 48;
+
+/// Flows packed as fixed-size records (a million flows encode and decode
+/// as one block of bytes, not field by field).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Flows(#[serde(with = "serde_bytes")] Vec<u8>);
+
+impl Flows {
+    pub fn with_capacity(n: usize) -> Flows {
+        Flows(Vec::with_capacity(n * FLOW_BYTES))
+    }
+
+    pub fn push(&mut self, f: &FlowRecord) {
+        let k = &f.key;
+        let v = &mut self.0;
+        v.extend_from_slice(&k.ctx.to_le_bytes());
+        v.extend_from_slice(&k.src_ip.to_le_bytes());
+        v.extend_from_slice(&k.dst_ip.to_le_bytes());
+        v.extend_from_slice(&k.src_port.to_le_bytes());
+        v.extend_from_slice(&k.dst_port.to_le_bytes());
+        v.extend_from_slice(&[k.proto, k.flags, 0, 0]);
+        v.extend_from_slice(&f.action.to_le_bytes());
+        v.extend_from_slice(&f.stats.packets.to_le_bytes());
+        v.extend_from_slice(&f.stats.bytes.to_le_bytes());
+        v.extend_from_slice(&f.stats.last_used.to_le_bytes());
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len() / FLOW_BYTES
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.len() < FLOW_BYTES
+    }
+
+    /// The records (a trailing partial record is ignored).
+    pub fn iter(&self) -> impl Iterator<Item = FlowRecord> + '_ {
+        self.0.chunks_exact(FLOW_BYTES).map(|c| {
+            let u32_at = |i: usize| u32::from_le_bytes([c[i], c[i + 1], c[i + 2], c[i + 3]]);
+            let u16_at = |i: usize| u16::from_le_bytes([c[i], c[i + 1]]);
+            let u64_at = |i: usize| {
+                u64::from_le_bytes([
+                    c[i],
+                    c[i + 1],
+                    c[i + 2],
+                    c[i + 3],
+                    c[i + 4],
+                    c[i + 5],
+                    c[i + 6],
+                    c[i + 7],
+                ])
+            };
+            FlowRecord {
+                key: FlowKey {
+                    ctx: u32_at(0),
+                    src_ip: u32_at(4),
+                    dst_ip: u32_at(8),
+                    src_port: u16_at(12),
+                    dst_port: u16_at(14),
+                    proto: c[16],
+                    flags: c[17],
+                    pad: 0,
+                },
+                action: u32_at(20),
+                stats: FlowStats {
+                    packets: u64_at(24),
+                    bytes: u64_at(32),
+                    last_used: u64_at(40),
+                },
+            }
+        })
+    }
+}
+
+/// Flows with their actions interned (for callers that hold actions by
+/// value; the fast path dumps its own action ids).
+pub fn intern(
+    flows: impl IntoIterator<Item = (FlowKey, Action, FlowStats)>,
+) -> (Vec<Action>, Flows) {
+    let mut ids: std::collections::HashMap<Action, u32> = std::collections::HashMap::new();
+    let mut actions = Vec::new();
+    let mut out = Flows::default();
+    for (key, a, stats) in flows {
+        let action = *ids.entry(a).or_insert_with(|| {
+            actions.push(a);
+            u32::try_from(actions.len() - 1).unwrap_or(u32::MAX)
+        });
+        out.push(&FlowRecord { key, action, stats });
+    }
+    (actions, out)
+}
+
+impl SwitchState {
+    /// The flows with their actions (records naming no action are skipped).
+    pub fn flows(&self) -> impl Iterator<Item = (FlowKey, Action)> + '_ {
+        self.flows.iter().filter_map(|f| {
+            self.actions
+                .get(usize::try_from(f.action).ok()?)
+                .map(|a| (f.key, *a))
+        })
+    }
 }
 
 /// Everything a running switch hands to the next binary (format 1).
@@ -46,8 +153,10 @@ pub struct SwitchState {
     pub config: String,
     /// Topology, policy, connections with their NAT bindings, leases.
     pub shared: SharedState,
+    /// The distinct actions of the flows.
+    pub actions: Vec<Action>,
     /// The fast path's flows, so the next binary starts warm.
-    pub flows: Vec<FlowRecord>,
+    pub flows: Flows,
 }
 
 /// Why a snapshot was refused.

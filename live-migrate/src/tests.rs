@@ -115,26 +115,30 @@ fn state() -> SwitchState {
             5_000,
         )
         .unwrap();
+    let (actions, flows) = intern([
+        (
+            fwd,
+            encap,
+            FlowStats {
+                packets: 3,
+                bytes: 300,
+                last_used: 6_000,
+            },
+        ),
+        (rev, decap, FlowStats::default()),
+        (
+            FlowKey::new(Ingress::Port(PortId(0)), 17, 1, 2, 3, 4),
+            encap,
+            FlowStats::default(),
+        ),
+    ]);
+    assert_eq!(actions.len(), 2, "shared actions are stored once");
     SwitchState {
         clock_ns: 7_000_000_000,
         config: "[switch]\npoll = \"busy\"\n".into(),
         shared: sh.save(),
-        flows: vec![
-            FlowRecord {
-                key: fwd,
-                action: encap,
-                stats: FlowStats {
-                    packets: 3,
-                    bytes: 300,
-                    last_used: 6_000,
-                },
-            },
-            FlowRecord {
-                key: rev,
-                action: decap,
-                stats: FlowStats::default(),
-            },
-        ],
+        actions,
+        flows,
     }
 }
 
@@ -144,6 +148,7 @@ fn a_snapshot_round_trips() {
     let bytes = encode(&s).unwrap();
     assert_eq!(bytes[..8], MAGIC);
     assert_eq!(decode(&bytes).unwrap(), s);
+    assert_eq!(s.flows().filter(|(_, a)| a.encap.is_some()).count(), 2);
     // And the shared state it carries restores.
     let sh = Shared::restore(s.shared.clone(), s.clock_ns).unwrap();
     assert_eq!(sh.ct.len(), 1);
