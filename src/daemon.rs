@@ -294,11 +294,17 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
             next_port = id.0 + 1;
         }
         let first = wait_first_poll(&req_tx, &wake)?;
-        let blackout_us = first.saturating_sub(taken.paused_mono_ns) as f64 / 1e3;
+        let us = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e3;
+        let blackout_us = us(taken.paused_mono_ns, first);
         (&taken.conn)
             .write_all(b"confirm\n")
             .context("confirming the handover")?;
         let v = serde_json::json!({"blackout_us": blackout_us,
+            "phases_us": {
+                "save_and_encode": us(taken.paused_mono_ns, taken.packed_mono_ns),
+                "transfer": us(taken.packed_mono_ns, taken.received_mono_ns),
+                "restore_and_start": us(taken.received_mono_ns, first)},
+            "snapshot_bytes": taken.snapshot_bytes,
             "takeover_ms": t.started.elapsed().as_secs_f64() * 1e3,
             "flows": flows, "connections": carried});
         info!(%v, "took the switch over");

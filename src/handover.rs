@@ -58,6 +58,7 @@ pub fn give(
         "listener_fd": listener_fd,
         "snapshot": snap.len(),
         "paused_mono_ns": paused.last_poll_mono_ns,
+        "packed_mono_ns": fastpath::dataplane::monotonic_ns(),
     })
     .to_string();
     fdpass::send(s, &(header.len() as u64).to_le_bytes(), &fds)?;
@@ -101,8 +102,12 @@ pub struct Taken {
     /// Tap queues by port id, with their names.
     pub ports: Vec<(String, OwnedFd)>,
     pub listener: UnixListener,
-    /// CLOCK_MONOTONIC of the old binary's last poll.
+    /// CLOCK_MONOTONIC of the old binary's last poll, of the end of its
+    /// packing (state saved and encoded), of this side's having it all.
     pub paused_mono_ns: u64,
+    pub packed_mono_ns: u64,
+    pub received_mono_ns: u64,
+    pub snapshot_bytes: usize,
     /// The connection to confirm on.
     pub conn: UnixStream,
 }
@@ -145,6 +150,7 @@ pub fn take(socket: &Path) -> Result<Taken> {
         .context("handover header: snapshot")?;
     let mut snap = vec![0u8; usize::try_from(snap_len).context("snapshot size")?];
     (&conn).read_exact(&mut snap)?;
+    let received_mono_ns = fastpath::dataplane::monotonic_ns();
     let state = live_migrate::decode(&snap).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
     let mut take_fd = |i: u64| -> Result<OwnedFd> {
@@ -164,6 +170,9 @@ pub fn take(socket: &Path) -> Result<Taken> {
         ports,
         listener,
         paused_mono_ns: h["paused_mono_ns"].as_u64().unwrap_or(0),
+        packed_mono_ns: h["packed_mono_ns"].as_u64().unwrap_or(0),
+        received_mono_ns,
+        snapshot_bytes: snap.len(),
         conn,
     })
 }
