@@ -1193,6 +1193,16 @@ fn print_stats(v: &Value) {
         n(pool, "chunks")
     );
     println!("drops: {}", list_or_none(counters(&v["drops"], "")));
+    let h = &v["last_handover"];
+    if !h.is_null() {
+        println!(
+            "last handover into this process: blackout {:.0} µs, {} flows and {} connections carried, snapshot {} bytes",
+            h["blackout_us"].as_f64().unwrap_or(0.0),
+            n(h, "flows"),
+            n(h, "connections"),
+            n(h, "snapshot_bytes")
+        );
+    }
     for p in v["ports"].as_array().into_iter().flatten() {
         let mut d = counters(&p["drops"], "");
         d.extend(counters(&p["af_xdp"], "kernel "));

@@ -216,3 +216,160 @@ fn a_new_binary_that_fails_leaves_the_old_one_forwarding() {
         "the old binary still answers"
     );
 }
+
+/// One long TCP connection echoing a byte every 100 ms; prints "ok N" per
+/// echo and "cut" when an echo takes over a second.
+const PINGER: &str = r#"
+import socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
+s.settimeout(1.0)
+for n in range(1, 10000):
+    try:
+        s.sendall(b"x")
+        if s.recv(1) != b"x":
+            raise Exception("closed")
+    except Exception as e:
+        print("cut", e, flush=True)
+        sys.exit(0)
+    print("ok", n, flush=True)
+    time.sleep(0.1)
+"#;
+
+const ECHO: &str = r#"
+import socket, sys, threading
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((sys.argv[1], int(sys.argv[2])))
+srv.listen()
+def serve(c):
+    while True:
+        d = c.recv(100)
+        if not d:
+            return
+        c.sendall(d)
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+#[test]
+fn a_nated_connection_and_a_dhcp_lease_survive_the_upgrade() {
+    let mut lab = Lab::new();
+    let (ta, tx) = (lab.name("ta"), lab.name("tx"));
+    let cfg = format!(
+        "[switch]\npoll = \"adaptive\"\nflow_capacity = 4096\ncontrol_socket = \"{sock}\"\n\n\
+         [[port]]\nname = \"{ta}\"\ntype = \"tap\"\n[[port]]\nname = \"{tx}\"\ntype = \"tap\"\n\n\
+         [[network]]\nvni = 100\ngateway_mac = \"02:00:00:00:00:fe\"\nsnat = true\nlease_s = 120\n\
+         [[network.subnet]]\ncidr = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\n\n\
+         [external]\nport = \"{tx}\"\ncidr = \"203.0.113.0/24\"\nsnat = [\"203.0.113.10\"]\n\n\
+         [[vm]]\nname = \"a\"\nport = \"{ta}\"\nmac = \"02:00:00:00:00:0a\"\nips = [\"10.0.0.10\"]\nnetwork = 100\n",
+        sock = lab.socket("sw").display(),
+    );
+    let sock = lab.vswitch("sw", &cfg);
+    let a = lab.netns("va");
+    let ext = lab.netns("ex");
+    // A gets its address by DHCP; the external side is a plain host.
+    lab.attach_vm(&ta, &a, "02:00:00:00:00:0a", "169.254.9.9/32");
+    sh(&["ip", "-n", &a, "addr", "flush", "dev", &ta]);
+    let dhcp = |lab: &Lab| {
+        try_sh(&[
+            "timeout",
+            "20",
+            "ip",
+            "netns",
+            "exec",
+            &a,
+            "busybox",
+            "udhcpc",
+            "-i",
+            &ta,
+            "-n",
+            "-q",
+            "-f",
+            "-t",
+            "5",
+            "-T",
+            "2",
+            "-s",
+            "/bin/true",
+        ])
+        .1 + &lab.log("sw")
+    };
+    let got = dhcp(&lab);
+    assert!(got.contains("lease of 10.0.0.10"), "{got}");
+    let leases = lab.ctl(&sock, "leases").expect("leases");
+    assert!(
+        leases.to_string().contains("10.0.0.10"),
+        "no lease before the upgrade: {got}"
+    );
+    sh(&["ip", "-n", &a, "addr", "add", "10.0.0.10/24", "dev", &ta]);
+    sh(&[
+        "ip", "-n", &a, "route", "replace", "default", "via", "10.0.0.1",
+    ]);
+    lab.attach_vm(&tx, &ext, "02:ee:00:00:00:01", "203.0.113.1/24");
+    let echo = lab.dir.join("echo.py");
+    std::fs::write(&echo, ECHO).unwrap();
+    let _srv = Command::new("ip")
+        .args(["netns", "exec", &ext, "python3"])
+        .arg(&echo)
+        .args(["203.0.113.1", "7000"])
+        .spawn()
+        .expect("echo server");
+    lab::wait_until("the echo server", Duration::from_secs(5), || {
+        try_sh(&["ip", "netns", "exec", &ext, "ss", "-ltn"])
+            .1
+            .contains(":7000")
+    });
+    let pinger = lab.dir.join("pinger.py");
+    std::fs::write(&pinger, PINGER).unwrap();
+    let mut client = Command::new("ip")
+        .args(["netns", "exec", &a, "python3", "-u"])
+        .arg(&pinger)
+        .args(["203.0.113.1", "7000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("pinger");
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(
+        client.stdout.take().expect("stdout"),
+    ));
+    let mut next = || lines.next().and_then(Result::ok).unwrap_or_default();
+    for _ in 0..5 {
+        let l = next();
+        assert!(
+            l.starts_with("ok"),
+            "before the upgrade: {l:?}\n{}",
+            lab.log("sw")
+        );
+    }
+    let nat_before = lab.ctl(&sock, "conntrack").expect("conntrack");
+    let new = second_binary(&lab);
+    lab.takeover(&new, "sw");
+    assert!(
+        lab.exited(0, Duration::from_secs(15)),
+        "{}",
+        lab.log("sw-new")
+    );
+    // The NATed connection keeps echoing through the new binary.
+    for _ in 0..10 {
+        let l = next();
+        assert!(
+            l.starts_with("ok"),
+            "after the upgrade: {l:?}\n{}",
+            lab.log("sw-new")
+        );
+    }
+    let _ = client.kill();
+    let nat_after = lab.ctl(&sock, "conntrack").expect("conntrack");
+    assert_eq!(
+        nat_before["connections"][0]["nat"], nat_after["connections"][0]["nat"],
+        "the same NAT binding"
+    );
+    // The lease is still there, and renewing it gets the same address.
+    let leases = lab.ctl(&sock, "leases").expect("leases");
+    assert!(leases.to_string().contains("10.0.0.10"), "{leases}");
+    let got = dhcp(&lab);
+    assert!(
+        got.contains("lease of 10.0.0.10"),
+        "renewal after the upgrade: {got}"
+    );
+}
