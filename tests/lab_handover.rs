@@ -309,7 +309,8 @@ fn a_nated_connection_and_a_dhcp_lease_survive_the_upgrade() {
     lab.attach_vm(&tx, &ext, "02:ee:00:00:00:01", "203.0.113.1/24");
     let echo = lab.dir.join("echo.py");
     std::fs::write(&echo, ECHO).unwrap();
-    let _srv = Command::new("ip")
+    // (Killed with the namespace when the lab is cleaned up.)
+    let mut srv = Command::new("ip")
         .args(["netns", "exec", &ext, "python3"])
         .arg(&echo)
         .args(["203.0.113.1", "7000"])
@@ -359,6 +360,7 @@ fn a_nated_connection_and_a_dhcp_lease_survive_the_upgrade() {
         );
     }
     let _ = client.kill();
+    let _ = client.wait();
     let nat_after = lab.ctl(&sock, "conntrack").expect("conntrack");
     assert_eq!(
         nat_before["connections"][0]["nat"], nat_after["connections"][0]["nat"],
