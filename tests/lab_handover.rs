@@ -374,4 +374,6 @@ fn a_nated_connection_and_a_dhcp_lease_survive_the_upgrade() {
         got.contains("lease of 10.0.0.10"),
         "renewal after the upgrade: {got}"
     );
+    let _ = srv.kill();
+    let _ = srv.wait();
 }
