@@ -9,7 +9,7 @@ mod lab;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use lab::{sh, try_sh, Lab};
+use lab::{sh, try_sh, Lab, ECHO, PINGER};
 
 struct Switch {
     sock: std::path::PathBuf,
@@ -216,41 +216,6 @@ fn a_new_binary_that_fails_leaves_the_old_one_forwarding() {
         "the old binary still answers"
     );
 }
-
-/// One long TCP connection echoing a byte every 100 ms; prints "ok N" per
-/// echo and "cut" when an echo takes over a second.
-const PINGER: &str = r#"
-import socket, sys, time
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
-s.settimeout(1.0)
-for n in range(1, 10000):
-    try:
-        s.sendall(b"x")
-        if s.recv(1) != b"x":
-            raise Exception("closed")
-    except Exception as e:
-        print("cut", e, flush=True)
-        sys.exit(0)
-    print("ok", n, flush=True)
-    time.sleep(0.1)
-"#;
-
-const ECHO: &str = r#"
-import socket, sys, threading
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind((sys.argv[1], int(sys.argv[2])))
-srv.listen()
-def serve(c):
-    while True:
-        d = c.recv(100)
-        if not d:
-            return
-        c.sendall(d)
-while True:
-    c, _ = srv.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"#;
 
 #[test]
 fn a_nated_connection_and_a_dhcp_lease_survive_the_upgrade() {

@@ -11,7 +11,7 @@ mod lab;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lab::{sh, try_sh, wait_until, Lab};
+use lab::{sh, try_sh, wait_until, Lab, ECHO, PINGER};
 
 /// An HTTP server answering every GET with the client's "ip:port".
 /// (A plain TCPServer: HTTPServer looks up its own name in DNS first.)
@@ -53,44 +53,6 @@ except Exception as e:
     print("failed:", e)
     sys.exit(1)
 print(data.split(b"\r\n\r\n", 1)[-1].decode().strip())
-"#;
-
-/// A TCP echo server.
-const ECHO: &str = r#"
-import socket, sys, threading
-srv = socket.socket()
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind((sys.argv[1], int(sys.argv[2])))
-srv.listen()
-def serve(c):
-    while True:
-        d = c.recv(100)
-        if not d:
-            return
-        c.sendall(d)
-while True:
-    c, _ = srv.accept()
-    threading.Thread(target=serve, args=(c,), daemon=True).start()
-"#;
-
-/// One long TCP connection that echoes a byte every 100 ms, printing
-/// "ok N" per echo, until an echo takes more than 1 s (then "cut").
-const PINGER: &str = r#"
-import socket, sys, time
-s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3)
-s.settimeout(1.0)
-n = 0
-while n < 600:
-    try:
-        s.sendall(b"x")
-        if s.recv(1) != b"x":
-            raise Exception("closed")
-    except Exception as e:
-        print("cut", e, flush=True)
-        sys.exit(0)
-    n += 1
-    print("ok", n, flush=True)
-    time.sleep(0.1)
 "#;
 
 struct Vm<'a> {
