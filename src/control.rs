@@ -816,6 +816,7 @@ fn stats_json(s: &Snapshot) -> Value {
         .collect();
     json!({
         "uptime_s": s.uptime_ns as f64 / 1e9,
+        "pid": std::process::id(),
         "ports": ports,
         "pipeline": {"rx_packets": s.pipeline.rx_packets, "hits": s.pipeline.hits, "misses": s.pipeline.misses,
                      "tx_packets": s.pipeline.tx_packets},

@@ -39,6 +39,18 @@ enum Cmd {
         #[arg(long)]
         takeover: bool,
     },
+    /// Upgrade the running switch to the binary at PATH: it is started
+    /// with `run --takeover` (detached, logging to LOG), takes the switch
+    /// over, and this command reports the handover.
+    Upgrade {
+        #[arg(long)]
+        binary: PathBuf,
+        #[arg(long)]
+        config: PathBuf,
+        /// Where the new binary logs (default: its config's directory).
+        #[arg(long)]
+        log: Option<PathBuf>,
+    },
     /// Check a config file and exit.
     Check {
         #[arg(long)]
@@ -174,6 +186,11 @@ fn main() -> ExitCode {
                 }
             })
         }
+        Some(Cmd::Upgrade {
+            binary,
+            config,
+            log,
+        }) => handover::upgrade(&binary, &config, log.as_deref()),
         Some(Cmd::Check { config }) => {
             config::Config::load(&config).and_then(|c| c.topology().map(|_| println!("config ok")))
         }

@@ -342,3 +342,69 @@ fn a_nated_connection_and_a_dhcp_lease_survive_the_upgrade() {
     let _ = srv.kill();
     let _ = srv.wait();
 }
+
+/// Kills a process on drop (a detached vswitch the lab did not start).
+struct KillPid(u32);
+
+impl Drop for KillPid {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").arg(self.0.to_string()).status();
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = Command::new("kill")
+            .args(["-9", &self.0.to_string()])
+            .status();
+    }
+}
+
+#[test]
+fn vswitch_upgrade_hands_over_or_says_why_not() {
+    let mut lab = Lab::new();
+    let sw = start(&mut lab);
+    let cfg = lab.dir.join("sw.toml");
+    let cfg = cfg.to_str().expect("path");
+    let upgrade = |binary: &str| {
+        try_sh(&[
+            env!("CARGO_BIN_EXE_vswitch"),
+            "upgrade",
+            "--binary",
+            binary,
+            "--config",
+            cfg,
+        ])
+    };
+    // A binary that does not start: the running switch carries on.
+    let (ok, out) = upgrade("/bin/false");
+    assert!(!ok && out.contains("before taking over"), "{out}");
+    let ping = |ns: &str| {
+        try_sh(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "ping",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "10.0.0.11",
+        ])
+        .0
+    };
+    assert!(ping(&sw.a));
+    // A real one.
+    let new = second_binary(&lab);
+    let (ok, out) = upgrade(new.to_str().expect("path"));
+    let pid = lab
+        .ctl(&sw.sock, "stats")
+        .and_then(|v| v["pid"].as_u64())
+        .and_then(|p| u32::try_from(p).ok());
+    let _guard = pid.map(KillPid);
+    assert!(ok && out.contains("upgraded to"), "{out}");
+    assert!(
+        lab.exited(0, Duration::from_secs(15)),
+        "the old binary did not exit"
+    );
+    assert!(ping(&sw.a), "after `vswitch upgrade`");
+}
