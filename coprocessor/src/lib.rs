@@ -7,9 +7,13 @@
 //! are in, frames it made itself (ARP replies), or the cause of a drop.
 //! It does no I/O, so it is tested and benchmarked without a kernel.
 //!
-//! Stages today, each in its own module: [`antispoof`], the [`arp`] proxy,
-//! [`forward`]ing inside a subnet, and flow [`compile`]. Routing between
-//! subnets, DHCP, security groups, conntrack and NAT come next.
+//! Stages, each in its own module: [`antispoof`], the [`arp`] proxy, the
+//! [`dhcp`] server, [`forward`]ing and the distributed router, [`icmp`]
+//! answers, security groups ([`acl`]), connection tracking
+//! ([`conntrack`], timers on a [`wheel`], [`related`] ICMP errors), SNAT
+//! and floating IPs ([`nat`]), and flow [`compile`]; `setup` joins them
+//! for a packet that missed. All threads share one [`Shared`] state;
+//! run-time changes are atomic batches of [`ops`].
 
 pub mod acl;
 pub mod antispoof;

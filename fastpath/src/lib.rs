@@ -1,11 +1,12 @@
 //! The vswitch fast path.
 //!
-//! Today: the I/O-free per-batch pipeline ([`pipeline::Pipeline`]) —
+//! The I/O-free per-batch pipeline ([`pipeline::Pipeline`]) —
 //! classification ([`classify`]), batched flow lookup, in-place actions
-//! (MAC rewrite, TTL, VXLAN encap/decap), transmit lists ([`tx`]) — and the
-//! punt path to the coprocessor ([`punt`]). Port drivers (AF_XDP uplink,
-//! tap, AF_XDP on veth) and the poll loop will live here too: this is the
-//! only crate that touches packet I/O.
+//! (MAC rewrite, TTL, NAT and connection events ([`rewrite`]), VXLAN
+//! encap/decap), transmit lists ([`tx`]) — the punt path to the
+//! coprocessor ([`punt`]), and the port drivers (tap, AF_XDP on the uplink
+//! and on veth) with the poll loop ([`dataplane`]): this is the only crate
+//! that touches packet I/O.
 
 pub mod classify;
 pub mod dataplane;
