@@ -414,6 +414,32 @@ impl Conntrack {
         }
     }
 
+    /// Give connection `id` new sides (recompiled after a topology
+    /// change): its keys are re-indexed; false (nothing changed) if a new
+    /// key belongs to another connection.
+    pub fn replace_sides(&mut self, id: u64, sides: [Side; 2]) -> bool {
+        let (idx, _) = split(id);
+        let Some(old) = self.get(id).map(|c| c.sides) else {
+            return false;
+        };
+        if sides
+            .iter()
+            .any(|s| self.by_key.get(&s.key).is_some_and(|&(i, _)| i != idx))
+        {
+            return false;
+        }
+        for s in &old {
+            self.by_key.remove(&s.key);
+        }
+        for (side, s) in sides.iter().enumerate() {
+            self.by_key.insert(s.key, (idx, u8::from(side == 1)));
+        }
+        if let Some(c) = self.get_mut(id) {
+            c.sides = sides;
+        }
+        true
+    }
+
     /// A packet of side `side` was seen by the coprocessor (a miss).
     pub fn seen(&mut self, id: u64, side: usize, now: u64) {
         if let Some(c) = self.get_mut(id) {

@@ -341,6 +341,12 @@ impl Coprocessor {
                 if key.ingress() != flowtable::Vni::new(vni).map(Ingress::Vni) {
                     return Err(DropCause::Malformed);
                 }
+                // The flow exists, and this frame came from another VTEP
+                // than its endpoint's: forged, or the endpoint moved and
+                // the sender's view is stale. Never let it in.
+                if p.kind == outcome::PuntKind::VtepMismatch {
+                    return Err(DropCause::VtepMismatch);
+                }
                 let mut setup = setup::Setup {
                     topo,
                     sh,

@@ -391,24 +391,35 @@ impl Shared {
     }
 
     /// End the tracked connections a change touched, or that the policy
-    /// no longer admits.
+    /// no longer admits. A connection from a local VM that only used a
+    /// moved address (a remote endpoint that migrated) is recompiled
+    /// instead: its flows are removed with the others and come back, on
+    /// the new path, with its next packet.
     fn end_touched(&mut self, t: &Touched, out: &mut Outcome) -> usize {
         let topo = Arc::clone(&self.topo);
         let hit = |vni: u32, ip: u32| t.addrs.get(&vni).is_some_and(|s| s.contains(&ip));
-        let ended: Vec<u64> = self
-            .ct
-            .iter()
-            .filter(|(_, c)| {
-                let a = &c.admission;
-                t.networks.contains(&a.vni)
-                    || hit(a.vni, a.src)
-                    || hit(a.vni, a.dst)
-                    || c.owner.is_some_and(|p| t.ports.contains(&p))
-                    || (!t.external.is_empty() && c.nat.is_some())
-                    || (t.policy && !crate::revalidate::still_admitted(&topo, &self.policy, a))
-            })
-            .map(|(id, _)| id)
-            .collect();
+        let mut ended = Vec::new();
+        let mut moved = Vec::new();
+        for (id, c) in self.ct.iter() {
+            let a = &c.admission;
+            let hard = t.networks.contains(&a.vni)
+                || c.owner.is_some_and(|p| t.ports.contains(&p))
+                || (!t.external.is_empty() && c.nat.is_some())
+                || (t.policy && !crate::revalidate::still_admitted(&topo, &self.policy, a));
+            if hard {
+                ended.push(id);
+            } else if hit(a.vni, a.src) || hit(a.vni, a.dst) {
+                match crate::setup::recompiled(&topo, c) {
+                    Some(sides) => moved.push((id, sides)),
+                    None => ended.push(id),
+                }
+            }
+        }
+        for (id, sides) in moved {
+            if !self.ct.replace_sides(id, sides) {
+                ended.push(id);
+            }
+        }
         for id in &ended {
             if let Some(c) = self.ct.remove(*id) {
                 self.ct.counters.revoked += 1;

@@ -367,43 +367,7 @@ impl Setup<'_, '_> {
         if external {
             return self.out_external(vm, state, admission);
         }
-        let fwd = fwd.ok_or(DropCause::NoRoute)?;
-        let gw_mac = topo.network(vni).ok_or(DropCause::UnknownVni)?.gateway_mac;
-        // The reverse flow: replies of the same path, backwards.
-        let (ingress, rev) = match next {
-            Next::Local { port, mac, routed } => {
-                let a = compile::to_local(mac, vm.mac, vm.port);
-                (
-                    Ingress::Port(port),
-                    if routed {
-                        compile::routed(a, gw_mac)
-                    } else {
-                        a
-                    },
-                )
-            }
-            Next::Remote { mac, vtep, routed } => {
-                let src_mac = if routed { gw_mac } else { mac };
-                (
-                    vni_ingress(vni)?,
-                    compile::from_remote(vtep, src_mac, vm.mac, vm.port),
-                )
-            }
-            Next::GatewayVtep { vtep, .. } => (
-                vni_ingress(vni)?,
-                compile::from_remote(vtep, gw_mac, vm.mac, vm.port),
-            ),
-            Next::External => return Err(DropCause::NoExternal),
-        };
-        let rk = reply_key(
-            &key,
-            ingress,
-            key.dst_ip,
-            key.src_ip,
-            key.dst_port,
-            key.src_port,
-        );
-        let sides = [side(key, fwd), side(rk, rev)];
+        let sides = vm_sides(topo, vm, &key, next)?;
         self.track(sides, state, admission, vm.port, None)
     }
 
@@ -611,6 +575,82 @@ impl Setup<'_, '_> {
             Some(binding),
         )
     }
+}
+
+/// Both sides of a connection from local VM `vm` (key `key`) to `next`
+/// (not the external network): the flow there, and the replies' way back.
+pub(crate) fn vm_sides(
+    topo: &Topology,
+    vm: &LocalVm,
+    key: &FlowKey,
+    next: Next,
+) -> Result<[Side; 2], DropCause> {
+    let vni = vm.vni.get();
+    let fwd = compile::next_action(topo, vni, vm, next)?;
+    let gw_mac = topo.network(vni).ok_or(DropCause::UnknownVni)?.gateway_mac;
+    let (ingress, rev) = match next {
+        Next::Local { port, mac, routed } => {
+            let a = compile::to_local(mac, vm.mac, vm.port);
+            (
+                Ingress::Port(port),
+                if routed {
+                    compile::routed(a, gw_mac)
+                } else {
+                    a
+                },
+            )
+        }
+        Next::Remote { mac, vtep, routed } => {
+            let src_mac = if routed { gw_mac } else { mac };
+            (
+                vni_ingress(vni)?,
+                compile::from_remote(vtep, src_mac, vm.mac, vm.port),
+            )
+        }
+        Next::GatewayVtep { vtep, .. } => (
+            vni_ingress(vni)?,
+            compile::from_remote(vtep, gw_mac, vm.mac, vm.port),
+        ),
+        Next::External => return Err(DropCause::NoExternal),
+    };
+    let rk = reply_key(
+        key,
+        ingress,
+        key.dst_ip,
+        key.src_ip,
+        key.dst_port,
+        key.src_port,
+    );
+    Ok([side(*key, fwd), side(rk, rev)])
+}
+
+/// The sides of a tracked connection recompiled on today's topology
+/// (an endpoint it uses moved): `None` if it cannot be (it leaves through
+/// NAT, or its originator is not a local VM any more); the connection
+/// then ends.
+pub(crate) fn recompiled(topo: &Topology, c: &crate::conntrack::Conn) -> Option<[Side; 2]> {
+    if c.nat.is_some() {
+        return None;
+    }
+    let key = c.sides[0].key;
+    let Some(Ingress::Port(p)) = key.ingress() else {
+        return None;
+    };
+    let vm = topo.vm_on(p)?;
+    let vni = vm.vni.get();
+    let next = forward::decide(
+        topo,
+        vni,
+        std::net::Ipv4Addr::from(key.src_ip),
+        std::net::Ipv4Addr::from(key.dst_ip),
+    )
+    .ok()?;
+    let mut sides = vm_sides(topo, vm, &key, next).ok()?;
+    for s in &mut sides {
+        s.action.conntrack = true;
+        s.installed = false;
+    }
+    Some(sides)
 }
 
 fn side(key: FlowKey, action: Action) -> Side {

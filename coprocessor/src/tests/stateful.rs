@@ -926,6 +926,40 @@ mod ops {
     }
 
     #[test]
+    fn a_tracked_connection_follows_a_migrating_remote_endpoint() {
+        let mut n = default_switch();
+        n.cp.update_topology(|t| t.set_neighbor(NEW_VTEP, NEXT_HOP));
+        // A (filtered) opens TCP to R; R's SYN-ACK comes over the overlay.
+        let syn = tcp(A_MAC, A_IP, R_IP, 41000, 80, SYN);
+        let out = delivered(n.send(A, &syn), UPLINK);
+        assert_eq!(ip_at(&out, 30), REMOTE_VTEP);
+        let synack = super::super::from_remote(
+            &tcp(R_MAC, R_IP, A_IP, 80, 41000, SYN | ACK),
+            REMOTE_VTEP,
+            VNI,
+        );
+        delivered(n.send(UPLINK, &synack), A);
+        // R migrates to another hypervisor.
+        let (out, applied) =
+            n.cp.apply(vec![Op::SetRemotes(vec![remote(R_IP, NEW_VTEP)])])
+                .unwrap();
+        assert_eq!(applied.connections_ended, 0, "recompiled, not cut");
+        n.apply(&out);
+        // Mid-stream segments both ways take the new path.
+        let ack = tcp(A_MAC, A_IP, R_IP, 41000, 80, ACK);
+        let f = delivered(n.send(A, &ack), UPLINK);
+        assert_eq!(ip_at(&f, 30), NEW_VTEP);
+        let back =
+            super::super::from_remote(&tcp(R_MAC, R_IP, A_IP, 80, 41000, ACK), NEW_VTEP, VNI);
+        delivered(n.send(UPLINK, &back), A);
+        // From the old VTEP it is refused now.
+        let stale =
+            super::super::from_remote(&tcp(R_MAC, R_IP, A_IP, 80, 41000, ACK), REMOTE_VTEP, VNI);
+        assert!(matches!(n.send(UPLINK, &stale), Went::Dropped(_)));
+        assert_eq!(n.ct_len(), 1);
+    }
+
+    #[test]
     fn groups_in_use_stay_and_new_ones_apply_to_changed_vms() {
         let mut n = default_switch();
         let e = apply(&mut n, vec![Op::RemoveGroup("web".into())]).unwrap_err();
