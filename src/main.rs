@@ -166,9 +166,11 @@ fn main() -> ExitCode {
     let r = match cli.cmd {
         None => {
             eprintln!(
-                "vswitch: the demo lab is not built yet (it needs the AF_XDP uplink).\n\
-                 Run a switch with VM ports:  vswitch run --config FILE   (see README)\n\
-                 Query it:                    vswitch ctl stats | flows"
+                "vswitch: a userspace virtual switch and router.\n\
+                 The demo lab (two hypervisors, VMs, VXLAN):  scripts/run   (as root)\n\
+                 Run a switch:                               vswitch run --config FILE   (see README)\n\
+                 Program and query it:                       vswitch ctl --help\n\
+                 Upgrade it live:                            vswitch upgrade --binary NEW --config FILE"
             );
             return ExitCode::from(2);
         }
