@@ -444,39 +444,17 @@ impl Server {
         json!({"version": sh.policy.version, "groups": groups})
     }
 
-    /// `{"cmd": "security-group-set", "name": N, "rules": [...]}`: replace
-    /// a group's rules; connections the new rules refuse end at once.
+    /// `{"cmd": "security-group-set", "name": N, "rules": [...]}`: one
+    /// `set-rules` operation through [`Server::apply`].
     fn set_group(&mut self, v: &Value, stop: &AtomicBool) -> Result<Value> {
         let name = v
             .get("name")
             .and_then(Value::as_str)
             .context("field `name` is missing or not a string")?;
-        let rules = v
-            .get("rules")
-            .and_then(Value::as_array)
-            .context("field `rules` is missing or not an array")?;
-        let mut parsed = Vec::new();
-        for (i, r) in rules.iter().enumerate() {
-            let rc: crate::config::RuleConfig = serde_json::from_value(r.clone())
-                .map_err(|e| anyhow::anyhow!("rules[{i}]: {e}"))?;
-            parsed.push(rc.build().map_err(|e| anyhow::anyhow!("rules[{i}]: {e}"))?);
-        }
-        let out = self
-            .links
-            .coprocessor
-            .set_rules(name, parsed)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let removed = out.remove.len();
-        let ins = crate::daemon::install_of(out, None);
-        if !crate::daemon::send_install(&self.links.installs, ins, &self.links.wake, stop) {
-            bail!("the switch is stopping");
-        }
-        info!(
-            group = name,
-            flows_removed = removed,
-            "security group changed"
-        );
-        Ok(json!({"ok": true, "flows_removed": removed}))
+        let rules = v.get("rules").context("field `rules` is missing")?;
+        let req =
+            json!({"cmd": "apply", "ops": [{"op": "set-rules", "name": name, "rules": rules}]});
+        self.apply(&req.to_string(), stop)
     }
 }
 

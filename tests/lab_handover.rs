@@ -56,6 +56,24 @@ fn ping_counts(out: &str) -> (u64, u64) {
     (nums[0], nums[1])
 }
 
+/// Two pings from namespace `ns` to B: (all answered, output).
+fn ping_b(ns: &str) -> (bool, String) {
+    try_sh(&[
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "ping",
+        "-c",
+        "2",
+        "-i",
+        "0.2",
+        "-W",
+        "1",
+        "10.0.0.11",
+    ])
+}
+
 /// A copy of the binary, as an upgrade would bring.
 fn second_binary(lab: &Lab) -> std::path::PathBuf {
     let p = lab.dir.join("vswitch-new");
@@ -67,18 +85,7 @@ fn second_binary(lab: &Lab) -> std::path::PathBuf {
 fn a_new_binary_takes_over_while_ping_floods_and_tcp_streams() {
     let mut lab = Lab::new();
     let sw = start(&mut lab);
-    let (ok, out) = try_sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &sw.a,
-        "ping",
-        "-c",
-        "2",
-        "-W",
-        "1",
-        "10.0.0.11",
-    ]);
+    let (ok, out) = ping_b(&sw.a);
     assert!(ok, "{out}\n{}", lab.log("sw"));
     // iperf3 server in B; a 5 s stream from A, and a ping flood.
     sh(&[
@@ -160,18 +167,7 @@ fn a_new_binary_takes_over_while_ping_floods_and_tcp_streams() {
     assert!(sent - got <= 5, "{} of {sent} pings lost", sent - got);
     // The new binary forwards, with its state: B's group still admits
     // ICMP, and the topology is the old one.
-    let (ok, out) = try_sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &sw.a,
-        "ping",
-        "-c",
-        "2",
-        "-W",
-        "1",
-        "10.0.0.11",
-    ]);
+    let (ok, out) = ping_b(&sw.a);
     assert!(ok, "after the handover: {out}\n{}", lab.log("sw-new"));
     // And a second upgrade in a row (back to the first binary).
     lab.takeover(std::path::Path::new(env!("CARGO_BIN_EXE_vswitch")), "sw");
@@ -180,18 +176,7 @@ fn a_new_binary_takes_over_while_ping_floods_and_tcp_streams() {
         "{}",
         lab.log("sw-new")
     );
-    let (ok, out) = try_sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &sw.a,
-        "ping",
-        "-c",
-        "2",
-        "-W",
-        "1",
-        "10.0.0.11",
-    ]);
+    let (ok, out) = ping_b(&sw.a);
     assert!(ok, "after the second handover: {out}");
 }
 
@@ -375,24 +360,7 @@ fn vswitch_upgrade_hands_over_or_says_why_not() {
     // A binary that does not start: the running switch carries on.
     let (ok, out) = upgrade("/bin/false");
     assert!(!ok && out.contains("before taking over"), "{out}");
-    let ping = |ns: &str| {
-        try_sh(&[
-            "ip",
-            "netns",
-            "exec",
-            ns,
-            "ping",
-            "-c",
-            "2",
-            "-i",
-            "0.2",
-            "-W",
-            "1",
-            "10.0.0.11",
-        ])
-        .0
-    };
-    assert!(ping(&sw.a));
+    assert!(ping_b(&sw.a).0);
     // A real one.
     let new = second_binary(&lab);
     let (ok, out) = upgrade(new.to_str().expect("path"));
@@ -406,5 +374,5 @@ fn vswitch_upgrade_hands_over_or_says_why_not() {
         lab.exited(0, Duration::from_secs(15)),
         "the old binary did not exit"
     );
-    assert!(ping(&sw.a), "after `vswitch upgrade`");
+    assert!(ping_b(&sw.a).0, "after `vswitch upgrade`");
 }

@@ -84,10 +84,9 @@ pub fn recv(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd
         return Err(io::Error::last_os_error());
     }
     let mut fds = Vec::new();
-    // SAFETY: the kernel filled msg_control with msg_controllen bytes of
-    // well-formed control messages; the CMSG_* macros walk them within
-    // that length, and SCM_RIGHTS data is an array of ints, each a new
-    // descriptor this process now owns.
+    // The kernel filled msg_control with msg_controllen bytes of control
+    // messages; SCM_RIGHTS data is an array of ints, each a new descriptor.
+    // SAFETY: CMSG_* walk only within that length; each fd is ours to own.
     unsafe {
         let mut h = libc::CMSG_FIRSTHDR(&msg);
         while !h.is_null() {

@@ -113,24 +113,6 @@ impl Flows {
     }
 }
 
-/// Flows with their actions interned (for callers that hold actions by
-/// value; the fast path dumps its own action ids).
-pub fn intern(
-    flows: impl IntoIterator<Item = (FlowKey, Action, FlowStats)>,
-) -> (Vec<Action>, Flows) {
-    let mut ids: std::collections::HashMap<Action, u32> = std::collections::HashMap::new();
-    let mut actions = Vec::new();
-    let mut out = Flows::default();
-    for (key, a, stats) in flows {
-        let action = *ids.entry(a).or_insert_with(|| {
-            actions.push(a);
-            u32::try_from(actions.len() - 1).unwrap_or(u32::MAX)
-        });
-        out.push(&FlowRecord { key, action, stats });
-    }
-    (actions, out)
-}
-
 impl SwitchState {
     /// The flows with their actions (records naming no action are skipped).
     pub fn flows(&self) -> impl Iterator<Item = (FlowKey, Action)> + '_ {

@@ -8,6 +8,21 @@ use flowtable::{Action, EncapTemplate, FlowKey, FlowStats, Ingress, Nat, NatSide
 
 use super::*;
 
+/// Flows with their actions interned, as the fast path's dump gives them.
+fn intern(flows: impl IntoIterator<Item = (FlowKey, Action, FlowStats)>) -> (Vec<Action>, Flows) {
+    let mut ids: std::collections::HashMap<Action, u32> = std::collections::HashMap::new();
+    let mut actions = Vec::new();
+    let mut out = Flows::default();
+    for (key, a, stats) in flows {
+        let action = *ids.entry(a).or_insert_with(|| {
+            actions.push(a);
+            u32::try_from(actions.len() - 1).unwrap_or(u32::MAX)
+        });
+        out.push(&FlowRecord { key, action, stats });
+    }
+    (actions, out)
+}
+
 /// A small but complete state, the same every time.
 fn state() -> SwitchState {
     let vni = Vni::new(100).unwrap();
