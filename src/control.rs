@@ -63,6 +63,9 @@ pub struct Links {
     pub config_text: String,
     /// Why this switch cannot be handed over, if it cannot.
     pub handover_refused: Option<String>,
+    /// The bpf_links keeping this switch's XDP programs attached (owned by
+    /// the daemon for the whole run), passed on in a handover.
+    pub xdp_links: Vec<i32>,
     /// The last handover into this process, for `ctl stats`.
     pub last_handover: Option<Value>,
     /// The kernel's routes and neighbours: a VTEP a change introduces is
@@ -229,7 +232,7 @@ impl Server {
             actions: paused.actions.clone(),
             flows: crate::handover::flows(&paused),
         };
-        match crate::handover::give(s, &paused, &state, &self.listener) {
+        match crate::handover::give(s, &paused, &state, &self.listener, &self.links.xdp_links) {
             Ok(true) => {
                 info!(
                     flows = state.flows.len(),

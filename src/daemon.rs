@@ -5,6 +5,7 @@
 //! table), a pool of coprocessor threads fed by the punt queue, and the
 //! control thread. They share nothing but bounded queues and a stop flag.
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
@@ -31,6 +32,7 @@ use tracing::{info, warn};
 
 use crate::config::{Config, Poll, PortType};
 use crate::control;
+use crate::handover::TakenPort;
 use crate::neighbor;
 
 /// A takeover in progress: this binary prepares everything, then asks
@@ -68,15 +70,6 @@ pub fn takeover(config: &std::path::Path) -> Result<()> {
 pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Result<()> {
     let built = cfg.build()?;
     let mut topo = built.topo;
-    let handover_refused =
-        (cfg.uplink.is_some() || cfg.ports.iter().any(|p| p.kind == PortType::AfXdp)).then(|| {
-            "this switch has AF_XDP ports (the uplink or af-xdp VM ports): their sockets share \
-         the process's UMEM and cannot be handed over yet"
-                .to_string()
-        });
-    if takeover.is_some() && handover_refused.is_some() {
-        bail!("the running switch has AF_XDP ports: taking them over is not supported yet");
-    }
     let s = &cfg.switch;
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())
@@ -92,14 +85,15 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         mib = pool.region().len() >> 20,
         "frame pool"
     );
-    // XDP programs stay attached while they are held.
-    let mut programs = Vec::new();
+    // XDP programs stay attached while they (or, after a handover, their
+    // links) are held.
     let mut ports = Vec::new();
     let mut port_names = cfg.port_ids()?;
     if takeover.is_some() {
         // The ports come from the running binary, added once it pauses.
         port_names.clear();
     }
+    let mut programs: Vec<XdpProgram> = Vec::new();
     for (i, p) in cfg.ports.iter().enumerate().filter(|_| takeover.is_none()) {
         let what = || format!("port[{i}] ({})", p.name);
         let io = match p.kind {
@@ -122,9 +116,10 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         });
         info!(port = %p.name, id = i, kind = ?p.kind, "port open");
     }
-    let mut xdp = None;
     if let (Some(u), Some(up)) = (&cfg.uplink, topo.uplink.as_mut()) {
         up.mac = read_mac(&u.interface)?;
+    }
+    if let (Some(u), Some(up), None) = (&cfg.uplink, topo.uplink.as_ref(), &takeover) {
         let ifindex = fastpath::xsk::ifindex(&u.interface)
             .with_context(|| format!("uplink: interface {:?}", u.interface))?;
         let sock = XskSocket::open(ifindex, 0, &pool, XskConfig::default())
@@ -139,7 +134,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
             io: PortIo::Xsk(sock),
             counters: PortCounters::default(),
         });
-        xdp = Some(prog);
+        programs.push(prog);
     }
     let n_ports = u16::try_from(ports.len()).context("too many ports")?;
     let uplink_port = topo.uplink.as_ref().map_or(PortId(u16::MAX), |u| u.port);
@@ -261,6 +256,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     // hands over its state, ports and control socket.
     let mut last_handover = None;
     let mut inherited_listener = None;
+    let mut inherited_links: Vec<std::os::fd::OwnedFd> = Vec::new();
     let mut next_port = n_ports;
     if let Some(t) = &takeover {
         let taken = crate::handover::take(&t.socket)?;
@@ -274,31 +270,51 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
             flows: warm,
             ..Install::default()
         });
-        for (id, (name, fd)) in taken.ports.into_iter().enumerate() {
+        // Inherited ports are added held; polled once confirmed.
+        send_request(&req_tx, &wake, fastpath::dataplane::Request::Hold)?;
+        let pool = taken.pool;
+        let region = fastpath::umem::Region::from_fd(pool.fd, pool.len, pool.huge)
+            .context("mapping the handed-over frame pool")?;
+        let pool = FramePool::adopt(region, pool.chunk_size, pool.free)
+            .context("adopting the handed-over frame pool")?;
+        ask_fast_path(&req_tx, &wake, |tx| {
+            fastpath::dataplane::Request::AdoptPool(Box::new(pool), tx)
+        })?;
+        let uplink_name = cfg.uplink.as_ref().map(|u| u.interface.as_str());
+        for (id, (name, taken_port)) in taken.ports.into_iter().enumerate() {
             let id = PortId(u16::try_from(id).context("too many ports")?);
-            port_names.insert(name.clone(), id);
+            let io = match taken_port {
+                TakenPort::Tap(fd) => PortIo::Tap(Tap::from_fd(fd, &name)),
+                TakenPort::Xsk { fd, ring_size } => PortIo::Xsk(
+                    XskSocket::from_fd(fd, ring_size)
+                        .with_context(|| format!("port {name}: the handed-over AF_XDP socket"))?,
+                ),
+                TakenPort::Closed => PortIo::Closed,
+            };
+            if uplink_name != Some(name.as_str()) && !matches!(io, PortIo::Closed) {
+                port_names.insert(name.clone(), id);
+            }
             let port = Port {
                 id,
-                name: name.clone(),
-                io: PortIo::Tap(Tap::from_fd(fd, &name)),
+                name,
+                io,
                 counters: PortCounters::default(),
             };
-            let (tx, rx) = mpsc::channel();
-            req_tx
-                .send(fastpath::dataplane::Request::AddPort(Box::new(port), tx))
-                .map_err(|_| anyhow::anyhow!("the fast path is gone"))?;
-            wake.notify();
-            rx.recv_timeout(Duration::from_secs(2))
-                .context("the fast path did not take a port")?
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            ask_fast_path(&req_tx, &wake, |tx| {
+                fastpath::dataplane::Request::AddPort(Box::new(port), tx)
+            })?;
             next_port = id.0 + 1;
         }
-        let first = wait_first_poll(&req_tx, &wake)?;
-        let us = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e3;
-        let blackout_us = us(taken.paused_mono_ns, first);
+        inherited_links = taken.xdp_links;
+        // The commit point: from here the old binary exits and this one
+        // owns the ports, the rings and the frames.
         (&taken.conn)
             .write_all(b"confirm\n")
             .context("confirming the handover")?;
+        send_request(&req_tx, &wake, fastpath::dataplane::Request::Resume)?;
+        let first = wait_first_poll(&req_tx, &wake)?;
+        let us = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e3;
+        let blackout_us = us(taken.paused_mono_ns, first);
         let v = serde_json::json!({"blackout_us": blackout_us,
             "phases_us": {
                 "save_and_encode": us(taken.paused_mono_ns, taken.packed_mono_ns),
@@ -311,9 +327,27 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         last_handover = Some(v);
         inherited_listener = Some(taken.listener);
     }
+    // A program attached without a bpf_link (old kernels) would detach with
+    // this process: such a switch cannot be handed over.
+    let mut xdp_links = Vec::new();
+    let mut handover_refused = None;
+    for p in &programs {
+        match p.link_fd() {
+            Some(fd) => xdp_links.push(fd.as_raw_fd()),
+            None => {
+                handover_refused = Some(
+                    "an XDP program is attached without a bpf_link (kernel < 5.9): it cannot \
+                     outlive this process, so the switch cannot be handed over"
+                        .to_string(),
+                )
+            }
+        }
+    }
+    xdp_links.extend(inherited_links.iter().map(|fd| fd.as_raw_fd()));
     let links = control::Links {
         config_text,
         handover_refused,
+        xdp_links,
         last_handover,
         punt_depth: Some(Box::new(move || depth_rx.depth())),
         netlink: neighbor::Netlink::open().ok(),
@@ -341,8 +375,8 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         let _ = h.join();
     }
     // Detach XDP only after the fast path stopped using the socket.
-    drop(xdp);
     drop(programs);
+    drop(inherited_links);
     for h in coproc_threads {
         h.thread().unpark();
         let _ = h.join();
@@ -353,6 +387,31 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     }
     info!("stopped");
     Ok(())
+}
+
+/// Send the fast path a request that needs no answer.
+fn send_request(
+    req: &mpsc::Sender<fastpath::dataplane::Request>,
+    wake: &Wake,
+    r: fastpath::dataplane::Request,
+) -> Result<()> {
+    req.send(r)
+        .map_err(|_| anyhow::anyhow!("the fast path is gone"))?;
+    wake.notify();
+    Ok(())
+}
+
+/// Ask the fast path something that succeeds or names what is wrong.
+fn ask_fast_path(
+    req: &mpsc::Sender<fastpath::dataplane::Request>,
+    wake: &Wake,
+    make: impl FnOnce(mpsc::Sender<Result<(), String>>) -> fastpath::dataplane::Request,
+) -> Result<()> {
+    let (tx, rx) = mpsc::channel();
+    send_request(req, wake, make(tx))?;
+    rx.recv_timeout(Duration::from_secs(2))
+        .context("the fast path did not answer")?
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// Wait (at most 2 s) for the fast path's first poll; its CLOCK_MONOTONIC.

@@ -13,11 +13,19 @@
 //! deadline or dies before confirming, the old one polls again with its
 //! state intact: it never closed anything.
 //!
+//! AF_XDP ports (the uplink, VM veths) go over whole: the frame pool is a
+//! memfd, so the new binary maps the same frames the sockets' UMEM points
+//! into; each socket's rings keep their producer and consumer indices in
+//! the ring memory, so the new side continues where the old one stopped;
+//! the old side's free list says which frames user space owns (all others
+//! are on a ring); the XDP programs' bpf_links go along and keep them
+//! attached after the old process is gone. Nothing the NIC delivers
+//! meanwhile is lost: it waits on the RX ring. The new side polls only
+//! after confirming, so the two never touch the rings at once.
+//!
 //! Wire: 8 bytes (header length, u64 LE) carrying the descriptors, the
-//! JSON header, the snapshot; then one line back from the new binary.
-//! Not built yet: handing over AF_XDP sockets (the uplink and AF_XDP VM
-//! ports share the old process's UMEM memory); a switch that has them
-//! refuses the handover with that reason.
+//! JSON header, the snapshot, the free list (u64 LE each); then one line
+//! back from the new binary.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -26,7 +34,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use fastpath::dataplane::Paused;
+use fastpath::dataplane::{HandedIo, Paused};
 use live_migrate::{fdpass, FlowRecord, SwitchState};
 use serde_json::{json, Value};
 
@@ -40,31 +48,52 @@ pub fn give(
     paused: &Paused,
     state: &SwitchState,
     listener: &UnixListener,
+    xdp_links: &[i32],
 ) -> Result<bool> {
     let snap = live_migrate::encode(state).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut fds = Vec::new();
     let mut ports = Vec::new();
-    for (name, fd) in &paused.ports {
-        let Some(fd) = fd else {
-            bail!("port {name} is not a tap: it cannot be handed over yet");
-        };
-        ports.push(json!({"name": name, "fd": fds.len()}));
-        fds.push(*fd);
+    for (name, io) in &paused.ports {
+        ports.push(match io {
+            Some(HandedIo::Tap(fd)) => {
+                fds.push(*fd);
+                json!({"name": name, "kind": "tap", "fd": fds.len() - 1})
+            }
+            Some(HandedIo::Xsk { fd, ring_size }) => {
+                fds.push(*fd);
+                json!({"name": name, "kind": "af_xdp", "fd": fds.len() - 1, "ring_size": ring_size})
+            }
+            None => json!({"name": name, "kind": "closed"}),
+        });
     }
     let listener_fd = fds.len();
     fds.push(listener.as_raw_fd());
+    let pool = &paused.pool;
+    fds.push(pool.fd);
+    let links: Vec<usize> = xdp_links
+        .iter()
+        .map(|fd| {
+            fds.push(*fd);
+            fds.len() - 1
+        })
+        .collect();
     let header = json!({
         "ports": ports,
         "listener_fd": listener_fd,
+        "pool": {"fd": listener_fd + 1, "len": pool.len, "huge": pool.huge,
+                 "chunk_size": pool.chunk_size, "free": pool.free.len()},
+        "xdp_links": links,
         "snapshot": snap.len(),
         "paused_mono_ns": paused.last_poll_mono_ns,
         "packed_mono_ns": fastpath::dataplane::monotonic_ns(),
     })
     .to_string();
     fdpass::send(s, &(header.len() as u64).to_le_bytes(), &fds)?;
+    let free: Vec<u8> = pool.free.iter().flat_map(|a| a.to_le_bytes()).collect();
     let mut w = s;
     w.write_all(header.as_bytes())?;
     w.write_all(&snap)?;
+    w.write_all(&free)?;
     s.set_read_timeout(Some(CONFIRM_TIMEOUT))?;
     let mut line = String::new();
     BufReader::new(s).read_line(&mut line)?;
@@ -96,12 +125,36 @@ pub fn prepare(socket: &Path) -> Result<(String, u64)> {
     ))
 }
 
+/// A port as received, by id.
+pub enum TakenPort {
+    Tap(OwnedFd),
+    Xsk {
+        fd: OwnedFd,
+        ring_size: u32,
+    },
+    /// Removed at run time (its id stays taken).
+    Closed,
+}
+
+/// The frame pool as received.
+pub struct TakenPool {
+    pub fd: OwnedFd,
+    pub len: usize,
+    pub huge: bool,
+    pub chunk_size: u32,
+    pub free: Vec<u64>,
+}
+
 /// What the new binary received.
 pub struct Taken {
     pub state: SwitchState,
-    /// Tap queues by port id, with their names.
-    pub ports: Vec<(String, OwnedFd)>,
+    /// Ports by id, with their names.
+    pub ports: Vec<(String, TakenPort)>,
     pub listener: UnixListener,
+    pub pool: TakenPool,
+    /// The bpf_links keeping the XDP programs attached: held for as long
+    /// as this binary runs (and handed on).
+    pub xdp_links: Vec<OwnedFd>,
     /// CLOCK_MONOTONIC of the old binary's last poll, of the end of its
     /// packing (state saved and encoded), of this side's having it all.
     pub paused_mono_ns: u64,
@@ -150,6 +203,14 @@ pub fn take(socket: &Path) -> Result<Taken> {
         .context("handover header: snapshot")?;
     let mut snap = vec![0u8; usize::try_from(snap_len).context("snapshot size")?];
     (&conn).read_exact(&mut snap)?;
+    let free_chunks = h["pool"]["free"]
+        .as_u64()
+        .context("handover header: pool")?;
+    if free_chunks > 1 << 24 {
+        bail!("handover header: {free_chunks} free frames: not a vswitch");
+    }
+    let mut free = vec![0u8; 8 * usize::try_from(free_chunks)?];
+    (&conn).read_exact(&mut free)?;
     let received_mono_ns = fastpath::dataplane::monotonic_ns();
     let state = live_migrate::decode(&snap).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
@@ -161,14 +222,46 @@ pub fn take(socket: &Path) -> Result<Taken> {
     let mut ports = Vec::new();
     for p in h["ports"].as_array().context("handover header: ports")? {
         let name = p["name"].as_str().context("port name")?.to_string();
-        let fd = take_fd(p["fd"].as_u64().context("port fd")?)?;
-        ports.push((name, fd));
+        let mut fd = || take_fd(p["fd"].as_u64().context("port fd")?);
+        let port = match p["kind"].as_str() {
+            Some("tap") => TakenPort::Tap(fd()?),
+            Some("af_xdp") => TakenPort::Xsk {
+                fd: fd()?,
+                ring_size: p["ring_size"]
+                    .as_u64()
+                    .and_then(|r| u32::try_from(r).ok())
+                    .context("port ring_size")?,
+            },
+            Some("closed") => TakenPort::Closed,
+            other => bail!("handover header: port {name}: unknown kind {other:?}"),
+        };
+        ports.push((name, port));
     }
     let listener = UnixListener::from(take_fd(h["listener_fd"].as_u64().context("listener fd")?)?);
+    let ph = &h["pool"];
+    let pool = TakenPool {
+        fd: take_fd(ph["fd"].as_u64().context("pool fd")?)?,
+        len: usize::try_from(ph["len"].as_u64().context("pool len")?)?,
+        huge: ph["huge"].as_bool().unwrap_or(false),
+        chunk_size: u32::try_from(ph["chunk_size"].as_u64().context("pool chunk_size")?)?,
+        free: free
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect(),
+    };
+    let mut xdp_links = Vec::new();
+    for l in h["xdp_links"]
+        .as_array()
+        .context("handover header: xdp_links")?
+    {
+        xdp_links.push(take_fd(l.as_u64().context("xdp link fd")?)?);
+    }
     Ok(Taken {
         state,
         ports,
         listener,
+        pool,
+        xdp_links,
         paused_mono_ns: h["paused_mono_ns"].as_u64().unwrap_or(0),
         packed_mono_ns: h["packed_mono_ns"].as_u64().unwrap_or(0),
         received_mono_ns,

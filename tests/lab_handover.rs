@@ -74,6 +74,56 @@ fn ping_b(ns: &str) -> (bool, String) {
     ])
 }
 
+/// A ping flood (2 000 pings, 2 ms apart) and a 5 s iperf3 TCP stream from
+/// namespace `from` to `ip` (an iperf3 server started in `to`).
+struct Traffic {
+    ping: std::process::Child,
+    iperf: std::process::Child,
+}
+
+impl Traffic {
+    fn start(from: &str, to: &str, ip: &str) -> Traffic {
+        sh(&[
+            "ip", "netns", "exec", to, "iperf3", "-s", "-1", "-D", "-p", "5201",
+        ]);
+        lab::wait_until("iperf3 server", Duration::from_secs(5), || {
+            try_sh(&["ip", "netns", "exec", to, "ss", "-ltn"])
+                .1
+                .contains(":5201")
+        });
+        let spawn = |args: &[&str]| {
+            Command::new("ip")
+                .args(["netns", "exec", from])
+                .args(args)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("starting traffic")
+        };
+        let iperf = spawn(&["iperf3", "-c", ip, "-p", "5201", "-t", "5", "-J"]);
+        let ping = spawn(&["ping", "-i", "0.002", "-c", "2000", "-W", "1", ip]);
+        Traffic { ping, iperf }
+    }
+
+    /// Wait for both; the TCP stream must have survived. (sent, answered)
+    /// pings.
+    fn finish(self, log: &str) -> (u64, u64) {
+        let ping = self.ping.wait_with_output().expect("ping");
+        let counts = ping_counts(&String::from_utf8_lossy(&ping.stdout));
+        let iperf = self.iperf.wait_with_output().expect("iperf3");
+        let v: serde_json::Value = serde_json::from_slice(&iperf.stdout).unwrap_or_default();
+        let bps = v["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0);
+        assert!(
+            bps > 1e6,
+            "the TCP stream did not survive the handover: {}\n{log}",
+            String::from_utf8_lossy(&iperf.stdout),
+        );
+        counts
+    }
+}
+
 /// A copy of the binary, as an upgrade would bring.
 fn second_binary(lab: &Lab) -> std::path::PathBuf {
     let p = lab.dir.join("vswitch-new");
@@ -87,51 +137,7 @@ fn a_new_binary_takes_over_while_ping_floods_and_tcp_streams() {
     let sw = start(&mut lab);
     let (ok, out) = ping_b(&sw.a);
     assert!(ok, "{out}\n{}", lab.log("sw"));
-    // iperf3 server in B; a 5 s stream from A, and a ping flood.
-    sh(&[
-        "ip", "netns", "exec", &sw.b, "iperf3", "-s", "-1", "-D", "-p", "5201",
-    ]);
-    lab::wait_until("iperf3 server", Duration::from_secs(5), || {
-        try_sh(&["ip", "netns", "exec", &sw.b, "ss", "-ltn"])
-            .1
-            .contains(":5201")
-    });
-    let iperf = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &sw.a,
-            "iperf3",
-            "-c",
-            "10.0.0.11",
-            "-p",
-            "5201",
-            "-t",
-            "5",
-            "-J",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("iperf3");
-    let ping = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &sw.a,
-            "ping",
-            "-i",
-            "0.002",
-            "-c",
-            "2000",
-            "-W",
-            "1",
-            "10.0.0.11",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("ping");
+    let traffic = Traffic::start(&sw.a, &sw.b, "10.0.0.11");
     std::thread::sleep(Duration::from_millis(1500));
     let new = second_binary(&lab);
     lab.takeover(&new, "sw");
@@ -141,19 +147,7 @@ fn a_new_binary_takes_over_while_ping_floods_and_tcp_streams() {
         lab.log("sw"),
         lab.log("sw-new")
     );
-    let ping = ping.wait_with_output().expect("ping");
-    let (sent, got) = ping_counts(&String::from_utf8_lossy(&ping.stdout));
-    let iperf = iperf.wait_with_output().expect("iperf3");
-    let v: serde_json::Value = serde_json::from_slice(&iperf.stdout).unwrap_or_default();
-    let bps = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0);
-    assert!(
-        bps > 1e6,
-        "the TCP stream did not survive the handover: {}\n{}",
-        String::from_utf8_lossy(&iperf.stdout),
-        lab.log("sw-new")
-    );
+    let (sent, got) = traffic.finish(&lab.log("sw-new"));
     let st = lab
         .ctl(&sw.sock, "stats")
         .expect("the new binary answers on the same socket");
@@ -178,6 +172,104 @@ fn a_new_binary_takes_over_while_ping_floods_and_tcp_streams() {
     );
     let (ok, out) = ping_b(&sw.a);
     assert!(ok, "after the second handover: {out}");
+}
+
+/// Across hypervisors: the switch taken over has an AF_XDP uplink (its
+/// socket, rings, frame pool and XDP program's link are handed over).
+#[test]
+fn the_uplink_is_handed_over_while_traffic_crosses_hypervisors() {
+    let mut lab = Lab::new();
+    let (hv1, hv2) = (lab.netns("h1"), lab.netns("h2"));
+    let (vm1, vm2) = (lab.netns("m1"), lab.netns("m2"));
+    let (u1, u2) = lab::wire(&lab, &hv1, "192.168.61.1", &hv2, "192.168.61.2");
+    let a = ("a", "02:00:00:00:00:0a", "10.0.0.10");
+    let b = ("b", "02:00:00:00:00:0b", "10.0.0.11");
+    let c1 = lab::config(
+        &lab,
+        "sw1",
+        &u1,
+        "192.168.61.1",
+        a,
+        (b.2, b.1, "192.168.61.2"),
+    );
+    let c2 = lab::config(
+        &lab,
+        "sw2",
+        &u2,
+        "192.168.61.2",
+        b,
+        (a.2, a.1, "192.168.61.1"),
+    );
+    let s1 = lab.vswitch_in(Some(&hv1), "sw1", &c1);
+    lab.vswitch_in(Some(&hv2), "sw2", &c2);
+    let (ta, tb) = (lab.name("ta"), lab.name("tb"));
+    lab.attach_vm_from(Some(&hv1), &ta, &vm1, a.1, "10.0.0.10/24");
+    lab.attach_vm_from(Some(&hv2), &tb, &vm2, b.1, "10.0.0.11/24");
+    lab::vm_mtu(&vm1, &ta);
+    lab::vm_mtu(&vm2, &tb);
+    let ping = |ns: &str| {
+        try_sh(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "ping",
+            "-c",
+            "2",
+            "-i",
+            "0.2",
+            "-W",
+            "1",
+            "10.0.0.11",
+        ])
+    };
+    let (ok, out) = ping(&vm1);
+    assert!(ok, "{out}\n{}", lab.log("sw1"));
+    let traffic = Traffic::start(&vm1, &vm2, b.2);
+    std::thread::sleep(Duration::from_millis(1500));
+    let new = second_binary(&lab);
+    lab.takeover_in(&hv1, &new, "sw1");
+    assert!(
+        lab.exited(0, Duration::from_secs(15)),
+        "the old binary did not hand over and exit\nold:\n{}\nnew:\n{}",
+        lab.log("sw1"),
+        lab.log("sw1-new")
+    );
+    let (sent, got) = traffic.finish(&lab.log("sw1-new"));
+    let st = lab.ctl(&s1, "stats").expect("the new binary answers");
+    eprintln!(
+        "uplink handover: {}; pings lost {} of {sent}",
+        st["last_handover"],
+        sent - got
+    );
+    assert!(
+        st["last_handover"]["blackout_us"].as_f64().is_some(),
+        "{st}"
+    );
+    assert!(sent - got <= 5, "{} of {sent} pings lost", sent - got);
+    // The uplink works in the new binary: its socket receives (the XDP
+    // program outlived the old process through its handed-over link).
+    let (ok, out) = ping(&vm1);
+    assert!(ok, "after the handover: {out}\n{}", lab.log("sw1-new"));
+    let up = &lab.ctl(&s1, "stats").expect("stats")["ports"][1];
+    assert!(up["rx_packets"].as_u64() > Some(0), "{up}");
+    // Upgrading again passes on what was inherited.
+    lab.takeover_in(
+        &hv1,
+        std::path::Path::new(env!("CARGO_BIN_EXE_vswitch")),
+        "sw1",
+    );
+    assert!(
+        lab.exited(2, Duration::from_secs(15)),
+        "{}",
+        lab.log("sw1-new")
+    );
+    let (ok, out) = ping(&vm1);
+    assert!(
+        ok,
+        "after the second handover: {out}\n{}",
+        lab.log("sw1-new")
+    );
 }
 
 #[test]

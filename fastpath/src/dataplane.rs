@@ -232,8 +232,15 @@ pub enum Request {
     /// installs and requests are still served. Answers with what the next
     /// binary needs from this thread.
     Pause(Sender<Paused>),
-    /// Poll again (the handover failed).
+    /// Poll again (the handover failed, or, in the next binary, it is
+    /// confirmed); frames held back meanwhile are sent.
     Resume,
+    /// Stop polling, without a dump: the next binary adds its inherited
+    /// ports held, and polls them only once the handover is confirmed.
+    Hold,
+    /// Use this pool (the previous binary's) instead of the thread's own;
+    /// refused once an AF_XDP port uses the own one or a frame is in use.
+    AdoptPool(Box<FramePool>, Sender<Result<(), String>>),
     /// The action of the flow for a key, if any (not counted as a hit).
     Lookup(FlowKey, Sender<Option<Action>>),
     /// The next hop with this MAC changed or went away: remove the flows
@@ -252,9 +259,32 @@ pub struct Paused {
     pub flows: Vec<(FlowKey, u32, FlowStats)>,
     /// The distinct actions the flows use.
     pub actions: Vec<Action>,
-    /// Each port by id: its name and, for a tap, its descriptor (still
-    /// owned here: the caller passes copies).
-    pub ports: Vec<(String, Option<i32>)>,
+    /// Each port by id: its name and descriptor (still owned here: the
+    /// caller passes copies); `None` for a removed one.
+    pub ports: Vec<(String, Option<HandedIo>)>,
+    /// The frame pool: every AF_XDP socket's UMEM and rings point into it.
+    pub pool: HandedPool,
+}
+
+/// A port's descriptor as handed over.
+#[derive(Debug, Clone, Copy)]
+pub enum HandedIo {
+    /// A tap queue.
+    Tap(i32),
+    /// A bound AF_XDP socket and its ring size.
+    Xsk { fd: i32, ring_size: u32 },
+}
+
+/// The frame pool as handed over: its memfd, and the chunks this side owns
+/// (every other chunk is on a socket's ring, whose indices live in the
+/// shared ring memory).
+#[derive(Debug, Clone)]
+pub struct HandedPool {
+    pub fd: i32,
+    pub len: usize,
+    pub huge: bool,
+    pub chunk_size: u32,
+    pub free: Vec<u64>,
 }
 
 /// CLOCK_MONOTONIC in nanoseconds (comparable across processes).
@@ -347,8 +377,11 @@ pub struct Dataplane {
     first_packet: FirstPacket,
     /// The last invalidation's version (see [`Install::version`]).
     min_version: u64,
-    /// Ports are not polled (handover in progress).
+    /// Ports are not polled (handover in progress), and nothing touches
+    /// them or the frame pool: the next binary may own both.
     paused: bool,
+    /// Frames of installs that arrived while paused, sent on resume.
+    deferred: Vec<Install>,
     /// CLOCK_MONOTONIC of the first poll (a handover's end of blackout).
     pub first_poll_mono_ns: Option<u64>,
     invalidated: u64,
@@ -398,6 +431,7 @@ impl Dataplane {
             first_packet: FirstPacket::default(),
             min_version: 0,
             paused: false,
+            deferred: Vec::new(),
             first_poll_mono_ns: None,
             invalidated: 0,
             stale_installs: 0,
@@ -612,6 +646,17 @@ impl Dataplane {
                 Err(_) => self.install_failures += 1,
             }
         }
+        if self.paused && (!ins.tx.is_empty() || ins.reinject.is_some()) {
+            // Frames wait: the pool and the ports may belong to the next
+            // binary by now. Sent if this one resumes.
+            self.deferred.push(Install {
+                tx: ins.tx,
+                reinject: ins.reinject,
+                version: ins.version,
+                ..Install::default()
+            });
+            return;
+        }
         for (port, frame) in &ins.tx {
             if let Some(d) = self.copy_in(frame) {
                 match self.ports.get_mut(usize::from(port.0)) {
@@ -767,6 +812,18 @@ impl Dataplane {
                 };
                 let _ = tx.send(r);
             }
+            Request::Hold => self.paused = true,
+            Request::AdoptPool(pool, tx) => {
+                let r = if self.ports.iter().any(|p| matches!(p.io, PortIo::Xsk(_))) {
+                    Err("an AF_XDP port already uses this thread's frame pool".to_string())
+                } else if self.pool.free_count() as u64 != self.pool.chunks() {
+                    Err("frames of this thread's pool are in use".to_string())
+                } else {
+                    self.pool = *pool;
+                    Ok(())
+                };
+                let _ = tx.send(r);
+            }
             Request::Pause(tx) => {
                 self.paused = true;
                 // The table's own action ids, made dense: no hashing.
@@ -789,22 +846,40 @@ impl Dataplane {
                     .ports
                     .iter()
                     .map(|p| {
-                        let fd = match &p.io {
-                            PortIo::Tap(t) => Some(t.fd()),
-                            _ => None,
+                        let io = match &p.io {
+                            PortIo::Tap(t) => Some(HandedIo::Tap(t.fd())),
+                            PortIo::Xsk(x) => Some(HandedIo::Xsk {
+                                fd: x.fd(),
+                                ring_size: x.ring_size(),
+                            }),
+                            PortIo::Closed => None,
                         };
-                        (p.name.clone(), fd)
+                        (p.name.clone(), io)
                     })
                     .collect();
+                let r = self.pool.region();
+                let pool = HandedPool {
+                    fd: r.fd(),
+                    len: r.len(),
+                    huge: r.huge(),
+                    chunk_size: self.pool.chunk_size(),
+                    free: self.pool.free_list().to_vec(),
+                };
                 let _ = tx.send(Paused {
                     clock_ns: now,
                     last_poll_mono_ns: monotonic_ns(),
                     flows,
                     actions,
                     ports,
+                    pool,
                 });
             }
-            Request::Resume => self.paused = false,
+            Request::Resume => {
+                self.paused = false;
+                for ins in std::mem::take(&mut self.deferred) {
+                    self.apply_install(ins, now);
+                }
+            }
             Request::Lookup(key, tx) => {
                 let _ = tx.send(self.pipeline.table().get(&key).map(|e| *e.action));
             }

@@ -16,16 +16,20 @@
 //! kernel writing into its own chunks never aliases a Rust reference.
 
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::ptr::NonNull;
 
 use crate::frame::FrameMem;
 
-/// A private anonymous mapping.
+/// A shared mapping of a memfd: the memory survives this process as long
+/// as another holds the descriptor (the next binary after a handover maps
+/// the very same frames, which the AF_XDP sockets it inherits point into).
 #[derive(Debug)]
 pub struct Region {
     ptr: NonNull<u8>,
     len: usize,
     huge: bool,
+    fd: OwnedFd,
 }
 
 // SAFETY: the mapping is plain memory owned by this value; moving it to
@@ -36,39 +40,50 @@ impl Region {
     /// Map `len` bytes, on 2 MiB huge pages if `try_huge` and the system
     /// has them, else on normal pages.
     pub fn new(len: usize, try_huge: bool) -> io::Result<Region> {
-        let base = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE;
         if try_huge {
             let huge_len = len.div_ceil(2 << 20) * (2 << 20);
-            // SAFETY: an anonymous mapping at a kernel-chosen address; no
-            // existing memory is affected. The result is checked.
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    huge_len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    base | libc::MAP_HUGETLB,
-                    -1,
-                    0,
-                )
-            };
-            if p != libc::MAP_FAILED {
-                if let Some(ptr) = NonNull::new(p.cast::<u8>()) {
-                    return Ok(Region {
-                        ptr,
-                        len: huge_len,
-                        huge: true,
-                    });
+            if let Ok(fd) = memfd(libc::MFD_HUGETLB) {
+                if let Ok(r) = Region::map(fd, huge_len, true, true) {
+                    return Ok(r);
                 }
             }
         }
-        // SAFETY: as above, without huge pages.
+        Region::map(memfd(0)?, len, false, true)
+    }
+
+    /// Map the region another process made (`fd`, of `len` bytes), as it
+    /// is: nothing is written.
+    pub fn from_fd(fd: OwnedFd, len: usize, huge: bool) -> io::Result<Region> {
+        // SAFETY: fstat on a descriptor we own, into a zeroed stat.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; the result is checked.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if usize::try_from(st.st_size).ok() != Some(len) {
+            return Err(io::Error::other(format!(
+                "frame region: the descriptor holds {} bytes, not {len}",
+                st.st_size
+            )));
+        }
+        Region::map(fd, len, huge, false)
+    }
+
+    fn map(fd: OwnedFd, len: usize, huge: bool, size_it: bool) -> io::Result<Region> {
+        let off = libc::off_t::try_from(len).map_err(io::Error::other)?;
+        // SAFETY: ftruncate on a memfd we own; the result is checked.
+        if size_it && unsafe { libc::ftruncate(fd.as_raw_fd(), off) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a shared mapping of the whole memfd at a kernel-chosen
+        // address; no existing memory is affected. The result is checked.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                base,
-                -1,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd.as_raw_fd(),
                 0,
             )
         };
@@ -77,11 +92,12 @@ impl Region {
         }
         let ptr =
             NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned null"))?;
-        Ok(Region {
-            ptr,
-            len,
-            huge: false,
-        })
+        Ok(Region { ptr, len, huge, fd })
+    }
+
+    /// The memfd behind the region (to hand it to the next binary).
+    pub fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
     }
 
     pub fn as_ptr(&self) -> *mut u8 {
@@ -108,6 +124,18 @@ impl Drop for Region {
         // slice into it outlives `self` (they borrow the pool).
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
+}
+
+/// A fresh memfd for frames (`flags` adds to close-on-exec).
+fn memfd(flags: libc::c_uint) -> io::Result<OwnedFd> {
+    // SAFETY: memfd_create with a static NUL-terminated name; the result is
+    // checked and owned below.
+    let fd = unsafe { libc::memfd_create(c"vswitch-frames".as_ptr(), libc::MFD_CLOEXEC | flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh descriptor owned by nothing else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// Chunks of a [`Region`] and the free list of those user space owns.
@@ -141,6 +169,42 @@ impl FramePool {
             chunks: u64::from(chunks),
             free,
         })
+    }
+
+    /// Take over `region`, cut into `chunk_size` chunks, of which user
+    /// space owns exactly those in `free` (the rest are on rings of the
+    /// sockets that come with it). Refused unless every free address is a
+    /// distinct chunk of the region.
+    pub fn adopt(region: Region, chunk_size: u32, free: Vec<u64>) -> io::Result<FramePool> {
+        if !chunk_size.is_power_of_two() || chunk_size < 2048 {
+            return Err(io::Error::other(format!(
+                "frame pool: chunk size {chunk_size} is not a power of two ≥ 2048"
+            )));
+        }
+        let chunks = (region.len() / chunk_size as usize) as u64;
+        let shift = chunk_size.trailing_zeros();
+        let mut seen = vec![false; usize::try_from(chunks).map_err(io::Error::other)?];
+        for &a in &free {
+            let i = usize::try_from(a >> shift).unwrap_or(usize::MAX);
+            let fresh = a & (u64::from(chunk_size) - 1) == 0 && seen.get(i).is_some_and(|s| !*s);
+            if !fresh {
+                return Err(io::Error::other(format!(
+                    "frame pool: free chunk {a:#x} is not a distinct chunk of the {chunks}-chunk region"
+                )));
+            }
+            seen[i] = true;
+        }
+        Ok(FramePool {
+            region,
+            shift,
+            chunks,
+            free,
+        })
+    }
+
+    /// The chunks user space owns now (for the next binary).
+    pub fn free_list(&self) -> &[u64] {
+        &self.free
     }
 
     pub fn region(&self) -> &Region {
@@ -222,5 +286,39 @@ mod tests {
         assert_eq!(p.chunk_mut(4096).unwrap().0[256], 7);
         assert!(p.chunk_mut(8192).is_none());
         assert!(FramePool::new(4, 1000, false).is_err());
+    }
+
+    #[test]
+    fn a_pool_is_adopted_through_its_memfd_with_the_same_frames() {
+        let mut p = FramePool::new(4, 2048, false).unwrap();
+        let a = p.alloc().unwrap();
+        p.chunk_mut(a).unwrap().0[5] = 42;
+        let len = p.region().len();
+        let raw = p.region().fd();
+        // SAFETY: the region's descriptor stays open for the whole test.
+        let dup = || {
+            unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) }
+                .try_clone_to_owned()
+                .unwrap()
+        };
+        let region = Region::from_fd(dup(), len, false).unwrap();
+        let mut q = FramePool::adopt(region, 2048, p.free_list().to_vec()).unwrap();
+        // The chunk in use is not on the adopted free list, and the memory
+        // is the same.
+        assert_eq!(q.free_count(), 3);
+        assert!(!q.free_list().contains(&a));
+        assert_eq!(q.chunk_mut(a).unwrap().0[5], 42);
+        q.chunk_mut(a).unwrap().0[6] = 7;
+        assert_eq!(p.chunk_mut(a).unwrap().0[6], 7);
+        // Bad free lists and lengths are refused.
+        let adopt = |f| FramePool::adopt(Region::from_fd(dup(), len, false).unwrap(), 2048, f);
+        assert!(adopt(vec![2048, 2048]).is_err(), "duplicate");
+        assert!(adopt(vec![100]).is_err(), "not a chunk start");
+        assert!(adopt(vec![8192]).is_err(), "outside");
+        assert!(adopt(vec![0, 6144]).is_ok());
+        assert!(
+            Region::from_fd(dup(), len * 2, false).is_err(),
+            "wrong length"
+        );
     }
 }

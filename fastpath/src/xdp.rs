@@ -9,7 +9,7 @@
 //! restart never finds a stale program holding the interface busy.
 
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 
 use aya::maps::{Array, XskMap};
 use aya::programs::{ProgramError, Xdp, XdpFlags};
@@ -50,11 +50,14 @@ pub enum XdpError {
     },
 }
 
-/// The attached program; detached when dropped.
+/// The attached program; detached when dropped (unless the next binary
+/// holds its link, see [`XdpProgram::link_fd`]).
 pub struct XdpProgram {
     bpf: Ebpf,
     /// "native" or "generic".
     pub mode: &'static str,
+    /// The bpf_link keeping it attached, owned by `bpf`.
+    link: Option<RawFd>,
 }
 
 impl XdpProgram {
@@ -109,7 +112,19 @@ impl XdpProgram {
                 }
             },
         };
-        Ok(XdpProgram { bpf, mode })
+        let link = xdp_link_of(crate::xsk::ifindex(iface).unwrap_or(0));
+        Ok(XdpProgram { bpf, mode, link })
+    }
+
+    /// The descriptor of the bpf_link that keeps the program attached, if
+    /// it was attached through one (kernels ≥ 5.9). A live handover passes
+    /// it to the next binary, whose copy keeps the program (and its socket
+    /// map) attached after this process is gone; when the last copy
+    /// closes, the program detaches.
+    pub fn link_fd(&self) -> Option<BorrowedFd<'_>> {
+        // SAFETY: the link is owned by `self.bpf`, which lives as long as
+        // the borrow of `self`.
+        self.link.map(|fd| unsafe { BorrowedFd::borrow_raw(fd) })
     }
 
     /// Direct traffic of receive queue `queue` to the AF_XDP socket `fd`.
@@ -122,4 +137,19 @@ impl XdpProgram {
         xsks.set(queue, fd, 0)?;
         Ok(())
     }
+}
+
+/// This process's XDP bpf_link on interface `ifindex`, found in
+/// /proc/self/fdinfo (aya keeps the link's descriptor to itself; the
+/// kernel lists `link_type: xdp` and `ifindex:` for each).
+fn xdp_link_of(ifindex: u32) -> Option<RawFd> {
+    let want = format!("ifindex:\t{ifindex}\n");
+    std::fs::read_dir("/proc/self/fdinfo")
+        .ok()?
+        .flatten()
+        .find_map(|e| {
+            let fd: RawFd = e.file_name().to_str()?.parse().ok()?;
+            let info = std::fs::read_to_string(e.path()).ok()?;
+            (info.contains("link_type:\txdp\n") && info.contains(&want)).then_some(fd)
+        })
 }

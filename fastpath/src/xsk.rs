@@ -240,6 +240,36 @@ pub struct XskSocket {
     rx: Ring<XdpDesc>,
     tx: Ring<XdpDesc>,
     fd: OwnedFd,
+    size: u32,
+}
+
+/// The four rings of socket `fd`, each of `size` entries.
+#[allow(clippy::type_complexity)]
+fn map_rings(
+    fd: RawFd,
+    size: u32,
+) -> io::Result<(Ring<u64>, Ring<u64>, Ring<XdpDesc>, Ring<XdpDesc>)> {
+    let mut off = MmapOffsets::default();
+    let mut optlen = socklen::<MmapOffsets>();
+    // SAFETY: the kernel writes at most `optlen` bytes into `off`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            SOL_XDP,
+            XDP_MMAP_OFFSETS,
+            (&mut off as *mut MmapOffsets).cast(),
+            &mut optlen,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((
+        Ring::map(fd, &off.fr, size, XDP_UMEM_PGOFF_FILL_RING)?,
+        Ring::map(fd, &off.cr, size, XDP_UMEM_PGOFF_COMPLETION_RING)?,
+        Ring::map(fd, &off.rx, size, XDP_PGOFF_RX_RING)?,
+        Ring::map(fd, &off.tx, size, XDP_PGOFF_TX_RING)?,
+    ))
 }
 
 /// `size_of::<T>()` as a socklen_t (our structs are a few dozen bytes).
@@ -294,25 +324,7 @@ impl XskSocket {
         setsockopt(raw, XDP_UMEM_COMPLETION_RING, &size)?;
         setsockopt(raw, XDP_RX_RING, &size)?;
         setsockopt(raw, XDP_TX_RING, &size)?;
-        let mut off = MmapOffsets::default();
-        let mut optlen = socklen::<MmapOffsets>();
-        // SAFETY: the kernel writes at most `optlen` bytes into `off`.
-        let r = unsafe {
-            libc::getsockopt(
-                raw,
-                SOL_XDP,
-                XDP_MMAP_OFFSETS,
-                (&mut off as *mut MmapOffsets).cast(),
-                &mut optlen,
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        let fill = Ring::map(raw, &off.fr, size, XDP_UMEM_PGOFF_FILL_RING)?;
-        let comp = Ring::map(raw, &off.cr, size, XDP_UMEM_PGOFF_COMPLETION_RING)?;
-        let rx = Ring::map(raw, &off.rx, size, XDP_PGOFF_RX_RING)?;
-        let tx = Ring::map(raw, &off.tx, size, XDP_PGOFF_TX_RING)?;
+        let (fill, comp, rx, tx) = map_rings(raw, size)?;
         let sa = SockaddrXdp {
             family: 44, // AF_XDP
             flags: XDP_COPY | XDP_USE_NEED_WAKEUP,
@@ -337,7 +349,49 @@ impl XskSocket {
             rx,
             tx,
             fd,
+            size,
         })
+    }
+
+    /// Take over a bound socket another process made (a live handover):
+    /// map its rings, whose producer and consumer indices are in the
+    /// mapping itself, so this side continues exactly where that one
+    /// stopped. `ring_size` must be what it was created with.
+    pub fn from_fd(fd: OwnedFd, ring_size: u32) -> io::Result<XskSocket> {
+        if !ring_size.is_power_of_two() {
+            return Err(io::Error::other(format!(
+                "AF_XDP ring size {ring_size} is not a power of two"
+            )));
+        }
+        let mut domain: libc::c_int = 0;
+        let mut len = socklen::<libc::c_int>();
+        // SAFETY: the kernel writes at most `len` bytes into `domain`.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_DOMAIN,
+                (&mut domain as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if r < 0 || domain != AF_XDP {
+            return Err(io::Error::other("the descriptor is not an AF_XDP socket"));
+        }
+        let (fill, comp, rx, tx) = map_rings(fd.as_raw_fd(), ring_size)?;
+        Ok(XskSocket {
+            fill,
+            comp,
+            rx,
+            tx,
+            fd,
+            size: ring_size,
+        })
+    }
+
+    /// Entries per ring.
+    pub fn ring_size(&self) -> u32 {
+        self.size
     }
 
     pub fn fd(&self) -> RawFd {

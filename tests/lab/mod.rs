@@ -167,10 +167,21 @@ impl Lab {
     /// Start `binary run --config <name>.toml --takeover` (a new vswitch
     /// taking over a running one); its log is `<name>-new.log`.
     pub fn takeover(&mut self, binary: &std::path::Path, name: &str) -> u32 {
+        self.spawn_takeover(Command::new(binary), name)
+    }
+
+    /// [`Lab::takeover`] inside network namespace `ns`.
+    pub fn takeover_in(&mut self, ns: &str, binary: &std::path::Path, name: &str) -> u32 {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(binary);
+        self.spawn_takeover(cmd, name)
+    }
+
+    fn spawn_takeover(&mut self, mut cmd: Command, name: &str) -> u32 {
         let path = self.dir.join(format!("{name}.toml"));
         let log =
             std::fs::File::create(self.dir.join(format!("{name}-new.log"))).expect("log file");
-        let child = Command::new(binary)
+        let child = cmd
             .args(["run", "--takeover", "--config"])
             .arg(&path)
             .stdout(Stdio::null())
@@ -291,6 +302,97 @@ impl Drop for Lab {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A hypervisor's config (two-host labs): one VM on a tap, an uplink, one remote VM.
+pub fn config(
+    lab: &Lab,
+    name: &str,
+    uplink: &str,
+    vtep: &str,
+    vm: (&str, &str, &str),
+    remote: (&str, &str, &str),
+) -> String {
+    format!(
+        r#"[switch]
+poll = "adaptive"
+flow_capacity = 4096
+control_socket = "{sock}"
+
+[uplink]
+interface = "{uplink}"
+vtep = "{vtep}"
+
+[[port]]
+name = "{tap}"
+type = "tap"
+
+[[network]]
+vni = 100
+gateway_mac = "02:00:00:00:00:fe"
+[[network.subnet]]
+cidr = "10.0.0.0/24"
+gateway = "10.0.0.1"
+
+[[vm]]
+name = "{vmname}"
+port = "{tap}"
+mac = "{vmmac}"
+ips = ["{vmip}"]
+network = 100
+
+[[remote]]
+network = 100
+ip = "{rip}"
+mac = "{rmac}"
+vtep = "{rvtep}"
+"#,
+        sock = lab.socket(name).display(),
+        tap = lab.name(&format!("t{}", vm.0)),
+        vmname = vm.0,
+        vmmac = vm.1,
+        vmip = vm.2,
+        rip = remote.0,
+        rmac = remote.1,
+        rvtep = remote.2,
+    )
+}
+
+/// A veth "physical network" between namespaces `a` and `b`, addressed
+/// `a_ip`/24 and `b_ip`/24. Returns the interface names.
+pub fn wire(lab: &Lab, a: &str, a_ip: &str, b: &str, b_ip: &str) -> (String, String) {
+    let (ia, ib) = (lab.name("ua"), lab.name("ub"));
+    sh(&[
+        "ip", "link", "add", &ia, "netns", a, "type", "veth", "peer", "name", &ib, "netns", b,
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        a,
+        "addr",
+        "add",
+        &format!("{a_ip}/24"),
+        "dev",
+        &ia,
+    ]);
+    sh(&[
+        "ip",
+        "-n",
+        b,
+        "addr",
+        "add",
+        &format!("{b_ip}/24"),
+        "dev",
+        &ib,
+    ]);
+    sh(&["ip", "-n", a, "link", "set", &ia, "up"]);
+    sh(&["ip", "-n", b, "link", "set", &ib, "up"]);
+    (ia, ib)
+}
+
+pub fn vm_mtu(ns: &str, tap: &str) {
+    // What DHCP's interface-MTU option will tell VMs: room for VXLAN's 50 bytes.
+    sh(&["ip", "-n", ns, "link", "set", tap, "mtu", "1450"]);
 }
 
 /// A TCP echo server.
