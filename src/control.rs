@@ -218,21 +218,39 @@ impl Server {
             return;
         }
         let t = Instant::now();
-        let paused = match self.ask(Request::Pause) {
-            Ok(p) => p,
+        // The coprocessors are held until the new binary has the state or
+        // this one resumes: it cannot change under the pre-copy. The fast
+        // path forwards on meanwhile.
+        let shared = self.links.coprocessor.shared().clone();
+        let guard = lock(&shared);
+        let mut dump = match self.ask(Request::Dump) {
+            Ok(d) => d,
             Err(e) => {
                 warn!("handover: {e:#}");
                 return;
             }
         };
+        let flows = crate::handover::flows(&dump);
         let state = live_migrate::SwitchState {
-            clock_ns: paused.clock_ns,
+            clock_ns: dump.clock_ns,
             config: self.links.config_text.clone(),
-            shared: lock(self.links.coprocessor.shared()).save(),
-            actions: paused.actions.clone(),
-            flows: crate::handover::flows(&paused),
+            shared: guard.save(),
+            actions: std::mem::take(&mut dump.actions),
+            flows,
         };
-        match crate::handover::give(s, &paused, &state, &self.listener, &self.links.xdp_links) {
+        let mut paused = false;
+        let given = crate::handover::give(
+            s,
+            &dump,
+            &state,
+            &self.listener,
+            &self.links.xdp_links,
+            || {
+                paused = true;
+                self.ask(Request::Pause)
+            },
+        );
+        match given {
             Ok(true) => {
                 info!(
                     flows = state.flows.len(),
@@ -244,11 +262,12 @@ impl Server {
                 stop.store(true, Ordering::Relaxed);
             }
             other => {
-                warn!(result = ?other.map_err(|e| format!("{e:#}")), "handover failed; resuming");
-                let _ = self.links.requests.send(Request::Resume);
+                warn!(result = ?other.map_err(|e| format!("{e:#}")), paused, "handover failed; resuming");
+                let _ = self.links.requests.send(Request::Resume(None));
                 self.links.wake.notify();
             }
         }
+        drop(guard);
     }
 
     fn answer(&mut self, line: &str, stop: &AtomicBool) -> Value {

@@ -12,9 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use std::io::Write;
-
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use coprocessor::{Coprocessor, Outcome, PuntKind, Punted, Shared};
 use crossbeam_queue::ArrayQueue;
 use fastpath::dataplane::{
@@ -79,7 +77,14 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
 
     // Frames of every port live in one pool; AF_XDP sockets (uplink and
     // VM ports) register it as their UMEM, so frames cross ports uncopied.
-    let pool = FramePool::new(8192, 2048, true).context("allocating the frame pool")?;
+    // Taking over, the previous binary's pool is adopted: a placeholder
+    // until then (dropping a populated 16 MiB one would cost the blackout
+    // milliseconds).
+    let pool = match &takeover {
+        None => FramePool::new(8192, 2048, true),
+        Some(_) => FramePool::new(1, 2048, false),
+    }
+    .context("allocating the frame pool")?;
     info!(
         huge_pages = pool.region().huge(),
         mib = pool.region().len() >> 20,
@@ -260,6 +265,9 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     let mut next_port = n_ports;
     if let Some(t) = &takeover {
         let taken = crate::handover::take(&t.socket)?;
+        // Pre-copy (the old binary still forwards): the state, the flows
+        // in the held fast path, the pool and the sockets' rings mapped.
+        send_request(&req_tx, &wake, fastpath::dataplane::Request::Hold)?;
         let carried = taken.state.shared.conns.len();
         let flows = taken.state.flows.len();
         let warm: Vec<_> = taken.state.flows().collect();
@@ -270,17 +278,14 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
             flows: warm,
             ..Install::default()
         });
-        // Inherited ports are added held; polled once confirmed.
-        send_request(&req_tx, &wake, fastpath::dataplane::Request::Hold)?;
-        let pool = taken.pool;
-        let region = fastpath::umem::Region::from_fd(pool.fd, pool.len, pool.huge)
-            .context("mapping the handed-over frame pool")?;
-        let pool = FramePool::adopt(region, pool.chunk_size, pool.free)
-            .context("adopting the handed-over frame pool")?;
-        ask_fast_path(&req_tx, &wake, |tx| {
-            fastpath::dataplane::Request::AdoptPool(Box::new(pool), tx)
-        })?;
+        let region = fastpath::umem::Region::from_fd(
+            taken.pool.fd.try_clone()?,
+            taken.pool.len,
+            taken.pool.huge,
+        )
+        .context("mapping the handed-over frame pool")?;
         let uplink_name = cfg.uplink.as_ref().map(|u| u.interface.as_str());
+        let mut adopted = Vec::new();
         for (id, (name, taken_port)) in taken.ports.into_iter().enumerate() {
             let id = PortId(u16::try_from(id).context("too many ports")?);
             let io = match taken_port {
@@ -294,32 +299,57 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
             if uplink_name != Some(name.as_str()) && !matches!(io, PortIo::Closed) {
                 port_names.insert(name.clone(), id);
             }
-            let port = Port {
+            adopted.push(Port {
                 id,
                 name,
                 io,
                 counters: PortCounters::default(),
-            };
-            ask_fast_path(&req_tx, &wake, |tx| {
-                fastpath::dataplane::Request::AddPort(Box::new(port), tx)
-            })?;
+            });
             next_port = id.0 + 1;
         }
+        // The warm flows are in before the pause, so it does not wait for
+        // them.
+        fast_path_barrier(&req_tx, &wake)?;
+        let precopy_done = fastpath::dataplane::monotonic_ns();
+        // The pause: the old binary stops polling and says which frames
+        // are free; the ports and the pool go to the fast path at once.
+        let pause = crate::handover::ready(&taken.conn)?;
+        for (p, c) in adopted.iter_mut().zip(pause.counters) {
+            p.counters = c;
+        }
+        let pool = FramePool::adopt(region, taken.pool.chunk_size, pause.free)
+            .context("adopting the handed-over frame pool")?;
+        ask_fast_path(&req_tx, &wake, |tx| {
+            fastpath::dataplane::Request::Adopt(
+                Box::new(fastpath::dataplane::Adoption {
+                    pool,
+                    ports: adopted,
+                }),
+                tx,
+            )
+        })?;
         inherited_links = taken.xdp_links;
-        // The commit point: from here the old binary exits and this one
-        // owns the ports, the rings and the frames.
-        (&taken.conn)
-            .write_all(b"confirm\n")
-            .context("confirming the handover")?;
-        send_request(&req_tx, &wake, fastpath::dataplane::Request::Resume)?;
-        let first = wait_first_poll(&req_tx, &wake)?;
+        crate::handover::confirm(&taken.conn)?;
+        let (tx, rx) = mpsc::channel();
+        send_request(
+            &req_tx,
+            &wake,
+            fastpath::dataplane::Request::Resume(Some(tx)),
+        )?;
+        let first = rx
+            .recv_timeout(Duration::from_secs(2))
+            .context("the fast path did not poll within 2 s of the handover")?;
         let us = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e3;
-        let blackout_us = us(taken.paused_mono_ns, first);
+        let blackout_us = us(pause.paused_mono_ns, first);
         let v = serde_json::json!({"blackout_us": blackout_us,
             "phases_us": {
-                "save_and_encode": us(taken.paused_mono_ns, taken.packed_mono_ns),
+                "pause_and_pack": us(pause.paused_mono_ns, pause.packed_mono_ns),
+                "transfer": us(pause.packed_mono_ns, pause.received_mono_ns),
+                "adopt_and_start": us(pause.received_mono_ns, first)},
+            "precopy_us": {
+                "save_and_encode": us(taken.started_mono_ns, taken.packed_mono_ns),
                 "transfer": us(taken.packed_mono_ns, taken.received_mono_ns),
-                "restore_and_start": us(taken.received_mono_ns, first)},
+                "restore": us(taken.received_mono_ns, precopy_done)},
             "snapshot_bytes": taken.snapshot_bytes,
             "takeover_ms": t.started.elapsed().as_secs_f64() * 1e3,
             "flows": flows, "connections": carried});
@@ -401,6 +431,16 @@ fn send_request(
     Ok(())
 }
 
+/// Wait until the fast path has applied every install queued before (it
+/// answers requests after taking the installs in).
+fn fast_path_barrier(req: &mpsc::Sender<fastpath::dataplane::Request>, wake: &Wake) -> Result<()> {
+    let (tx, rx) = mpsc::channel();
+    send_request(req, wake, fastpath::dataplane::Request::Stats(tx))?;
+    rx.recv_timeout(Duration::from_secs(30))
+        .context("the fast path did not take the flows in within 30 s")?;
+    Ok(())
+}
+
 /// Ask the fast path something that succeeds or names what is wrong.
 fn ask_fast_path(
     req: &mpsc::Sender<fastpath::dataplane::Request>,
@@ -412,24 +452,6 @@ fn ask_fast_path(
     rx.recv_timeout(Duration::from_secs(2))
         .context("the fast path did not answer")?
         .map_err(|e| anyhow::anyhow!("{e}"))
-}
-
-/// Wait (at most 2 s) for the fast path's first poll; its CLOCK_MONOTONIC.
-fn wait_first_poll(req: &mpsc::Sender<fastpath::dataplane::Request>, wake: &Wake) -> Result<u64> {
-    let t = Instant::now();
-    while t.elapsed() < Duration::from_secs(2) {
-        let (tx, rx) = mpsc::channel();
-        req.send(fastpath::dataplane::Request::Stats(tx))
-            .map_err(|_| anyhow::anyhow!("the fast path is gone"))?;
-        wake.notify();
-        if let Ok(s) = rx.recv_timeout(Duration::from_millis(500)) {
-            if let Some(f) = s.first_poll_mono_ns {
-                return Ok(f);
-            }
-        }
-        thread::sleep(Duration::from_micros(100));
-    }
-    bail!("the fast path did not start polling within 2 s")
 }
 
 /// Fast-path reports waiting for the coprocessors.

@@ -3,29 +3,41 @@
 //! The new binary (`vswitch run --config F --takeover`) first asks the
 //! running switch for its configuration and clock (`handover-prepare`),
 //! starts everything it can (frame pool, fast path, coprocessors), then
-//! asks `{"cmd": "handover"}`. The old
-//! one stops polling its ports (the fast path finishes its batch; frames
-//! wait in the tap queues), saves its state (config, topology, policy,
-//! connections with NAT bindings, leases, flows) as a versioned snapshot
-//! (`live-migrate`), and sends it with its open tap queues and control
-//! listener (SCM_RIGHTS). The new one restores, starts polling, and
-//! confirms; the old one then exits. If the new one fails, hangs past the
-//! deadline or dies before confirming, the old one polls again with its
-//! state intact: it never closed anything.
+//! asks `{"cmd": "handover"}`, which runs in two steps:
+//!
+//! 1. **Pre-copy, traffic flowing.** The old binary holds its
+//!    coprocessors (new decisions wait; the fast path keeps forwarding
+//!    every installed flow), so the state cannot change under it; dumps
+//!    its flows, saves the state (config, topology, policy, connections
+//!    with NAT bindings, leases) as a versioned snapshot (`live-migrate`)
+//!    and sends it with every descriptor: tap queues, AF_XDP sockets, the
+//!    frame pool's memfd, the XDP programs' bpf_links, the control
+//!    listener (SCM_RIGHTS). The new one restores it, installs the flows
+//!    in its (held) fast path, maps the pool and the sockets' rings, and
+//!    says `ready`.
+//! 2. **The pause.** The old one stops polling (the fast path finishes its
+//!    batch; frames wait in the tap queues and on the RX rings) and sends
+//!    what only now is known: which frames user space owns, the port
+//!    counters. The new one takes the pool and the ports in one request,
+//!    confirms, and polls; the old one exits on the confirmation.
+//!
+//! The blackout is step 2 only. If the new binary fails, hangs past a
+//! deadline or dies before confirming, the old one polls again (and its
+//! coprocessors go on) with its state intact: it never closed anything.
+//! The new one polls only after confirming, so the two never touch the
+//! rings at once.
 //!
 //! AF_XDP ports (the uplink, VM veths) go over whole: the frame pool is a
 //! memfd, so the new binary maps the same frames the sockets' UMEM points
 //! into; each socket's rings keep their producer and consumer indices in
 //! the ring memory, so the new side continues where the old one stopped;
-//! the old side's free list says which frames user space owns (all others
-//! are on a ring); the XDP programs' bpf_links go along and keep them
-//! attached after the old process is gone. Nothing the NIC delivers
-//! meanwhile is lost: it waits on the RX ring. The new side polls only
-//! after confirming, so the two never touch the rings at once.
+//! the XDP programs' links keep them attached after the old process is
+//! gone. Nothing the NIC delivers meanwhile is lost: it waits on the RX
+//! ring.
 //!
 //! Wire: 8 bytes (header length, u64 LE) carrying the descriptors, the
-//! JSON header, the snapshot, the free list (u64 LE each); then one line
-//! back from the new binary.
+//! JSON header, the snapshot; `ready` back; 8 bytes (length), the JSON
+//! pause header, the free list (u64 LE each); `confirm` back.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -34,26 +46,35 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use fastpath::dataplane::{HandedIo, Paused};
+use fastpath::dataplane::{monotonic_ns, Dump, HandedIo, Paused, PortCounters};
 use live_migrate::{fdpass, FlowRecord, SwitchState};
 use serde_json::{json, Value};
 
 /// How long the old binary waits for the new one's confirmation.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The old side: send everything to the new binary on `s`; true once it
-/// confirmed (the caller then exits), false if it did not (resume).
+/// How long the old binary holds its coprocessors for the new one to
+/// restore the pre-copy (1M flows and 100k connections take about a
+/// quarter of a second): a hung new binary delays new connections no
+/// longer than this.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// The old side: send everything to the new binary on `s`, pausing (with
+/// `pause`) only once it restored the pre-copy; true once it confirmed
+/// (the caller then exits), false if it did not (resume).
 pub fn give(
     s: &UnixStream,
-    paused: &Paused,
+    dump: &Dump,
     state: &SwitchState,
     listener: &UnixListener,
     xdp_links: &[i32],
+    pause: impl FnOnce() -> Result<Paused>,
 ) -> Result<bool> {
+    let started = monotonic_ns();
     let snap = live_migrate::encode(state).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut fds = Vec::new();
     let mut ports = Vec::new();
-    for (name, io) in &paused.ports {
+    for (name, io) in &dump.ports {
         ports.push(match io {
             Some(HandedIo::Tap(fd)) => {
                 fds.push(*fd);
@@ -68,7 +89,7 @@ pub fn give(
     }
     let listener_fd = fds.len();
     fds.push(listener.as_raw_fd());
-    let pool = &paused.pool;
+    let pool = &dump.pool;
     fds.push(pool.fd);
     let links: Vec<usize> = xdp_links
         .iter()
@@ -81,22 +102,44 @@ pub fn give(
         "ports": ports,
         "listener_fd": listener_fd,
         "pool": {"fd": listener_fd + 1, "len": pool.len, "huge": pool.huge,
-                 "chunk_size": pool.chunk_size, "free": pool.free.len()},
+                 "chunk_size": pool.chunk_size},
         "xdp_links": links,
         "snapshot": snap.len(),
-        "paused_mono_ns": paused.last_poll_mono_ns,
-        "packed_mono_ns": fastpath::dataplane::monotonic_ns(),
+        "started_mono_ns": started,
+        "packed_mono_ns": monotonic_ns(),
     })
     .to_string();
     fdpass::send(s, &(header.len() as u64).to_le_bytes(), &fds)?;
-    let free: Vec<u8> = pool.free.iter().flat_map(|a| a.to_le_bytes()).collect();
     let mut w = s;
     w.write_all(header.as_bytes())?;
     w.write_all(&snap)?;
-    w.write_all(&free)?;
-    s.set_read_timeout(Some(CONFIRM_TIMEOUT))?;
+    let mut r = BufReader::new(s);
+    s.set_read_timeout(Some(READY_TIMEOUT))?;
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line)?;
+    r.read_line(&mut line)?;
+    if line.trim() != "ready" {
+        bail!(
+            "the new binary did not restore the pre-copy: {:?}",
+            line.trim()
+        );
+    }
+    let paused = pause()?;
+    let free: Vec<u8> = paused.free.iter().flat_map(|a| a.to_le_bytes()).collect();
+    let header = json!({
+        "paused_mono_ns": paused.last_poll_mono_ns,
+        "free": paused.free.len(),
+        "counters": paused.counters,
+        "packed_mono_ns": monotonic_ns(),
+    })
+    .to_string();
+    let mut msg = Vec::with_capacity(8 + header.len() + free.len());
+    msg.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    msg.extend_from_slice(header.as_bytes());
+    msg.extend_from_slice(&free);
+    w.write_all(&msg)?;
+    s.set_read_timeout(Some(CONFIRM_TIMEOUT))?;
+    line.clear();
+    r.read_line(&mut line)?;
     Ok(line.trim() == "confirm")
 }
 
@@ -136,16 +179,16 @@ pub enum TakenPort {
     Closed,
 }
 
-/// The frame pool as received.
+/// The frame pool as received (which frames are free comes with the
+/// pause).
 pub struct TakenPool {
     pub fd: OwnedFd,
     pub len: usize,
     pub huge: bool,
     pub chunk_size: u32,
-    pub free: Vec<u64>,
 }
 
-/// What the new binary received.
+/// The pre-copy, as the new binary received it.
 pub struct Taken {
     pub state: SwitchState,
     /// Ports by id, with their names.
@@ -155,9 +198,9 @@ pub struct Taken {
     /// The bpf_links keeping the XDP programs attached: held for as long
     /// as this binary runs (and handed on).
     pub xdp_links: Vec<OwnedFd>,
-    /// CLOCK_MONOTONIC of the old binary's last poll, of the end of its
-    /// packing (state saved and encoded), of this side's having it all.
-    pub paused_mono_ns: u64,
+    /// CLOCK_MONOTONIC of the old binary's start of the pre-copy, of the
+    /// end of its packing, of this side's having it all.
+    pub started_mono_ns: u64,
     pub packed_mono_ns: u64,
     pub received_mono_ns: u64,
     pub snapshot_bytes: usize,
@@ -165,7 +208,31 @@ pub struct Taken {
     pub conn: UnixStream,
 }
 
-/// The new side: ask the switch on `socket` to hand over, and take it.
+/// What the pause brought.
+pub struct Pause {
+    /// The frames user space owns.
+    pub free: Vec<u64>,
+    pub counters: Vec<PortCounters>,
+    /// CLOCK_MONOTONIC of the old binary's last poll, of the end of its
+    /// packing, of this side's having it all.
+    pub paused_mono_ns: u64,
+    pub packed_mono_ns: u64,
+    pub received_mono_ns: u64,
+}
+
+/// Read the JSON header whose length (8 bytes, LE) is `len`.
+fn read_header(conn: &UnixStream, len: [u8; 8]) -> Result<Value> {
+    let hlen = usize::try_from(u64::from_le_bytes(len)).unwrap_or(usize::MAX);
+    if hlen > 1 << 20 {
+        bail!("handover header of {hlen} bytes: not a vswitch");
+    }
+    let mut header = vec![0u8; hlen];
+    (&*conn).read_exact(&mut header)?;
+    serde_json::from_slice(&header).context("handover header")
+}
+
+/// The new side: ask the switch on `socket` to hand over, and take the
+/// pre-copy.
 pub fn take(socket: &Path) -> Result<Taken> {
     let conn = UnixStream::connect(socket)
         .with_context(|| format!("connecting to the running switch at {}", socket.display()))?;
@@ -179,7 +246,6 @@ pub fn take(socket: &Path) -> Result<Taken> {
     if n < 8 {
         (&conn).read_exact(&mut len[n..])?;
     }
-    let hlen = usize::try_from(u64::from_le_bytes(len)).unwrap_or(usize::MAX);
     if fds.is_empty() {
         // An error answer (JSON) rather than a handover.
         let mut rest = Vec::new();
@@ -192,26 +258,13 @@ pub fn take(socket: &Path) -> Result<Taken> {
             v["error"].as_str().unwrap_or("?")
         );
     }
-    if hlen > 1 << 20 {
-        bail!("handover header of {hlen} bytes: not a vswitch");
-    }
-    let mut header = vec![0u8; hlen];
-    (&conn).read_exact(&mut header)?;
-    let h: Value = serde_json::from_slice(&header).context("handover header")?;
+    let h = read_header(&conn, len)?;
     let snap_len = h["snapshot"]
         .as_u64()
         .context("handover header: snapshot")?;
     let mut snap = vec![0u8; usize::try_from(snap_len).context("snapshot size")?];
     (&conn).read_exact(&mut snap)?;
-    let free_chunks = h["pool"]["free"]
-        .as_u64()
-        .context("handover header: pool")?;
-    if free_chunks > 1 << 24 {
-        bail!("handover header: {free_chunks} free frames: not a vswitch");
-    }
-    let mut free = vec![0u8; 8 * usize::try_from(free_chunks)?];
-    (&conn).read_exact(&mut free)?;
-    let received_mono_ns = fastpath::dataplane::monotonic_ns();
+    let received_mono_ns = monotonic_ns();
     let state = live_migrate::decode(&snap).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
     let mut take_fd = |i: u64| -> Result<OwnedFd> {
@@ -244,10 +297,6 @@ pub fn take(socket: &Path) -> Result<Taken> {
         len: usize::try_from(ph["len"].as_u64().context("pool len")?)?,
         huge: ph["huge"].as_bool().unwrap_or(false),
         chunk_size: u32::try_from(ph["chunk_size"].as_u64().context("pool chunk_size")?)?,
-        free: free
-            .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-            .collect(),
     };
     let mut xdp_links = Vec::new();
     for l in h["xdp_links"]
@@ -262,7 +311,7 @@ pub fn take(socket: &Path) -> Result<Taken> {
         listener,
         pool,
         xdp_links,
-        paused_mono_ns: h["paused_mono_ns"].as_u64().unwrap_or(0),
+        started_mono_ns: h["started_mono_ns"].as_u64().unwrap_or(0),
         packed_mono_ns: h["packed_mono_ns"].as_u64().unwrap_or(0),
         received_mono_ns,
         snapshot_bytes: snap.len(),
@@ -270,8 +319,47 @@ pub fn take(socket: &Path) -> Result<Taken> {
     })
 }
 
-/// The flows of a paused fast path, packed for the snapshot.
-pub fn flows(p: &Paused) -> live_migrate::Flows {
+/// The new side: say on `conn` that the pre-copy is in place; the old
+/// binary pauses and sends the rest.
+pub fn ready(conn: &UnixStream) -> Result<Pause> {
+    (&*conn)
+        .write_all(b"ready\n")
+        .context("telling the running switch the pre-copy is in")?;
+    let mut len = [0u8; 8];
+    (&*conn)
+        .read_exact(&mut len)
+        .context("the running switch did not pause")?;
+    let h = read_header(conn, len)?;
+    let n = h["free"].as_u64().context("pause header: free")?;
+    if n > 1 << 24 {
+        bail!("pause header: {n} free frames: not a vswitch");
+    }
+    let mut free = vec![0u8; 8 * usize::try_from(n)?];
+    (&*conn).read_exact(&mut free)?;
+    let received_mono_ns = monotonic_ns();
+    Ok(Pause {
+        free: free
+            .chunks_exact(8)
+            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .collect(),
+        counters: serde_json::from_value(h["counters"].clone())
+            .context("pause header: counters")?,
+        paused_mono_ns: h["paused_mono_ns"].as_u64().unwrap_or(0),
+        packed_mono_ns: h["packed_mono_ns"].as_u64().unwrap_or(0),
+        received_mono_ns,
+    })
+}
+
+/// The new side's commit point: from here the old binary exits and this
+/// one owns the ports, the rings and the frames.
+pub fn confirm(conn: &UnixStream) -> Result<()> {
+    (&*conn)
+        .write_all(b"confirm\n")
+        .context("confirming the handover")
+}
+
+/// The flows of a fast path's dump, packed for the snapshot.
+pub fn flows(p: &Dump) -> live_migrate::Flows {
     let mut f = live_migrate::Flows::with_capacity(p.flows.len());
     for (key, action, stats) in &p.flows {
         f.push(&FlowRecord {

@@ -69,7 +69,7 @@ impl std::fmt::Debug for PortIo {
 }
 
 /// Per-port counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PortCounters {
     pub rx_packets: u64,
     pub rx_bytes: u64,
@@ -228,19 +228,26 @@ pub enum Request {
     AddPort(Box<Port>, Sender<Result<(), String>>),
     /// Close a port and remove every flow from or to it.
     RemovePort(PortId, Sender<Result<(), String>>),
+    /// What the next binary needs before the pause (a handover's
+    /// pre-copy): the flows, the ports' descriptors, the frame pool's.
+    /// Polling goes on.
+    Dump(Sender<Dump>),
     /// Stop polling the ports (a handover is taking the switch over);
-    /// installs and requests are still served. Answers with what the next
-    /// binary needs from this thread.
+    /// installs (their flows; their frames wait) and requests are still
+    /// served. Answers with what changed since the dump that matters.
     Pause(Sender<Paused>),
     /// Poll again (the handover failed, or, in the next binary, it is
-    /// confirmed); frames held back meanwhile are sent.
-    Resume,
+    /// confirmed); frames held back meanwhile are sent. The sender, if
+    /// any, is told when the first poll began (CLOCK_MONOTONIC ns).
+    Resume(Option<Sender<u64>>),
     /// Stop polling, without a dump: the next binary adds its inherited
     /// ports held, and polls them only once the handover is confirmed.
     Hold,
-    /// Use this pool (the previous binary's) instead of the thread's own;
-    /// refused once an AF_XDP port uses the own one or a frame is in use.
-    AdoptPool(Box<FramePool>, Sender<Result<(), String>>),
+    /// Take the previous binary's frame pool and ports (in id order, next
+    /// after the existing ones): one request, so the blackout does not grow
+    /// with the number of ports. Refused once an AF_XDP port uses this
+    /// thread's own pool or one of its frames is in use.
+    Adopt(Box<Adoption>, Sender<Result<(), String>>),
     /// The action of the flow for a key, if any (not counted as a hit).
     Lookup(FlowKey, Sender<Option<Action>>),
     /// The next hop with this MAC changed or went away: remove the flows
@@ -248,13 +255,11 @@ pub enum Request {
     InvalidateNextHop(flowtable::Mac),
 }
 
-/// A paused fast path's state for the next binary.
+/// A fast path's flows and descriptors, for the next binary.
 #[derive(Debug)]
-pub struct Paused {
-    /// The thread's clock (ns since its epoch) when it stopped polling.
+pub struct Dump {
+    /// The thread's clock (ns since its epoch) at the dump.
     pub clock_ns: u64,
-    /// CLOCK_MONOTONIC (ns) of the last poll, for the blackout.
-    pub last_poll_mono_ns: u64,
     /// The flows: key, index into `actions`, counters.
     pub flows: Vec<(FlowKey, u32, FlowStats)>,
     /// The distinct actions the flows use.
@@ -266,6 +271,24 @@ pub struct Paused {
     pub pool: HandedPool,
 }
 
+/// A paused fast path: what the next binary needs at the last moment.
+#[derive(Debug)]
+pub struct Paused {
+    /// CLOCK_MONOTONIC (ns) of the last poll, for the blackout.
+    pub last_poll_mono_ns: u64,
+    /// The frames user space owns now (every other is on a socket's ring).
+    pub free: Vec<u64>,
+    /// Each port's counters, by id.
+    pub counters: Vec<PortCounters>,
+}
+
+/// What the next binary's fast path takes over (see [`Request::Adopt`]).
+#[derive(Debug)]
+pub struct Adoption {
+    pub pool: FramePool,
+    pub ports: Vec<Port>,
+}
+
 /// A port's descriptor as handed over.
 #[derive(Debug, Clone, Copy)]
 pub enum HandedIo {
@@ -275,16 +298,15 @@ pub enum HandedIo {
     Xsk { fd: i32, ring_size: u32 },
 }
 
-/// The frame pool as handed over: its memfd, and the chunks this side owns
-/// (every other chunk is on a socket's ring, whose indices live in the
-/// shared ring memory).
+/// The frame pool as handed over: its memfd and shape. Which chunks user
+/// space owns comes with the pause ([`Paused::free`]); every other chunk
+/// is on a socket's ring, whose indices live in the shared ring memory.
 #[derive(Debug, Clone)]
 pub struct HandedPool {
     pub fd: i32,
     pub len: usize,
     pub huge: bool,
     pub chunk_size: u32,
-    pub free: Vec<u64>,
 }
 
 /// CLOCK_MONOTONIC in nanoseconds (comparable across processes).
@@ -382,6 +404,8 @@ pub struct Dataplane {
     paused: bool,
     /// Frames of installs that arrived while paused, sent on resume.
     deferred: Vec<Install>,
+    /// Told the CLOCK_MONOTONIC of the first poll after a resume.
+    first_poll_waiter: Option<Sender<u64>>,
     /// CLOCK_MONOTONIC of the first poll (a handover's end of blackout).
     pub first_poll_mono_ns: Option<u64>,
     invalidated: u64,
@@ -432,6 +456,7 @@ impl Dataplane {
             min_version: 0,
             paused: false,
             deferred: Vec::new(),
+            first_poll_waiter: None,
             first_poll_mono_ns: None,
             invalidated: 0,
             stale_installs: 0,
@@ -453,7 +478,15 @@ impl Dataplane {
             }
             idle = idle.saturating_add(1);
             if self.cfg.mode == PollMode::Adaptive && idle >= self.cfg.spin_before_sleep {
-                wait_readable(&mut self.pollfds, 50);
+                // Paused, the ports are not read, so their readiness must
+                // not wake the loop (it would spin on a core the next
+                // binary needs): only the wakeup fd (last) counts.
+                let from = if self.paused {
+                    self.pollfds.len() - 1
+                } else {
+                    0
+                };
+                wait_readable(&mut self.pollfds[from..], 50);
                 self.links.wake.drain();
                 idle = 0;
             } else {
@@ -476,6 +509,9 @@ impl Dataplane {
             }
             for i in 0..self.ports.len() {
                 work += self.poll_port(i, now);
+            }
+            if let Some(tx) = self.first_poll_waiter.take() {
+                let _ = tx.send(self.first_poll_mono_ns.unwrap_or(0));
             }
         }
         let c = self.cfg;
@@ -684,6 +720,103 @@ impl Dataplane {
         }
     }
 
+    /// The flows (each distinct action once), the ports' descriptors and
+    /// the pool's, for the next binary.
+    fn dump(&self, now: u64) -> Dump {
+        // The table's own action ids, made dense: no hashing.
+        let t = self.pipeline.table();
+        let mut dense: Vec<u32> = Vec::new();
+        let mut actions = Vec::new();
+        let mut flows = Vec::with_capacity(t.len());
+        for e in t.iter() {
+            let id = e.action_id.0 as usize;
+            if dense.len() <= id {
+                dense.resize(id + 1, u32::MAX);
+            }
+            if dense[id] == u32::MAX {
+                dense[id] = u32::try_from(actions.len()).unwrap_or(u32::MAX);
+                actions.push(*e.action);
+            }
+            flows.push((e.key, dense[id], e.stats));
+        }
+        let ports = self
+            .ports
+            .iter()
+            .map(|p| {
+                let io = match &p.io {
+                    PortIo::Tap(t) => Some(HandedIo::Tap(t.fd())),
+                    PortIo::Xsk(x) => Some(HandedIo::Xsk {
+                        fd: x.fd(),
+                        ring_size: x.ring_size(),
+                    }),
+                    PortIo::Closed => None,
+                };
+                (p.name.clone(), io)
+            })
+            .collect();
+        let r = self.pool.region();
+        Dump {
+            clock_ns: now,
+            flows,
+            actions,
+            ports,
+            pool: HandedPool {
+                fd: r.fd(),
+                len: r.len(),
+                huge: r.huge(),
+                chunk_size: self.pool.chunk_size(),
+            },
+        }
+    }
+
+    /// Add `port` (its id the next) to the poll set and every per-port table.
+    fn push_port(&mut self, port: Port) {
+        let at = self.pollfds.len() - 1; // the wakeup fd stays last
+        self.pollfds.insert(
+            at,
+            libc::pollfd {
+                fd: port.io.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        );
+        self.pipeline.add_port();
+        self.out.tx.add_port();
+        self.links.punter.add_port();
+        self.ports.push(port);
+        // The next poll is the first of this port.
+        self.first_poll_mono_ns = None;
+    }
+
+    /// Take the previous binary's pool and ports (see [`Request::Adopt`]).
+    fn adopt(&mut self, a: Adoption) -> Result<(), String> {
+        if self.ports.iter().any(|p| matches!(p.io, PortIo::Xsk(_))) {
+            return Err("an AF_XDP port already uses this thread's frame pool".into());
+        }
+        if self.pool.free_count() as u64 != self.pool.chunks() {
+            return Err("frames of this thread's pool are in use".into());
+        }
+        let next = self.ports.len();
+        if let Some((i, p)) = a
+            .ports
+            .iter()
+            .enumerate()
+            .find(|(i, p)| usize::from(p.id.0) != next + i)
+        {
+            return Err(format!(
+                "port {}: id {} where {} was expected",
+                p.name,
+                p.id.0,
+                next + i
+            ));
+        }
+        self.pool = a.pool;
+        for port in a.ports {
+            self.push_port(port);
+        }
+        Ok(())
+    }
+
     /// Copy `frame` into a free chunk, after the usual headroom.
     fn copy_in(&mut self, frame: &[u8]) -> Option<Desc> {
         let chunk = self.pool.alloc()?;
@@ -774,21 +907,7 @@ impl Dataplane {
                         self.ports.len()
                     ))
                 } else {
-                    let at = self.pollfds.len() - 1; // the wakeup fd stays last
-                    self.pollfds.insert(
-                        at,
-                        libc::pollfd {
-                            fd: port.io.fd(),
-                            events: libc::POLLIN,
-                            revents: 0,
-                        },
-                    );
-                    self.pipeline.add_port();
-                    self.out.tx.add_port();
-                    self.links.punter.add_port();
-                    self.ports.push(*port);
-                    // The next poll is the first of this port.
-                    self.first_poll_mono_ns = None;
+                    self.push_port(*port);
                     Ok(())
                 };
                 let _ = tx.send(r);
@@ -813,69 +932,24 @@ impl Dataplane {
                 let _ = tx.send(r);
             }
             Request::Hold => self.paused = true,
-            Request::AdoptPool(pool, tx) => {
-                let r = if self.ports.iter().any(|p| matches!(p.io, PortIo::Xsk(_))) {
-                    Err("an AF_XDP port already uses this thread's frame pool".to_string())
-                } else if self.pool.free_count() as u64 != self.pool.chunks() {
-                    Err("frames of this thread's pool are in use".to_string())
-                } else {
-                    self.pool = *pool;
-                    Ok(())
-                };
+            Request::Adopt(adoption, tx) => {
+                let r = self.adopt(*adoption);
                 let _ = tx.send(r);
+            }
+            Request::Dump(tx) => {
+                let _ = tx.send(self.dump(now));
             }
             Request::Pause(tx) => {
                 self.paused = true;
-                // The table's own action ids, made dense: no hashing.
-                let t = self.pipeline.table();
-                let mut dense: Vec<u32> = Vec::new();
-                let mut actions = Vec::new();
-                let mut flows = Vec::with_capacity(t.len());
-                for e in t.iter() {
-                    let id = e.action_id.0 as usize;
-                    if dense.len() <= id {
-                        dense.resize(id + 1, u32::MAX);
-                    }
-                    if dense[id] == u32::MAX {
-                        dense[id] = u32::try_from(actions.len()).unwrap_or(u32::MAX);
-                        actions.push(*e.action);
-                    }
-                    flows.push((e.key, dense[id], e.stats));
-                }
-                let ports = self
-                    .ports
-                    .iter()
-                    .map(|p| {
-                        let io = match &p.io {
-                            PortIo::Tap(t) => Some(HandedIo::Tap(t.fd())),
-                            PortIo::Xsk(x) => Some(HandedIo::Xsk {
-                                fd: x.fd(),
-                                ring_size: x.ring_size(),
-                            }),
-                            PortIo::Closed => None,
-                        };
-                        (p.name.clone(), io)
-                    })
-                    .collect();
-                let r = self.pool.region();
-                let pool = HandedPool {
-                    fd: r.fd(),
-                    len: r.len(),
-                    huge: r.huge(),
-                    chunk_size: self.pool.chunk_size(),
-                    free: self.pool.free_list().to_vec(),
-                };
                 let _ = tx.send(Paused {
-                    clock_ns: now,
                     last_poll_mono_ns: monotonic_ns(),
-                    flows,
-                    actions,
-                    ports,
-                    pool,
+                    free: self.pool.free_list().to_vec(),
+                    counters: self.ports.iter().map(|p| p.counters.clone()).collect(),
                 });
             }
-            Request::Resume => {
+            Request::Resume(waiter) => {
                 self.paused = false;
+                self.first_poll_waiter = waiter;
                 for ins in std::mem::take(&mut self.deferred) {
                     self.apply_install(ins, now);
                 }

@@ -42,7 +42,7 @@ impl Wake {
 }
 
 /// Sleep until one of `fds` is readable or `timeout_ms` passes.
-pub fn wait_readable(fds: &mut Vec<libc::pollfd>, timeout_ms: i32) {
+pub fn wait_readable(fds: &mut [libc::pollfd], timeout_ms: i32) {
     for p in fds.iter_mut() {
         p.revents = 0;
     }
