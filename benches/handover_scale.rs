@@ -1,12 +1,14 @@
 //! The handover's state at scale: 1 000 000 flows and 100 000 tracked
 //! connections (half through SNAT) on a switch with 1 000 remote
-//! endpoints. Times what the handover does with it — save the shared
-//! state, encode the snapshot, move it through a Unix socket, decode,
-//! restore (topology, policy, connections, NAT bindings) — and prints
+//! endpoints. Times what the handover's pre-copy does with it — dump the
+//! flow table, save the shared state, encode the snapshot into a sealed
+//! memfd, pass it through a Unix socket, decode, restore (the flows into a
+//! new table on one thread, topology, policy, connections and NAT
+//! bindings on another, as the new binary does) — and prints
 //! `handover_1m_ms=<total> snapshot_1m_mib=<size>` with the phases.
 
-use std::io::{Read, Write};
 use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::time::Instant;
 
@@ -16,7 +18,9 @@ use coprocessor::conntrack::{
 };
 use coprocessor::shared::Shared;
 use coprocessor::topology::{External, LocalVm, Network, RemoteVm, Subnet, Topology, Uplink};
-use flowtable::{Action, EncapTemplate, FlowKey, FlowStats, Ingress, Nat, NatSide, PortId, Vni};
+use flowtable::{
+    Action, EncapTemplate, FlowHasher, FlowKey, FlowTable, Ingress, Nat, NatSide, PortId, Vni,
+};
 use live_migrate::SwitchState;
 
 fn main() {
@@ -161,77 +165,103 @@ fn main() {
             ..encap
         })
         .collect();
-    // As the paused fast path dumps them: its own action ids, dense.
-    let dumped: Vec<(FlowKey, u32, FlowStats)> = (0..1_000_000u32)
-        .map(|i| {
-            (
-                FlowKey::new(
-                    Ingress::Port(PortId(0)),
-                    17,
-                    0x0a00_000a,
-                    0x0a00_1000 + i % 1000,
-                    u16::try_from(i % 65_000).unwrap(),
-                    u16::try_from(i / 65_000).unwrap(),
-                ),
-                i % 200,
-                FlowStats {
-                    packets: u64::from(i),
-                    bytes: u64::from(i) * 64,
-                    last_used: 5,
-                },
-            )
-        })
-        .collect();
+    // The old binary's flow table: 1 000 000 flows over those actions.
+    let mut old = FlowTable::new(1 << 21).unwrap();
+    for i in 0..1_000_000u32 {
+        let key = FlowKey::new(
+            Ingress::Port(PortId(0)),
+            17,
+            0x0a00_000a,
+            0x0a00_1000 + i % 1000,
+            u16::try_from(i % 65_000).unwrap(),
+            u16::try_from(i / 65_000).unwrap(),
+        );
+        old.insert(key, &encaps[(i % 200) as usize], 5).unwrap();
+    }
 
+    // The new binary's table, prepared as it does at its start, before it
+    // asks for anything (huge pages advised, memory faulted in).
+    let mut new = FlowTable::new(1 << 21).unwrap();
+    let _ = fastpath::hugepage::advise_flow_table(&new);
+    fastpath::hugepage::populate_flow_table(&new).unwrap();
+
+    // The old binary's snapshot memory, made ready before it holds its
+    // coprocessors (src/control.rs).
+    let file = live_migrate::memfd::SnapshotFile::create(1_000_000 * 48 + 100_000 * 256).unwrap();
+
+    // What the handover's pre-copy does, in order (src/handover.rs).
     let t0 = Instant::now();
-    let mut flows = live_migrate::Flows::with_capacity(dumped.len());
-    for (key, action, stats) in &dumped {
-        flows.push(&live_migrate::FlowRecord {
+    // The fast-path thread dumps its table while the control thread saves
+    // the shared state (src/control.rs).
+    let (dumped, actions, saved) = std::thread::scope(|sc| {
+        let d = sc.spawn(|| fastpath::dataplane::dump_flows(&old));
+        let shared = sh.save();
+        let (dumped, actions) = d.join().unwrap();
+        (dumped, actions, shared)
+    });
+    let state = SwitchState {
+        clock_ns: 10_000_000_000,
+        config: String::new(),
+        shared: saved,
+        actions,
+        flows: live_migrate::Flows::default(),
+    };
+    let t_save = t0.elapsed();
+    let records = dumped
+        .iter()
+        .map(|(key, action, stats)| live_migrate::FlowRecord {
             key: *key,
             action: *action,
             stats: *stats,
         });
-    }
-    let state = SwitchState {
-        clock_ns: 10_000_000_000,
-        config: String::new(),
-        shared: sh.save(),
-        actions: encaps,
-        flows,
-    };
-    let t_save = t0.elapsed();
-    let snap = live_migrate::encode(&state).unwrap();
+    let written = file.write(&state, records).unwrap();
+    let (snap, len, section) = (written.fd, written.snapshot_len, written.flows);
     let t_encode = t0.elapsed();
-    let (a, mut b) = UnixStream::pair().unwrap();
-    let len = snap.len();
-    let writer = std::thread::spawn(move || {
-        let mut a = a;
-        a.write_all(&snap).unwrap();
-    });
-    let mut got = vec![0u8; len];
-    b.read_exact(&mut got).unwrap();
-    writer.join().unwrap();
+    // The sealed memfd crosses a Unix socket as a descriptor.
+    let (a, b) = UnixStream::pair().unwrap();
+    live_migrate::fdpass::send(&a, &[1], &[snap.as_raw_fd()]).unwrap();
+    let (_, mut got) = live_migrate::fdpass::recv(&b, &mut [0u8; 1]).unwrap();
+    let got = got.pop().unwrap();
     let t_transfer = t0.elapsed();
-    let back = live_migrate::decode(&got).unwrap();
+    let back = live_migrate::memfd::decode_fd(got.as_fd(), len).unwrap();
+    let mapped = live_migrate::memfd::MappedFlows::map(got.as_fd(), section).unwrap();
     let t_decode = t0.elapsed();
+    // As the new binary does: the flows into the fast path's table on its
+    // thread, the shared state on the main thread, at once.
+    let n_conns = back.shared.conns.len();
+    let seed = old.hasher().seed();
+    let table = std::thread::spawn(move || {
+        let t = Instant::now();
+        assert!(new.set_hasher(FlowHasher::with_seed(seed)));
+        let flows = mapped.into_records().map(|r| (r.key, r.action, r.stats));
+        let r = new.restore(&back.actions, flows);
+        (new, r, t.elapsed())
+    });
+    let t_shared = Instant::now();
     let restored = Shared::restore(back.shared, back.clock_ns).unwrap();
+    let t_shared = t_shared.elapsed();
+    let (new, (inserted, refused), t_table) = table.join().unwrap();
     let t_restore = t0.elapsed();
+    assert_eq!(n_conns, 100_000);
     assert_eq!(restored.ct.len(), 100_000);
     assert_eq!(restored.nat.as_ref().unwrap().in_use(), 50_000);
-    assert_eq!(back.flows.len(), 1_000_000);
+    assert_eq!((inserted, refused), (1_000_000, 0));
+    assert_eq!(new.len(), 1_000_000);
+    assert_eq!(new.action_count(), 200);
     let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
-    assert_eq!(back.actions.len(), 200);
     println!(
-        "save {:.1} ms, encode {:.1} ms, transfer {:.1} ms, decode {:.1} ms, restore {:.1} ms",
+        "dump and save {:.1} ms, encode into a memfd (flows as raw records) {:.1} ms, pass it {:.1} ms, decode (flows mapped in place) {:.1} ms, restore {:.1} ms (flows into a table {:.1} ms ∥ shared state {:.1} ms)",
         ms(t_save),
         ms(t_encode - t_save),
         ms(t_transfer - t_encode),
         ms(t_decode - t_transfer),
-        ms(t_restore - t_decode)
+        ms(t_restore - t_decode),
+        ms(t_table),
+        ms(t_shared)
     );
     println!(
         "handover_1m_ms={:.1} snapshot_1m_mib={:.1}",
         ms(t_restore),
-        len as f64 / (1 << 20) as f64
+        (len + section.count * live_migrate::FLOW_BYTES) as f64 / (1 << 20) as f64
     );
 }

@@ -218,30 +218,52 @@ impl Server {
             return;
         }
         let t = Instant::now();
-        // The coprocessors are held until the new binary has the state or
-        // this one resumes: it cannot change under the pre-copy. The fast
-        // path forwards on meanwhile.
-        let shared = self.links.coprocessor.shared().clone();
-        let guard = lock(&shared);
-        let mut dump = match self.ask(Request::Dump) {
-            Ok(d) => d,
+        // The snapshot's memory is made ready first, sized from what the
+        // switch holds, so its page faults do not count below.
+        let flows = self.ask(Request::Stats).map_or(0, |s| s.table_len);
+        let conns = lock(self.links.coprocessor.shared()).ct.len();
+        let file = match live_migrate::memfd::SnapshotFile::create(
+            flows * 48 + conns * 256 + self.links.config_text.len() + (1 << 20),
+        ) {
+            Ok(f) => f,
             Err(e) => {
-                warn!("handover: {e:#}");
+                warn!("handover: {e}");
+                let mut w = s;
+                let _ = w.write_all(json!({"error": e.to_string()}).to_string().as_bytes());
                 return;
             }
         };
-        let flows = crate::handover::flows(&dump);
+        // The coprocessors are held until the new binary has the state or
+        // this one resumes: it cannot change under the pre-copy. The fast
+        // path forwards on meanwhile, and dumps its flows while this
+        // thread saves the rest.
+        let shared = self.links.coprocessor.shared().clone();
+        let guard = lock(&shared);
+        let (dump_tx, dump_rx) = mpsc::channel();
+        let _ = self.links.requests.send(Request::Dump(dump_tx));
+        self.links.wake.notify();
+        let saved = guard.save();
+        let mut dump = match dump_rx.recv_timeout(Duration::from_secs(10)) {
+            Ok(d) => d,
+            Err(e) => {
+                warn!("handover: the fast path did not dump its flows: {e}");
+                return;
+            }
+        };
+        // The flows go into the snapshot file's flow section, straight
+        // from the dump.
         let state = live_migrate::SwitchState {
             clock_ns: dump.clock_ns,
             config: self.links.config_text.clone(),
-            shared: guard.save(),
+            shared: saved,
             actions: std::mem::take(&mut dump.actions),
-            flows,
+            flows: live_migrate::Flows::default(),
         };
         let mut paused = false;
         let given = crate::handover::give(
             s,
             &dump,
+            file,
             &state,
             &self.listener,
             &self.links.xdp_links,
@@ -253,7 +275,7 @@ impl Server {
         match given {
             Ok(true) => {
                 info!(
-                    flows = state.flows.len(),
+                    flows = dump.flows.len(),
                     connections = state.shared.conns.len(),
                     elapsed_ms = t.elapsed().as_secs_f64() * 1e3,
                     "handed over to the new binary; exiting"

@@ -152,6 +152,12 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     if let Err(e) = fastpath::hugepage::advise_flow_table(&table) {
         warn!("flow table on normal pages: {e}");
     }
+    if takeover.is_some() {
+        // Handed-over flows go in without a page fault each.
+        if let Err(e) = fastpath::hugepage::populate_flow_table(&table) {
+            warn!("flow table memory not faulted in ahead: {e}");
+        }
+    }
     let pipeline = Pipeline::new(
         &PipelineConfig {
             // Without an uplink: an id no port has.
@@ -269,15 +275,29 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         // in the held fast path, the pool and the sockets' rings mapped.
         send_request(&req_tx, &wake, fastpath::dataplane::Request::Hold)?;
         let carried = taken.state.shared.conns.len();
-        let flows = taken.state.flows.len();
-        let warm: Vec<_> = taken.state.flows().collect();
-        let restored = Shared::restore(taken.state.shared, taken.state.clock_ns)
+        let flows = taken.state.flows.len() + taken.flows.len();
+        let state = taken.state;
+        let warm = fastpath::dataplane::Warm {
+            hash_seed: taken.hash_seed,
+            actions: state.actions,
+            flows: Box::new(
+                state
+                    .flows
+                    .into_records()
+                    .chain(taken.flows.into_records())
+                    .map(|r| (r.key, r.action, r.stats)),
+            ),
+        };
+        let (warm_tx, warm_rx) = mpsc::channel();
+        send_request(
+            &req_tx,
+            &wake,
+            fastpath::dataplane::Request::Restore(Box::new(warm), warm_tx),
+        )?;
+        // The shared state meanwhile, on this thread.
+        let restored = Shared::restore(state.shared, state.clock_ns)
             .map_err(|e| anyhow::anyhow!("restoring the handed-over state: {e}"))?;
         *coprocessor::lock(ctl_cp.shared()) = restored;
-        let _ = installs_for_control.push(Install {
-            flows: warm,
-            ..Install::default()
-        });
         let region = fastpath::umem::Region::from_fd(
             taken.pool.fd.try_clone()?,
             taken.pool.len,
@@ -307,9 +327,16 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
             });
             next_port = id.0 + 1;
         }
-        // The warm flows are in before the pause, so it does not wait for
-        // them.
-        fast_path_barrier(&req_tx, &wake)?;
+        // The flows are in before the pause, so it does not wait for them.
+        let (_, refused, same_hash) = warm_rx
+            .recv_timeout(Duration::from_secs(30))
+            .context("the fast path did not take the flows in within 30 s")?;
+        if refused > 0 {
+            warn!(refused, "handed-over flows that did not fit the flow table");
+        }
+        if !same_hash {
+            warn!("the flow table was not empty: flows get new VXLAN source ports");
+        }
         let precopy_done = fastpath::dataplane::monotonic_ns();
         // The pause: the old binary stops polling and says which frames
         // are free; the ports and the pool go to the fast path at once.
@@ -428,16 +455,6 @@ fn send_request(
     req.send(r)
         .map_err(|_| anyhow::anyhow!("the fast path is gone"))?;
     wake.notify();
-    Ok(())
-}
-
-/// Wait until the fast path has applied every install queued before (it
-/// answers requests after taking the installs in).
-fn fast_path_barrier(req: &mpsc::Sender<fastpath::dataplane::Request>, wake: &Wake) -> Result<()> {
-    let (tx, rx) = mpsc::channel();
-    send_request(req, wake, fastpath::dataplane::Request::Stats(tx))?;
-    rx.recv_timeout(Duration::from_secs(30))
-        .context("the fast path did not take the flows in within 30 s")?;
     Ok(())
 }
 

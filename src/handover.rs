@@ -35,12 +35,13 @@
 //! gone. Nothing the NIC delivers meanwhile is lost: it waits on the RX
 //! ring.
 //!
-//! Wire: 8 bytes (header length, u64 LE) carrying the descriptors, the
-//! JSON header, the snapshot; `ready` back; 8 bytes (length), the JSON
+//! Wire: 8 bytes (header length, u64 LE) carrying the descriptors (the
+//! snapshot is a sealed memfd among them, see `live_migrate::memfd`), the
+//! JSON header; `ready` back; 8 bytes (length), the JSON
 //! pause header, the free list (u64 LE each); `confirm` back.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::time::Duration;
@@ -65,14 +66,23 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(3);
 pub fn give(
     s: &UnixStream,
     dump: &Dump,
+    file: live_migrate::memfd::SnapshotFile,
     state: &SwitchState,
     listener: &UnixListener,
     xdp_links: &[i32],
     pause: impl FnOnce() -> Result<Paused>,
 ) -> Result<bool> {
     let started = monotonic_ns();
-    let snap = live_migrate::encode(state).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut fds = Vec::new();
+    let records = dump.flows.iter().map(|(key, action, stats)| FlowRecord {
+        key: *key,
+        action: *action,
+        stats: *stats,
+    });
+    let written = file
+        .write(state, records)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let section = written.flows;
+    let mut fds = vec![written.fd.as_raw_fd()];
     let mut ports = Vec::new();
     for (name, io) in &dump.ports {
         ports.push(match io {
@@ -104,7 +114,10 @@ pub fn give(
         "pool": {"fd": listener_fd + 1, "len": pool.len, "huge": pool.huge,
                  "chunk_size": pool.chunk_size},
         "xdp_links": links,
-        "snapshot": snap.len(),
+        "snapshot_fd": 0,
+        "hash_seed": dump.hash_seed,
+        "snapshot": written.snapshot_len,
+        "flows": {"offset": section.offset, "count": section.count, "crc": section.crc},
         "started_mono_ns": started,
         "packed_mono_ns": monotonic_ns(),
     })
@@ -112,7 +125,6 @@ pub fn give(
     fdpass::send(s, &(header.len() as u64).to_le_bytes(), &fds)?;
     let mut w = s;
     w.write_all(header.as_bytes())?;
-    w.write_all(&snap)?;
     let mut r = BufReader::new(s);
     s.set_read_timeout(Some(READY_TIMEOUT))?;
     let mut line = String::new();
@@ -191,6 +203,8 @@ pub struct TakenPool {
 /// The pre-copy, as the new binary received it.
 pub struct Taken {
     pub state: SwitchState,
+    /// The fast path's flows, read in place from the snapshot file.
+    pub flows: live_migrate::memfd::MappedFlows,
     /// Ports by id, with their names.
     pub ports: Vec<(String, TakenPort)>,
     pub listener: UnixListener,
@@ -204,6 +218,8 @@ pub struct Taken {
     pub packed_mono_ns: u64,
     pub received_mono_ns: u64,
     pub snapshot_bytes: usize,
+    /// The flow table's hash seed (flows keep their hashes).
+    pub hash_seed: u64,
     /// The connection to confirm on.
     pub conn: UnixStream,
 }
@@ -259,19 +275,34 @@ pub fn take(socket: &Path) -> Result<Taken> {
         );
     }
     let h = read_header(&conn, len)?;
-    let snap_len = h["snapshot"]
-        .as_u64()
-        .context("handover header: snapshot")?;
-    let mut snap = vec![0u8; usize::try_from(snap_len).context("snapshot size")?];
-    (&conn).read_exact(&mut snap)?;
     let received_mono_ns = monotonic_ns();
-    let state = live_migrate::decode(&snap).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
     let mut take_fd = |i: u64| -> Result<OwnedFd> {
         fds.get_mut(usize::try_from(i).unwrap_or(usize::MAX))
             .and_then(Option::take)
             .context("a descriptor the header names is missing")
     };
+    let snap_len = h["snapshot"]
+        .as_u64()
+        .and_then(|l| usize::try_from(l).ok())
+        .context("handover header: snapshot")?;
+    let snap = take_fd(h["snapshot_fd"].as_u64().context("snapshot fd")?)?;
+    let state = live_migrate::memfd::decode_fd(snap.as_fd(), snap_len)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let fh = &h["flows"];
+    let num = |k: &str| -> Result<usize> {
+        fh[k]
+            .as_u64()
+            .and_then(|v| usize::try_from(v).ok())
+            .with_context(|| format!("handover header: flows.{k}"))
+    };
+    let section = live_migrate::memfd::FlowSection {
+        offset: num("offset")?,
+        count: num("count")?,
+        crc: u32::try_from(num("crc")?).context("handover header: flows.crc")?,
+    };
+    let flows = live_migrate::memfd::MappedFlows::map(snap.as_fd(), section)
+        .map_err(|e| anyhow::anyhow!("the flow section: {e}"))?;
     let mut ports = Vec::new();
     for p in h["ports"].as_array().context("handover header: ports")? {
         let name = p["name"].as_str().context("port name")?.to_string();
@@ -307,6 +338,7 @@ pub fn take(socket: &Path) -> Result<Taken> {
     }
     Ok(Taken {
         state,
+        flows,
         ports,
         listener,
         pool,
@@ -314,7 +346,10 @@ pub fn take(socket: &Path) -> Result<Taken> {
         started_mono_ns: h["started_mono_ns"].as_u64().unwrap_or(0),
         packed_mono_ns: h["packed_mono_ns"].as_u64().unwrap_or(0),
         received_mono_ns,
-        snapshot_bytes: snap.len(),
+        snapshot_bytes: snap_len + section.count * live_migrate::FLOW_BYTES,
+        hash_seed: h["hash_seed"]
+            .as_u64()
+            .context("handover header: hash_seed")?,
         conn,
     })
 }
@@ -356,19 +391,6 @@ pub fn confirm(conn: &UnixStream) -> Result<()> {
     (&*conn)
         .write_all(b"confirm\n")
         .context("confirming the handover")
-}
-
-/// The flows of a fast path's dump, packed for the snapshot.
-pub fn flows(p: &Dump) -> live_migrate::Flows {
-    let mut f = live_migrate::Flows::with_capacity(p.flows.len());
-    for (key, action, stats) in &p.flows {
-        f.push(&FlowRecord {
-            key: *key,
-            action: *action,
-            stats: *stats,
-        });
-    }
-    f
 }
 
 /// `vswitch upgrade`: start `binary` with `run --takeover --config

@@ -581,6 +581,10 @@ impl Conntrack {
         now: u64,
     ) -> Conntrack {
         let mut ct = Conntrack::new(timeouts, limits, now);
+        // Sized once: no rehashing while 100 000 connections go in.
+        ct.by_key.reserve(2 * conns.len());
+        ct.slots.reserve(conns.len());
+        ct.gens.reserve(conns.len());
         for c in conns {
             let Ok(idx) = u32::try_from(ct.slots.len()) else {
                 break;

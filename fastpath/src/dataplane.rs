@@ -243,6 +243,10 @@ pub enum Request {
     /// Stop polling, without a dump: the next binary adds its inherited
     /// ports held, and polls them only once the handover is confirmed.
     Hold,
+    /// Put back the flows the previous binary handed over; answers
+    /// (inserted, refused, whether the table took the previous hash seed:
+    /// it cannot once it holds flows).
+    Restore(Box<Warm>, Sender<(usize, usize, bool)>),
     /// Take the previous binary's frame pool and ports (in id order, next
     /// after the existing ones): one request, so the blackout does not grow
     /// with the number of ports. Refused once an AF_XDP port uses this
@@ -260,6 +264,8 @@ pub enum Request {
 pub struct Dump {
     /// The thread's clock (ns since its epoch) at the dump.
     pub clock_ns: u64,
+    /// The flow table's hash seed.
+    pub hash_seed: u64,
     /// The flows: key, index into `actions`, counters.
     pub flows: Vec<(FlowKey, u32, FlowStats)>,
     /// The distinct actions the flows use.
@@ -280,6 +286,21 @@ pub struct Paused {
     pub free: Vec<u64>,
     /// Each port's counters, by id.
     pub counters: Vec<PortCounters>,
+}
+
+/// Flows handed over: each distinct action once, then every flow as
+/// (key, index into `actions`, counters).
+pub struct Warm {
+    /// The previous table's hash seed (see `FlowTable::set_hasher`).
+    pub hash_seed: u64,
+    pub actions: Vec<Action>,
+    pub flows: Box<dyn Iterator<Item = (FlowKey, u32, FlowStats)> + Send>,
+}
+
+impl std::fmt::Debug for Warm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Warm({} actions)", self.actions.len())
+    }
 }
 
 /// What the next binary's fast path takes over (see [`Request::Adopt`]).
@@ -723,22 +744,7 @@ impl Dataplane {
     /// The flows (each distinct action once), the ports' descriptors and
     /// the pool's, for the next binary.
     fn dump(&self, now: u64) -> Dump {
-        // The table's own action ids, made dense: no hashing.
-        let t = self.pipeline.table();
-        let mut dense: Vec<u32> = Vec::new();
-        let mut actions = Vec::new();
-        let mut flows = Vec::with_capacity(t.len());
-        for e in t.iter() {
-            let id = e.action_id.0 as usize;
-            if dense.len() <= id {
-                dense.resize(id + 1, u32::MAX);
-            }
-            if dense[id] == u32::MAX {
-                dense[id] = u32::try_from(actions.len()).unwrap_or(u32::MAX);
-                actions.push(*e.action);
-            }
-            flows.push((e.key, dense[id], e.stats));
-        }
+        let (flows, actions) = dump_flows(self.pipeline.table());
         let ports = self
             .ports
             .iter()
@@ -757,6 +763,7 @@ impl Dataplane {
         let r = self.pool.region();
         Dump {
             clock_ns: now,
+            hash_seed: self.pipeline.table().hasher().seed(),
             flows,
             actions,
             ports,
@@ -936,6 +943,18 @@ impl Dataplane {
                 let r = self.adopt(*adoption);
                 let _ = tx.send(r);
             }
+            Request::Restore(warm, tx) => {
+                let Warm {
+                    hash_seed,
+                    actions,
+                    flows,
+                } = *warm;
+                let t = self.pipeline.table_mut();
+                let same_hash = t.set_hasher(flowtable::FlowHasher::with_seed(hash_seed));
+                let (inserted, refused) = t.restore(&actions, flows);
+                self.installs += inserted as u64;
+                let _ = tx.send((inserted, refused, same_hash));
+            }
             Request::Dump(tx) => {
                 let _ = tx.send(self.dump(now));
             }
@@ -978,6 +997,27 @@ impl Dataplane {
             }
         }
     }
+}
+
+/// Every flow of `t` as (key, index into the actions, counters), and each
+/// distinct action once (the table's own action ids, made dense: no
+/// hashing).
+pub fn dump_flows(t: &flowtable::FlowTable) -> (Vec<(FlowKey, u32, FlowStats)>, Vec<Action>) {
+    let mut dense: Vec<u32> = Vec::new();
+    let mut actions = Vec::new();
+    let mut flows = Vec::with_capacity(t.len());
+    for e in t.iter() {
+        let id = e.action_id.0 as usize;
+        if dense.len() <= id {
+            dense.resize(id + 1, u32::MAX);
+        }
+        if dense[id] == u32::MAX {
+            dense[id] = u32::try_from(actions.len()).unwrap_or(u32::MAX);
+            actions.push(*e.action);
+        }
+        flows.push((e.key, dense[id], e.stats));
+    }
+    (flows, actions)
 }
 
 /// Send `frames` (chunks of `pool`) on `p`, releasing every chunk that

@@ -204,6 +204,13 @@ impl ActionTable {
         ActionId(id)
     }
 
+    /// One more reference to a live action (from [`ActionTable::acquire`]).
+    pub fn add_ref(&mut self, id: ActionId) {
+        if let Some(r) = self.refs.get_mut(id.0 as usize) {
+            *r += 1;
+        }
+    }
+
     /// Drop a reference taken by [`ActionTable::acquire`].
     pub fn release(&mut self, id: ActionId) {
         let i = id.0 as usize;

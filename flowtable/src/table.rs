@@ -220,6 +220,19 @@ impl FlowTable {
     }
 
     /// The hasher; its seed is part of the state a handover carries.
+    /// Hash with `hasher` from now on; only while the table is empty
+    /// (false otherwise). A handed-over table takes its predecessor's, so
+    /// every flow keeps its hash: its VXLAN source port (no path change in
+    /// the underlay) and its order (the dump, in slot order, then inserts
+    /// in home order: each lands at the end of its run, nothing shifts).
+    pub fn set_hasher(&mut self, hasher: FlowHasher) -> bool {
+        if self.len > 0 {
+            return false;
+        }
+        self.hasher = hasher;
+        true
+    }
+
     pub fn hasher(&self) -> &FlowHasher {
         &self.hasher
     }
@@ -358,6 +371,59 @@ impl FlowTable {
         action: &Action,
         now: u64,
     ) -> Result<ActionId, InsertError> {
+        let stats = FlowStats {
+            packets: 0,
+            bytes: 0,
+            last_used: now,
+        };
+        self.place(key, |t| t.acquire(action), stats)
+    }
+
+    /// Put back flows a previous binary handed over: each of `actions`
+    /// is interned once, then each flow (key, index into `actions`, its
+    /// counters as they were) goes in without hashing its action again.
+    /// Returns (inserted, refused): a flow whose index is out of range or
+    /// that does not fit is refused.
+    pub fn restore(
+        &mut self,
+        actions: &[Action],
+        flows: impl Iterator<Item = (FlowKey, u32, FlowStats)>,
+    ) -> (usize, usize) {
+        let ids: Vec<ActionId> = actions.iter().map(|a| self.actions.acquire(a)).collect();
+        let (mut ok, mut refused) = (0, 0);
+        for (key, i, stats) in flows {
+            let Some(&id) = ids.get(i as usize) else {
+                refused += 1;
+                continue;
+            };
+            match self.place(
+                key,
+                |t| {
+                    t.add_ref(id);
+                    id
+                },
+                stats,
+            ) {
+                Ok(_) => ok += 1,
+                Err(_) => refused += 1,
+            }
+        }
+        // The interning references (actions no flow took are freed).
+        for id in ids {
+            self.actions.release(id);
+        }
+        (ok, refused)
+    }
+
+    /// Insert or update `key` with the action `acquire` interns (called
+    /// only once the key has a place); a new entry starts with `stats`.
+    #[inline(always)]
+    fn place(
+        &mut self,
+        key: FlowKey,
+        acquire: impl FnOnce(&mut ActionTable) -> ActionId,
+        stats: FlowStats,
+    ) -> Result<ActionId, InsertError> {
         let tag = tag_of(self.hash(&key));
         let mut i = self.home(tag);
         let mut d: u16 = 1;
@@ -369,7 +435,7 @@ impl FlowTable {
                 break;
             }
             if s.tag == tag && s.key == key {
-                let new = self.actions.acquire(action);
+                let new = acquire(&mut self.actions);
                 let old = std::mem::replace(&mut s.action, new.0);
                 s.generation = self.generation;
                 self.actions.release(ActionId(old));
@@ -410,7 +476,7 @@ impl FlowTable {
         for s in &mut self.slots[i + 1..=e] {
             s.psl += 1;
         }
-        let id = self.actions.acquire(action);
+        let id = acquire(&mut self.actions);
         self.slots[i] = Slot {
             key,
             tag,
@@ -418,11 +484,7 @@ impl FlowTable {
             generation: self.generation,
             psl: d,
             _pad: [0; 6],
-            stats: FlowStats {
-                packets: 0,
-                bytes: 0,
-                last_used: now,
-            },
+            stats,
         };
         self.len += 1;
         self.counters.inserts += 1;

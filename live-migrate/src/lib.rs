@@ -13,6 +13,7 @@
 //! reading what the previous one wrote.
 
 pub mod fdpass;
+pub mod memfd;
 
 use coprocessor::shared::SharedState;
 use flowtable::{Action, FlowKey, FlowStats};
@@ -39,7 +40,7 @@ pub struct FlowRecord {
 
 /// Bytes of one packed [`FlowRecord`]: key 20, action 4, packets,
 /// bytes, last use 8 each, little-endian.
-const FLOW_BYTES: usize = 48;
+pub const FLOW_BYTES: usize = 48;
 
 /// Flows packed as fixed-size records (a million flows encode and decode
 /// as one block of bytes, not field by field).
@@ -52,18 +53,13 @@ impl Flows {
     }
 
     pub fn push(&mut self, f: &FlowRecord) {
-        let k = &f.key;
-        let v = &mut self.0;
-        v.extend_from_slice(&k.ctx.to_le_bytes());
-        v.extend_from_slice(&k.src_ip.to_le_bytes());
-        v.extend_from_slice(&k.dst_ip.to_le_bytes());
-        v.extend_from_slice(&k.src_port.to_le_bytes());
-        v.extend_from_slice(&k.dst_port.to_le_bytes());
-        v.extend_from_slice(&[k.proto, k.flags, 0, 0]);
-        v.extend_from_slice(&f.action.to_le_bytes());
-        v.extend_from_slice(&f.stats.packets.to_le_bytes());
-        v.extend_from_slice(&f.stats.bytes.to_le_bytes());
-        v.extend_from_slice(&f.stats.last_used.to_le_bytes());
+        self.0.extend_from_slice(&f.to_bytes());
+    }
+
+    /// The records, owning the bytes (to hand them to another thread).
+    pub fn into_records(self) -> impl Iterator<Item = FlowRecord> + Send {
+        let n = self.len();
+        (0..n).map(move |i| record(&self.0[i * FLOW_BYTES..(i + 1) * FLOW_BYTES]))
     }
 
     pub fn len(&self) -> usize {
@@ -76,40 +72,7 @@ impl Flows {
 
     /// The records (a trailing partial record is ignored).
     pub fn iter(&self) -> impl Iterator<Item = FlowRecord> + '_ {
-        self.0.chunks_exact(FLOW_BYTES).map(|c| {
-            let u32_at = |i: usize| u32::from_le_bytes([c[i], c[i + 1], c[i + 2], c[i + 3]]);
-            let u16_at = |i: usize| u16::from_le_bytes([c[i], c[i + 1]]);
-            let u64_at = |i: usize| {
-                u64::from_le_bytes([
-                    c[i],
-                    c[i + 1],
-                    c[i + 2],
-                    c[i + 3],
-                    c[i + 4],
-                    c[i + 5],
-                    c[i + 6],
-                    c[i + 7],
-                ])
-            };
-            FlowRecord {
-                key: FlowKey {
-                    ctx: u32_at(0),
-                    src_ip: u32_at(4),
-                    dst_ip: u32_at(8),
-                    src_port: u16_at(12),
-                    dst_port: u16_at(14),
-                    proto: c[16],
-                    flags: c[17],
-                    pad: 0,
-                },
-                action: u32_at(20),
-                stats: FlowStats {
-                    packets: u64_at(24),
-                    bytes: u64_at(32),
-                    last_used: u64_at(40),
-                },
-            }
-        })
+        self.0.chunks_exact(FLOW_BYTES).map(record)
     }
 }
 
@@ -121,6 +84,55 @@ impl SwitchState {
                 .get(usize::try_from(f.action).ok()?)
                 .map(|a| (f.key, *a))
         })
+    }
+}
+
+impl FlowRecord {
+    /// The record's 48 bytes (little-endian fields, as `Flows` stores them).
+    pub fn to_bytes(&self) -> [u8; FLOW_BYTES] {
+        let k = &self.key;
+        let mut r = [0u8; FLOW_BYTES];
+        r[0..4].copy_from_slice(&k.ctx.to_le_bytes());
+        r[4..8].copy_from_slice(&k.src_ip.to_le_bytes());
+        r[8..12].copy_from_slice(&k.dst_ip.to_le_bytes());
+        r[12..14].copy_from_slice(&k.src_port.to_le_bytes());
+        r[14..16].copy_from_slice(&k.dst_port.to_le_bytes());
+        r[16] = k.proto;
+        r[17] = k.flags;
+        r[20..24].copy_from_slice(&self.action.to_le_bytes());
+        r[24..32].copy_from_slice(&self.stats.packets.to_le_bytes());
+        r[32..40].copy_from_slice(&self.stats.bytes.to_le_bytes());
+        r[40..48].copy_from_slice(&self.stats.last_used.to_le_bytes());
+        r
+    }
+}
+
+/// One 48-byte record (`c` holds at least 48 bytes).
+pub(crate) fn record(c: &[u8]) -> FlowRecord {
+    let u16_at = |i: usize| u16::from_le_bytes([c[i], c[i + 1]]);
+    let u32_at = |i: usize| u32::from_le_bytes([c[i], c[i + 1], c[i + 2], c[i + 3]]);
+    let u64_at = |i: usize| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&c[i..i + 8]);
+        u64::from_le_bytes(b)
+    };
+    FlowRecord {
+        key: FlowKey {
+            ctx: u32_at(0),
+            src_ip: u32_at(4),
+            dst_ip: u32_at(8),
+            src_port: u16_at(12),
+            dst_port: u16_at(14),
+            proto: c[16],
+            flags: c[17],
+            pad: 0,
+        },
+        action: u32_at(20),
+        stats: FlowStats {
+            packets: u64_at(24),
+            bytes: u64_at(32),
+            last_used: u64_at(40),
+        },
     }
 }
 
@@ -154,18 +166,25 @@ pub enum SnapshotError {
     Corrupt { expected: u32, found: u32 },
     #[error("snapshot body: {0}")]
     Body(String),
+    #[error("snapshot memory: {0}")]
+    Memory(String),
 }
 
 /// `state` as a snapshot.
 pub fn encode(state: &SwitchState) -> Result<Vec<u8>, SnapshotError> {
-    let body = bincode::serialize(state).map_err(|e| SnapshotError::Body(e.to_string()))?;
-    let mut out = Vec::with_capacity(HEADER + body.len());
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&FORMAT.to_le_bytes());
-    out.extend_from_slice(&(body.len() as u64).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&body).to_le_bytes());
-    out.extend_from_slice(&body);
+    let mut out = vec![0u8; HEADER];
+    bincode::serialize_into(&mut out, state).map_err(|e| SnapshotError::Body(e.to_string()))?;
+    seal_header(&mut out);
     Ok(out)
+}
+
+/// Fill in the header of `snap` (24 header bytes, then the body).
+fn seal_header(snap: &mut [u8]) {
+    let (h, body) = snap.split_at_mut(HEADER);
+    h[..8].copy_from_slice(&MAGIC);
+    h[8..12].copy_from_slice(&FORMAT.to_le_bytes());
+    h[12..20].copy_from_slice(&(body.len() as u64).to_le_bytes());
+    h[20..24].copy_from_slice(&crc32fast::hash(body).to_le_bytes());
 }
 
 /// The state in snapshot `bytes`, every check passed.

@@ -24,7 +24,7 @@ fn intern(flows: impl IntoIterator<Item = (FlowKey, Action, FlowStats)>) -> (Vec
 }
 
 /// A small but complete state, the same every time.
-fn state() -> SwitchState {
+pub(crate) fn state() -> SwitchState {
     let vni = Vni::new(100).unwrap();
     let mut t = Topology::new(Some(Uplink {
         port: PortId(2),

@@ -282,3 +282,36 @@ fn a_new_table_is_all_empty_slots() {
     assert_eq!(p as usize % 64, 0, "entries are cache-line aligned");
     assert_eq!(len, t.slots.len() * 64);
 }
+
+#[test]
+fn restored_flows_keep_their_counters_and_share_their_actions() {
+    let mut t = FlowTable::new(8).unwrap();
+    let actions = [out(1), out(2), out(3)];
+    let st = |p| FlowStats {
+        packets: p,
+        bytes: p * 100,
+        last_used: 7,
+    };
+    let flows = vec![
+        (key(1), 0, st(5)),
+        (key(2), 0, st(6)),
+        (key(3), 1, st(7)),
+        (key(4), 9, st(8)), // no such action
+    ];
+    assert_eq!(t.restore(&actions, flows.into_iter()), (3, 1));
+    check_invariants(&t);
+    let e = t.get(&key(2)).unwrap();
+    assert_eq!((*e.action, e.stats), (out(1), st(6)));
+    assert_eq!(*t.get(&key(3)).unwrap().action, out(2));
+    assert!(t.get(&key(4)).is_none());
+    // out(3) was taken by no flow: not kept; out(1) goes with its last flow.
+    assert_eq!(t.action_count(), 2);
+    t.remove(&key(1));
+    t.remove(&key(2));
+    assert_eq!(t.action_count(), 1);
+    // A full table refuses the rest and counts them.
+    let many = (10..30).map(|n| (key(n), 2u32, st(1)));
+    let (ok, refused) = t.restore(&actions, many);
+    assert_eq!((ok + 1, ok + refused), (8, 20));
+    check_invariants(&t);
+}
