@@ -351,6 +351,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
                 Box::new(fastpath::dataplane::Adoption {
                     pool,
                     ports: adopted,
+                    counters: Some(pause.pipeline),
                 }),
                 tx,
             )

@@ -141,6 +141,7 @@ pub fn give(
         "paused_mono_ns": paused.last_poll_mono_ns,
         "free": paused.free.len(),
         "counters": paused.counters,
+        "pipeline": paused.pipeline,
         "packed_mono_ns": monotonic_ns(),
     })
     .to_string();
@@ -229,6 +230,7 @@ pub struct Pause {
     /// The frames user space owns.
     pub free: Vec<u64>,
     pub counters: Vec<PortCounters>,
+    pub pipeline: fastpath::pipeline::NamedCounters,
     /// CLOCK_MONOTONIC of the old binary's last poll, of the end of its
     /// packing, of this side's having it all.
     pub paused_mono_ns: u64,
@@ -379,6 +381,8 @@ pub fn ready(conn: &UnixStream) -> Result<Pause> {
             .collect(),
         counters: serde_json::from_value(h["counters"].clone())
             .context("pause header: counters")?,
+        pipeline: serde_json::from_value(h["pipeline"].clone())
+            .context("pause header: pipeline")?,
         paused_mono_ns: h["paused_mono_ns"].as_u64().unwrap_or(0),
         packed_mono_ns: h["packed_mono_ns"].as_u64().unwrap_or(0),
         received_mono_ns,

@@ -246,6 +246,21 @@ fn the_uplink_is_handed_over_while_traffic_crosses_hypervisors() {
     assert!(ok, "{out}\n{}", lab.log("sw1"));
     let traffic = Traffic::start(&vm1, &vm2, b.2);
     std::thread::sleep(Duration::from_millis(1500));
+    // An IPv6 frame, which the switch drops (counted by reason).
+    try_sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &vm1,
+        "ping",
+        "-6",
+        "-c",
+        "1",
+        "-W",
+        "1",
+        &format!("ff02::1%{ta}"),
+    ]);
+    let before = lab.ctl(&s1, "stats").expect("stats");
     let new = second_binary(&lab);
     lab.takeover_in(&hv1, &new, "sw1");
     assert!(
@@ -270,8 +285,25 @@ fn the_uplink_is_handed_over_while_traffic_crosses_hypervisors() {
     // program outlived the old process through its handed-over link).
     let (ok, out) = ping(&vm1);
     assert!(ok, "after the handover: {out}\n{}", lab.log("sw1-new"));
-    let up = &lab.ctl(&s1, "stats").expect("stats")["ports"][1];
-    assert!(up["rx_packets"].as_u64() > Some(0), "{up}");
+    // Counters carry over: the ports', and drops by reason.
+    let after = lab.ctl(&s1, "stats").expect("stats");
+    let up = &after["ports"][1];
+    assert!(
+        up["rx_packets"].as_u64() > before["ports"][1]["rx_packets"].as_u64(),
+        "{up}"
+    );
+    let drops = before["drops"].as_object().expect("drops");
+    assert!(
+        !drops.is_empty(),
+        "some drop to carry (IPv6 from the VMs): {before}"
+    );
+    for (reason, n) in drops {
+        assert!(
+            after["drops"][reason].as_u64() >= n.as_u64(),
+            "drops {reason}: {n} before, {} after",
+            after["drops"][reason]
+        );
+    }
     // Upgrading again passes on what was inherited.
     lab.takeover_in(
         &hv1,

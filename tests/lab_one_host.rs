@@ -344,9 +344,27 @@ fn af_xdp_vm_ports_on_veth_reach_tap_vms() {
     let bps = iperf(&na, &nb, A.ip, "5201");
     assert!(bps > 1e6, "TCP from the AF_XDP VM: {bps} bit/s");
     let st = lab.ctl(&sock, "stats").expect("stats");
+    let rx = st["ports"][1]["rx_packets"].as_u64().unwrap();
+    assert!(rx > 100, "AF_XDP port counters: {st}");
+    // A live upgrade carries the AF_XDP port (socket, rings, frame pool,
+    // the veth's XDP program) and its counters.
+    lab.takeover(std::path::Path::new(env!("CARGO_BIN_EXE_vswitch")), "sw");
     assert!(
-        st["ports"][1]["rx_packets"].as_u64().unwrap() > 100,
-        "AF_XDP port counters: {st}"
+        lab.exited(0, Duration::from_secs(15)),
+        "the old binary did not hand over:\n{}\n{}",
+        lab.log("sw"),
+        lab.log("sw-new")
+    );
+    let (ok, out) = ping(&nb, A.ip, "3");
+    assert!(
+        ok,
+        "AF_XDP VM after the upgrade:\n{out}\n{}",
+        lab.log("sw-new")
+    );
+    let st = lab.ctl(&sock, "stats").expect("stats");
+    assert!(
+        st["ports"][1]["rx_packets"].as_u64().unwrap() > rx,
+        "counters carried and counting: {st}"
     );
 }
 

@@ -286,6 +286,8 @@ pub struct Paused {
     pub free: Vec<u64>,
     /// Each port's counters, by id.
     pub counters: Vec<PortCounters>,
+    /// The pipeline's counters (drops and punts by reason).
+    pub pipeline: crate::pipeline::NamedCounters,
 }
 
 /// Flows handed over: each distinct action once, then every flow as
@@ -308,6 +310,8 @@ impl std::fmt::Debug for Warm {
 pub struct Adoption {
     pub pool: FramePool,
     pub ports: Vec<Port>,
+    /// The previous pipeline's counters, continued.
+    pub counters: Option<crate::pipeline::NamedCounters>,
 }
 
 /// A port's descriptor as handed over.
@@ -821,6 +825,10 @@ impl Dataplane {
         for port in a.ports {
             self.push_port(port);
         }
+        if let Some(c) = &a.counters {
+            let c = crate::pipeline::PipelineCounters::from_named(c, self.ports.len());
+            self.pipeline.set_counters(c);
+        }
         Ok(())
     }
 
@@ -964,6 +972,7 @@ impl Dataplane {
                     last_poll_mono_ns: monotonic_ns(),
                     free: self.pool.free_list().to_vec(),
                     counters: self.ports.iter().map(|p| p.counters.clone()).collect(),
+                    pipeline: self.pipeline.counters().to_named(),
                 });
             }
             Request::Resume(waiter) => {

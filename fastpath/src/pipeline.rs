@@ -9,6 +9,7 @@
 //! so the table's cache misses for a batch overlap instead of queueing.
 //! Counters for the common case stay in locals until the batch ends.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use arrayvec::ArrayVec;
@@ -84,7 +85,73 @@ pub struct PipelineCounters {
     pub drops: DropCounters,
 }
 
+/// [`PipelineCounters`] with reasons by their stable names, as a handover
+/// carries them: a newer binary with other reasons keeps the ones it knows.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NamedCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub tx_packets: u64,
+    pub punts: BTreeMap<String, u64>,
+    pub drops: BTreeMap<String, u64>,
+    pub port_drops: Vec<BTreeMap<String, u64>>,
+}
+
+fn drops_by_name(d: &DropCounters) -> BTreeMap<String, u64> {
+    d.nonzero().map(|(n, v)| (n.to_string(), v)).collect()
+}
+
+fn drops_from_names(m: &BTreeMap<String, u64>) -> DropCounters {
+    let mut d = DropCounters::default();
+    for r in DropReason::ALL {
+        if let (Some(v), Some(c)) = (m.get(r.name()), d.0.get_mut(r.index())) {
+            *c = *v;
+        }
+    }
+    d
+}
+
 impl PipelineCounters {
+    pub fn to_named(&self) -> NamedCounters {
+        NamedCounters {
+            rx_packets: self.rx_packets,
+            rx_bytes: self.rx_bytes,
+            hits: self.hits,
+            misses: self.misses,
+            tx_packets: self.tx_packets,
+            punts: PuntReason::ALL
+                .iter()
+                .map(|r| (r.name().to_string(), self.punts[r.index()]))
+                .filter(|(_, v)| *v != 0)
+                .collect(),
+            drops: drops_by_name(&self.drops),
+            port_drops: self.port_drops.iter().map(drops_by_name).collect(),
+        }
+    }
+
+    /// Counters from `n`, for `ports` ports (reasons this binary does not
+    /// know are left out).
+    pub fn from_named(n: &NamedCounters, ports: usize) -> PipelineCounters {
+        let mut punts = [0; PuntReason::COUNT];
+        for r in PuntReason::ALL {
+            punts[r.index()] = n.punts.get(r.name()).copied().unwrap_or(0);
+        }
+        let mut port_drops: Vec<DropCounters> = n.port_drops.iter().map(drops_from_names).collect();
+        port_drops.resize(ports, DropCounters::default());
+        PipelineCounters {
+            port_drops,
+            rx_packets: n.rx_packets,
+            rx_bytes: n.rx_bytes,
+            hits: n.hits,
+            misses: n.misses,
+            tx_packets: n.tx_packets,
+            punts,
+            drops: drops_from_names(&n.drops),
+        }
+    }
+
     /// One drop, counted per thread and against its ingress port.
     #[inline(always)]
     pub fn count_drop(&mut self, ingress: PortId, r: DropReason) {
@@ -157,6 +224,14 @@ impl Pipeline {
 
     pub fn counters(&self) -> &PipelineCounters {
         &self.counters
+    }
+
+    /// Continue from `c` (a handover); its per-port drops are cut or padded
+    /// to this pipeline's ports.
+    pub fn set_counters(&mut self, mut c: PipelineCounters) {
+        c.port_drops
+            .resize(self.counters.port_drops.len(), DropCounters::default());
+        self.counters = c;
     }
 
     /// Count a drop that happened after the pipeline (on the punt path, in

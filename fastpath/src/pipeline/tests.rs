@@ -472,3 +472,24 @@ fn tracked_flows_punt_state_changes_and_expiring_ttls_before_any_nat() {
     assert!(punted.is_empty());
     assert_eq!(sent.len(), 1);
 }
+
+#[test]
+fn counters_go_by_name_and_fit_the_ports() {
+    let mut c = PipelineCounters {
+        port_drops: vec![DropCounters::default(); 3],
+        rx_packets: 10,
+        hits: 7,
+        ..PipelineCounters::default()
+    };
+    c.count_drop(PortId(2), DropReason::ALL[0]);
+    c.count_drop(PortId(2), DropReason::ALL[0]);
+    c.punts[PuntReason::ALL[1].index()] = 4;
+    let mut named = c.to_named();
+    // A reason this binary does not know is left out.
+    named.drops.insert("from_a_newer_binary".into(), 9);
+    let back = PipelineCounters::from_named(&named, 3);
+    assert_eq!(back, c);
+    let fewer = PipelineCounters::from_named(&named, 2);
+    assert_eq!(fewer.port_drops.len(), 2);
+    assert_eq!(fewer.drops.get(DropReason::ALL[0]), 2);
+}
