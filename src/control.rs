@@ -282,6 +282,9 @@ impl Server {
                 );
                 self.handed_over = true;
                 stop.store(true, Ordering::Relaxed);
+                // What is left here (threads finishing, memory freed) must
+                // not take a core from the new binary's first polls.
+                yield_cpu_to_successor();
             }
             other => {
                 warn!(result = ?other.map_err(|e| format!("{e:#}")), paused, "handover failed; resuming");
@@ -353,6 +356,21 @@ impl Server {
         self.links.wake.notify();
         rx.recv_timeout(Duration::from_secs(2))
             .context("the fast-path thread did not answer within 2 s")
+    }
+}
+
+/// Lower every thread of this process to the lowest CPU priority (nice
+/// 19): after a handover it only winds down.
+fn yield_cpu_to_successor() {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
+    for t in tasks.flatten() {
+        if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<libc::id_t>().ok()) {
+            // SAFETY: setpriority(2) on one of our own threads; only its
+            // scheduling priority changes. Failure is harmless.
+            unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 19) };
+        }
     }
 }
 

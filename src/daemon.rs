@@ -356,6 +356,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
                 tx,
             )
         })?;
+        let adopted_mono_ns = fastpath::dataplane::monotonic_ns();
         inherited_links = taken.xdp_links;
         crate::handover::confirm(&taken.conn)?;
         let (tx, rx) = mpsc::channel();
@@ -373,7 +374,8 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
             "phases_us": {
                 "pause_and_pack": us(pause.paused_mono_ns, pause.packed_mono_ns),
                 "transfer": us(pause.packed_mono_ns, pause.received_mono_ns),
-                "adopt_and_start": us(pause.received_mono_ns, first)},
+                "adopt": us(pause.received_mono_ns, adopted_mono_ns),
+                "confirm_and_first_poll": us(adopted_mono_ns, first)},
             "precopy_us": {
                 "save_and_encode": us(taken.started_mono_ns, taken.packed_mono_ns),
                 "transfer": us(taken.packed_mono_ns, taken.received_mono_ns),
