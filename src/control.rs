@@ -366,7 +366,11 @@ fn yield_cpu_to_successor() {
         return;
     };
     for t in tasks.flatten() {
-        if let Some(tid) = t.file_name().to_str().and_then(|s| s.parse::<libc::id_t>().ok()) {
+        if let Some(tid) = t
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<libc::id_t>().ok())
+        {
             // SAFETY: setpriority(2) on one of our own threads; only its
             // scheduling priority changes. Failure is harmless.
             unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, 19) };
