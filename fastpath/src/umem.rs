@@ -295,11 +295,10 @@ mod tests {
         p.chunk_mut(a).unwrap().0[5] = 42;
         let len = p.region().len();
         let raw = p.region().fd();
-        // SAFETY: the region's descriptor stays open for the whole test.
         let dup = || {
-            unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) }
-                .try_clone_to_owned()
-                .unwrap()
+            // SAFETY: the region's descriptor stays open for the whole test.
+            let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(raw) };
+            fd.try_clone_to_owned().unwrap()
         };
         let region = Region::from_fd(dup(), len, false).unwrap();
         let mut q = FramePool::adopt(region, 2048, p.free_list().to_vec()).unwrap();
