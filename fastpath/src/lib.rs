@@ -21,6 +21,7 @@ pub mod synth;
 pub mod tap;
 pub mod tx;
 pub mod umem;
+pub mod vhost;
 pub mod wake;
 pub mod xdp;
 pub mod xsk;
