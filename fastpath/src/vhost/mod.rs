@@ -13,4 +13,5 @@
 //! (`vhost-user-backend`), the port type in the poll loop and the config,
 //! the handover of these ports.
 
+pub mod port;
 pub mod virtq;

@@ -1,0 +1,331 @@
+//! A vhost-user virtio-net port: the protocol endpoint (on
+//! `vhost-user-backend`, one thread per port: socket messages, memory
+//! table, vring setup, kicks) and the fast-path side that serves the
+//! vrings in batches ([`super::virtq`]).
+//!
+//! The two meet in [`Shared`]: the protocol thread publishes the port's
+//! vrings and guest memory and bumps a generation; the fast path picks
+//! them up when the generation moves (a lock taken on a change, not per
+//! packet) and then takes each vring's own lock once per batch — as DPDK's
+//! vhost library takes a virtqueue's access lock per burst — so a
+//! reconfiguration from the VMM never races a batch.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
+use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF};
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use super::virtq::{self, VqStats};
+
+/// Queue 0 is the guest's receive queue (we write), 1 its transmit queue.
+pub const RX_QUEUE: usize = 0;
+pub const TX_QUEUE: usize = 1;
+
+/// Largest queue a guest may configure.
+pub const MAX_QUEUE_SIZE: usize = 1024;
+
+/// What the protocol thread and the fast path share for one port.
+pub struct Shared {
+    mac: [u8; 6],
+    generation: AtomicU64,
+    /// The connected guest's vrings and memory; `None` while no guest is
+    /// connected (or after a reset).
+    state: Mutex<Option<Guest>>,
+    acked_features: AtomicU64,
+    /// The fast path's wakeup, poked on a kick (adaptive polling sleeps).
+    wake: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
+    kicked: AtomicBool,
+    /// Guest connections that ended.
+    pub connections: AtomicU64,
+    /// Why the last connection failed, if it did.
+    pub last_error: Mutex<Option<String>>,
+}
+
+#[derive(Clone)]
+struct Guest {
+    vrings: Vec<VringRwLock>,
+    mem: GuestMemoryAtomic<GuestMemoryMmap>,
+}
+
+impl Shared {
+    pub fn new(mac: [u8; 6]) -> Arc<Shared> {
+        Arc::new(Shared {
+            mac,
+            generation: AtomicU64::new(0),
+            state: Mutex::new(None),
+            acked_features: AtomicU64::new(0),
+            wake: Mutex::new(None),
+            kicked: AtomicBool::new(false),
+            connections: AtomicU64::new(0),
+            last_error: Mutex::new(None),
+        })
+    }
+
+    /// Call `f` when the guest kicks (so a sleeping fast path wakes).
+    pub fn on_kick(&self, f: Arc<dyn Fn() + Send + Sync>) {
+        *lock(&self.wake) = Some(f);
+    }
+
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The virtio-net device `vhost-user-backend` serves on the socket.
+pub struct NetBackend {
+    shared: Arc<Shared>,
+    mem: Mutex<Option<GuestMemoryAtomic<GuestMemoryMmap>>>,
+}
+
+impl NetBackend {
+    pub fn new(shared: Arc<Shared>) -> NetBackend {
+        NetBackend {
+            shared,
+            mem: Mutex::new(None),
+        }
+    }
+}
+
+/// Features offered to the guest.
+pub const FEATURES: u64 = 1 << VIRTIO_F_VERSION_1
+    | 1 << VIRTIO_NET_F_MAC
+    | 1 << VIRTIO_NET_F_MRG_RXBUF
+    | 1 << VIRTIO_RING_F_EVENT_IDX
+    | 1 << VIRTIO_RING_F_INDIRECT_DESC
+    | 1 << VIRTIO_F_NOTIFY_ON_EMPTY;
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        2
+    }
+
+    fn max_queue_size(&self) -> usize {
+        MAX_QUEUE_SIZE
+    }
+
+    fn features(&self) -> u64 {
+        FEATURES | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.shared
+            .acked_features
+            .store(features, Ordering::Release);
+        self.shared.changed();
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn reset_device(&self) {
+        *lock(&self.shared.state) = None;
+        self.shared.changed();
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {
+        // The queues carry it (the handler sets it on each vring).
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        // struct virtio_net_config: mac[6], status, max_virtqueue_pairs,
+        // mtu (we offer only VIRTIO_NET_F_MAC).
+        let mut cfg = [0u8; 12];
+        cfg[..6].copy_from_slice(&self.shared.mac);
+        cfg[8] = 1; // max_virtqueue_pairs
+        let start = (offset as usize).min(cfg.len());
+        let end = start.saturating_add(size as usize).min(cfg.len());
+        cfg[start..end].to_vec()
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMemoryMmap>) -> std::io::Result<()> {
+        *lock(&self.mem) = Some(mem);
+        self.shared.changed();
+        Ok(())
+    }
+
+    fn exit_event(
+        &self,
+        _thread_index: usize,
+    ) -> Option<(
+        vmm_sys_util::event::EventConsumer,
+        vmm_sys_util::event::EventNotifier,
+    )> {
+        // Without one the library's vring worker never ends, and the end of
+        // a connection would wait for it for ever.
+        vmm_sys_util::event::new_event_consumer_and_notifier(
+            vmm_sys_util::event::EventFlag::NONBLOCK | vmm_sys_util::event::EventFlag::CLOEXEC,
+        )
+        .ok()
+    }
+
+    fn handle_event(
+        &self,
+        _device_event: u16,
+        _evset: EventSet,
+        vrings: &[VringRwLock],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        // The fast path serves the queues; a kick only publishes them (once
+        // per connection) and wakes it.
+        let mut st = lock(&self.shared.state);
+        if st.is_none() {
+            if let Some(mem) = lock(&self.mem).clone() {
+                *st = Some(Guest {
+                    vrings: vrings.to_vec(),
+                    mem,
+                });
+                self.shared.changed();
+            }
+        }
+        drop(st);
+        self.shared.kicked.store(true, Ordering::Release);
+        if let Some(w) = lock(&self.shared.wake).as_ref() {
+            w();
+        }
+        Ok(())
+    }
+}
+
+/// The fast path's side of a port.
+pub struct VhostPort {
+    shared: Arc<Shared>,
+    seen: u64,
+    guest: Option<Guest>,
+    mergeable: bool,
+    pub stats: VqStats,
+    /// Frames offered while no guest was ready.
+    pub not_ready: u64,
+}
+
+impl VhostPort {
+    pub fn new(shared: Arc<Shared>) -> VhostPort {
+        VhostPort {
+            shared,
+            seen: u64::MAX,
+            guest: None,
+            mergeable: false,
+            stats: VqStats::default(),
+            not_ready: 0,
+        }
+    }
+
+    /// Pick up what the protocol thread changed (a cheap load when nothing
+    /// did).
+    fn refresh(&mut self) {
+        let g = self.shared.generation.load(Ordering::Acquire);
+        if g != self.seen {
+            self.seen = g;
+            self.guest = lock(&self.shared.state).clone();
+            let acked = self.shared.acked_features.load(Ordering::Acquire);
+            self.mergeable = acked & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+        }
+    }
+
+    /// Take up to `max` frames the guest sent; returns how many chains
+    /// were consumed.
+    pub fn recv(&mut self, max: usize, deliver: impl FnMut(&[u8])) -> usize {
+        self.refresh();
+        let Some(g) = &self.guest else {
+            return 0;
+        };
+        let Some(vring) = g.vrings.get(TX_QUEUE) else {
+            return 0;
+        };
+        let mem = g.mem.memory();
+        let mut v = vring.get_mut();
+        if !v.is_enabled() || !v.get_queue().ready() {
+            return 0;
+        }
+        let n = virtq::tx_burst(v.get_queue_mut(), &*mem, max, &mut self.stats, deliver);
+        if n > 0 && virtq::needs_notify(v.get_queue_mut(), &*mem) {
+            let _ = v.signal_used_queue();
+        }
+        n
+    }
+
+    /// Give `frames` to the guest; returns how many it took (the rest are
+    /// counted: no buffer, not ready, bad buffer).
+    pub fn send<'a>(&mut self, frames: impl IntoIterator<Item = &'a [u8]>) -> usize {
+        self.refresh();
+        let ready = self.guest.as_ref().and_then(|g| {
+            let v = g.vrings.get(RX_QUEUE)?;
+            Some((v, g.mem.memory()))
+        });
+        let Some((vring, mem)) = ready else {
+            self.not_ready += frames.into_iter().count() as u64;
+            return 0;
+        };
+        let mut v = vring.get_mut();
+        if !v.is_enabled() || !v.get_queue().ready() {
+            drop(v);
+            self.not_ready += frames.into_iter().count() as u64;
+            return 0;
+        }
+        let mut sent = 0;
+        for f in frames {
+            if virtq::rx_frame(v.get_queue_mut(), &*mem, f, self.mergeable, &mut self.stats) {
+                sent += 1;
+            }
+        }
+        if sent > 0 && virtq::needs_notify(v.get_queue_mut(), &*mem) {
+            let _ = v.signal_used_queue();
+        }
+        sent
+    }
+
+    /// True once a guest's queues are published.
+    pub fn connected(&mut self) -> bool {
+        self.refresh();
+        self.guest.is_some()
+    }
+}
+
+/// Serve the vhost-user socket at `path` (server mode: the VMM connects)
+/// on a thread of its own, for as long as the process runs: one guest
+/// connection at a time; when it ends (the VMM exits, crashes, or resets
+/// the device), the port forgets that guest — frames for it are counted
+/// as not ready — and waits for the next connection.
+pub fn serve(
+    path: std::path::PathBuf,
+    shared: Arc<Shared>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let name = format!(
+        "vhost-{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    std::thread::Builder::new().name(name).spawn(move || loop {
+        let backend = Arc::new(NetBackend::new(shared.clone()));
+        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+        let served = vhost_user_backend::VhostUserDaemon::new("vswitch".into(), backend, mem)
+            .map_err(|e| e.to_string())
+            .and_then(|mut d| d.serve(&path).map_err(|e| e.to_string()));
+        *lock(&shared.state) = None;
+        shared.changed();
+        if let Err(e) = served {
+            *lock(&shared.last_error) = Some(e);
+            // A broken socket path must not spin.
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        shared.connections.fetch_add(1, Ordering::Relaxed);
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,221 @@
+//! A port against an in-process VMM: `vhost`'s frontend speaks the
+//! vhost-user protocol to the port's socket as QEMU would (features, a
+//! memfd memory table, vring addresses, kick and call eventfds), and
+//! `virtio-queue`'s mock plays the guest driver in that shared memory.
+
+// Lengths and flags here are small constants.
+#![allow(clippy::cast_possible_truncation)]
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::*;
+use crate::vhost::virtq::HDR_LEN;
+
+const MEM: usize = 1 << 20;
+const RXQ: u64 = 0x0;
+const TXQ: u64 = 0x4000;
+const BUF: u64 = 0x1_0000;
+
+struct Vmm {
+    fe: Frontend,
+    mem: GuestMemoryMmap,
+    kicks: [EventFd; 2],
+    calls: [EventFd; 2],
+}
+
+fn memfd(len: usize) -> std::fs::File {
+    // SAFETY: memfd_create with a static name; checked below.
+    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0);
+    // SAFETY: a fresh descriptor owned by nothing else.
+    let f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    f.set_len(len as u64).unwrap();
+    f
+}
+
+/// Connect to the port's socket and set the device up as QEMU does.
+fn connect(sock: &std::path::Path) -> Vmm {
+    let file = memfd(MEM);
+    let raw = file.as_raw_fd();
+    let mem = GuestMemoryMmap::from_ranges_with_files([(
+        GuestAddress(0),
+        MEM,
+        Some(FileOffset::new(file, 0)),
+    )])
+    .unwrap();
+    let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
+    let fe = Frontend::connect(sock, 2).unwrap();
+    fe.set_owner().unwrap();
+    let offered = fe.get_features().unwrap();
+    assert_eq!(offered & FEATURES, FEATURES, "offered {offered:#x}");
+    // No event index here: the mock's rings leave no room for used_event.
+    fe.set_features(offered & !(1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX))
+        .unwrap();
+    let mut fe = fe;
+    let pf = fe.get_protocol_features().unwrap();
+    fe.set_protocol_features(pf & VhostUserProtocolFeatures::CONFIG)
+        .unwrap();
+    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
+        guest_phys_addr: 0,
+        memory_size: MEM as u64,
+        userspace_addr: host,
+        mmap_offset: 0,
+        mmap_handle: raw,
+    }])
+    .unwrap();
+    let kicks = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
+    let calls = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
+    for (i, base) in [RXQ, TXQ].into_iter().enumerate() {
+        let vq = MockSplitQueue::create(&mem, GuestAddress(base), 16);
+        fe.set_vring_num(i, 16).unwrap();
+        fe.set_vring_addr(
+            i,
+            &VringConfigData {
+                queue_max_size: 16,
+                queue_size: 16,
+                flags: 0,
+                desc_table_addr: host + vq.desc_table_addr().0,
+                used_ring_addr: host + vq.used_addr().0,
+                avail_ring_addr: host + vq.avail_addr().0,
+                log_addr: None,
+            },
+        )
+        .unwrap();
+        fe.set_vring_base(i, 0).unwrap();
+        fe.set_vring_call(i, &calls[i]).unwrap();
+        fe.set_vring_kick(i, &kicks[i]).unwrap();
+        fe.set_vring_enable(i, true).unwrap();
+    }
+    Vmm {
+        fe,
+        mem,
+        kicks,
+        calls,
+    }
+}
+
+fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+    RawDescriptor::from(Descriptor::new(addr, len, flags as u16, next))
+}
+
+fn until(what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(5), "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn sock_path(tag: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("vswitch-vu-{}-{tag}.sock", std::process::id()))
+}
+
+#[test]
+fn a_vmm_connects_frames_flow_both_ways_and_a_restarted_vmm_gets_them_back() {
+    let sock = sock_path("flow");
+    let shared = Shared::new([2, 0, 0, 0, 0, 0x42]);
+    serve(sock.clone(), shared.clone()).unwrap();
+    until("the socket", || sock.exists());
+    let mut port = VhostPort::new(shared.clone());
+    assert_eq!(port.send([&b"too early"[..]]), 0);
+    assert_eq!(port.not_ready, 1);
+
+    for round in 0..2 {
+        let vmm = connect(&sock);
+        // The guest sends a frame: header + payload over two descriptors.
+        let txq = MockSplitQueue::create(&vmm.mem, GuestAddress(TXQ), 16);
+        let payload = format!("hello from the guest, round {round}");
+        vmm.mem
+            .write_slice(&[0u8; HDR_LEN], GuestAddress(BUF))
+            .unwrap();
+        vmm.mem
+            .write_slice(payload.as_bytes(), GuestAddress(BUF + 0x100))
+            .unwrap();
+        txq.add_desc_chains(
+            &[
+                desc(BUF, HDR_LEN as u32, VRING_DESC_F_NEXT, 1),
+                desc(BUF + 0x100, payload.len() as u32, 0, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        vmm.kicks[TX_QUEUE].write(1).unwrap();
+        let mut got = Vec::new();
+        until("the guest's frame", || {
+            port.recv(32, |f| got.push(f.to_vec()));
+            !got.is_empty()
+        });
+        assert_eq!(got, vec![payload.into_bytes()]);
+        assert_eq!(txq.used().idx().load(), 1);
+        assert_eq!(vmm.calls[TX_QUEUE].read().unwrap(), 1, "the guest was told");
+
+        // The guest posts receive buffers; a frame goes in.
+        let rxq = MockSplitQueue::create(&vmm.mem, GuestAddress(RXQ), 16);
+        rxq.add_desc_chains(
+            &[
+                desc(BUF + 0x1000, 2048, VRING_DESC_F_WRITE, 0),
+                desc(BUF + 0x2000, 2048, VRING_DESC_F_WRITE, 0),
+            ],
+            0,
+        )
+        .unwrap();
+        vmm.kicks[RX_QUEUE].write(1).unwrap();
+        let frame = [0xabu8; 60];
+        assert_eq!(port.send([&frame[..], &frame[..]]), 2);
+        assert_eq!(rxq.used().idx().load(), 2);
+        let mut back = [0u8; 60];
+        vmm.mem
+            .read_slice(&mut back, GuestAddress(BUF + 0x1000 + HDR_LEN as u64))
+            .unwrap();
+        assert_eq!(back, frame);
+        assert_eq!(
+            vmm.calls[RX_QUEUE].read().unwrap(),
+            1,
+            "one interrupt for the batch"
+        );
+        // No buffer left: counted, not blocking.
+        let no_buffer = port.stats.rx_no_buffer;
+        assert_eq!(port.send([&frame[..]]), 0);
+        assert_eq!(port.stats.rx_no_buffer, no_buffer + 1);
+
+        // The VMM goes away (killed): the port forgets the guest.
+        drop(vmm);
+        until("the port to notice", || !port.connected());
+        let before = port.not_ready;
+        assert_eq!(port.send([&frame[..]]), 0);
+        assert_eq!(port.not_ready, before + 1);
+        assert!(port.recv(32, |_| panic!("no guest")) == 0);
+    }
+    let _ = std::fs::remove_file(&sock);
+}
+
+#[test]
+fn the_guest_reads_the_mac_from_the_device_config() {
+    let sock = sock_path("config");
+    let shared = Shared::new([2, 0, 0, 0, 0, 0x43]);
+    serve(sock.clone(), shared).unwrap();
+    until("the socket", || sock.exists());
+    let mut vmm = connect(&sock);
+    let (_, cfg) = vmm
+        .fe
+        .get_config(
+            0,
+            6,
+            vhost::vhost_user::message::VhostUserConfigFlags::WRITABLE,
+            &[0; 6],
+        )
+        .unwrap();
+    assert_eq!(cfg, vec![2, 0, 0, 0, 0, 0x43]);
+    let _ = std::fs::remove_file(&sock);
+}
