@@ -525,6 +525,10 @@ pub enum PortType {
     Tap,
     /// AF_XDP on the switch's end of a veth pair whose other end is the VM's.
     AfXdp,
+    /// A virtio-net device served over a vhost-user socket (server mode:
+    /// the VMM, e.g. QEMU with `-chardev socket,path=…` and
+    /// `-netdev vhost-user`, connects to `socket`).
+    VhostUser,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -533,6 +537,9 @@ pub struct PortConfig {
     pub name: String,
     #[serde(rename = "type")]
     pub kind: PortType,
+    /// vhost-user: the Unix socket the VMM connects to.
+    #[serde(default)]
+    pub socket: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -643,6 +650,17 @@ impl Config {
                     "port[{i}]: field `name`: {:?} is used by an earlier port",
                     p.name
                 );
+            }
+            match (p.kind, &p.socket) {
+                (PortType::VhostUser, None) => bail!(
+                    "port[{i}] ({}): field `socket`: a vhost-user port needs the path of its socket",
+                    p.name
+                ),
+                (PortType::Tap | PortType::AfXdp, Some(_)) => bail!(
+                    "port[{i}] ({}): field `socket`: only vhost-user ports have one",
+                    p.name
+                ),
+                _ => {}
             }
         }
         Ok(ids)

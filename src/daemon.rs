@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use coprocessor::{Coprocessor, Outcome, PuntKind, Punted, Shared};
 use crossbeam_queue::ArrayQueue;
 use fastpath::dataplane::{
@@ -69,6 +69,15 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     let built = cfg.build()?;
     let mut topo = built.topo;
     let s = &cfg.switch;
+    // Before any port is opened: a second switch on the same config must
+    // not take over tap devices or rebind a running one's vhost-user
+    // sockets before it finds out.
+    if takeover.is_none() && std::os::unix::net::UnixStream::connect(&s.control_socket).is_ok() {
+        bail!(
+            "control socket {} is in use by a running vswitch",
+            s.control_socket.display()
+        );
+    }
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())
         .context("installing SIGTERM handler")?;
@@ -99,10 +108,29 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         port_names.clear();
     }
     let mut programs: Vec<XdpProgram> = Vec::new();
+    let mut vhost_ports = Vec::new();
     for (i, p) in cfg.ports.iter().enumerate().filter(|_| takeover.is_none()) {
         let what = || format!("port[{i}] ({})", p.name);
         let io = match p.kind {
             PortType::Tap => PortIo::Tap(Tap::open(&p.name).with_context(what)?),
+            PortType::VhostUser => {
+                // The device's MAC: the VM's on this port, if one is set.
+                let mac = cfg
+                    .vms
+                    .iter()
+                    .find(|v| v.port == p.name)
+                    .and_then(|v| crate::config::parse_mac(&v.mac))
+                    .unwrap_or([2, 0, 0, 0, 0, 1]);
+                let shared = fastpath::vhost::port::Shared::new(mac);
+                let path = p
+                    .socket
+                    .clone()
+                    .context("vhost-user port without a socket")?;
+                fastpath::vhost::port::serve(path.clone(), shared.clone()).with_context(what)?;
+                vhost_ports.push(shared.clone());
+                info!(port = %p.name, socket = %path.display(), "vhost-user port listening");
+                PortIo::VhostUser(Box::new(fastpath::vhost::port::VhostPort::new(shared)))
+            }
             PortType::AfXdp => {
                 let ifindex = fastpath::xsk::ifindex(&p.name).with_context(what)?;
                 let sock =
@@ -179,6 +207,10 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     let installs = Arc::new(ArrayQueue::new(4096));
     let installs_for_control = installs.clone();
     let wake = Arc::new(Wake::new().context("creating the wakeup eventfd")?);
+    for v in &vhost_ports {
+        let w = wake.clone();
+        v.on_kick(Arc::new(move || w.notify()));
+    }
     let (req_tx, req_rx) = mpsc::channel();
 
     // Leases, policy, connections, NAT: one state for all coprocessor
@@ -404,6 +436,12 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         }
     }
     xdp_links.extend(inherited_links.iter().map(|fd| fd.as_raw_fd()));
+    if !vhost_ports.is_empty() || cfg.ports.iter().any(|p| p.kind == PortType::VhostUser) {
+        handover_refused = Some(
+            "this switch has vhost-user ports: handing their connections over is not built yet"
+                .to_string(),
+        );
+    }
     let links = control::Links {
         config_text,
         handover_refused,

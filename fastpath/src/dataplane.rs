@@ -43,6 +43,8 @@ pub enum PortIo {
     Tap(Tap),
     /// An AF_XDP socket (the uplink); its UMEM is the thread's frame pool.
     Xsk(XskSocket),
+    /// A vhost-user virtio-net port: the guest's virtqueues in its memory.
+    VhostUser(Box<crate::vhost::port::VhostPort>),
     /// Removed at run time; its id is not reused.
     Closed,
 }
@@ -52,7 +54,9 @@ impl PortIo {
         match self {
             PortIo::Tap(t) => t.fd(),
             PortIo::Xsk(x) => x.fd(),
-            // poll(2) skips negative descriptors.
+            // Kicks wake the loop through the wakeup fd; poll(2) skips
+            // negative descriptors.
+            PortIo::VhostUser(_) => -1,
             PortIo::Closed => -1,
         }
     }
@@ -63,6 +67,7 @@ impl std::fmt::Debug for PortIo {
         match self {
             PortIo::Tap(t) => write!(f, "tap {}", t.name()),
             PortIo::Xsk(x) => write!(f, "af_xdp fd {}", x.fd()),
+            PortIo::VhostUser(_) => write!(f, "vhost-user"),
             PortIo::Closed => write!(f, "closed"),
         }
     }
@@ -81,6 +86,18 @@ pub struct PortCounters {
     pub tx_dropped: u64,
     /// Receives skipped because the frame pool had no free chunk.
     pub rx_no_buffer: u64,
+    /// vhost-user: frames dropped because the guest had no receive buffer
+    /// posted (its queue is full, or it stopped draining it).
+    #[serde(default)]
+    pub guest_queue_full: u64,
+    /// vhost-user: frames dropped because no guest is connected (or its
+    /// queues are not enabled yet).
+    #[serde(default)]
+    pub guest_not_ready: u64,
+    /// vhost-user: guest descriptors refused (outside guest memory, too
+    /// short, oversize frames).
+    #[serde(default)]
+    pub guest_bad_descriptor: u64,
 }
 
 /// A port of this thread.
@@ -608,6 +625,42 @@ impl Dataplane {
                     descs.push(d);
                 });
             }
+            PortIo::VhostUser(v) => {
+                // Take no more from the guest than there are frames for:
+                // what it hands over is gone from its queue.
+                let room = self
+                    .pool
+                    .free_count()
+                    .saturating_sub(VM_RESERVE / 2)
+                    .min(BATCH);
+                let (pool, descs, c) = (&mut self.pool, &mut self.descs, &mut port.counters);
+                let bad = v.stats.tx_bad_chain + v.stats.tx_oversize;
+                v.recv(room, |f| {
+                    let Some(chunk) = pool.alloc() else {
+                        c.rx_no_buffer += 1;
+                        return;
+                    };
+                    let at = chunk + HEADROOM as u64;
+                    let copied = pool
+                        .chunk_mut(at)
+                        .and_then(|(b, off)| b.get_mut(off..off + f.len()))
+                        .map(|dst| dst.copy_from_slice(f))
+                        .is_some();
+                    if copied {
+                        c.rx_packets += 1;
+                        c.rx_bytes += f.len() as u64;
+                        descs.push(Desc {
+                            addr: at,
+                            len: u32::try_from(f.len()).unwrap_or(0),
+                        });
+                    } else {
+                        // Larger than a frame of the pool.
+                        c.rx_errors += 1;
+                        pool.release(chunk);
+                    }
+                });
+                c.guest_bad_descriptor += v.stats.tx_bad_chain + v.stats.tx_oversize - bad;
+            }
             PortIo::Closed => {}
         }
         let n = self.descs.len();
@@ -759,7 +812,9 @@ impl Dataplane {
                         fd: x.fd(),
                         ring_size: x.ring_size(),
                     }),
-                    PortIo::Closed => None,
+                    // A switch with vhost-user ports refuses the handover
+                    // before it dumps (their state is not carried yet).
+                    PortIo::VhostUser(_) | PortIo::Closed => None,
                 };
                 (p.name.clone(), io)
             })
@@ -861,7 +916,7 @@ impl Dataplane {
                     .iter()
                     .filter_map(|p| match &p.io {
                         PortIo::Xsk(x) => x.stats().ok().map(|s| (p.id, s)),
-                        PortIo::Tap(_) | PortIo::Closed => None,
+                        PortIo::Tap(_) | PortIo::VhostUser(_) | PortIo::Closed => None,
                     })
                     .collect();
                 let _ = tx.send(Snapshot {
@@ -1067,6 +1122,22 @@ fn transmit(p: &mut Port, pool: &mut FramePool, frames: &[Desc]) {
                 p.counters.tx_dropped += 1;
                 pool.release(d.addr);
             }
+        }
+        PortIo::VhostUser(v) => {
+            let before = (v.stats, v.not_ready);
+            let (sent, bytes) = v.send(frames.iter().filter_map(|d| {
+                let (c, off) = pool.chunk_ro(d.addr)?;
+                c.get(off..off + d.len as usize)
+            }));
+            let c = &mut p.counters;
+            c.tx_packets += sent as u64;
+            c.tx_bytes += bytes;
+            c.guest_queue_full += v.stats.rx_no_buffer - before.0.rx_no_buffer;
+            c.guest_not_ready += v.not_ready - before.1;
+            c.guest_bad_descriptor += (v.stats.rx_bad_chain + v.stats.rx_oversize)
+                - (before.0.rx_bad_chain + before.0.rx_oversize);
+            c.tx_dropped += (frames.len() - sent) as u64;
+            frames.iter().for_each(|d| pool.release(d.addr));
         }
     }
 }

@@ -238,6 +238,23 @@ impl FramePool {
         }
     }
 
+    /// The chunk holding `addr` (user-owned, as for `chunk_mut`), read-only.
+    pub fn chunk_ro(&self, addr: u64) -> Option<(&[u8], usize)> {
+        let start = self.chunk_of(addr);
+        if start >= self.chunks << self.shift {
+            return None;
+        }
+        let size = 1usize << self.shift;
+        let start_us = usize::try_from(start).ok()?;
+        let off = usize::try_from(addr - start).ok()?;
+        let p = self.region.as_ptr().wrapping_add(start_us);
+        // SAFETY: `p..p + size` is an in-bounds chunk user space owns (the
+        // module's ownership rule); the slice borrows the pool, so no
+        // mutable slice of it exists meanwhile.
+        let chunk = unsafe { std::slice::from_raw_parts(p.cast_const(), size) };
+        Some((chunk, off))
+    }
+
     /// Chunks on the free list.
     pub fn free_count(&self) -> usize {
         self.free.len()

@@ -14,4 +14,5 @@
 //! the handover of these ports.
 
 pub mod port;
+pub mod shim;
 pub mod virtq;

@@ -118,6 +118,9 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn features(&self) -> u64 {
+        // QEMU needs VHOST_USER_F_PROTOCOL_FEATURES (it will not start a
+        // vhost-user net device without it); see `shim` for what that
+        // takes.
         FEATURES | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
@@ -258,9 +261,9 @@ impl VhostPort {
         n
     }
 
-    /// Give `frames` to the guest; returns how many it took (the rest are
-    /// counted: no buffer, not ready, bad buffer).
-    pub fn send<'a>(&mut self, frames: impl IntoIterator<Item = &'a [u8]>) -> usize {
+    /// Give `frames` to the guest; returns how many it took and their
+    /// bytes (the rest are counted: no buffer, not ready, bad buffer).
+    pub fn send<'a>(&mut self, frames: impl IntoIterator<Item = &'a [u8]>) -> (usize, u64) {
         self.refresh();
         let ready = self.guest.as_ref().and_then(|g| {
             let v = g.vrings.get(RX_QUEUE)?;
@@ -268,24 +271,25 @@ impl VhostPort {
         });
         let Some((vring, mem)) = ready else {
             self.not_ready += frames.into_iter().count() as u64;
-            return 0;
+            return (0, 0);
         };
         let mut v = vring.get_mut();
         if !v.is_enabled() || !v.get_queue().ready() {
             drop(v);
             self.not_ready += frames.into_iter().count() as u64;
-            return 0;
+            return (0, 0);
         }
-        let mut sent = 0;
+        let (mut sent, mut bytes) = (0, 0);
         for f in frames {
             if virtq::rx_frame(v.get_queue_mut(), &*mem, f, self.mergeable, &mut self.stats) {
                 sent += 1;
+                bytes += f.len() as u64;
             }
         }
         if sent > 0 && virtq::needs_notify(v.get_queue_mut(), &*mem) {
             let _ = v.signal_used_queue();
         }
-        sent
+        (sent, bytes)
     }
 
     /// True once a guest's queues are published.
@@ -299,32 +303,71 @@ impl VhostPort {
 /// on a thread of its own, for as long as the process runs: one guest
 /// connection at a time; when it ends (the VMM exits, crashes, or resets
 /// the device), the port forgets that guest — frames for it are counted
-/// as not ready — and waits for the next connection.
+/// as not ready — and waits for the next connection. Each connection goes
+/// through [`super::shim`] to `vhost-user-backend`'s handler.
 pub fn serve(
     path: std::path::PathBuf,
     shared: Arc<Shared>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let _ = std::fs::remove_file(&path);
+    let listener = std::os::unix::net::UnixListener::bind(&path)?;
     let name = format!(
         "vhost-{}",
         path.file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default()
     );
-    std::thread::Builder::new().name(name).spawn(move || loop {
-        let backend = Arc::new(NetBackend::new(shared.clone()));
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let served = vhost_user_backend::VhostUserDaemon::new("vswitch".into(), backend, mem)
-            .map_err(|e| e.to_string())
-            .and_then(|mut d| d.serve(&path).map_err(|e| e.to_string()));
-        *lock(&shared.state) = None;
-        shared.changed();
-        if let Err(e) = served {
-            *lock(&shared.last_error) = Some(e);
-            // A broken socket path must not spin.
-            std::thread::sleep(std::time::Duration::from_millis(200));
+    std::thread::Builder::new().name(name).spawn(move || {
+        for (n, vmm) in listener.incoming().enumerate() {
+            let served = match vmm {
+                Ok(vmm) => serve_one(vmm, &shared, n),
+                Err(e) => Err(e.to_string()),
+            };
+            *lock(&shared.state) = None;
+            shared.changed();
+            shared.connections.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = served {
+                *lock(&shared.last_error) = Some(e);
+                // A broken socket must not spin.
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
         }
-        shared.connections.fetch_add(1, Ordering::Relaxed);
     })
+}
+
+/// One VMM connection, until it ends.
+fn serve_one(
+    vmm: std::os::unix::net::UnixStream,
+    shared: &Arc<Shared>,
+    n: usize,
+) -> Result<(), String> {
+    use std::os::linux::net::SocketAddrExt;
+    let e = |e: std::io::Error| e.to_string();
+    // The handler listens on a private (abstract) address the filter
+    // connects to.
+    let name = format!(
+        "vswitch-vhost-{}-{:p}-{n}",
+        std::process::id(),
+        Arc::as_ptr(shared)
+    );
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).map_err(e)?;
+    let inner = std::os::unix::net::UnixListener::bind_addr(&addr).map_err(e)?;
+    let backend_side = std::os::unix::net::UnixStream::connect_addr(&addr).map_err(e)?;
+    let backend = Arc::new(NetBackend::new(shared.clone()));
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut daemon = vhost_user_backend::VhostUserDaemon::new("vswitch".into(), backend, mem)
+        .map_err(|e| e.to_string())?;
+    let mut l = vhost::vhost_user::Listener::from(inner);
+    daemon.start(&mut l).map_err(|e| e.to_string())?;
+    let pumped = super::shim::pump(vmm, backend_side);
+    let waited = daemon.wait();
+    for h in daemon.get_epoll_handlers() {
+        h.send_exit_event();
+    }
+    match (pumped, waited) {
+        (Err(p), _) if p.kind() != std::io::ErrorKind::UnexpectedEof => Err(p.to_string()),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

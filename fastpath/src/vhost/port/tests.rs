@@ -128,7 +128,7 @@ fn a_vmm_connects_frames_flow_both_ways_and_a_restarted_vmm_gets_them_back() {
     serve(sock.clone(), shared.clone()).unwrap();
     until("the socket", || sock.exists());
     let mut port = VhostPort::new(shared.clone());
-    assert_eq!(port.send([&b"too early"[..]]), 0);
+    assert_eq!(port.send([&b"too early"[..]]).0, 0);
     assert_eq!(port.not_ready, 1);
 
     for round in 0..2 {
@@ -172,7 +172,7 @@ fn a_vmm_connects_frames_flow_both_ways_and_a_restarted_vmm_gets_them_back() {
         .unwrap();
         vmm.kicks[RX_QUEUE].write(1).unwrap();
         let frame = [0xabu8; 60];
-        assert_eq!(port.send([&frame[..], &frame[..]]), 2);
+        assert_eq!(port.send([&frame[..], &frame[..]]), (2, 120));
         assert_eq!(rxq.used().idx().load(), 2);
         let mut back = [0u8; 60];
         vmm.mem
@@ -186,14 +186,14 @@ fn a_vmm_connects_frames_flow_both_ways_and_a_restarted_vmm_gets_them_back() {
         );
         // No buffer left: counted, not blocking.
         let no_buffer = port.stats.rx_no_buffer;
-        assert_eq!(port.send([&frame[..]]), 0);
+        assert_eq!(port.send([&frame[..]]).0, 0);
         assert_eq!(port.stats.rx_no_buffer, no_buffer + 1);
 
         // The VMM goes away (killed): the port forgets the guest.
         drop(vmm);
         until("the port to notice", || !port.connected());
         let before = port.not_ready;
-        assert_eq!(port.send([&frame[..]]), 0);
+        assert_eq!(port.send([&frame[..]]).0, 0);
         assert_eq!(port.not_ready, before + 1);
         assert!(port.recv(32, |_| panic!("no guest")) == 0);
     }
