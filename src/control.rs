@@ -840,6 +840,10 @@ fn stats_json(s: &Snapshot) -> Value {
                    "tx_packets": c.tx_packets, "tx_bytes": c.tx_bytes, "rx_errors": c.rx_errors,
                    "tx_errors": c.tx_errors, "tx_dropped": c.tx_dropped, "rx_no_buffer": c.rx_no_buffer,
                    "drops": drops});
+            if c.guest_queue_full + c.guest_not_ready + c.guest_bad_descriptor > 0 {
+                v["guest"] = json!({"queue_full": c.guest_queue_full, "not_ready": c.guest_not_ready,
+                    "bad_descriptor": c.guest_bad_descriptor});
+            }
             if let Some((_, k)) = s.xsk.iter().find(|(p, _)| p == id) {
                 v["af_xdp"] = json!({"rx_dropped": k.rx_dropped, "rx_invalid_descs": k.rx_invalid_descs,
                     "tx_invalid_descs": k.tx_invalid_descs, "rx_ring_full": k.rx_ring_full,

@@ -265,6 +265,17 @@ fn a_qemu_guest_on_vhost_user_gets_dhcp_pings_streams_and_survives_a_qemu_restar
         .cloned()
         .unwrap_or_default();
     assert!(port["rx_packets"].as_u64() > Some(100), "{port}");
+    // With QEMU gone, what the tap VM still sends the guest is counted.
+    let (_, _) = try_sh(&[
+        "ip", "netns", "exec", &a, "ping", "-c", "2", "-i", "0.2", "-W", "1", GUEST_IP,
+    ]);
+    let st = lab.ctl(&ctl, "stats").expect("the switch answers");
+    let port = st["ports"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "vu0"))
+        .cloned()
+        .unwrap_or_default();
+    assert!(port["guest"]["not_ready"].as_u64() > Some(0), "{port}");
 
     // QEMU again (a restarted VM): connectivity comes back.
     let console = lab.dir.join("console-2.txt");

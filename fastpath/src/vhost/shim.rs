@@ -140,3 +140,73 @@ fn recv_header(s: &UnixStream, hdr: &mut [u8; HDR]) -> io::Result<Vec<OwnedFd>> 
     }
     Ok(fds)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&request.to_le_bytes());
+        m.extend_from_slice(&flags.to_le_bytes());
+        m.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_le_bytes());
+        m.extend_from_slice(payload);
+        m
+    }
+
+    fn read_msg(s: &mut UnixStream) -> (u32, u32, Vec<u8>) {
+        let mut h = [0u8; HDR];
+        s.read_exact(&mut h).unwrap();
+        let w = |i: usize| u32::from_le_bytes([h[i], h[i + 1], h[i + 2], h[i + 3]]);
+        let mut p = vec![0u8; w(8) as usize];
+        s.read_exact(&mut p).unwrap();
+        (w(0), w(4), p)
+    }
+
+    #[test]
+    fn an_early_ring_enable_is_answered_and_replayed_after_set_features() {
+        let (mut vmm, vmm_side) = UnixStream::pair().unwrap();
+        let (backend_side, mut backend) = UnixStream::pair().unwrap();
+        let t = std::thread::spawn(move || pump(vmm_side, backend_side));
+        let enable = |q: u32, on: u32| [q.to_le_bytes(), on.to_le_bytes()].concat();
+        // Before SET_FEATURES: held back; the one asking for a reply gets one.
+        vmm.write_all(&msg(SET_VRING_ENABLE, VERSION | NEED_REPLY, &enable(0, 1)))
+            .unwrap();
+        let (r, f, p) = read_msg(&mut vmm);
+        assert_eq!((r, f, p), (SET_VRING_ENABLE, VERSION | REPLY, vec![0; 8]));
+        vmm.write_all(&msg(SET_VRING_ENABLE, VERSION, &enable(1, 0)))
+            .unwrap();
+        vmm.write_all(&msg(SET_VRING_ENABLE, VERSION, &enable(1, 1)))
+            .unwrap();
+        // Other requests pass as they are.
+        vmm.write_all(&msg(1, VERSION, &[])).unwrap();
+        assert_eq!(read_msg(&mut backend), (1, VERSION, vec![]));
+        vmm.write_all(&msg(SET_FEATURES, VERSION, &[7; 8])).unwrap();
+        assert_eq!(read_msg(&mut backend), (SET_FEATURES, VERSION, vec![7; 8]));
+        // The enables follow, the last per queue.
+        assert_eq!(
+            read_msg(&mut backend),
+            (SET_VRING_ENABLE, VERSION, enable(0, 1))
+        );
+        assert_eq!(
+            read_msg(&mut backend),
+            (SET_VRING_ENABLE, VERSION, enable(1, 1))
+        );
+        // After SET_FEATURES an enable goes straight through.
+        vmm.write_all(&msg(SET_VRING_ENABLE, VERSION, &enable(0, 0)))
+            .unwrap();
+        assert_eq!(
+            read_msg(&mut backend),
+            (SET_VRING_ENABLE, VERSION, enable(0, 0))
+        );
+        // Replies flow back.
+        backend
+            .write_all(&msg(1, VERSION | REPLY, &[9; 8]))
+            .unwrap();
+        assert_eq!(read_msg(&mut vmm), (1, VERSION | REPLY, vec![9; 8]));
+        // An oversize payload ends the connection.
+        vmm.write_all(&msg(5, VERSION, &vec![0; MAX_PAYLOAD + 1]))
+            .unwrap();
+        assert!(t.join().unwrap().is_err());
+    }
+}
