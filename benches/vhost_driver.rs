@@ -203,8 +203,13 @@ fn main() {
     da.tx.publish(&da.mem);
     // B's receive buffers.
     for i in 0..Q {
-        db.rx
-            .set_desc(&db.mem, i, BUF + u64::from(i) * 2048, 2048, 2 /* WRITE */);
+        db.rx.set_desc(
+            &db.mem,
+            i,
+            BUF + u64::from(i) * 2048,
+            2048,
+            2, /* WRITE */
+        );
         db.rx.push(&db.mem, i);
     }
     db.rx.publish(&db.mem);

@@ -213,6 +213,7 @@ pub struct VhostPort {
     pub stats: VqStats,
     /// Frames offered while no guest was ready.
     pub not_ready: u64,
+    scratch: virtq::Scratch,
 }
 
 impl VhostPort {
@@ -224,6 +225,7 @@ impl VhostPort {
             mergeable: false,
             stats: VqStats::default(),
             not_ready: 0,
+            scratch: virtq::Scratch::default(),
         }
     }
 
@@ -254,7 +256,14 @@ impl VhostPort {
         if !v.is_enabled() || !v.get_queue().ready() {
             return 0;
         }
-        let n = virtq::tx_burst(v.get_queue_mut(), &*mem, max, &mut self.stats, deliver);
+        let n = virtq::tx_burst(
+            v.get_queue_mut(),
+            &*mem,
+            max,
+            &mut self.stats,
+            &mut self.scratch,
+            deliver,
+        );
         if n > 0 && virtq::needs_notify(v.get_queue_mut(), &*mem) {
             let _ = v.signal_used_queue();
         }

@@ -21,6 +21,16 @@ const NUM_BUFFERS_AT: u64 = 10;
 /// Largest frame a port takes or gives (a jumbo Ethernet frame).
 pub const MAX_FRAME: usize = 9216;
 
+/// Room for one frame read out of guest memory (kept by the port, so a
+/// poll does not clear 9 KiB of stack).
+pub struct Scratch(Box<[u8; HDR_LEN + MAX_FRAME]>);
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch(Box::new([0; HDR_LEN + MAX_FRAME]))
+    }
+}
+
 /// What happened on a port's queues, by outcome.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct VqStats {
@@ -53,12 +63,13 @@ pub fn tx_burst<M>(
     mem: &M,
     max: usize,
     stats: &mut VqStats,
+    buf: &mut Scratch,
     mut deliver: impl FnMut(&[u8]),
 ) -> usize
 where
     M: GuestMemory,
 {
-    let mut buf = [0u8; HDR_LEN + MAX_FRAME];
+    let buf = &mut buf.0;
     let mut done = 0;
     while done < max {
         let Some(chain) = q.pop_descriptor_chain(mem) else {
@@ -121,16 +132,20 @@ where
     let mut hdr = [0u8; HDR_LEN];
     hdr[10] = 1; // num_buffers (little-endian), patched below when merged
     let total = HDR_LEN + frame.len();
-    // Bytes of header then frame, from `at`.
-    let source = |at: usize, out: &mut [u8]| {
-        for (i, b) in out.iter_mut().enumerate() {
-            let k = at + i;
-            *b = if k < HDR_LEN {
-                hdr[k]
-            } else {
-                frame[k - HDR_LEN]
-            };
-        }
+    // Write bytes `at..at + n` of header-then-frame to guest `addr`: at
+    // most one copy from each.
+    let put = |at: usize, n: usize, addr: GuestAddress| -> bool {
+        let h = hdr
+            .get(at.min(HDR_LEN)..(at + n).min(HDR_LEN))
+            .unwrap_or(&[]);
+        let f_from = at.max(HDR_LEN) - HDR_LEN;
+        let f_to = (at + n).max(HDR_LEN) - HDR_LEN;
+        let f = frame.get(f_from..f_to).unwrap_or(&[]);
+        (h.is_empty() || mem.write_slice(h, addr).is_ok())
+            && (f.is_empty()
+                || addr
+                    .checked_add(h.len() as u64)
+                    .is_some_and(|a| mem.write_slice(f, a).is_ok()))
     };
     let start = q.next_avail();
     // (head, bytes written) per chain. Guests post buffers of at least a
@@ -150,7 +165,6 @@ where
         let head = chain.head_index();
         let mut in_chain = 0usize;
         let mut bad = false;
-        let mut chunk = [0u8; 2048];
         for d in chain.writable() {
             if written >= total {
                 break;
@@ -158,26 +172,13 @@ where
             if first_addr.is_none() {
                 first_addr = Some(d.addr());
             }
-            let mut off = 0usize;
-            let room = d.len() as usize;
-            while off < room && written < total {
-                let n = (room - off).min(total - written).min(chunk.len());
-                source(written, &mut chunk[..n]);
-                let Some(addr) = d.addr().checked_add(off as u64) else {
-                    bad = true;
-                    break;
-                };
-                if mem.write_slice(&chunk[..n], addr).is_err() {
-                    bad = true;
-                    break;
-                }
-                off += n;
-                written += n;
-                in_chain += n;
-            }
-            if bad {
+            let n = (d.len() as usize).min(total - written);
+            if !put(written, n, d.addr()) {
+                bad = true;
                 break;
             }
+            written += n;
+            in_chain += n;
         }
         if bad || chains == used.len() || (!mergeable && written < total) {
             // Unusable: every chain taken for this frame goes back empty

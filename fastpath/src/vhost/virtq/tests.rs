@@ -67,7 +67,8 @@ fn tx_frames_come_out_without_their_header_and_chains_go_back() {
     let mut got = Vec::new();
     let mut st = VqStats::default();
     assert_eq!(
-        tx_burst(&mut q, &mem, 32, &mut st, |f| got.push(f.to_vec())),
+        tx_burst(&mut q, &mem, 32, &mut st, &mut Scratch::default(), |f| got
+            .push(f.to_vec())),
         2
     );
     assert_eq!(got, vec![b"first frame".to_vec(), b"second".to_vec()]);
@@ -76,7 +77,17 @@ fn tx_frames_come_out_without_their_header_and_chains_go_back() {
     assert_eq!(used(&vq, 0), (0, 0));
     assert_eq!(used(&vq, 1), (2, 0));
     // Nothing more queued: nothing taken.
-    assert_eq!(tx_burst(&mut q, &mem, 32, &mut st, |_| panic!()), 0);
+    assert_eq!(
+        tx_burst(
+            &mut q,
+            &mem,
+            32,
+            &mut st,
+            &mut Scratch::default(),
+            |_| panic!()
+        ),
+        0
+    );
 }
 
 #[test]
@@ -104,7 +115,7 @@ fn hostile_tx_chains_are_counted_drops_and_still_given_back() {
     // 5: a descriptor that starts inside memory and runs past its end.
     vq.add_desc_chains(&[desc(MEM - 8, 64, 0, 0)], 5).unwrap();
     let mut st = VqStats::default();
-    let n = tx_burst(&mut q, &mem, 32, &mut st, |f| {
+    let n = tx_burst(&mut q, &mem, 32, &mut st, &mut Scratch::default(), |f| {
         panic!("delivered {} bytes", f.len())
     });
     assert_eq!(n, 5);
