@@ -23,6 +23,8 @@ use vmm_sys_util::eventfd::EventFd;
 const Q: u16 = 256;
 const MEM: usize = 16 << 20;
 const HDR: usize = 12;
+/// A frame as the driver queues it: header and 64 bytes.
+const FRAME_LEN: u32 = 12 + 64;
 
 /// One split ring at `base` in guest memory.
 struct Ring {
@@ -72,7 +74,7 @@ impl Ring {
         while self.used_seen != idx {
             let e = GuestAddress(self.used + 4 + 8 * u64::from(self.used_seen % Q));
             let id: u32 = u32::from_le(mem.read_obj(e).unwrap());
-            out.push(id as u16);
+            out.push(u16::try_from(id).unwrap_or(u16::MAX));
             self.used_seen = self.used_seen.wrapping_add(1);
         }
     }
@@ -173,7 +175,7 @@ fn frame(sport: u16) -> [u8; 64] {
         while s > 0xffff {
             s = (s & 0xffff) + (s >> 16);
         }
-        !(s as u16)
+        !u16::try_from(s).unwrap_or(u16::MAX)
     };
     ip[10..12].copy_from_slice(&sum.to_be_bytes());
     f[34..36].copy_from_slice(&sport.to_be_bytes());
@@ -197,7 +199,7 @@ fn main() {
         let mut b = [0u8; HDR + 64];
         b[HDR..].copy_from_slice(&frame(1000 + i % flows.max(1)));
         da.mem.write_slice(&b, GuestAddress(at)).unwrap();
-        da.tx.set_desc(&da.mem, i, at, (HDR + 64) as u32, 0);
+        da.tx.set_desc(&da.mem, i, at, FRAME_LEN, 0);
         da.tx.push(&da.mem, i);
     }
     da.tx.publish(&da.mem);
