@@ -226,23 +226,7 @@ fn the_uplink_is_handed_over_while_traffic_crosses_hypervisors() {
     lab.attach_vm_from(Some(&hv2), &tb, &vm2, b.1, "10.0.0.11/24");
     lab::vm_mtu(&vm1, &ta);
     lab::vm_mtu(&vm2, &tb);
-    let ping = |ns: &str| {
-        try_sh(&[
-            "ip",
-            "netns",
-            "exec",
-            ns,
-            "ping",
-            "-c",
-            "2",
-            "-i",
-            "0.2",
-            "-W",
-            "1",
-            "10.0.0.11",
-        ])
-    };
-    let (ok, out) = ping(&vm1);
+    let (ok, out) = ping_b(&vm1);
     assert!(ok, "{out}\n{}", lab.log("sw1"));
     let traffic = Traffic::start(&vm1, &vm2, b.2);
     std::thread::sleep(Duration::from_millis(1500));
@@ -283,7 +267,7 @@ fn the_uplink_is_handed_over_while_traffic_crosses_hypervisors() {
     assert!(sent - got <= 5, "{} of {sent} pings lost", sent - got);
     // The uplink works in the new binary: its socket receives (the XDP
     // program outlived the old process through its handed-over link).
-    let (ok, out) = ping(&vm1);
+    let (ok, out) = ping_b(&vm1);
     assert!(ok, "after the handover: {out}\n{}", lab.log("sw1-new"));
     // Counters carry over: the ports', and drops by reason.
     let after = lab.ctl(&s1, "stats").expect("stats");
@@ -315,7 +299,7 @@ fn the_uplink_is_handed_over_while_traffic_crosses_hypervisors() {
         "{}",
         lab.log("sw1-new")
     );
-    let (ok, out) = ping(&vm1);
+    let (ok, out) = ping_b(&vm1);
     assert!(
         ok,
         "after the second handover: {out}\n{}",

@@ -174,6 +174,16 @@ fn console_shows(console: &Path, marker: &str, limit: Duration) -> String {
     }
 }
 
+/// The vhost-user port's counters from `ctl stats`.
+fn vu0_stats(lab: &Lab, ctl: &Path) -> serde_json::Value {
+    let st = lab.ctl(ctl, "stats").expect("the switch answers");
+    st["ports"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["name"] == "vu0"))
+        .cloned()
+        .unwrap_or_default()
+}
+
 struct Qemu(Child);
 
 impl Drop for Qemu {
@@ -258,23 +268,13 @@ fn a_qemu_guest_on_vhost_user_gets_dhcp_pings_streams_and_survives_a_qemu_restar
         lab.log("sw")
     );
     let _ = stream.wait_with_output();
-    let st = lab.ctl(&ctl, "stats").expect("the switch answers");
-    let port = st["ports"]
-        .as_array()
-        .and_then(|p| p.iter().find(|p| p["name"] == "vu0"))
-        .cloned()
-        .unwrap_or_default();
+    let port = vu0_stats(&lab, &ctl);
     assert!(port["rx_packets"].as_u64() > Some(100), "{port}");
     // With QEMU gone, what the tap VM still sends the guest is counted.
     let (_, _) = try_sh(&[
         "ip", "netns", "exec", &a, "ping", "-c", "2", "-i", "0.2", "-W", "1", GUEST_IP,
     ]);
-    let st = lab.ctl(&ctl, "stats").expect("the switch answers");
-    let port = st["ports"]
-        .as_array()
-        .and_then(|p| p.iter().find(|p| p["name"] == "vu0"))
-        .cloned()
-        .unwrap_or_default();
+    let port = vu0_stats(&lab, &ctl);
     assert!(port["guest"]["not_ready"].as_u64() > Some(0), "{port}");
 
     // QEMU again (a restarted VM): connectivity comes back.

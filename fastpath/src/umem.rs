@@ -238,16 +238,24 @@ impl FramePool {
         }
     }
 
-    /// The chunk holding `addr` (user-owned, as for `chunk_mut`), read-only.
-    pub fn chunk_ro(&self, addr: u64) -> Option<(&[u8], usize)> {
+    /// Where the chunk holding `addr` starts in the region, `addr`'s
+    /// offset in it, and the chunk size; `None` outside the region (then
+    /// `start < chunks × size`, both chunk-aligned: the chunk is in bounds).
+    #[inline(always)]
+    fn locate(&self, addr: u64) -> Option<(usize, usize, usize)> {
         let start = self.chunk_of(addr);
         if start >= self.chunks << self.shift {
             return None;
         }
-        let size = 1usize << self.shift;
         let start_us = usize::try_from(start).ok()?;
         let off = usize::try_from(addr - start).ok()?;
-        let p = self.region.as_ptr().wrapping_add(start_us);
+        Some((start_us, off, 1usize << self.shift))
+    }
+
+    /// The chunk holding `addr` (user-owned, as for `chunk_mut`), read-only.
+    pub fn chunk_ro(&self, addr: u64) -> Option<(&[u8], usize)> {
+        let (start, off, size) = self.locate(addr)?;
+        let p = self.region.as_ptr().wrapping_add(start);
         // SAFETY: `p..p + size` is an in-bounds chunk user space owns (the
         // module's ownership rule); the slice borrows the pool, so no
         // mutable slice of it exists meanwhile.
@@ -266,16 +274,10 @@ impl FrameMem for FramePool {
     /// space owns (received, allocated, not yet handed to the kernel).
     #[inline(always)]
     fn chunk_mut(&mut self, addr: u64) -> Option<(&mut [u8], usize)> {
-        let start = self.chunk_of(addr);
-        if start >= self.chunks << self.shift {
-            return None;
-        }
-        let size = 1usize << self.shift;
-        let start_us = usize::try_from(start).ok()?;
-        let off = usize::try_from(addr - start).ok()?;
-        // The chunk lies inside the region: start < chunks × size, both
-        // chunk-aligned. The caller owns it (the module's ownership rule).
-        let p = self.region.as_ptr().wrapping_add(start_us);
+        // The chunk lies inside the region (`locate`). The caller owns it
+        // (the module's ownership rule).
+        let (start, off, size) = self.locate(addr)?;
+        let p = self.region.as_ptr().wrapping_add(start);
         // SAFETY: `p..p + size` is that in-bounds, user-owned chunk, and the
         // slice borrows the pool mutably, so no other slice of it exists.
         let chunk = unsafe { std::slice::from_raw_parts_mut(p, size) };
