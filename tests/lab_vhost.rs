@@ -2,8 +2,8 @@
 //! userland built into an initramfs here, booted by QEMU (software
 //! emulation) with its memory in a shared memfd and its virtio-net device
 //! served by vswitch over vhost-user. The guest takes its address by DHCP
-//! from the switch, pings a VM on a tap port and takes a TCP stream from
-//! it; QEMU is killed mid-stream (the switch keeps forwarding for the
+//! from the switch, pings a VM on a tap port of the same hypervisor and
+//! one on another hypervisor (across VXLAN), and takes a TCP stream; QEMU is killed mid-stream (the switch keeps forwarding for the
 //! others) and started again (the guest is reachable again).
 //!
 //! Needs qemu-system-x86, linux-image-amd64 and busybox-static
@@ -20,6 +20,8 @@ use lab::{sh, try_sh, wait_until, Lab};
 const GUEST_MAC: &str = "02:00:00:00:00:20";
 const GUEST_IP: &str = "10.0.0.20";
 const TAP_IP: &str = "10.0.0.11";
+/// VM b, on the other hypervisor (across VXLAN).
+const REMOTE_IP: &str = "10.0.0.12";
 
 /// Modules the guest needs for virtio-net, in load order (Debian builds
 /// them as modules).
@@ -78,6 +80,7 @@ ip link set eth0 up
 udhcpc -i eth0 -s /dhcp.sh -q -t 20 -T 1 -n || echo "GUEST DHCP FAILED"
 echo "GUEST ADDR $(ip -4 -o addr show eth0 | awk '{print $4}') MTU $(cat /sys/class/net/eth0/mtu)"
 ping -c 3 -W 2 10.0.0.11 >/dev/null && echo "GUEST PING OK" || echo "GUEST PING FAILED"
+ping -c 3 -W 2 10.0.0.12 >/dev/null && echo "GUEST REMOTE OK" || echo "GUEST REMOTE FAILED"
 while true; do
   n=$(nc -l -p 5001 | wc -c)
   echo "GUEST GOT $n BYTES"
@@ -196,22 +199,60 @@ impl Drop for Qemu {
 #[test]
 fn a_qemu_guest_on_vhost_user_gets_dhcp_pings_streams_and_survives_a_qemu_restart() {
     let mut lab = Lab::new();
+    // Two hypervisors: this one (the guest and tap VM a) and another with
+    // tap VM b, joined by a veth underlay; VXLAN between them.
+    let (hv1, hv2) = (lab.netns("h1"), lab.netns("h2"));
+    let (u1, u2) = lab::wire(&lab, &hv1, "192.168.63.1", &hv2, "192.168.63.2");
     let ta = lab.name("ta");
     let sock = lab.dir.join("guest.sock");
     let cfg = format!(
         "[switch]\npoll = \"adaptive\"\nflow_capacity = 4096\ncontrol_socket = \"{ctl}\"\n\n\
+         [uplink]\ninterface = \"{u1}\"\nvtep = \"192.168.63.1\"\n\n\
          [[port]]\nname = \"{ta}\"\ntype = \"tap\"\n\
          [[port]]\nname = \"vu0\"\ntype = \"vhost-user\"\nsocket = \"{sock}\"\n\n\
          [[network]]\nvni = 100\ngateway_mac = \"02:00:00:00:00:fe\"\n\
          [[network.subnet]]\ncidr = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\n\n\
          [[vm]]\nname = \"a\"\nport = \"{ta}\"\nmac = \"02:00:00:00:00:0a\"\nips = [\"{TAP_IP}\"]\nnetwork = 100\n\
-         [[vm]]\nname = \"guest\"\nport = \"vu0\"\nmac = \"{GUEST_MAC}\"\nips = [\"{GUEST_IP}\"]\nnetwork = 100\n",
+         [[vm]]\nname = \"guest\"\nport = \"vu0\"\nmac = \"{GUEST_MAC}\"\nips = [\"{GUEST_IP}\"]\nnetwork = 100\n\
+         [[remote]]\nnetwork = 100\nip = \"{REMOTE_IP}\"\nmac = \"02:00:00:00:00:0b\"\nvtep = \"192.168.63.2\"\n",
         ctl = lab.socket("sw").display(),
         sock = sock.display(),
     );
-    let ctl = lab.vswitch("sw", &cfg);
+    let ctl = lab.vswitch_in(Some(&hv1), "sw", &cfg);
+    // The other hypervisor: VM b, which knows a and the guest as remote.
+    let tb = lab.name("tb");
+    let remote = |ip: &str, mac: &str| {
+        format!(
+            "[[remote]]\nnetwork = 100\nip = \"{ip}\"\nmac = \"{mac}\"\nvtep = \"192.168.63.1\"\n"
+        )
+    };
+    let cfg2 = lab::config(
+        &lab,
+        "sw2",
+        &u2,
+        "192.168.63.2",
+        ("b", "02:00:00:00:00:0b", REMOTE_IP),
+        (TAP_IP, "02:00:00:00:00:0a", "192.168.63.1"),
+    ) + &remote(GUEST_IP, GUEST_MAC);
+    lab.vswitch_in(Some(&hv2), "sw2", &cfg2);
+    let b = lab.netns("vb");
+    lab.attach_vm_from(
+        Some(&hv2),
+        &tb,
+        &b,
+        "02:00:00:00:00:0b",
+        &format!("{REMOTE_IP}/24"),
+    );
+    lab::vm_mtu(&b, &tb);
     let a = lab.netns("va");
-    lab.attach_vm(&ta, &a, "02:00:00:00:00:0a", &format!("{TAP_IP}/24"));
+    lab.attach_vm_from(
+        Some(&hv1),
+        &ta,
+        &a,
+        "02:00:00:00:00:0a",
+        &format!("{TAP_IP}/24"),
+    );
+    lab::vm_mtu(&a, &ta);
     wait_until("the vhost-user socket", Duration::from_secs(5), || {
         sock.exists()
     });
@@ -219,14 +260,23 @@ fn a_qemu_guest_on_vhost_user_gets_dhcp_pings_streams_and_survives_a_qemu_restar
 
     let console = lab.dir.join("console-1.txt");
     let vm = Qemu(qemu(&initrd, &sock, &console));
-    let text = console_shows(&console, "GUEST PING", Duration::from_secs(120));
+    let text = console_shows(&console, "GUEST REMOTE", Duration::from_secs(120));
     assert!(
-        text.contains(&format!("GUEST ADDR {GUEST_IP}/24")),
-        "the guest's DHCP binding:\n{text}\nswitch: {}\n{}",
+        text.contains(&format!("GUEST ADDR {GUEST_IP}/24 MTU 1450")),
+        "the guest's DHCP binding (address, and the overlay's MTU):\n{text}\nswitch: {}\n{}",
         lab.ctl(&ctl, "stats").unwrap_or_default(),
         lab.log("sw")
     );
     assert!(text.contains("GUEST PING OK"), "guest → tap VM:\n{text}");
+    assert!(
+        text.contains("GUEST REMOTE OK"),
+        "guest → VM on the other hypervisor:\n{text}\n{}",
+        lab.log("sw")
+    );
+    let (ok, out) = try_sh(&[
+        "ip", "netns", "exec", &b, "ping", "-c", "3", "-i", "0.2", "-W", "2", GUEST_IP,
+    ]);
+    assert!(ok, "remote VM → guest across VXLAN:\n{out}");
     let (ok, out) = try_sh(&[
         "ip", "netns", "exec", &a, "ping", "-c", "3", "-i", "0.2", "-W", "2", GUEST_IP,
     ]);
