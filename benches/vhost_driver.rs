@@ -154,34 +154,17 @@ fn device(sock: &str) -> Device {
     }
 }
 
-/// A 64-byte Ethernet/IPv4/UDP frame from A to B (checksum 0: none).
-fn frame(sport: u16) -> [u8; 64] {
-    let mut f = [0u8; 64];
-    f[..6].copy_from_slice(&[2, 0, 0, 0, 0, 0x0b]);
-    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 0x0a]);
-    f[12..14].copy_from_slice(&[0x08, 0x00]);
-    let ip = &mut f[14..34];
-    ip[0] = 0x45;
-    ip[2..4].copy_from_slice(&50u16.to_be_bytes());
-    ip[8] = 64;
-    ip[9] = 17;
-    ip[12..16].copy_from_slice(&[10, 0, 0, 10]);
-    ip[16..20].copy_from_slice(&[10, 0, 0, 11]);
-    let sum = {
-        let mut s = 0u32;
-        for c in ip.chunks(2) {
-            s += u32::from(u16::from_be_bytes([c[0], c[1]]));
-        }
-        while s > 0xffff {
-            s = (s & 0xffff) + (s >> 16);
-        }
-        !u16::try_from(s).unwrap_or(u16::MAX)
+/// A 64-byte Ethernet/IPv4/UDP frame from A to B.
+fn frame(sport: u16) -> Vec<u8> {
+    let flow = fastpath::synth::UdpFlow {
+        src_mac: [2, 0, 0, 0, 0, 0x0a],
+        dst_mac: [2, 0, 0, 0, 0, 0x0b],
+        src_ip: std::net::Ipv4Addr::new(10, 0, 0, 10),
+        dst_ip: std::net::Ipv4Addr::new(10, 0, 0, 11),
+        src_port: sport,
+        dst_port: 9,
     };
-    ip[10..12].copy_from_slice(&sum.to_be_bytes());
-    f[34..36].copy_from_slice(&sport.to_be_bytes());
-    f[36..38].copy_from_slice(&9u16.to_be_bytes());
-    f[38..40].copy_from_slice(&30u16.to_be_bytes());
-    f
+    fastpath::synth::udp_frame(&flow, 64)
 }
 
 fn main() {

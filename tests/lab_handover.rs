@@ -160,12 +160,7 @@ fn a_new_binary_takes_over_while_ping_floods_and_tcp_streams() {
     std::thread::sleep(Duration::from_millis(1500));
     let new = second_binary(&lab);
     lab.takeover(&new, "sw");
-    assert!(
-        lab.exited(0, Duration::from_secs(15)),
-        "the old binary did not hand over and exit\nold:\n{}\nnew:\n{}",
-        lab.log("sw"),
-        lab.log("sw-new")
-    );
+    lab.assert_handed_over(0, "sw");
     let (sent, got) = traffic.finish(&lab.log("sw-new"));
     let st = lab
         .ctl(&sw.sock, "stats")
@@ -184,11 +179,7 @@ fn a_new_binary_takes_over_while_ping_floods_and_tcp_streams() {
     assert!(ok, "after the handover: {out}\n{}", lab.log("sw-new"));
     // And a second upgrade in a row (back to the first binary).
     lab.takeover(std::path::Path::new(env!("CARGO_BIN_EXE_vswitch")), "sw");
-    assert!(
-        lab.exited(1, Duration::from_secs(15)),
-        "{}",
-        lab.log("sw-new")
-    );
+    lab.assert_handed_over(1, "sw");
     let (ok, out) = ping_b(&sw.a);
     assert!(ok, "after the second handover: {out}");
 }
@@ -247,12 +238,7 @@ fn the_uplink_is_handed_over_while_traffic_crosses_hypervisors() {
     let before = lab.ctl(&s1, "stats").expect("stats");
     let new = second_binary(&lab);
     lab.takeover_in(&hv1, &new, "sw1");
-    assert!(
-        lab.exited(0, Duration::from_secs(15)),
-        "the old binary did not hand over and exit\nold:\n{}\nnew:\n{}",
-        lab.log("sw1"),
-        lab.log("sw1-new")
-    );
+    lab.assert_handed_over(0, "sw1");
     let (sent, got) = traffic.finish(&lab.log("sw1-new"));
     let st = lab.ctl(&s1, "stats").expect("the new binary answers");
     eprintln!(
@@ -294,11 +280,7 @@ fn the_uplink_is_handed_over_while_traffic_crosses_hypervisors() {
         std::path::Path::new(env!("CARGO_BIN_EXE_vswitch")),
         "sw1",
     );
-    assert!(
-        lab.exited(2, Duration::from_secs(15)),
-        "{}",
-        lab.log("sw1-new")
-    );
+    lab.assert_handed_over(2, "sw1");
     let (ok, out) = ping_b(&vm1);
     assert!(
         ok,
@@ -454,11 +436,7 @@ fn a_nated_connection_and_a_dhcp_lease_survive_the_upgrade() {
     let nat_before = lab.ctl(&sock, "conntrack").expect("conntrack");
     let new = second_binary(&lab);
     lab.takeover(&new, "sw");
-    assert!(
-        lab.exited(0, Duration::from_secs(15)),
-        "{}",
-        lab.log("sw-new")
-    );
+    lab.assert_handed_over(0, "sw");
     // The NATed connection keeps echoing through the new binary.
     for _ in 0..10 {
         let l = next();

@@ -349,12 +349,7 @@ fn af_xdp_vm_ports_on_veth_reach_tap_vms() {
     // A live upgrade carries the AF_XDP port (socket, rings, frame pool,
     // the veth's XDP program) and its counters.
     lab.takeover(std::path::Path::new(env!("CARGO_BIN_EXE_vswitch")), "sw");
-    assert!(
-        lab.exited(0, Duration::from_secs(15)),
-        "the old binary did not hand over:\n{}\n{}",
-        lab.log("sw"),
-        lab.log("sw-new")
-    );
+    lab.assert_handed_over(0, "sw");
     let (ok, out) = ping(&nb, A.ip, "3");
     assert!(
         ok,

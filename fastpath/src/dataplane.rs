@@ -626,40 +626,17 @@ impl Dataplane {
                 });
             }
             PortIo::VhostUser(v) => {
-                // Take no more from the guest than there are frames for:
-                // what it hands over is gone from its queue.
-                let room = self
-                    .pool
-                    .free_count()
-                    .saturating_sub(VM_RESERVE / 2)
-                    .min(BATCH);
-                let (pool, descs, c) = (&mut self.pool, &mut self.descs, &mut port.counters);
                 let bad = v.stats.tx_bad_chain + v.stats.tx_oversize;
-                v.recv(room, |f| {
-                    let Some(chunk) = pool.alloc() else {
-                        c.rx_no_buffer += 1;
-                        return;
-                    };
-                    let at = chunk + HEADROOM as u64;
-                    let copied = pool
-                        .chunk_mut(at)
-                        .and_then(|(b, off)| b.get_mut(off..off + f.len()))
-                        .map(|dst| dst.copy_from_slice(f))
-                        .is_some();
-                    if copied {
-                        c.rx_packets += 1;
-                        c.rx_bytes += f.len() as u64;
-                        descs.push(Desc {
-                            addr: at,
-                            len: u32::try_from(f.len()).unwrap_or(0),
-                        });
-                    } else {
-                        // Larger than a frame of the pool.
-                        c.rx_errors += 1;
-                        pool.release(chunk);
-                    }
-                });
-                c.guest_bad_descriptor += v.stats.tx_bad_chain + v.stats.tx_oversize - bad;
+                let mut sink = PoolSink {
+                    pool: &mut self.pool,
+                    descs: &mut self.descs,
+                    counters: &mut port.counters,
+                    chunk: None,
+                };
+                v.recv(BATCH, &mut sink);
+                drop(sink);
+                port.counters.guest_bad_descriptor +=
+                    v.stats.tx_bad_chain + v.stats.tx_oversize - bad;
             }
             PortIo::Closed => {}
         }
@@ -1082,6 +1059,62 @@ pub fn dump_flows(t: &flowtable::FlowTable) -> (Vec<(FlowKey, u32, FlowStats)>, 
         flows.push((e.key, dense[id], e.stats));
     }
     (flows, actions)
+}
+
+/// Guest frames of a vhost-user port, written straight into pool chunks:
+/// the frame after the usual headroom, its virtio-net header at the end of
+/// the headroom (scratch space until an encap writes there). Takes no more
+/// than the pool can spare: what the guest hands over is gone from its
+/// queue.
+struct PoolSink<'a> {
+    pool: &'a mut FramePool,
+    descs: &'a mut ArrayVec<Desc, BATCH>,
+    counters: &'a mut PortCounters,
+    /// The chunk handed out by `room`, not yet committed.
+    chunk: Option<u64>,
+}
+
+impl crate::vhost::virtq::FrameSink for PoolSink<'_> {
+    fn room(&mut self) -> Option<&mut [u8]> {
+        if self.descs.is_full() {
+            return None;
+        }
+        let chunk = match self.chunk {
+            Some(c) => c,
+            None => {
+                if self.pool.free_count() <= VM_RESERVE / 2 {
+                    self.counters.rx_no_buffer += 1;
+                    return None;
+                }
+                let c = self.pool.alloc()?;
+                self.chunk = Some(c);
+                c
+            }
+        };
+        let hdr = crate::vhost::virtq::HDR_LEN as u64;
+        let (b, off) = self.pool.chunk_mut(chunk + HEADROOM as u64 - hdr)?;
+        b.get_mut(off..)
+    }
+
+    fn commit(&mut self, len: usize) {
+        if let Some(chunk) = self.chunk.take() {
+            self.counters.rx_packets += 1;
+            self.counters.rx_bytes += len as u64;
+            // Capacity checked in `room`.
+            let _ = self.descs.try_push(Desc {
+                addr: chunk + HEADROOM as u64,
+                len: u32::try_from(len).unwrap_or(0),
+            });
+        }
+    }
+}
+
+impl Drop for PoolSink<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.chunk.take() {
+            self.pool.release(c);
+        }
+    }
 }
 
 /// Send `frames` (chunks of `pool`) on `p`, releasing every chunk that

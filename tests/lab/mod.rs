@@ -193,6 +193,19 @@ impl Lab {
         pid
     }
 
+    /// Assert that the `old`-th vswitch started (the one running as
+    /// `name`) handed over and exited within 15 s; the logs of both sides
+    /// otherwise.
+    pub fn assert_handed_over(&mut self, old: usize, name: &str) {
+        let exited = self.exited(old, Duration::from_secs(15));
+        assert!(
+            exited,
+            "the old binary did not hand over and exit\nold:\n{}\nnew:\n{}",
+            self.log(name),
+            self.log(&format!("{name}-new"))
+        );
+    }
+
     /// Has the `i`-th vswitch started exited (within `limit`)?
     pub fn exited(&mut self, i: usize, limit: Duration) -> bool {
         let t = Instant::now();

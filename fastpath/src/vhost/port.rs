@@ -213,7 +213,6 @@ pub struct VhostPort {
     pub stats: VqStats,
     /// Frames offered while no guest was ready.
     pub not_ready: u64,
-    scratch: virtq::Scratch,
 }
 
 impl VhostPort {
@@ -225,7 +224,6 @@ impl VhostPort {
             mergeable: false,
             stats: VqStats::default(),
             not_ready: 0,
-            scratch: virtq::Scratch::default(),
         }
     }
 
@@ -241,9 +239,9 @@ impl VhostPort {
         }
     }
 
-    /// Take up to `max` frames the guest sent; returns how many chains
-    /// were consumed.
-    pub fn recv(&mut self, max: usize, deliver: impl FnMut(&[u8])) -> usize {
+    /// Take up to `max` frames the guest sent into `sink`; returns how many
+    /// chains were consumed.
+    pub fn recv(&mut self, max: usize, sink: &mut impl virtq::FrameSink) -> usize {
         self.refresh();
         let Some(g) = &self.guest else {
             return 0;
@@ -256,14 +254,7 @@ impl VhostPort {
         if !v.is_enabled() || !v.get_queue().ready() {
             return 0;
         }
-        let n = virtq::tx_burst(
-            v.get_queue_mut(),
-            &*mem,
-            max,
-            &mut self.stats,
-            &mut self.scratch,
-            deliver,
-        );
+        let n = virtq::tx_burst(v.get_queue_mut(), &*mem, max, &mut self.stats, sink);
         if n > 0 && virtq::needs_notify(v.get_queue_mut(), &*mem) {
             let _ = v.signal_used_queue();
         }

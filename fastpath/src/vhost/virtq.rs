@@ -21,13 +21,33 @@ const NUM_BUFFERS_AT: u64 = 10;
 /// Largest frame a port takes or gives (a jumbo Ethernet frame).
 pub const MAX_FRAME: usize = 9216;
 
-/// Room for one frame read out of guest memory (kept by the port, so a
-/// poll does not clear 9 KiB of stack).
-pub struct Scratch(Box<[u8; HDR_LEN + MAX_FRAME]>);
+/// Where frames the guest sends go: straight into the switch's frame
+/// buffers, one copy out of guest memory per descriptor.
+pub trait FrameSink {
+    /// Room for the next frame *with* its virtio-net header in front (the
+    /// header lands in room the sink does not need, e.g. headroom); `None`
+    /// takes no more frames from the guest now (they stay queued).
+    fn room(&mut self) -> Option<&mut [u8]>;
+    /// The room now holds a header and a frame of `len` bytes after it. A
+    /// frame not committed (refused) leaves the room for the next one.
+    fn commit(&mut self, len: usize);
+}
 
-impl Default for Scratch {
-    fn default() -> Self {
-        Scratch(Box::new([0; HDR_LEN + MAX_FRAME]))
+/// Collects frames into vectors (tests and tools).
+#[derive(Debug, Default)]
+pub struct Collect {
+    buf: Vec<u8>,
+    pub frames: Vec<Vec<u8>>,
+}
+
+impl FrameSink for Collect {
+    fn room(&mut self) -> Option<&mut [u8]> {
+        self.buf.resize(HDR_LEN + MAX_FRAME, 0);
+        Some(&mut self.buf)
+    }
+
+    fn commit(&mut self, len: usize) {
+        self.frames.push(self.buf[HDR_LEN..HDR_LEN + len].to_vec());
     }
 }
 
@@ -39,7 +59,8 @@ pub struct VqStats {
     /// Guest chains refused: a descriptor outside guest memory, or a chain
     /// shorter than the virtio-net header.
     pub tx_bad_chain: u64,
-    /// Guest frames larger than [`MAX_FRAME`] (a looping chain ends here).
+    /// Guest frames larger than the room the switch has for one (at most
+    /// [`MAX_FRAME`]; a looping chain ends here).
     pub tx_oversize: u64,
     /// Frames written into the guest's buffers.
     pub rx_frames: u64,
@@ -53,35 +74,37 @@ pub struct VqStats {
     pub rx_oversize: u64,
 }
 
-/// Take up to `max` frames the guest queued on its TX queue `q`, each
-/// handed to `deliver` without its virtio-net header; every chain goes
-/// back to the guest (used, length 0). Returns how many chains were
-/// consumed. The caller notifies the guest once per batch if
-/// [`needs_notify`] says so.
+/// Take up to `max` frames the guest queued on its TX queue `q` into
+/// `sink` (without their virtio-net header); every chain goes back to the
+/// guest (used, length 0). Stops early when the sink has no room. Returns
+/// how many chains were consumed. The caller notifies the guest once per
+/// batch if [`needs_notify`] says so.
 pub fn tx_burst<M>(
     q: &mut Queue,
     mem: &M,
     max: usize,
     stats: &mut VqStats,
-    buf: &mut Scratch,
-    mut deliver: impl FnMut(&[u8]),
+    sink: &mut impl FrameSink,
 ) -> usize
 where
     M: GuestMemory,
 {
-    let buf = &mut buf.0;
     let mut done = 0;
     while done < max {
+        let Some(room) = sink.room() else {
+            break;
+        };
         let Some(chain) = q.pop_descriptor_chain(mem) else {
             break;
         };
         let head = chain.head_index();
+        // Bytes of the chain read so far (header first, then the frame).
         let mut len = 0usize;
         let mut bad = false;
         let mut oversize = false;
         for d in chain.readable() {
             let n = d.len() as usize;
-            let Some(dst) = buf.get_mut(len..len + n) else {
+            let Some(dst) = room.get_mut(len..len + n) else {
                 oversize = true;
                 break;
             };
@@ -97,7 +120,7 @@ where
             stats.tx_oversize += 1;
         } else {
             stats.tx_frames += 1;
-            deliver(&buf[HDR_LEN..len]);
+            sink.commit(len - HDR_LEN);
         }
         // A used element for a ring we just took it from: it cannot fail
         // unless the used ring itself is outside guest memory, and then
