@@ -525,10 +525,23 @@ pub enum PortType {
     Tap,
     /// AF_XDP on the switch's end of a veth pair whose other end is the VM's.
     AfXdp,
-    /// A virtio-net device served over a vhost-user socket (server mode:
-    /// the VMM, e.g. QEMU with `-chardev socket,path=…` and
-    /// `-netdev vhost-user`, connects to `socket`).
+    /// A virtio-net device served over a vhost-user socket (QEMU:
+    /// `-chardev socket,path=…` and `-netdev vhost-user`).
     VhostUser,
+}
+
+/// Who listens on a vhost-user port's socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VhostMode {
+    /// The switch listens; the VMM connects (and must reconnect if the
+    /// switch restarts).
+    #[default]
+    Server,
+    /// The VMM listens (QEMU `-chardev socket,path=…,server=on`); the
+    /// switch connects, and again whenever the connection ends, so a
+    /// restarted switch finds its running VMs.
+    Client,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -537,9 +550,12 @@ pub struct PortConfig {
     pub name: String,
     #[serde(rename = "type")]
     pub kind: PortType,
-    /// vhost-user: the Unix socket the VMM connects to.
+    /// vhost-user: the Unix socket between the switch and the VMM.
     #[serde(default)]
     pub socket: Option<std::path::PathBuf>,
+    /// vhost-user: which side listens on `socket` (default: the switch).
+    #[serde(default)]
+    pub mode: Option<VhostMode>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -661,6 +677,12 @@ impl Config {
                     p.name
                 ),
                 _ => {}
+            }
+            if p.kind != PortType::VhostUser && p.mode.is_some() {
+                bail!(
+                    "port[{i}] ({}): field `mode`: only vhost-user ports have one",
+                    p.name
+                );
             }
         }
         Ok(ids)
@@ -887,6 +909,29 @@ mod tests {
         assert!(e.contains("port[1]: field `name`"), "{e}");
         let e = err(&GOOD.replace("poll = \"adaptive\"", "coprocessor_threads = 0"));
         assert!(e.contains("coprocessor_threads"), "{e}");
+        // vhost-user ports: a socket each, a mode only for them.
+        let b = "name = \"tap-b\"\n        type = \"tap\"";
+        let vu = |rest: &str| {
+            GOOD.replace(
+                b,
+                &format!("name = \"tap-b\"\ntype = \"vhost-user\"\n{rest}"),
+            )
+        };
+        let e = err(&vu(""));
+        assert!(
+            e.contains("port[1] (tap-b): field `socket`: a vhost-user port needs"),
+            "{e}"
+        );
+        let e = err(&vu("socket = \"/tmp/b.sock\"\nmode = \"both\""));
+        assert!(e.contains("mode"), "{e}");
+        let c = Config::parse(&vu("socket = \"/tmp/b.sock\"\nmode = \"client\"")).unwrap();
+        assert!(c.topology().is_ok());
+        assert_eq!(c.ports[1].mode, Some(VhostMode::Client));
+        let e = err(&GOOD.replace(b, &format!("{b}\nmode = \"client\"")));
+        assert!(
+            e.contains("port[1] (tap-b): field `mode`: only vhost-user ports"),
+            "{e}"
+        );
     }
 
     const SERVICES: &str = r#"

@@ -71,6 +71,8 @@ pub struct Links {
     /// The kernel's routes and neighbours: a VTEP a change introduces is
     /// resolved before the change applies, so its first packet can go.
     pub netlink: Option<crate::neighbor::Netlink>,
+    /// The vhost-user ports' protocol sides (handed over with the pause).
+    pub vhost: Vec<crate::vhost::Link>,
 }
 
 impl Server {
@@ -260,6 +262,9 @@ impl Server {
             flows: live_migrate::Flows::default(),
         };
         let mut paused = false;
+        // The vhost-user connections given out at the pause, kept (with
+        // their descriptors) until the new binary confirms.
+        let mut handed: Vec<(usize, fastpath::vhost::endpoint::Handed)> = Vec::new();
         let given = crate::handover::give(
             s,
             &dump,
@@ -269,7 +274,27 @@ impl Server {
             &self.links.xdp_links,
             || {
                 paused = true;
-                self.ask(Request::Pause)
+                let p = self.ask(Request::Pause)?;
+                // With the fast path paused the rings stand still; each
+                // port's protocol thread stops between two requests.
+                for (i, link) in self.links.vhost.iter().enumerate() {
+                    let h = link.endpoint.detach().with_context(|| {
+                        format!("port {}: stopping its vhost-user thread", link.spec.name)
+                    })?;
+                    handed.push((i, h));
+                }
+                let mut vhost_fds = Vec::new();
+                let vhost = handed
+                    .iter()
+                    .map(|(i, h)| {
+                        crate::vhost::to_wire(&self.links.vhost[*i].spec, h, &mut vhost_fds)
+                    })
+                    .collect();
+                Ok(crate::handover::PauseOut {
+                    paused: p,
+                    vhost,
+                    vhost_fds,
+                })
             },
         );
         match given {
@@ -288,6 +313,12 @@ impl Server {
             }
             other => {
                 warn!(result = ?other.map_err(|e| format!("{e:#}")), paused, "handover failed; resuming");
+                for (i, h) in handed {
+                    let link = &self.links.vhost[i];
+                    if let Err(e) = link.endpoint.reattach(h) {
+                        warn!(port = %link.spec.name, "vhost-user connection not taken back: {e}");
+                    }
+                }
                 let _ = self.links.requests.send(Request::Resume(None));
                 self.links.wake.notify();
             }
@@ -357,6 +388,33 @@ impl Server {
         rx.recv_timeout(Duration::from_secs(2))
             .context("the fast-path thread did not answer within 2 s")
     }
+}
+
+/// A vhost-user port's `port-add` fields: `socket` (a path), `mode`
+/// (`server`, the default, or `client`), `mac` (the device's).
+fn vhost_spec(name: &str, v: &Value) -> Result<crate::vhost::Spec> {
+    let socket = v
+        .get("socket")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+        .context("field `socket`: a vhost-user port needs the path of its socket")?;
+    let mode = match v.get("mode").and_then(Value::as_str) {
+        None | Some("server") => crate::config::VhostMode::Server,
+        Some("client") => crate::config::VhostMode::Client,
+        Some(other) => bail!("field `mode`: {other:?} is neither server nor client"),
+    };
+    let mac = v
+        .get("mac")
+        .and_then(Value::as_str)
+        .context("field `mac`: the device's MAC (the VM's on this port) is missing")?;
+    let mac = crate::config::parse_mac(mac)
+        .with_context(|| format!("field `mac`: {mac:?} is not a MAC address"))?;
+    Ok(crate::vhost::Spec {
+        name: name.to_string(),
+        socket: socket.into(),
+        mode,
+        mac,
+    })
 }
 
 /// Lower every thread of this process to the lowest CPU priority (nice
@@ -646,12 +704,13 @@ impl Server {
             .get("name")
             .and_then(Value::as_str)
             .context("field `name` is missing or not a string")?;
-        match v.get("type").and_then(Value::as_str).unwrap_or("tap") {
-            "tap" => {}
+        let kind = v.get("type").and_then(Value::as_str).unwrap_or("tap");
+        match kind {
+            "tap" | "vhost-user" => {}
             "af-xdp" => bail!(
                 "field `type`: af-xdp ports are opened at start (they join the frame pool's UMEM); add them to the config"
             ),
-            other => bail!("field `type`: {other:?} is not tap"),
+            other => bail!("field `type`: {other:?} is neither tap nor vhost-user"),
         }
         if name.is_empty() || name.len() > 15 {
             bail!("field `name`: {name:?} is not an interface name (1 to 15 bytes)");
@@ -660,17 +719,40 @@ impl Server {
             bail!("field `name`: port {name:?} already exists");
         }
         let id = PortId(self.links.next_port);
-        let tap = fastpath::tap::Tap::open(name).with_context(|| format!("port {name}"))?;
+        let mut link = None;
+        let io = if kind == "vhost-user" {
+            let spec = vhost_spec(name, v)?;
+            if self
+                .links
+                .vhost
+                .iter()
+                .any(|l| l.spec.socket == spec.socket)
+            {
+                bail!(
+                    "field `socket`: {} is already another port's",
+                    spec.socket.display()
+                );
+            }
+            let (l, io) = crate::vhost::open(spec)?;
+            l.wake_on_kick(&self.links.wake);
+            link = Some(l);
+            io
+        } else {
+            fastpath::dataplane::PortIo::Tap(
+                fastpath::tap::Tap::open(name).with_context(|| format!("port {name}"))?,
+            )
+        };
         let port = fastpath::dataplane::Port {
             id,
             name: name.to_string(),
-            io: fastpath::dataplane::PortIo::Tap(tap),
+            io,
             counters: Default::default(),
         };
         self.ask(|tx| Request::AddPort(Box::new(port), tx))?
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         self.links.next_port += 1;
         self.links.ports.insert(name.to_string(), id);
+        self.links.vhost.extend(link);
         info!(port = name, id = id.0, "port added");
         Ok(json!({"ok": true, "id": id.0}))
     }
@@ -701,6 +783,15 @@ impl Server {
         self.ask(|tx| Request::RemovePort(id, tx))?
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         self.links.ports.remove(name);
+        if let Some(i) = self.links.vhost.iter().position(|l| l.spec.name == name) {
+            // Its thread gives the connection out and ends; dropping it
+            // closes the VMM's connection and the listener.
+            let link = self.links.vhost.remove(i);
+            drop(link.endpoint.detach());
+            if link.spec.mode == crate::config::VhostMode::Server {
+                let _ = std::fs::remove_file(&link.spec.socket);
+            }
+        }
         info!(port = name, id = id.0, "port removed");
         Ok(json!({"ok": true}))
     }

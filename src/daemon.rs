@@ -108,28 +108,16 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         port_names.clear();
     }
     let mut programs: Vec<XdpProgram> = Vec::new();
-    let mut vhost_ports = Vec::new();
+    let mut vhost_links = Vec::new();
     for (i, p) in cfg.ports.iter().enumerate().filter(|_| takeover.is_none()) {
         let what = || format!("port[{i}] ({})", p.name);
         let io = match p.kind {
             PortType::Tap => PortIo::Tap(Tap::open(&p.name).with_context(what)?),
             PortType::VhostUser => {
-                // The device's MAC: the VM's on this port, if one is set.
-                let mac = cfg
-                    .vms
-                    .iter()
-                    .find(|v| v.port == p.name)
-                    .and_then(|v| crate::config::parse_mac(&v.mac))
-                    .unwrap_or([2, 0, 0, 0, 0, 1]);
-                let shared = fastpath::vhost::port::Shared::new(mac);
-                let path = p
-                    .socket
-                    .clone()
-                    .context("vhost-user port without a socket")?;
-                fastpath::vhost::port::serve(path.clone(), shared.clone()).with_context(what)?;
-                vhost_ports.push(shared.clone());
-                info!(port = %p.name, socket = %path.display(), "vhost-user port listening");
-                PortIo::VhostUser(Box::new(fastpath::vhost::port::VhostPort::new(shared)))
+                let (link, io) = crate::vhost::open(vhost_spec(&cfg, p)?).with_context(what)?;
+                info!(port = %p.name, socket = %link.spec.socket.display(), mode = ?link.spec.mode, "vhost-user port");
+                vhost_links.push(link);
+                io
             }
             PortType::AfXdp => {
                 let ifindex = fastpath::xsk::ifindex(&p.name).with_context(what)?;
@@ -207,9 +195,8 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     let installs = Arc::new(ArrayQueue::new(4096));
     let installs_for_control = installs.clone();
     let wake = Arc::new(Wake::new().context("creating the wakeup eventfd")?);
-    for v in &vhost_ports {
-        let w = wake.clone();
-        v.on_kick(Arc::new(move || w.notify()));
+    for link in &vhost_links {
+        link.wake_on_kick(&wake);
     }
     let (req_tx, req_rx) = mpsc::channel();
 
@@ -346,7 +333,8 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
                     XskSocket::from_fd(fd, ring_size)
                         .with_context(|| format!("port {name}: the handed-over AF_XDP socket"))?,
                 ),
-                TakenPort::Closed => PortIo::Closed,
+                // Its connection comes with the pause.
+                TakenPort::VhostUser | TakenPort::Closed => PortIo::Closed,
             };
             if uplink_name != Some(name.as_str()) && !matches!(io, PortIo::Closed) {
                 port_names.insert(name.clone(), id);
@@ -375,6 +363,24 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         let pause = crate::handover::ready(&taken.conn)?;
         for (p, c) in adopted.iter_mut().zip(pause.counters) {
             p.counters = c;
+        }
+        // The vhost-user connections: each set up again in a fresh
+        // request handler (the VMM notices nothing), its rings published
+        // before the fast path gets the port.
+        for given in pause.vhost {
+            let port = adopted
+                .iter_mut()
+                .find(|p| p.name == given.spec.name)
+                .with_context(|| {
+                    format!(
+                        "vhost-user port {} is not among the handed-over ports",
+                        given.spec.name
+                    )
+                })?;
+            let (link, io) = crate::vhost::adopt(given)?;
+            link.wake_on_kick(&wake);
+            port.io = io;
+            vhost_links.push(link);
         }
         let pool = FramePool::adopt(region, taken.pool.chunk_size, pause.free)
             .context("adopting the handed-over frame pool")?;
@@ -436,12 +442,6 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         }
     }
     xdp_links.extend(inherited_links.iter().map(|fd| fd.as_raw_fd()));
-    if !vhost_ports.is_empty() || cfg.ports.iter().any(|p| p.kind == PortType::VhostUser) {
-        handover_refused = Some(
-            "this switch has vhost-user ports: handing their connections over is not built yet"
-                .to_string(),
-        );
-    }
     let links = control::Links {
         config_text,
         handover_refused,
@@ -457,6 +457,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         coprocessor: ctl_cp,
         epoch,
         ports: port_names,
+        vhost: vhost_links,
     };
     let mut server = match inherited_listener {
         Some(l) => control::Server::inherit(l, s.metrics, links)?,
@@ -485,6 +486,26 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     }
     info!("stopped");
     Ok(())
+}
+
+/// A configured vhost-user port's spec; its device MAC is the VM's on the
+/// port (a fixed local one if none is set yet).
+fn vhost_spec(cfg: &Config, p: &crate::config::PortConfig) -> Result<crate::vhost::Spec> {
+    let mac = cfg
+        .vms
+        .iter()
+        .find(|v| v.port == p.name)
+        .and_then(|v| crate::config::parse_mac(&v.mac))
+        .unwrap_or([2, 0, 0, 0, 0, 1]);
+    Ok(crate::vhost::Spec {
+        name: p.name.clone(),
+        socket: p
+            .socket
+            .clone()
+            .context("vhost-user port without a socket")?,
+        mode: p.mode.unwrap_or_default(),
+        mac,
+    })
 }
 
 /// Send the fast path a request that needs no answer.

@@ -70,7 +70,7 @@ pub fn give(
     state: &SwitchState,
     listener: &UnixListener,
     xdp_links: &[i32],
-    pause: impl FnOnce() -> Result<Paused>,
+    pause: impl FnOnce() -> Result<PauseOut>,
 ) -> Result<bool> {
     let started = monotonic_ns();
     let records = dump.flows.iter().map(|(key, action, stats)| FlowRecord {
@@ -94,6 +94,7 @@ pub fn give(
                 fds.push(*fd);
                 json!({"name": name, "kind": "af_xdp", "fd": fds.len() - 1, "ring_size": ring_size})
             }
+            Some(HandedIo::VhostUser) => json!({"name": name, "kind": "vhost_user"}),
             None => json!({"name": name, "kind": "closed"}),
         });
     }
@@ -138,18 +139,29 @@ pub fn give(
             line.trim()
         );
     }
-    let paused = pause()?;
+    let PauseOut {
+        paused,
+        vhost,
+        vhost_fds,
+    } = pause()?;
     let free: Vec<u8> = paused.free.iter().flat_map(|a| a.to_le_bytes()).collect();
     let header = json!({
         "paused_mono_ns": paused.last_poll_mono_ns,
         "free": paused.free.len(),
         "counters": paused.counters,
         "pipeline": paused.pipeline,
+        "vhost": vhost,
         "packed_mono_ns": monotonic_ns(),
     })
     .to_string();
+    let len = (header.len() as u64).to_le_bytes();
     let mut msg = Vec::with_capacity(8 + header.len() + free.len());
-    msg.extend_from_slice(&(header.len() as u64).to_le_bytes());
+    if vhost_fds.is_empty() {
+        msg.extend_from_slice(&len);
+    } else {
+        // The vhost-user connections' descriptors come with the length.
+        fdpass::send(s, &len, &vhost_fds)?;
+    }
     msg.extend_from_slice(header.as_bytes());
     msg.extend_from_slice(&free);
     w.write_all(&msg)?;
@@ -157,6 +169,15 @@ pub fn give(
     line.clear();
     r.read_line(&mut line)?;
     Ok(line.trim() == "confirm")
+}
+
+/// What the old binary's pause gives out besides the fast path's part:
+/// the vhost-user ports' protocol state (data, and the descriptors it
+/// names by index, which stay open until the handover ends).
+pub struct PauseOut {
+    pub paused: Paused,
+    pub vhost: Vec<Value>,
+    pub vhost_fds: Vec<std::os::fd::RawFd>,
 }
 
 /// The new side, before anything pauses: the running switch's
@@ -191,6 +212,8 @@ pub enum TakenPort {
         fd: OwnedFd,
         ring_size: u32,
     },
+    /// vhost-user: the connection comes with the pause.
+    VhostUser,
     /// Removed at run time (its id stays taken).
     Closed,
 }
@@ -234,6 +257,8 @@ pub struct Pause {
     pub free: Vec<u64>,
     pub counters: Vec<PortCounters>,
     pub pipeline: fastpath::pipeline::NamedCounters,
+    /// The vhost-user ports' connections.
+    pub vhost: Vec<crate::vhost::Given>,
     /// CLOCK_MONOTONIC of the old binary's last poll, of the end of its
     /// packing, of this side's having it all.
     pub paused_mono_ns: u64,
@@ -321,6 +346,7 @@ pub fn take(socket: &Path) -> Result<Taken> {
                     .and_then(|r| u32::try_from(r).ok())
                     .context("port ring_size")?,
             },
+            Some("vhost_user") => TakenPort::VhostUser,
             Some("closed") => TakenPort::Closed,
             other => bail!("handover header: port {name}: unknown kind {other:?}"),
         };
@@ -366,10 +392,23 @@ pub fn ready(conn: &UnixStream) -> Result<Pause> {
         .write_all(b"ready\n")
         .context("telling the running switch the pre-copy is in")?;
     let mut len = [0u8; 8];
+    let (n, fds) = fdpass::recv(conn, &mut len).context("the running switch did not pause")?;
+    if n == 0 {
+        bail!("the running switch did not pause (it closed the connection)");
+    }
     (&*conn)
-        .read_exact(&mut len)
+        .read_exact(&mut len[n..])
         .context("the running switch did not pause")?;
     let h = read_header(conn, len)?;
+    let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+    let mut vhost = Vec::new();
+    for v in h["vhost"].as_array().map(Vec::as_slice).unwrap_or_default() {
+        vhost.push(crate::vhost::from_wire(v, |i| {
+            fds.get_mut(usize::try_from(i).unwrap_or(usize::MAX))
+                .and_then(Option::take)
+                .context("a descriptor the pause header names is missing")
+        })?);
+    }
     let n = h["free"].as_u64().context("pause header: free")?;
     if n > 1 << 24 {
         bail!("pause header: {n} free frames: not a vswitch");
@@ -386,6 +425,7 @@ pub fn ready(conn: &UnixStream) -> Result<Pause> {
             .context("pause header: counters")?,
         pipeline: serde_json::from_value(h["pipeline"].clone())
             .context("pause header: pipeline")?,
+        vhost,
         paused_mono_ns: h["paused_mono_ns"].as_u64().unwrap_or(0),
         packed_mono_ns: h["packed_mono_ns"].as_u64().unwrap_or(0),
         received_mono_ns,

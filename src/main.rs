@@ -10,6 +10,7 @@ mod metrics;
 mod neighbor;
 mod ratelog;
 mod trace;
+mod vhost;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -291,6 +291,67 @@ fn a_qemu_guest_on_vhost_user_gets_dhcp_pings_streams_and_survives_a_qemu_restar
     assert!(ok, "TCP into the guest: {out}");
     console_shows(&console, "GUEST GOT 2000000 BYTES", Duration::from_secs(60));
 
+    // A live upgrade while a ping flood and a TCP stream reach the guest:
+    // the new binary takes the vhost-user connection over (the guest's
+    // memory, its rings where the old one left them, the kick and call
+    // eventfds); QEMU and the guest notice nothing.
+    let pings = Command::new("ip")
+        .args([
+            "netns", "exec", &a, "ping", "-i", "0.01", "-c", "300", "-W", "1", GUEST_IP,
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("ping");
+    let stream = Command::new("ip")
+        .args(["netns", "exec", &a, "python3", "-c"])
+        .arg(format!(
+            "import socket, time\n\
+             s = socket.create_connection(('{GUEST_IP}', 5001), timeout=20)\n\
+             for _ in range(30):\n    s.sendall(b'u' * 100_000); time.sleep(0.1)\n\
+             s.close()\n"
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("stream");
+    std::thread::sleep(Duration::from_millis(1200));
+    lab.takeover_in(&hv1, Path::new(env!("CARGO_BIN_EXE_vswitch")), "sw");
+    lab.assert_handed_over(0, "sw");
+    let out = stream.wait_with_output().expect("stream");
+    assert!(
+        out.status.success(),
+        "the TCP stream into the guest broke in the handover: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        lab.log("sw-new")
+    );
+    console_shows(&console, "GUEST GOT 3000000 BYTES", Duration::from_secs(60));
+    let out = pings.wait_with_output().expect("ping");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let summary = text
+        .lines()
+        .find(|l| l.contains("packets transmitted"))
+        .unwrap_or_default()
+        .to_string();
+    let n: Vec<u64> = summary
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    let st = lab.ctl(&ctl, "stats").expect("the new binary answers");
+    eprintln!(
+        "vhost-user handover: {}; pings: {summary}",
+        st["last_handover"]
+    );
+    assert!(
+        st["last_handover"]["blackout_us"].as_f64().is_some(),
+        "{st}"
+    );
+    assert!(
+        n.len() >= 2 && n[0] - n[1] <= 5,
+        "pings to the guest lost in the handover: {summary}\n{}",
+        lab.log("sw-new")
+    );
+
     // Kill QEMU in the middle of a stream: the switch goes on for the
     // other port (the tap VM still reaches its gateway and the switch
     // answers), and counts what could not reach the guest.
@@ -315,7 +376,7 @@ fn a_qemu_guest_on_vhost_user_gets_dhcp_pings_streams_and_survives_a_qemu_restar
     assert!(
         ok,
         "the switch stopped serving the tap port when QEMU died:\n{out}\n{}",
-        lab.log("sw")
+        lab.log("sw-new")
     );
     let _ = stream.wait_with_output();
     let port = vu0_stats(&lab, &ctl);

@@ -338,6 +338,9 @@ pub enum HandedIo {
     Tap(i32),
     /// A bound AF_XDP socket and its ring size.
     Xsk { fd: i32, ring_size: u32 },
+    /// A vhost-user port: its connection goes with the pause (the
+    /// protocol thread gives it out, [`crate::vhost::endpoint`]).
+    VhostUser,
 }
 
 /// The frame pool as handed over: its memfd and shape. Which chunks user
@@ -789,9 +792,8 @@ impl Dataplane {
                         fd: x.fd(),
                         ring_size: x.ring_size(),
                     }),
-                    // A switch with vhost-user ports refuses the handover
-                    // before it dumps (their state is not carried yet).
-                    PortIo::VhostUser(_) | PortIo::Closed => None,
+                    PortIo::VhostUser(_) => Some(HandedIo::VhostUser),
+                    PortIo::Closed => None,
                 };
                 (p.name.clone(), io)
             })

@@ -9,8 +9,10 @@ use std::os::fd::AsRawFd;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
-/// Most descriptors one message carries (the kernel's limit is 253).
-pub const MAX_FDS: usize = 64;
+/// Most descriptors one message carries: the kernel's limit
+/// (`SCM_MAX_FD`). A tap port takes one, a vhost-user port with a guest
+/// about ten.
+pub const MAX_FDS: usize = 253;
 
 /// Send `data` (at least one byte) with `fds` attached.
 pub fn send(sock: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Result<()> {

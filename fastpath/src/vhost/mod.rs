@@ -1,18 +1,22 @@
-//! vhost-user VM ports (issue 8, in progress): the virtio-net data path
-//! served from the fast-path thread.
+//! vhost-user VM ports: virtio-net devices whose virtqueues the fast path
+//! serves in the guest's memory.
 //!
-//! Built so far: [`virtq`], the device side of a virtio-net port's split
-//! virtqueues over guest memory, on the rust-vmm crates (`virtio-queue`
-//! walks descriptor chains, direct and indirect, with its loop bound;
-//! `vm-memory` checks every guest address): frames the guest sends (TX
-//! queue) are copied out in batches; frames for the guest (RX queue) are
-//! written into its buffers, merged over several when it negotiated
-//! `VIRTIO_NET_F_MRG_RXBUF`; the guest is notified once per batch, and only
-//! if it asked (`VIRTIO_RING_F_EVENT_IDX`). Every defect of guest input is
-//! a counted drop. Not built yet: the vhost-user protocol endpoint
-//! (`vhost-user-backend`), the port type in the poll loop and the config,
-//! the handover of these ports.
+//! - [`virtq`]: the device side of the split virtqueues (`virtio-queue`
+//!   walks descriptor chains, `vm-memory` checks every guest address):
+//!   guest frames out in batches, frames in (merged over several buffers
+//!   with `VIRTIO_NET_F_MRG_RXBUF`), one notification per batch if the
+//!   guest asked (`VIRTIO_RING_F_EVENT_IDX`); every defect is a counted
+//!   drop.
+//! - [`port`]: the virtio-net device for `vhost-user-backend` and the fast
+//!   path's handle on it.
+//! - [`endpoint`]: the protocol thread per port (server or client mode,
+//!   reconnects, handover of a live connection).
+//! - [`shim`]: the pump between the VMM and the request handler, which
+//!   mends QEMU's early ring enable and records the set-up.
+//! - [`record`]: that set-up, replayed into the next handler.
 
+pub mod endpoint;
 pub mod port;
+pub mod record;
 pub mod shim;
 pub mod virtq;

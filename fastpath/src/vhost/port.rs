@@ -76,9 +76,25 @@ impl Shared {
     fn changed(&self) {
         self.generation.fetch_add(1, Ordering::Release);
     }
+
+    /// True once the connected guest's rings are published.
+    pub fn published(&self) -> bool {
+        lock(&self.state).is_some()
+    }
+
+    /// The published rings.
+    pub(super) fn vrings(&self) -> Option<Vec<VringRwLock>> {
+        lock(&self.state).as_ref().map(|g| g.vrings.clone())
+    }
+
+    /// The guest is gone (its connection ended or was handed over).
+    pub(super) fn forget_guest(&self) {
+        *lock(&self.state) = None;
+        self.changed();
+    }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(super) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -136,8 +152,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn reset_device(&self) {
-        *lock(&self.shared.state) = None;
-        self.shared.changed();
+        self.shared.forget_guest();
     }
 
     fn set_event_idx(&self, _enabled: bool) {
@@ -299,76 +314,5 @@ impl VhostPort {
     }
 }
 
-/// Serve the vhost-user socket at `path` (server mode: the VMM connects)
-/// on a thread of its own, for as long as the process runs: one guest
-/// connection at a time; when it ends (the VMM exits, crashes, or resets
-/// the device), the port forgets that guest — frames for it are counted
-/// as not ready — and waits for the next connection. Each connection goes
-/// through [`super::shim`] to `vhost-user-backend`'s handler.
-pub fn serve(
-    path: std::path::PathBuf,
-    shared: Arc<Shared>,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    let _ = std::fs::remove_file(&path);
-    let listener = std::os::unix::net::UnixListener::bind(&path)?;
-    let name = format!(
-        "vhost-{}",
-        path.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    );
-    std::thread::Builder::new().name(name).spawn(move || {
-        for (n, vmm) in listener.incoming().enumerate() {
-            let served = match vmm {
-                Ok(vmm) => serve_one(vmm, &shared, n),
-                Err(e) => Err(e.to_string()),
-            };
-            *lock(&shared.state) = None;
-            shared.changed();
-            shared.connections.fetch_add(1, Ordering::Relaxed);
-            if let Err(e) = served {
-                *lock(&shared.last_error) = Some(e);
-                // A broken socket must not spin.
-                std::thread::sleep(std::time::Duration::from_millis(200));
-            }
-        }
-    })
-}
-
-/// One VMM connection, until it ends.
-fn serve_one(
-    vmm: std::os::unix::net::UnixStream,
-    shared: &Arc<Shared>,
-    n: usize,
-) -> Result<(), String> {
-    use std::os::linux::net::SocketAddrExt;
-    let e = |e: std::io::Error| e.to_string();
-    // The handler listens on a private (abstract) address the filter
-    // connects to.
-    let name = format!(
-        "vswitch-vhost-{}-{:p}-{n}",
-        std::process::id(),
-        Arc::as_ptr(shared)
-    );
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).map_err(e)?;
-    let inner = std::os::unix::net::UnixListener::bind_addr(&addr).map_err(e)?;
-    let backend_side = std::os::unix::net::UnixStream::connect_addr(&addr).map_err(e)?;
-    let backend = Arc::new(NetBackend::new(shared.clone()));
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let mut daemon = vhost_user_backend::VhostUserDaemon::new("vswitch".into(), backend, mem)
-        .map_err(|e| e.to_string())?;
-    let mut l = vhost::vhost_user::Listener::from(inner);
-    daemon.start(&mut l).map_err(|e| e.to_string())?;
-    let pumped = super::shim::pump(vmm, backend_side);
-    let waited = daemon.wait();
-    for h in daemon.get_epoll_handlers() {
-        h.send_exit_event();
-    }
-    match (pumped, waited) {
-        (Err(p), _) if p.kind() != std::io::ErrorKind::UnexpectedEof => Err(p.to_string()),
-        _ => Ok(()),
-    }
-}
-
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -20,44 +20,113 @@ use std::os::unix::net::UnixStream;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-const HDR: usize = 12;
-const SET_FEATURES: u32 = 2;
-const SET_VRING_ENABLE: u32 = 18;
-/// Header flags: protocol version 1, a reply, the sender wants a reply.
-const VERSION: u32 = 0x1;
-const REPLY: u32 = 0x4;
-const NEED_REPLY: u32 = 0x8;
+use super::record::{req, Record, HDR, NEED_REPLY, REPLY, VERSION};
+
 /// Largest payload a request carries (a memory table of 8 regions is
 /// 8 + 8 × 32 bytes; config space up to 256).
-const MAX_PAYLOAD: usize = 4096;
+pub const MAX_PAYLOAD: usize = 4096;
 /// Most descriptors a request carries (a memory table's).
 const MAX_FDS: usize = 32;
 
-/// Pass messages between `vmm` and `backend` until either side closes.
-pub fn pump(vmm: UnixStream, backend: UnixStream) -> io::Result<()> {
-    let (vmm2, backend2) = (vmm.try_clone()?, backend.try_clone()?);
-    // Replies flow back unchanged (this device sends no descriptors).
-    let back = std::thread::Builder::new()
-        .name("vhost-shim".into())
-        .spawn(move || {
-            let (mut from, mut to) = (backend2, vmm2);
-            let _ = io::copy(&mut from, &mut to);
-            let _ = to.shutdown(std::net::Shutdown::Both);
-        })?;
-    let r = forward_requests(&vmm, &backend);
-    let _ = backend.shutdown(std::net::Shutdown::Both);
-    let _ = vmm.shutdown(std::net::Shutdown::Both);
-    let _ = back.join();
-    r
+/// How a connection's pumping ended.
+#[derive(Debug)]
+pub enum Pumped {
+    /// The VMM hung up (`Ok`), or either side broke the protocol.
+    Ended(io::Result<()>),
+    /// `stop` became readable: the pumping stopped between two requests,
+    /// the handler has answered all it was given, and the VMM's
+    /// connection is untouched (to be handed on).
+    Detached,
 }
 
-fn forward_requests(vmm: &UnixStream, backend: &UnixStream) -> io::Result<()> {
+/// Pass messages between `vmm` and `backend` (noting in `record` what the
+/// handler was told) until either side closes or `stop` (an eventfd)
+/// becomes readable.
+pub fn pump(vmm: &UnixStream, backend: UnixStream, stop: RawFd, record: &mut Record) -> Pumped {
+    let mut run = || -> io::Result<Pumped> {
+        let gone = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        let gone_w = gone.try_clone()?;
+        let (mut to, mut from) = (vmm.try_clone()?, backend.try_clone()?);
+        // Replies flow back unchanged (this device sends no descriptors).
+        let back = std::thread::Builder::new()
+            .name("vhost-shim".into())
+            .spawn(move || {
+                let _ = io::copy(&mut from, &mut to);
+                let _ = gone_w.write(1);
+            })?;
+        let r = forward_requests(vmm, &backend, [stop, gone.as_raw_fd()], record);
+        let detached = matches!(r, Ok(true));
+        if detached {
+            // The handler finishes what it was given, answers, and ends.
+            let _ = backend.shutdown(std::net::Shutdown::Write);
+        } else {
+            let _ = backend.shutdown(std::net::Shutdown::Both);
+            let _ = vmm.shutdown(std::net::Shutdown::Both);
+        }
+        let _ = back.join();
+        r.map(|d| {
+            if d {
+                Pumped::Detached
+            } else {
+                Pumped::Ended(Ok(()))
+            }
+        })
+    };
+    run().unwrap_or_else(|e| Pumped::Ended(Err(e)))
+}
+
+/// Wait until `fd` or one of `others` is readable; false if one of
+/// `others` is.
+fn wait_readable(fd: RawFd, others: [RawFd; 2]) -> io::Result<bool> {
+    let mut fds = [fd, others[0], others[1]].map(|fd| libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    });
+    loop {
+        // SAFETY: `fds` is a live array of three pollfds.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        return Ok(fds[1].revents == 0 && fds[2].revents == 0);
+    }
+}
+
+/// Forward requests; true if `wake[0]` stopped it, an error if the VMM
+/// hung up, `wake[1]` (the handler ended) fired, or a request is bad.
+fn forward_requests(
+    vmm: &UnixStream,
+    backend: &UnixStream,
+    wake: [RawFd; 2],
+    record: &mut Record,
+) -> io::Result<bool> {
     let mut features_set = false;
     // Early SET_VRING_ENABLE payloads (queue index, enable), last per queue.
     let mut early: Vec<[u8; 8]> = Vec::new();
     let mut hdr = [0u8; HDR];
     let mut payload = vec![0u8; MAX_PAYLOAD];
     loop {
+        if !wait_readable(vmm.as_raw_fd(), wake)? {
+            let mut fd = [libc::pollfd {
+                fd: wake[0],
+                events: libc::POLLIN,
+                revents: 0,
+            }];
+            // SAFETY: one live pollfd; zero timeout.
+            let stopped = unsafe { libc::poll(fd.as_mut_ptr(), 1, 0) } == 1;
+            if stopped {
+                return Ok(true);
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the request handler ended the connection",
+            ));
+        }
         let fds = recv_header(vmm, &mut hdr)?;
         let word = |i: usize| u32::from_le_bytes([hdr[i], hdr[i + 1], hdr[i + 2], hdr[i + 3]]);
         let (request, flags, size) = (word(0), word(4), word(8) as usize);
@@ -67,7 +136,7 @@ fn forward_requests(vmm: &UnixStream, backend: &UnixStream) -> io::Result<()> {
             )));
         }
         (&*vmm).read_exact(&mut payload[..size])?;
-        if request == SET_VRING_ENABLE && !features_set && size == 8 {
+        if request == req::SET_VRING_ENABLE && !features_set && size == 8 {
             let mut state = [0u8; 8];
             state.copy_from_slice(&payload[..8]);
             early.retain(|e| e[..4] != state[..4]);
@@ -95,20 +164,23 @@ fn forward_requests(vmm: &UnixStream, backend: &UnixStream) -> io::Result<()> {
                 (&*backend).write_all(&msg[n..])?;
             }
         }
-        if request == SET_FEATURES && !features_set {
+        record.note(request, &payload[..size], &fds)?;
+        if request == req::SET_FEATURES && !features_set {
             features_set = true;
             // The remembered enables, now that the handler takes them (no
             // reply asked: the VMM had its answer).
             for state in early.drain(..) {
                 let mut m = [0u8; HDR + 8];
-                m[..4].copy_from_slice(&SET_VRING_ENABLE.to_le_bytes());
+                m[..4].copy_from_slice(&req::SET_VRING_ENABLE.to_le_bytes());
                 m[4..8].copy_from_slice(&VERSION.to_le_bytes());
                 m[8..12].copy_from_slice(&8u32.to_le_bytes());
                 m[12..].copy_from_slice(&state);
                 (&*backend).write_all(&m)?;
+                record.note(req::SET_VRING_ENABLE, &state, &[])?;
             }
         }
-        // `fds` close here: the backend holds its own copies now.
+        // `fds` close here: the backend and the record hold their own
+        // copies now.
     }
 }
 
@@ -144,6 +216,28 @@ fn recv_header(s: &UnixStream, hdr: &mut [u8; HDR]) -> io::Result<Vec<OwnedFd>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use req::{SET_FEATURES, SET_VRING_ENABLE};
+
+    /// Pump on a thread: (the test's VMM end, the test's handler end, the
+    /// stop eventfd, the pump's outcome with its record and VMM side).
+    #[allow(clippy::type_complexity)]
+    fn start() -> (
+        UnixStream,
+        UnixStream,
+        vmm_sys_util::eventfd::EventFd,
+        std::thread::JoinHandle<(Pumped, Record, UnixStream)>,
+    ) {
+        let (vmm, vmm_side) = UnixStream::pair().unwrap();
+        let (backend_side, backend) = UnixStream::pair().unwrap();
+        let stop = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let fd = stop.as_raw_fd();
+        let t = std::thread::spawn(move || {
+            let mut record = Record::default();
+            let p = pump(&vmm_side, backend_side, fd, &mut record);
+            (p, record, vmm_side)
+        });
+        (vmm, backend, stop, t)
+    }
 
     fn msg(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
         let mut m = Vec::new();
@@ -165,9 +259,7 @@ mod tests {
 
     #[test]
     fn an_early_ring_enable_is_answered_and_replayed_after_set_features() {
-        let (mut vmm, vmm_side) = UnixStream::pair().unwrap();
-        let (backend_side, mut backend) = UnixStream::pair().unwrap();
-        let t = std::thread::spawn(move || pump(vmm_side, backend_side));
+        let (mut vmm, mut backend, _stop, t) = start();
         let enable = |q: u32, on: u32| [q.to_le_bytes(), on.to_le_bytes()].concat();
         // Before SET_FEATURES: held back; the one asking for a reply gets one.
         vmm.write_all(&msg(SET_VRING_ENABLE, VERSION | NEED_REPLY, &enable(0, 1)))
@@ -207,6 +299,43 @@ mod tests {
         // An oversize payload ends the connection.
         vmm.write_all(&msg(5, VERSION, &vec![0; MAX_PAYLOAD + 1]))
             .unwrap();
-        assert!(t.join().unwrap().is_err());
+        let (p, _, _) = t.join().unwrap();
+        assert!(matches!(p, Pumped::Ended(Err(_))), "{p:?}");
+    }
+
+    #[test]
+    fn a_detached_connection_stays_open_and_its_requests_are_recorded() {
+        let (mut vmm, mut backend, stop, t) = start();
+        vmm.write_all(&msg(SET_FEATURES, VERSION, &[3; 8])).unwrap();
+        assert_eq!(read_msg(&mut backend), (SET_FEATURES, VERSION, vec![3; 8]));
+        stop.write(1).unwrap();
+        // The handler's side is closed for writing (the handler ends)...
+        let mut rest = Vec::new();
+        backend.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty());
+        drop(backend);
+        let (p, record, mut vmm_side) = t.join().unwrap();
+        assert!(matches!(p, Pumped::Detached), "{p:?}");
+        // ... the VMM's is not.
+        vmm.write_all(b"still here").unwrap();
+        let mut got = [0u8; 10];
+        vmm_side.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"still here");
+        let m: Vec<_> = record
+            .messages()
+            .map(|m| (m.request, m.payload.clone()))
+            .collect();
+        assert_eq!(m, vec![(SET_FEATURES, vec![3; 8])]);
+    }
+
+    #[test]
+    fn a_handler_that_ends_ends_the_connection() {
+        let (mut vmm, backend, _stop, t) = start();
+        drop(backend);
+        let (p, _, _) = t.join().unwrap();
+        assert!(matches!(p, Pumped::Ended(Err(_))), "{p:?}");
+        // The VMM sees the end.
+        let mut rest = Vec::new();
+        vmm.read_to_end(&mut rest).unwrap();
     }
 }

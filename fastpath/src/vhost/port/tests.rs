@@ -20,18 +20,19 @@ use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemory
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
+use crate::vhost::endpoint::Endpoint;
 use crate::vhost::virtq::HDR_LEN;
 
-const MEM: usize = 1 << 20;
-const RXQ: u64 = 0x0;
-const TXQ: u64 = 0x4000;
-const BUF: u64 = 0x1_0000;
+pub(crate) const MEM: usize = 1 << 20;
+pub(crate) const RXQ: u64 = 0x0;
+pub(crate) const TXQ: u64 = 0x4000;
+pub(crate) const BUF: u64 = 0x1_0000;
 
-struct Vmm {
-    fe: Frontend,
-    mem: GuestMemoryMmap,
-    kicks: [EventFd; 2],
-    calls: [EventFd; 2],
+pub(crate) struct Vmm {
+    pub fe: Frontend,
+    pub mem: GuestMemoryMmap,
+    pub kicks: [EventFd; 2],
+    pub calls: [EventFd; 2],
 }
 
 fn memfd(len: usize) -> std::fs::File {
@@ -45,7 +46,12 @@ fn memfd(len: usize) -> std::fs::File {
 }
 
 /// Connect to the port's socket and set the device up as QEMU does.
-fn connect(sock: &std::path::Path) -> Vmm {
+pub(crate) fn connect(sock: &std::path::Path) -> Vmm {
+    setup(Frontend::connect(sock, 2).unwrap())
+}
+
+/// Set the device up as QEMU does.
+pub(crate) fn setup(fe: Frontend) -> Vmm {
     let file = memfd(MEM);
     let raw = file.as_raw_fd();
     let mem = GuestMemoryMmap::from_ranges_with_files([(
@@ -55,7 +61,6 @@ fn connect(sock: &std::path::Path) -> Vmm {
     )])
     .unwrap();
     let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
-    let fe = Frontend::connect(sock, 2).unwrap();
     fe.set_owner().unwrap();
     let offered = fe.get_features().unwrap();
     assert_eq!(offered & FEATURES, FEATURES, "offered {offered:#x}");
@@ -105,11 +110,11 @@ fn connect(sock: &std::path::Path) -> Vmm {
     }
 }
 
-fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
+pub(crate) fn desc(addr: u64, len: u32, flags: u32, next: u16) -> RawDescriptor {
     RawDescriptor::from(Descriptor::new(addr, len, flags as u16, next))
 }
 
-fn until(what: &str, mut f: impl FnMut() -> bool) {
+pub(crate) fn until(what: &str, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
         assert!(t.elapsed() < Duration::from_secs(5), "timed out: {what}");
@@ -117,7 +122,7 @@ fn until(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-fn sock_path(tag: &str) -> std::path::PathBuf {
+pub(crate) fn sock_path(tag: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("vswitch-vu-{}-{tag}.sock", std::process::id()))
 }
 
@@ -125,7 +130,7 @@ fn sock_path(tag: &str) -> std::path::PathBuf {
 fn a_vmm_connects_frames_flow_both_ways_and_a_restarted_vmm_gets_them_back() {
     let sock = sock_path("flow");
     let shared = Shared::new([2, 0, 0, 0, 0, 0x42]);
-    serve(sock.clone(), shared.clone()).unwrap();
+    let _endpoint = Endpoint::listen(&sock, shared.clone()).unwrap();
     until("the socket", || sock.exists());
     let mut port = VhostPort::new(shared.clone());
     assert_eq!(port.send([&b"too early"[..]]).0, 0);
@@ -206,7 +211,7 @@ fn a_vmm_connects_frames_flow_both_ways_and_a_restarted_vmm_gets_them_back() {
 fn the_guest_reads_the_mac_from_the_device_config() {
     let sock = sock_path("config");
     let shared = Shared::new([2, 0, 0, 0, 0, 0x43]);
-    serve(sock.clone(), shared).unwrap();
+    let _endpoint = Endpoint::listen(&sock, shared).unwrap();
     until("the socket", || sock.exists());
     let mut vmm = connect(&sock);
     let (_, cfg) = vmm

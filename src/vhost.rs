@@ -1,0 +1,148 @@
+//! vhost-user ports in the daemon: opening them (config or `port-add`),
+//! and their part of a live handover — the old binary gives out each
+//! port's protocol state with the pause, the new one adopts it.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use fastpath::dataplane::PortIo;
+use fastpath::vhost::endpoint::{Endpoint, Handed, Mode};
+use fastpath::vhost::port::{Shared, VhostPort};
+use fastpath::vhost::record::{Record, WireMessage};
+use fastpath::wake::Wake;
+use serde_json::{json, Value};
+
+use crate::config::VhostMode;
+
+/// What a vhost-user port is, as configured.
+#[derive(Clone, Debug)]
+pub struct Spec {
+    pub name: String,
+    pub socket: PathBuf,
+    pub mode: VhostMode,
+    /// The device's MAC (the guest reads it from the config space).
+    pub mac: [u8; 6],
+}
+
+/// A running vhost-user port's protocol side.
+pub struct Link {
+    pub spec: Spec,
+    pub endpoint: Endpoint,
+    shared: Arc<Shared>,
+}
+
+impl Link {
+    /// Wake the fast path on the guest's kicks.
+    pub fn wake_on_kick(&self, wake: &Arc<Wake>) {
+        let w = wake.clone();
+        self.shared.on_kick(Arc::new(move || w.notify()));
+    }
+}
+
+/// Open the port: listen on (or connect to) its socket. Returns the
+/// fast path's side too.
+pub fn open(spec: Spec) -> Result<(Link, PortIo)> {
+    let shared = Shared::new(spec.mac);
+    let what = || format!("port {}: socket {}", spec.name, spec.socket.display());
+    let endpoint = match spec.mode {
+        VhostMode::Server => Endpoint::listen(&spec.socket, shared.clone()).with_context(what)?,
+        VhostMode::Client => {
+            Endpoint::start(Mode::Client(spec.socket.clone()), shared.clone()).with_context(what)?
+        }
+    };
+    Ok(link(spec, endpoint, shared))
+}
+
+fn link(spec: Spec, endpoint: Endpoint, shared: Arc<Shared>) -> (Link, PortIo) {
+    let io = PortIo::VhostUser(Box::new(VhostPort::new(shared.clone())));
+    (
+        Link {
+            spec,
+            endpoint,
+            shared,
+        },
+        io,
+    )
+}
+
+/// A port as the pause handed it over.
+pub struct Given {
+    pub spec: Spec,
+    pub handed: Handed,
+}
+
+/// Serve a handed-over port: its connection (if one was open) is set up
+/// again before this returns.
+pub fn adopt(g: Given) -> Result<(Link, PortIo)> {
+    let shared = Shared::new(g.spec.mac);
+    let mode = match (g.spec.mode, g.handed.listener) {
+        (VhostMode::Server, Some(l)) => Mode::Server(std::os::unix::net::UnixListener::from(l)),
+        (VhostMode::Server, None) => anyhow::bail!(
+            "port {}: a server-mode port came without its listening socket",
+            g.spec.name
+        ),
+        (VhostMode::Client, _) => Mode::Client(g.spec.socket.clone()),
+    };
+    let endpoint = Endpoint::adopt(mode, shared.clone(), g.handed.conn)
+        .with_context(|| format!("port {}: taking its VMM connection over", g.spec.name))?;
+    Ok(link(g.spec, endpoint, shared))
+}
+
+/// `handed` (of `spec`'s port) as data; its descriptors are appended to
+/// `fds`, which name them by index.
+pub fn to_wire(spec: &Spec, handed: &Handed, fds: &mut Vec<RawFd>) -> Value {
+    fn fd(fds: &mut Vec<RawFd>, f: &OwnedFd) -> usize {
+        fds.push(f.as_raw_fd());
+        fds.len() - 1
+    }
+    let listener = handed.listener.as_ref().map(|l| fd(fds, l));
+    let conn = handed.conn.as_ref().map(|(s, record)| {
+        let s = fd(fds, s);
+        json!({"fd": s, "record": record.to_wire(fds)})
+    });
+    json!({
+        "name": spec.name,
+        "socket": spec.socket,
+        "mode": match spec.mode { VhostMode::Server => "server", VhostMode::Client => "client" },
+        "mac": spec.mac,
+        "listener": listener,
+        "conn": conn,
+    })
+}
+
+/// A port from its data; `take(i)` gives descriptor `i` (each once).
+pub fn from_wire(v: &Value, mut take: impl FnMut(u64) -> Result<OwnedFd>) -> Result<Given> {
+    let name = v["name"].as_str().context("vhost port: name")?.to_string();
+    let field = |k: &str| format!("vhost port {name}: {k}");
+    let spec = Spec {
+        socket: serde_json::from_value(v["socket"].clone()).with_context(|| field("socket"))?,
+        mode: match v["mode"].as_str() {
+            Some("server") => VhostMode::Server,
+            Some("client") => VhostMode::Client,
+            other => anyhow::bail!("{}: {other:?}", field("mode")),
+        },
+        mac: serde_json::from_value(v["mac"].clone()).with_context(|| field("mac"))?,
+        name: name.clone(),
+    };
+    let listener = match v["listener"].as_u64() {
+        Some(i) => Some(take(i)?),
+        None => None,
+    };
+    let conn = match v.get("conn").filter(|c| !c.is_null()) {
+        Some(c) => {
+            let s = take(c["fd"].as_u64().with_context(|| field("conn.fd"))?)?;
+            let wire: Vec<WireMessage> = serde_json::from_value(c["record"].clone())
+                .with_context(|| field("conn.record"))?;
+            let record = Record::from_wire(wire, |i| take(i as u64).ok())
+                .with_context(|| field("conn.record"))?;
+            Some((s, record))
+        }
+        None => None,
+    };
+    Ok(Given {
+        spec,
+        handed: Handed { listener, conn },
+    })
+}
