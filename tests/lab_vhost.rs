@@ -3,8 +3,12 @@
 //! emulation) with its memory in a shared memfd and its virtio-net device
 //! served by vswitch over vhost-user. The guest takes its address by DHCP
 //! from the switch, pings a VM on a tap port of the same hypervisor and
-//! one on another hypervisor (across VXLAN), and takes a TCP stream; QEMU is killed mid-stream (the switch keeps forwarding for the
-//! others) and started again (the guest is reachable again).
+//! one on another hypervisor (across VXLAN), and takes a TCP stream; the
+//! switch is upgraded live under a ping flood and a stream (its
+//! vhost-user connection handed over); QEMU is killed mid-stream (the
+//! switch keeps forwarding for the others) and started again (the guest is
+//! reachable again). In client mode the switch connects to QEMU, and a
+//! killed and restarted switch finds the running guest again.
 //!
 //! Needs qemu-system-x86, linux-image-amd64 and busybox-static
 //! (scripts/deps installs them). Run serially.
@@ -128,9 +132,10 @@ fn initramfs(dir: &Path) -> PathBuf {
     out
 }
 
-/// QEMU with the guest's memory shared (memfd) and its NIC on `sock`;
-/// its console goes to `console`.
-fn qemu(initrd: &Path, sock: &Path, console: &Path) -> Child {
+/// QEMU with the guest's memory shared (memfd) and its NIC on `sock`
+/// (QEMU listening on it if `server`, else connecting); its console goes
+/// to `console`.
+fn qemu(initrd: &Path, sock: &Path, console: &Path, server: bool) -> Child {
     let (vmlinuz, _) = kernel();
     Command::new("qemu-system-x86_64")
         .args(["-m", "256", "-display", "none", "-no-reboot", "-kernel"])
@@ -145,7 +150,11 @@ fn qemu(initrd: &Path, sock: &Path, console: &Path) -> Child {
             "node,memdev=mem",
         ])
         .arg("-chardev")
-        .arg(format!("socket,id=c0,path={}", sock.display()))
+        .arg(format!(
+            "socket,id=c0,path={}{}",
+            sock.display(),
+            if server { ",server=on,wait=off" } else { "" }
+        ))
         .args(["-netdev", "vhost-user,id=n0,chardev=c0"])
         // vectors=0 (INTx, no MSI-X): QEMU 7.2 (Debian 12) crashes in
         // vhost_net_start setting MSI-X vector notifiers under TCG.
@@ -259,7 +268,7 @@ fn a_qemu_guest_on_vhost_user_gets_dhcp_pings_streams_and_survives_a_qemu_restar
     let initrd = initramfs(&lab.dir);
 
     let console = lab.dir.join("console-1.txt");
-    let vm = Qemu(qemu(&initrd, &sock, &console));
+    let vm = Qemu(qemu(&initrd, &sock, &console, false));
     let text = console_shows(&console, "GUEST REMOTE", Duration::from_secs(120));
     assert!(
         text.contains(&format!("GUEST ADDR {GUEST_IP}/24 MTU 1450")),
@@ -390,11 +399,87 @@ fn a_qemu_guest_on_vhost_user_gets_dhcp_pings_streams_and_survives_a_qemu_restar
 
     // QEMU again (a restarted VM): connectivity comes back.
     let console = lab.dir.join("console-2.txt");
-    let _vm = Qemu(qemu(&initrd, &sock, &console));
+    let _vm = Qemu(qemu(&initrd, &sock, &console, false));
     let text = console_shows(&console, "GUEST PING", Duration::from_secs(120));
     assert!(text.contains("GUEST PING OK"), "after the restart:\n{text}");
     let (ok, out) = try_sh(&[
         "ip", "netns", "exec", &a, "ping", "-c", "3", "-i", "0.2", "-W", "2", GUEST_IP,
     ]);
     assert!(ok, "tap VM → restarted guest:\n{out}");
+}
+
+/// Client mode: QEMU listens on the socket and the switch connects; the
+/// switch is killed and started again (a crash and a restart, not a
+/// handover): it connects again and the running guest is reachable
+/// again, without a reboot.
+#[test]
+fn a_switch_in_client_mode_finds_its_running_guest_again_after_a_restart() {
+    let mut lab = Lab::new();
+    let (hv1, hv2) = (lab.netns("h1"), lab.netns("h2"));
+    let (u1, u2) = lab::wire(&lab, &hv1, "192.168.64.1", &hv2, "192.168.64.2");
+    let sock = lab.dir.join("guest.sock");
+    // VM b on the other hypervisor, which knows the guest as remote.
+    let cfg2 = lab::config(
+        &lab,
+        "sw2",
+        &u2,
+        "192.168.64.2",
+        ("b", "02:00:00:00:00:0b", REMOTE_IP),
+        (GUEST_IP, GUEST_MAC, "192.168.64.1"),
+    );
+    lab.vswitch_in(Some(&hv2), "sw2", &cfg2);
+    let (tb, b) = (lab.name("tb"), lab.netns("vb"));
+    lab.attach_vm_from(
+        Some(&hv2),
+        &tb,
+        &b,
+        "02:00:00:00:00:0b",
+        &format!("{REMOTE_IP}/24"),
+    );
+    lab::vm_mtu(&b, &tb);
+    let initrd = initramfs(&lab.dir);
+    let console = lab.dir.join("console.txt");
+    let _vm = Qemu(qemu(&initrd, &sock, &console, true));
+    wait_until("QEMU's vhost-user socket", Duration::from_secs(20), || {
+        sock.exists()
+    });
+    let cfg = format!(
+        "[switch]\npoll = \"adaptive\"\nflow_capacity = 4096\ncontrol_socket = \"{ctl}\"\n\n\
+         [uplink]\ninterface = \"{u1}\"\nvtep = \"192.168.64.1\"\n\n\
+         [[port]]\nname = \"vu0\"\ntype = \"vhost-user\"\nsocket = \"{sock}\"\nmode = \"client\"\n\n\
+         [[network]]\nvni = 100\ngateway_mac = \"02:00:00:00:00:fe\"\n\
+         [[network.subnet]]\ncidr = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\n\n\
+         [[vm]]\nname = \"guest\"\nport = \"vu0\"\nmac = \"{GUEST_MAC}\"\nips = [\"{GUEST_IP}\"]\nnetwork = 100\n\
+         [[remote]]\nnetwork = 100\nip = \"{REMOTE_IP}\"\nmac = \"02:00:00:00:00:0b\"\nvtep = \"192.168.64.2\"\n",
+        ctl = lab.socket("sw").display(),
+        sock = sock.display(),
+    );
+    lab.vswitch_in(Some(&hv1), "sw", &cfg);
+    let text = console_shows(&console, "GUEST REMOTE", Duration::from_secs(120));
+    assert!(
+        text.contains("GUEST REMOTE OK"),
+        "guest → VM on the other hypervisor, the switch connecting to QEMU:\n{text}\n{}",
+        lab.log("sw")
+    );
+    let ping = || {
+        try_sh(&[
+            "ip", "netns", "exec", &b, "ping", "-c", "1", "-W", "1", GUEST_IP,
+        ])
+    };
+    assert!(ping().0, "remote VM → guest:\n{}", lab.log("sw"));
+    // The switch dies (no handover, no goodbye): the guest is cut off.
+    let sw = lab.last_child();
+    sw.kill().expect("killing the switch");
+    let _ = sw.wait();
+    assert!(!ping().0, "the guest answered with its switch dead");
+    // A new switch process on the same config connects to QEMU again.
+    lab.vswitch_in(Some(&hv1), "sw", &cfg);
+    wait_until("the guest to answer again", Duration::from_secs(30), || {
+        ping().0
+    });
+    let text = std::fs::read_to_string(&console).unwrap_or_default();
+    assert!(
+        text.matches("GUEST ADDR").count() == 1,
+        "the guest rebooted:\n{text}"
+    );
 }
