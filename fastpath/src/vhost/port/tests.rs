@@ -81,8 +81,26 @@ pub(crate) fn setup(fe: Frontend) -> Vmm {
     .unwrap();
     let kicks = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
     let calls = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
+    start_rings(&mut fe, &mem, &kicks, &calls);
+    Vmm {
+        fe,
+        mem,
+        kicks,
+        calls,
+    }
+}
+
+/// Set both rings up (fresh, at index 0) and start them, as QEMU does
+/// when the guest's driver starts the device.
+fn start_rings(
+    fe: &mut Frontend,
+    mem: &GuestMemoryMmap,
+    kicks: &[EventFd; 2],
+    calls: &[EventFd; 2],
+) {
+    let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
     for (i, base) in [RXQ, TXQ].into_iter().enumerate() {
-        let vq = MockSplitQueue::create(&mem, GuestAddress(base), 16);
+        let vq = MockSplitQueue::create(mem, GuestAddress(base), 16);
         fe.set_vring_num(i, 16).unwrap();
         fe.set_vring_addr(
             i,
@@ -101,12 +119,6 @@ pub(crate) fn setup(fe: Frontend) -> Vmm {
         fe.set_vring_call(i, &calls[i]).unwrap();
         fe.set_vring_kick(i, &kicks[i]).unwrap();
         fe.set_vring_enable(i, true).unwrap();
-    }
-    Vmm {
-        fe,
-        mem,
-        kicks,
-        calls,
     }
 }
 
@@ -224,5 +236,71 @@ fn the_guest_reads_the_mac_from_the_device_config() {
         )
         .unwrap();
     assert_eq!(cfg, vec![2, 0, 0, 0, 0, 0x43]);
+    let _ = std::fs::remove_file(&sock);
+}
+
+#[test]
+fn a_guest_reset_stops_the_rings_and_the_restarted_driver_gets_frames_again() {
+    let sock = sock_path("reset");
+    let shared = Shared::new([2, 0, 0, 0, 0, 0x45]);
+    let _endpoint = Endpoint::listen(&sock, shared.clone()).unwrap();
+    let mut port = VhostPort::new(shared.clone());
+    let mut vmm = connect(&sock);
+    let frame = [0x5au8; 60];
+    for round in 0..2 {
+        let rxq = MockSplitQueue::create(&vmm.mem, GuestAddress(RXQ), 16);
+        rxq.add_desc_chains(&[desc(BUF + 0x1000, 2048, VRING_DESC_F_WRITE, 0)], 0)
+            .unwrap();
+        vmm.kicks[RX_QUEUE].write(1).unwrap();
+        // (Without REPLY_ACK the set-up is not waited for: until the
+        // handler has it, frames are counted as not ready.)
+        until("the rings to take a frame", || {
+            port.send([&frame[..]]).0 == 1
+        });
+        assert_eq!(rxq.used().idx().load(), 1, "round {round}");
+        // The guest reboots: QEMU stops both rings (GET_VRING_BASE) and
+        // says where they stood.
+        assert_eq!(vmm.fe.get_vring_base(RX_QUEUE).unwrap(), 1);
+        assert_eq!(vmm.fe.get_vring_base(TX_QUEUE).unwrap(), 0);
+        let not_ready = port.not_ready;
+        assert_eq!(port.send([&frame[..]]).0, 0, "a stopped ring takes nothing");
+        assert_eq!(port.not_ready, not_ready + 1);
+        // The new driver sets the rings up again from scratch.
+        let Vmm {
+            fe,
+            mem,
+            kicks,
+            calls,
+            ..
+        } = &mut vmm;
+        start_rings(fe, mem, kicks, calls);
+    }
+    let _ = std::fs::remove_file(&sock);
+}
+
+#[test]
+fn a_guest_that_stops_draining_costs_counted_drops_not_a_stall() {
+    let sock = sock_path("stuck");
+    let shared = Shared::new([2, 0, 0, 0, 0, 0x46]);
+    let _endpoint = Endpoint::listen(&sock, shared.clone()).unwrap();
+    let mut port = VhostPort::new(shared);
+    let vmm = connect(&sock);
+    let rxq = MockSplitQueue::create(&vmm.mem, GuestAddress(RXQ), 16);
+    let bufs: Vec<_> = (0..4)
+        .map(|i| desc(BUF + 0x1000 * (i + 1), 2048, VRING_DESC_F_WRITE, 0))
+        .collect();
+    rxq.add_desc_chains(&bufs, 0).unwrap();
+    vmm.kicks[RX_QUEUE].write(1).unwrap();
+    until("the rings", || port.connected());
+    // The guest never takes another buffer back: the four fill, every
+    // later frame is a counted drop, and each batch returns at once.
+    let frame = [0x11u8; 60];
+    let mut taken = 0;
+    for _ in 0..1000 {
+        taken += port.send(std::iter::repeat_n(&frame[..], 32)).0;
+    }
+    assert_eq!(taken, 4);
+    assert_eq!(port.stats.rx_no_buffer, 32_000 - 4);
+    assert_eq!(rxq.used().idx().load(), 4);
     let _ = std::fs::remove_file(&sock);
 }
