@@ -738,6 +738,12 @@ impl Server {
             link = Some(l);
             io
         } else {
+            if let Some(f) = ["socket", "mode", "mac"]
+                .into_iter()
+                .find(|f| v.get(*f).is_some_and(|x| !x.is_null()))
+            {
+                bail!("field `{f}`: only vhost-user ports have one");
+            }
             fastpath::dataplane::PortIo::Tap(
                 fastpath::tap::Tap::open(name).with_context(|| format!("port {name}"))?,
             )

@@ -98,9 +98,24 @@ enum CtlCmd {
     Topology,
     /// DHCP leases.
     Leases,
-    /// Add a tap VM port at run time (attach a VM to it with `apply`).
+    /// Add a VM port at run time (attach a VM to it with `apply`): a tap
+    /// device, or a vhost-user socket (`--socket`, `--mac`).
     #[command(name = "port-add")]
-    PortAdd { name: String },
+    PortAdd {
+        name: String,
+        /// `tap` or `vhost-user`.
+        #[arg(long = "type", default_value = "tap")]
+        kind: String,
+        /// vhost-user: the socket's path.
+        #[arg(long)]
+        socket: Option<String>,
+        /// vhost-user: `server` (the switch listens; default) or `client`.
+        #[arg(long)]
+        mode: Option<String>,
+        /// vhost-user: the device's MAC (the VM's on this port).
+        #[arg(long)]
+        mac: Option<String>,
+    },
     /// Close a port no VM uses.
     #[command(name = "port-remove")]
     PortRemove { name: String },
@@ -213,9 +228,14 @@ fn main() -> ExitCode {
                 CtlCmd::Ports => Ok(cmd("stats")),
                 CtlCmd::Topology => Ok(cmd("topology")),
                 CtlCmd::Leases => Ok(cmd("leases")),
-                CtlCmd::PortAdd { name } => {
-                    Ok(serde_json::json!({"cmd": "port-add", "name": name, "type": "tap"}))
-                }
+                CtlCmd::PortAdd {
+                    name,
+                    kind,
+                    socket,
+                    mode,
+                    mac,
+                } => Ok(serde_json::json!({"cmd": "port-add", "name": name, "type": kind,
+                    "socket": socket, "mode": mode, "mac": mac})),
                 CtlCmd::PortRemove { name } => {
                     Ok(serde_json::json!({"cmd": "port-remove", "name": name}))
                 }

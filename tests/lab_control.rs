@@ -416,4 +416,51 @@ fn ports_are_added_and_removed_at_run_time() {
     assert!(st["ports"].as_array().is_some_and(|p| p.len() == 4), "{st}");
     // The rest of the switch carries on.
     assert!(ping(&sw.ns_a, "10.0.0.11"));
+
+    // A vhost-user port: its socket appears, and goes with the port.
+    let vu = lab.dir.join("vu.sock");
+    let vu_s = vu.to_str().expect("path");
+    let add_vu = |extra: &[&str]| {
+        let mut args = vec!["port-add", "vu1", "--type", "vhost-user"];
+        args.extend_from_slice(extra);
+        ctl(&sw.sock, &args)
+    };
+    let e = add_vu(&["--mac", "02:00:00:00:00:1e"]).expect_err("no socket");
+    assert!(e.contains("field `socket`"), "{e}");
+    let e = add_vu(&["--socket", vu_s]).expect_err("no mac");
+    assert!(e.contains("field `mac`"), "{e}");
+    let e = add_vu(&[
+        "--socket",
+        vu_s,
+        "--mac",
+        "02:00:00:00:00:1e",
+        "--mode",
+        "both",
+    ])
+    .expect_err("bad mode");
+    assert!(e.contains("field `mode`"), "{e}");
+    let e = ctl(&sw.sock, &["port-add", "tx1", "--mac", "02:00:00:00:00:1e"])
+        .expect_err("a tap with a MAC");
+    assert!(e.contains("field `mac`: only vhost-user ports"), "{e}");
+    let r = add_vu(&["--socket", vu_s, "--mac", "02:00:00:00:00:1e"]).expect("vhost-user port-add");
+    assert_eq!(r["id"], 4);
+    assert!(vu.exists(), "the port listens on its socket");
+    std::os::unix::net::UnixStream::connect(&vu).expect("a VMM can connect");
+    let e = ctl(
+        &sw.sock,
+        &[
+            "port-add",
+            "vu2",
+            "--type",
+            "vhost-user",
+            "--socket",
+            vu_s,
+            "--mac",
+            "02:00:00:00:00:1f",
+        ],
+    )
+    .expect_err("the same socket twice");
+    assert!(e.contains("field `socket`"), "{e}");
+    ctl(&sw.sock, &["port-remove", "vu1"]).expect("port-remove vu1");
+    assert!(!vu.exists(), "the socket went with the port");
 }
