@@ -1,5 +1,9 @@
-//! A filter between the VMM and `vhost`'s request handler.
+//! The pump between the VMM and `vhost`'s request handler: every request
+//! passes through here (noted in the connection's [`Record`], so the set-up
+//! can be replayed into another handler), and the pumping can stop between
+//! two requests without touching the VMM's socket (a live handover).
 //!
+//! It also mends one incompatibility.
 //! QEMU's virtio-net (7.2 and later, seen with 7.2 and 10.0) enables the
 //! queues with `VHOST_USER_SET_VRING_ENABLE` when the device is reset —
 //! before the guest's driver has negotiated anything, so before
