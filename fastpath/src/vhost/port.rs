@@ -225,6 +225,9 @@ pub struct VhostPort {
     seen: u64,
     guest: Option<Guest>,
     mergeable: bool,
+    /// Each queue's used index when the guest was last considered for an
+    /// interrupt (`None`: not yet, for this guest).
+    signalled: [Option<u16>; 2],
     pub stats: VqStats,
     /// Frames offered while no guest was ready.
     pub not_ready: u64,
@@ -237,6 +240,7 @@ impl VhostPort {
             seen: u64::MAX,
             guest: None,
             mergeable: false,
+            signalled: [None; 2],
             stats: VqStats::default(),
             not_ready: 0,
         }
@@ -249,6 +253,12 @@ impl VhostPort {
         if g != self.seen {
             self.seen = g;
             self.guest = lock(&self.shared.state).clone();
+            // Interrupts are owed for what is used from here on.
+            self.signalled = [RX_QUEUE, TX_QUEUE].map(|i| {
+                let v = self.guest.as_ref()?.vrings.get(i)?;
+                let next = v.get_ref().get_queue().next_used();
+                Some(next)
+            });
             let acked = self.shared.acked_features.load(Ordering::Acquire);
             self.mergeable = acked & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
         }
@@ -270,7 +280,7 @@ impl VhostPort {
             return 0;
         }
         let n = virtq::tx_burst(v.get_queue_mut(), &*mem, max, &mut self.stats, sink);
-        if n > 0 && virtq::needs_notify(v.get_queue_mut(), &*mem) {
+        if n > 0 && virtq::needs_notify(v.get_queue(), &*mem, &mut self.signalled[TX_QUEUE]) {
             let _ = v.signal_used_queue();
         }
         n
@@ -294,14 +304,14 @@ impl VhostPort {
             self.not_ready += frames.into_iter().count() as u64;
             return (0, 0);
         }
-        let (mut sent, mut bytes) = (0, 0);
-        for f in frames {
-            if virtq::rx_frame(v.get_queue_mut(), &*mem, f, self.mergeable, &mut self.stats) {
-                sent += 1;
-                bytes += f.len() as u64;
-            }
-        }
-        if sent > 0 && virtq::needs_notify(v.get_queue_mut(), &*mem) {
+        let (sent, bytes) = virtq::rx_burst(
+            v.get_queue_mut(),
+            &*mem,
+            frames,
+            self.mergeable,
+            &mut self.stats,
+        );
+        if sent > 0 && virtq::needs_notify(v.get_queue(), &*mem, &mut self.signalled[RX_QUEUE]) {
             let _ = v.signal_used_queue();
         }
         (sent, bytes)

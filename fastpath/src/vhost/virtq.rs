@@ -7,7 +7,7 @@
 //! nothing here panics or reads outside the guest's regions (`vm-memory`
 //! checks every access; `virtio-queue` bounds a chain by the queue size).
 
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory};
 
 /// `struct virtio_net_hdr_v1` (VIRTIO_F_VERSION_1; also the header with
@@ -74,6 +74,54 @@ pub struct VqStats {
     pub rx_oversize: u64,
 }
 
+/// The used ring of a batch: each chain's element is written as it is
+/// done; the ring's index goes to the guest once, at the end (so the
+/// guest sees the whole batch at once, and the index store and its
+/// barrier are paid once per batch, not per chain).
+struct Used {
+    ring: u64,
+    size: u16,
+    start: u16,
+    n: u16,
+}
+
+impl Used {
+    fn new(q: &Queue) -> Used {
+        Used {
+            ring: q.used_ring(),
+            size: q.size().max(1),
+            start: q.next_used(),
+            n: 0,
+        }
+    }
+
+    /// Chain `head` is done with `len` bytes written into it. (It cannot
+    /// fail unless the used ring itself is outside guest memory, and then
+    /// there is no one to tell.)
+    fn push<M: GuestMemory>(&mut self, mem: &M, head: u16, len: u32) {
+        let slot = u64::from(self.start.wrapping_add(self.n) % self.size);
+        let at = self.ring + 4 + 8 * slot;
+        // struct virtq_used_elem { le32 id; le32 len; }
+        let elem = u64::from(head) | u64::from(len) << 32;
+        let _ = mem.write_obj(elem.to_le(), GuestAddress(at));
+        self.n = self.n.wrapping_add(1);
+    }
+
+    /// Tell the guest (the index, after the elements).
+    fn publish<M: GuestMemory>(self, q: &mut Queue, mem: &M) {
+        if self.n == 0 {
+            return;
+        }
+        let next = self.start.wrapping_add(self.n);
+        let _ = mem.store(
+            next.to_le(),
+            GuestAddress(self.ring + 2),
+            std::sync::atomic::Ordering::Release,
+        );
+        q.set_next_used(next);
+    }
+}
+
 /// Take up to `max` frames the guest queued on its TX queue `q` into
 /// `sink` (without their virtio-net header); every chain goes back to the
 /// guest (used, length 0). Stops early when the sink has no room. Returns
@@ -89,55 +137,97 @@ pub fn tx_burst<M>(
 where
     M: GuestMemory,
 {
+    let mut used = Used::new(q);
     let mut done = 0;
-    while done < max {
-        let Some(room) = sink.room() else {
-            break;
-        };
-        let Some(chain) = q.pop_descriptor_chain(mem) else {
-            break;
-        };
-        let head = chain.head_index();
-        // Bytes of the chain read so far (header first, then the frame).
-        let mut len = 0usize;
-        let mut bad = false;
-        let mut oversize = false;
-        for d in chain.readable() {
-            let n = d.len() as usize;
-            let Some(dst) = room.get_mut(len..len + n) else {
-                oversize = true;
+    // The guest's available index, read once for the batch. An index
+    // more than a ring ahead is a broken guest: nothing is taken.
+    if let Ok(mut avail) = q.iter(mem) {
+        while done < max {
+            let Some(room) = sink.room() else {
                 break;
             };
-            if mem.read_slice(dst, d.addr()).is_err() {
-                bad = true;
+            let Some(chain) = avail.next() else {
                 break;
+            };
+            let head = chain.head_index();
+            // Bytes of the chain read so far (header first, then the frame).
+            let mut len = 0usize;
+            let mut bad = false;
+            let mut oversize = false;
+            for d in chain.readable() {
+                let n = d.len() as usize;
+                let Some(dst) = room.get_mut(len..len + n) else {
+                    oversize = true;
+                    break;
+                };
+                if mem.read_slice(dst, d.addr()).is_err() {
+                    bad = true;
+                    break;
+                }
+                len += n;
             }
-            len += n;
+            if bad || (len < HDR_LEN && !oversize) {
+                stats.tx_bad_chain += 1;
+            } else if oversize {
+                stats.tx_oversize += 1;
+            } else {
+                stats.tx_frames += 1;
+                sink.commit(len - HDR_LEN);
+            }
+            used.push(mem, head, 0);
+            done += 1;
         }
-        if bad || (len < HDR_LEN && !oversize) {
-            stats.tx_bad_chain += 1;
-        } else if oversize {
-            stats.tx_oversize += 1;
-        } else {
-            stats.tx_frames += 1;
-            sink.commit(len - HDR_LEN);
-        }
-        // A used element for a ring we just took it from: it cannot fail
-        // unless the used ring itself is outside guest memory, and then
-        // there is no one to tell.
-        let _ = q.add_used(mem, head, 0);
-        done += 1;
     }
+    used.publish(q, mem);
     done
 }
 
-/// Write `frame` (with a virtio-net header) into the buffers the guest
-/// posted on its RX queue `q`: one chain, or with `mergeable` as many as it
-/// takes (their count goes into the header's `num_buffers`). If the guest
-/// has too few buffers, nothing is consumed and the frame is dropped
+/// Write `frames` (each with a virtio-net header) into the buffers the
+/// guest posted on its RX queue `q`: a frame takes one chain, or with
+/// `mergeable` as many as it needs (their count goes into the header's
+/// `num_buffers`). When the guest has too few buffers for a frame, nothing
+/// is consumed for it and it and the rest of the batch are dropped
 /// (counted); a buffer outside guest memory, or a single buffer too small
-/// without `mergeable`, is given back empty and the frame dropped. Returns
-/// true if the frame reached the guest.
+/// without `mergeable`, is given back empty and its frame dropped.
+/// Returns the frames and bytes that reached the guest; the guest sees
+/// them at once, at the end.
+pub fn rx_burst<'a, M>(
+    q: &mut Queue,
+    mem: &M,
+    frames: impl IntoIterator<Item = &'a [u8]>,
+    mergeable: bool,
+    stats: &mut VqStats,
+) -> (usize, u64)
+where
+    M: GuestMemory,
+{
+    let mut used = Used::new(q);
+    let (mut sent, mut bytes) = (0, 0);
+    let mut frames = frames.into_iter();
+    if let Ok(mut avail) = q.iter(mem) {
+        for frame in frames.by_ref() {
+            match rx_one(&mut avail, mem, frame, mergeable, &mut used) {
+                Rx::Sent => {
+                    stats.rx_frames += 1;
+                    sent += 1;
+                    bytes += frame.len() as u64;
+                }
+                Rx::Oversize => stats.rx_oversize += 1,
+                Rx::Bad => stats.rx_bad_chain += 1,
+                Rx::NoBuffer => {
+                    stats.rx_no_buffer += 1;
+                    break;
+                }
+            }
+        }
+    }
+    // No buffers (or a broken ring): the rest cannot go either.
+    stats.rx_no_buffer += frames.count() as u64;
+    used.publish(q, mem);
+    (sent, bytes)
+}
+
+/// [`rx_burst`] of one frame; true if it reached the guest.
 pub fn rx_frame<M>(
     q: &mut Queue,
     mem: &M,
@@ -148,9 +238,28 @@ pub fn rx_frame<M>(
 where
     M: GuestMemory,
 {
+    rx_burst(q, mem, [frame], mergeable, stats).0 == 1
+}
+
+enum Rx {
+    Sent,
+    Oversize,
+    Bad,
+    NoBuffer,
+}
+
+fn rx_one<M>(
+    avail: &mut virtio_queue::AvailIter<'_, &M>,
+    mem: &M,
+    frame: &[u8],
+    mergeable: bool,
+    used: &mut Used,
+) -> Rx
+where
+    M: GuestMemory,
+{
     if frame.len() > MAX_FRAME {
-        stats.rx_oversize += 1;
-        return false;
+        return Rx::Oversize;
     }
     let mut hdr = [0u8; HDR_LEN];
     hdr[10] = 1; // num_buffers (little-endian), patched below when merged
@@ -170,20 +279,20 @@ where
                     .checked_add(h.len() as u64)
                     .is_some_and(|a| mem.write_slice(f, a).is_ok()))
     };
-    let start = q.next_avail();
     // (head, bytes written) per chain. Guests post buffers of at least a
     // few hundred bytes, so 64 covers every sane case; a frame that would
     // need more is refused as a bad chain.
-    let mut used: [(u16, u32); 64] = [(0, 0); 64];
-    let mut chains = 0usize;
+    let mut chains: [(u16, u32); 64] = [(0, 0); 64];
+    let mut n = 0usize;
     let mut written = 0usize;
     let mut first_addr: Option<GuestAddress> = None;
     while written < total {
-        let Some(chain) = q.pop_descriptor_chain(mem) else {
+        let Some(chain) = avail.next() else {
             // Too few buffers: give back what was taken for this frame.
-            q.set_next_avail(start);
-            stats.rx_no_buffer += 1;
-            return false;
+            for _ in 0..n {
+                avail.go_to_previous_position();
+            }
+            return Rx::NoBuffer;
         };
         let head = chain.head_index();
         let mut in_chain = 0usize;
@@ -195,45 +304,64 @@ where
             if first_addr.is_none() {
                 first_addr = Some(d.addr());
             }
-            let n = (d.len() as usize).min(total - written);
-            if !put(written, n, d.addr()) {
+            let len = (d.len() as usize).min(total - written);
+            if !put(written, len, d.addr()) {
                 bad = true;
                 break;
             }
-            written += n;
-            in_chain += n;
+            written += len;
+            in_chain += len;
         }
-        if bad || chains == used.len() || (!mergeable && written < total) {
+        if bad || n == chains.len() || (!mergeable && written < total) {
             // Unusable: every chain taken for this frame goes back empty
             // (the guest counts a too-short frame).
-            for &(h, _) in &used[..chains] {
-                let _ = q.add_used(mem, h, 0);
+            for &(h, _) in &chains[..n] {
+                used.push(mem, h, 0);
             }
-            let _ = q.add_used(mem, head, 0);
-            stats.rx_bad_chain += 1;
-            return false;
+            used.push(mem, head, 0);
+            return Rx::Bad;
         }
-        used[chains] = (head, u32::try_from(in_chain).unwrap_or(u32::MAX));
-        chains += 1;
+        chains[n] = (head, u32::try_from(in_chain).unwrap_or(u32::MAX));
+        n += 1;
     }
-    if chains > 1 {
+    if n > 1 {
         if let Some(a) = first_addr.and_then(|a| a.checked_add(NUM_BUFFERS_AT)) {
-            let _ = mem.write_obj(u16::try_from(chains).unwrap_or(u16::MAX).to_le(), a);
+            let _ = mem.write_obj(u16::try_from(n).unwrap_or(u16::MAX).to_le(), a);
         }
     }
-    for &(h, n) in &used[..chains] {
-        let _ = q.add_used(mem, h, n);
+    for &(h, len) in &chains[..n] {
+        used.push(mem, h, len);
     }
-    stats.rx_frames += 1;
-    true
+    Rx::Sent
 }
 
 /// Whether the guest wants an interrupt for what was used since the last
-/// one (with `VIRTIO_RING_F_EVENT_IDX`, only once its own mark is passed;
-/// otherwise unless it suppressed them). Errors (rings outside memory)
-/// count as "no".
-pub fn needs_notify<M: GuestMemory>(q: &mut Queue, mem: &M) -> bool {
-    q.needs_notification(mem).unwrap_or(false)
+/// time this was asked (`last`: the used index then, `None` at first):
+/// with `VIRTIO_RING_F_EVENT_IDX`, only if its `used_event` mark was
+/// passed (the kernel's `vring_need_event`); otherwise unless it set
+/// `VRING_AVAIL_F_NO_INTERRUPT`. Errors (rings outside memory) count as
+/// "no".
+pub fn needs_notify<M: GuestMemory>(q: &Queue, mem: &M, last: &mut Option<u16>) -> bool {
+    let new = q.next_used();
+    let Some(old) = last.replace(new) else {
+        return true;
+    };
+    if new == old {
+        return false;
+    }
+    // The used elements and index are written before the guest's mark is
+    // read.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
+    let avail = GuestAddress(q.avail_ring());
+    if !q.event_idx_enabled() {
+        let flags: u16 = mem.read_obj(avail).map(u16::from_le).unwrap_or(1);
+        return flags & 1 == 0;
+    }
+    let at = avail.checked_add(4 + 2 * u64::from(q.size()));
+    let Some(Ok(event)) = at.map(|a| mem.read_obj::<u16>(a).map(u16::from_le)) else {
+        return false;
+    };
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
 
 #[cfg(test)]

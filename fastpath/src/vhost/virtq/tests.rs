@@ -238,19 +238,33 @@ fn the_guest_is_notified_once_per_batch_and_only_when_it_asks() {
     let used_event = vq.avail_addr().unchecked_add(4 + 2 * 16);
     mem.write_obj(3u16.to_le(), used_event).unwrap();
     let mut st = VqStats::default();
+    let mut last = Some(q.next_used());
     for _ in 0..2 {
         assert!(rx_frame(&mut q, &mem, &[1; 60], true, &mut st));
     }
-    assert!(!needs_notify(&mut q, &mem), "used 2, the guest asked at 4");
+    assert!(
+        !needs_notify(&q, &mem, &mut last),
+        "used 2, the guest asked at 4"
+    );
     for _ in 0..3 {
         assert!(rx_frame(&mut q, &mem, &[1; 60], true, &mut st));
     }
     assert!(
-        needs_notify(&mut q, &mem),
+        needs_notify(&q, &mem, &mut last),
         "used 5 passed 4: one interrupt for the batch"
     );
     assert!(
-        !needs_notify(&mut q, &mem),
+        !needs_notify(&q, &mem, &mut last),
         "and not again for the same work"
+    );
+    // Without the event index the guest's flag decides.
+    q.set_event_idx(false);
+    assert!(rx_frame(&mut q, &mem, &[1; 60], true, &mut st));
+    assert!(needs_notify(&q, &mem, &mut last), "no flag: notify");
+    mem.write_obj(1u16.to_le(), vq.avail_addr()).unwrap();
+    assert!(rx_frame(&mut q, &mem, &[1; 60], true, &mut st));
+    assert!(
+        !needs_notify(&q, &mem, &mut last),
+        "VRING_AVAIL_F_NO_INTERRUPT"
     );
 }
