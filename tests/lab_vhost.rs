@@ -196,6 +196,15 @@ fn vu0_stats(lab: &Lab, ctl: &Path) -> serde_json::Value {
         .unwrap_or_default()
 }
 
+/// VM b on tap `tb` of the other hypervisor `hv2`; its namespace.
+fn vm_b(lab: &mut Lab, hv2: &str, tb: &str) -> String {
+    let b = lab.netns("vb");
+    let addr = format!("{REMOTE_IP}/24");
+    lab.attach_vm_from(Some(hv2), tb, &b, "02:00:00:00:00:0b", &addr);
+    lab::vm_mtu(&b, tb);
+    b
+}
+
 struct Qemu(Child);
 
 impl Drop for Qemu {
@@ -244,15 +253,7 @@ fn a_qemu_guest_on_vhost_user_gets_dhcp_pings_streams_and_survives_a_qemu_restar
         (TAP_IP, "02:00:00:00:00:0a", "192.168.63.1"),
     ) + &remote(GUEST_IP, GUEST_MAC);
     lab.vswitch_in(Some(&hv2), "sw2", &cfg2);
-    let b = lab.netns("vb");
-    lab.attach_vm_from(
-        Some(&hv2),
-        &tb,
-        &b,
-        "02:00:00:00:00:0b",
-        &format!("{REMOTE_IP}/24"),
-    );
-    lab::vm_mtu(&b, &tb);
+    let b = vm_b(&mut lab, &hv2, &tb);
     let a = lab.netns("va");
     lab.attach_vm_from(
         Some(&hv1),
@@ -428,15 +429,8 @@ fn a_switch_in_client_mode_finds_its_running_guest_again_after_a_restart() {
         (GUEST_IP, GUEST_MAC, "192.168.64.1"),
     );
     lab.vswitch_in(Some(&hv2), "sw2", &cfg2);
-    let (tb, b) = (lab.name("tb"), lab.netns("vb"));
-    lab.attach_vm_from(
-        Some(&hv2),
-        &tb,
-        &b,
-        "02:00:00:00:00:0b",
-        &format!("{REMOTE_IP}/24"),
-    );
-    lab::vm_mtu(&b, &tb);
+    let tb = lab.name("tb");
+    let b = vm_b(&mut lab, &hv2, &tb);
     let initrd = initramfs(&lab.dir);
     let console = lab.dir.join("console.txt");
     let _vm = Qemu(qemu(&initrd, &sock, &console, true));

@@ -137,7 +137,11 @@ mod tests {
         let (n, fds) = recv(&b, &mut buf).unwrap();
         assert_eq!((n, fds.len()), (1, 0));
         assert!(send(&a, b"", &[]).is_err());
-        assert!(send(&a, b"x", &[0; 65]).is_err());
+        assert!(send(&a, b"x", &[0; MAX_FDS + 1]).is_err());
+        // As many as the kernel takes in one message.
+        send(&a, b"m", &[g.as_raw_fd(); MAX_FDS]).unwrap();
+        let (n, fds) = recv(&b, &mut buf).unwrap();
+        assert_eq!((n, fds.len()), (1, MAX_FDS));
     }
 
     /// An unnamed temporary file.

@@ -271,26 +271,10 @@ impl Thread {
 }
 
 /// Wait until `fd` (if ≥ 0) or `stop` is readable, or `timeout_ms`
-/// passes; true if `fd` is (and `stop` is not).
+/// passes; false if `stop` is.
 fn wait_readable(fd: RawFd, stop: RawFd, timeout_ms: i32) -> io::Result<bool> {
-    let mut fds = [fd, stop].map(|fd| libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    });
-    loop {
-        // SAFETY: `fds` is a live array of two pollfds (a negative fd is
-        // ignored by poll).
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout_ms) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(e);
-        }
-        return Ok(fds[1].revents == 0);
-    }
+    let [_, stopped] = shim::readable([fd, stop], timeout_ms)?;
+    Ok(!stopped)
 }
 
 /// One connection's request handler.

@@ -79,25 +79,24 @@ pub fn pump(vmm: &UnixStream, backend: UnixStream, stop: RawFd, record: &mut Rec
     run().unwrap_or_else(|e| Pumped::Ended(Err(e)))
 }
 
-/// Wait until `fd` or one of `others` is readable; false if one of
-/// `others` is.
-fn wait_readable(fd: RawFd, others: [RawFd; 2]) -> io::Result<bool> {
-    let mut fds = [fd, others[0], others[1]].map(|fd| libc::pollfd {
+/// Wait until one of `fds` is readable (a negative one is ignored) or
+/// `timeout_ms` passes (-1: no limit); which are.
+pub(super) fn readable<const N: usize>(fds: [RawFd; N], timeout_ms: i32) -> io::Result<[bool; N]> {
+    let mut polled = fds.map(|fd| libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
     });
     loop {
-        // SAFETY: `fds` is a live array of three pollfds.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
+        // SAFETY: `polled` is a live array of N pollfds.
+        let n = unsafe { libc::poll(polled.as_mut_ptr(), N as libc::nfds_t, timeout_ms) };
+        if n >= 0 {
+            return Ok(polled.map(|p| p.revents != 0));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
         }
-        return Ok(fds[1].revents == 0 && fds[2].revents == 0);
     }
 }
 
@@ -115,17 +114,11 @@ fn forward_requests(
     let mut hdr = [0u8; HDR];
     let mut payload = vec![0u8; MAX_PAYLOAD];
     loop {
-        if !wait_readable(vmm.as_raw_fd(), wake)? {
-            let mut fd = [libc::pollfd {
-                fd: wake[0],
-                events: libc::POLLIN,
-                revents: 0,
-            }];
-            // SAFETY: one live pollfd; zero timeout.
-            let stopped = unsafe { libc::poll(fd.as_mut_ptr(), 1, 0) } == 1;
-            if stopped {
-                return Ok(true);
-            }
+        let [_, stopped, gone] = readable([vmm.as_raw_fd(), wake[0], wake[1]], -1)?;
+        if stopped {
+            return Ok(true);
+        }
+        if gone {
             return Err(io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 "the request handler ended the connection",
