@@ -9,7 +9,7 @@ mod lab;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use lab::{sh, try_sh, Lab, ECHO, PINGER};
+use lab::{plain, sh, try_sh, Lab, ECHO, PINGER};
 
 struct Switch {
     sock: std::path::PathBuf,
@@ -165,25 +165,6 @@ impl Traffic {
         );
         pings
     }
-}
-
-/// `text` without terminal colour codes.
-fn plain(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\x1b' {
-            // ESC [ ... letter
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// A copy of the binary, as an upgrade would bring.

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use lab::{sh, try_sh, wait_until, Lab};
+use lab::{plain, sh, try_sh, wait_until, Lab};
 
 const GUEST_MAC: &str = "02:00:00:00:00:20";
 const GUEST_IP: &str = "10.0.0.20";
@@ -361,6 +361,30 @@ fn a_qemu_guest_on_vhost_user_gets_dhcp_pings_streams_and_survives_a_qemu_restar
         "pings to the guest lost in the handover: {summary}\n{}",
         lab.log("sw-new")
     );
+    // A new binary that dies after the old one paused (and gave its
+    // vhost-user connection out): the old one takes the connection back
+    // and the guest goes on.
+    let fake = "import os,signal,socket,sys; s=socket.socket(socket.AF_UNIX); \
+                s.connect(sys.argv[1]); s.sendall(b'{\"cmd\": \"handover\"}\\n'); s.recv(100); \
+                s.sendall(b'ready\\n'); s.recv(8); os.kill(os.getpid(), signal.SIGKILL)";
+    let (_, out) = try_sh(&[
+        "timeout",
+        "20",
+        "python3",
+        "-c",
+        fake,
+        ctl.to_str().expect("path"),
+    ]);
+    let text = plain(&lab.log("sw-new"));
+    assert!(
+        text.lines()
+            .any(|l| l.contains("handover failed; resuming") && l.contains("paused=true")),
+        "no failed handover after the pause: {out}\n{text}"
+    );
+    let (ok, out) = try_sh(&[
+        "ip", "netns", "exec", &a, "ping", "-c", "3", "-i", "0.2", "-W", "2", GUEST_IP,
+    ]);
+    assert!(ok, "the guest after a failed handover:\n{out}\n{text}");
 
     // Kill QEMU in the middle of a stream: the switch goes on for the
     // other port (the tap VM still reaches its gateway and the switch
