@@ -83,6 +83,7 @@ ip link set lo up
 ip link set eth0 up
 udhcpc -i eth0 -s /dhcp.sh -q -t 20 -T 1 -n || echo "GUEST DHCP FAILED"
 echo "GUEST ADDR $(ip -4 -o addr show eth0 | awk '{print $4}') MTU $(cat /sys/class/net/eth0/mtu)"
+echo "GUEST QUEUES $(ls /sys/class/net/eth0/queues | tr '\n' ' ')"
 ping -c 3 -W 2 10.0.0.11 >/dev/null && echo "GUEST PING OK" || echo "GUEST PING FAILED"
 ping -c 3 -W 2 10.0.0.12 >/dev/null && echo "GUEST REMOTE OK" || echo "GUEST REMOTE FAILED"
 while true; do
@@ -133,12 +134,14 @@ fn initramfs(dir: &Path) -> PathBuf {
 }
 
 /// QEMU with the guest's memory shared (memfd) and its NIC on `sock`
-/// (QEMU listening on it if `server`, else connecting); its console goes
-/// to `console`.
-fn qemu(initrd: &Path, sock: &Path, console: &Path, server: bool) -> Child {
+/// (QEMU listening on it if `server`, else connecting) with `pairs` queue
+/// pairs (and as many vCPUs, so the guest uses them all); its console
+/// goes to `console`.
+fn qemu(initrd: &Path, sock: &Path, console: &Path, server: bool, pairs: u32) -> Child {
     let (vmlinuz, _) = kernel();
     Command::new("qemu-system-x86_64")
-        .args(["-m", "256", "-display", "none", "-no-reboot", "-kernel"])
+        .args(["-m", "256", "-display", "none", "-no-reboot"])
+        .args(["-smp", &pairs.to_string(), "-kernel"])
         .arg(vmlinuz)
         .arg("-initrd")
         .arg(initrd)
@@ -155,12 +158,18 @@ fn qemu(initrd: &Path, sock: &Path, console: &Path, server: bool) -> Child {
             sock.display(),
             if server { ",server=on,wait=off" } else { "" }
         ))
-        .args(["-netdev", "vhost-user,id=n0,chardev=c0"])
+        .args([
+            "-netdev",
+            &format!("vhost-user,id=n0,chardev=c0,queues={pairs}"),
+        ])
         // vectors=0 (INTx, no MSI-X): QEMU 7.2 (Debian 12) crashes in
         // vhost_net_start setting MSI-X vector notifiers under TCG.
         .args([
             "-device",
-            &format!("virtio-net-pci,netdev=n0,mac={GUEST_MAC},vectors=0"),
+            &format!(
+                "virtio-net-pci,netdev=n0,mac={GUEST_MAC},vectors=0,mq={}",
+                if pairs > 1 { "on" } else { "off" }
+            ),
         ])
         .arg("-serial")
         .arg(format!("file:{}", console.display()))
@@ -269,7 +278,7 @@ fn a_qemu_guest_on_vhost_user_gets_dhcp_pings_streams_and_survives_a_qemu_restar
     let initrd = initramfs(&lab.dir);
 
     let console = lab.dir.join("console-1.txt");
-    let vm = Qemu(qemu(&initrd, &sock, &console, false));
+    let vm = Qemu(qemu(&initrd, &sock, &console, false, 2));
     let text = console_shows(&console, "GUEST REMOTE", Duration::from_secs(120));
     assert!(
         text.contains(&format!("GUEST ADDR {GUEST_IP}/24 MTU 1450")),
@@ -278,6 +287,10 @@ fn a_qemu_guest_on_vhost_user_gets_dhcp_pings_streams_and_survives_a_qemu_restar
         lab.log("sw")
     );
     assert!(text.contains("GUEST PING OK"), "guest → tap VM:\n{text}");
+    assert!(
+        text.contains("GUEST QUEUES rx-0 rx-1 tx-0 tx-1"),
+        "the guest runs two queue pairs:\n{text}"
+    );
     assert!(
         text.contains("GUEST REMOTE OK"),
         "guest → VM on the other hypervisor:\n{text}\n{}",
@@ -375,10 +388,18 @@ fn a_qemu_guest_on_vhost_user_gets_dhcp_pings_streams_and_survives_a_qemu_restar
         fake,
         ctl.to_str().expect("path"),
     ]);
+    // (The old one notices when the fake's end of the socket closes.)
+    let resumed = |text: &str| {
+        text.lines()
+            .any(|l| l.contains("handover failed; resuming") && l.contains("paused=true"))
+    };
+    let t = Instant::now();
+    while !resumed(&plain(&lab.log("sw-new"))) && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let text = plain(&lab.log("sw-new"));
     assert!(
-        text.lines()
-            .any(|l| l.contains("handover failed; resuming") && l.contains("paused=true")),
+        resumed(&text),
         "no failed handover after the pause: {out}\n{text}"
     );
     let (ok, out) = try_sh(&[
@@ -424,7 +445,7 @@ fn a_qemu_guest_on_vhost_user_gets_dhcp_pings_streams_and_survives_a_qemu_restar
 
     // QEMU again (a restarted VM): connectivity comes back.
     let console = lab.dir.join("console-2.txt");
-    let _vm = Qemu(qemu(&initrd, &sock, &console, false));
+    let _vm = Qemu(qemu(&initrd, &sock, &console, false, 2));
     let text = console_shows(&console, "GUEST PING", Duration::from_secs(120));
     assert!(text.contains("GUEST PING OK"), "after the restart:\n{text}");
     let (ok, out) = try_sh(&[
@@ -457,7 +478,7 @@ fn a_switch_in_client_mode_finds_its_running_guest_again_after_a_restart() {
     let b = vm_b(&mut lab, &hv2, &tb);
     let initrd = initramfs(&lab.dir);
     let console = lab.dir.join("console.txt");
-    let _vm = Qemu(qemu(&initrd, &sock, &console, true));
+    let _vm = Qemu(qemu(&initrd, &sock, &console, true, 1));
     wait_until("QEMU's vhost-user socket", Duration::from_secs(20), || {
         sock.exists()
     });

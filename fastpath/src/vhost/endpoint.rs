@@ -201,8 +201,10 @@ impl Thread {
                     None => return,
                 },
                 Pumped::Ended(r) => {
-                    self.shared.forget_guest();
+                    // Counted before the guest is forgotten: whoever sees
+                    // it gone sees it counted.
                     self.shared.connections.fetch_add(1, Ordering::Relaxed);
+                    self.shared.forget_guest();
                     if let Err(e) = r {
                         if e.kind() != io::ErrorKind::UnexpectedEof {
                             *super::port::lock(&self.shared.last_error) = Some(e.to_string());
@@ -343,7 +345,9 @@ impl Session {
         for h in self.daemon.get_epoll_handlers() {
             h.send_exit_event();
         }
-        shared.forget_guest();
+        if matches!(out, Pumped::Detached) {
+            shared.forget_guest();
+        }
         out
     }
 }

@@ -16,7 +16,9 @@ use std::sync::{Arc, Mutex};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
-use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_MRG_RXBUF};
+use virtio_bindings::virtio_net::{
+    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF,
+};
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryMmap};
@@ -24,9 +26,15 @@ use vmm_sys_util::epoll::EventSet;
 
 use super::virtq::{self, VqStats};
 
-/// Queue 0 is the guest's receive queue (we write), 1 its transmit queue.
+/// Queue 2p is pair p's receive queue (we write), 2p + 1 its transmit
+/// queue; a guest without multiqueue uses pair 0.
 pub const RX_QUEUE: usize = 0;
 pub const TX_QUEUE: usize = 1;
+
+/// Queue pairs a guest may use (`-netdev vhost-user,queues=N`, N up to
+/// this; the guest enables as many as it wants through its control
+/// queue, which QEMU serves).
+pub const MAX_PAIRS: usize = 4;
 
 /// Largest queue a guest may configure.
 pub const MAX_QUEUE_SIZE: usize = 1024;
@@ -117,6 +125,8 @@ impl NetBackend {
 pub const FEATURES: u64 = 1 << VIRTIO_F_VERSION_1
     | 1 << VIRTIO_NET_F_MAC
     | 1 << VIRTIO_NET_F_MRG_RXBUF
+    | 1 << VIRTIO_NET_F_CTRL_VQ
+    | 1 << VIRTIO_NET_F_MQ
     | 1 << VIRTIO_RING_F_EVENT_IDX
     | 1 << VIRTIO_RING_F_INDIRECT_DESC
     | 1 << VIRTIO_F_NOTIFY_ON_EMPTY;
@@ -126,7 +136,7 @@ impl VhostUserBackend for NetBackend {
     type Vring = VringRwLock;
 
     fn num_queues(&self) -> usize {
-        2
+        2 * MAX_PAIRS
     }
 
     fn max_queue_size(&self) -> usize {
@@ -148,7 +158,9 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::MQ
     }
 
     fn reset_device(&self) {
@@ -161,10 +173,11 @@ impl VhostUserBackend for NetBackend {
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         // struct virtio_net_config: mac[6], status, max_virtqueue_pairs,
-        // mtu (we offer only VIRTIO_NET_F_MAC).
+        // mtu (no VIRTIO_NET_F_MTU).
         let mut cfg = [0u8; 12];
         cfg[..6].copy_from_slice(&self.shared.mac);
-        cfg[8] = 1; // max_virtqueue_pairs
+        let pairs = u16::try_from(MAX_PAIRS).unwrap_or(u16::MAX);
+        cfg[8..10].copy_from_slice(&pairs.to_le_bytes());
         let start = (offset as usize).min(cfg.len());
         let end = start.saturating_add(size as usize).min(cfg.len());
         cfg[start..end].to_vec()
@@ -227,7 +240,7 @@ pub struct VhostPort {
     mergeable: bool,
     /// Each queue's used index when the guest was last considered for an
     /// interrupt (`None`: not yet, for this guest).
-    signalled: [Option<u16>; 2],
+    signalled: [Option<u16>; 2 * MAX_PAIRS],
     pub stats: VqStats,
     /// Frames offered while no guest was ready.
     pub not_ready: u64,
@@ -240,7 +253,7 @@ impl VhostPort {
             seen: u64::MAX,
             guest: None,
             mergeable: false,
-            signalled: [None; 2],
+            signalled: [None; 2 * MAX_PAIRS],
             stats: VqStats::default(),
             not_ready: 0,
         }
@@ -254,7 +267,7 @@ impl VhostPort {
             self.seen = g;
             self.guest = lock(&self.shared.state).clone();
             // Interrupts are owed for what is used from here on.
-            self.signalled = [RX_QUEUE, TX_QUEUE].map(|i| {
+            self.signalled = std::array::from_fn(|i| {
                 let v = self.guest.as_ref()?.vrings.get(i)?;
                 let next = v.get_ref().get_queue().next_used();
                 Some(next)
@@ -264,54 +277,114 @@ impl VhostPort {
         }
     }
 
-    /// Take up to `max` frames the guest sent into `sink`; returns how many
-    /// chains were consumed.
+    /// Take up to `max` frames the guest sent, on any of its transmit
+    /// queues, into `sink`; returns how many chains were consumed.
     pub fn recv(&mut self, max: usize, sink: &mut impl virtq::FrameSink) -> usize {
         self.refresh();
         let Some(g) = &self.guest else {
             return 0;
         };
-        let Some(vring) = g.vrings.get(TX_QUEUE) else {
-            return 0;
-        };
         let mem = g.mem.memory();
-        let mut v = vring.get_mut();
-        if !v.is_enabled() || !v.get_queue().ready() {
-            return 0;
+        let mut done = 0;
+        for (pair, vring) in g.vrings.iter().skip(TX_QUEUE).step_by(2).enumerate() {
+            if done == max {
+                break;
+            }
+            let mut v = vring.get_mut();
+            if !v.is_enabled() || !v.get_queue().ready() {
+                continue;
+            }
+            let n = virtq::tx_burst(v.get_queue_mut(), &*mem, max - done, &mut self.stats, sink);
+            let signalled = &mut self.signalled[2 * pair + TX_QUEUE];
+            if n > 0 && virtq::needs_notify(v.get_queue(), &*mem, signalled) {
+                let _ = v.signal_used_queue();
+            }
+            done += n;
         }
-        let n = virtq::tx_burst(v.get_queue_mut(), &*mem, max, &mut self.stats, sink);
-        if n > 0 && virtq::needs_notify(v.get_queue(), &*mem, &mut self.signalled[TX_QUEUE]) {
-            let _ = v.signal_used_queue();
-        }
-        n
+        done
     }
 
     /// Give `frames` to the guest; returns how many it took and their
     /// bytes (the rest are counted: no buffer, not ready, bad buffer).
+    /// With several receive queues enabled, a flow's frames go to one of
+    /// them by a hash of its addresses and ports (as a NIC's RSS would),
+    /// so the guest spreads them over its CPUs and keeps each flow in
+    /// order.
     pub fn send<'a>(&mut self, frames: impl IntoIterator<Item = &'a [u8]>) -> (usize, u64) {
         self.refresh();
-        let ready = self.guest.as_ref().and_then(|g| {
-            let v = g.vrings.get(RX_QUEUE)?;
-            Some((v, g.mem.memory()))
-        });
-        let Some((vring, mem)) = ready else {
+        let Some(g) = &self.guest else {
             self.not_ready += frames.into_iter().count() as u64;
             return (0, 0);
         };
-        let mut v = vring.get_mut();
-        if !v.is_enabled() || !v.get_queue().ready() {
-            drop(v);
-            self.not_ready += frames.into_iter().count() as u64;
-            return (0, 0);
+        // The receive queues the guest has running now.
+        let mut active = arrayvec::ArrayVec::<usize, MAX_PAIRS>::new();
+        for (pair, vring) in g.vrings.iter().step_by(2).enumerate() {
+            let v = vring.get_ref();
+            if v.is_enabled() && v.get_queue().ready() {
+                active.push(pair);
+            }
         }
-        let (sent, bytes) = virtq::rx_burst(
-            v.get_queue_mut(),
-            &*mem,
-            frames,
-            self.mergeable,
-            &mut self.stats,
-        );
-        if sent > 0 && virtq::needs_notify(v.get_queue(), &*mem, &mut self.signalled[RX_QUEUE]) {
+        let mem = g.mem.memory();
+        let (mut sent, mut bytes) = (0, 0);
+        match active.as_slice() {
+            [] => self.not_ready += frames.into_iter().count() as u64,
+            &[pair] => {
+                (sent, bytes) = Self::rx(
+                    g,
+                    &mem,
+                    pair,
+                    frames,
+                    self.mergeable,
+                    &mut self.stats,
+                    &mut self.signalled,
+                );
+            }
+            pairs => {
+                let mut frames = frames.into_iter().peekable();
+                while frames.peek().is_some() {
+                    let chunk: arrayvec::ArrayVec<(&[u8], usize), 64> = frames
+                        .by_ref()
+                        .take(64)
+                        .map(|f| (f, flow_hash(f) as usize % pairs.len()))
+                        .collect();
+                    for (i, &pair) in pairs.iter().enumerate() {
+                        let mine = chunk.iter().filter(|(_, q)| *q == i).map(|(f, _)| *f);
+                        let (s, b) = Self::rx(
+                            g,
+                            &mem,
+                            pair,
+                            mine,
+                            self.mergeable,
+                            &mut self.stats,
+                            &mut self.signalled,
+                        );
+                        sent += s;
+                        bytes += b;
+                    }
+                }
+            }
+        }
+        (sent, bytes)
+    }
+
+    /// [`virtq::rx_burst`] on pair `pair`'s receive queue, and the
+    /// guest's interrupt if it wants one.
+    fn rx<'a>(
+        g: &Guest,
+        mem: &GuestMemoryMmap,
+        pair: usize,
+        frames: impl IntoIterator<Item = &'a [u8]>,
+        mergeable: bool,
+        stats: &mut VqStats,
+        signalled: &mut [Option<u16>; 2 * MAX_PAIRS],
+    ) -> (usize, u64) {
+        let Some(vring) = g.vrings.get(2 * pair + RX_QUEUE) else {
+            return (0, 0);
+        };
+        let mut v = vring.get_mut();
+        let (sent, bytes) = virtq::rx_burst(v.get_queue_mut(), mem, frames, mergeable, stats);
+        if sent > 0 && virtq::needs_notify(v.get_queue(), mem, &mut signalled[2 * pair + RX_QUEUE])
+        {
             let _ = v.signal_used_queue();
         }
         (sent, bytes)
@@ -322,6 +395,37 @@ impl VhostPort {
         self.refresh();
         self.guest.is_some()
     }
+}
+
+/// A frame's flow hash for picking a receive queue: IPv4 addresses, and
+/// TCP/UDP ports of unfragmented packets (0 for anything else, so other
+/// traffic stays on the first queue).
+fn flow_hash(frame: &[u8]) -> u32 {
+    let word = |at: usize| -> u32 {
+        frame
+            .get(at..at + 4)
+            .map_or(0, |b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    };
+    if frame.get(12..14) != Some(&[0x08, 0x00]) {
+        return 0;
+    }
+    let ihl = usize::from(frame.get(14).map_or(5, |b| b & 0x0f)) * 4;
+    let proto = frame.get(23).copied().unwrap_or(0);
+    let unfragmented = frame
+        .get(20..22)
+        .is_some_and(|f| f[0] & 0x3f == 0 && f[1] == 0);
+    let ports = if (proto == 6 || proto == 17) && unfragmented {
+        word(14 + ihl)
+    } else {
+        0
+    };
+    // murmur3's finaliser: every input bit reaches the low bits.
+    let mut h = word(26) ^ word(30).rotate_left(11) ^ ports.rotate_left(23);
+    h ^= h >> 16;
+    h = h.wrapping_mul(0x85eb_ca6b);
+    h ^= h >> 13;
+    h = h.wrapping_mul(0xc2b2_ae35);
+    h ^ (h >> 16)
 }
 
 #[cfg(test)]

@@ -50,8 +50,8 @@ pub const VERSION: u32 = 0x1;
 pub const REPLY: u32 = 0x4;
 pub const NEED_REPLY: u32 = 0x8;
 
-/// Vrings a record keeps (the device has two; more is a bad request).
-const MAX_VRINGS: usize = 8;
+/// Vrings a record keeps (the device's; more is a bad request).
+const MAX_VRINGS: usize = 2 * super::port::MAX_PAIRS;
 
 /// One request as the VMM sent it.
 pub struct Message {
