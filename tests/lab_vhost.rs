@@ -1,7 +1,8 @@
 //! A real guest on a vhost-user port: Debian's kernel and a busybox
 //! userland built into an initramfs here, booted by QEMU (software
 //! emulation) with its memory in a shared memfd and its virtio-net device
-//! served by vswitch over vhost-user. The guest takes its address by DHCP
+//! served by vswitch over vhost-user (two queue pairs, two vCPUs). The
+//! guest takes its address by DHCP
 //! from the switch, pings a VM on a tap port of the same hypervisor and
 //! one on another hypervisor (across VXLAN), and takes a TCP stream; the
 //! switch is upgraded live under a ping flood and a stream (its

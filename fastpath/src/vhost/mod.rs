@@ -7,8 +7,8 @@
 //!   with `VIRTIO_NET_F_MRG_RXBUF`), one notification per batch if the
 //!   guest asked (`VIRTIO_RING_F_EVENT_IDX`); every defect is a counted
 //!   drop.
-//! - [`port`]: the virtio-net device for `vhost-user-backend` and the fast
-//!   path's handle on it.
+//! - [`port`]: the virtio-net device for `vhost-user-backend` (up to
+//!   [`port::MAX_PAIRS`] queue pairs) and the fast path's handle on it.
 //! - [`endpoint`]: the protocol thread per port (server or client mode,
 //!   reconnects, handover of a live connection).
 //! - [`shim`]: the pump between the VMM and the request handler, which
