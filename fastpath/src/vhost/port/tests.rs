@@ -35,9 +35,9 @@ pub(crate) struct Vmm {
     pub calls: [EventFd; 2],
 }
 
-fn memfd(len: usize) -> std::fs::File {
+fn memfd(name: &std::ffi::CStr, len: usize) -> std::fs::File {
     // SAFETY: memfd_create with a static name; checked below.
-    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
+    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
     assert!(fd >= 0);
     // SAFETY: a fresh descriptor owned by nothing else.
     let f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
@@ -58,7 +58,12 @@ pub(crate) fn connect(sock: &std::path::Path) -> Vmm {
 
 /// Set the device up as QEMU does.
 pub(crate) fn setup(fe: Frontend) -> Vmm {
-    let file = memfd(MEM);
+    setup_named(fe, c"guest")
+}
+
+/// [`setup`] with the guest memory's memfd named `name`.
+fn setup_named(fe: Frontend, name: &std::ffi::CStr) -> Vmm {
+    let file = memfd(name, MEM);
     let raw = file.as_raw_fd();
     let mem = GuestMemoryMmap::from_ranges_with_files([(
         GuestAddress(0),
@@ -408,4 +413,47 @@ fn the_flow_hash_keeps_a_flow_together_and_spreads_flows() {
     arp[12..14].copy_from_slice(&[0x08, 0x06]);
     assert_eq!(flow_hash(&arp), 0);
     assert_eq!(flow_hash(&udp(1)[..24]), flow_hash(&udp(1)[..24]));
+}
+
+#[test]
+fn guests_that_come_and_go_leave_no_memory_mapped_or_open() {
+    let sock = sock_path("leak");
+    let shared = Shared::new([2, 0, 0, 0, 0, 0x48]);
+    let _endpoint = Endpoint::listen(&sock, shared.clone()).unwrap();
+    let mut port = VhostPort::new(shared);
+    // What of the guests' memory this process still holds: descriptors
+    // and mappings of the test's uniquely named memfd.
+    let held = || {
+        let fds = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+            .filter(|l| l.to_string_lossy().contains("memfd:leakcheck"))
+            .count();
+        let maps = std::fs::read_to_string("/proc/self/maps")
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("memfd:leakcheck"))
+            .count();
+        (fds, maps)
+    };
+    for _ in 0..10 {
+        let vmm = setup_named(Frontend::connect(&sock, 2).unwrap(), c"leakcheck");
+        let rxq = MockSplitQueue::create(&vmm.mem, GuestAddress(RXQ), 16);
+        rxq.add_desc_chains(&[desc(BUF, 2048, VRING_DESC_F_WRITE, 0)], 0)
+            .unwrap();
+        vmm.kicks[RX_QUEUE].write(1).unwrap();
+        until("the guest takes a frame", || {
+            port.send([&[7u8; 60][..]]).0 == 1
+        });
+        assert!(held().0 > 0, "the guest's memory is open while it runs");
+        drop(rxq);
+        drop(vmm);
+        until("the guest gone", || !port.connected());
+    }
+    // The fast path lets go of the last guest's rings at its next look.
+    until("every guest's memory released", || {
+        port.connected();
+        held() == (0, 0)
+    });
+    let _ = std::fs::remove_file(&sock);
 }
