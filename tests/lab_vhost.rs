@@ -2,14 +2,15 @@
 //! userland built into an initramfs here, booted by QEMU (software
 //! emulation) with its memory in a shared memfd and its virtio-net device
 //! served by vswitch over vhost-user (two queue pairs, two vCPUs). The
-//! guest takes its address by DHCP
-//! from the switch, pings a VM on a tap port of the same hypervisor and
-//! one on another hypervisor (across VXLAN), and takes a TCP stream; the
-//! switch is upgraded live under a ping flood and a stream (its
-//! vhost-user connection handed over); QEMU is killed mid-stream (the
-//! switch keeps forwarding for the others) and started again (the guest is
-//! reachable again). In client mode the switch connects to QEMU, and a
-//! killed and restarted switch finds the running guest again.
+//! guest takes its address by DHCP from the switch, pings a VM on a tap
+//! port of the same hypervisor and one on another hypervisor (across
+//! VXLAN), and takes a TCP stream; the switch is upgraded live under a
+//! ping flood and a stream (its vhost-user connection handed over), and a
+//! new binary that dies after the pause leaves the guest with the old one;
+//! QEMU is killed mid-stream (the switch keeps forwarding for the others)
+//! and started again (the guest is reachable again). In client mode the
+//! switch connects to QEMU, and a killed and restarted switch finds the
+//! running guest again.
 //!
 //! Needs qemu-system-x86, linux-image-amd64 and busybox-static
 //! (scripts/deps installs them). Run serially.
