@@ -327,6 +327,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         let mut adopted = Vec::new();
         for (id, (name, taken_port)) in taken.ports.into_iter().enumerate() {
             let id = PortId(u16::try_from(id).context("too many ports")?);
+            let closed = matches!(taken_port, TakenPort::Closed);
             let io = match taken_port {
                 TakenPort::Tap(fd) => PortIo::Tap(Tap::from_fd(fd, &name)),
                 TakenPort::Xsk { fd, ring_size } => PortIo::Xsk(
@@ -336,7 +337,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
                 // Its connection comes with the pause.
                 TakenPort::VhostUser | TakenPort::Closed => PortIo::Closed,
             };
-            if uplink_name != Some(name.as_str()) && !matches!(io, PortIo::Closed) {
+            if uplink_name != Some(name.as_str()) && !closed {
                 port_names.insert(name.clone(), id);
             }
             adopted.push(Port {

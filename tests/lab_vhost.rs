@@ -376,6 +376,29 @@ fn a_qemu_guest_on_vhost_user_gets_dhcp_pings_streams_and_survives_a_qemu_restar
         "pings to the guest lost in the handover: {summary}\n{}",
         lab.log("sw-new")
     );
+    // The new binary knows the port by name (for `apply`, `port-remove`).
+    let again = Command::new(env!("CARGO_BIN_EXE_vswitch"))
+        .args(["ctl", "--socket"])
+        .arg(&ctl)
+        .args([
+            "port-add",
+            "vu0",
+            "--type",
+            "vhost-user",
+            "--mac",
+            GUEST_MAC,
+        ])
+        .args([
+            "--socket",
+            lab.dir.join("other.sock").to_str().expect("path"),
+        ])
+        .output()
+        .expect("ctl");
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        !again.status.success() && said.contains("already exists"),
+        "the handed-over port vu0 is unknown by name: {said}"
+    );
     // A new binary that dies after the old one paused (and gave its
     // vhost-user connection out): the old one takes the connection back
     // and the guest goes on.
