@@ -350,6 +350,11 @@ impl Server {
                     let mut v = stats_json(&s);
                     v["conntrack"] = self.conntrack_counters();
                     v["last_handover"] = self.links.last_handover.clone().unwrap_or(Value::Null);
+                    if !self.links.vhost.is_empty() {
+                        let vu: Vec<Value> =
+                            self.links.vhost.iter().map(crate::vhost::Link::status).collect();
+                        v["vhost_user"] = json!(vu);
+                    }
                     v
                 }),
                 Some("flows") => FlowFilter::parse(&v).and_then(|flt| {
@@ -1304,8 +1309,32 @@ fn print_port_table(v: &Value) {
     }
 }
 
+/// One line per vhost-user port: its socket, whether a guest is there,
+/// and what went wrong last.
+fn print_vhost(v: &Value) {
+    for p in v["vhost_user"].as_array().into_iter().flatten() {
+        let guest = if p["guest_connected"] == true {
+            "guest connected"
+        } else {
+            "no guest"
+        };
+        let err = p["last_error"]
+            .as_str()
+            .map(|e| format!("; last error: {e}"))
+            .unwrap_or_default();
+        println!(
+            "  vhost-user {}: {guest} ({} {}), {} connections ended{err}",
+            s(p, "name"),
+            s(p, "mode"),
+            s(p, "socket"),
+            n(p, "connections_ended")
+        );
+    }
+}
+
 fn print_stats(v: &Value) {
     print_port_table(v);
+    print_vhost(v);
     let pl = &v["pipeline"];
     println!(
         "\npipeline: rx {} hits {} misses {} tx {}",
@@ -1463,9 +1492,11 @@ fn print_leases(v: &Value) {
 
 fn print_ports(v: &Value) {
     print_port_table(v);
+    print_vhost(v);
     for p in v["ports"].as_array().into_iter().flatten() {
         let mut d = counters(&p["drops"], "");
         d.extend(counters(&p["af_xdp"], "kernel "));
+        d.extend(counters(&p["guest"], "guest "));
         if !d.is_empty() {
             println!("  drops on {}: {}", s(p, "name"), d.join(", "));
         }

@@ -34,6 +34,19 @@ pub struct Link {
 }
 
 impl Link {
+    /// What `ctl stats` shows of the port's protocol side.
+    pub fn status(&self) -> Value {
+        let last_error = self.shared.last_error();
+        json!({
+            "name": self.spec.name,
+            "socket": self.spec.socket,
+            "mode": mode_name(self.spec.mode),
+            "guest_connected": self.shared.published(),
+            "connections_ended": self.shared.connections.load(std::sync::atomic::Ordering::Relaxed),
+            "last_error": last_error,
+        })
+    }
+
     /// Wake the fast path on the guest's kicks.
     pub fn wake_on_kick(&self, wake: &Arc<Wake>) {
         let w = wake.clone();
@@ -105,11 +118,18 @@ pub fn to_wire(spec: &Spec, handed: &Handed, fds: &mut Vec<RawFd>) -> Value {
     json!({
         "name": spec.name,
         "socket": spec.socket,
-        "mode": match spec.mode { VhostMode::Server => "server", VhostMode::Client => "client" },
+        "mode": mode_name(spec.mode),
         "mac": spec.mac,
         "listener": listener,
         "conn": conn,
     })
+}
+
+fn mode_name(m: VhostMode) -> &'static str {
+    match m {
+        VhostMode::Server => "server",
+        VhostMode::Client => "client",
+    }
 }
 
 /// A port from its data; `take(i)` gives descriptor `i` (each once).

@@ -463,4 +463,30 @@ fn ports_are_added_and_removed_at_run_time() {
     assert!(e.contains("field `socket`"), "{e}");
     ctl(&sw.sock, &["port-remove", "vu1"]).expect("port-remove vu1");
     assert!(!vu.exists(), "the socket went with the port");
+    // Client mode towards a VMM that is not there: it keeps trying, and
+    // says why it cannot connect.
+    let gone = lab.dir.join("no-vmm.sock");
+    add_vu(&[
+        "--socket",
+        gone.to_str().expect("path"),
+        "--mac",
+        "02:00:00:00:00:1e",
+        "--mode",
+        "client",
+    ])
+    .expect("a client-mode port");
+    lab::wait_until(
+        "the failed connect reported",
+        Duration::from_secs(5),
+        || {
+            let st = ctl(&sw.sock, &["stats"]).unwrap_or_default();
+            st["vhost_user"].as_array().into_iter().flatten().any(|p| {
+                p["name"] == "vu1"
+                    && p["mode"] == "client"
+                    && p["last_error"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("connecting to"))
+            })
+        },
+    );
 }

@@ -467,6 +467,11 @@ fn a_qemu_guest_on_vhost_user_gets_dhcp_pings_streams_and_survives_a_qemu_restar
     ]);
     let port = vu0_stats(&lab, &ctl);
     assert!(port["guest"]["not_ready"].as_u64() > Some(0), "{port}");
+    let vu = &lab.ctl(&ctl, "stats").expect("stats")["vhost_user"][0];
+    assert!(
+        vu["guest_connected"] == false && vu["connections_ended"].as_u64() >= Some(1),
+        "the port's status after QEMU died: {vu}"
+    );
 
     // QEMU again (a restarted VM): connectivity comes back.
     let console = lab.dir.join("console-2.txt");
@@ -531,6 +536,12 @@ fn a_switch_in_client_mode_finds_its_running_guest_again_after_a_restart() {
         ])
     };
     assert!(ping().0, "remote VM → guest:\n{}", lab.log("sw"));
+    let st = lab.ctl(&lab.socket("sw"), "stats").expect("stats");
+    let vu = &st["vhost_user"][0];
+    assert!(
+        vu["guest_connected"] == true && vu["mode"] == "client",
+        "the port's status: {vu}"
+    );
     // The switch dies (no handover, no goodbye): the guest is cut off.
     let sw = lab.last_child();
     sw.kill().expect("killing the switch");

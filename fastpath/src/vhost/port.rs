@@ -1,7 +1,7 @@
-//! A vhost-user virtio-net port: the protocol endpoint (on
-//! `vhost-user-backend`, one thread per port: socket messages, memory
-//! table, vring setup, kicks) and the fast-path side that serves the
-//! vrings in batches ([`super::virtq`]).
+//! A vhost-user virtio-net port: the device `vhost-user-backend` serves
+//! (features, config space, kicks; its protocol thread is
+//! [`super::endpoint`]) and the fast-path side that serves the vrings in
+//! batches ([`super::virtq`]).
 //!
 //! The two meet in [`Shared`]: the protocol thread publishes the port's
 //! vrings and guest memory and bumps a generation; the fast path picks
@@ -10,7 +10,7 @@
 //! vhost library takes a virtqueue's access lock per burst — so a
 //! reconfiguration from the VMM never races a batch.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
@@ -49,7 +49,6 @@ pub struct Shared {
     acked_features: AtomicU64,
     /// The fast path's wakeup, poked on a kick (adaptive polling sleeps).
     wake: Mutex<Option<Arc<dyn Fn() + Send + Sync>>>,
-    kicked: AtomicBool,
     /// Guest connections that ended.
     pub connections: AtomicU64,
     /// Why the last connection failed, if it did.
@@ -70,7 +69,6 @@ impl Shared {
             state: Mutex::new(None),
             acked_features: AtomicU64::new(0),
             wake: Mutex::new(None),
-            kicked: AtomicBool::new(false),
             connections: AtomicU64::new(0),
             last_error: Mutex::new(None),
         })
@@ -83,6 +81,12 @@ impl Shared {
 
     fn changed(&self) {
         self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Why the last connection failed (or the last connect attempt, in
+    /// client mode), if one did.
+    pub fn last_error(&self) -> Option<String> {
+        lock(&self.last_error).clone()
     }
 
     /// True once the connected guest's rings are published.
@@ -224,7 +228,6 @@ impl VhostUserBackend for NetBackend {
             }
         }
         drop(st);
-        self.shared.kicked.store(true, Ordering::Release);
         if let Some(w) = lock(&self.shared.wake).as_ref() {
             w();
         }
