@@ -235,6 +235,39 @@ impl VhostUserBackend for NetBackend {
     }
 }
 
+/// A vring locked for a batch.
+type VringStateMut<'a> = std::sync::RwLockWriteGuard<'a, vhost_user_backend::VringState>;
+
+/// What a batch of frames for the guest writes through.
+struct ToGuest<'g> {
+    mem: &'g GuestMemoryMmap,
+    mergeable: bool,
+    stats: &'g mut VqStats,
+    signalled: &'g mut [Option<u16>; 2 * MAX_PAIRS],
+}
+
+impl ToGuest<'_> {
+    /// [`virtq::rx_burst`] on receive queue `ring` (index, locked), and
+    /// the guest's interrupt if it wants one.
+    fn rx<'a>(
+        &mut self,
+        (q, v): &mut (usize, VringStateMut<'_>),
+        frames: impl IntoIterator<Item = &'a [u8]>,
+    ) -> (usize, u64) {
+        let (sent, bytes) = virtq::rx_burst(
+            v.get_queue_mut(),
+            self.mem,
+            frames,
+            self.mergeable,
+            self.stats,
+        );
+        if sent > 0 && virtq::needs_notify(v.get_queue(), self.mem, &mut self.signalled[*q]) {
+            let _ = v.signal_used_queue();
+        }
+        (sent, bytes)
+    }
+}
+
 /// The fast path's side of a port.
 pub struct VhostPort {
     shared: Arc<Shared>,
@@ -319,76 +352,43 @@ impl VhostPort {
             self.not_ready += frames.into_iter().count() as u64;
             return (0, 0);
         };
-        // The receive queues the guest has running now.
-        let mut active = arrayvec::ArrayVec::<usize, MAX_PAIRS>::new();
+        // The receive queues the guest has running now, each locked for
+        // the batch.
+        let mut rings = arrayvec::ArrayVec::<_, MAX_PAIRS>::new();
         for (pair, vring) in g.vrings.iter().step_by(2).enumerate() {
-            let v = vring.get_ref();
+            let v = vring.get_mut();
             if v.is_enabled() && v.get_queue().ready() {
-                active.push(pair);
+                rings.push((2 * pair + RX_QUEUE, v));
             }
         }
         let mem = g.mem.memory();
+        let mut guest = ToGuest {
+            mem: &mem,
+            mergeable: self.mergeable,
+            stats: &mut self.stats,
+            signalled: &mut self.signalled,
+        };
         let (mut sent, mut bytes) = (0, 0);
-        match active.as_slice() {
+        match rings.as_mut_slice() {
             [] => self.not_ready += frames.into_iter().count() as u64,
-            &[pair] => {
-                (sent, bytes) = Self::rx(
-                    g,
-                    &mem,
-                    pair,
-                    frames,
-                    self.mergeable,
-                    &mut self.stats,
-                    &mut self.signalled,
-                );
-            }
-            pairs => {
+            [ring] => (sent, bytes) = guest.rx(ring, frames),
+            rings => {
+                let n = rings.len();
                 let mut frames = frames.into_iter().peekable();
                 while frames.peek().is_some() {
                     let chunk: arrayvec::ArrayVec<(&[u8], usize), 64> = frames
                         .by_ref()
                         .take(64)
-                        .map(|f| (f, flow_hash(f) as usize % pairs.len()))
+                        .map(|f| (f, flow_hash(f) as usize % n))
                         .collect();
-                    for (i, &pair) in pairs.iter().enumerate() {
+                    for (i, ring) in rings.iter_mut().enumerate() {
                         let mine = chunk.iter().filter(|(_, q)| *q == i).map(|(f, _)| *f);
-                        let (s, b) = Self::rx(
-                            g,
-                            &mem,
-                            pair,
-                            mine,
-                            self.mergeable,
-                            &mut self.stats,
-                            &mut self.signalled,
-                        );
+                        let (s, b) = guest.rx(ring, mine);
                         sent += s;
                         bytes += b;
                     }
                 }
             }
-        }
-        (sent, bytes)
-    }
-
-    /// [`virtq::rx_burst`] on pair `pair`'s receive queue, and the
-    /// guest's interrupt if it wants one.
-    fn rx<'a>(
-        g: &Guest,
-        mem: &GuestMemoryMmap,
-        pair: usize,
-        frames: impl IntoIterator<Item = &'a [u8]>,
-        mergeable: bool,
-        stats: &mut VqStats,
-        signalled: &mut [Option<u16>; 2 * MAX_PAIRS],
-    ) -> (usize, u64) {
-        let Some(vring) = g.vrings.get(2 * pair + RX_QUEUE) else {
-            return (0, 0);
-        };
-        let mut v = vring.get_mut();
-        let (sent, bytes) = virtq::rx_burst(v.get_queue_mut(), mem, frames, mergeable, stats);
-        if sent > 0 && virtq::needs_notify(v.get_queue(), mem, &mut signalled[2 * pair + RX_QUEUE])
-        {
-            let _ = v.signal_used_queue();
         }
         (sent, bytes)
     }
