@@ -10,14 +10,12 @@
 //! of the split layout): descriptors are built once and reused, so the
 //! driver's cost per frame is an avail entry and an index update.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
 
+use fastpath::vhost::vmm;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 const Q: u16 = 256;
@@ -81,7 +79,7 @@ impl Ring {
 }
 
 struct Device {
-    _fe: Frontend,
+    _fe: vmm::Frontend,
     mem: GuestMemoryMmap,
     rx: Ring,
     tx: Ring,
@@ -89,57 +87,25 @@ struct Device {
 }
 
 fn device(sock: &str) -> Device {
-    // SAFETY: memfd_create with a static name; checked below.
-    let fd = unsafe { libc::memfd_create(c"guest".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create");
-    // SAFETY: a fresh descriptor owned by nothing else.
-    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    file.set_len(MEM as u64).unwrap();
-    let raw = file.as_raw_fd();
-    let mem = GuestMemoryMmap::from_ranges_with_files([(
-        GuestAddress(0),
+    let fe = vmm::Frontend::connect(sock, 2).expect("connecting to the port");
+    let vmm::Attached { mut fe, mem, .. } = vmm::attach(
+        fe,
+        c"guest",
         MEM,
-        Some(FileOffset::new(file, 0)),
-    )])
-    .unwrap();
-    let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
-    let mut fe = Frontend::connect(sock, 2).expect("connecting to the port");
-    fe.set_owner().unwrap();
-    let features = fe.get_features().unwrap();
-    fe.set_features(features).unwrap();
-    let pf = fe.get_protocol_features().unwrap();
-    fe.set_protocol_features(pf & VhostUserProtocolFeatures::REPLY_ACK)
-        .unwrap();
-    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
-        guest_phys_addr: 0,
-        memory_size: MEM as u64,
-        userspace_addr: host,
-        mmap_offset: 0,
-        mmap_handle: raw,
-    }])
-    .unwrap();
+        u64::MAX,
+        VhostUserProtocolFeatures::REPLY_ACK,
+    );
     let (rx, tx) = (Ring::at(0), Ring::at(0x4000));
     let mut fds = Vec::new();
     for (i, r) in [&rx, &tx].into_iter().enumerate() {
-        fe.set_vring_num(i, Q).unwrap();
-        fe.set_vring_addr(
-            i,
-            &VringConfigData {
-                queue_max_size: Q,
-                queue_size: Q,
-                flags: 0,
-                desc_table_addr: host + r.desc,
-                used_ring_addr: host + r.used,
-                avail_ring_addr: host + r.avail,
-                log_addr: None,
-            },
-        )
-        .unwrap();
-        fe.set_vring_base(i, 0).unwrap();
         let (call, kick) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
-        fe.set_vring_call(i, &call).unwrap();
-        fe.set_vring_kick(i, &kick).unwrap();
-        fe.set_vring_enable(i, true).unwrap();
+        let at = vmm::RingAt {
+            size: Q,
+            desc: r.desc,
+            avail: r.avail,
+            used: r.used,
+        };
+        vmm::start_ring(&mut fe, &mem, i, at, &call, &kick);
         // One kick publishes the queues to the switch; after that it polls.
         kick.write(1).unwrap();
         fds.push(call);

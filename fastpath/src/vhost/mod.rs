@@ -14,9 +14,13 @@
 //! - [`shim`]: the pump between the VMM and the request handler, which
 //!   mends QEMU's early ring enable and records the set-up.
 //! - [`record`]: that set-up, replayed into the next handler.
+//! - `vmm` (tests and benches, feature `test-vmm`): a VMM's side of a
+//!   connection.
 
 pub mod endpoint;
 pub mod port;
 pub mod record;
 pub mod shim;
 pub mod virtq;
+#[cfg(any(test, feature = "test-vmm"))]
+pub mod vmm;

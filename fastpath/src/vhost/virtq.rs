@@ -227,20 +227,6 @@ where
     (sent, bytes)
 }
 
-/// [`rx_burst`] of one frame; true if it reached the guest.
-pub fn rx_frame<M>(
-    q: &mut Queue,
-    mem: &M,
-    frame: &[u8],
-    mergeable: bool,
-    stats: &mut VqStats,
-) -> bool
-where
-    M: GuestMemory,
-{
-    rx_burst(q, mem, [frame], mergeable, stats).0 == 1
-}
-
 enum Rx {
     Sent,
     Oversize,

@@ -6,22 +6,22 @@
 // Lengths and flags here are small constants.
 #![allow(clippy::cast_possible_truncation)]
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
-use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vhost::VhostBackend;
 use virtio_bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::*;
 use crate::vhost::endpoint::Endpoint;
 use crate::vhost::virtq::HDR_LEN;
+use crate::vhost::vmm;
 
 pub(crate) const MEM: usize = 1 << 20;
 pub(crate) const RXQ: u64 = 0x0;
@@ -33,16 +33,6 @@ pub(crate) struct Vmm {
     pub mem: GuestMemoryMmap,
     pub kicks: [EventFd; 2],
     pub calls: [EventFd; 2],
-}
-
-fn memfd(name: &std::ffi::CStr, len: usize) -> std::fs::File {
-    // SAFETY: memfd_create with a static name; checked below.
-    let fd = unsafe { libc::memfd_create(name.as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0);
-    // SAFETY: a fresh descriptor owned by nothing else.
-    let f = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
-    f.set_len(len as u64).unwrap();
-    f
 }
 
 /// The MAC in the device's config space, as the guest reads it.
@@ -63,33 +53,20 @@ pub(crate) fn setup(fe: Frontend) -> Vmm {
 
 /// [`setup`] with the guest memory's memfd named `name`.
 fn setup_named(fe: Frontend, name: &std::ffi::CStr) -> Vmm {
-    let file = memfd(name, MEM);
-    let raw = file.as_raw_fd();
-    let mem = GuestMemoryMmap::from_ranges_with_files([(
-        GuestAddress(0),
-        MEM,
-        Some(FileOffset::new(file, 0)),
-    )])
-    .unwrap();
-    let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
-    fe.set_owner().unwrap();
-    let offered = fe.get_features().unwrap();
-    assert_eq!(offered & FEATURES, FEATURES, "offered {offered:#x}");
     // No event index here: the mock's rings leave no room for used_event.
-    fe.set_features(offered & !(1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX))
-        .unwrap();
-    let mut fe = fe;
-    let pf = fe.get_protocol_features().unwrap();
-    fe.set_protocol_features(pf & VhostUserProtocolFeatures::CONFIG)
-        .unwrap();
-    fe.set_mem_table(&[VhostUserMemoryRegionInfo {
-        guest_phys_addr: 0,
-        memory_size: MEM as u64,
-        userspace_addr: host,
-        mmap_offset: 0,
-        mmap_handle: raw,
-    }])
-    .unwrap();
+    let no_event_idx = !(1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX);
+    let vmm::Attached {
+        mut fe,
+        mem,
+        offered,
+    } = vmm::attach(
+        fe,
+        name,
+        MEM,
+        no_event_idx,
+        VhostUserProtocolFeatures::CONFIG,
+    );
+    assert_eq!(offered & FEATURES, FEATURES, "offered {offered:#x}");
     let kicks = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
     let calls = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
     start_rings(&mut fe, &mem, &kicks, &calls);
@@ -112,7 +89,8 @@ fn start_rings(
     start_rings_at(fe, mem, kicks, calls, &[RXQ, TXQ], 0);
 }
 
-/// Set rings `first`, `first + 1`, … up at `bases` and start them.
+/// Set rings `first`, `first + 1`, … up at `bases` (the mock's layout)
+/// and start them.
 fn start_rings_at(
     fe: &mut Frontend,
     mem: &GuestMemoryMmap,
@@ -121,28 +99,15 @@ fn start_rings_at(
     bases: &[u64],
     first: usize,
 ) {
-    let host = mem.get_host_address(GuestAddress(0)).unwrap() as u64;
     for (j, &base) in bases.iter().enumerate() {
-        let i = first + j;
         let vq = MockSplitQueue::create(mem, GuestAddress(base), 16);
-        fe.set_vring_num(i, 16).unwrap();
-        fe.set_vring_addr(
-            i,
-            &VringConfigData {
-                queue_max_size: 16,
-                queue_size: 16,
-                flags: 0,
-                desc_table_addr: host + vq.desc_table_addr().0,
-                used_ring_addr: host + vq.used_addr().0,
-                avail_ring_addr: host + vq.avail_addr().0,
-                log_addr: None,
-            },
-        )
-        .unwrap();
-        fe.set_vring_base(i, 0).unwrap();
-        fe.set_vring_call(i, &calls[j]).unwrap();
-        fe.set_vring_kick(i, &kicks[j]).unwrap();
-        fe.set_vring_enable(i, true).unwrap();
+        let at = vmm::RingAt {
+            size: 16,
+            desc: vq.desc_table_addr().0,
+            avail: vq.avail_addr().0,
+            used: vq.used_addr().0,
+        };
+        vmm::start_ring(fe, mem, first + j, at, &calls[j], &kicks[j]);
     }
 }
 

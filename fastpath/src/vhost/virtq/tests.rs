@@ -14,6 +14,14 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 use super::*;
 
+/// [`rx_burst`] of one frame; true if it reached the guest.
+fn rx_frame<M>(q: &mut Queue, mem: &M, frame: &[u8], mergeable: bool, stats: &mut VqStats) -> bool
+where
+    M: GuestMemory,
+{
+    rx_burst(q, mem, [frame], mergeable, stats).0 == 1
+}
+
 const MEM: u64 = 0x10_0000;
 /// Guest buffers live from here (the mock's rings sit below).
 const BUF: u64 = 0x8000;
