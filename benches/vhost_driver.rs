@@ -88,11 +88,14 @@ struct Device {
 
 fn device(sock: &str) -> Device {
     let fe = vmm::Frontend::connect(sock, 2).expect("connecting to the port");
+    // A guest with one queue pair (no VIRTIO_NET_F_MQ), as most are.
+    const VIRTIO_NET_F_MQ: u32 = 22; // virtio spec 5.1.3
+    let one_pair = !(1u64 << VIRTIO_NET_F_MQ);
     let vmm::Attached { mut fe, mem, .. } = vmm::attach(
         fe,
         c"guest",
         MEM,
-        u64::MAX,
+        one_pair,
         VhostUserProtocolFeatures::REPLY_ACK,
     );
     let (rx, tx) = (Ring::at(0), Ring::at(0x4000));

@@ -274,6 +274,9 @@ pub struct VhostPort {
     seen: u64,
     guest: Option<Guest>,
     mergeable: bool,
+    /// Queue pairs the guest can have: all with `VIRTIO_NET_F_MQ`
+    /// negotiated, else pair 0 only (no lock taken for the others).
+    pairs: usize,
     /// Each queue's used index when the guest was last considered for an
     /// interrupt (`None`: not yet, for this guest).
     signalled: [Option<u16>; 2 * MAX_PAIRS],
@@ -289,6 +292,7 @@ impl VhostPort {
             seen: u64::MAX,
             guest: None,
             mergeable: false,
+            pairs: 1,
             signalled: [None; 2 * MAX_PAIRS],
             stats: VqStats::default(),
             not_ready: 0,
@@ -310,6 +314,11 @@ impl VhostPort {
             });
             let acked = self.shared.acked_features.load(Ordering::Acquire);
             self.mergeable = acked & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+            self.pairs = if acked & (1 << VIRTIO_NET_F_MQ) != 0 {
+                MAX_PAIRS
+            } else {
+                1
+            };
         }
     }
 
@@ -322,7 +331,8 @@ impl VhostPort {
         };
         let mem = g.mem.memory();
         let mut done = 0;
-        for (pair, vring) in g.vrings.iter().skip(TX_QUEUE).step_by(2).enumerate() {
+        let queues = g.vrings.iter().take(2 * self.pairs);
+        for (pair, vring) in queues.skip(TX_QUEUE).step_by(2).enumerate() {
             if done == max {
                 break;
             }
@@ -355,7 +365,7 @@ impl VhostPort {
         // The receive queues the guest has running now, each locked for
         // the batch.
         let mut rings = arrayvec::ArrayVec::<_, MAX_PAIRS>::new();
-        for (pair, vring) in g.vrings.iter().step_by(2).enumerate() {
+        for (pair, vring) in g.vrings.iter().take(2 * self.pairs).step_by(2).enumerate() {
             let v = vring.get_mut();
             if v.is_enabled() && v.get_queue().ready() {
                 rings.push((2 * pair + RX_QUEUE, v));
