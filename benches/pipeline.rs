@@ -16,8 +16,13 @@ fn bench_scenario(c: &mut Criterion, name: &str, scenario: Scenario, flows: u32)
     w.self_check();
     if flows >= 1_000_000 {
         let mib = w.table().memory_bytes() as f64 / (1024.0 * 1024.0);
+        // What a flow costs: the table's memory over the flows it holds at
+        // the configured load (an entry is `entry_bytes`, but at load ½
+        // every flow also pays for an empty slot).
+        let flows = w.table().len().max(1);
         println!(
-            "FACT bytes_per_flow={} table_1m_mib={mib:.1} flows={} max_probe={} thp_kib={}",
+            "FACT bytes_per_flow={} entry_bytes={} table_1m_mib={mib:.1} flows={} max_probe={} thp_kib={}",
+            w.table().memory_bytes() / flows,
             flowtable::FlowTable::entry_size(),
             w.table().len(),
             w.table().max_probe_len(),

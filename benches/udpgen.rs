@@ -1,25 +1,39 @@
-//! UDP load generator for benches/e2e: `udpgen DST_IP SECONDS FLOWS`.
+//! UDP load generator for the end-to-end benchmarks:
+//! `udpgen DST_IP SECONDS FLOWS [PPS]`.
+//!
 //! Sends 64-byte frames (18-byte UDP payload) with sendmmsg in batches of
-//! 64, spreading them over FLOWS destination ports (one flow each), as
-//! fast as the sending stack allows, and prints `sent=<n>`.
+//! up to 64, spreading them over FLOWS destination ports (one flow each),
+//! and prints `sent=<n> lag=<n>`.
+//!
+//! Without PPS it sends as fast as the sending stack allows (closed loop:
+//! the offered load then depends on the path under test). With PPS it is
+//! paced: a batch leaves only when the clock says that many frames are
+//! due, so every path is offered the same load. `lag` is how many due
+//! frames the generator itself could not send by the end (it fell
+//! behind); a benchmark must not count a generator that lagged as the
+//! switch's loss.
 
 use std::net::{Ipv4Addr, UdpSocket};
 use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
+
+#[path = "pace.rs"]
+mod pace;
+
+const B: usize = 64;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: udpgen DST_IP SECONDS FLOWS";
+    let usage = "usage: udpgen DST_IP SECONDS FLOWS [PPS]";
     let dst: Ipv4Addr = args.get(1).and_then(|s| s.parse().ok()).expect(usage);
-    let secs: u64 = args.get(2).and_then(|s| s.parse().ok()).expect(usage);
+    let secs: f64 = args.get(2).and_then(|s| s.parse().ok()).expect(usage);
     let flows: u16 = args.get(3).and_then(|s| s.parse().ok()).expect(usage);
+    let pps: Option<f64> = args.get(4).map(|s| s.parse().expect(usage));
     let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
     let fd = sock.as_raw_fd();
-    const B: usize = 64;
     let payload = [0x5au8; 18];
-    let mut addrs: Vec<libc::sockaddr_in> = (0..flows)
+    let mut addrs: Vec<libc::sockaddr_in> = (0..flows.max(1))
         .map(|i| libc::sockaddr_in {
-            sin_family: libc::sa_family_t::try_from(libc::AF_INET).unwrap_or(2),
+            sin_family: libc::sa_family_t::try_from(libc::AF_INET).expect("AF_INET fits"),
             sin_port: (10_000 + i).to_be(),
             sin_addr: libc::in_addr {
                 s_addr: u32::from(dst).to_be(),
@@ -31,7 +45,9 @@ fn main() {
         iov_base: payload.as_ptr() as *mut libc::c_void,
         iov_len: payload.len(),
     };
-    let deadline = Instant::now() + Duration::from_secs(secs);
+    let namelen = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_in>())
+        .expect("sockaddr_in fits");
+    let pacer = pace::Pacer::new(secs, pps);
     let mut sent = 0u64;
     let mut next = 0usize;
     let mut msgs: Vec<libc::mmsghdr> = (0..B)
@@ -39,21 +55,25 @@ fn main() {
         // which all-zero is a valid (empty) value.
         .map(|_| unsafe { std::mem::zeroed() })
         .collect();
-    while Instant::now() < deadline {
-        for m in msgs.iter_mut() {
+    while !pacer.done() {
+        let n = pacer.due(sent, B);
+        if n == 0 {
+            continue;
+        }
+        for m in msgs.iter_mut().take(n) {
             m.msg_hdr.msg_name = (&mut addrs[next] as *mut libc::sockaddr_in).cast();
-            m.msg_hdr.msg_namelen =
-                libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_in>()).unwrap_or(16);
+            m.msg_hdr.msg_namelen = namelen;
             m.msg_hdr.msg_iov = &mut iov;
             m.msg_hdr.msg_iovlen = 1;
             next = (next + 1) % addrs.len();
         }
-        // SAFETY: `msgs` holds B headers whose name and iovec pointers refer
-        // to `addrs` and `iov`, alive and unchanged during the call.
-        let n = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), 64, 0) };
-        if n > 0 {
-            sent += n as u64;
+        let count = libc::c_uint::try_from(n).expect("at most 64");
+        // SAFETY: `msgs` holds B ≥ n headers whose name and iovec pointers
+        // refer to `addrs` and `iov`, alive and unchanged during the call.
+        let r = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), count, 0) };
+        if let Ok(r) = u64::try_from(r) {
+            sent += r;
         }
     }
-    println!("sent={sent}");
+    println!("sent={sent} lag={}", pacer.lag(sent));
 }

@@ -1,10 +1,22 @@
-//! A virtio-net driver for benches/vhost-user: plays the VMM and both
-//! guests of two vhost-user ports, without an emulated CPU in the way.
-//! `vhost_driver SOCK_A SOCK_B SECONDS FLOWS` connects to both ports as a
-//! VMM would (vhost's frontend, memfd guest memory), keeps guest A's
-//! transmit queue full of 64-byte UDP frames to guest B (over FLOWS
-//! source ports) and guest B's receive queue stocked with buffers, and
-//! prints `sent=<n> received=<n>` after SECONDS.
+//! The traffic source of benches/vhost-user, for both port types, so the
+//! two are offered the same load by the same program:
+//!
+//! - `vhost_driver SOCK_A SOCK_B SECONDS FLOWS [PPS]` plays the VMM and
+//!   both guests of two vhost-user ports, without an emulated CPU in the
+//!   way: it connects to both ports as a VMM would (vhost's frontend,
+//!   memfd guest memory), offers 64-byte UDP frames from guest A to guest
+//!   B (over FLOWS source ports) on A's transmit queue, keeps B's receive
+//!   queue stocked, and after SECONDS (and 100 ms to drain) prints
+//!   `sent=<n> received=<n> lag=<n>`. Paced at PPS, a frame that is due
+//!   while A's ring is full (the switch has not taken the earlier ones)
+//!   counts as sent and, never arriving, as lost: the same as a frame a
+//!   full tap queue drops. Unpaced, it keeps A's ring full.
+//! - `vhost_driver --tap IFACE SECONDS FLOWS PPS` sends the same frames,
+//!   paced, into a tap port's VM side (the kernel device in the VM's
+//!   namespace) through an AF_PACKET socket that bypasses the qdisc,
+//!   FLOWS frames built once and sent 64 per sendmmsg; prints
+//!   `sent=<n> lag=<n>`. What arrives is counted by the benchmark on the
+//!   receiving device.
 //!
 //! The rings are written by hand (descriptor table, avail and used rings
 //! of the split layout): descriptors are built once and reused, so the
@@ -12,6 +24,9 @@
 
 use std::sync::atomic::{fence, Ordering};
 use std::time::{Duration, Instant};
+
+#[path = "pace.rs"]
+mod pace;
 
 use fastpath::vhost::vmm;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -136,25 +151,103 @@ fn frame(sport: u16) -> Vec<u8> {
     fastpath::synth::udp_frame(&flow, 64)
 }
 
+/// `--tap IFACE SECONDS FLOWS PPS`: paced frames into a tap's VM side.
+fn tap_mode(a: &[String]) {
+    let usage = "usage: vhost_driver --tap IFACE SECONDS FLOWS PPS";
+    let iface = a.get(2).expect(usage);
+    let secs: f64 = a.get(3).and_then(|s| s.parse().ok()).expect(usage);
+    let flows: u16 = a.get(4).and_then(|s| s.parse().ok()).expect(usage);
+    let pps: f64 = a.get(5).and_then(|s| s.parse().ok()).expect(usage);
+    let name = std::ffi::CString::new(iface.as_str()).expect(usage);
+    // SAFETY: `name` is a NUL-terminated string alive for the call.
+    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    assert!(ifindex != 0, "no interface {iface}");
+    let all = u16::try_from(libc::ETH_P_ALL).expect("ETH_P_ALL fits").to_be();
+    // SAFETY: plain socket(2) call; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all)) };
+    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    // SAFETY: sockaddr_ll is plain data; all-zero is valid before filling.
+    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    sll.sll_family = u16::try_from(libc::AF_PACKET).expect("fits");
+    sll.sll_protocol = all;
+    sll.sll_ifindex = i32::try_from(ifindex).expect("ifindex fits");
+    let len = u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).expect("fits");
+    // SAFETY: `sll` is a valid sockaddr_ll of `len` bytes.
+    let r = unsafe { libc::bind(fd, (&sll as *const libc::sockaddr_ll).cast(), len) };
+    assert!(r == 0, "bind to {iface}: {}", std::io::Error::last_os_error());
+    let one: libc::c_int = 1;
+    // SAFETY: the option value is a c_int of the size given.
+    let r = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_PACKET,
+            libc::PACKET_QDISC_BYPASS,
+            (&one as *const libc::c_int).cast(),
+            4,
+        )
+    };
+    assert!(r == 0, "PACKET_QDISC_BYPASS: {}", std::io::Error::last_os_error());
+    let frames: Vec<Vec<u8>> = (0..flows.max(1)).map(|i| frame(1000 + i)).collect();
+    let mut iovs: Vec<libc::iovec> = frames
+        .iter()
+        .map(|f| libc::iovec {
+            iov_base: f.as_ptr() as *mut libc::c_void,
+            iov_len: f.len(),
+        })
+        .collect();
+    const B: usize = 64;
+    let mut msgs: Vec<libc::mmsghdr> = (0..B)
+        // SAFETY: mmsghdr is a C struct of integers and raw pointers, for
+        // which all-zero is a valid (empty) value.
+        .map(|_| unsafe { std::mem::zeroed() })
+        .collect();
+    let pacer = pace::Pacer::new(secs, Some(pps));
+    let (mut sent, mut next) = (0u64, 0usize);
+    while !pacer.done() {
+        let n = pacer.due(sent, B);
+        if n == 0 {
+            continue;
+        }
+        for m in msgs.iter_mut().take(n) {
+            m.msg_hdr.msg_iov = &mut iovs[next];
+            m.msg_hdr.msg_iovlen = 1;
+            next = (next + 1) % iovs.len();
+        }
+        let count = libc::c_uint::try_from(n).expect("at most 64");
+        // SAFETY: `msgs` holds B ≥ n headers whose iovecs point into
+        // `frames`, alive and unchanged during the call.
+        let _ = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), count, 0) };
+        // Frames the device refuses (its queue full: the switch is behind)
+        // were offered all the same and are lost, as frames due while a
+        // vhost-user ring is full.
+        sent += n as u64;
+    }
+    println!("sent={sent} lag={}", pacer.lag(sent));
+}
+
 fn main() {
     let a: Vec<String> = std::env::args().collect();
-    let usage = "usage: vhost_driver SOCK_A SOCK_B SECONDS FLOWS";
+    if a.get(1).map(String::as_str) == Some("--tap") {
+        return tap_mode(&a);
+    }
+    let usage = "usage: vhost_driver SOCK_A SOCK_B SECONDS FLOWS [PPS]";
     let (sa, sb) = (a.get(1).expect(usage), a.get(2).expect(usage));
-    let secs: u64 = a.get(3).and_then(|s| s.parse().ok()).expect(usage);
+    let secs: f64 = a.get(3).and_then(|s| s.parse().ok()).expect(usage);
     let flows: u16 = a.get(4).and_then(|s| s.parse().ok()).expect(usage);
+    let pps: Option<f64> = a.get(5).map(|s| s.parse().expect(usage));
     let mut da = device(sa);
     let mut db = device(sb);
     const BUF: u64 = 0x10_0000;
-    // A's transmit descriptors, one frame each, built once.
+    // A's transmit descriptors, one frame each, built once; all free.
+    let mut free: Vec<u16> = Vec::with_capacity(usize::from(Q));
     for i in 0..Q {
         let at = BUF + u64::from(i) * 128;
         let mut b = [0u8; HDR + 64];
         b[HDR..].copy_from_slice(&frame(1000 + i % flows.max(1)));
         da.mem.write_slice(&b, GuestAddress(at)).unwrap();
         da.tx.set_desc(&da.mem, i, at, FRAME_LEN, 0);
-        da.tx.push(&da.mem, i);
+        free.push(i);
     }
-    da.tx.publish(&da.mem);
     // B's receive buffers.
     for i in 0..Q {
         db.rx.set_desc(
@@ -167,31 +260,52 @@ fn main() {
         db.rx.push(&db.mem, i);
     }
     db.rx.publish(&db.mem);
-    let (mut sent, mut received) = (0u64, 0u64);
+    // `sent` counts frames offered: queued on A's ring, or due while the
+    // ring was full (refused).
+    let (mut sent, mut received, mut refused) = (0u64, 0u64, 0u64);
     let mut ids = Vec::with_capacity(usize::from(Q));
-    let t = Instant::now();
-    let limit = Duration::from_secs(secs);
-    while t.elapsed() < limit {
+    let pacer = pace::Pacer::new(secs, pps);
+    let recycle_rx = |db: &mut Device, ids: &mut Vec<u16>, received: &mut u64| {
+        ids.clear();
+        db.rx.take_used(&db.mem, ids);
+        *received += ids.len() as u64;
+        for &id in ids.iter() {
+            db.rx.push(&db.mem, id);
+        }
+        if !ids.is_empty() {
+            db.rx.publish(&db.mem);
+        }
+    };
+    while !pacer.done() {
         for _ in 0..64 {
             ids.clear();
             da.tx.take_used(&da.mem, &mut ids);
-            sent += ids.len() as u64;
-            for &id in &ids {
+            free.extend_from_slice(&ids);
+            let due = pacer.due(sent, usize::from(Q));
+            let n = due.min(free.len());
+            for id in free.drain(free.len() - n..) {
                 da.tx.push(&da.mem, id);
             }
-            if !ids.is_empty() {
+            if n > 0 {
                 da.tx.publish(&da.mem);
             }
-            ids.clear();
-            db.rx.take_used(&db.mem, &mut ids);
-            received += ids.len() as u64;
-            for &id in &ids {
-                db.rx.push(&db.mem, id);
+            if pps.is_some() {
+                // Due but no room: the switch is behind; these are lost.
+                refused += (due - n) as u64;
+                sent += due as u64;
+            } else {
+                sent += ids.len() as u64;
             }
-            if !ids.is_empty() {
-                db.rx.publish(&db.mem);
-            }
+            recycle_rx(&mut db, &mut ids, &mut received);
         }
     }
-    println!("sent={sent} received={received}");
+    // What is on its way still arrives.
+    let drain = Instant::now();
+    while drain.elapsed() < Duration::from_millis(100) {
+        recycle_rx(&mut db, &mut ids, &mut received);
+    }
+    println!(
+        "sent={sent} received={received} lag={} refused={refused}",
+        pacer.lag(sent)
+    );
 }
