@@ -31,7 +31,7 @@ impl Pacer {
     /// spins if near) and returns 0.
     pub fn due(&self, sent: u64, most: usize) -> usize {
         let Some(rate) = self.rate else { return most };
-        let due = (self.start.elapsed().as_secs_f64() * rate) as u64;
+        let due = frames(self.start.elapsed().as_secs_f64(), rate);
         let want = due.saturating_sub(sent);
         if want == 0 {
             let gap = Duration::from_secs_f64(1.0 / rate);
@@ -50,6 +50,12 @@ impl Pacer {
     pub fn lag(&self, sent: u64) -> u64 {
         let total = self.deadline.duration_since(self.start).as_secs_f64();
         self.rate
-            .map_or(0, |r| ((total * r) as u64).saturating_sub(sent))
+            .map_or(0, |r| frames(total, r).saturating_sub(sent))
     }
+}
+
+/// Whole frames due after `secs` at `rate`.
+#[allow(clippy::cast_possible_truncation)] // non-negative, far below 2^53: the floor is meant
+fn frames(secs: f64, rate: f64) -> u64 {
+    (secs * rate).max(0.0) as u64
 }

@@ -1,9 +1,12 @@
 //! UDP load generator for the end-to-end benchmarks:
-//! `udpgen DST_IP SECONDS FLOWS [PPS]`.
+//! `udpgen DST_IP SECONDS FLOWS [PPS [SOCKETS]]`.
 //!
 //! Sends 64-byte frames (18-byte UDP payload) with sendmmsg in batches of
 //! up to 64, spreading them over FLOWS destination ports (one flow each),
-//! and prints `sent=<n> lag=<n>`.
+//! and prints `sent=<n> lag=<n>`. With SOCKETS > 1 it sends from that many
+//! sockets (source ports), one per batch in turn, so up to about
+//! FLOWS × SOCKETS distinct 5-tuples: a miss storm that does not run out
+//! of new flows. PPS 0 is unpaced.
 //!
 //! Without PPS it sends as fast as the sending stack allows (closed loop:
 //! the offered load then depends on the path under test). With PPS it is
@@ -23,13 +26,19 @@ const B: usize = 64;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: udpgen DST_IP SECONDS FLOWS [PPS]";
+    let usage = "usage: udpgen DST_IP SECONDS FLOWS [PPS [SOCKETS]]";
     let dst: Ipv4Addr = args.get(1).and_then(|s| s.parse().ok()).expect(usage);
     let secs: f64 = args.get(2).and_then(|s| s.parse().ok()).expect(usage);
     let flows: u16 = args.get(3).and_then(|s| s.parse().ok()).expect(usage);
-    let pps: Option<f64> = args.get(4).map(|s| s.parse().expect(usage));
-    let sock = UdpSocket::bind("0.0.0.0:0").expect("bind");
-    let fd = sock.as_raw_fd();
+    let pps: Option<f64> = args
+        .get(4)
+        .map(|s| s.parse::<f64>().expect(usage))
+        .filter(|&r| r > 0.0);
+    let nsocks: usize = args.get(5).map_or(1, |s| s.parse().expect(usage));
+    let socks: Vec<UdpSocket> = (0..nsocks.max(1))
+        .map(|_| UdpSocket::bind("0.0.0.0:0").expect("bind"))
+        .collect();
+    let mut turn = 0usize;
     let payload = [0x5au8; 18];
     let mut addrs: Vec<libc::sockaddr_in> = (0..flows.max(1))
         .map(|i| libc::sockaddr_in {
@@ -68,6 +77,8 @@ fn main() {
             next = (next + 1) % addrs.len();
         }
         let count = libc::c_uint::try_from(n).expect("at most 64");
+        let fd = socks[turn].as_raw_fd();
+        turn = (turn + 1) % socks.len();
         // SAFETY: `msgs` holds B ≥ n headers whose name and iovec pointers
         // refer to `addrs` and `iov`, alive and unchanged during the call.
         let r = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), count, 0) };

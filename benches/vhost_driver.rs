@@ -162,10 +162,16 @@ fn tap_mode(a: &[String]) {
     // SAFETY: `name` is a NUL-terminated string alive for the call.
     let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
     assert!(ifindex != 0, "no interface {iface}");
-    let all = u16::try_from(libc::ETH_P_ALL).expect("ETH_P_ALL fits").to_be();
+    let all = u16::try_from(libc::ETH_P_ALL)
+        .expect("ETH_P_ALL fits")
+        .to_be();
     // SAFETY: plain socket(2) call; the result is checked.
     let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all)) };
-    assert!(fd >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+    assert!(
+        fd >= 0,
+        "AF_PACKET socket: {}",
+        std::io::Error::last_os_error()
+    );
     // SAFETY: sockaddr_ll is plain data; all-zero is valid before filling.
     let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
     sll.sll_family = u16::try_from(libc::AF_PACKET).expect("fits");
@@ -174,7 +180,11 @@ fn tap_mode(a: &[String]) {
     let len = u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).expect("fits");
     // SAFETY: `sll` is a valid sockaddr_ll of `len` bytes.
     let r = unsafe { libc::bind(fd, (&sll as *const libc::sockaddr_ll).cast(), len) };
-    assert!(r == 0, "bind to {iface}: {}", std::io::Error::last_os_error());
+    assert!(
+        r == 0,
+        "bind to {iface}: {}",
+        std::io::Error::last_os_error()
+    );
     let one: libc::c_int = 1;
     // SAFETY: the option value is a c_int of the size given.
     let r = unsafe {
@@ -186,7 +196,11 @@ fn tap_mode(a: &[String]) {
             4,
         )
     };
-    assert!(r == 0, "PACKET_QDISC_BYPASS: {}", std::io::Error::last_os_error());
+    assert!(
+        r == 0,
+        "PACKET_QDISC_BYPASS: {}",
+        std::io::Error::last_os_error()
+    );
     let frames: Vec<Vec<u8>> = (0..flows.max(1)).map(|i| frame(1000 + i)).collect();
     let mut iovs: Vec<libc::iovec> = frames
         .iter()

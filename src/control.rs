@@ -240,6 +240,8 @@ impl Server {
         // path forwards on meanwhile, and dumps its flows while this
         // thread saves the rest.
         let shared = self.links.coprocessor.shared().clone();
+        // From here new flows wait: the pre-copy's cost to the tenants.
+        let held_mono_ns = fastpath::dataplane::monotonic_ns();
         let guard = lock(&shared);
         let (dump_tx, dump_rx) = mpsc::channel();
         let _ = self.links.requests.send(Request::Dump(dump_tx));
@@ -272,6 +274,7 @@ impl Server {
             &state,
             &self.listener,
             &self.links.xdp_links,
+            held_mono_ns,
             || {
                 paused = true;
                 let p = self.ask(Request::Pause)?;

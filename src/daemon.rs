@@ -416,9 +416,11 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
                 "adopt": us(pause.received_mono_ns, adopted_mono_ns),
                 "confirm_and_first_poll": us(adopted_mono_ns, first)},
             "precopy_us": {
+                "dump_and_save": us(taken.held_mono_ns, taken.started_mono_ns),
                 "save_and_encode": us(taken.started_mono_ns, taken.packed_mono_ns),
                 "transfer": us(taken.packed_mono_ns, taken.received_mono_ns),
-                "restore": us(taken.received_mono_ns, precopy_done)},
+                "restore": us(taken.received_mono_ns, precopy_done),
+                "held_to_restored": us(taken.held_mono_ns, precopy_done)},
             "snapshot_bytes": taken.snapshot_bytes,
             "takeover_ms": t.started.elapsed().as_secs_f64() * 1e3,
             "flows": flows, "connections": carried});

@@ -63,6 +63,9 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(3);
 /// The old side: send everything to the new binary on `s`, pausing (with
 /// `pause`) only once it restored the pre-copy; true once it confirmed
 /// (the caller then exits), false if it did not (resume).
+// Each argument is a different thing the new binary gets; bundling them
+// would only move the list.
+#[allow(clippy::too_many_arguments)]
 pub fn give(
     s: &UnixStream,
     dump: &Dump,
@@ -70,6 +73,7 @@ pub fn give(
     state: &SwitchState,
     listener: &UnixListener,
     xdp_links: &[i32],
+    held_mono_ns: u64,
     pause: impl FnOnce() -> Result<PauseOut>,
 ) -> Result<bool> {
     let started = monotonic_ns();
@@ -119,6 +123,7 @@ pub fn give(
         "hash_seed": dump.hash_seed,
         "snapshot": written.snapshot_len,
         "flows": {"offset": section.offset, "count": section.count, "crc": section.crc},
+        "held_mono_ns": held_mono_ns,
         "started_mono_ns": started,
         "packed_mono_ns": monotonic_ns(),
     })
@@ -239,8 +244,11 @@ pub struct Taken {
     /// The bpf_links keeping the XDP programs attached: held for as long
     /// as this binary runs (and handed on).
     pub xdp_links: Vec<OwnedFd>,
-    /// CLOCK_MONOTONIC of the old binary's start of the pre-copy, of the
-    /// end of its packing, of this side's having it all.
+    /// CLOCK_MONOTONIC of the old binary's holding its coprocessors (new
+    /// flows wait from then on; a binary that did not send it: its start
+    /// of the pre-copy), of its start of the pre-copy (flows dumped, state
+    /// saved), of the end of its packing, of this side's having it all.
+    pub held_mono_ns: u64,
     pub started_mono_ns: u64,
     pub packed_mono_ns: u64,
     pub received_mono_ns: u64,
@@ -374,6 +382,10 @@ pub fn take(socket: &Path) -> Result<Taken> {
         listener,
         pool,
         xdp_links,
+        held_mono_ns: h["held_mono_ns"]
+            .as_u64()
+            .or(h["started_mono_ns"].as_u64())
+            .unwrap_or(0),
         started_mono_ns: h["started_mono_ns"].as_u64().unwrap_or(0),
         packed_mono_ns: h["packed_mono_ns"].as_u64().unwrap_or(0),
         received_mono_ns,

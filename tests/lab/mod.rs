@@ -464,3 +464,16 @@ pub fn plain(text: &str) -> String {
     }
     out
 }
+
+/// A handover report (`last_handover` of `ctl stats`) whose blackout is
+/// there and short: under 50 ms (measured here: well under 5 ms, also in
+/// debug builds). `ctx` is shown on failure.
+pub fn assert_blackout_bounded(h: &serde_json::Value, ctx: &dyn std::fmt::Display) {
+    let us = h["blackout_us"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no blackout_us in the handover report: {ctx}"));
+    assert!(
+        (0.0..50_000.0).contains(&us),
+        "handover blackout {us} µs, not under 50 ms: {ctx}"
+    );
+}
