@@ -1,12 +1,20 @@
 //! UDP load generator for the end-to-end benchmarks:
-//! `udpgen DST_IP SECONDS FLOWS [PPS [SOCKETS]]`.
+//! `udpgen DST_IP SECONDS FLOWS [PPS [SOCKETS]]`, or
+//! `udpgen --raw IFACE SRC_MAC DST_MAC SRC_IP DST_IP SECONDS FLOWS PPS`.
 //!
 //! Sends 64-byte frames (18-byte UDP payload) with sendmmsg in batches of
 //! up to 64, spreading them over FLOWS destination ports (one flow each),
 //! and prints `sent=<n> lag=<n>`. With SOCKETS > 1 it sends from that many
 //! sockets (source ports), one per batch in turn, so up to about
 //! FLOWS × SOCKETS distinct 5-tuples: a miss storm that does not run out
-//! of new flows. PPS 0 is unpaced.
+//! of new flows. PPS 0 is unpaced. Socket i sends from port 40000 + i, so
+//! a warm-up run and the measured runs after it are the same flows.
+//!
+//! `--raw` writes prebuilt 64-byte Ethernet/IPv4/UDP frames (FLOWS
+//! destination ports from 10 000, source port 40 000) straight into the
+//! device IFACE (AF_PACKET, qdisc bypassed, `rawsend.rs`): no route,
+//! neighbour or socket work on the sending side, so one generator core
+//! offers more than the paths under test forward.
 //!
 //! Without PPS it sends as fast as the sending stack allows (closed loop:
 //! the offered load then depends on the path under test). With PPS it is
@@ -21,11 +29,52 @@ use std::os::fd::AsRawFd;
 
 #[path = "pace.rs"]
 mod pace;
+#[path = "rawsend.rs"]
+mod rawsend;
 
 const B: usize = 64;
 
+/// `--raw IFACE SRC_MAC DST_MAC SRC_IP DST_IP SECONDS FLOWS PPS`
+fn raw_mode(a: &[String]) {
+    let usage = "usage: udpgen --raw IFACE SRC_MAC DST_MAC SRC_IP DST_IP SECONDS FLOWS PPS";
+    let mac = |s: &String| -> [u8; 6] {
+        let v: Vec<u8> = s
+            .split(':')
+            .map(|x| u8::from_str_radix(x, 16).expect(usage))
+            .collect();
+        v.try_into().expect(usage)
+    };
+    let iface = a.get(2).expect(usage);
+    let (src_mac, dst_mac) = (mac(a.get(3).expect(usage)), mac(a.get(4).expect(usage)));
+    let src_ip: Ipv4Addr = a.get(5).and_then(|s| s.parse().ok()).expect(usage);
+    let dst_ip: Ipv4Addr = a.get(6).and_then(|s| s.parse().ok()).expect(usage);
+    let secs: f64 = a.get(7).and_then(|s| s.parse().ok()).expect(usage);
+    let flows: u16 = a.get(8).and_then(|s| s.parse().ok()).expect(usage);
+    let pps: f64 = a.get(9).and_then(|s| s.parse().ok()).expect(usage);
+    let frames: Vec<Vec<u8>> = (0..flows.max(1))
+        .map(|i| {
+            let flow = fastpath::synth::UdpFlow {
+                src_mac,
+                dst_mac,
+                src_ip,
+                dst_ip,
+                src_port: 40_000,
+                dst_port: 10_000 + i,
+            };
+            fastpath::synth::udp_frame(&flow, 64)
+        })
+        .collect();
+    let sock = rawsend::RawSocket::open(iface);
+    let pacer = pace::Pacer::new(secs, Some(pps));
+    let sent = sock.send_paced(&frames, &pacer);
+    println!("sent={sent} lag={}", pacer.lag(sent));
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--raw") {
+        return raw_mode(&args);
+    }
     let usage = "usage: udpgen DST_IP SECONDS FLOWS [PPS [SOCKETS]]";
     let dst: Ipv4Addr = args.get(1).and_then(|s| s.parse().ok()).expect(usage);
     let secs: f64 = args.get(2).and_then(|s| s.parse().ok()).expect(usage);
@@ -35,8 +84,11 @@ fn main() {
         .map(|s| s.parse::<f64>().expect(usage))
         .filter(|&r| r > 0.0);
     let nsocks: usize = args.get(5).map_or(1, |s| s.parse().expect(usage));
-    let socks: Vec<UdpSocket> = (0..nsocks.max(1))
-        .map(|_| UdpSocket::bind("0.0.0.0:0").expect("bind"))
+    let socks: Vec<UdpSocket> = (0..nsocks.clamp(1, 1000))
+        .map(|i| {
+            let port = 40_000 + u16::try_from(i).expect("at most 1000 sockets");
+            UdpSocket::bind(("0.0.0.0", port)).expect("bind")
+        })
         .collect();
     let mut turn = 0usize;
     let payload = [0x5au8; 18];

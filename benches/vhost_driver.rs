@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 
 #[path = "pace.rs"]
 mod pace;
+#[path = "rawsend.rs"]
+mod rawsend;
 
 use fastpath::vhost::vmm;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -158,84 +160,10 @@ fn tap_mode(a: &[String]) {
     let secs: f64 = a.get(3).and_then(|s| s.parse().ok()).expect(usage);
     let flows: u16 = a.get(4).and_then(|s| s.parse().ok()).expect(usage);
     let pps: f64 = a.get(5).and_then(|s| s.parse().ok()).expect(usage);
-    let name = std::ffi::CString::new(iface.as_str()).expect(usage);
-    // SAFETY: `name` is a NUL-terminated string alive for the call.
-    let ifindex = unsafe { libc::if_nametoindex(name.as_ptr()) };
-    assert!(ifindex != 0, "no interface {iface}");
-    let all = u16::try_from(libc::ETH_P_ALL)
-        .expect("ETH_P_ALL fits")
-        .to_be();
-    // SAFETY: plain socket(2) call; the result is checked.
-    let fd = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(all)) };
-    assert!(
-        fd >= 0,
-        "AF_PACKET socket: {}",
-        std::io::Error::last_os_error()
-    );
-    // SAFETY: sockaddr_ll is plain data; all-zero is valid before filling.
-    let mut sll: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
-    sll.sll_family = u16::try_from(libc::AF_PACKET).expect("fits");
-    sll.sll_protocol = all;
-    sll.sll_ifindex = i32::try_from(ifindex).expect("ifindex fits");
-    let len = u32::try_from(std::mem::size_of::<libc::sockaddr_ll>()).expect("fits");
-    // SAFETY: `sll` is a valid sockaddr_ll of `len` bytes.
-    let r = unsafe { libc::bind(fd, (&sll as *const libc::sockaddr_ll).cast(), len) };
-    assert!(
-        r == 0,
-        "bind to {iface}: {}",
-        std::io::Error::last_os_error()
-    );
-    let one: libc::c_int = 1;
-    // SAFETY: the option value is a c_int of the size given.
-    let r = unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_PACKET,
-            libc::PACKET_QDISC_BYPASS,
-            (&one as *const libc::c_int).cast(),
-            4,
-        )
-    };
-    assert!(
-        r == 0,
-        "PACKET_QDISC_BYPASS: {}",
-        std::io::Error::last_os_error()
-    );
+    let sock = rawsend::RawSocket::open(iface);
     let frames: Vec<Vec<u8>> = (0..flows.max(1)).map(|i| frame(1000 + i)).collect();
-    let mut iovs: Vec<libc::iovec> = frames
-        .iter()
-        .map(|f| libc::iovec {
-            iov_base: f.as_ptr() as *mut libc::c_void,
-            iov_len: f.len(),
-        })
-        .collect();
-    const B: usize = 64;
-    let mut msgs: Vec<libc::mmsghdr> = (0..B)
-        // SAFETY: mmsghdr is a C struct of integers and raw pointers, for
-        // which all-zero is a valid (empty) value.
-        .map(|_| unsafe { std::mem::zeroed() })
-        .collect();
     let pacer = pace::Pacer::new(secs, Some(pps));
-    let (mut sent, mut next) = (0u64, 0usize);
-    while !pacer.done() {
-        let n = pacer.due(sent, B);
-        if n == 0 {
-            continue;
-        }
-        for m in msgs.iter_mut().take(n) {
-            m.msg_hdr.msg_iov = &mut iovs[next];
-            m.msg_hdr.msg_iovlen = 1;
-            next = (next + 1) % iovs.len();
-        }
-        let count = libc::c_uint::try_from(n).expect("at most 64");
-        // SAFETY: `msgs` holds B ≥ n headers whose iovecs point into
-        // `frames`, alive and unchanged during the call.
-        let _ = unsafe { libc::sendmmsg(fd, msgs.as_mut_ptr(), count, 0) };
-        // Frames the device refuses (its queue full: the switch is behind)
-        // were offered all the same and are lost, as frames due while a
-        // vhost-user ring is full.
-        sent += n as u64;
-    }
+    let sent = sock.send_paced(&frames, &pacer);
     println!("sent={sent} lag={}", pacer.lag(sent));
 }
 
