@@ -1,14 +1,28 @@
 //! Pacing for the benchmark generators (udpgen, vhost_driver): a fixed
 //! offered load, so every path under test gets the same one. Included
 //! with `#[path]` by each generator.
+//!
+//! A generator that is itself held up (descheduled, a page fault) must not
+//! make up for it with a burst that the path under test then drops: that
+//! would be the generator's loss counted as the path's. So frames that fell
+//! due while the generator was away (longer than a frame gap plus
+//! [`STALL`] between two calls) are skipped and reported as lag, never
+//! offered.
 
 use std::time::{Duration, Instant};
+
+/// Longer than this between two calls (beyond one frame gap) is a stall
+/// of the generator, not of the path.
+const STALL: Duration = Duration::from_micros(200);
 
 /// Frames due at a fixed rate since `start`, until `deadline`.
 pub struct Pacer {
     start: Instant,
     deadline: Instant,
     rate: Option<f64>,
+    last: Instant,
+    /// Frames that fell due while the generator stalled.
+    skipped: u64,
 }
 
 impl Pacer {
@@ -19,6 +33,8 @@ impl Pacer {
             start,
             deadline: start + Duration::from_secs_f64(secs),
             rate,
+            last: start,
+            skipped: 0,
         }
     }
 
@@ -29,14 +45,23 @@ impl Pacer {
     /// How many of the next `most` frames are due, given `sent` so far.
     /// When none is, waits a little (sleeps if the next frame is far,
     /// spins if near) and returns 0.
-    pub fn due(&self, sent: u64, most: usize) -> usize {
+    pub fn due(&mut self, sent: u64, most: usize) -> usize {
         let Some(rate) = self.rate else { return most };
-        let due = frames(self.start.elapsed().as_secs_f64(), rate);
+        let now = Instant::now();
+        let gap = Duration::from_secs_f64(1.0 / rate);
+        let away = now.duration_since(self.last);
+        if away > gap + STALL {
+            self.skipped += frames(away.as_secs_f64(), rate);
+        }
+        self.last = now;
+        let due = frames(now.duration_since(self.start).as_secs_f64(), rate)
+            .saturating_sub(self.skipped);
         let want = due.saturating_sub(sent);
         if want == 0 {
-            let gap = Duration::from_secs_f64(1.0 / rate);
             if gap > Duration::from_micros(60) {
                 std::thread::sleep(gap - Duration::from_micros(50));
+                // Sleeping on purpose is not a stall.
+                self.last = Instant::now();
             } else {
                 std::hint::spin_loop();
             }
@@ -45,8 +70,8 @@ impl Pacer {
         usize::try_from(want).map_or(most, |w| w.min(most))
     }
 
-    /// Frames due over the whole run that were never sent (the generator
-    /// fell behind): 0 unpaced.
+    /// Frames due over the whole run that were never offered (skipped in
+    /// the generator's stalls, or not sent by the end): 0 unpaced.
     pub fn lag(&self, sent: u64) -> u64 {
         let total = self.deadline.duration_since(self.start).as_secs_f64();
         self.rate

@@ -67,7 +67,7 @@ impl RawSocket {
     /// Send `frames` round robin, paced by `pacer`, until it is done;
     /// returns the frames offered. A frame the device refuses (its queue
     /// full: the path is behind) was offered all the same and is lost.
-    pub fn send_paced(&self, frames: &[Vec<u8>], pacer: &Pacer) -> u64 {
+    pub fn send_paced(&self, frames: &[Vec<u8>], pacer: &mut Pacer) -> u64 {
         const B: usize = 64;
         let mut iovs: Vec<libc::iovec> = frames
             .iter()

@@ -65,8 +65,8 @@ fn raw_mode(a: &[String]) {
         })
         .collect();
     let sock = rawsend::RawSocket::open(iface);
-    let pacer = pace::Pacer::new(secs, Some(pps));
-    let sent = sock.send_paced(&frames, &pacer);
+    let mut pacer = pace::Pacer::new(secs, Some(pps));
+    let sent = sock.send_paced(&frames, &mut pacer);
     println!("sent={sent} lag={}", pacer.lag(sent));
 }
 
@@ -108,7 +108,7 @@ fn main() {
     };
     let namelen = libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_in>())
         .expect("sockaddr_in fits");
-    let pacer = pace::Pacer::new(secs, pps);
+    let mut pacer = pace::Pacer::new(secs, pps);
     let mut sent = 0u64;
     let mut next = 0usize;
     let mut msgs: Vec<libc::mmsghdr> = (0..B)
