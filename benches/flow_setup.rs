@@ -198,6 +198,24 @@ fn install_of(out: Outcome, reinject: Option<fastpath::PuntMsg>) -> Install {
     }
 }
 
+/// The coprocessor (the bench's own thread) and the fast-path thread each
+/// on a core of their own, as a deployment places them: left to the
+/// scheduler, they shared a core in some samples and not in others
+/// (setups/s then 360k or 780k from one sample to the next).
+const COPROCESSOR_CPU: usize = 0;
+const FASTPATH_CPU: usize = 1;
+
+/// Pin the calling thread to `cpu`.
+fn pin_to(cpu: usize) {
+    // SAFETY: cpu_set_t is a plain bit set; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: CPU_SET writes bit `cpu` (< CPU_SETSIZE) of the set above.
+    unsafe { libc::CPU_SET(cpu, &mut set) };
+    // SAFETY: `set` is a valid cpu_set_t of the size given; 0 is this thread.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    assert_eq!(r, 0, "pinning to CPU {cpu}: {}", std::io::Error::last_os_error());
+}
+
 /// A fast-path thread with no ports and a fresh table, applying what
 /// arrives on its install queue (adaptive: it sleeps until woken, as the
 /// switch's does when idle).
@@ -242,7 +260,10 @@ impl FastPath {
             pool,
         );
         let s = stop.clone();
-        let thread = Some(thread::spawn(move || dp.run(&s)));
+        let thread = Some(thread::spawn(move || {
+            pin_to(FASTPATH_CPU);
+            dp.run(&s)
+        }));
         FastPath {
             installs,
             wake,
@@ -333,6 +354,7 @@ fn run(
 }
 
 fn bench(c: &mut Criterion) {
+    pin_to(COPROCESSOR_CPU);
     let policy = Policy::new(vec![SecurityGroup {
         name: "bench".into(),
         rules: hundred_rules(),
