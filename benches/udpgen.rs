@@ -1,6 +1,6 @@
 //! UDP load generator for the end-to-end benchmarks:
 //! `udpgen DST_IP SECONDS FLOWS [PPS [SOCKETS]]`, or
-//! `udpgen --raw IFACE SRC_MAC DST_MAC SRC_IP DST_IP SECONDS FLOWS PPS`.
+//! `udpgen --raw IFACE SRC_MAC DST_MAC SRC_IP DST_IP SECONDS FLOWS PPS [SPORTS]`.
 //!
 //! Sends 64-byte frames (18-byte UDP payload) with sendmmsg in batches of
 //! up to 64, spreading them over FLOWS destination ports (one flow each),
@@ -11,7 +11,8 @@
 //! a warm-up run and the measured runs after it are the same flows.
 //!
 //! `--raw` writes prebuilt 64-byte Ethernet/IPv4/UDP frames (FLOWS
-//! destination ports from 10 000, source port 40 000) straight into the
+//! destination ports from 10 000, from SPORTS source ports from 40 000,
+//! default 1: FLOWS × SPORTS distinct flows) straight into the
 //! device IFACE (AF_PACKET, qdisc bypassed, `rawsend.rs`): no route,
 //! neighbour or socket work on the sending side, so one generator core
 //! offers more than the paths under test forward.
@@ -34,9 +35,9 @@ mod rawsend;
 
 const B: usize = 64;
 
-/// `--raw IFACE SRC_MAC DST_MAC SRC_IP DST_IP SECONDS FLOWS PPS`
+/// `--raw IFACE SRC_MAC DST_MAC SRC_IP DST_IP SECONDS FLOWS PPS [SPORTS]`
 fn raw_mode(a: &[String]) {
-    let usage = "usage: udpgen --raw IFACE SRC_MAC DST_MAC SRC_IP DST_IP SECONDS FLOWS PPS";
+    let usage = "usage: udpgen --raw IFACE SRC_MAC DST_MAC SRC_IP DST_IP SECONDS FLOWS PPS [SPORTS]";
     let mac = |s: &String| -> [u8; 6] {
         let v: Vec<u8> = s
             .split(':')
@@ -51,15 +52,18 @@ fn raw_mode(a: &[String]) {
     let secs: f64 = a.get(7).and_then(|s| s.parse().ok()).expect(usage);
     let flows: u16 = a.get(8).and_then(|s| s.parse().ok()).expect(usage);
     let pps: f64 = a.get(9).and_then(|s| s.parse().ok()).expect(usage);
-    let frames: Vec<Vec<u8>> = (0..flows.max(1))
-        .map(|i| {
+    let sports: u16 = a.get(10).map_or(1, |s| s.parse().expect(usage));
+    // Destination ports vary fastest: consecutive frames are new flows.
+    let frames: Vec<Vec<u8>> = (0..sports.clamp(1, 1000))
+        .flat_map(|sp| (0..flows.max(1)).map(move |dp| (40_000 + sp, 10_000u16.wrapping_add(dp))))
+        .map(|(src_port, dst_port)| {
             let flow = fastpath::synth::UdpFlow {
                 src_mac,
                 dst_mac,
                 src_ip,
                 dst_ip,
-                src_port: 40_000,
-                dst_port: 10_000 + i,
+                src_port,
+                dst_port,
             };
             fastpath::synth::udp_frame(&flow, 64)
         })
