@@ -6,8 +6,9 @@
 //! make up for it with a burst that the path under test then drops: that
 //! would be the generator's loss counted as the path's. So frames that fell
 //! due while the generator was away (longer than a frame gap plus
-//! [`STALL`] between two calls) are skipped and reported as lag, never
-//! offered.
+//! [`STALL`] from the end of its last send, [`Pacer::sent`], to its next
+//! question, [`Pacer::due`]) are skipped and reported as lag, never
+//! offered. Time spent sending is the generator working, not a stall.
 
 use std::time::{Duration, Instant};
 
@@ -53,21 +54,26 @@ impl Pacer {
         if away > gap + STALL {
             self.skipped += frames(away.as_secs_f64(), rate);
         }
-        self.last = now;
-        let due = frames(now.duration_since(self.start).as_secs_f64(), rate)
-            .saturating_sub(self.skipped);
+        let due =
+            frames(now.duration_since(self.start).as_secs_f64(), rate).saturating_sub(self.skipped);
         let want = due.saturating_sub(sent);
         if want == 0 {
             if gap > Duration::from_micros(60) {
                 std::thread::sleep(gap - Duration::from_micros(50));
-                // Sleeping on purpose is not a stall.
-                self.last = Instant::now();
             } else {
                 std::hint::spin_loop();
             }
+            // Waiting on purpose is not a stall.
+            self.last = Instant::now();
             return 0;
         }
         usize::try_from(want).map_or(most, |w| w.min(most))
+    }
+
+    /// Call after each send: the time until the next [`Pacer::due`] is
+    /// what counts as the generator being away.
+    pub fn sent(&mut self) {
+        self.last = Instant::now();
     }
 
     /// Frames due over the whole run that were never offered (skipped in

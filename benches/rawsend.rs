@@ -97,6 +97,7 @@ impl RawSocket {
             // `frames`, alive and unchanged during the call.
             let _ = unsafe { libc::sendmmsg(self.fd.as_raw_fd(), msgs.as_mut_ptr(), count, 0) };
             sent += n as u64;
+            pacer.sent();
         }
         sent
     }

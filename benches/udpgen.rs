@@ -37,7 +37,8 @@ const B: usize = 64;
 
 /// `--raw IFACE SRC_MAC DST_MAC SRC_IP DST_IP SECONDS FLOWS PPS [SPORTS]`
 fn raw_mode(a: &[String]) {
-    let usage = "usage: udpgen --raw IFACE SRC_MAC DST_MAC SRC_IP DST_IP SECONDS FLOWS PPS [SPORTS]";
+    let usage =
+        "usage: udpgen --raw IFACE SRC_MAC DST_MAC SRC_IP DST_IP SECONDS FLOWS PPS [SPORTS]";
     let mac = |s: &String| -> [u8; 6] {
         let v: Vec<u8> = s
             .split(':')
@@ -141,6 +142,7 @@ fn main() {
         if let Ok(r) = u64::try_from(r) {
             sent += r;
         }
+        pacer.sent();
     }
     println!("sent={sent} lag={}", pacer.lag(sent));
 }

@@ -257,6 +257,7 @@ fn main() {
             if n > 0 {
                 da.tx.publish(&da.mem);
             }
+            pacer.sent();
             if pps.is_some() {
                 // Due but no room: the switch is behind; these are lost.
                 refused += (due - n) as u64;
