@@ -384,6 +384,7 @@ impl Conntrack {
             return None;
         }
         let conn = self.slots.get_mut(idx as usize)?.take()?;
+        self.wheel.cancel(id);
         for s in &conn.sides {
             if self.by_key.get(&s.key).is_some_and(|&(i, _)| i == idx) {
                 self.by_key.remove(&s.key);

@@ -174,3 +174,26 @@ fn expiry_cost_follows_what_is_due() {
     }
     assert_eq!(ct.len(), 100_000);
 }
+
+#[test]
+fn a_connection_keeps_one_timer_however_often_its_segments_move_it() {
+    // A VM with one tracked connection sends SYN and FIN segments on it
+    // at its punt budget's rate for a minute: each one moves the deadline.
+    let mut ct = Conntrack::new(Timeouts::default(), Limits::default(), 0);
+    let id = ct.insert(conn(1, syn()), Some(PortId(1)), 0).unwrap();
+    ct.tcp_event(id, 1, 0x12, 1); // SYN-ACK: established
+    let other = ct.insert(conn(2, syn()), Some(PortId(1)), 0).unwrap();
+    let mut now = 1;
+    for n in 0..600_000u64 {
+        now += SEC / 10_000;
+        let flags = if n % 2 == 0 { 0x02 } else { 0x11 };
+        ct.tcp_event(id, 0, flags, now);
+        if n % 1000 == 0 {
+            ct.tick(now);
+        }
+    }
+    assert_eq!(ct.timers(), 2, "one wheel entry per live connection");
+    // A removed connection leaves none behind.
+    ct.remove(other).unwrap();
+    assert_eq!(ct.timers(), 1);
+}
