@@ -21,6 +21,7 @@ pub mod arp;
 pub mod compile;
 pub mod conntrack;
 pub mod dhcp;
+pub mod ext_neighbors;
 pub mod forward;
 pub mod icmp;
 pub mod nat;
@@ -347,6 +348,16 @@ impl Coprocessor {
                 if p.kind == outcome::PuntKind::VtepMismatch {
                     return Err(DropCause::VtepMismatch);
                 }
+                // A packet of a known connection must come from the VTEP
+                // its side was set up with, before it may change the
+                // connection's state (a forged RST from any underlay
+                // address must not close it).
+                if let Some((id, side)) = sh.ct.lookup(&key) {
+                    let expected = sh.ct.get(id).and_then(|c| c.sides[side].action.decap);
+                    if expected.is_some_and(|v| v != u32::from(outer_src)) {
+                        return Err(DropCause::VtepMismatch);
+                    }
+                }
                 let mut setup = setup::Setup {
                     topo,
                     sh,
@@ -359,7 +370,16 @@ impl Coprocessor {
                     return Ok(());
                 }
                 let (src, dst) = (Ipv4Addr::from(key.src_ip), Ipv4Addr::from(key.dst_ip));
-                let mut src_mac = Self::check_remote(topo, vni, src, outer_src)?;
+                let gateway_vtep = topo.network(vni).and_then(|n| n.gateway_vtep);
+                let mut src_mac = match Self::check_remote(topo, vni, src, outer_src) {
+                    // What this host does not know reaches it through the
+                    // network's gateway VTEP (Hoverboard): replies to the
+                    // VMs' traffic sent there, as it came.
+                    Err(DropCause::UnknownRemoteSource) if gateway_vtep == Some(outer_src) => {
+                        eth.src_addr().0
+                    }
+                    r => r?,
+                };
                 let Some(topology::Endpoint::Local { port, mac }) = topo.lookup(vni, dst) else {
                     return Err(DropCause::UnknownDestination);
                 };
@@ -394,11 +414,19 @@ impl Coprocessor {
         match eth.ethertype() {
             EthernetProtocol::Arp => {
                 let (is_request, req) = arp::parse(eth.payload())?;
-                if ext.cidr.contains(req.sender_ip) && req.sender_mac[0] & 1 == 0 {
-                    sh.ext_neighbors.insert(req.sender_ip, req.sender_mac);
-                }
                 if !is_request {
-                    return Ok(());
+                    // Only an answer to our own question teaches a MAC.
+                    return match sh
+                        .ext_neighbors
+                        .answer(req.sender_ip, req.sender_mac, p.now)
+                    {
+                        ext_neighbors::Learned::Unsolicited => Err(DropCause::ArpNotRequest),
+                        ext_neighbors::Learned::Confirmed => Ok(()),
+                        ext_neighbors::Learned::Changed { old } => {
+                            Self::external_mac_changed(sh, ext.port, old, req.sender_mac, out);
+                            Ok(())
+                        }
+                    };
                 }
                 if topo.external_addr(req.target_ip).is_none() {
                     return Err(DropCause::ArpUnknownTarget);
@@ -484,6 +512,34 @@ impl Coprocessor {
 
     /// A sender on the overlay must be a known remote endpoint of `vni`,
     /// behind the VTEP the packet came from. Returns its MAC.
+    /// An external neighbour now answers with `new` instead of `old`: the
+    /// tracked connections that leave through it are moved over, and
+    /// their flows in the fast path removed (their next packet installs
+    /// them again, with the new MAC).
+    fn external_mac_changed(
+        sh: &mut Shared,
+        port: flowtable::PortId,
+        old: flowtable::Mac,
+        new: flowtable::Mac,
+        out: &mut Outcome,
+    ) {
+        let ids: Vec<u64> = sh.ct.iter().map(|(id, _)| id).collect();
+        for id in ids {
+            let Some(c) = sh.ct.get_mut(id) else { continue };
+            for s in &mut c.sides {
+                if s.action.output == flowtable::Output::Port(port)
+                    && s.action.set_eth_dst == Some(old)
+                {
+                    s.action.set_eth_dst = Some(new);
+                    if s.installed {
+                        s.installed = false;
+                        out.remove.push(s.key);
+                    }
+                }
+            }
+        }
+    }
+
     fn check_remote(
         topo: &Topology,
         vni: u32,

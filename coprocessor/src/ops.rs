@@ -131,7 +131,6 @@ impl Shared {
                     crate::nat::NatPool::new(e.snat.clone(), e.ports.0, e.ports.1, e.per_vm_ports)
                 });
             self.ext_neighbors.clear();
-            self.ext_asked.clear();
         }
         out.version = self.version;
         out.invalidate = Some(self.invalidation(&touched));

@@ -168,6 +168,13 @@ impl Setup<'_, '_> {
         let Some(q) = related::quoted(self.frame) else {
             return Ok(None);
         };
+        // An error goes to the sender of the packet it quotes (Linux's
+        // conntrack checks the same): one addressed elsewhere is not
+        // related to that connection, whatever it quotes, and is judged
+        // as a packet of its own.
+        if key.dst_ip != q.src {
+            return Ok(None);
+        }
         let Some((id, side)) = self.sh.ct.lookup(&related::reply_key(&key, &q)) else {
             return Ok(None);
         };
@@ -448,24 +455,19 @@ impl Setup<'_, '_> {
         )
     }
 
-    /// The MAC of the external neighbour towards `dst`; if unknown, ask
-    /// (from our address `src`, at most once a second per neighbour) and
-    /// refuse this packet.
+    /// The MAC of the external neighbour towards `dst`; if unknown, refuse
+    /// this packet. Asks (from our address `src`) when
+    /// [`crate::ext_neighbors`] says to: unknown, or due to be confirmed.
     fn resolve(&mut self, dst: Ipv4Addr, src: Ipv4Addr) -> Result<Mac, DropCause> {
         let ext = self.topo.external.as_ref().ok_or(DropCause::NoExternal)?;
         let hop = ext.next_hop(dst).ok_or(DropCause::NoRoute)?;
-        if let Some(m) = self.sh.ext_neighbors.get(&hop) {
-            return Ok(*m);
-        }
-        let now = self.p.now;
-        let last = self.sh.ext_asked.get(&hop).copied();
-        if last.is_none_or(|t| now.saturating_sub(t) >= 1_000_000_000) {
-            self.sh.ext_asked.insert(hop, now);
+        let (mac, ask) = self.sh.ext_neighbors.resolve(hop, self.p.now);
+        if ask {
             self.out
                 .tx
                 .push((ext.port, crate::arp::request(ext.mac, src, hop)));
         }
-        Err(DropCause::ExtNeighborPending)
+        mac.ok_or(DropCause::ExtNeighborPending)
     }
 
     /// A new packet from the overlay to local VM `dst` (flow `fwd`), from

@@ -34,10 +34,8 @@ pub struct Shared {
     pub policy: Policy,
     pub ct: Conntrack,
     pub nat: Option<NatPool>,
-    /// External hosts (and the external gateway) learned from ARP.
-    pub ext_neighbors: HashMap<Ipv4Addr, Mac>,
-    /// When we last asked for each unresolved external neighbour.
-    pub(crate) ext_asked: HashMap<Ipv4Addr, u64>,
+    /// External hosts (and the external gateway) resolved by ARP.
+    pub ext_neighbors: crate::ext_neighbors::ExtNeighbors,
     pub vm_drops: HashMap<PortId, VmDrops>,
     /// Bumped by every change of topology or policy; decisions carry the
     /// version they were made under.
@@ -69,8 +67,7 @@ impl Shared {
     /// The state as plain data.
     pub fn save(&self) -> SharedState {
         let (groups, members) = self.policy.to_parts();
-        let mut ext_neighbors: Vec<(Ipv4Addr, Mac)> =
-            self.ext_neighbors.iter().map(|(k, v)| (*k, *v)).collect();
+        let mut ext_neighbors: Vec<(Ipv4Addr, Mac)> = self.ext_neighbors.iter().collect();
         ext_neighbors.sort();
         let mut vm_drops: Vec<(PortId, VmDrops)> =
             self.vm_drops.iter().map(|(k, v)| (*k, *v)).collect();
@@ -131,8 +128,7 @@ impl Shared {
             policy,
             ct: Conntrack::new(timeouts, limits, 0),
             nat,
-            ext_neighbors: HashMap::new(),
-            ext_asked: HashMap::new(),
+            ext_neighbors: Default::default(),
             vm_drops: HashMap::new(),
             version: 0,
             counters: crate::Stats::new(),

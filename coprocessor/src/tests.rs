@@ -851,6 +851,20 @@ fn static_routes_and_the_gateway_vtep() {
         sent.expect("unknown in-subnet address").1[30..34],
         gw_vtep.octets()
     );
+    // The replies come back through the gateway VTEP from addresses this
+    // host does not know: delivered (routed: from the gateway MAC) to C,
+    // which is in no security group.
+    let reply = udp([2, 0xbb, 0, 0, 0, 1], Ipv4Addr::new(8, 8, 8, 8), B_IP);
+    let (out, sent) = through(&mut c, UPLINK, &from_remote(&reply, gw_vtep, VNI2));
+    assert_eq!(out.drop, None, "{out:?}");
+    let (port, f) = sent.expect("a reply through the gateway VTEP");
+    assert_eq!((port, f[6..12].to_vec()), (PortId(3), GW_MAC.to_vec()));
+    // From any other VTEP an unknown source stays refused.
+    let (out, sent) = through(&mut c, UPLINK, &from_remote(&reply, REMOTE_VTEP, VNI2));
+    assert_eq!(
+        (out.drop, sent.is_none()),
+        (Some(DropCause::UnknownRemoteSource), true)
+    );
     // Network 100 has neither: unknown stays a counted drop.
     assert_eq!(
         drop_from_a(&mut c, Ipv4Addr::new(10, 0, 0, 77)),

@@ -467,6 +467,45 @@ fn remote_group_membership_admits_and_replies_go_back_through_the_tunnel() {
 }
 
 #[test]
+fn a_forged_rst_from_another_vtep_does_not_close_a_connection() {
+    let mut n = default_switch();
+    // R (behind REMOTE_VTEP) connects to B (web: TCP 80 in), B answers:
+    // established.
+    let syn = tcp(R_MAC, R_IP, B_IP, 41000, 80, SYN);
+    let key = key_of(UPLINK, &super::from_remote(&syn, REMOTE_VTEP, VNI));
+    delivered(
+        n.send(UPLINK, &super::from_remote(&syn, REMOTE_VTEP, VNI)),
+        B,
+    );
+    delivered(
+        n.send(B, &tcp(B_MAC, B_IP, R_IP, 80, 41000, SYN | ACK)),
+        UPLINK,
+    );
+    let established = Some(ConnState::Tcp(TcpState::Established));
+    assert_eq!(n.state_of(&key), established);
+    // The flows idle out of the fast path; the connection stays tracked.
+    n.p.table_mut().retain(|_, _| false);
+    // Anyone on the underlay sends R's RST with the right VNI and tuple.
+    let rst = tcp(R_MAC, R_IP, B_IP, 41000, 80, RST | ACK);
+    let forged = super::from_remote(&rst, Ipv4Addr::new(192, 168, 0, 66), VNI);
+    assert_eq!(
+        n.send(UPLINK, &forged),
+        Went::Dropped(Some(DropCause::VtepMismatch))
+    );
+    assert_eq!(
+        n.state_of(&key),
+        established,
+        "the forged RST changed nothing"
+    );
+    // R's own segments still pass.
+    let ack = tcp(R_MAC, R_IP, B_IP, 41000, 80, ACK);
+    delivered(
+        n.send(UPLINK, &super::from_remote(&ack, REMOTE_VTEP, VNI)),
+        B,
+    );
+}
+
+#[test]
 fn tcp_without_a_connection_is_invalid() {
     let mut n = default_switch();
     let ack = tcp(A_MAC, A_IP, B_IP, 40000, 80, ACK);
@@ -564,6 +603,67 @@ fn arp_reply_from_router() -> Vec<u8> {
     crate::arp::reply(&req, ROUTER_MAC)
 }
 
+/// The switch has asked for the router (as its first packet out would
+/// make it), and the router answers.
+fn learn_router(n: &mut Net) {
+    let now = n.now;
+    let (_, asked) =
+        n.cp.shared()
+            .lock()
+            .unwrap()
+            .ext_neighbors
+            .resolve(ROUTER, now);
+    assert!(asked, "a question for the router goes out");
+    assert_eq!(n.send(EXT, &arp_reply_from_router()), Went::Dropped(None));
+}
+
+#[test]
+fn the_external_router_cannot_be_repointed_and_a_changed_mac_moves_connections() {
+    let mut n = default_switch();
+    // Anyone on the external segment claims to be the router: ignored.
+    let mut liar = arp_reply_from_router();
+    liar[6..12].copy_from_slice(&[2, 0x66, 0, 0, 0, 1]);
+    liar[22..28].copy_from_slice(&[2, 0x66, 0, 0, 0, 1]);
+    assert_eq!(
+        n.send(EXT, &liar),
+        Went::Dropped(Some(DropCause::ArpNotRequest))
+    );
+    assert_eq!(
+        n.cp.shared().lock().unwrap().ext_neighbors.get(&ROUTER),
+        None
+    );
+    learn_router(&mut n);
+    let out = udp(A_MAC, A_IP, SERVER, 5555, 53);
+    assert_eq!(delivered(n.send(A, &out), EXT)[..6], ROUTER_MAC);
+    // Long after, a new connection still leaves (the MAC is used while it
+    // is confirmed again), and the router is asked again.
+    n.now += crate::ext_neighbors::REACHABLE;
+    let second = udp(A_MAC, A_IP, SERVER, 5556, 53);
+    assert_eq!(delivered(n.send(A, &second), EXT)[..6], ROUTER_MAC);
+    let asked = &n.outcomes[0].tx;
+    assert!(
+        asked.iter().any(|(p, f)| *p == EXT && f[..6] == [0xff; 6]),
+        "a question for the router: {asked:?}"
+    );
+    // Its answer has a new MAC.
+    let new_mac = [2, 0xee, 0, 0, 0, 0xfd];
+    let req = crate::arp::Request {
+        sender_mac: EXT_MAC,
+        sender_ip: SNAT_IP,
+        target_ip: ROUTER,
+    };
+    let moved = n.send(EXT, &crate::arp::reply(&req, new_mac));
+    assert_eq!(moved, Went::Dropped(None));
+    assert_eq!(
+        n.outcomes[0].remove.len(),
+        2,
+        "both connections' flows out go"
+    );
+    // Their next packets leave for the new MAC.
+    assert_eq!(delivered(n.send(A, &out), EXT)[..6], new_mac);
+    assert_eq!(delivered(n.send(A, &second), EXT)[..6], new_mac);
+}
+
 #[test]
 fn snat_through_the_pool_with_unique_ports_and_replies_translated_back() {
     let mut n = default_switch();
@@ -579,6 +679,11 @@ fn snat_through_the_pool_with_unique_ports_and_replies_translated_back() {
     }
     assert_eq!(n.outcomes[0].drop, Some(DropCause::ExtNeighborPending));
     assert_eq!(n.send(EXT, &arp_reply_from_router()), Went::Dropped(None));
+    // A second reply is not an answer to anything: not learned.
+    assert_eq!(
+        n.send(EXT, &arp_reply_from_router()),
+        Went::Dropped(Some(DropCause::ArpNotRequest))
+    );
     // Now it leaves, translated.
     let f = delivered(n.send(A, &out_a), EXT);
     assert_eq!(f[..6], ROUTER_MAC);
@@ -622,7 +727,7 @@ fn snat_through_the_pool_with_unique_ports_and_replies_translated_back() {
 #[test]
 fn nat_port_quota_and_exhaustion_name_the_vm() {
     let mut n = switch(Limits::default(), (2000, 2002), 2);
-    n.send(EXT, &arp_reply_from_router());
+    learn_router(&mut n);
     for sport in 0..2 {
         delivered(n.send(A, &udp(A_MAC, A_IP, SERVER, 100 + sport, 53)), EXT);
     }
@@ -689,7 +794,7 @@ fn a_floating_ip_takes_connections_in_and_translates_the_vm_out() {
 #[test]
 fn idle_connections_end_on_their_timers_and_free_their_nat_ports() {
     let mut n = default_switch();
-    n.send(EXT, &arp_reply_from_router());
+    learn_router(&mut n);
     let f = udp(A_MAC, A_IP, SERVER, 5555, 53);
     delivered(n.send(A, &f), EXT);
     assert_eq!(n.ct_len(), 1);
@@ -771,7 +876,7 @@ fn icmp_error(
 #[test]
 fn icmp_errors_about_a_connection_pass_and_are_translated_through_nat() {
     let mut n = default_switch();
-    n.send(EXT, &arp_reply_from_router());
+    learn_router(&mut n);
     let out = udp(A_MAC, A_IP, SERVER, 5555, 53);
     let sent = delivered(n.send(A, &out), EXT);
     // A router on the way says the packet was too big.
@@ -801,6 +906,31 @@ fn icmp_errors_about_a_connection_pass_and_are_translated_through_nat() {
     assert_eq!(n.send(C, &stray), Went::Dropped(Some(DropCause::AclDenied)));
     assert_eq!(n.send(C, &stray), Went::Dropped(Some(DropCause::AclDenied)));
     assert_eq!(n.cp.shared().lock().unwrap().ct.counters.related, 3);
+}
+
+#[test]
+fn an_icmp_error_addressed_elsewhere_is_not_related_to_the_connection_it_quotes() {
+    let mut n = default_switch();
+    // B may send nothing of its own (ingress TCP 80 only).
+    n.cp.shared()
+        .lock()
+        .unwrap()
+        .policy
+        .set_rules("web", vec![rule(Direction::Ingress, Some(6), (80, 80))])
+        .unwrap();
+    let syn = tcp(A_MAC, A_IP, B_IP, 42000, 80, SYN);
+    delivered(n.send(A, &syn), B);
+    delivered(n.send(B, &tcp(B_MAC, B_IP, A_IP, 80, 42000, SYN | ACK)), A);
+    // B's error about A's packet, to A: related, delivered.
+    delivered(n.send(B, &icmp_error(B_MAC, B_IP, A_IP, 3, 3, &syn)), A);
+    // The same quote sent to another address of the network: not related,
+    // so B's own (empty) egress rules decide.
+    let forged = icmp_error(B_MAC, B_IP, C_IP, 3, 3, &syn);
+    assert_eq!(
+        n.send(B, &forged),
+        Went::Dropped(Some(DropCause::AclDenied))
+    );
+    assert_eq!(n.cp.shared().lock().unwrap().ct.counters.related, 1);
 }
 
 mod ops {
@@ -997,7 +1127,7 @@ mod ops {
     #[test]
     fn a_new_external_network_ends_nat_connections_and_takes_new_ones() {
         let mut n = default_switch();
-        n.send(EXT, &arp_reply_from_router());
+        learn_router(&mut n);
         let f = udp(A_MAC, A_IP, SERVER, 5555, 53);
         let before = delivered(n.send(A, &f), EXT);
         assert_eq!(ip_at(&before, 26), SNAT_IP);
@@ -1015,7 +1145,7 @@ mod ops {
         assert_eq!(applied.connections_ended, 1);
         n.apply(&out);
         // Neighbours are learned again on the new network.
-        n.send(EXT, &arp_reply_from_router());
+        learn_router(&mut n);
         let after = delivered(n.send(A, &f), EXT);
         assert_eq!(ip_at(&after, 26), new_ip);
         assert_eq!(
@@ -1056,7 +1186,7 @@ mod ops {
 #[test]
 fn the_shared_state_survives_save_and_restore() {
     let mut n = default_switch();
-    n.send(EXT, &arp_reply_from_router());
+    learn_router(&mut n);
     let syn = tcp(A_MAC, A_IP, B_IP, 40000, 80, SYN);
     delivered(n.send(A, &syn), B);
     delivered(n.send(A, &udp(A_MAC, A_IP, SERVER, 5555, 53)), EXT);
