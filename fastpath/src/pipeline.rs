@@ -192,6 +192,11 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// The uplink port.
+    pub fn uplink(&self) -> PortId {
+        self.classifier.uplink
+    }
+
     pub fn new(cfg: &PipelineConfig, table: FlowTable) -> Pipeline {
         Pipeline {
             classifier: Classifier {
@@ -415,14 +420,24 @@ fn be16(b: &[u8], at: usize) -> u16 {
 /// The part of an action that only tracked connections have, out of the
 /// common path: punt a TCP state change (unless the coprocessor already
 /// saw it), punt an expiring TTL before anything is rewritten, then NAT.
+///
+/// The rewrites see the IP packet at `ip` and nothing past it (nor past
+/// the frame's end, `frame_end`): bytes beyond its total length (padding,
+/// or what an earlier frame left in the chunk) are not its TCP flags or
+/// checksum.
 #[inline(never)]
 fn tracked(
     a: &Action,
     chunk: &mut [u8],
     ip: usize,
+    frame_end: usize,
     key: &FlowKey,
     ct_events: bool,
 ) -> Result<(), Verdict> {
+    let end = (ip + usize::from(be16(chunk, ip + 2))).min(frame_end);
+    let Some(chunk) = chunk.get_mut(..end) else {
+        return Err(Verdict::Drop(DropReason::TooShort));
+    };
     if ct_events && key.proto == IPPROTO_TCP && rewrite::tcp_event(chunk, ip) {
         return Err(Verdict::Punt(PuntReason::CtEvent));
     }
@@ -465,7 +480,7 @@ fn apply(
     // (the classifier checked), so these offsets are inside the frame.
     let ip = start + ETH_LEN;
     if a.conntrack {
-        if let Err(v) = tracked(a, chunk, ip, key, ct_events) {
+        if let Err(v) = tracked(a, chunk, ip, start + len, key, ct_events) {
             return v;
         }
     }

@@ -474,6 +474,55 @@ fn tracked_flows_punt_state_changes_and_expiring_ttls_before_any_nat() {
 }
 
 #[test]
+fn tracked_rewrites_stay_inside_the_ip_packet() {
+    // A TCP segment whose IP total length (24) ends before its TCP flags
+    // and checksum: the bytes there belong to no packet (here, what an
+    // earlier frame of the chunk held) and must be neither read nor
+    // written.
+    let mut p = pipeline();
+    let f = vm1_flow();
+    let ack = synth::tcp_frame(&f, 0x10, b"");
+    let key = key_of(&ack, Ingress::Port(VM1));
+    let action = Action {
+        conntrack: true,
+        nat: Some(flowtable::Nat {
+            side: flowtable::NatSide::Src,
+            ip: 0xcb00_710a,
+            port: Some(40000),
+        }),
+        ..Action::output(VM2)
+    };
+    p.table_mut().insert(key, &action, 0).unwrap();
+    let mut short = ack.clone();
+    short[16..18].copy_from_slice(&24u16.to_be_bytes());
+    let run = |p: &mut Pipeline| {
+        let (mut mem, descs) = load(std::slice::from_ref(&short));
+        let mut out = BatchOut::new(3);
+        p.process(
+            VM1,
+            &mut SliceMem::new(&mut mem, CHUNK).unwrap(),
+            &descs,
+            1,
+            &mut out,
+        );
+        let tx = out.tx.iter().map(|(_, l)| l.len()).sum::<usize>();
+        let punts: Vec<PuntReason> = out.punt.iter().map(|i| i.reason).collect();
+        (tx, punts, bytes(&mem, descs[0]).to_vec())
+    };
+    // Its flags cannot be read: the coprocessor judges it, untouched.
+    let (tx, punts, after) = run(&mut p);
+    assert_eq!((tx, punts), (0, vec![PuntReason::CtEvent]));
+    assert_eq!(after, short);
+    // Reinjected, it cannot be translated: a counted drop, untouched.
+    p.set_reinjecting(true);
+    let before = p.counters().drops.get(DropReason::NatTooShort);
+    let (tx, punts, after) = run(&mut p);
+    assert_eq!((tx, punts.len()), (0, 0));
+    assert_eq!(p.counters().drops.get(DropReason::NatTooShort), before + 1);
+    assert_eq!(after, short, "nothing written past the packet");
+}
+
+#[test]
 fn counters_go_by_name_and_fit_the_ports() {
     let mut c = PipelineCounters {
         port_drops: vec![DropCounters::default(); 3],
