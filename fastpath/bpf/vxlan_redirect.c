@@ -66,9 +66,11 @@ int vxlan_redirect(struct xdp_md *ctx)
 char _license[] SEC("license") = "GPL";
 
 // For VM ports on a veth end: the interface belongs to the VM, so every
-// frame it sends goes to the AF_XDP socket of its queue.
+// frame it sends goes to the AF_XDP socket of its queue. A frame on a
+// queue with no socket (yet) is dropped: the VM's traffic never reaches
+// the host's own stack, also not before the switch binds.
 SEC("xdp")
 int redirect_all(struct xdp_md *ctx)
 {
-	return bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_PASS);
+	return bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_DROP);
 }

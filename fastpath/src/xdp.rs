@@ -1,8 +1,9 @@
 //! The XDP programs of `bpf/vxlan_redirect.c`, loaded with aya:
 //! `vxlan_redirect` on the uplink, told our VTEP address and the VXLAN
 //! port (only VXLAN for our VTEP goes to vswitch; the host keeps
-//! everything else), and `redirect_all` on a VM's veth end. Each is given
-//! the AF_XDP socket of each queue.
+//! everything else), and `redirect_all` on a VM's veth end (a frame on a
+//! queue without a socket is dropped: a VM's frames never reach the host's
+//! stack). Each is given the AF_XDP socket of each queue.
 //!
 //! aya attaches through a bpf_link where the kernel has them, so the
 //! program goes away with the process — also when it crashes — and a
