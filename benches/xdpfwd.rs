@@ -76,7 +76,7 @@ fn main() {
     loop {
         let mut work = 0;
         xsk.complete(&mut pool);
-        xsk.refill(&mut pool, 4 * BATCH);
+        xsk.refill(&mut pool, 4 * BATCH, usize::MAX);
         // tap → uplink
         out.clear();
         for _ in 0..BATCH {

@@ -89,8 +89,20 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     // Taking over, the previous binary's pool is adopted: a placeholder
     // until then (dropping a populated 16 MiB one would cost the blackout
     // milliseconds).
+    // 8 192 chunks for the uplink and the tap and vhost-user ports, and
+    // for each af-xdp VM port its fill share and as much again in flight.
+    let vm_xsk = cfg
+        .ports
+        .iter()
+        .filter(|p| p.kind == crate::config::PortType::AfXdp)
+        .count();
+    let chunks = 8192 + 2 * fastpath::dataplane::VM_FILL_SHARE * vm_xsk;
     let pool = match &takeover {
-        None => FramePool::new(8192, 2048, true),
+        None => FramePool::new(
+            u32::try_from(chunks).context("field `port`: too many af-xdp ports")?,
+            2048,
+            true,
+        ),
         Some(_) => FramePool::new(1, 2048, false),
     }
     .context("allocating the frame pool")?;
@@ -397,7 +409,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         })?;
         let adopted_mono_ns = fastpath::dataplane::monotonic_ns();
         inherited_links = taken.xdp_links;
-        crate::handover::confirm(&taken.conn)?;
+        crate::handover::confirm(&taken.conn, taken.confirm_ack)?;
         let (tx, rx) = mpsc::channel();
         send_request(
             &req_tx,
@@ -445,12 +457,13 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         }
     }
     xdp_links.extend(inherited_links.iter().map(|fd| fd.as_raw_fd()));
+    let punt_depth: Arc<dyn Fn() -> usize + Send + Sync> = Arc::new(move || depth_rx.depth());
+    let (metrics_req_tx, metrics_shared) = (req_tx.clone(), ctl_cp.shared().clone());
     let links = control::Links {
         config_text,
         handover_refused,
         xdp_links,
         last_handover,
-        punt_depth: Some(Box::new(move || depth_rx.depth())),
         netlink: neighbor::Netlink::open().ok(),
         next_port,
         epoch_mono_ns,
@@ -462,10 +475,28 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         ports: port_names,
         vhost: vhost_links,
     };
+    let taking_over = inherited_listener.is_some();
     let mut server = match inherited_listener {
-        Some(l) => control::Server::inherit(l, s.metrics, links)?,
-        None => control::Server::bind(&s.control_socket, s.metrics, links)?,
+        Some(l) => control::Server::inherit(l, links)?,
+        None => control::Server::bind(&s.control_socket, links)?,
     };
+    if let Some(addr) = s.metrics {
+        // Taking over, the address is free once the previous binary exits:
+        // the metrics thread binds it then.
+        let listener = if taking_over {
+            None
+        } else {
+            Some(crate::metrics_http::bind(addr)?)
+        };
+        let source = crate::metrics_http::Source {
+            requests: metrics_req_tx,
+            wake: wake.clone(),
+            shared: metrics_shared,
+            punt_depth,
+        };
+        crate::metrics_http::spawn(listener, addr, source, stop.clone())
+            .context("starting the metrics thread")?;
+    }
     info!(socket = %s.control_socket.display(), "vswitch running");
     server.serve(&stop);
 

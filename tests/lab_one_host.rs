@@ -452,3 +452,43 @@ fn the_distributed_router_routes_answers_ping_and_ttl_expiry() {
         .collect();
     assert_eq!(hops, ["10.0.0.1", "10.0.1.10"], "traceroute:\n{text}");
 }
+
+#[test]
+fn idle_af_xdp_vm_ports_hold_only_their_share_of_the_frame_pool() {
+    // Four af-xdp VM ports whose VMs send nothing: each keeps its fill
+    // share on the kernel's fill ring, not a whole ring's worth (four of
+    // those once held the pool and starved everything else).
+    let mut lab = Lab::new();
+    let nb = lab.netns("vb");
+    let mut ports = String::new();
+    for i in 0..4 {
+        let (ours, theirs) = (lab.name(&format!("xs{i}")), lab.name(&format!("xv{i}")));
+        sh(&[
+            "ip", "link", "add", &ours, "type", "veth", "peer", "name", &theirs, "netns", &nb,
+        ]);
+        sh(&["ip", "link", "set", &ours, "up"]);
+        sh(&["ip", "-n", &nb, "link", "set", &theirs, "up"]);
+        ports += &format!("[[port]]\nname = \"{ours}\"\ntype = \"af-xdp\"\n");
+    }
+    let cfg = format!(
+        "[switch]\npoll = \"adaptive\"\nflow_capacity = 4096\ncontrol_socket = \"{sock}\"\n\n{ports}",
+        sock = lab.socket("sw").display(),
+    );
+    let sock = lab.vswitch("sw", &cfg);
+    let st = lab.ctl(&sock, "stats").expect("stats");
+    let pool = &st["frame_pool"];
+    let (free, chunks) = (
+        pool["free"].as_u64().expect("free"),
+        pool["chunks"].as_u64().expect("chunks"),
+    );
+    let share = fastpath::dataplane::VM_FILL_SHARE as u64;
+    assert!(
+        chunks - free <= 4 * share,
+        "four idle af-xdp ports hold {} of {chunks} frames (share {share} each): {st}",
+        chunks - free
+    );
+    assert!(free >= 8192, "the uplink's part stays free: {st}");
+    for p in st["ports"].as_array().expect("ports") {
+        assert_eq!(p["af_xdp"]["fill_short"], 0, "{p}");
+    }
+}

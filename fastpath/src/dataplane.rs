@@ -98,6 +98,10 @@ pub struct PortCounters {
     /// short, oversize frames).
     #[serde(default)]
     pub guest_bad_descriptor: u64,
+    /// AF_XDP: refills where the frame pool could not keep the fill ring
+    /// at half its share (receives may be dropped by the kernel then).
+    #[serde(default)]
+    pub fill_short: u64,
 }
 
 /// A port of this thread.
@@ -421,6 +425,9 @@ pub struct Links {
 /// Room before each frame read from a tap: VXLAN's outer headers fit with
 /// margin. (AF_XDP leaves XDP_PACKET_HEADROOM, also 256, before its frames.)
 const HEADROOM: usize = 256;
+/// Frames an af-xdp VM port keeps on its fill ring at most: enough for a
+/// veth's bursts, and four idle ports hold 2 048 frames, not the pool.
+pub const VM_FILL_SHARE: usize = 512;
 /// Chunks kept on the free list for VM ports when refilling the uplink.
 const VM_RESERVE: usize = 4 * BATCH;
 
@@ -619,7 +626,15 @@ impl Dataplane {
             }
             PortIo::Xsk(x) => {
                 x.complete(&mut self.pool);
-                x.refill(&mut self.pool, VM_RESERVE);
+                // The uplink may fill its whole ring; a VM port its share.
+                let cap = if port.id == self.pipeline.uplink() {
+                    usize::MAX
+                } else {
+                    VM_FILL_SHARE
+                };
+                if x.refill(&mut self.pool, VM_RESERVE, cap).1 {
+                    port.counters.fill_short += 1;
+                }
                 x.wake_rx_if_needed();
                 let (descs, c) = (&mut self.descs, &mut port.counters);
                 x.recv(BATCH, |d| {

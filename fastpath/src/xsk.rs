@@ -166,6 +166,11 @@ impl<T: Copy> Ring<T> {
         unsafe { self.descs.as_ptr().add((i & self.mask) as usize) }
     }
 
+    /// Entries the ring holds.
+    fn size(&self) -> usize {
+        (self.mask + 1) as usize
+    }
+
     /// As producer: entries free for us to fill.
     fn room(&self) -> usize {
         let prod = self.producer().load(Ordering::Relaxed);
@@ -398,16 +403,18 @@ impl XskSocket {
         self.fd.as_raw_fd()
     }
 
-    /// Give free chunks to the kernel for receiving, keeping `reserve` on
-    /// the free list for VM ports. Returns how many were given.
-    pub fn refill(&mut self, pool: &mut FramePool, reserve: usize) -> usize {
-        // Only take what the ring can hold: with a full fill ring (the idle
-        // steady state) this takes nothing from the pool.
-        let n = pool
-            .free_count()
-            .saturating_sub(reserve)
-            .min(64)
-            .min(self.fill.room());
+    /// Give free chunks to the kernel for receiving — at most `cap` on the
+    /// fill ring at once (this socket's share of the pool: an idle VM port
+    /// must not pin what the uplink needs) — keeping `reserve` on the free
+    /// list. Returns how many were given, and whether the pool fell short:
+    /// the ring is below half its share and the pool could not fill it.
+    pub fn refill(&mut self, pool: &mut FramePool, reserve: usize, cap: usize) -> (usize, bool) {
+        let share = cap.min(self.fill.size());
+        let held = self.fill.size() - self.fill.room();
+        // Only take what the ring may hold: at its share (the idle steady
+        // state) this takes nothing from the pool.
+        let want = share.saturating_sub(held).min(64);
+        let n = pool.free_count().saturating_sub(reserve).min(want);
         let mut addrs = [0u64; 64];
         let mut k = 0;
         while k < n {
@@ -423,7 +430,7 @@ impl XskSocket {
         for a in &addrs[done..k] {
             pool.release(*a);
         }
-        done
+        (done, done < want && held + done < share / 2)
     }
 
     /// Take up to `max` received frames.
