@@ -24,9 +24,11 @@ use flowtable::{Ingress, Output, PortId};
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
-/// Largest request accepted.
 /// Largest request accepted (a bulk change of 100 000 endpoints is ~15 MiB).
 const MAX_REQUEST: u64 = 64 << 20;
+/// How long a client has to send its whole request (a per-read timeout
+/// would let a client trickling a byte at a time hold the control thread).
+const REQUEST_DEADLINE: Duration = Duration::from_secs(10);
 
 pub struct Server {
     listener: UnixListener,
@@ -35,8 +37,6 @@ pub struct Server {
     handed_over: bool,
     /// The last top-talkers sample, for rates: (vni, dst, vtep) → bytes.
     talkers: (Instant, std::collections::HashMap<(u32, u32, u32), u64>),
-    metrics: Option<std::net::TcpListener>,
-    metrics_addr: Option<std::net::SocketAddr>,
     links: Links,
 }
 
@@ -53,8 +53,6 @@ pub struct Links {
     pub epoch: Instant,
     /// Port names → ids (VMs name their port).
     pub ports: std::collections::HashMap<String, PortId>,
-    /// Messages waiting in the punt queue (coprocessor backlog).
-    pub punt_depth: Option<Box<dyn Fn() -> usize + Send>>,
     /// The id the next port added at run time gets.
     pub next_port: u16,
     /// CLOCK_MONOTONIC at this switch's clock zero.
@@ -79,11 +77,7 @@ impl Server {
     /// Listen on `path` with mode 0600 (a stale socket file is replaced).
     /// Bind the control socket at `path` with mode 0600 (a stale socket
     /// file is replaced).
-    pub fn bind(
-        path: &Path,
-        metrics: Option<std::net::SocketAddr>,
-        links: Links,
-    ) -> Result<Server> {
+    pub fn bind(path: &Path, links: Links) -> Result<Server> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
@@ -97,43 +91,30 @@ impl Server {
             std::fs::remove_file(path)
                 .with_context(|| format!("removing stale {}", path.display()))?;
         }
-        let listener =
-            UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+        // Made 0600 from the start (umask), not chmod-ed after: nobody
+        // else can connect in between.
+        // SAFETY: umask only swaps the process's file-creation mask; it is
+        // put back right after. A file another thread creates meanwhile
+        // gets the stricter mask, never a looser one.
+        let old_mask = unsafe { libc::umask(0o177) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above, restoring the mask.
+        unsafe { libc::umask(old_mask) };
+        let listener = bound.with_context(|| format!("binding {}", path.display()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-        let mut s = Server::inherit(listener, None, links)?;
-        if let Some(a) = metrics {
-            s.bind_metrics(a)?;
-        }
-        s.metrics_addr = metrics;
-        Ok(s)
+        Server::inherit(listener, links)
     }
 
     /// Serve an already bound listener (handed over by the previous
-    /// binary). The metrics address is bound once it is free (the
-    /// previous binary holds it until it exits).
-    pub fn inherit(
-        listener: UnixListener,
-        metrics: Option<std::net::SocketAddr>,
-        links: Links,
-    ) -> Result<Server> {
+    /// binary).
+    pub fn inherit(listener: UnixListener, links: Links) -> Result<Server> {
         listener.set_nonblocking(true)?;
         Ok(Server {
             handed_over: false,
             talkers: (Instant::now(), std::collections::HashMap::new()),
             listener,
-            metrics: None,
-            metrics_addr: metrics,
             links,
         })
-    }
-
-    fn bind_metrics(&mut self, a: std::net::SocketAddr) -> Result<()> {
-        let l = std::net::TcpListener::bind(a)
-            .with_context(|| format!("switch: field `metrics`: binding {a}"))?;
-        l.set_nonblocking(true)?;
-        info!(address = %a, "metrics at /metrics");
-        self.metrics = Some(l);
-        Ok(())
     }
 
     /// True once this switch was handed over to a new binary.
@@ -141,39 +122,19 @@ impl Server {
         self.handed_over
     }
 
-    /// Answer requests until `stop` is set.
+    /// Answer requests until `stop` is set. (Metrics are served on a
+    /// thread of their own, `metrics_http`, so a slow scraper cannot hold
+    /// this one.)
     pub fn serve(&mut self, stop: &AtomicBool) {
         use std::os::fd::AsRawFd;
-        let mut fds = vec![libc::pollfd {
+        let mut fds = [libc::pollfd {
             fd: self.listener.as_raw_fd(),
             events: libc::POLLIN,
             revents: 0,
         }];
-        let mut last_try = Instant::now();
         while !stop.load(Ordering::Relaxed) {
-            if self.metrics.is_none() && last_try.elapsed() >= Duration::from_secs(1) {
-                last_try = Instant::now();
-                if let Some(a) = self.metrics_addr {
-                    if self.bind_metrics(a).is_ok() {
-                        info!("metrics bound");
-                    }
-                }
-            }
-            fds.truncate(1);
-            if let Some(m) = &self.metrics {
-                fds.push(libc::pollfd {
-                    fd: m.as_raw_fd(),
-                    events: libc::POLLIN,
-                    revents: 0,
-                });
-            }
             // Sleep until a client connects (or a while, to see `stop`).
             fastpath::wake::wait_readable(&mut fds, 100);
-            if let Some(Ok((s, _))) = self.metrics.as_ref().map(|l| l.accept()) {
-                if let Err(e) = self.serve_metrics(s) {
-                    warn!("metrics request failed: {e:#}");
-                }
-            }
             match self.listener.accept() {
                 Ok((s, _)) => {
                     if let Err(e) = self.handle(s, stop) {
@@ -192,8 +153,9 @@ impl Server {
     fn handle(&mut self, s: UnixStream, stop: &AtomicBool) -> Result<()> {
         s.set_nonblocking(false)?;
         let mut line = String::new();
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let n = BufReader::new((&s).take(MAX_REQUEST)).read_line(&mut line);
+        // The whole request within REQUEST_DEADLINE, however it trickles in.
+        let by = crate::deadline::Deadline::new(&s, REQUEST_DEADLINE);
+        let n = BufReader::new(by.take(MAX_REQUEST)).read_line(&mut line);
         let reply = match n {
             Err(e) => json!({"error": format!("reading the request: {e}")}),
             Ok(n) if n as u64 >= MAX_REQUEST && !line.ends_with('\n') => {
@@ -446,39 +408,6 @@ fn yield_cpu_to_successor() {
 
 impl Server {
     /// One HTTP request on the metrics port: `GET /metrics`.
-    fn serve_metrics(&self, s: std::net::TcpStream) -> Result<()> {
-        s.set_nonblocking(false)?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        let mut line = String::new();
-        BufReader::new((&s).take(8192)).read_line(&mut line)?;
-        let (status, body) = if line.starts_with("GET /metrics ") {
-            ("200 OK", self.metrics_text()?)
-        } else {
-            ("404 Not Found", "try /metrics\n".to_string())
-        };
-        let mut w = &s;
-        write!(
-            w,
-            "HTTP/1.0 {status}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        )?;
-        Ok(())
-    }
-
-    /// Everything in Prometheus text exposition.
-    fn metrics_text(&self) -> Result<String> {
-        let snap = self.ask(Request::Stats)?;
-        let mut m = crate::metrics::Metrics::default();
-        crate::metrics::fast_path(&mut m, &snap);
-        let sh = lock(self.links.coprocessor.shared());
-        crate::metrics::coprocessor(
-            &mut m,
-            &sh,
-            self.links.punt_depth.as_ref().map_or(0, |f| f()),
-        );
-        Ok(m.finish())
-    }
-
     fn now(&self) -> u64 {
         u64::try_from(self.links.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
@@ -762,8 +691,18 @@ impl Server {
             io,
             counters: Default::default(),
         };
-        self.ask(|tx| Request::AddPort(Box::new(port), tx))?
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let added = self
+            .ask(|tx| Request::AddPort(Box::new(port), tx))
+            .and_then(|r| r.map_err(|e| anyhow::anyhow!("{e}")));
+        if let Err(e) = added {
+            // The endpoint's thread ends with it; its socket goes too.
+            if let Some(l) = link {
+                if l.spec.mode == crate::config::VhostMode::Server {
+                    let _ = std::fs::remove_file(&l.spec.socket);
+                }
+            }
+            return Err(e);
+        }
         self.links.next_port += 1;
         self.links.ports.insert(name.to_string(), id);
         self.links.vhost.extend(link);
@@ -952,7 +891,8 @@ fn stats_json(s: &Snapshot) -> Value {
             if let Some((_, k)) = s.xsk.iter().find(|(p, _)| p == id) {
                 v["af_xdp"] = json!({"rx_dropped": k.rx_dropped, "rx_invalid_descs": k.rx_invalid_descs,
                     "tx_invalid_descs": k.tx_invalid_descs, "rx_ring_full": k.rx_ring_full,
-                    "rx_fill_ring_empty": k.rx_fill_ring_empty_descs, "tx_ring_empty": k.tx_ring_empty_descs});
+                    "rx_fill_ring_empty": k.rx_fill_ring_empty_descs, "tx_ring_empty": k.tx_ring_empty_descs,
+                    "fill_short": c.fill_short});
             }
             v
         })

@@ -44,8 +44,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use crate::deadline::Deadline;
 use anyhow::{bail, Context, Result};
 use fastpath::dataplane::{monotonic_ns, Dump, HandedIo, Paused, PortCounters};
 use live_migrate::{fdpass, FlowRecord, SwitchState};
@@ -124,19 +125,23 @@ pub fn give(
         "snapshot": written.snapshot_len,
         "flows": {"offset": section.offset, "count": section.count, "crc": section.crc},
         "held_mono_ns": held_mono_ns,
+        // This side answers a confirm with "ack" (a binary that does not
+        // say so does not: the new side then does not wait for one).
+        "confirm_ack": true,
         "started_mono_ns": started,
         "packed_mono_ns": monotonic_ns(),
     })
     .to_string();
-    fdpass::send(s, &(header.len() as u64).to_le_bytes(), &fds)?;
+    fdpass::send_many(s, &(header.len() as u64).to_le_bytes(), &fds)?;
     let mut w = s;
     w.write_all(header.as_bytes())?;
-    let mut r = BufReader::new(s);
     // More flows take longer to put back: 2 µs each on top (measured:
-    // well under 1 µs).
+    // well under 1 µs). The whole answer by then, however it trickles in
+    // (the coprocessors are held meanwhile), and one short line at most.
     let flows_allowance = Duration::from_micros(2 * dump.flows.len() as u64);
-    s.set_read_timeout(Some(READY_TIMEOUT + flows_allowance))?;
+    let mut r = BufReader::new(Deadline::new(s, READY_TIMEOUT + flows_allowance).take(0));
     let mut line = String::new();
+    r.get_mut().set_limit(MAX_LINE);
     r.read_line(&mut line)?;
     if line.trim() != "ready" {
         bail!(
@@ -165,16 +170,29 @@ pub fn give(
         msg.extend_from_slice(&len);
     } else {
         // The vhost-user connections' descriptors come with the length.
-        fdpass::send(s, &len, &vhost_fds)?;
+        fdpass::send_many(s, &len, &vhost_fds)?;
     }
     msg.extend_from_slice(header.as_bytes());
     msg.extend_from_slice(&free);
     w.write_all(&msg)?;
-    s.set_read_timeout(Some(CONFIRM_TIMEOUT))?;
     line.clear();
+    r.get_mut().get_mut().at = Instant::now() + CONFIRM_TIMEOUT;
+    r.get_mut().set_limit(MAX_LINE);
     r.read_line(&mut line)?;
-    Ok(line.trim() == "confirm")
+    if line.trim() != "confirm" {
+        return Ok(false);
+    }
+    // Acknowledged: the new binary polls only once it has this, so a
+    // confirm that came too late (this side resumed and never answers)
+    // cannot leave both polling the same rings. If it cannot be told, it
+    // never polls: resume.
+    Ok(w.write_all(ACK).is_ok())
 }
+
+/// The old side's answer to a confirm that arrived in time.
+const ACK: &[u8] = b"ack\n";
+/// The longest line either side reads from the other in the handover.
+const MAX_LINE: u64 = 64;
 
 /// What the old binary's pause gives out besides the fast path's part:
 /// the vhost-user ports' protocol state (data, and the descriptors it
@@ -257,6 +275,8 @@ pub struct Taken {
     pub hash_seed: u64,
     /// The connection to confirm on.
     pub conn: UnixStream,
+    /// The running switch acknowledges the confirm (see [`confirm`]).
+    pub confirm_ack: bool,
 }
 
 /// What the pause brought.
@@ -293,12 +313,9 @@ pub fn take(socket: &Path) -> Result<Taken> {
     conn.set_read_timeout(Some(Duration::from_secs(30)))?;
     (&conn).write_all(b"{\"cmd\": \"handover\"}\n")?;
     let mut len = [0u8; 8];
-    let (n, fds) = fdpass::recv(&conn, &mut len)?;
+    let (n, fds) = fdpass::recv_many(&conn, &mut len)?;
     if n == 0 {
         bail!("the running switch closed the connection");
-    }
-    if n < 8 {
-        (&conn).read_exact(&mut len[n..])?;
     }
     if fds.is_empty() {
         // An error answer (JSON) rather than a handover.
@@ -393,6 +410,7 @@ pub fn take(socket: &Path) -> Result<Taken> {
         hash_seed: h["hash_seed"]
             .as_u64()
             .context("handover header: hash_seed")?,
+        confirm_ack: h["confirm_ack"].as_bool().unwrap_or(false),
         conn,
     })
 }
@@ -404,13 +422,10 @@ pub fn ready(conn: &UnixStream) -> Result<Pause> {
         .write_all(b"ready\n")
         .context("telling the running switch the pre-copy is in")?;
     let mut len = [0u8; 8];
-    let (n, fds) = fdpass::recv(conn, &mut len).context("the running switch did not pause")?;
-    if n == 0 {
+    let (n, fds) = fdpass::recv_many(conn, &mut len).context("the running switch did not pause")?;
+    if n < len.len() {
         bail!("the running switch did not pause (it closed the connection)");
     }
-    (&*conn)
-        .read_exact(&mut len[n..])
-        .context("the running switch did not pause")?;
     let h = read_header(conn, len)?;
     let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
     let mut vhost = Vec::new();
@@ -446,11 +461,30 @@ pub fn ready(conn: &UnixStream) -> Result<Pause> {
 
 /// The new side's commit point: from here the old binary exits and this
 /// one owns the ports, the rings and the frames.
-pub fn confirm(conn: &UnixStream) -> Result<()> {
+pub fn confirm(conn: &UnixStream, acknowledged: bool) -> Result<()> {
     (&*conn)
         .write_all(b"confirm\n")
-        .context("confirming the handover")
+        .context("confirming the handover")?;
+    if !acknowledged {
+        // A binary from before the acknowledgement: it exits on the confirm.
+        return Ok(());
+    }
+    // Poll only once the old side says it will not: a confirm it took too
+    // late is refused by its silence (it resumed).
+    let mut line = String::new();
+    BufReader::new(Deadline::new(conn, ACK_TIMEOUT).take(MAX_LINE))
+        .read_line(&mut line)
+        .context("waiting for the running switch to acknowledge the confirm")?;
+    anyhow::ensure!(
+        line.as_bytes() == ACK,
+        "the running switch did not acknowledge the confirm ({:?}): it resumed",
+        line.trim()
+    );
+    Ok(())
 }
+
+/// How long the new side waits for the acknowledgement of its confirm.
+const ACK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// `vswitch upgrade`: start `binary` with `run --takeover --config
 /// config`, detached (its own session; stdout/stderr to `log`), and wait

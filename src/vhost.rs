@@ -58,7 +58,13 @@ impl Link {
 /// fast path's side too.
 pub fn open(spec: Spec) -> Result<(Link, PortIo)> {
     let shared = Shared::new(spec.mac);
-    let what = || format!("port {}: socket {}", spec.name, spec.socket.display());
+    let what = || {
+        format!(
+            "port {}: field `socket`: {}",
+            spec.name,
+            spec.socket.display()
+        )
+    };
     let endpoint = match spec.mode {
         VhostMode::Server => Endpoint::listen(&spec.socket, shared.clone()).with_context(what)?,
         VhostMode::Client => {

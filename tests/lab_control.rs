@@ -383,6 +383,46 @@ fn trace_explains_hits_denials_and_metrics_are_served() {
     ] {
         assert!(text.contains(family), "no {family} in\n{text}");
     }
+    // A scraper that trickles its request a byte at a time holds only the
+    // metrics thread: the control socket answers at once meanwhile, and the
+    // trickler is cut off at the metrics deadline.
+    let trickler = std::thread::spawn(|| {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect("127.0.0.1:19467").expect("connect");
+        let t = std::time::Instant::now();
+        for b in b"GET /metrics HTTP/1.0" {
+            if c.write_all(&[*b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let mut rest = Vec::new();
+        let _ = c.read_to_end(&mut rest);
+        t.elapsed()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        ctl(&sw.sock, &["stats"]).expect("stats while a scraper trickles");
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "the control socket waited {:?} behind a slow metrics client",
+            t.elapsed()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let held = trickler.join().expect("trickler");
+    assert!(
+        held < Duration::from_secs(3),
+        "the trickler was held {held:?}, not cut off"
+    );
+    // And the next scrape is served.
+    let out = sh(&[
+        "python3",
+        "-c",
+        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:19467/metrics', timeout=5).read().decode())",
+    ]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("vswitch_flows "));
 }
 
 #[test]
@@ -442,6 +482,19 @@ fn ports_are_added_and_removed_at_run_time() {
     let e = ctl(&sw.sock, &["port-add", "tx1", "--mac", "02:00:00:00:00:1e"])
         .expect_err("a tap with a MAC");
     assert!(e.contains("field `mac`: only vhost-user ports"), "{e}");
+    // A socket path naming a file that is not a socket: refused, and the
+    // file is left as it was.
+    let precious = lab.dir.join("precious.txt");
+    std::fs::write(&precious, b"keep me").expect("write");
+    let e = add_vu(&[
+        "--socket",
+        precious.to_str().expect("path"),
+        "--mac",
+        "02:00:00:00:00:1e",
+    ])
+    .expect_err("not a socket");
+    assert!(e.contains("not a socket"), "{e}");
+    assert_eq!(std::fs::read(&precious).expect("still there"), b"keep me");
     let r = add_vu(&["--socket", vu_s, "--mac", "02:00:00:00:00:1e"]).expect("vhost-user port-add");
     assert_eq!(r["id"], 4);
     assert!(vu.exists(), "the port listens on its socket");

@@ -340,13 +340,26 @@ fn a_new_binary_that_fails_leaves_the_old_one_forwarding() {
             true,
         ),
         (
-            "hangs once the old one paused",
-            "s.sendall(b'ready\\n'); s.recv(8); time.sleep(12)",
+            "trickles its ready line (each byte within a read timeout)",
+            "[(s.sendall(bytes([c])), time.sleep(1.5)) for c in b'ready\\n']; time.sleep(1)",
+            false,
+        ),
+        (
+            "hangs once the old one paused, then confirms too late",
+            "s.sendall(b'ready\\n'); time.sleep(11); s.setblocking(False)\n\
+             try:\n    while s.recv(65536): pass\nexcept Exception: pass\n\
+             s.setblocking(True); s.settimeout(2)\n\
+             try: s.sendall(b'confirm\\n'); print('answer', s.recv(16))\n\
+             except Exception as e: print('no answer', e)",
             true,
         ),
     ] {
         let script = format!("{ask}{rest}");
         let (_, out) = try_sh(&["timeout", "20", "python3", "-c", &script, &sock]);
+        assert!(
+            !out.contains("answer b'ack"),
+            "a new binary that {what} was acknowledged: {out}"
+        );
         let (ok, ping) = ping_b(&sw.a);
         let text = plain(&lab.log("sw"));
         assert!(ok, "after a new binary that {what}: {out}\n{ping}\n{text}");
@@ -532,4 +545,32 @@ fn vswitch_upgrade_hands_over_or_says_why_not() {
         "the old binary did not exit"
     );
     assert!(ping_b(&sw.a).0, "after `vswitch upgrade`");
+}
+
+#[test]
+fn a_switch_with_300_ports_is_handed_over() {
+    // More descriptors than one message carries (the kernel's 253): they
+    // go in as many as it takes.
+    let mut lab = Lab::new();
+    let mut cfg = format!(
+        "[switch]\npoll = \"adaptive\"\nflow_capacity = 4096\ncontrol_socket = \"{}\"\n\n",
+        lab.socket("sw").display()
+    );
+    for i in 0..300 {
+        cfg += &format!(
+            "[[port]]\nname = \"{}\"\ntype = \"tap\"\n",
+            lab.name(&format!("p{i}"))
+        );
+    }
+    let sock = lab.vswitch("sw", &cfg);
+    let new = second_binary(&lab);
+    lab.takeover(&new, "sw");
+    lab.assert_handed_over(0, "sw");
+    let st = lab.ctl(&sock, "stats").expect("the new binary answers");
+    assert_eq!(
+        st["ports"].as_array().map(Vec::len),
+        Some(300),
+        "every port carried: {st}"
+    );
+    assert_blackout_bounded(&st["last_handover"], &st);
 }

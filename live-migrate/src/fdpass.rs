@@ -3,6 +3,13 @@
 //! the next binary without closing. The receiver gets new descriptors for
 //! the same open files; the sender keeps its own until it exits, so a
 //! failed handover loses nothing.
+//!
+//! One message carries at most [`MAX_FDS`]; [`send_many`] and
+//! [`recv_many`] carry any number up to [`MAX_TOTAL_FDS`] (a switch with
+//! 300 ports hands over more than a thousand): the descriptors beyond the
+//! last message's go first, in messages whose 8 data bytes are [`MORE`],
+//! which no length a handover sends can be. A sender of one message is
+//! read the same way, so both sides talk with a binary that only knew one.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -14,12 +21,20 @@ use std::os::unix::net::UnixStream;
 /// about ten.
 pub const MAX_FDS: usize = 253;
 
+/// The data of a message that only carries descriptors, more of them
+/// following.
+pub const MORE: [u8; 8] = [0xff; 8];
+
+/// Most descriptors [`recv_many`] takes in all (a peer cannot make this
+/// process hold unbounded descriptors).
+pub const MAX_TOTAL_FDS: usize = 16 * 1024;
+
 /// Send `data` (at least one byte) with `fds` attached.
 pub fn send(sock: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
     if data.is_empty() || fds.len() > MAX_FDS {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            "fd passing needs 1+ bytes of data and at most 64 descriptors",
+            "fd passing needs 1+ bytes of data and at most 253 descriptors",
         ));
     }
     let fd_bytes = std::mem::size_of_val(fds);
@@ -106,10 +121,58 @@ pub fn recv(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd
     if msg.msg_flags & libc::MSG_CTRUNC != 0 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            "descriptors were cut off (more than 64 sent)",
+            "descriptors were cut off (more than 253 in one message)",
         ));
     }
     Ok((usize::try_from(n).unwrap_or(0), fds))
+}
+
+/// Send 8 bytes of `data` with any number of `fds` (see the module doc):
+/// all but the last [`MAX_FDS`] in messages of their own first.
+pub fn send_many(sock: &UnixStream, data: &[u8; 8], fds: &[RawFd]) -> io::Result<()> {
+    if data == &MORE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the data is the continuation marker",
+        ));
+    }
+    if fds.len() > MAX_TOTAL_FDS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} descriptors, more than {MAX_TOTAL_FDS}", fds.len()),
+        ));
+    }
+    let last = fds.len().saturating_sub(1) / MAX_FDS * MAX_FDS;
+    for chunk in fds[..last].chunks(MAX_FDS) {
+        send(sock, &MORE, chunk)?;
+    }
+    send(sock, data, &fds[last..])
+}
+
+/// Receive what [`send_many`] (or one [`send`] of 8 bytes) sent: the 8
+/// data bytes (fewer only at the end of the stream: the count is
+/// returned) and every descriptor, in order.
+pub fn recv_many(sock: &UnixStream, data: &mut [u8; 8]) -> io::Result<(usize, Vec<OwnedFd>)> {
+    let mut all = Vec::new();
+    loop {
+        let (mut n, fds) = recv(sock, data)?;
+        all.extend(fds);
+        if all.len() > MAX_TOTAL_FDS {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("more than {MAX_TOTAL_FDS} descriptors"),
+            ));
+        }
+        if n > 0 && n < data.len() {
+            // The rest of the 8 bytes (a stream may split them).
+            std::io::Read::read_exact(&mut &*sock, &mut data[n..])?;
+            n = data.len();
+        }
+        if n == data.len() && *data == MORE {
+            continue;
+        }
+        return Ok((n, all));
+    }
 }
 
 #[cfg(test)]
@@ -157,5 +220,64 @@ mod tests {
             .unwrap();
         std::fs::remove_file(&path).unwrap();
         f.into()
+    }
+
+    #[test]
+    fn any_number_of_descriptors_arrives_in_order() {
+        let (a, b) = UnixStream::pair().unwrap();
+        // 400: more than one message takes, and with their copies within
+        // the usual limit of 1 024 open files.
+        let files: Vec<std::fs::File> = (0..400)
+            .map(|_| {
+                // SAFETY: memfd_create takes a NUL-terminated name; the
+                // result is checked, then owned by the File.
+                let fd = unsafe { libc::memfd_create(c"fdpass".as_ptr(), 0) };
+                assert!(fd >= 0);
+                // SAFETY: a fresh descriptor nothing else owns.
+                unsafe { std::fs::File::from_raw_fd(fd) }
+            })
+            .collect();
+        for (i, mut f) in files.iter().enumerate() {
+            write!(f, "{i}").unwrap();
+        }
+        let raw: Vec<RawFd> = files.iter().map(|f| f.as_raw_fd()).collect();
+        // The reader runs meanwhile: 400 descriptors may not fit the
+        // socket's buffer of in-flight messages at once.
+        let reader = std::thread::spawn(move || {
+            let mut data = [0u8; 8];
+            let (n, fds) = recv_many(&b, &mut data).unwrap();
+            (n, data, fds)
+        });
+        send_many(&a, &42u64.to_le_bytes(), &raw).unwrap();
+        let (n, data, fds) = reader.join().unwrap();
+        assert_eq!((n, u64::from_le_bytes(data)), (8, 42));
+        assert_eq!(fds.len(), 400);
+        for (i, fd) in fds.into_iter().enumerate() {
+            let mut g = std::fs::File::from(fd);
+            g.rewind().unwrap();
+            let mut s = String::new();
+            g.read_to_string(&mut s).unwrap();
+            assert_eq!(s, i.to_string(), "descriptor {i} in its place");
+        }
+        // One message, as a binary that knew no more sends it, reads the same.
+        let (a, b) = UnixStream::pair().unwrap();
+        send(&a, &7u64.to_le_bytes(), &raw[..3]).unwrap();
+        let mut data = [0u8; 8];
+        let (n, fds) = recv_many(&b, &mut data).unwrap();
+        assert_eq!((n, u64::from_le_bytes(data), fds.len()), (8, 7, 3));
+        // A count that ends on a message boundary, and none at all.
+        for count in [MAX_FDS, 2 * MAX_FDS, 0] {
+            let (a, b) = UnixStream::pair().unwrap();
+            let r = std::thread::spawn(move || {
+                let mut data = [0u8; 8];
+                recv_many(&b, &mut data).unwrap().1.len()
+            });
+            send_many(&a, &1u64.to_le_bytes(), &raw[..count.min(raw.len())]).unwrap();
+            assert_eq!(r.join().unwrap(), count.min(raw.len()));
+        }
+        assert!(
+            send_many(&a, &MORE, &raw[..1]).is_err(),
+            "the marker is not data"
+        );
     }
 }

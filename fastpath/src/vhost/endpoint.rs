@@ -57,10 +57,27 @@ pub struct Endpoint {
 const TIMEOUT: Duration = Duration::from_secs(2);
 
 impl Endpoint {
-    /// Listen on a socket at `path` (a stale one is replaced) and serve
-    /// the port (server mode).
+    /// Listen on a socket at `path` and serve the port (server mode). A
+    /// stale socket there (nobody listening) is replaced; anything else at
+    /// `path` — a file, a directory, a socket in use — is an error, never
+    /// removed.
     pub fn listen(path: &std::path::Path, shared: Arc<Shared>) -> io::Result<Endpoint> {
-        let _ = std::fs::remove_file(path);
+        use std::os::unix::fs::FileTypeExt;
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            if !m.file_type().is_socket() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    format!("{} exists and is not a socket", path.display()),
+                ));
+            }
+            if UnixStream::connect(path).is_ok() {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is in use", path.display()),
+                ));
+            }
+            std::fs::remove_file(path)?;
+        }
         Self::start(Mode::Server(UnixListener::bind(path)?), shared)
     }
 
@@ -146,6 +163,15 @@ impl Endpoint {
         self.reattach
             .send(h)
             .map_err(|_| io::Error::other("the vhost-user thread is gone"))
+    }
+}
+
+impl Drop for Endpoint {
+    /// The thread stops too: a port that goes away (removed, or never
+    /// added because the fast path refused it) leaves no thread behind
+    /// accepting VMM connections for it.
+    fn drop(&mut self) {
+        let _ = self.stop.write(1);
     }
 }
 

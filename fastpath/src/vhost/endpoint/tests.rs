@@ -189,3 +189,44 @@ fn in_client_mode_the_port_connects_to_the_vmm_and_again_after_it_restarts() {
     }
     let _ = std::fs::remove_file(&sock);
 }
+
+#[test]
+fn listening_replaces_only_a_stale_socket() {
+    // A regular file where the socket should go: refused, and kept.
+    let file = sock_path("file");
+    std::fs::write(&file, b"precious").unwrap();
+    let e = Endpoint::listen(&file, Shared::new(MAC))
+        .err()
+        .expect("refused");
+    assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+    let _ = std::fs::remove_file(&file);
+    // A socket someone listens on: refused, and still theirs.
+    let busy = sock_path("busy");
+    let theirs = UnixListener::bind(&busy).unwrap();
+    let e = Endpoint::listen(&busy, Shared::new(MAC))
+        .err()
+        .expect("refused");
+    assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+    assert!(UnixStream::connect(&busy).is_ok());
+    drop(theirs);
+    // Now stale (nobody listens): replaced.
+    let e = Endpoint::listen(&busy, Shared::new(MAC)).unwrap();
+    assert!(UnixStream::connect(&busy).is_ok());
+    drop(e);
+    let _ = std::fs::remove_file(&busy);
+}
+
+#[test]
+fn a_dropped_endpoint_leaves_no_thread_accepting_vmms() {
+    // As when the fast path refuses a port added at run time.
+    let sock = sock_path("dropped");
+    let e = Endpoint::listen(&sock, Shared::new(MAC)).unwrap();
+    assert!(UnixStream::connect(&sock).is_ok());
+    drop(e);
+    // The thread ends and closes its listener.
+    until("the listener closes", || {
+        UnixStream::connect(&sock).is_err()
+    });
+    let _ = std::fs::remove_file(&sock);
+}
