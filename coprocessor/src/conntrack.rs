@@ -70,15 +70,43 @@ impl Default for Limits {
     }
 }
 
-/// TCP connection states, as far as the coprocessor sees them.
+/// TCP connection states, as far as the coprocessor sees them (Linux's
+/// conntrack's, from SYN_SENT through SYN_RECV to ESTABLISHED).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TcpState {
     SynSent,
+    /// The originator's handshake was answered and its ACK is awaited; an
+    /// ESTABLISHED connection it is only once the originator sends again.
     Established,
     /// One side sent FIN.
     Closing,
     /// Both sides sent FIN, or one sent RST.
     Closed,
+    /// The responder's SYN-ACK was seen at `since`; the originator's ACK is
+    /// awaited (with SynSent, a half-open connection). Last, so snapshots
+    /// of the states before it read the same.
+    SynRecv {
+        since: u64,
+    },
+}
+
+/// A handshake not yet complete: counted apart, so a flood of them cannot
+/// take the room established connections need.
+pub fn half_open(s: &ConnState) -> bool {
+    matches!(
+        s,
+        ConnState::Tcp(TcpState::SynSent | TcpState::SynRecv { .. })
+    )
+}
+
+/// Half-open connections one owner may hold: a sixteenth of its quota.
+pub fn half_open_per_vm(l: &Limits) -> u32 {
+    (l.per_vm / 16).max(1)
+}
+
+/// Half-open connections the table holds at most: a sixteenth of it.
+pub fn half_open_max(l: &Limits) -> usize {
+    (l.max / 16).max(1)
 }
 
 /// A connection's protocol state.
@@ -93,6 +121,7 @@ impl ConnState {
     pub fn name(&self) -> &'static str {
         match self {
             ConnState::Tcp(TcpState::SynSent) => "syn_sent",
+            ConnState::Tcp(TcpState::SynRecv { .. }) => "syn_recv",
             ConnState::Tcp(TcpState::Established) => "established",
             ConnState::Tcp(TcpState::Closing) => "closing",
             ConnState::Tcp(TcpState::Closed) => "closed",
@@ -103,7 +132,7 @@ impl ConnState {
 
     fn timeout(&self, t: &Timeouts) -> u64 {
         match self {
-            ConnState::Tcp(TcpState::SynSent) => t.tcp_syn,
+            ConnState::Tcp(TcpState::SynSent | TcpState::SynRecv { .. }) => t.tcp_syn,
             ConnState::Tcp(TcpState::Established) => t.tcp_established,
             ConnState::Tcp(TcpState::Closing) => t.tcp_closing,
             ConnState::Tcp(TcpState::Closed) => t.tcp_closed,
@@ -241,6 +270,9 @@ pub struct Conntrack {
     free: Vec<u32>,
     by_key: HashMap<FlowKey, (u32, u8)>,
     per_owner: HashMap<PortId, u32>,
+    /// Half-open connections, per owner and in all.
+    half_open_per_owner: HashMap<PortId, u32>,
+    half_open_len: usize,
     wheel: Wheel,
     pub timeouts: Timeouts,
     pub limits: Limits,
@@ -267,6 +299,8 @@ impl Conntrack {
             free: Vec::new(),
             by_key: HashMap::new(),
             per_owner: HashMap::new(),
+            half_open_per_owner: HashMap::new(),
+            half_open_len: 0,
             // 250 ms ticks, ~17 minutes per turn.
             wheel: Wheel::new(SEC / 4, 4096, now),
             timeouts,
@@ -287,6 +321,49 @@ impl Conntrack {
     /// Connections held by each owner.
     pub fn per_owner(&self) -> &HashMap<PortId, u32> {
         &self.per_owner
+    }
+
+    /// Half-open connections held by `owner`.
+    pub fn half_open_of(&self, owner: PortId) -> u32 {
+        self.half_open_per_owner.get(&owner).copied().unwrap_or(0)
+    }
+
+    /// Half-open connections in all.
+    pub fn half_open_len(&self) -> usize {
+        self.half_open_len
+    }
+
+    /// Count a connection of `owner` into (`true`) or out of the
+    /// half-open ones.
+    fn count_half_open(&mut self, owner: Option<PortId>, into: bool) {
+        if into {
+            self.half_open_len += 1;
+        } else {
+            self.half_open_len = self.half_open_len.saturating_sub(1);
+        }
+        if let Some(o) = owner {
+            let n = self.half_open_per_owner.entry(o).or_default();
+            if into {
+                *n += 1;
+            } else {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.half_open_per_owner.remove(&o);
+                }
+            }
+        }
+    }
+
+    /// Change connection `id`'s state with `f`, keeping the half-open
+    /// counts right.
+    fn change_state(&mut self, id: u64, f: impl FnOnce(&mut Conn)) {
+        let Some(c) = self.get_mut(id) else { return };
+        let was = half_open(&c.state);
+        f(c);
+        let (is, owner) = (half_open(&c.state), c.owner);
+        if was != is {
+            self.count_half_open(owner, is);
+        }
     }
 
     /// The connection and side a fast-path key belongs to.
@@ -340,7 +417,17 @@ impl Conntrack {
         owner: Option<PortId>,
         now: u64,
     ) -> Result<u64, CtRefused> {
-        if let Err(e) = self.admit(owner) {
+        let mut admitted = self.admit(owner);
+        if admitted.is_ok() && half_open(&conn.state) {
+            // A handshake takes room from the half-open share only.
+            if self.half_open_len >= half_open_max(&self.limits) {
+                admitted = Err(CtRefused::Full);
+            } else if owner.is_some_and(|o| self.half_open_of(o) >= half_open_per_vm(&self.limits))
+            {
+                admitted = Err(CtRefused::Quota);
+            }
+        }
+        if let Err(e) = admitted {
             match e {
                 CtRefused::Full => self.counters.refused_full += 1,
                 _ => self.counters.refused_quota += 1,
@@ -371,6 +458,9 @@ impl Conntrack {
         if let Some(o) = owner {
             *self.per_owner.entry(o).or_default() += 1;
         }
+        if half_open(&conn.state) {
+            self.count_half_open(owner, true);
+        }
         self.slots[idx as usize] = Some(conn);
         self.len += 1;
         self.counters.created += 1;
@@ -385,6 +475,9 @@ impl Conntrack {
         }
         let conn = self.slots.get_mut(idx as usize)?.take()?;
         self.wheel.cancel(id);
+        if half_open(&conn.state) {
+            self.count_half_open(conn.owner, false);
+        }
         for s in &conn.sides {
             if self.by_key.get(&s.key).is_some_and(|&(i, _)| i == idx) {
                 self.by_key.remove(&s.key);
@@ -443,12 +536,15 @@ impl Conntrack {
 
     /// A packet of side `side` was seen by the coprocessor (a miss).
     pub fn seen(&mut self, id: u64, side: usize, now: u64) {
-        if let Some(c) = self.get_mut(id) {
+        self.change_state(id, |c| {
             c.last_seen = c.last_seen.max(now);
             if side == 1 {
                 c.state.replied();
+            } else if matches!(c.state, ConnState::Tcp(TcpState::SynRecv { .. })) {
+                // The originator speaks after the SYN-ACK: its ACK.
+                c.state = ConnState::Tcp(TcpState::Established);
             }
-        }
+        });
         self.reschedule(id);
     }
 
@@ -459,7 +555,7 @@ impl Conntrack {
         const RST: u8 = 0x04;
         const ACK: u8 = 0x10;
         self.counters.events += 1;
-        if let Some(c) = self.get_mut(id) {
+        self.change_state(id, |c| {
             c.last_seen = c.last_seen.max(now);
             let ConnState::Tcp(st) = &mut c.state else {
                 return;
@@ -474,9 +570,12 @@ impl Conntrack {
                     TcpState::Closing
                 };
             } else if flags & (SYN | ACK) == SYN | ACK && side == 1 && *st == TcpState::SynSent {
+                *st = TcpState::SynRecv { since: now };
+            } else if flags & SYN == 0 && side == 0 && matches!(*st, TcpState::SynRecv { .. }) {
+                // The originator's ACK of the SYN-ACK.
                 *st = TcpState::Established;
             }
-        }
+        });
         self.reschedule(id);
     }
 
@@ -515,6 +614,7 @@ impl Conntrack {
         {
             return None;
         }
+        let mut acked = false;
         for (side, k) in keys.iter().enumerate() {
             if k.is_none() {
                 continue;
@@ -525,8 +625,16 @@ impl Conntrack {
                 if side == 1 && packets > 0 {
                     c.state.replied();
                 }
+                // The originator's flow carried a packet after the SYN-ACK.
+                if let ConnState::Tcp(TcpState::SynRecv { since }) = c.state {
+                    acked |= side == 0 && last > since;
+                }
             }
         }
+        if acked {
+            self.change_state(id, |c| c.state = ConnState::Tcp(TcpState::Established));
+        }
+        let c = self.get_mut(id)?;
         if c.last_seen + c.state.timeout(&t) <= now {
             self.counters.expired += 1;
             return self.remove(id);
@@ -596,6 +704,9 @@ impl Conntrack {
             }
             if let Some(o) = c.owner {
                 *ct.per_owner.entry(o).or_default() += 1;
+            }
+            if half_open(&c.state) {
+                ct.count_half_open(c.owner, true);
             }
             ct.wheel.schedule(id, c.deadline.max(now));
             ct.slots.push(Some(c));

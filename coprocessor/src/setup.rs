@@ -143,6 +143,20 @@ impl Setup<'_, '_> {
         } else {
             self.sh.ct.seen(id, side, now);
         }
+        let syn_recv =
+            |s: Option<ConnState>| matches!(s, Some(ConnState::Tcp(TcpState::SynRecv { .. })));
+        if !syn_recv(state) && syn_recv(self.sh.ct.get(id).map(|c| c.state)) {
+            // The SYN-ACK: until the originator's ACK is seen, its packets
+            // come here (its flow leaves the fast path; the fast path
+            // punts no plain ACK of a tracked flow).
+            if let Some(c) = self.sh.ct.get_mut(id) {
+                let s0 = &mut c.sides[0];
+                if s0.installed {
+                    s0.installed = false;
+                    self.out.remove.push(s0.key);
+                }
+            }
+        }
         if self.p.kind == PuntKind::CtEvent {
             // The flow is in place; the fast path forwards the segment.
             self.out.reinject = true;

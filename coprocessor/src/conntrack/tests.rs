@@ -59,19 +59,20 @@ fn both_keys_find_the_connection_and_removal_forgets_them() {
 fn quota_is_per_owner_and_capacity_is_global() {
     let limits = Limits { max: 5, per_vm: 2 };
     let mut ct = Conntrack::new(Timeouts::default(), limits, 0);
-    ct.insert(conn(1, syn()), Some(PortId(1)), 0).unwrap();
-    ct.insert(conn(2, syn()), Some(PortId(1)), 0).unwrap();
+    let udp = || ConnState::Udp { replied: false };
+    ct.insert(conn(1, udp()), Some(PortId(1)), 0).unwrap();
+    ct.insert(conn(2, udp()), Some(PortId(1)), 0).unwrap();
     assert_eq!(
-        ct.insert(conn(3, syn()), Some(PortId(1)), 0),
+        ct.insert(conn(3, udp()), Some(PortId(1)), 0),
         Err(CtRefused::Quota)
     );
     // Another VM is not affected by the first one's quota.
-    let mut c = conn(4, syn());
+    let mut c = conn(4, udp());
     c.sides[0].key.ctx = Ingress::Port(PortId(7)).ctx();
     ct.insert(c, Some(PortId(7)), 0).unwrap();
-    ct.insert(conn(5, syn()), None, 0).unwrap();
-    ct.insert(conn(6, syn()), None, 0).unwrap();
-    assert_eq!(ct.insert(conn(7, syn()), None, 0), Err(CtRefused::Full));
+    ct.insert(conn(5, udp()), None, 0).unwrap();
+    ct.insert(conn(6, udp()), None, 0).unwrap();
+    assert_eq!(ct.insert(conn(7, udp()), None, 0), Err(CtRefused::Full));
     assert_eq!(ct.counters.refused_quota, 1);
     assert_eq!(ct.counters.refused_full, 1);
 }
@@ -84,7 +85,13 @@ fn tcp_states_follow_syn_ack_fin_and_rst() {
     ct.tcp_event(id, 0, 0x02, S); // SYN retransmit: no change
     assert_eq!(st(&ct), syn());
     ct.tcp_event(id, 1, 0x12, S); // SYN-ACK from the responder
+    assert_eq!(st(&ct), ConnState::Tcp(TcpState::SynRecv { since: S }));
+    assert_eq!(ct.half_open_len(), 1, "still half-open");
+    ct.seen(id, 1, S + 1); // the responder again: still waiting
+    assert_eq!(st(&ct), ConnState::Tcp(TcpState::SynRecv { since: S }));
+    ct.seen(id, 0, S + 2); // the originator's ACK
     assert_eq!(st(&ct), ConnState::Tcp(TcpState::Established));
+    assert_eq!(ct.half_open_len(), 0);
     ct.tcp_event(id, 0, 0x11, 2 * S); // FIN
     assert_eq!(st(&ct), ConnState::Tcp(TcpState::Closing));
     ct.tcp_event(id, 1, 0x11, 3 * S); // FIN back
@@ -196,4 +203,42 @@ fn a_connection_keeps_one_timer_however_often_its_segments_move_it() {
     // A removed connection leaves none behind.
     ct.remove(other).unwrap();
     assert_eq!(ct.timers(), 1);
+}
+
+#[test]
+fn half_open_connections_have_a_share_of_their_own() {
+    // A SYN flood at one VM (its SYN-ACKs never acknowledged) fills only
+    // the half-open share: its other connections, and every other VM's,
+    // keep their room; completed handshakes leave the share.
+    let limits = Limits {
+        max: 1024,
+        per_vm: 64,
+    };
+    let cap = half_open_per_vm(&limits);
+    assert_eq!(cap, 4);
+    let mut ct = Conntrack::new(Timeouts::default(), limits, 0);
+    let victim = Some(PortId(1));
+    let mut ids = Vec::new();
+    for sport in 0..100u16 {
+        if let Ok(id) = ct.insert(conn(sport, syn()), victim, 0) {
+            ct.tcp_event(id, 1, 0x12, S); // the VM answers: SYN-ACK
+            ids.push(id);
+        }
+    }
+    assert_eq!(ids.len(), cap as usize, "the flood got its share only");
+    assert_eq!(ct.half_open_of(PortId(1)), cap);
+    assert_eq!(ct.counters.refused_quota, 100 - u64::from(cap));
+    // The rest of the VM's quota is there for connections that are not
+    // handshakes.
+    for sport in 1000..1000 + u16::try_from(limits.per_vm - cap).unwrap() {
+        ct.insert(conn(sport, ConnState::Udp { replied: false }), victim, 0)
+            .unwrap();
+    }
+    // A handshake that completes leaves the share: the next one fits.
+    ct.seen(ids[0], 0, 2 * S);
+    assert_eq!(ct.half_open_of(PortId(1)), cap - 1);
+    // Expired or removed half-open connections leave it too.
+    ct.remove(ids[1]).unwrap();
+    assert_eq!(ct.half_open_of(PortId(1)), cap - 2);
+    assert_eq!(ct.half_open_len(), (cap - 2) as usize);
 }

@@ -392,6 +392,15 @@ fn an_allowed_connection_passes_both_ways_and_its_replies_need_no_rule() {
     delivered(n.send(B, &synack), A);
     assert_eq!(n.punts, 1);
     assert_eq!(n.outcomes[0].flows.len(), 0, "no new flow for a reply");
+    assert!(matches!(
+        n.state_of(&k),
+        Some(ConnState::Tcp(TcpState::SynRecv { .. }))
+    ));
+    // Until A acknowledges, A's packets go through the coprocessor: its
+    // flow leaves the fast path.
+    assert_eq!(n.outcomes[0].remove, vec![k]);
+    delivered(n.send(A, &tcp(A_MAC, A_IP, B_IP, 40000, 80, ACK)), B);
+    assert_eq!(n.punts, 1, "the handshake's ACK is seen");
     assert_eq!(n.state_of(&k), Some(ConnState::Tcp(TcpState::Established)));
     // Data both ways: flow hits, no punt.
     delivered(n.send(A, &tcp(A_MAC, A_IP, B_IP, 40000, 80, ACK)), B);
@@ -481,6 +490,11 @@ fn a_forged_rst_from_another_vtep_does_not_close_a_connection() {
         n.send(B, &tcp(B_MAC, B_IP, R_IP, 80, 41000, SYN | ACK)),
         UPLINK,
     );
+    let ack = tcp(R_MAC, R_IP, B_IP, 41000, 80, ACK);
+    delivered(
+        n.send(UPLINK, &super::from_remote(&ack, REMOTE_VTEP, VNI)),
+        B,
+    );
     let established = Some(ConnState::Tcp(TcpState::Established));
     assert_eq!(n.state_of(&key), established);
     // The flows idle out of the fast path; the connection stays tracked.
@@ -498,7 +512,6 @@ fn a_forged_rst_from_another_vtep_does_not_close_a_connection() {
         "the forged RST changed nothing"
     );
     // R's own segments still pass.
-    let ack = tcp(R_MAC, R_IP, B_IP, 41000, 80, ACK);
     delivered(
         n.send(UPLINK, &super::from_remote(&ack, REMOTE_VTEP, VNI)),
         B,
@@ -519,6 +532,7 @@ fn a_rule_removed_at_run_time_cuts_existing_connections() {
     let syn = tcp(A_MAC, A_IP, B_IP, 40000, 80, SYN);
     delivered(n.send(A, &syn), B);
     delivered(n.send(B, &tcp(B_MAC, B_IP, A_IP, 80, 40000, SYN | ACK)), A);
+    delivered(n.send(A, &tcp(A_MAC, A_IP, B_IP, 40000, 80, ACK)), B);
     // Another, stateless ICMP flow admitted by the rules.
     let out =
         n.cp.set_rules("web", vec![rule(Direction::Egress, None, (0, u16::MAX))])
