@@ -74,9 +74,9 @@ impl Default for Limits {
 /// conntrack's, from SYN_SENT through SYN_RECV to ESTABLISHED).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TcpState {
+    /// The originator's SYN was seen.
     SynSent,
-    /// The originator's handshake was answered and its ACK is awaited; an
-    /// ESTABLISHED connection it is only once the originator sends again.
+    /// The originator spoke again after the responder's SYN-ACK.
     Established,
     /// One side sent FIN.
     Closing,
