@@ -51,6 +51,21 @@ pub struct Endpoint {
     stop: EventFd,
     reattach: mpsc::Sender<Handed>,
     detached: mpsc::Receiver<io::Result<Handed>>,
+    /// Whether a detach that timed out was called off (see
+    /// [`Endpoint::detach`]).
+    cancel: Arc<std::sync::Mutex<Detach>>,
+}
+
+/// Where a detach stands, shared by the endpoint and its thread. The lock
+/// makes the two outcomes exclusive: the thread either gives the
+/// connection out (and the endpoint takes it, late or not) or finds the
+/// detach called off and serves on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Detach {
+    Serving,
+    /// A detach timed out and was called off: the thread, once it gets
+    /// to it (its VMM was stalled mid-request), serves on.
+    Cancelled,
 }
 
 /// How long [`Endpoint::detach`] and [`Endpoint::adopt`] wait.
@@ -120,6 +135,7 @@ impl Endpoint {
         conn: Option<(OwnedFd, Record)>,
     ) -> io::Result<(Endpoint, mpsc::Receiver<io::Result<()>>)> {
         let stop = EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?;
+        let cancel = Arc::new(std::sync::Mutex::new(Detach::Serving));
         let (reattach_tx, reattach_rx) = mpsc::channel();
         let (detached_tx, detached_rx) = mpsc::channel();
         let (ready_tx, ready_rx) = mpsc::channel();
@@ -129,6 +145,7 @@ impl Endpoint {
             stop: stop.try_clone()?,
             reattach: reattach_rx,
             detached: detached_tx,
+            cancel: cancel.clone(),
         };
         let name = match &thread.mode {
             Mode::Server(_) => "vhost-server",
@@ -143,6 +160,7 @@ impl Endpoint {
                 stop,
                 reattach: reattach_tx,
                 detached: detached_rx,
+                cancel,
             },
             ready_rx,
         ))
@@ -150,11 +168,33 @@ impl Endpoint {
 
     /// Stop serving (between two requests; the fast path must be paused,
     /// so the rings stand still) and give out the connection.
+    ///
+    /// If the thread does not stop within [`TIMEOUT`] (its VMM stalled in
+    /// the middle of a request), the detach is called off: the thread
+    /// serves on once the VMM goes on, and nothing is left waiting for a
+    /// connection nobody takes back.
     pub fn detach(&self) -> io::Result<Handed> {
-        self.stop.write(1)?;
-        self.detached
-            .recv_timeout(TIMEOUT)
-            .map_err(|_| io::Error::other("the vhost-user thread did not stop"))?
+        self.ask_stop()?;
+        if let Ok(h) = self.detached.recv_timeout(TIMEOUT) {
+            return h;
+        }
+        let mut d = super::port::lock(&self.cancel);
+        // Given out just now, under the lock: take it after all.
+        if let Ok(h) = self.detached.try_recv() {
+            return h;
+        }
+        *d = Detach::Cancelled;
+        let _ = self.stop.read();
+        Err(io::Error::other(
+            "the vhost-user thread did not stop (its VMM is mid-request): detach called off",
+        ))
+    }
+
+    /// Ask the thread to stop (a detach called off earlier no longer
+    /// holds: this one is meant).
+    fn ask_stop(&self) -> io::Result<()> {
+        *super::port::lock(&self.cancel) = Detach::Serving;
+        self.stop.write(1)
     }
 
     /// Serve again what [`Endpoint::detach`] gave out (the handover
@@ -171,7 +211,7 @@ impl Drop for Endpoint {
     /// added because the fast path refused it) leaves no thread behind
     /// accepting VMM connections for it.
     fn drop(&mut self) {
-        let _ = self.stop.write(1);
+        let _ = self.ask_stop();
     }
 }
 
@@ -181,6 +221,7 @@ struct Thread {
     stop: EventFd,
     reattach: mpsc::Receiver<Handed>,
     detached: mpsc::Sender<io::Result<Handed>>,
+    cancel: Arc<std::sync::Mutex<Detach>>,
 }
 
 impl Thread {
@@ -277,7 +318,14 @@ impl Thread {
         &self,
         conn: Option<(UnixStream, Record)>,
     ) -> Option<Option<(UnixStream, Record)>> {
+        let d = super::port::lock(&self.cancel);
         let _ = self.stop.read();
+        if *d == Detach::Cancelled {
+            // The detach timed out and was called off: serve on.
+            drop(d);
+            *super::port::lock(&self.cancel) = Detach::Serving;
+            return Some(conn);
+        }
         let listener = match &self.mode {
             Mode::Server(l) => match l.try_clone() {
                 Ok(l) => Some(OwnedFd::from(l)),
@@ -292,7 +340,11 @@ impl Thread {
             listener,
             conn: conn.map(|(s, r)| (OwnedFd::from(s), r)),
         };
+        // Given out under the lock: the endpoint either takes it (in time,
+        // or when it looks again before calling the detach off) or has
+        // already called it off above.
         self.detached.send(Ok(h)).ok()?;
+        drop(d);
         let h = self.reattach.recv().ok()?;
         Some(h.conn.map(|(fd, r)| (UnixStream::from(fd), r)))
     }

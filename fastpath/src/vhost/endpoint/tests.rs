@@ -230,3 +230,39 @@ fn a_dropped_endpoint_leaves_no_thread_accepting_vmms() {
     });
     let _ = std::fs::remove_file(&sock);
 }
+
+#[test]
+fn a_detach_that_times_out_is_called_off_and_the_port_serves_on() {
+    use std::io::{Read, Write};
+    let sock = sock_path("stalled");
+    let e = Endpoint::listen(&sock, Shared::new(MAC)).unwrap();
+    // A VMM that stalls in the middle of a request: the header of
+    // SET_FEATURES (8-byte payload), and no payload yet.
+    let mut stalled = UnixStream::connect(&sock).unwrap();
+    let header = |request: u32, size: u32| {
+        let mut h = [0u8; 12];
+        h[..4].copy_from_slice(&request.to_le_bytes());
+        h[4..8].copy_from_slice(&1u32.to_le_bytes()); // version 1
+        h[8..].copy_from_slice(&size.to_le_bytes());
+        h
+    };
+    stalled.write_all(&header(2, 8)).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let err = e.detach().err().expect("the thread is stuck mid-request");
+    assert!(err.to_string().contains("called off"), "{err}");
+    // The VMM goes on, then goes away.
+    stalled.write_all(&0u64.to_le_bytes()).unwrap();
+    drop(stalled);
+    // The port serves a new VMM: its first request is answered.
+    let mut vmm = UnixStream::connect(&sock).unwrap();
+    vmm.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    vmm.write_all(&header(1, 0)).unwrap(); // GET_FEATURES
+    let mut reply = [0u8; 20];
+    vmm.read_exact(&mut reply)
+        .expect("GET_FEATURES answered: the thread serves on");
+    assert_eq!(u32::from_le_bytes(reply[..4].try_into().unwrap()), 1);
+    // And a later detach is meant: it gives the connection out.
+    let h = e.detach().expect("a detach after the one called off");
+    assert!(h.conn.is_some());
+    let _ = std::fs::remove_file(&sock);
+}
