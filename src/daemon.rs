@@ -196,7 +196,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         },
         table,
     );
-    let (punter, punt_rx) = punt_path(
+    let (mut punter, punt_rx) = punt_path(
         &PuntConfig {
             rate: s.punt_rate,
             burst: s.punt_burst,
@@ -204,6 +204,15 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         },
         n_ports,
     );
+    // Many senders share the uplink and the external port: each has a
+    // budget of its own there (an external network added at run time
+    // shares its port's budget).
+    if topo.uplink.is_some() {
+        punter.share_by_sender(uplink_port, true);
+    }
+    if let Some(e) = &topo.external {
+        punter.share_by_sender(e.port, false);
+    }
     let installs = Arc::new(ArrayQueue::new(4096));
     let installs_for_control = installs.clone();
     let wake = Arc::new(Wake::new().context("creating the wakeup eventfd")?);

@@ -85,9 +85,7 @@ pub enum TcpState {
     /// The responder's SYN-ACK was seen at `since`; the originator's ACK is
     /// awaited (with SynSent, a half-open connection). Last, so snapshots
     /// of the states before it read the same.
-    SynRecv {
-        since: u64,
-    },
+    SynRecv { since: u64 },
 }
 
 /// A handshake not yet complete: counted apart, so a flood of them cannot

@@ -39,6 +39,8 @@ counted_enum! {
         TxOverflow => "tx_overflow",
         NatFragment => "nat_fragment",
         NatTooShort => "nat_too_short",
+        VtepMismatch => "vtep_mismatch",
+        PuntSenderOverBudget => "punt_sender_over_budget",
     }
 }
 

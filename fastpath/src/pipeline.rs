@@ -468,7 +468,10 @@ fn apply(
     let mut len = d.len as usize;
     if let Some(vtep) = a.decap {
         if m.inner_start == 0 || m.outer_src != vtep {
-            return Verdict::Punt(PuntReason::VtepMismatch);
+            // Another VTEP than the flow's (forged, or a stale sender):
+            // dropped here, never punted, so a forger varying its outer
+            // source is no punt source (the coprocessor drops it too).
+            return Verdict::Drop(DropReason::VtepMismatch);
         }
         start += usize::from(m.inner_start);
         len = m.inner_len as usize;

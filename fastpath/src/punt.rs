@@ -164,6 +164,40 @@ impl PuntReceiver {
     }
 }
 
+/// Buckets of per-sender budgets behind a shared port.
+const SENDER_BUCKETS: usize = 1024;
+
+/// Behind the uplink and the external port are many senders (remote
+/// VTEPs and their VNIs; Internet hosts): each punts from a budget of its
+/// own — a quarter of the port's rate and burst, in one of
+/// [`SENDER_BUCKETS`] buckets picked by a hash of the sender — before the
+/// port's, so one sender cannot use up what the others need. The bucket
+/// array is fixed: a sender forging new addresses grows nothing.
+#[derive(Debug)]
+struct Senders {
+    port: PortId,
+    /// The sender is the outer source and the VNI (VXLAN), or the source.
+    vxlan: bool,
+    buckets: Vec<Budget>,
+}
+
+impl Senders {
+    /// The bucket of `frame`'s sender; `None` for a frame too short to
+    /// have one (the port's budget alone applies).
+    fn bucket(&mut self, frame: &[u8]) -> Option<&mut Budget> {
+        // IPv4 source after Ethernet; the VNI after outer IPv4 and UDP.
+        let src = frame.get(26..30)?;
+        let mut sender = u64::from(u32::from_be_bytes([src[0], src[1], src[2], src[3]]));
+        if self.vxlan {
+            let vni = frame.get(46..49)?;
+            sender = sender << 24 | u64::from(u32::from_be_bytes([0, vni[0], vni[1], vni[2]]));
+        }
+        let h = sender.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54;
+        let i = usize::try_from(h).ok()? % SENDER_BUCKETS;
+        self.buckets.get_mut(i)
+    }
+}
+
 /// The fast path's end.
 #[derive(Debug)]
 pub struct Punter {
@@ -171,6 +205,8 @@ pub struct Punter {
     pool: Arc<ArrayQueue<PuntMsg>>,
     budgets: Vec<Budget>,
     default_budget: Budget,
+    senders: Vec<Senders>,
+    cfg: PuntConfig,
     /// Frames punted, by reason.
     pub punted: [u64; PuntReason::COUNT],
 }
@@ -190,6 +226,8 @@ pub fn punt_path(cfg: &PuntConfig, ports: u16) -> (Punter, PuntReceiver) {
             pool: pool.clone(),
             budgets: vec![budget; usize::from(ports)],
             default_budget: budget,
+            senders: Vec::new(),
+            cfg: *cfg,
             punted: [0; PuntReason::COUNT],
         },
         PuntReceiver { queue, pool },
@@ -205,6 +243,19 @@ impl Punter {
             self.budgets.resize(i + 1, self.default_budget);
         }
         self.budgets[i] = b;
+    }
+
+    /// Budget `port`'s punts per sender too (see [`Senders`]): the
+    /// uplink's per remote VTEP and VNI (`vxlan`), the external port's per
+    /// source address.
+    pub fn share_by_sender(&mut self, port: PortId, vxlan: bool) {
+        let b = Budget::new((self.cfg.rate / 4).max(1), (self.cfg.burst / 4).max(1));
+        self.senders.retain(|s| s.port != port);
+        self.senders.push(Senders {
+            port,
+            vxlan,
+            buckets: vec![b; SENDER_BUCKETS],
+        });
     }
 
     /// A budget for one more port (id = the current count).
@@ -237,6 +288,13 @@ impl Punter {
         key: Option<FlowKey>,
         now: u64,
     ) -> Result<(), DropReason> {
+        if let Some(s) = self.senders.iter_mut().find(|s| s.port == ingress) {
+            if let Some(b) = s.bucket(frame) {
+                if !b.take(now) {
+                    return Err(DropReason::PuntSenderOverBudget);
+                }
+            }
+        }
         let budget = match self.budgets.get_mut(usize::from(ingress.0)) {
             Some(b) => b,
             None => &mut self.default_budget,
@@ -348,5 +406,60 @@ mod tests {
         assert!(p
             .punt(PortId(900), PuntReason::Miss, &[0; 60], 0, 5)
             .is_ok());
+    }
+
+    #[test]
+    fn one_sender_behind_a_shared_port_cannot_use_up_its_budget() {
+        let cfg = PuntConfig {
+            messages: 4096,
+            msg_bytes: 128,
+            rate: 1000,
+            burst: 400,
+        };
+        let (mut p, rx) = punt_path(&cfg, 2);
+        p.share_by_sender(PortId(0), true);
+        // VXLAN frames: outer source at 26, VNI at 46.
+        let from = |vtep: [u8; 4], vni: u8| {
+            let mut f = vec![0u8; 64];
+            f[26..30].copy_from_slice(&vtep);
+            f[48] = vni;
+            f
+        };
+        let storm = from([192, 168, 0, 66], 1);
+        let passed = (0..1000)
+            .filter(|_| p.punt(PortId(0), PuntReason::Miss, &storm, 50, 1).is_ok())
+            .count();
+        assert_eq!(passed, 100, "a quarter of the port's burst");
+        // Another VTEP, and the same VTEP for another tenant, still punt.
+        assert!(p
+            .punt(
+                PortId(0),
+                PuntReason::Miss,
+                &from([192, 168, 0, 2], 1),
+                50,
+                1
+            )
+            .is_ok());
+        assert!(p
+            .punt(
+                PortId(0),
+                PuntReason::Miss,
+                &storm
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| if i == 48 { 2 } else { *b })
+                    .collect::<Vec<u8>>(),
+                50,
+                1
+            )
+            .is_ok());
+        // A VM port is budgeted per port only.
+        assert_eq!(
+            (0..500)
+                .filter(|_| p.punt(PortId(1), PuntReason::Miss, &storm, 0, 1).is_ok())
+                .count(),
+            400
+        );
+        while rx.recv().is_some() {}
     }
 }
