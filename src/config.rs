@@ -476,6 +476,11 @@ pub struct SwitchConfig {
     pub poll: Poll,
     pub coprocessor_threads: usize,
     pub flow_capacity: usize,
+    /// Flows one VM port may hold in the flow table; beyond it its new
+    /// flows go packet by packet through the slow path (and its punt
+    /// budget), never another tenant's. Default: a sixteenth of
+    /// `flow_capacity`.
+    pub flow_share_per_port: Option<usize>,
     pub idle_timeout_s: u64,
     pub control_socket: PathBuf,
     pub punt_rate: u64,
@@ -485,12 +490,21 @@ pub struct SwitchConfig {
     pub metrics: Option<std::net::SocketAddr>,
 }
 
+impl SwitchConfig {
+    /// Flows one VM port may hold (see `flow_share_per_port`).
+    pub fn flow_share(&self) -> usize {
+        self.flow_share_per_port
+            .unwrap_or((self.flow_capacity / 16).max(1))
+    }
+}
+
 impl Default for SwitchConfig {
     fn default() -> Self {
         SwitchConfig {
             poll: Poll::Busy,
             coprocessor_threads: 1,
             flow_capacity: 1 << 20,
+            flow_share_per_port: None,
             idle_timeout_s: 30,
             control_socket: PathBuf::from("/run/vswitch/vswitch.sock"),
             punt_rate: 10_000,
@@ -709,6 +723,14 @@ impl Config {
                 s.flow_capacity,
                 flowtable::MAX_CAPACITY
             );
+        }
+        if let Some(n) = s.flow_share_per_port {
+            if n == 0 || n > s.flow_capacity {
+                bail!(
+                    "switch: field `flow_share_per_port`: {n} is not in 1..={} (flow_capacity)",
+                    s.flow_capacity
+                );
+            }
         }
         if s.idle_timeout_s == 0 {
             bail!("switch: field `idle_timeout_s`: must be at least 1");

@@ -176,7 +176,8 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         .as_ref()
         .map_or(std::net::Ipv4Addr::UNSPECIFIED, |u| u.local_vtep);
 
-    let table = FlowTable::new(s.flow_capacity)?;
+    let mut table = FlowTable::new(s.flow_capacity)?;
+    table.set_port_share(s.flow_share());
     if let Err(e) = fastpath::hugepage::advise_flow_table(&table) {
         warn!("flow table on normal pages: {e}");
     }

@@ -102,6 +102,9 @@ pub struct PortCounters {
     /// at half its share (receives may be dropped by the kernel then).
     #[serde(default)]
     pub fill_short: u64,
+    /// Flows refused because the port held its share of the flow table.
+    #[serde(default)]
+    pub flow_share_full: u64,
 }
 
 /// A port of this thread.
@@ -752,7 +755,15 @@ impl Dataplane {
         for (key, action) in ins.flows.iter().filter(|_| !stale) {
             match self.pipeline.table_mut().insert(*key, action, now) {
                 Ok(_) => self.installs += 1,
-                Err(_) => self.install_failures += 1,
+                Err(e) => {
+                    self.install_failures += 1;
+                    if let flowtable::InsertError::ShareFull { port, .. } = e {
+                        // Its frames go on through the coprocessor (budgeted).
+                        if let Some(p) = self.ports.get_mut(usize::from(port)) {
+                            p.counters.flow_share_full += 1;
+                        }
+                    }
+                }
             }
         }
         if self.paused && (!ins.tx.is_empty() || ins.reinject.is_some()) {

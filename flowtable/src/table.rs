@@ -122,6 +122,10 @@ pub enum InsertError {
     Full { capacity: usize },
     #[error("flow would need a probe sequence longer than {MAX_PSL} slots")]
     ProbeLimit,
+    /// The flow's ingress port holds its share of the table (see
+    /// [`FlowTable::set_port_share`]).
+    #[error("port {port} holds its share of the flow table ({share} flows)")]
+    ShareFull { port: u16, share: usize },
 }
 
 /// A successful lookup: where the entry is and what to do.
@@ -167,6 +171,20 @@ pub struct FlowTable {
     actions: ActionTable,
     sweep_cursor: usize,
     counters: TableCounters,
+    /// Flows per ingress port (by port id), and how many one may hold
+    /// (0: no limit). Flows entering by the uplink (keyed by VNI) are no
+    /// port's.
+    per_port: Vec<u32>,
+    port_share: usize,
+}
+
+/// The port a flow is charged to: its ingress port, if it is one.
+#[inline(always)]
+fn port_of(key: &FlowKey) -> Option<usize> {
+    match key.ingress() {
+        Some(crate::Ingress::Port(p)) => Some(usize::from(p.0)),
+        _ => None,
+    }
 }
 
 #[inline(always)]
@@ -216,7 +234,23 @@ impl FlowTable {
             actions: ActionTable::with_capacity(1024.min(capacity)),
             sweep_cursor: 0,
             counters: TableCounters::default(),
+            per_port: Vec::new(),
+            port_share: 0,
         })
+    }
+
+    /// Let no ingress port hold more than `share` flows (0: no limit), so
+    /// one tenant filling the table degrades to punts alone, never the
+    /// others. Flows already in stay.
+    pub fn set_port_share(&mut self, share: usize) {
+        self.port_share = share;
+    }
+
+    /// Flows charged to ingress port `port`.
+    pub fn port_flows(&self, port: u16) -> usize {
+        self.per_port
+            .get(usize::from(port))
+            .map_or(0, |&n| n as usize)
     }
 
     /// The hasher; its seed is part of the state a handover carries.
@@ -455,6 +489,15 @@ impl FlowTable {
                 capacity: self.capacity,
             });
         }
+        let port = port_of(&key);
+        if let Some(p) = port {
+            if self.port_share > 0 && self.port_flows_at(p) >= self.port_share {
+                return Err(InsertError::ShareFull {
+                    port: u16::try_from(p).unwrap_or(u16::MAX),
+                    share: self.port_share,
+                });
+            }
+        }
         // 2. The run from i to the next empty slot shifts right by one;
         //    check that nobody in it goes past MAX_PSL before moving anything.
         let mut e = i;
@@ -487,8 +530,19 @@ impl FlowTable {
             stats,
         };
         self.len += 1;
+        if let Some(p) = port {
+            if p >= self.per_port.len() {
+                // Once per port id: ids are at most u16::MAX.
+                self.per_port.resize(p + 1, 0);
+            }
+            self.per_port[p] += 1;
+        }
         self.counters.inserts += 1;
         Ok(id)
+    }
+
+    fn port_flows_at(&self, p: usize) -> usize {
+        self.per_port.get(p).map_or(0, |&n| n as usize)
     }
 
     /// Remove the entry at `i` (occupied) by shifting its run back.
@@ -504,6 +558,9 @@ impl FlowTable {
         }
         self.slots[j - 1] = Slot::EMPTY;
         self.len -= 1;
+        if let Some(n) = port_of(&gone.key).and_then(|p| self.per_port.get_mut(p)) {
+            *n = n.saturating_sub(1);
+        }
         self.actions.release(ActionId(gone.action));
         (gone.key, ActionId(gone.action), gone.stats)
     }

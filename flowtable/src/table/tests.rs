@@ -315,3 +315,47 @@ fn restored_flows_keep_their_counters_and_share_their_actions() {
     assert_eq!((ok + 1, ok + refused), (8, 20));
     check_invariants(&t);
 }
+
+#[test]
+fn a_port_holds_at_most_its_share_and_gets_it_back_as_flows_go() {
+    let mut t = FlowTable::with_hasher(1000, FlowHasher::with_seed(1)).unwrap();
+    t.set_port_share(10);
+    let on = |port: u16, n: u32| {
+        FlowKey::new(
+            Ingress::Port(PortId(port)),
+            17,
+            0x0a00_0000 | n,
+            0x0a01_0000,
+            1000,
+            53,
+        )
+    };
+    // Port 1 sends to random ports: ten flows, then refusals.
+    for n in 0..10 {
+        t.insert(on(1, n), &out(9), 0).unwrap();
+    }
+    assert_eq!(
+        t.insert(on(1, 10), &out(9), 0),
+        Err(InsertError::ShareFull { port: 1, share: 10 })
+    );
+    assert_eq!(t.port_flows(1), 10);
+    // Updating one of its flows still works; other ports are untouched,
+    // and flows from the uplink (by VNI) are no port's.
+    assert!(t.insert(on(1, 3), &out(8), 0).is_ok());
+    for n in 0..10 {
+        t.insert(on(2, n), &out(9), 0).unwrap();
+    }
+    let by_vni = FlowKey::new(Ingress::Vni(crate::Vni::new(100).unwrap()), 17, 1, 2, 3, 4);
+    t.insert(by_vni, &out(1), 0).unwrap();
+    // Flows that go (removed, retained out, expired) give the share back.
+    t.remove(&on(1, 0)).unwrap();
+    assert_eq!(t.port_flows(1), 9);
+    t.insert(on(1, 10), &out(9), 0).unwrap();
+    t.retain(|k, _| *k != on(1, 1));
+    assert_eq!(t.port_flows(1), 9);
+    let mut gone = 0;
+    t.expire(1_000_000_000, 1, t.slots.len(), |_, _, _| gone += 1);
+    assert_eq!(gone, 20, "port 1: 9, port 2: 10, by VNI: 1");
+    assert_eq!((t.port_flows(1), t.port_flows(2)), (0, 0));
+    check_invariants(&t);
+}
