@@ -216,8 +216,11 @@ impl Coprocessor {
                 }
                 let (src, dst) = (Ipv4Addr::from(key.src_ip), Ipv4Addr::from(key.dst_ip));
                 if let Err(e) = antispoof::check_ip(vm, src) {
-                    // Keep a spoofing VM's flood out of the slow path.
-                    out.flows.push((key, Action::drop()));
+                    // Keep a spoofing VM's flood out of the slow path: one
+                    // drop for the address pair, whatever the ports (the
+                    // denial does not depend on them), so a flood over
+                    // many ports takes one entry of the VM's flow share.
+                    out.flows.push((key.to_l3(), Action::drop()));
                     return Err(e);
                 }
                 let mut setup = setup::Setup {
@@ -454,7 +457,12 @@ impl Coprocessor {
                     // Nothing of ours opened it: keep the repeats out (but
                     // not ICMP errors: a later one may be related).
                     if !setup::is_icmp_error(&key) {
-                        setup.out.flows.push((key, Action::drop()));
+                        // Nothing of ours at that address wants it, whatever
+                        // the ports: one drop for the address pair (not for
+                        // ICMP, where an address-wide drop would also catch
+                        // the errors a later connection may need).
+                        let pin = if key.proto == 1 { key } else { key.to_l3() };
+                        setup.out.flows.push((pin, Action::drop()));
                     }
                     return Err(DropCause::ExtUnsolicited);
                 };

@@ -289,6 +289,11 @@ fn spoofing_is_dropped_and_a_spoofed_flow_is_pinned_to_drop() {
     assert_eq!(out.drop, Some(DropCause::SpoofedIp));
     assert!(sent.is_none());
     assert_eq!(out.flows[0].1.output, Output::Drop);
+    // Pinned for the address pair, not the 5-tuple: the ports do not
+    // matter to the denial.
+    let k = out.flows[0].0;
+    assert_eq!(k.flags & flowtable::KeyFlags::L3, flowtable::KeyFlags::L3);
+    assert_eq!((k.src_port, k.dst_port), (0, 0));
     let (out, _) = through(&mut c, PortId(1), &udp(B_MAC, A_IP, B_IP));
     assert_eq!(out.drop, Some(DropCause::SpoofedMac));
     assert!(out.flows.is_empty());

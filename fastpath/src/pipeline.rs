@@ -347,10 +347,22 @@ impl Pipeline {
         for ((key, &h), m) in keys[..n].iter().zip(&hashes[..n]).zip(&meta[..n]) {
             let d = m.desc;
             let inner_start = usize::from(m.inner_start);
-            let Some(hit) = table.lookup_hashed(key, h, m.inner_len, now) else {
-                misses += 1;
-                punt_into(counters, out, d, PuntReason::Miss, inner_start, Some(*key));
-                continue;
+            let hit = match table.lookup_hashed(key, h, m.inner_len, now) {
+                Some(hit) => hit,
+                // A miss may still be covered at address granularity (the
+                // coprocessor pins such drops where the ports do not
+                // matter): looked up only when the table holds any.
+                None => match table
+                    .has_l3()
+                    .then(|| table.lookup(&key.to_l3(), m.inner_len, now))
+                {
+                    Some(Some(hit)) => hit,
+                    _ => {
+                        misses += 1;
+                        punt_into(counters, out, d, PuntReason::Miss, inner_start, Some(*key));
+                        continue;
+                    }
+                },
             };
             hits += 1;
             let verdict = match (table.action(hit.action), mem.chunk_mut(d.addr)) {

@@ -176,6 +176,8 @@ pub struct FlowTable {
     /// port's.
     per_port: Vec<u32>,
     port_share: usize,
+    /// Entries with address-granularity keys ([`crate::KeyFlags::L3`]).
+    l3_len: usize,
 }
 
 /// The port a flow is charged to: its ingress port, if it is one.
@@ -236,6 +238,7 @@ impl FlowTable {
             counters: TableCounters::default(),
             per_port: Vec::new(),
             port_share: 0,
+            l3_len: 0,
         })
     }
 
@@ -244,6 +247,13 @@ impl FlowTable {
     /// others. Flows already in stay.
     pub fn set_port_share(&mut self, share: usize) {
         self.port_share = share;
+    }
+
+    /// Whether any entry has an address-granularity key: only then is a
+    /// miss looked up again at that granularity.
+    #[inline(always)]
+    pub fn has_l3(&self) -> bool {
+        self.l3_len > 0
     }
 
     /// Flows charged to ingress port `port`.
@@ -530,6 +540,9 @@ impl FlowTable {
             stats,
         };
         self.len += 1;
+        if key.flags & crate::KeyFlags::L3 != 0 {
+            self.l3_len += 1;
+        }
         if let Some(p) = port {
             if p >= self.per_port.len() {
                 // Once per port id: ids are at most u16::MAX.
@@ -558,6 +571,9 @@ impl FlowTable {
         }
         self.slots[j - 1] = Slot::EMPTY;
         self.len -= 1;
+        if gone.key.flags & crate::KeyFlags::L3 != 0 {
+            self.l3_len -= 1;
+        }
         if let Some(n) = port_of(&gone.key).and_then(|p| self.per_port.get_mut(p)) {
             *n = n.saturating_sub(1);
         }

@@ -228,6 +228,67 @@ fn the_same_inner_flow_from_a_forged_vtep_is_dropped_not_punted() {
 }
 
 #[test]
+fn an_address_drop_covers_every_port_and_an_exact_flow_wins() {
+    let mut p = pipeline();
+    let f = vm1_flow();
+    let key = key_of(&synth::udp_frame(&f, 64), Ingress::Port(VM1));
+    p.table_mut()
+        .insert(key.to_l3(), &Action::drop(), 0)
+        .unwrap();
+    // One exact flow of the same pair forwards.
+    let fwd = UdpFlow {
+        dst_port: 7777,
+        ..f
+    };
+    let fwd_key = key_of(&synth::udp_frame(&fwd, 64), Ingress::Port(VM1));
+    p.table_mut()
+        .insert(fwd_key, &Action::output(VM2), 0)
+        .unwrap();
+    let frames: Vec<Vec<u8>> = (0..20u16)
+        .map(|i| {
+            synth::udp_frame(
+                &UdpFlow {
+                    src_port: 30000 + i,
+                    ..f
+                },
+                64,
+            )
+        })
+        .chain([synth::udp_frame(&fwd, 64)])
+        .collect();
+    let (mut mem, descs) = load(&frames);
+    let mut out = BatchOut::new(3);
+    p.process(
+        VM1,
+        &mut SliceMem::new(&mut mem, CHUNK).unwrap(),
+        &descs,
+        1,
+        &mut out,
+    );
+    assert!(out.punt.is_empty(), "no frame of the pair is punted");
+    assert_eq!(p.counters().drops.get(DropReason::FlowDrop), 20);
+    assert_eq!(out.tx.iter().map(|(_, l)| l.len()).sum::<usize>(), 1);
+    // Another pair still misses.
+    let other = synth::udp_frame(
+        &UdpFlow {
+            dst_ip: Ipv4Addr::new(10, 0, 0, 8),
+            ..f
+        },
+        64,
+    );
+    let (mut mem, descs) = load(&[other]);
+    let mut out = BatchOut::new(3);
+    p.process(
+        VM1,
+        &mut SliceMem::new(&mut mem, CHUNK).unwrap(),
+        &descs,
+        1,
+        &mut out,
+    );
+    assert_eq!(out.punt[0].reason, PuntReason::Miss);
+}
+
+#[test]
 fn misses_and_arp_are_punted_with_their_reason() {
     let mut p = pipeline();
     let frame = synth::udp_frame(&vm1_flow(), 64);
