@@ -17,6 +17,22 @@ fn sh(args: &[&str]) -> bool {
         .unwrap_or(false)
 }
 
+/// Does the host's end (10.99.0.1) answer a ping from namespace `vm`?
+fn ping_host(vm: &str) -> bool {
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        vm,
+        "ping",
+        "-c",
+        "2",
+        "-W",
+        "1",
+        "10.99.0.1",
+    ])
+}
+
 /// Both namespaces go, also when the test fails.
 struct Netns(Vec<String>);
 
@@ -68,20 +84,7 @@ fn a_vm_port_frame_without_a_socket_is_dropped_not_passed_to_the_host() {
     ]));
     assert!(sh(&["ip", "-n", &host, "link", "set", &hv, "up"]));
     assert!(sh(&["ip", "-n", &vm, "link", "set", &vv, "up"]));
-    let ping = || {
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &vm,
-            "ping",
-            "-c",
-            "2",
-            "-W",
-            "1",
-            "10.99.0.1",
-        ])
-    };
+    let ping = || ping_host(&vm);
     assert!(ping(), "without the program the host's stack answers");
     // The program goes on the host's end, from a thread inside its namespace.
     let (hv2, host2, vm2) = (hv.clone(), host.clone(), vm.clone());
@@ -92,18 +95,7 @@ fn a_vm_port_frame_without_a_socket_is_dropped_not_passed_to_the_host() {
         let r = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
         assert_eq!(r, 0, "setns: {}", std::io::Error::last_os_error());
         let prog = XdpProgram::attach_all(&hv2).expect("attaching redirect_all");
-        let answered = sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &vm2,
-            "ping",
-            "-c",
-            "2",
-            "-W",
-            "1",
-            "10.99.0.1",
-        ]);
+        let answered = ping_host(&vm2);
         drop(prog);
         answered
     })
