@@ -186,6 +186,30 @@ pub struct Admission {
     pub rule: Option<RuleRef>,
 }
 
+impl Admission {
+    /// Would `policy` admit this connection if it opened now in `topo`?
+    /// (Asked of every tracked connection when the policy changes.)
+    pub fn still_admitted(
+        &self,
+        topo: &crate::topology::Topology,
+        policy: &crate::acl::Policy,
+    ) -> bool {
+        let check = |port, dir, peer| {
+            topo.vm_on(port).is_none_or(|vm| {
+                vm.groups.is_empty()
+                    || policy
+                        .admits(&vm.groups, dir, self.vni, peer, self.proto, self.port)
+                        .is_some()
+            })
+        };
+        self.egress
+            .is_none_or(|p| check(p, crate::acl::Direction::Egress, self.dst))
+            && self
+                .ingress
+                .is_none_or(|p| check(p, crate::acl::Direction::Ingress, self.src))
+    }
+}
+
 /// A tracked connection.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Conn {

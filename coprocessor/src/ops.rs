@@ -404,7 +404,7 @@ impl Shared {
             let hard = t.networks.contains(&a.vni)
                 || c.owner.is_some_and(|p| t.ports.contains(&p))
                 || (!t.external.is_empty() && c.nat.is_some())
-                || (t.policy && !crate::revalidate::still_admitted(&topo, &self.policy, a));
+                || (t.policy && !a.still_admitted(&topo, &self.policy));
             if hard {
                 ended.push(id);
             } else if hit(a.vni, a.src) || hit(a.vni, a.dst) {

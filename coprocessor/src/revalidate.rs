@@ -3,11 +3,10 @@
 
 use flowtable::FlowKey;
 
-use crate::acl::{Direction, Rule};
-use crate::conntrack::{Admission, Expiry};
+use crate::acl::Rule;
+use crate::conntrack::Expiry;
 use crate::ops::{Applied, Op, OpError};
 use crate::outcome::{CtCheck, Outcome};
-use crate::topology::Topology;
 use crate::{lock, Coprocessor};
 
 impl Coprocessor {
@@ -62,19 +61,4 @@ impl Coprocessor {
         let applied = lock(&self.shared).apply(ops, &mut out)?;
         Ok((out, applied))
     }
-}
-
-/// Would the current policy admit this connection if it opened now?
-pub(crate) fn still_admitted(topo: &Topology, policy: &crate::acl::Policy, a: &Admission) -> bool {
-    let check = |port, dir, peer| {
-        topo.vm_on(port).is_none_or(|vm| {
-            vm.groups.is_empty()
-                || policy
-                    .admits(&vm.groups, dir, a.vni, peer, a.proto, a.port)
-                    .is_some()
-        })
-    };
-    a.egress.is_none_or(|p| check(p, Direction::Egress, a.dst))
-        && a.ingress
-            .is_none_or(|p| check(p, Direction::Ingress, a.src))
 }

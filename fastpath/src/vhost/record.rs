@@ -26,6 +26,10 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 /// A vhost-user message header is 12 bytes: request, flags, size.
 pub const HDR: usize = 12;
 
+/// Largest payload a request carries (a memory table of 8 regions is
+/// 8 + 8 × 32 bytes; config space up to 256).
+pub const MAX_PAYLOAD: usize = 4096;
+
 /// Requests (vhost-user specification, "front-end message types").
 pub mod req {
     pub const GET_FEATURES: u32 = 1;
@@ -76,7 +80,7 @@ impl Message {
         let mut m = Vec::with_capacity(HDR + self.payload.len());
         m.extend_from_slice(&self.request.to_le_bytes());
         m.extend_from_slice(&flags.to_le_bytes());
-        // Payloads are at most `shim::MAX_PAYLOAD` bytes.
+        // Payloads are at most `MAX_PAYLOAD` bytes.
         let len = u32::try_from(self.payload.len()).unwrap_or(u32::MAX);
         m.extend_from_slice(&len.to_le_bytes());
         m.extend_from_slice(&self.payload);
@@ -262,7 +266,7 @@ impl Record {
     ) -> io::Result<Record> {
         let mut r = Record::default();
         for w in wire {
-            if w.payload.len() > super::shim::MAX_PAYLOAD {
+            if w.payload.len() > MAX_PAYLOAD {
                 return Err(io::Error::other(format!(
                     "vhost-user request {} with a {}-byte payload",
                     w.request,

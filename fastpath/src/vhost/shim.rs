@@ -24,11 +24,8 @@ use std::os::unix::net::UnixStream;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use super::record::{req, Record, HDR, NEED_REPLY, REPLY, VERSION};
+use super::record::{req, Record, HDR, MAX_PAYLOAD, NEED_REPLY, REPLY, VERSION};
 
-/// Largest payload a request carries (a memory table of 8 regions is
-/// 8 + 8 × 32 bytes; config space up to 256).
-pub const MAX_PAYLOAD: usize = 4096;
 /// Most descriptors a request carries (a memory table's).
 const MAX_FDS: usize = 32;
 

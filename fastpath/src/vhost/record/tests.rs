@@ -138,7 +138,7 @@ fn a_record_goes_through_its_wire_form_with_its_descriptors() {
     let mut none: Vec<Option<OwnedFd>> = Vec::new();
     assert!(Record::from_wire(back.clone(), |i| none.get_mut(i)?.take()).is_err());
     let mut big = back;
-    big[0].payload = vec![0; crate::vhost::shim::MAX_PAYLOAD + 1];
+    big[0].payload = vec![0; crate::vhost::record::MAX_PAYLOAD + 1];
     big.iter_mut().for_each(|m| m.fds.clear());
     assert!(Record::from_wire(big, |_| None).is_err());
 }
