@@ -174,7 +174,7 @@ fn fresh(topo: &Topology, policy: &Policy) -> Coprocessor {
 }
 
 /// The daemon's translation of an outcome into what the fast path applies
-/// (`src/daemon.rs` `install_of`; the binary has no library target to
+/// (`src/install.rs` `install_of`; the binary has no library target to
 /// import it from).
 fn install_of(out: Outcome, reinject: Option<fastpath::PuntMsg>) -> Install {
     Install {

@@ -13,11 +13,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use coprocessor::{Coprocessor, Outcome, PuntKind, Punted, Shared};
+use coprocessor::{Coprocessor, PuntKind, Punted, Shared};
 use crossbeam_queue::ArrayQueue;
+
+use crate::install::{install_of, send_install};
 use fastpath::dataplane::{
-    CtCheck, Dataplane, Install, Invalidation, Links, LoopConfig, PollMode, Port, PortCounters,
-    PortIo, Report,
+    Dataplane, Install, Links, LoopConfig, PollMode, Port, PortCounters, PortIo, Report,
 };
 use fastpath::tap::Tap;
 use fastpath::umem::FramePool;
@@ -591,50 +592,6 @@ struct CoprocLinks {
     wake: Arc<Wake>,
     epoch: Instant,
     timekeeper: bool,
-}
-
-/// The fast path's form of a coprocessor outcome.
-pub fn install_of(out: Outcome, reinject: Option<fastpath::PuntMsg>) -> Install {
-    Install {
-        flows: out.flows,
-        tx: out.tx,
-        reinject,
-        remove: out.remove,
-        invalidation: out.invalidate.map(|inv| Invalidation {
-            version: out.version,
-            hits: Box::new(move |k, a| inv.hits(k, a)),
-        }),
-        version: out.version,
-        checks: out
-            .checks
-            .iter()
-            .map(|c| CtCheck {
-                id: c.id,
-                keys: c.keys,
-            })
-            .collect(),
-    }
-}
-
-/// Queue `ins` for the fast path. The install queue is bounded; if the
-/// fast path is this far behind, wait for it rather than lose decisions.
-/// False if the switch stopped first.
-pub fn send_install(
-    installs: &ArrayQueue<Install>,
-    mut ins: Install,
-    wake: &Wake,
-    stop: &AtomicBool,
-) -> bool {
-    while let Err(back) = installs.push(ins) {
-        if stop.load(Ordering::Relaxed) {
-            return false;
-        }
-        ins = back;
-        wake.notify();
-        thread::yield_now();
-    }
-    wake.notify();
-    true
 }
 
 fn is_empty(i: &Install) -> bool {

@@ -525,7 +525,7 @@ pub fn upgrade(binary: &Path, config: &Path, log: Option<&Path>) -> Result<()> {
                 text.lines().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n")
             );
         }
-        if let Ok(v) = crate::control::request(&sock, &json!({"cmd": "stats"})) {
+        if let Ok(v) = crate::ctl::request(&sock, &json!({"cmd": "stats"})) {
             if v["pid"].as_u64() == Some(u64::from(pid)) && !v["last_handover"].is_null() {
                 let h = &v["last_handover"];
                 println!(

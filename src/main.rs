@@ -4,9 +4,11 @@
 mod api;
 mod config;
 mod control;
+mod ctl;
 mod daemon;
 mod deadline;
 mod handover;
+mod install;
 mod metrics;
 mod metrics_http;
 mod neighbor;
@@ -244,7 +246,7 @@ fn main() -> ExitCode {
                 CtlCmd::TopTalkers { limit } => {
                     Ok(serde_json::json!({"cmd": "top-talkers", "limit": limit}))
                 }
-                CtlCmd::Apply { file } => control::apply_request(file.as_deref()),
+                CtlCmd::Apply { file } => ctl::apply_request(file.as_deref()),
                 CtlCmd::Trace {
                     port,
                     vni,
@@ -264,13 +266,13 @@ fn main() -> ExitCode {
                 CtlCmd::SecurityGroups => Ok(cmd("security-groups")),
                 CtlCmd::SecurityGroupSet { name, rules } => rules
                     .iter()
-                    .map(|r| control::parse_rule_arg(r))
+                    .map(|r| ctl::parse_rule_arg(r))
                     .collect::<anyhow::Result<Vec<_>>>()
                     .map(|rules| {
                         serde_json::json!({"cmd": "security-group-set", "name": name, "rules": rules})
                     }),
             };
-            req.and_then(|r| control::ctl(&socket, &r, json, ports_only))
+            req.and_then(|r| ctl::ctl(&socket, &r, json, ports_only))
         }
     };
     match r {
