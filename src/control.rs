@@ -407,7 +407,6 @@ fn yield_cpu_to_successor() {
 }
 
 impl Server {
-    /// One HTTP request on the metrics port: `GET /metrics`.
     fn now(&self) -> u64 {
         u64::try_from(self.links.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }

@@ -230,6 +230,18 @@ pub fn coprocessor(m: &mut Metrics, sh: &Shared, backlog: usize) {
         &[],
         f(sh.counters.handled),
     );
+    for (kind, v) in ["arp", "dhcp", "icmp"]
+        .into_iter()
+        .zip(sh.counters.replies())
+    {
+        m.sample(
+            "vswitch_coprocessor_replies_total",
+            "counter",
+            "Frames the coprocessor answered itself (ARP proxy, DHCP server, ICMP from the gateways), by kind.",
+            &[("kind", kind)],
+            f(v),
+        );
+    }
     for (cause, v) in sh.counters.drops_by_cause() {
         if v > 0 {
             m.sample(

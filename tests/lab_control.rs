@@ -378,6 +378,7 @@ fn trace_explains_hits_denials_and_metrics_are_served() {
         "vswitch_punts_total{reason=\"miss\"}",
         "vswitch_flows ",
         "vswitch_coprocessor_backlog ",
+        "vswitch_coprocessor_replies_total{kind=\"arp\"}",
         "vswitch_conntrack_connections ",
         "# TYPE vswitch_drops_total counter",
     ] {

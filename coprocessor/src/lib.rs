@@ -65,6 +65,11 @@ impl Stats {
         }
     }
 
+    /// ARP, DHCP and ICMP replies made.
+    pub fn replies(&self) -> [u64; 3] {
+        [self.arp_replies, self.dhcp_replies, self.icmp_replies]
+    }
+
     pub fn drops_by_cause(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
         DropCause::ALL
             .iter()
@@ -135,6 +140,7 @@ impl Coprocessor {
         let shared = Arc::clone(&self.shared);
         let mut sh = lock(&shared);
         let topo = Arc::clone(&sh.topo);
+        let replies_before = self.stats.replies();
         let from_uplink = topo.uplink.as_ref().is_some_and(|u| u.port == p.ingress);
         let from_external = topo.external.as_ref().is_some_and(|e| e.port == p.ingress);
         let r = if matches!(
@@ -155,6 +161,12 @@ impl Coprocessor {
         let all = &mut sh.counters;
         all.handled += 1;
         all.flows_compiled += out.flows.len() as u64;
+        // The replies this decision made, into the totals every thread
+        // shares (what the metrics export).
+        let [arp, dhcp, icmp] = self.stats.replies();
+        all.arp_replies += arp - replies_before[0];
+        all.dhcp_replies += dhcp - replies_before[1];
+        all.icmp_replies += icmp - replies_before[2];
         if let Some(c) = r.as_ref().err().and_then(|c| all.drops.get_mut(c.index())) {
             *c += 1;
         }

@@ -452,6 +452,7 @@ fn gateways_answer_ping_and_flows_get_icmp_errors() {
         Some(DropCause::TtlExpired)
     );
     assert_eq!(c.stats().icmp_replies, 4);
+    assert_eq!(c.shared().lock().unwrap().counters.icmp_replies, 4);
 }
 
 fn arp_request(sender_mac: [u8; 6], sender_ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
@@ -519,6 +520,8 @@ fn arp_proxy_answers_for_known_addresses_only() {
     });
     assert_eq!(answered_mac(&out), Some(B_MAC));
     assert_eq!(c.stats().arp_replies, 5);
+    // In the totals all threads share too (what the metrics export).
+    assert_eq!(c.shared().lock().unwrap().counters.arp_replies, 5);
 }
 
 #[test]
@@ -724,6 +727,7 @@ fn dhcp_hands_out_the_binding_with_router_dns_mtu_hostname() {
     .is_empty());
     assert!(c.shared().lock().unwrap().leases.get(&A_MAC).is_none());
     assert_eq!(c.stats().dhcp_replies, 5);
+    assert_eq!(c.shared().lock().unwrap().counters.dhcp_replies, 5);
 }
 
 #[test]
