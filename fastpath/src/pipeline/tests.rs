@@ -91,6 +91,21 @@ fn load(frames: &[Vec<u8>]) -> (Vec<u8>, Vec<Desc>) {
     (mem, descs)
 }
 
+/// `frames` loaded as by [`load`] and run through `p` from `port` at
+/// time 1: the memory, the descriptors and what came out.
+fn run(p: &mut Pipeline, port: PortId, frames: &[Vec<u8>]) -> (Vec<u8>, Vec<Desc>, BatchOut) {
+    let (mut mem, descs) = load(frames);
+    let mut out = BatchOut::new(3);
+    p.process(
+        port,
+        &mut SliceMem::new(&mut mem, CHUNK).unwrap(),
+        &descs,
+        1,
+        &mut out,
+    );
+    (mem, descs, out)
+}
+
 fn bytes(mem: &[u8], d: Desc) -> &[u8] {
     &mem[d.addr as usize..d.addr as usize + d.len as usize]
 }
@@ -180,15 +195,7 @@ fn remote_vm_to_vm_is_decapsulated_and_delivered() {
         ..Action::output(VM2)
     };
     p.table_mut().insert(key, &action, 0).unwrap();
-    let (mut mem, descs) = load(&[wire]);
-    let mut out = BatchOut::new(3);
-    p.process(
-        UPLINK,
-        &mut SliceMem::new(&mut mem, CHUNK).unwrap(),
-        &descs,
-        1,
-        &mut out,
-    );
+    let (mem, descs, out) = run(&mut p, UPLINK, &[wire]);
     let tx: Vec<_> = out.tx.iter().collect();
     assert_eq!(tx.len(), 1);
     assert_eq!(tx[0].0, VM2);
@@ -213,15 +220,7 @@ fn the_same_inner_flow_from_a_forged_vtep_is_dropped_not_punted() {
         ..Action::output(VM2)
     };
     p.table_mut().insert(key, &action, 0).unwrap();
-    let (mut mem, descs) = load(&[wire]);
-    let mut out = BatchOut::new(3);
-    p.process(
-        UPLINK,
-        &mut SliceMem::new(&mut mem, CHUNK).unwrap(),
-        &descs,
-        1,
-        &mut out,
-    );
+    let (_, _, out) = run(&mut p, UPLINK, &[wire]);
     assert!(out.tx.is_empty());
     assert!(out.punt.is_empty(), "no punt for a forged outer source");
     assert_eq!(p.counters().drops.get(DropReason::VtepMismatch), 1);
@@ -256,15 +255,7 @@ fn an_address_drop_covers_every_port_and_an_exact_flow_wins() {
         })
         .chain([synth::udp_frame(&fwd, 64)])
         .collect();
-    let (mut mem, descs) = load(&frames);
-    let mut out = BatchOut::new(3);
-    p.process(
-        VM1,
-        &mut SliceMem::new(&mut mem, CHUNK).unwrap(),
-        &descs,
-        1,
-        &mut out,
-    );
+    let (_, _, out) = run(&mut p, VM1, &frames);
     assert!(out.punt.is_empty(), "no frame of the pair is punted");
     assert_eq!(p.counters().drops.get(DropReason::FlowDrop), 20);
     assert_eq!(out.tx.iter().map(|(_, l)| l.len()).sum::<usize>(), 1);
@@ -276,15 +267,7 @@ fn an_address_drop_covers_every_port_and_an_exact_flow_wins() {
         },
         64,
     );
-    let (mut mem, descs) = load(&[other]);
-    let mut out = BatchOut::new(3);
-    p.process(
-        VM1,
-        &mut SliceMem::new(&mut mem, CHUNK).unwrap(),
-        &descs,
-        1,
-        &mut out,
-    );
+    let (_, _, out) = run(&mut p, VM1, &[other]);
     assert_eq!(out.punt[0].reason, PuntReason::Miss);
 }
 
@@ -294,15 +277,7 @@ fn misses_and_arp_are_punted_with_their_reason() {
     let frame = synth::udp_frame(&vm1_flow(), 64);
     let mut arp = vec![0u8; 42];
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
-    let (mut mem, descs) = load(&[frame, arp]);
-    let mut out = BatchOut::new(3);
-    p.process(
-        VM1,
-        &mut SliceMem::new(&mut mem, CHUNK).unwrap(),
-        &descs,
-        1,
-        &mut out,
-    );
+    let (_, descs, out) = run(&mut p, VM1, &[frame, arp]);
     let reasons: Vec<_> = out.punt.iter().map(|i| (i.desc, i.reason)).collect();
     assert_eq!(
         reasons,
@@ -324,15 +299,7 @@ fn ttl_is_decremented_with_a_valid_checksum_and_expiry_is_punted() {
     p.table_mut().insert(key, &action, 0).unwrap();
     let mut last = frame.clone();
     last[synth::at::IP_TTL] = 1;
-    let (mut mem, descs) = load(&[frame, last]);
-    let mut out = BatchOut::new(3);
-    p.process(
-        VM1,
-        &mut SliceMem::new(&mut mem, CHUNK).unwrap(),
-        &descs,
-        1,
-        &mut out,
-    );
+    let (mem, descs, out) = run(&mut p, VM1, &[frame, last]);
     let d = out.tx.iter().next().unwrap().1[0];
     let got = bytes(&mem, d);
     assert_eq!(got[synth::at::IP_TTL], 63);
@@ -358,15 +325,7 @@ fn oversize_frames_are_punted_unmodified() {
         ..encap_action()
     };
     p.table_mut().insert(key, &action, 0).unwrap();
-    let (mut mem, descs) = load(std::slice::from_ref(&frame));
-    let mut out = BatchOut::new(3);
-    p.process(
-        VM1,
-        &mut SliceMem::new(&mut mem, CHUNK).unwrap(),
-        &descs,
-        1,
-        &mut out,
-    );
+    let (mem, descs, out) = run(&mut p, VM1, std::slice::from_ref(&frame));
     assert_eq!(out.punt[0].reason, PuntReason::TooBig);
     assert_eq!(bytes(&mem, descs[0]), &frame[..]);
 }
@@ -488,15 +447,7 @@ fn tracked_flows_punt_state_changes_and_expiring_ttls_before_any_nat() {
     };
     p.table_mut().insert(key, &action, 0).unwrap();
     let run = |p: &mut Pipeline, frames: &[Vec<u8>]| {
-        let (mut mem, descs) = load(frames);
-        let mut out = BatchOut::new(3);
-        p.process(
-            VM1,
-            &mut SliceMem::new(&mut mem, CHUNK).unwrap(),
-            &descs,
-            1,
-            &mut out,
-        );
+        let (mem, _, out) = run(p, VM1, frames);
         let sent: Vec<Vec<u8>> = out
             .tx
             .iter()
@@ -557,15 +508,7 @@ fn tracked_rewrites_stay_inside_the_ip_packet() {
     let mut short = ack.clone();
     short[16..18].copy_from_slice(&24u16.to_be_bytes());
     let run = |p: &mut Pipeline| {
-        let (mut mem, descs) = load(std::slice::from_ref(&short));
-        let mut out = BatchOut::new(3);
-        p.process(
-            VM1,
-            &mut SliceMem::new(&mut mem, CHUNK).unwrap(),
-            &descs,
-            1,
-            &mut out,
-        );
+        let (mem, descs, out) = run(p, VM1, std::slice::from_ref(&short));
         let tx = out.tx.iter().map(|(_, l)| l.len()).sum::<usize>();
         let punts: Vec<PuntReason> = out.punt.iter().map(|i| i.reason).collect();
         (tx, punts, bytes(&mem, descs[0]).to_vec())
