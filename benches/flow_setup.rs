@@ -30,15 +30,20 @@ use std::time::{Duration, Instant};
 use coprocessor::acl::{Direction, Peer, Policy, Rule, SecurityGroup};
 use coprocessor::conntrack::{Limits, Timeouts};
 use coprocessor::topology::{External, LocalVm, Network, RemoteVm, Subnet, Topology, Uplink};
-use coprocessor::{Coprocessor, Outcome, PuntKind, Punted, Shared};
+use coprocessor::{Coprocessor, PuntKind, Punted, Shared};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use crossbeam_queue::ArrayQueue;
-use fastpath::dataplane::{CtCheck, Dataplane, Install, Invalidation, Links, LoopConfig, Request};
+use fastpath::dataplane::{Dataplane, Install, Links, LoopConfig, Request};
 use fastpath::synth::{self, UdpFlow};
 use fastpath::umem::FramePool;
 use fastpath::wake::Wake;
 use fastpath::{Classifier, Kind, Pipeline, PipelineConfig};
 use flowtable::{FlowHasher, FlowKey, FlowTable, PortId, Vni};
+
+// The daemon's own hand-off to the fast path (the binary has no library
+// target to import it from).
+#[path = "../src/install.rs"]
+mod install;
 
 const FLOWS: usize = 4096;
 const EXT: PortId = PortId(2);
@@ -173,31 +178,6 @@ fn fresh(topo: &Topology, policy: &Policy) -> Coprocessor {
     Coprocessor::with_shared(Arc::new(Mutex::new(sh)))
 }
 
-/// The daemon's translation of an outcome into what the fast path applies
-/// (`src/install.rs` `install_of`; the binary has no library target to
-/// import it from).
-fn install_of(out: Outcome, reinject: Option<fastpath::PuntMsg>) -> Install {
-    Install {
-        flows: out.flows,
-        tx: out.tx,
-        reinject,
-        remove: out.remove,
-        invalidation: out.invalidate.map(|inv| Invalidation {
-            version: out.version,
-            hits: Box::new(move |k, a| inv.hits(k, a)),
-        }),
-        version: out.version,
-        checks: out
-            .checks
-            .iter()
-            .map(|c| CtCheck {
-                id: c.id,
-                keys: c.keys,
-            })
-            .collect(),
-    }
-}
-
 /// The coprocessor (the bench's own thread) and the fast-path thread each
 /// on a core of their own, as a deployment places them: left to the
 /// scheduler, they shared a core in some samples and not in others
@@ -278,15 +258,10 @@ impl FastPath {
         }
     }
 
-    /// As the daemon's `send_install`: queue, waiting if the queue is full,
-    /// and wake the thread.
-    fn send(&self, mut ins: Install) {
-        while let Err(back) = self.installs.push(ins) {
-            ins = back;
-            self.wake.notify();
-            thread::yield_now();
-        }
-        self.wake.notify();
+    /// As the daemon sends it: queued (waiting while the queue is full),
+    /// the thread woken.
+    fn send(&self, ins: Install) {
+        install::send_install(&self.installs, ins, &self.wake, &self.stop);
     }
 
     /// Flows the thread has installed so far.
@@ -345,7 +320,7 @@ fn run(
             });
             assert!(out.drop.is_none() && out.reinject, "{:?}", out.drop);
             assert_eq!(out.flows.len(), expect);
-            fp.send(install_of(out, None));
+            fp.send(install::install_of(out, None));
         }
         // Until the fast path has applied the last install.
         while fp.installed() < want {
