@@ -21,6 +21,7 @@ use fastpath::dataplane::{FlowDump, Install, Request, Snapshot};
 use fastpath::wake::Wake;
 use fastpath::PuntReason;
 use flowtable::{Ingress, Output, PortId};
+use live_migrate::protocol;
 use serde_json::{json, Value};
 use tracing::{info, warn};
 
@@ -162,7 +163,7 @@ impl Server {
                 json!({"error": format!("request larger than {} MiB", MAX_REQUEST >> 20)})
             }
             Ok(_) if line.contains("\"handover\"") && is_cmd(&line, "handover") => {
-                self.handover(&s, stop);
+                self.handover(&line, &s, stop);
                 return Ok(());
             }
             Ok(_) => self.answer(&line, stop),
@@ -175,8 +176,13 @@ impl Server {
 
     /// Hand the switch over to the binary on `s` (see `handover`); on
     /// any failure, resume as if nothing happened.
-    fn handover(&mut self, s: &UnixStream, stop: &AtomicBool) {
-        if let Some(why) = &self.links.handover_refused {
+    fn handover(&mut self, line: &str, s: &UnixStream, stop: &AtomicBool) {
+        let refusal = match protocol::decode::<protocol::HandoverRequest>(line.as_bytes()) {
+            Err(e) => Some(e.to_string()),
+            Ok(_) => self.links.handover_refused.clone(),
+        };
+        if let Some(why) = refusal {
+            warn!("handover refused: {why}");
             let mut w = s;
             let _ = w.write_all(json!({"error": why}).to_string().as_bytes());
             return;
@@ -291,6 +297,21 @@ impl Server {
         drop(guard);
     }
 
+    /// The new binary's first question: this switch's configuration and
+    /// clock (refused if this switch cannot be handed over, or the asker
+    /// speaks a protocol this binary does not).
+    fn handover_prepare(&self, line: &str) -> Result<Value> {
+        protocol::decode::<protocol::PrepareRequest>(line.as_bytes())?;
+        if let Some(why) = &self.links.handover_refused {
+            anyhow::bail!("{why}");
+        }
+        Ok(serde_json::to_value(protocol::PrepareAnswer {
+            protocol: protocol::PROTOCOL,
+            config: self.links.config_text.clone(),
+            epoch_mono_ns: self.links.epoch_mono_ns,
+        })?)
+    }
+
     fn answer(&mut self, line: &str, stop: &AtomicBool) -> Value {
         // A change is read into its types directly (it may hold 100 000
         // endpoints); everything else through a JSON value.
@@ -332,11 +353,7 @@ impl Server {
                 Some("security-group-set") => self.set_group(&v, stop),
                 Some("trace") => self.trace(&v),
                 Some("port-add") => self.port_add(&v),
-                Some("handover-prepare") => Ok(match &self.links.handover_refused {
-                    Some(why) => json!({"error": why}),
-                    None => json!({"config": self.links.config_text,
-                                   "epoch_mono_ns": self.links.epoch_mono_ns}),
-                }),
+                Some("handover-prepare") => self.handover_prepare(line),
                 Some("port-remove") => self.port_remove(&v),
                 Some("top-talkers") => self.top_talkers(&v),
                 Some("topology") => Ok(self.topology_json()),

@@ -35,10 +35,9 @@
 //! gone. Nothing the NIC delivers meanwhile is lost: it waits on the RX
 //! ring.
 //!
-//! Wire: 8 bytes (header length, u64 LE) carrying the descriptors (the
-//! snapshot is a sealed memfd among them, see `live_migrate::memfd`), the
-//! JSON header; `ready` back; 8 bytes (length), the JSON
-//! pause header, the free list (u64 LE each); `confirm` back.
+//! The messages, their versions and framing are `live_migrate::protocol`'s
+//! (typed, each checked as it is read); this module holds the two sides'
+//! steps and what each message is built from and turned into.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -49,8 +48,12 @@ use std::time::{Duration, Instant};
 use crate::deadline::Deadline;
 use anyhow::{bail, Context, Result};
 use fastpath::dataplane::{monotonic_ns, Dump, HandedIo, Paused, PortCounters};
+use fastpath::pipeline::NamedCounters;
+use live_migrate::protocol::PipelineCounters;
+use live_migrate::protocol::{self, Offer, PauseHeader, PoolEntry, PortEntry, VhostPort};
 use live_migrate::{fdpass, FlowRecord, SwitchState};
-use serde_json::{json, Value};
+use serde_json::json;
+use std::collections::BTreeMap;
 
 /// How long the old binary waits for the new one's confirmation.
 pub const CONFIRM_TIMEOUT: Duration = Duration::from_secs(10);
@@ -86,21 +89,28 @@ pub fn give(
     let written = file
         .write(state, records)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let section = written.flows;
     let mut fds = vec![written.fd.as_raw_fd()];
     let mut ports = Vec::new();
     for (name, io) in &dump.ports {
+        let name = name.clone();
         ports.push(match io {
             Some(HandedIo::Tap(fd)) => {
                 fds.push(*fd);
-                json!({"name": name, "kind": "tap", "fd": fds.len() - 1})
+                PortEntry::Tap {
+                    name,
+                    fd: fds.len() - 1,
+                }
             }
             Some(HandedIo::Xsk { fd, ring_size }) => {
                 fds.push(*fd);
-                json!({"name": name, "kind": "af_xdp", "fd": fds.len() - 1, "ring_size": ring_size})
+                PortEntry::AfXdp {
+                    name,
+                    fd: fds.len() - 1,
+                    ring_size: *ring_size,
+                }
             }
-            Some(HandedIo::VhostUser) => json!({"name": name, "kind": "vhost_user"}),
-            None => json!({"name": name, "kind": "closed"}),
+            Some(HandedIo::VhostUser) => PortEntry::VhostUser { name },
+            None => PortEntry::Closed { name },
         });
     }
     let listener_fd = fds.len();
@@ -114,36 +124,38 @@ pub fn give(
             fds.len() - 1
         })
         .collect();
-    let header = json!({
-        "ports": ports,
-        "listener_fd": listener_fd,
-        "pool": {"fd": listener_fd + 1, "len": pool.len, "huge": pool.huge,
-                 "chunk_size": pool.chunk_size},
-        "xdp_links": links,
-        "snapshot_fd": 0,
-        "hash_seed": dump.hash_seed,
-        "snapshot": written.snapshot_len,
-        "flows": {"offset": section.offset, "count": section.count, "crc": section.crc},
-        "held_mono_ns": held_mono_ns,
-        // This side answers a confirm with "ack" (a binary that does not
-        // say so does not: the new side then does not wait for one).
-        "confirm_ack": true,
-        "started_mono_ns": started,
-        "packed_mono_ns": monotonic_ns(),
-    })
-    .to_string();
+    let header = protocol::encode(&Offer {
+        protocol: protocol::PROTOCOL,
+        ports,
+        listener_fd,
+        pool: PoolEntry {
+            fd: listener_fd + 1,
+            len: pool.len,
+            huge: pool.huge,
+            chunk_size: pool.chunk_size,
+        },
+        xdp_links: links,
+        snapshot_fd: 0,
+        snapshot: written.snapshot_len,
+        flows: written.flows,
+        hash_seed: dump.hash_seed,
+        held_mono_ns: Some(held_mono_ns),
+        started_mono_ns: started,
+        packed_mono_ns: monotonic_ns(),
+        confirm_ack: true,
+    });
     fdpass::send_many(s, &(header.len() as u64).to_le_bytes(), &fds)?;
     let mut w = s;
-    w.write_all(header.as_bytes())?;
+    w.write_all(&header)?;
     // More flows take longer to put back: 2 µs each on top (measured:
     // well under 1 µs). The whole answer by then, however it trickles in
     // (the coprocessors are held meanwhile), and one short line at most.
     let flows_allowance = Duration::from_micros(2 * dump.flows.len() as u64);
     let mut r = BufReader::new(Deadline::new(s, READY_TIMEOUT + flows_allowance).take(0));
     let mut line = String::new();
-    r.get_mut().set_limit(MAX_LINE);
+    r.get_mut().set_limit(protocol::MAX_LINE);
     r.read_line(&mut line)?;
-    if line.trim() != "ready" {
+    if !is_line(&line, protocol::READY) {
         bail!(
             "the new binary did not restore the pre-copy: {:?}",
             line.trim()
@@ -155,15 +167,15 @@ pub fn give(
         vhost_fds,
     } = pause()?;
     let free: Vec<u8> = paused.free.iter().flat_map(|a| a.to_le_bytes()).collect();
-    let header = json!({
-        "paused_mono_ns": paused.last_poll_mono_ns,
-        "free": paused.free.len(),
-        "counters": paused.counters,
-        "pipeline": paused.pipeline,
-        "vhost": vhost,
-        "packed_mono_ns": monotonic_ns(),
-    })
-    .to_string();
+    let header = protocol::encode(&PauseHeader {
+        protocol: protocol::PROTOCOL,
+        paused_mono_ns: paused.last_poll_mono_ns,
+        packed_mono_ns: monotonic_ns(),
+        free: paused.free.len() as u64,
+        counters: paused.counters.iter().map(counters_to_wire).collect(),
+        pipeline: pipeline_to_wire(paused.pipeline),
+        vhost,
+    });
     let len = (header.len() as u64).to_le_bytes();
     let mut msg = Vec::with_capacity(8 + header.len() + free.len());
     if vhost_fds.is_empty() {
@@ -172,34 +184,34 @@ pub fn give(
         // The vhost-user connections' descriptors come with the length.
         fdpass::send_many(s, &len, &vhost_fds)?;
     }
-    msg.extend_from_slice(header.as_bytes());
+    msg.extend_from_slice(&header);
     msg.extend_from_slice(&free);
     w.write_all(&msg)?;
     line.clear();
     r.get_mut().get_mut().at = Instant::now() + CONFIRM_TIMEOUT;
-    r.get_mut().set_limit(MAX_LINE);
+    r.get_mut().set_limit(protocol::MAX_LINE);
     r.read_line(&mut line)?;
-    if line.trim() != "confirm" {
+    if !is_line(&line, protocol::CONFIRM) {
         return Ok(false);
     }
     // Acknowledged: the new binary polls only once it has this, so a
     // confirm that came too late (this side resumed and never answers)
     // cannot leave both polling the same rings. If it cannot be told, it
     // never polls: resume.
-    Ok(w.write_all(ACK).is_ok())
+    Ok(w.write_all(protocol::ACK).is_ok())
 }
 
-/// The old side's answer to a confirm that arrived in time.
-const ACK: &[u8] = b"ack\n";
-/// The longest line either side reads from the other in the handover.
-const MAX_LINE: u64 = 64;
+/// `line` (as read, with or without its newline) is `expected`.
+fn is_line(line: &str, expected: &[u8]) -> bool {
+    line.as_bytes().trim_ascii_end() == expected.trim_ascii_end()
+}
 
 /// What the old binary's pause gives out besides the fast path's part:
 /// the vhost-user ports' protocol state (data, and the descriptors it
 /// names by index, which stay open until the handover ends).
 pub struct PauseOut {
     pub paused: Paused,
-    pub vhost: Vec<Value>,
+    pub vhost: Vec<VhostPort>,
     pub vhost_fds: Vec<std::os::fd::RawFd>,
 }
 
@@ -210,22 +222,22 @@ pub fn prepare(socket: &Path) -> Result<(String, u64)> {
     let conn = UnixStream::connect(socket)
         .with_context(|| format!("connecting to the running switch at {}", socket.display()))?;
     conn.set_read_timeout(Some(Duration::from_secs(10)))?;
-    (&conn).write_all(b"{\"cmd\": \"handover-prepare\"}\n")?;
+    let mut req = protocol::encode(&protocol::PrepareRequest::default());
+    req.push(b'\n');
+    (&conn).write_all(&req)?;
     let mut line = String::new();
-    BufReader::new(&conn).read_line(&mut line)?;
-    let v: Value = serde_json::from_str(&line).context("the running switch's answer")?;
-    if let Some(e) = v.get("error").and_then(Value::as_str) {
-        bail!("the running switch refused: {e}");
+    BufReader::new((&conn).take(protocol::MAX_HEADER)).read_line(&mut line)?;
+    refused(line.as_bytes())?;
+    let a: protocol::PrepareAnswer = protocol::decode(line.as_bytes())?;
+    Ok((a.config, a.epoch_mono_ns))
+}
+
+/// An error answer from the running switch, as an error.
+fn refused(answer: &[u8]) -> Result<()> {
+    match serde_json::from_slice::<protocol::ErrorAnswer>(answer) {
+        Ok(e) => bail!("the running switch refused: {}", e.error),
+        Err(_) => Ok(()),
     }
-    Ok((
-        v["config"]
-            .as_str()
-            .context("no config in the answer")?
-            .to_string(),
-        v["epoch_mono_ns"]
-            .as_u64()
-            .context("no clock in the answer")?,
-    ))
 }
 
 /// A port as received, by id.
@@ -284,7 +296,7 @@ pub struct Pause {
     /// The frames user space owns.
     pub free: Vec<u64>,
     pub counters: Vec<PortCounters>,
-    pub pipeline: fastpath::pipeline::NamedCounters,
+    pub pipeline: NamedCounters,
     /// The vhost-user ports' connections.
     pub vhost: Vec<crate::vhost::Given>,
     /// CLOCK_MONOTONIC of the old binary's last poll, of the end of its
@@ -294,15 +306,13 @@ pub struct Pause {
     pub received_mono_ns: u64,
 }
 
-/// Read the JSON header whose length (8 bytes, LE) is `len`.
-fn read_header(conn: &UnixStream, len: [u8; 8]) -> Result<Value> {
-    let hlen = usize::try_from(u64::from_le_bytes(len)).unwrap_or(usize::MAX);
-    if hlen > 1 << 20 {
-        bail!("handover header of {hlen} bytes: not a vswitch");
-    }
-    let mut header = vec![0u8; hlen];
-    (&*conn).read_exact(&mut header)?;
-    serde_json::from_slice(&header).context("handover header")
+/// Read a framed message whose length (8 bytes, LE) is `len`.
+fn read_message<M: protocol::Message>(conn: &UnixStream, len: [u8; 8]) -> Result<M> {
+    let mut header = vec![0u8; protocol::frame_len::<M>(len)?];
+    (&*conn)
+        .read_exact(&mut header)
+        .with_context(|| format!("reading the {}", M::NAME))?;
+    Ok(protocol::decode(&header)?)
 }
 
 /// The new side: ask the switch on `socket` to hand over, and take the
@@ -311,7 +321,9 @@ pub fn take(socket: &Path) -> Result<Taken> {
     let conn = UnixStream::connect(socket)
         .with_context(|| format!("connecting to the running switch at {}", socket.display()))?;
     conn.set_read_timeout(Some(Duration::from_secs(30)))?;
-    (&conn).write_all(b"{\"cmd\": \"handover\"}\n")?;
+    let mut req = protocol::encode(&protocol::HandoverRequest::default());
+    req.push(b'\n');
+    (&conn).write_all(&req)?;
     let mut len = [0u8; 8];
     let (n, fds) = fdpass::recv_many(&conn, &mut len)?;
     if n == 0 {
@@ -319,79 +331,61 @@ pub fn take(socket: &Path) -> Result<Taken> {
     }
     if fds.is_empty() {
         // An error answer (JSON) rather than a handover.
-        let mut rest = Vec::new();
-        let _ = (&conn).read_to_end(&mut rest);
-        let text =
-            String::from_utf8_lossy(&len[..n]).into_owned() + &String::from_utf8_lossy(&rest);
-        let v: Value = serde_json::from_str(&text).unwrap_or(json!({"error": text}));
+        let mut rest = len[..n].to_vec();
+        let _ = (&conn).take(protocol::MAX_HEADER).read_to_end(&mut rest);
+        refused(rest.trim_ascii_end())?;
         bail!(
-            "the running switch refused: {}",
-            v["error"].as_str().unwrap_or("?")
+            "the running switch answered neither a handover nor an error: {:?}",
+            String::from_utf8_lossy(&rest)
         );
     }
-    let h = read_header(&conn, len)?;
+    let h: Offer = read_message(&conn, len)?;
     let received_mono_ns = monotonic_ns();
+    h.check_descriptors(fds.len())?;
     let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
-    let mut take_fd = |i: u64| -> Result<OwnedFd> {
-        fds.get_mut(usize::try_from(i).unwrap_or(usize::MAX))
+    // Each index was checked above: present, and named once.
+    let mut take_fd = |i: usize| -> Result<OwnedFd> {
+        fds.get_mut(i)
             .and_then(Option::take)
-            .context("a descriptor the header names is missing")
+            .context("a descriptor the offer names is missing")
     };
-    let snap_len = h["snapshot"]
-        .as_u64()
-        .and_then(|l| usize::try_from(l).ok())
-        .context("handover header: snapshot")?;
-    let snap = take_fd(h["snapshot_fd"].as_u64().context("snapshot fd")?)?;
-    let state = live_migrate::memfd::decode_fd(snap.as_fd(), snap_len)
+    let snap = take_fd(h.snapshot_fd)?;
+    let state = live_migrate::memfd::decode_fd(snap.as_fd(), h.snapshot)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    let fh = &h["flows"];
-    let num = |k: &str| -> Result<usize> {
-        fh[k]
-            .as_u64()
-            .and_then(|v| usize::try_from(v).ok())
-            .with_context(|| format!("handover header: flows.{k}"))
-    };
-    let section = live_migrate::memfd::FlowSection {
-        offset: num("offset")?,
-        count: num("count")?,
-        crc: u32::try_from(num("crc")?).context("handover header: flows.crc")?,
-    };
-    let flows = live_migrate::memfd::MappedFlows::map(snap.as_fd(), section)
+    let flows = live_migrate::memfd::MappedFlows::map(snap.as_fd(), h.flows)
         .map_err(|e| anyhow::anyhow!("the flow section: {e}"))?;
     let mut ports = Vec::new();
-    for p in h["ports"].as_array().context("handover header: ports")? {
-        let name = p["name"].as_str().context("port name")?.to_string();
-        let mut fd = || take_fd(p["fd"].as_u64().context("port fd")?);
-        let port = match p["kind"].as_str() {
-            Some("tap") => TakenPort::Tap(fd()?),
-            Some("af_xdp") => TakenPort::Xsk {
-                fd: fd()?,
-                ring_size: p["ring_size"]
-                    .as_u64()
-                    .and_then(|r| u32::try_from(r).ok())
-                    .context("port ring_size")?,
-            },
-            Some("vhost_user") => TakenPort::VhostUser,
-            Some("closed") => TakenPort::Closed,
-            other => bail!("handover header: port {name}: unknown kind {other:?}"),
+    for p in h.ports {
+        let (name, port) = match p {
+            PortEntry::Tap { name, fd } => (name, TakenPort::Tap(take_fd(fd)?)),
+            PortEntry::AfXdp {
+                name,
+                fd,
+                ring_size,
+            } => (
+                name,
+                TakenPort::Xsk {
+                    fd: take_fd(fd)?,
+                    ring_size,
+                },
+            ),
+            PortEntry::VhostUser { name } => (name, TakenPort::VhostUser),
+            PortEntry::Closed { name } => (name, TakenPort::Closed),
         };
         ports.push((name, port));
     }
-    let listener = UnixListener::from(take_fd(h["listener_fd"].as_u64().context("listener fd")?)?);
-    let ph = &h["pool"];
+    let listener = UnixListener::from(take_fd(h.listener_fd)?);
     let pool = TakenPool {
-        fd: take_fd(ph["fd"].as_u64().context("pool fd")?)?,
-        len: usize::try_from(ph["len"].as_u64().context("pool len")?)?,
-        huge: ph["huge"].as_bool().unwrap_or(false),
-        chunk_size: u32::try_from(ph["chunk_size"].as_u64().context("pool chunk_size")?)?,
+        fd: take_fd(h.pool.fd)?,
+        len: h.pool.len,
+        huge: h.pool.huge,
+        chunk_size: h.pool.chunk_size,
     };
-    let mut xdp_links = Vec::new();
-    for l in h["xdp_links"]
-        .as_array()
-        .context("handover header: xdp_links")?
-    {
-        xdp_links.push(take_fd(l.as_u64().context("xdp link fd")?)?);
-    }
+    let xdp_links = h
+        .xdp_links
+        .iter()
+        .map(|&l| take_fd(l))
+        .collect::<Result<Vec<_>>>()?;
     Ok(Taken {
         state,
         flows,
@@ -399,18 +393,13 @@ pub fn take(socket: &Path) -> Result<Taken> {
         listener,
         pool,
         xdp_links,
-        held_mono_ns: h["held_mono_ns"]
-            .as_u64()
-            .or(h["started_mono_ns"].as_u64())
-            .unwrap_or(0),
-        started_mono_ns: h["started_mono_ns"].as_u64().unwrap_or(0),
-        packed_mono_ns: h["packed_mono_ns"].as_u64().unwrap_or(0),
+        held_mono_ns: h.held_mono_ns.unwrap_or(h.started_mono_ns),
+        started_mono_ns: h.started_mono_ns,
+        packed_mono_ns: h.packed_mono_ns,
         received_mono_ns,
-        snapshot_bytes: snap_len + section.count * live_migrate::FLOW_BYTES,
-        hash_seed: h["hash_seed"]
-            .as_u64()
-            .context("handover header: hash_seed")?,
-        confirm_ack: h["confirm_ack"].as_bool().unwrap_or(false),
+        snapshot_bytes: h.snapshot + h.flows.count * live_migrate::FLOW_BYTES,
+        hash_seed: h.hash_seed,
+        confirm_ack: h.confirm_ack,
         conn,
     })
 }
@@ -419,42 +408,44 @@ pub fn take(socket: &Path) -> Result<Taken> {
 /// binary pauses and sends the rest.
 pub fn ready(conn: &UnixStream) -> Result<Pause> {
     (&*conn)
-        .write_all(b"ready\n")
+        .write_all(protocol::READY)
         .context("telling the running switch the pre-copy is in")?;
     let mut len = [0u8; 8];
     let (n, fds) = fdpass::recv_many(conn, &mut len).context("the running switch did not pause")?;
     if n < len.len() {
         bail!("the running switch did not pause (it closed the connection)");
     }
-    let h = read_header(conn, len)?;
-    let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
-    let mut vhost = Vec::new();
-    for v in h["vhost"].as_array().map(Vec::as_slice).unwrap_or_default() {
-        vhost.push(crate::vhost::from_wire(v, |i| {
-            fds.get_mut(usize::try_from(i).unwrap_or(usize::MAX))
-                .and_then(Option::take)
-                .context("a descriptor the pause header names is missing")
-        })?);
-    }
-    let n = h["free"].as_u64().context("pause header: free")?;
-    if n > 1 << 24 {
-        bail!("pause header: {n} free frames: not a vswitch");
-    }
-    let mut free = vec![0u8; 8 * usize::try_from(n)?];
+    let h: PauseHeader = read_message(conn, len)?;
+    let mut free = vec![0u8; h.free_bytes()?];
     (&*conn).read_exact(&mut free)?;
     let received_mono_ns = monotonic_ns();
+    let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+    let mut vhost = Vec::new();
+    for v in h.vhost {
+        vhost.push(crate::vhost::from_wire(v, |i| {
+            fds.get_mut(i)
+                .and_then(Option::take)
+                .context("a descriptor the pause names is missing")
+        })?);
+    }
     Ok(Pause {
         free: free
             .chunks_exact(8)
-            .map(|c| u64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+            .map(|c| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(c);
+                u64::from_le_bytes(b)
+            })
             .collect(),
-        counters: serde_json::from_value(h["counters"].clone())
-            .context("pause header: counters")?,
-        pipeline: serde_json::from_value(h["pipeline"].clone())
-            .context("pause header: pipeline")?,
+        counters: h
+            .counters
+            .iter()
+            .map(counters_from_wire)
+            .collect::<Result<_>>()?,
+        pipeline: pipeline_from_wire(h.pipeline),
         vhost,
-        paused_mono_ns: h["paused_mono_ns"].as_u64().unwrap_or(0),
-        packed_mono_ns: h["packed_mono_ns"].as_u64().unwrap_or(0),
+        paused_mono_ns: h.paused_mono_ns,
+        packed_mono_ns: h.packed_mono_ns,
         received_mono_ns,
     })
 }
@@ -463,7 +454,7 @@ pub fn ready(conn: &UnixStream) -> Result<Pause> {
 /// one owns the ports, the rings and the frames.
 pub fn confirm(conn: &UnixStream, acknowledged: bool) -> Result<()> {
     (&*conn)
-        .write_all(b"confirm\n")
+        .write_all(protocol::CONFIRM)
         .context("confirming the handover")?;
     if !acknowledged {
         // A binary from before the acknowledgement: it exits on the confirm.
@@ -472,15 +463,59 @@ pub fn confirm(conn: &UnixStream, acknowledged: bool) -> Result<()> {
     // Poll only once the old side says it will not: a confirm it took too
     // late is refused by its silence (it resumed).
     let mut line = String::new();
-    BufReader::new(Deadline::new(conn, ACK_TIMEOUT).take(MAX_LINE))
+    BufReader::new(Deadline::new(conn, ACK_TIMEOUT).take(protocol::MAX_LINE))
         .read_line(&mut line)
         .context("waiting for the running switch to acknowledge the confirm")?;
     anyhow::ensure!(
-        line.as_bytes() == ACK,
+        is_line(&line, protocol::ACK),
         "the running switch did not acknowledge the confirm ({:?}): it resumed",
         line.trim()
     );
     Ok(())
+}
+
+/// A port's counters by name (the names are the fields').
+fn counters_to_wire(c: &PortCounters) -> BTreeMap<String, u64> {
+    match serde_json::to_value(c) {
+        Ok(serde_json::Value::Object(m)) => m
+            .into_iter()
+            .filter_map(|(k, v)| Some((k, v.as_u64()?)))
+            .collect(),
+        _ => BTreeMap::new(),
+    }
+}
+
+/// A port's counters from their names; a counter this binary does not
+/// know is dropped, one it knows and the message lacks is refused unless
+/// it was added later (those default to 0).
+fn counters_from_wire(m: &BTreeMap<String, u64>) -> Result<PortCounters> {
+    serde_json::from_value(serde_json::to_value(m)?).context("handover pause: port counters")
+}
+
+fn pipeline_to_wire(p: NamedCounters) -> PipelineCounters {
+    PipelineCounters {
+        rx_packets: p.rx_packets,
+        rx_bytes: p.rx_bytes,
+        hits: p.hits,
+        misses: p.misses,
+        tx_packets: p.tx_packets,
+        punts: p.punts,
+        drops: p.drops,
+        port_drops: p.port_drops,
+    }
+}
+
+fn pipeline_from_wire(p: PipelineCounters) -> NamedCounters {
+    NamedCounters {
+        rx_packets: p.rx_packets,
+        rx_bytes: p.rx_bytes,
+        hits: p.hits,
+        misses: p.misses,
+        tx_packets: p.tx_packets,
+        punts: p.punts,
+        drops: p.drops,
+        port_drops: p.port_drops,
+    }
 }
 
 /// How long the new side waits for the acknowledgement of its confirm.

@@ -12,6 +12,7 @@ use fastpath::vhost::endpoint::{Endpoint, Handed, Mode};
 use fastpath::vhost::port::{Shared, VhostPort};
 use fastpath::vhost::record::{Record, WireMessage};
 use fastpath::wake::Wake;
+use live_migrate::protocol as wire;
 use serde_json::{json, Value};
 
 use crate::config::VhostMode;
@@ -111,24 +112,37 @@ pub fn adopt(g: Given) -> Result<(Link, PortIo)> {
 
 /// `handed` (of `spec`'s port) as data; its descriptors are appended to
 /// `fds`, which name them by index.
-pub fn to_wire(spec: &Spec, handed: &Handed, fds: &mut Vec<RawFd>) -> Value {
+pub fn to_wire(spec: &Spec, handed: &Handed, fds: &mut Vec<RawFd>) -> wire::VhostPort {
     fn fd(fds: &mut Vec<RawFd>, f: &OwnedFd) -> usize {
         fds.push(f.as_raw_fd());
         fds.len() - 1
     }
     let listener = handed.listener.as_ref().map(|l| fd(fds, l));
     let conn = handed.conn.as_ref().map(|(s, record)| {
-        let s = fd(fds, s);
-        json!({"fd": s, "record": record.to_wire(fds)})
+        let fd = fd(fds, s);
+        let record = record
+            .to_wire(fds)
+            .into_iter()
+            .map(|m| wire::VhostMessage {
+                request: m.request,
+                flags: m.flags,
+                payload: m.payload,
+                fds: m.fds,
+            })
+            .collect();
+        wire::VhostConn { fd, record }
     });
-    json!({
-        "name": spec.name,
-        "socket": spec.socket,
-        "mode": mode_name(spec.mode),
-        "mac": spec.mac,
-        "listener": listener,
-        "conn": conn,
-    })
+    wire::VhostPort {
+        name: spec.name.clone(),
+        socket: spec.socket.clone(),
+        mode: match spec.mode {
+            VhostMode::Server => wire::VhostMode::Server,
+            VhostMode::Client => wire::VhostMode::Client,
+        },
+        mac: spec.mac,
+        listener,
+        conn,
+    }
 }
 
 fn mode_name(m: VhostMode) -> &'static str {
@@ -139,36 +153,41 @@ fn mode_name(m: VhostMode) -> &'static str {
 }
 
 /// A port from its data; `take(i)` gives descriptor `i` (each once).
-pub fn from_wire(v: &Value, mut take: impl FnMut(u64) -> Result<OwnedFd>) -> Result<Given> {
-    let name = v["name"].as_str().context("vhost port: name")?.to_string();
-    let field = |k: &str| format!("vhost port {name}: {k}");
-    let spec = Spec {
-        socket: serde_json::from_value(v["socket"].clone()).with_context(|| field("socket"))?,
-        mode: match v["mode"].as_str() {
-            Some("server") => VhostMode::Server,
-            Some("client") => VhostMode::Client,
-            other => anyhow::bail!("{}: {other:?}", field("mode")),
-        },
-        mac: serde_json::from_value(v["mac"].clone()).with_context(|| field("mac"))?,
-        name: name.clone(),
-    };
-    let listener = match v["listener"].as_u64() {
-        Some(i) => Some(take(i)?),
-        None => None,
-    };
-    let conn = match v.get("conn").filter(|c| !c.is_null()) {
+pub fn from_wire(
+    v: wire::VhostPort,
+    mut take: impl FnMut(usize) -> Result<OwnedFd>,
+) -> Result<Given> {
+    let field = |k: &str| format!("vhost port {}: {k}", v.name);
+    let listener = v.listener.map(&mut take).transpose()?;
+    let conn = match v.conn {
         Some(c) => {
-            let s = take(c["fd"].as_u64().with_context(|| field("conn.fd"))?)?;
-            let wire: Vec<WireMessage> = serde_json::from_value(c["record"].clone())
-                .with_context(|| field("conn.record"))?;
-            let record = Record::from_wire(wire, |i| take(i as u64).ok())
-                .with_context(|| field("conn.record"))?;
+            let s = take(c.fd)?;
+            let wire = c
+                .record
+                .into_iter()
+                .map(|m| WireMessage {
+                    request: m.request,
+                    flags: m.flags,
+                    payload: m.payload,
+                    fds: m.fds,
+                })
+                .collect();
+            let record =
+                Record::from_wire(wire, |i| take(i).ok()).with_context(|| field("conn.record"))?;
             Some((s, record))
         }
         None => None,
     };
     Ok(Given {
-        spec,
+        spec: Spec {
+            name: v.name,
+            socket: v.socket,
+            mode: match v.mode {
+                wire::VhostMode::Server => VhostMode::Server,
+                wire::VhostMode::Client => VhostMode::Client,
+            },
+            mac: v.mac,
+        },
         handed: Handed { listener, conn },
     })
 }

@@ -374,6 +374,22 @@ fn a_new_binary_that_fails_leaves_the_old_one_forwarding() {
             "the tracked state is intact after one that {what}: {before:?} then {after:?}"
         );
     }
+    // A new binary speaking a protocol this one does not is refused
+    // before anything is held or paused, saying which versions differ.
+    for cmd in ["handover", "handover-prepare"] {
+        let script = format!(
+            "import socket,sys; s=socket.socket(socket.AF_UNIX); s.settimeout(5); s.connect(sys.argv[1]); \
+             s.sendall(b'{{\"cmd\": \"{cmd}\", \"protocol\": 2}}\\n'); print(s.recv(1000).decode())"
+        );
+        let (_, out) = try_sh(&["timeout", "10", "python3", "-c", &script, &sock]);
+        assert!(
+            out.contains("error") && out.contains("protocol 2, this binary speaks [1]"),
+            "{cmd} of protocol 2: {out}"
+        );
+        let (ok, ping) = ping_b(&sw.a);
+        assert!(ok, "after a {cmd} of protocol 2: {ping}");
+    }
+    assert!(before.is_subset(&conns(&lab)));
 }
 
 #[test]

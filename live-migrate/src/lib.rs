@@ -1,7 +1,6 @@
 //! Live handover between two vswitch binaries: the versioned state
-//! snapshot (this module) and, to come, the handover protocol over the
-//! control socket passing tap and listener fds with SCM_RIGHTS
-//! (`shared/DESIGN.md` §7).
+//! snapshot (this module), the typed handover protocol (`protocol`) and
+//! descriptor passing with SCM_RIGHTS (`fdpass`), `shared/DESIGN.md` §7.
 //!
 //! A snapshot is a 24-byte header — magic `VSWSNAP\0`, format version
 //! (u32 LE), body length (u64 LE), CRC-32 of the body (u32 LE) — and a
@@ -14,6 +13,7 @@
 
 pub mod fdpass;
 pub mod memfd;
+pub mod protocol;
 
 use coprocessor::shared::SharedState;
 use flowtable::{Action, FlowKey, FlowStats};

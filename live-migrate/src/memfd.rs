@@ -100,7 +100,7 @@ pub fn encode(state: &SwitchState) -> Result<(OwnedFd, usize), SnapshotError> {
 }
 
 /// Where the flow records are in a snapshot file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FlowSection {
     /// Byte offset (page-aligned).
     pub offset: usize,

@@ -1,0 +1,388 @@
+//! The handover protocol: one type per message, each carrying the
+//! protocol version, read back with every field checked.
+//!
+//! The conversation (`shared/DESIGN.md` §7) over the control socket:
+//!
+//! | new binary sends | old binary answers |
+//! |---|---|
+//! | [`PrepareRequest`] (a JSON line) | [`PrepareAnswer`] or an [`ErrorAnswer`] (a JSON line) |
+//! | [`HandoverRequest`] (a JSON line) | [`Offer`] (framed, with descriptors) or an [`ErrorAnswer`] |
+//! | [`READY`] | [`PauseHeader`] (framed, with the vhost-user descriptors), the free list |
+//! | [`CONFIRM`] | [`ACK`] |
+//!
+//! A framed message is its length (u64 LE, the descriptors ride on
+//! these 8 bytes) followed by that many bytes of JSON. JSON and not
+//! bincode because these headers are small and a human debugging a failed
+//! upgrade at 3 a.m. can read them (`strace -s`); the bulk of the state
+//! goes in the snapshot file, which is bincode.
+//!
+//! Versions: protocol 1 is the conversation as vswitch has spoken it
+//! since the handover existed; binaries before this module sent no
+//! `protocol` field, which therefore reads as 1. A message of a version
+//! this binary does not speak is refused before its body is looked at
+//! (a later version may have another shape), with an error naming both;
+//! a malformed one is refused naming the message and the field. Either
+//! refusal ends the handover on the new side before it polls, so the
+//! old binary resumes.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::memfd::FlowSection;
+
+/// The protocol this binary speaks (and writes).
+pub const PROTOCOL: u32 = 1;
+/// The protocols this binary reads.
+pub const SPEAKS: &[u32] = &[1];
+/// The largest framed header either side accepts.
+pub const MAX_HEADER: u64 = 1 << 20;
+/// The new side: the pre-copy is restored, pause.
+pub const READY: &[u8] = b"ready\n";
+/// The new side: committed; the old one must stop.
+pub const CONFIRM: &[u8] = b"confirm\n";
+/// The old side: it will not poll again.
+pub const ACK: &[u8] = b"ack\n";
+/// The longest line either side reads from the other.
+pub const MAX_LINE: u64 = 64;
+
+fn v1() -> u32 {
+    1
+}
+
+/// Why a message was refused.
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ProtocolError {
+    #[error("{message}: handover protocol {found}, this binary speaks {SPEAKS:?}")]
+    Version { message: &'static str, found: u32 },
+    #[error("{message}: {len} bytes, more than the {MAX_HEADER} a handover header may have")]
+    TooLarge { message: &'static str, len: u64 },
+    #[error("{message}: {why}")]
+    Malformed { message: &'static str, why: String },
+    #[error("{message}: refers to descriptor {index}, which is missing or used twice")]
+    MissingDescriptor { message: &'static str, index: usize },
+}
+
+/// A message of the protocol: its name (for errors) and its version.
+pub trait Message: Serialize + DeserializeOwned {
+    const NAME: &'static str;
+    fn protocol(&self) -> u32;
+}
+
+/// `m` as the bytes of its frame (without the length).
+pub fn encode<M: Message>(m: &M) -> Vec<u8> {
+    // Plain data (strings, numbers, maps with string keys): serde_json
+    // cannot fail on it.
+    serde_json::to_vec(m).unwrap_or_default()
+}
+
+/// The message in `bytes`: its version checked first, then every field.
+pub fn decode<M: Message>(bytes: &[u8]) -> Result<M, ProtocolError> {
+    #[derive(Deserialize)]
+    struct Version {
+        #[serde(default = "v1")]
+        protocol: u32,
+    }
+    let malformed = |e: serde_json::Error| ProtocolError::Malformed {
+        message: M::NAME,
+        why: e.to_string(),
+    };
+    if bytes.len() as u64 > MAX_HEADER {
+        return Err(ProtocolError::TooLarge {
+            message: M::NAME,
+            len: bytes.len() as u64,
+        });
+    }
+    let v: Version = serde_json::from_slice(bytes).map_err(malformed)?;
+    if !SPEAKS.contains(&v.protocol) {
+        return Err(ProtocolError::Version {
+            message: M::NAME,
+            found: v.protocol,
+        });
+    }
+    serde_json::from_slice(bytes).map_err(malformed)
+}
+
+/// Check a frame's length (its first 8 bytes) before reading the frame.
+pub fn frame_len<M: Message>(len: [u8; 8]) -> Result<usize, ProtocolError> {
+    let len = u64::from_le_bytes(len);
+    if len > MAX_HEADER {
+        return Err(ProtocolError::TooLarge {
+            message: M::NAME,
+            len,
+        });
+    }
+    usize::try_from(len).map_err(|_| ProtocolError::TooLarge {
+        message: M::NAME,
+        len,
+    })
+}
+
+macro_rules! message {
+    ($t:ty, $name:literal) => {
+        impl Message for $t {
+            const NAME: &'static str = $name;
+            fn protocol(&self) -> u32 {
+                self.protocol
+            }
+        }
+    };
+}
+
+/// The new side's first request: the running switch's configuration and
+/// clock, so it can start everything before anything pauses.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareRequest {
+    /// Always `handover-prepare` (the control socket's command field).
+    pub cmd: String,
+    #[serde(default = "v1")]
+    pub protocol: u32,
+}
+
+impl Default for PrepareRequest {
+    fn default() -> Self {
+        PrepareRequest {
+            cmd: "handover-prepare".into(),
+            protocol: PROTOCOL,
+        }
+    }
+}
+message!(PrepareRequest, "handover-prepare request");
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PrepareAnswer {
+    #[serde(default = "v1")]
+    pub protocol: u32,
+    /// The configuration the running switch started from (TOML text).
+    pub config: String,
+    /// Its clock's zero (CLOCK_MONOTONIC ns).
+    pub epoch_mono_ns: u64,
+}
+message!(PrepareAnswer, "handover-prepare answer");
+
+/// The new side's second request: hand over.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HandoverRequest {
+    /// Always `handover`.
+    pub cmd: String,
+    #[serde(default = "v1")]
+    pub protocol: u32,
+}
+
+impl Default for HandoverRequest {
+    fn default() -> Self {
+        HandoverRequest {
+            cmd: "handover".into(),
+            protocol: PROTOCOL,
+        }
+    }
+}
+message!(HandoverRequest, "handover request");
+
+/// The old side's refusal of either request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorAnswer {
+    pub error: String,
+}
+
+/// A port in the offer, by id (its index), with the descriptor it
+/// comes with (an index into the message's descriptors).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum PortEntry {
+    Tap {
+        name: String,
+        fd: usize,
+    },
+    AfXdp {
+        name: String,
+        fd: usize,
+        ring_size: u32,
+    },
+    /// vhost-user: its connection comes with the pause.
+    VhostUser {
+        name: String,
+    },
+    /// Removed at run time (its id stays taken).
+    Closed {
+        name: String,
+    },
+}
+
+impl PortEntry {
+    pub fn name(&self) -> &str {
+        match self {
+            PortEntry::Tap { name, .. }
+            | PortEntry::AfXdp { name, .. }
+            | PortEntry::VhostUser { name }
+            | PortEntry::Closed { name } => name,
+        }
+    }
+}
+
+/// The frame pool: a memfd (which frames are free comes with the pause).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PoolEntry {
+    pub fd: usize,
+    pub len: usize,
+    #[serde(default)]
+    pub huge: bool,
+    pub chunk_size: u32,
+}
+
+/// The old side's pre-copy: the snapshot and every descriptor, sent while
+/// it forwards on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Offer {
+    #[serde(default = "v1")]
+    pub protocol: u32,
+    pub ports: Vec<PortEntry>,
+    pub listener_fd: usize,
+    pub pool: PoolEntry,
+    pub xdp_links: Vec<usize>,
+    pub snapshot_fd: usize,
+    /// The snapshot's length in its file.
+    pub snapshot: usize,
+    /// Where the flow records are in the snapshot file.
+    pub flows: FlowSection,
+    /// The flow table's hash seed (flows keep their hashes).
+    pub hash_seed: u64,
+    /// CLOCK_MONOTONIC of the old side's holding its coprocessors (absent
+    /// from binaries before it was sent: its start of the pre-copy then).
+    #[serde(default)]
+    pub held_mono_ns: Option<u64>,
+    #[serde(default)]
+    pub started_mono_ns: u64,
+    #[serde(default)]
+    pub packed_mono_ns: u64,
+    /// The old side answers a confirm with [`ACK`] (binaries before it did
+    /// not: the new side then does not wait for one).
+    #[serde(default)]
+    pub confirm_ack: bool,
+}
+message!(Offer, "handover offer");
+
+impl Offer {
+    /// Every descriptor index the offer names, each once, all below `n`
+    /// (the number that came with it).
+    pub fn check_descriptors(&self, n: usize) -> Result<(), ProtocolError> {
+        let mut seen = vec![false; n];
+        let ports = self.ports.iter().filter_map(|p| match p {
+            PortEntry::Tap { fd, .. } | PortEntry::AfXdp { fd, .. } => Some(*fd),
+            _ => None,
+        });
+        let all = ports
+            .chain([self.listener_fd, self.pool.fd, self.snapshot_fd])
+            .chain(self.xdp_links.iter().copied());
+        for index in all {
+            match seen.get_mut(index) {
+                Some(s) if !*s => *s = true,
+                _ => {
+                    return Err(ProtocolError::MissingDescriptor {
+                        message: Self::NAME,
+                        index,
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A vhost-user port's mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum VhostMode {
+    Server,
+    Client,
+}
+
+/// One request of a vhost-user connection's replay record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhostMessage {
+    pub request: u32,
+    pub flags: u32,
+    pub payload: Vec<u8>,
+    /// Indices into the pause's descriptors.
+    pub fds: Vec<usize>,
+}
+
+/// A vhost-user port's live connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhostConn {
+    pub fd: usize,
+    pub record: Vec<VhostMessage>,
+}
+
+/// A vhost-user port's protocol state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VhostPort {
+    pub name: String,
+    pub socket: PathBuf,
+    pub mode: VhostMode,
+    pub mac: [u8; 6],
+    #[serde(default)]
+    pub listener: Option<usize>,
+    #[serde(default)]
+    pub conn: Option<VhostConn>,
+}
+
+/// The fast path's totals, by name (a counter this binary does not know
+/// is kept by name; one it knows and the message lacks is 0).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PipelineCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub tx_packets: u64,
+    pub punts: BTreeMap<String, u64>,
+    pub drops: BTreeMap<String, u64>,
+    pub port_drops: Vec<BTreeMap<String, u64>>,
+}
+
+/// The old side's pause: what only the stopped fast path knows. The free
+/// list (`free` u64 LE frame addresses) follows the header.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PauseHeader {
+    #[serde(default = "v1")]
+    pub protocol: u32,
+    /// CLOCK_MONOTONIC of the old side's last poll.
+    #[serde(default)]
+    pub paused_mono_ns: u64,
+    #[serde(default)]
+    pub packed_mono_ns: u64,
+    /// How many frame addresses follow.
+    pub free: u64,
+    /// Each port's counters by name, by port id.
+    pub counters: Vec<BTreeMap<String, u64>>,
+    pub pipeline: PipelineCounters,
+    #[serde(default)]
+    pub vhost: Vec<VhostPort>,
+}
+message!(PauseHeader, "handover pause");
+
+/// The most frames a pool may have (a longer free list is not a vswitch).
+pub const MAX_FREE: u64 = 1 << 24;
+
+impl PauseHeader {
+    /// Bytes of the free list that follows, refused beyond [`MAX_FREE`].
+    pub fn free_bytes(&self) -> Result<usize, ProtocolError> {
+        if self.free > MAX_FREE {
+            return Err(ProtocolError::Malformed {
+                message: Self::NAME,
+                why: format!("{} free frames, more than a pool has", self.free),
+            });
+        }
+        usize::try_from(self.free * 8).map_err(|e| ProtocolError::Malformed {
+            message: Self::NAME,
+            why: e.to_string(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
