@@ -12,6 +12,7 @@
 //! reading what the previous one wrote.
 
 pub mod fdpass;
+pub mod format;
 pub mod memfd;
 pub mod protocol;
 
