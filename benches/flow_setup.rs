@@ -4,7 +4,7 @@
 //! where it leaves for the external network (SNAT port allocation),
 //! compiled into its forward and reverse flows, and both flows installed
 //! by a real fast-path thread: each answer goes as the daemon sends it
-//! (an `Install` on the bounded install queue, a wakeup), and the timer
+//! (a `dpif::Update` on the bounded queue, a wakeup), and the timer
 //! stops only when that thread has applied the last one to its table.
 //!
 //! The rule set makes every rule count: all 100 are egress rules for the
@@ -30,10 +30,11 @@ use std::time::{Duration, Instant};
 use coprocessor::acl::{Direction, Peer, Policy, Rule, SecurityGroup};
 use coprocessor::conntrack::{Limits, Timeouts};
 use coprocessor::topology::{External, LocalVm, Network, RemoteVm, Subnet, Topology, Uplink};
-use coprocessor::{Coprocessor, PuntKind, Punted, Shared};
+use coprocessor::{Coprocessor, Shared};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use crossbeam_queue::ArrayQueue;
-use fastpath::dataplane::{Dataplane, Install, Links, LoopConfig, Request};
+use dpif::{PuntMsg, PuntReason, Update};
+use fastpath::dataplane::{Dataplane, Links, LoopConfig, Request};
 use fastpath::synth::{self, UdpFlow};
 use fastpath::umem::FramePool;
 use fastpath::wake::Wake;
@@ -205,7 +206,7 @@ fn pin_to(cpu: usize) {
 /// arrives on its install queue (adaptive: it sleeps until woken, as the
 /// switch's does when idle).
 struct FastPath {
-    installs: Arc<ArrayQueue<Install>>,
+    installs: Arc<ArrayQueue<Update>>,
     wake: Arc<Wake>,
     requests: mpsc::Sender<Request>,
     stop: Arc<AtomicBool>,
@@ -260,8 +261,8 @@ impl FastPath {
 
     /// As the daemon sends it: queued (waiting while the queue is full),
     /// the thread woken.
-    fn send(&self, ins: Install) {
-        install::send_install(&self.installs, ins, &self.wake, &self.stop);
+    fn send(&self, update: Update) {
+        install::send_update(&self.installs, update, &self.wake, &self.stop);
     }
 
     /// Flows the thread has installed so far.
@@ -306,21 +307,21 @@ fn run(
     for _ in 0..iters {
         let mut cp = fresh(topo, policy);
         let fp = FastPath::start();
+        // One message, refilled as the fast path fills its pooled ones.
+        let mut msg = PuntMsg::of(PortId(1), PuntReason::Miss, 1, &[], None);
+        msg.data.reserve(2048);
         let t = Instant::now();
         for f in frames {
             let mut key = FlowKey::default();
             let c = classifier.classify(PortId(1), f, &mut key);
             assert_eq!(c.kind, Kind::Flow);
-            let out = cp.handle(&Punted {
-                ingress: PortId(1),
-                kind: PuntKind::Miss,
-                now: 1,
-                frame: f,
-                key: Some(key),
-            });
+            msg.data.clear();
+            msg.data.extend_from_slice(f);
+            msg.key = Some(key);
+            let out = cp.handle(&msg);
             assert!(out.drop.is_none() && out.reinject, "{:?}", out.drop);
             assert_eq!(out.flows.len(), expect);
-            fp.send(install::install_of(out, None));
+            fp.send(out);
         }
         // Until the fast path has applied the last install.
         while fp.installed() < want {

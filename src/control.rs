@@ -17,7 +17,7 @@ use coprocessor::acl::{Direction, Peer, Rule};
 use coprocessor::topology::Topology;
 use coprocessor::{lock, Coprocessor};
 use crossbeam_queue::ArrayQueue;
-use fastpath::dataplane::{FlowDump, Install, Request, Snapshot};
+use fastpath::dataplane::{FlowDump, Request, Snapshot, Update};
 use fastpath::wake::Wake;
 use fastpath::PuntReason;
 use flowtable::{Ingress, Output, PortId};
@@ -47,7 +47,7 @@ pub struct Links {
     pub requests: Sender<Request>,
     pub wake: Arc<Wake>,
     /// Flow changes for the fast path (policy revalidation).
-    pub installs: Arc<ArrayQueue<Install>>,
+    pub installs: Arc<ArrayQueue<Update>>,
     /// A coprocessor on the switch's shared state (policy changes, views).
     pub coprocessor: Coprocessor,
     /// Time zero of the fast path's clock.
@@ -565,7 +565,7 @@ impl Server {
                 topo.set_neighbor(vtep, mac);
             }
         }
-        let mut out = coprocessor::Outcome::default();
+        let mut out = coprocessor::Update::default();
         let applied = sh
             .apply(ops, &mut out)
             .map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -573,8 +573,7 @@ impl Server {
         drop(sh);
         let done = t.elapsed();
         let removed = out.remove.len();
-        let ins = crate::install::install_of(out, None);
-        if !crate::install::send_install(&self.links.installs, ins, &self.links.wake, stop) {
+        if !crate::install::send_update(&self.links.installs, out, &self.links.wake, stop) {
             bail!("the switch is stopping");
         }
         info!(

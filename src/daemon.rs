@@ -13,19 +13,19 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use coprocessor::{Coprocessor, PuntKind, Punted, Shared};
+use coprocessor::{Coprocessor, Shared};
 use crossbeam_queue::ArrayQueue;
 
-use crate::install::{install_of, send_install};
+use crate::install::send_update;
 use fastpath::dataplane::{
-    Dataplane, Install, Links, LoopConfig, PollMode, Port, PortCounters, PortIo, Report,
+    Dataplane, Links, LoopConfig, PollMode, Port, PortCounters, PortIo, Report, Update,
 };
 use fastpath::tap::Tap;
 use fastpath::umem::FramePool;
 use fastpath::wake::Wake;
 use fastpath::xdp::XdpProgram;
 use fastpath::xsk::{XskConfig, XskSocket};
-use fastpath::{punt_path, Pipeline, PipelineConfig, PuntConfig, PuntReason, PuntReceiver};
+use fastpath::{punt_path, Pipeline, PipelineConfig, PuntConfig, PuntReceiver};
 use flowtable::{FlowTable, PortId};
 use tracing::{info, warn};
 
@@ -588,19 +588,10 @@ const TICK: Duration = Duration::from_millis(250);
 struct CoprocLinks {
     punts: PuntReceiver,
     reports: Arc<ArrayQueue<Report>>,
-    installs: Arc<ArrayQueue<Install>>,
+    installs: Arc<ArrayQueue<Update>>,
     wake: Arc<Wake>,
     epoch: Instant,
     timekeeper: bool,
-}
-
-fn is_empty(i: &Install) -> bool {
-    i.flows.is_empty()
-        && i.tx.is_empty()
-        && i.reinject.is_none()
-        && i.remove.is_empty()
-        && i.invalidation.is_none()
-        && i.checks.is_empty()
 }
 
 /// One coprocessor thread: decide for punted frames, follow the fast
@@ -615,9 +606,7 @@ fn coprocessor_loop(cp: &mut Coprocessor, l: &CoprocLinks, stop: &AtomicBool) {
         let mut worked = false;
         if l.timekeeper && Instant::now() >= next_tick {
             next_tick = Instant::now() + TICK;
-            let out = cp.tick(now());
-            let ins = install_of(out, None);
-            if !is_empty(&ins) && !send_install(&l.installs, ins, &l.wake, stop) {
+            if !send_update(&l.installs, cp.tick(now()), &l.wake, stop) {
                 return;
             }
         }
@@ -637,8 +626,7 @@ fn coprocessor_loop(cp: &mut Coprocessor, l: &CoprocLinks, stop: &AtomicBool) {
                     now(),
                 ),
             };
-            let ins = install_of(out, None);
-            if !is_empty(&ins) && !send_install(&l.installs, ins, &l.wake, stop) {
+            if !send_update(&l.installs, out, &l.wake, stop) {
                 return;
             }
         }
@@ -648,37 +636,18 @@ fn coprocessor_loop(cp: &mut Coprocessor, l: &CoprocLinks, stop: &AtomicBool) {
             }
             continue;
         };
-        let kind = match msg.reason {
-            PuntReason::Miss => PuntKind::Miss,
-            PuntReason::Arp => PuntKind::Control,
-            PuntReason::Action => PuntKind::Action,
-            PuntReason::TtlExpired => PuntKind::TtlExpired,
-            PuntReason::TooBig => PuntKind::TooBig,
-            PuntReason::VtepMismatch => PuntKind::VtepMismatch,
-            PuntReason::CtEvent => PuntKind::CtEvent,
-        };
-        let out = cp.handle(&Punted {
-            ingress: msg.ingress,
-            kind,
-            now: msg.punted_at,
-            frame: &msg.data,
-            key: msg.key,
-        });
+        let mut out = cp.handle(&msg);
         if let Some(cause) = out.drop {
             log.drop(msg.ingress, cause);
         }
-        let whole = msg.orig_len as usize == msg.data.len();
-        let reinject = if out.reinject && whole {
-            Some(msg)
+        // The frame runs again once its flows are in, if the message holds
+        // all of it; otherwise its buffer goes back to the pool now.
+        if out.reinject && msg.is_whole() {
+            out.frame = Some(msg);
         } else {
             l.punts.recycle(msg);
-            None
-        };
-        let ins = install_of(out, reinject);
-        if is_empty(&ins) {
-            continue;
         }
-        if !send_install(&l.installs, ins, &l.wake, stop) {
+        if !send_update(&l.installs, out, &l.wake, stop) {
             return;
         }
     }

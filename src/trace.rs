@@ -11,7 +11,8 @@ use anyhow::{bail, Context, Result};
 use coprocessor::acl::Direction;
 use coprocessor::forward::{self, Next};
 use coprocessor::topology::{mac_str, Endpoint, Topology};
-use coprocessor::{lock, Coprocessor, PuntKind, Punted, Shared};
+use coprocessor::{lock, Coprocessor, Shared};
+use dpif::{PuntMsg, PuntReason};
 use fastpath::synth::{self, UdpFlow};
 use fastpath::{Classifier, Kind};
 use flowtable::{Action, FlowKey, NatSide, Output, PortId};
@@ -265,13 +266,13 @@ pub fn trace(
     explain(&mut steps, &snapshot, &topo, ingress, vni, &key);
     // Decide on a copy: nothing the real switch holds changes.
     let mut cp = Coprocessor::with_shared(Arc::new(Mutex::new(snapshot)));
-    let out = cp.handle(&Punted {
+    let out = cp.handle(&PuntMsg::of(
         ingress,
-        kind: PuntKind::Miss,
-        now: 1,
-        frame: &frame,
-        key: Some(key),
-    });
+        PuntReason::Miss,
+        1,
+        &frame,
+        Some(key),
+    ));
     for (k, a) in &out.flows {
         let which = if *k == key {
             "this flow"

@@ -4,8 +4,8 @@ use std::net::Ipv4Addr;
 
 use flowtable::Mac;
 
-use crate::outcome::DropCause;
 use crate::topology::LocalVm;
+use dpif::DropCause;
 
 /// The Ethernet source of a frame from `vm`.
 pub fn check_mac(vm: &LocalVm, src: Mac) -> Result<(), DropCause> {

@@ -10,7 +10,7 @@ use smoltcp::wire::{
     EthernetRepr,
 };
 
-use crate::outcome::DropCause;
+use dpif::DropCause;
 
 /// A parsed ARP request (Ethernet/IPv4 only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

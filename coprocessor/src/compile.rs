@@ -11,8 +11,8 @@ use std::net::Ipv4Addr;
 use flowtable::{Action, EncapTemplate, Mac, Output, PortId};
 use vxlan::{Template, TemplateSpec};
 
-use crate::outcome::DropCause;
 use crate::topology::{Topology, Uplink};
+use dpif::DropCause;
 
 /// Outer headers added by VXLAN encapsulation beyond the inner frame
 /// (IPv4 20 + UDP 8 + VXLAN 8); the outer Ethernet header does not count

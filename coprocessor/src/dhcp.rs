@@ -18,8 +18,8 @@ use std::net::Ipv4Addr;
 use flowtable::Mac;
 use smoltcp::wire::{DhcpMessageType, DhcpOption, DhcpPacket, DhcpRepr, EthernetAddress};
 
-use crate::outcome::DropCause;
 use crate::topology::{LocalVm, Topology};
+use dpif::DropCause;
 
 pub const SERVER_PORT: u16 = 67;
 pub const CLIENT_PORT: u16 = 68;

@@ -12,8 +12,8 @@ use std::net::Ipv4Addr;
 
 use flowtable::{Mac, PortId};
 
-use crate::outcome::DropCause;
 use crate::topology::{Endpoint, Topology, Via};
+use dpif::DropCause;
 
 /// Where a packet from a local VM goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

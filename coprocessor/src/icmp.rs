@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use flowtable::Mac;
 use vxlan::checksum;
 
-use crate::outcome::DropCause;
+use dpif::DropCause;
 
 const ETH: usize = 14;
 const PROTO_ICMP: u8 = 1;

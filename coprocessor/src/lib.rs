@@ -1,8 +1,8 @@
 //! The coprocessor: vswitch's slow path.
 //!
-//! It receives every frame the fast path punts ([`Punted`]) and decides
+//! It receives every frame the fast path punts ([`PuntMsg`], the `dpif` contract) and decides
 //! what happens to it and to the rest of its flow, returning an
-//! [`Outcome`]: flows to install (keyed exactly as the fast path looked
+//! [`Update`]: flows to install (keyed exactly as the fast path looked
 //! them up), whether to run the frame through the pipeline again once they
 //! are in, frames it made itself (ARP replies), or the cause of a drop.
 //! It does no I/O, so it is tested and benchmarked without a kernel.
@@ -26,7 +26,6 @@ pub mod forward;
 pub mod icmp;
 pub mod nat;
 pub mod ops;
-pub mod outcome;
 pub mod related;
 pub mod reply;
 mod revalidate;
@@ -41,7 +40,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use flowtable::{Action, FlowKey, Ingress};
 use smoltcp::wire::{EthernetFrame, EthernetProtocol};
 
-pub use outcome::{CtCheck, DropCause, Invalidate, Outcome, PuntKind, Punted};
+pub use dpif::{CtCheck, DropCause, Invalidate, PuntMsg, PuntReason, Update};
 pub use shared::Shared;
 pub use topology::Topology;
 
@@ -133,8 +132,8 @@ impl Coprocessor {
     }
 
     /// Decide for one punted frame.
-    pub fn handle(&mut self, p: &Punted<'_>) -> Outcome {
-        let mut out = Outcome::default();
+    pub fn handle(&mut self, p: &PuntMsg) -> Update {
+        let mut out = Update::default();
         // The whole decision is made under the shared lock, on one
         // topology: a concurrent change applies before or after it.
         let shared = Arc::clone(&self.shared);
@@ -143,12 +142,9 @@ impl Coprocessor {
         let replies_before = self.stats.replies();
         let from_uplink = topo.uplink.as_ref().is_some_and(|u| u.port == p.ingress);
         let from_external = topo.external.as_ref().is_some_and(|e| e.port == p.ingress);
-        let r = if matches!(
-            p.kind,
-            outcome::PuntKind::TooBig | outcome::PuntKind::TtlExpired
-        ) {
+        let r = if let Some(cause) = icmp_error_of(p.reason) {
             // The flow exists and stays; this packet gets an ICMP answer.
-            self.icmp_error(&topo, p, from_uplink || from_external, &mut out)
+            self.icmp_error(&topo, p, cause, from_uplink || from_external, &mut out)
         } else if from_uplink {
             self.handle_uplink_frame(&topo, &mut sh, p, &mut out)
         } else if from_external {
@@ -185,11 +181,11 @@ impl Coprocessor {
         &mut self,
         topo: &Topology,
         sh: &mut Shared,
-        p: &Punted<'_>,
-        out: &mut Outcome,
+        p: &PuntMsg,
+        out: &mut Update,
     ) -> Result<(), DropCause> {
         let vm = topo.vm_on(p.ingress).ok_or(DropCause::UnknownPort)?;
-        let eth = EthernetFrame::new_checked(p.frame).map_err(|_| DropCause::Malformed)?;
+        let eth = EthernetFrame::new_checked(&p.data).map_err(|_| DropCause::Malformed)?;
         antispoof::check_mac(vm, eth.src_addr().0)?;
         let vni = vm.vni.get();
         match eth.ethertype() {
@@ -219,7 +215,7 @@ impl Coprocessor {
                 // port's punt budget.
                 if dhcp::is_request(key.proto, key.src_port, key.dst_port) {
                     if let dhcp::Answer::Reply(f) =
-                        dhcp::handle(topo, vm, &mut sh.leases, p.frame, p.now)?
+                        dhcp::handle(topo, vm, &mut sh.leases, &p.data, p.punted_at)?
                     {
                         out.tx.push((p.ingress, f));
                         self.stats.dhcp_replies += 1;
@@ -239,7 +235,7 @@ impl Coprocessor {
                     topo,
                     sh,
                     p,
-                    frame: p.frame,
+                    frame: &p.data,
                     key,
                     out,
                 };
@@ -254,7 +250,7 @@ impl Coprocessor {
                                 setup
                                     .out
                                     .tx
-                                    .push((p.ingress, icmp::echo_reply(p.frame, dst, gw_mac)?));
+                                    .push((p.ingress, icmp::echo_reply(&p.data, dst, gw_mac)?));
                                 self.stats.icmp_replies += 1;
                                 return Ok(());
                             }
@@ -280,23 +276,23 @@ impl Coprocessor {
     fn first_packet(
         &mut self,
         topo: &Topology,
-        p: &Punted<'_>,
+        p: &PuntMsg,
         flow: setup::Flow,
-        out: &mut Outcome,
+        out: &mut Update,
     ) -> Result<(), DropCause> {
         let Some(action) = flow else {
             return Ok(());
         };
-        let ttl = p.frame.get(22).copied().unwrap_or(0);
-        let too_big = p.frame.len() > usize::from(action.max_len);
+        let ttl = p.data.get(22).copied().unwrap_or(0);
+        let too_big = p.data.len() > usize::from(action.max_len);
         let ttl_out = action.dec_ttl && ttl <= 1;
         if ttl_out || too_big {
-            let kind = if ttl_out {
-                outcome::PuntKind::TtlExpired
+            let cause = if ttl_out {
+                DropCause::TtlExpired
             } else {
-                outcome::PuntKind::TooBig
+                DropCause::TooBig
             };
-            return self.icmp_error(topo, &Punted { kind, ..*p }, false, out);
+            return self.icmp_error(topo, p, cause, false, out);
         }
         out.reinject = true;
         Ok(())
@@ -306,19 +302,19 @@ impl Coprocessor {
         &mut self,
         topo: &Topology,
         sh: &mut Shared,
-        p: &Punted<'_>,
-        out: &mut Outcome,
+        p: &PuntMsg,
+        out: &mut Update,
     ) -> Result<(), DropCause> {
         let up = topo.uplink.as_ref().ok_or(DropCause::NoUplink)?;
         let cfg = vxlan::DecapConfig {
             local_vtep: u32::from(up.local_vtep),
             udp_port: vxlan::UDP_PORT,
         };
-        let d = vxlan::decap(p.frame, &cfg).map_err(|_| DropCause::NotLocalVtep)?;
+        let d = vxlan::decap(&p.data, &cfg).map_err(|_| DropCause::NotLocalVtep)?;
         let vni = d.vni;
         let outer_src = Ipv4Addr::from(d.outer_src);
         topo.network(vni).ok_or(DropCause::UnknownVni)?;
-        let inner = p.frame.get(d.inner()).ok_or(DropCause::Malformed)?;
+        let inner = p.data.get(d.inner()).ok_or(DropCause::Malformed)?;
         let eth = EthernetFrame::new_checked(inner).map_err(|_| DropCause::Malformed)?;
         match eth.ethertype() {
             EthernetProtocol::Arp => {
@@ -335,7 +331,7 @@ impl Coprocessor {
                 // The reply goes back the way the request came: to the
                 // sending VTEP, through the hop that delivered it.
                 let outer_src_mac: [u8; 6] = p
-                    .frame
+                    .data
                     .get(6..12)
                     .and_then(|m| m.try_into().ok())
                     .ok_or(DropCause::Malformed)?;
@@ -360,7 +356,7 @@ impl Coprocessor {
                 // The flow exists, and this frame came from another VTEP
                 // than its endpoint's: forged, or the endpoint moved and
                 // the sender's view is stale. Never let it in.
-                if p.kind == outcome::PuntKind::VtepMismatch {
+                if p.reason == PuntReason::VtepMismatch {
                     return Err(DropCause::VtepMismatch);
                 }
                 // A packet of a known connection must come from the VTEP
@@ -421,11 +417,11 @@ impl Coprocessor {
         &mut self,
         topo: &Topology,
         sh: &mut Shared,
-        p: &Punted<'_>,
-        out: &mut Outcome,
+        p: &PuntMsg,
+        out: &mut Update,
     ) -> Result<(), DropCause> {
         let ext = topo.external.as_ref().ok_or(DropCause::NoExternal)?;
-        let eth = EthernetFrame::new_checked(p.frame).map_err(|_| DropCause::Malformed)?;
+        let eth = EthernetFrame::new_checked(&p.data).map_err(|_| DropCause::Malformed)?;
         match eth.ethertype() {
             EthernetProtocol::Arp => {
                 let (is_request, req) = arp::parse(eth.payload())?;
@@ -433,7 +429,7 @@ impl Coprocessor {
                     // Only an answer to our own question teaches a MAC.
                     return match sh
                         .ext_neighbors
-                        .answer(req.sender_ip, req.sender_mac, p.now)
+                        .answer(req.sender_ip, req.sender_mac, p.punted_at)
                     {
                         ext_neighbors::Learned::Unsolicited => Err(DropCause::ArpNotRequest),
                         ext_neighbors::Learned::Confirmed => Ok(()),
@@ -457,7 +453,7 @@ impl Coprocessor {
                     topo,
                     sh,
                     p,
-                    frame: p.frame,
+                    frame: &p.data,
                     key,
                     out,
                 };
@@ -495,15 +491,11 @@ impl Coprocessor {
     fn icmp_error(
         &mut self,
         topo: &Topology,
-        p: &Punted<'_>,
+        p: &PuntMsg,
+        cause: DropCause,
         from_uplink: bool,
-        out: &mut Outcome,
+        out: &mut Update,
     ) -> Result<(), DropCause> {
-        let cause = if p.kind == outcome::PuntKind::TooBig {
-            DropCause::TooBig
-        } else {
-            DropCause::TtlExpired
-        };
         if from_uplink {
             return Err(cause);
         }
@@ -521,9 +513,9 @@ impl Coprocessor {
                     .uplink
                     .as_ref()
                     .map_or(1500, |u| u.mtu.saturating_sub(50));
-                icmp::frag_needed(p.frame, gw, gw_mac, mtu)?
+                icmp::frag_needed(&p.data, gw, gw_mac, mtu)?
             }
-            _ => icmp::time_exceeded(p.frame, gw, gw_mac)?,
+            _ => icmp::time_exceeded(&p.data, gw, gw_mac)?,
         };
         out.tx.push((p.ingress, reply));
         self.stats.icmp_replies += 1;
@@ -541,7 +533,7 @@ impl Coprocessor {
         port: flowtable::PortId,
         old: flowtable::Mac,
         new: flowtable::Mac,
-        out: &mut Outcome,
+        out: &mut Update,
     ) {
         let ids: Vec<u64> = sh.ct.iter().map(|(id, _)| id).collect();
         for id in ids {
@@ -575,12 +567,22 @@ impl Coprocessor {
 }
 
 /// The key of an IPv4 frame from a VM port, checked against the port.
-fn vm_key(p: &Punted<'_>) -> Result<FlowKey, DropCause> {
+fn vm_key(p: &PuntMsg) -> Result<FlowKey, DropCause> {
     let key = p.key.ok_or(DropCause::Malformed)?;
     if key.ingress() != Some(Ingress::Port(p.ingress)) {
         return Err(DropCause::Malformed);
     }
     Ok(key)
+}
+
+/// The ICMP error a punt asks for, if it asks for one (the flow exists
+/// and stays; this packet gets the answer).
+fn icmp_error_of(reason: PuntReason) -> Option<DropCause> {
+    match reason {
+        PuntReason::TooBig => Some(DropCause::TooBig),
+        PuntReason::TtlExpired => Some(DropCause::TtlExpired),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -21,9 +21,9 @@ use rustc_hash::FxHashSet;
 use thiserror::Error;
 
 use crate::acl::{PolicyError, Rule, SecurityGroup};
-use crate::outcome::{Invalidate, Outcome};
 use crate::shared::Shared;
 use crate::topology::{External, LocalVm, Network, RemoteVm, TopologyError};
+use dpif::{Invalidate, Update};
 
 /// One change.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,7 +98,7 @@ impl Touched {
 impl Shared {
     /// Apply `ops` atomically (see the module documentation); `out` gets
     /// the flows to invalidate and the new version.
-    pub fn apply(&mut self, ops: Vec<Op>, out: &mut Outcome) -> Result<Applied, OpError> {
+    pub fn apply(&mut self, ops: Vec<Op>, out: &mut Update) -> Result<Applied, OpError> {
         // Per applied operation, the operations that undo it (in order).
         let mut undo: Vec<Vec<Op>> = Vec::new();
         let mut touched = Touched::default();
@@ -394,7 +394,7 @@ impl Shared {
     /// moved address (a remote endpoint that migrated) is recompiled
     /// instead: its flows are removed with the others and come back, on
     /// the new path, with its next packet.
-    fn end_touched(&mut self, t: &Touched, out: &mut Outcome) -> usize {
+    fn end_touched(&mut self, t: &Touched, out: &mut Update) -> usize {
         let topo = Arc::clone(&self.topo);
         let hit = |vni: u32, ip: u32| t.addrs.get(&vni).is_some_and(|s| s.contains(&ip));
         let mut ended = Vec::new();

@@ -6,14 +6,14 @@ use flowtable::FlowKey;
 use crate::acl::Rule;
 use crate::conntrack::Expiry;
 use crate::ops::{Applied, Op, OpError};
-use crate::outcome::{CtCheck, Outcome};
 use crate::{lock, Coprocessor};
+use dpif::{CtCheck, Update};
 
 impl Coprocessor {
     /// Advance connection timers to `now` (the fast path's clock): checks
     /// to send to the fast path, flows of ended connections to remove.
-    pub fn tick(&mut self, now: u64) -> Outcome {
-        let mut out = Outcome::default();
+    pub fn tick(&mut self, now: u64) -> Update {
+        let mut out = Update::default();
         let mut sh = lock(&self.shared);
         for e in sh.ct.tick(now) {
             match e {
@@ -36,8 +36,8 @@ impl Coprocessor {
         keys: [Option<FlowKey>; 2],
         used: [Option<(u64, u64)>; 2],
         now: u64,
-    ) -> Outcome {
-        let mut out = Outcome::default();
+    ) -> Update {
+        let mut out = Update::default();
         let mut sh = lock(&self.shared);
         if let Some(c) = sh.ct.checked(id, keys, used, now) {
             sh.end(&c, &mut out);
@@ -50,14 +50,14 @@ impl Coprocessor {
     /// are removed), and every stateless flow compiled under the policy is
     /// removed to be compiled again. All or nothing: bad rules change
     /// nothing.
-    pub fn set_rules(&mut self, name: &str, rules: Vec<Rule>) -> Result<Outcome, OpError> {
+    pub fn set_rules(&mut self, name: &str, rules: Vec<Rule>) -> Result<Update, OpError> {
         self.apply(vec![Op::SetRules(name.into(), rules)])
             .map(|(out, _)| out)
     }
 
     /// Apply a batch of changes atomically (see [`crate::ops`]).
-    pub fn apply(&mut self, ops: Vec<Op>) -> Result<(Outcome, Applied), OpError> {
-        let mut out = Outcome::default();
+    pub fn apply(&mut self, ops: Vec<Op>) -> Result<(Update, Applied), OpError> {
+        let mut out = Update::default();
         let applied = lock(&self.shared).apply(ops, &mut out)?;
         Ok((out, applied))
     }

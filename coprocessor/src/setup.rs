@@ -18,10 +18,10 @@ use crate::compile;
 use crate::conntrack::{Admission, Conn, ConnState, CtRefused, Side, TcpState};
 use crate::forward::{self, Next};
 use crate::nat::NatRefused;
-use crate::outcome::{DropCause, Outcome, PuntKind, Punted};
 use crate::related;
 use crate::shared::Shared;
 use crate::topology::{LocalVm, Topology};
+use dpif::{DropCause, PuntMsg, PuntReason, Update};
 
 const TCP: u8 = 6;
 const UDP: u8 = 17;
@@ -92,32 +92,32 @@ fn opening(key: &FlowKey, frame: &[u8]) -> Result<Option<ConnState>, DropCause> 
 }
 
 /// One setup: the topology, the shared state (locked), the packet.
-pub(crate) struct Setup<'a, 'p> {
+pub(crate) struct Setup<'a> {
     pub topo: &'a Topology,
     pub sh: &'a mut Shared,
-    pub p: &'a Punted<'p>,
+    pub p: &'a PuntMsg,
     /// The (inner) Ethernet frame.
     pub frame: &'a [u8],
     pub key: FlowKey,
-    pub out: &'a mut Outcome,
+    pub out: &'a mut Update,
 }
 
 /// The flow this packet now hits, for the caller's first-packet handling.
 pub(crate) type Flow = Option<Action>;
 
-impl Setup<'_, '_> {
+impl Setup<'_> {
     /// A packet of a connection we track: reinstall its side after the
     /// fast path dropped it, or follow a TCP state change. `Ok(None)` from
     /// the outer option: not a known connection (or one being reopened).
     pub fn existing(&mut self) -> Result<Option<Flow>, DropCause> {
         let Some((id, side)) = self.sh.ct.lookup(&self.key) else {
-            if self.p.kind == PuntKind::CtEvent {
+            if self.p.reason == PuntReason::CtEvent {
                 // The flow outlived its connection: recompile from scratch.
                 self.out.remove.push(self.key);
             }
             return self.related();
         };
-        let now = self.p.now;
+        let now = self.p.punted_at;
         let flags = if self.key.proto == TCP {
             tcp_flags(self.frame).unwrap_or(0)
         } else {
@@ -157,7 +157,7 @@ impl Setup<'_, '_> {
                 }
             }
         }
-        if self.p.kind == PuntKind::CtEvent {
+        if self.p.reason == PuntReason::CtEvent {
             // The flow is in place; the fast path forwards the segment.
             self.out.reinject = true;
             return Ok(Some(None));
@@ -297,9 +297,9 @@ impl Setup<'_, '_> {
             s.action.conntrack = true;
             s.installed = true;
         }
-        let mut conn = Conn::new(sides, state, admission, self.p.now);
+        let mut conn = Conn::new(sides, state, admission, self.p.punted_at);
         conn.nat = nat;
-        match self.sh.ct.insert(conn, Some(owner), self.p.now) {
+        match self.sh.ct.insert(conn, Some(owner), self.p.punted_at) {
             Ok(_) => {
                 self.out.flows.push((sides[0].key, sides[0].action));
                 self.out.flows.push((sides[1].key, sides[1].action));
@@ -475,7 +475,7 @@ impl Setup<'_, '_> {
     fn resolve(&mut self, dst: Ipv4Addr, src: Ipv4Addr) -> Result<Mac, DropCause> {
         let ext = self.topo.external.as_ref().ok_or(DropCause::NoExternal)?;
         let hop = ext.next_hop(dst).ok_or(DropCause::NoRoute)?;
-        let (mac, ask) = self.sh.ext_neighbors.resolve(hop, self.p.now);
+        let (mac, ask) = self.sh.ext_neighbors.resolve(hop, self.p.punted_at);
         if ask {
             self.out
                 .tx

@@ -13,8 +13,8 @@ use crate::acl::Policy;
 use crate::conntrack::{Conn, Conntrack, Limits, Timeouts};
 use crate::dhcp::Leases;
 use crate::nat::NatPool;
-use crate::outcome::{DropCause, Outcome};
 use crate::topology::Topology;
+use dpif::{DropCause, Update};
 
 /// Per-VM refusals, for `ctl` (who is being denied what).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -136,7 +136,7 @@ impl Shared {
     }
 
     /// Free what an ended connection held and remove its flows.
-    pub fn end(&mut self, conn: &Conn, out: &mut Outcome) {
+    pub fn end(&mut self, conn: &Conn, out: &mut Update) {
         if let (Some(b), Some(owner), Some(pool)) = (conn.nat, conn.owner, self.nat.as_mut()) {
             if b.pooled {
                 pool.release(owner, conn.admission.proto, b.ip, b.port);

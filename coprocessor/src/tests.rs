@@ -139,11 +139,7 @@ fn from_remote(inner: &[u8], vtep: Ipv4Addr, v: u32) -> Vec<u8> {
 /// Run `frame` from `port` through a pipeline: classify (for the key),
 /// punt to the coprocessor, install its flows, reinject, and return the
 /// outcome and where the frame went (port and bytes).
-fn through(
-    c: &mut Coprocessor,
-    port: PortId,
-    frame: &[u8],
-) -> (Outcome, Option<(PortId, Vec<u8>)>) {
+fn through(c: &mut Coprocessor, port: PortId, frame: &[u8]) -> (Update, Option<(PortId, Vec<u8>)>) {
     through_at(c, port, frame, 0)
 }
 
@@ -153,7 +149,7 @@ fn through_at(
     port: PortId,
     frame: &[u8],
     now: u64,
-) -> (Outcome, Option<(PortId, Vec<u8>)>) {
+) -> (Update, Option<(PortId, Vec<u8>)>) {
     let cfg = PipelineConfig {
         uplink: UPLINK,
         local_vtep: LOCAL_VTEP,
@@ -167,13 +163,7 @@ fn through_at(
     let mut key = flowtable::FlowKey::default();
     let k = (p.classifier().classify(port, frame, &mut key).kind == fastpath::Kind::Flow)
         .then_some(key);
-    let out = c.handle(&Punted {
-        ingress: port,
-        kind: PuntKind::Miss,
-        now,
-        frame,
-        key: k,
-    });
+    let out = c.handle(&PuntMsg::of(port, PuntReason::Miss, now, frame, k));
     for (k, a) in &out.flows {
         p.table_mut().insert(*k, a, 0).unwrap();
     }
@@ -417,15 +407,9 @@ fn gateways_answer_ping_and_flows_get_icmp_errors() {
         other => panic!("{other:?}"),
     };
     let ask = |c: &mut Coprocessor, kind, frame: &[u8], port| {
-        c.handle(&Punted {
-            ingress: port,
-            kind,
-            now: 0,
-            frame,
-            key: Some(key),
-        })
+        c.handle(&PuntMsg::of(port, kind, 0, frame, Some(key)))
     };
-    let out = ask(&mut c, PuntKind::TtlExpired, &f, PortId(1));
+    let out = ask(&mut c, PuntReason::TtlExpired, &f, PortId(1));
     let r = &out.tx[0].1;
     assert_eq!(
         (r[34], r[26..30].to_vec(), r[30..34].to_vec()),
@@ -435,7 +419,7 @@ fn gateways_answer_ping_and_flows_get_icmp_errors() {
     // Too big for the tunnel with DF: "fragmentation needed", MTU 1450.
     let mut big = udp(A_MAC, A_IP, R2_IP);
     big[20] = 0x40;
-    let out = ask(&mut c, PuntKind::TooBig, &big, PortId(1));
+    let out = ask(&mut c, PuntReason::TooBig, &big, PortId(1));
     let r = &out.tx[0].1;
     assert_eq!(
         (r[34], r[35], u16::from_be_bytes([r[40], r[41]])),
@@ -444,11 +428,11 @@ fn gateways_answer_ping_and_flows_get_icmp_errors() {
     // Without DF: a counted drop. From the uplink: a counted drop.
     big[20] = 0;
     assert_eq!(
-        ask(&mut c, PuntKind::TooBig, &big, PortId(1)).drop,
+        ask(&mut c, PuntReason::TooBig, &big, PortId(1)).drop,
         Some(DropCause::TooBig)
     );
     assert_eq!(
-        ask(&mut c, PuntKind::TtlExpired, &f, UPLINK).drop,
+        ask(&mut c, PuntReason::TtlExpired, &f, UPLINK).drop,
         Some(DropCause::TtlExpired)
     );
     assert_eq!(c.stats().icmp_replies, 4);
@@ -466,7 +450,7 @@ fn arp_request(sender_mac: [u8; 6], sender_ip: Ipv4Addr, target: Ipv4Addr) -> Ve
     f
 }
 
-fn answered_mac(out: &Outcome) -> Option<[u8; 6]> {
+fn answered_mac(out: &Update) -> Option<[u8; 6]> {
     let (_, f) = out.tx.first()?;
     let arp = &f[14..];
     Some(arp[8..14].try_into().unwrap())
@@ -476,13 +460,13 @@ fn answered_mac(out: &Outcome) -> Option<[u8; 6]> {
 fn arp_proxy_answers_for_known_addresses_only() {
     let mut c = coprocessor();
     let ask = |c: &mut Coprocessor, target| {
-        c.handle(&Punted {
-            ingress: PortId(1),
-            kind: PuntKind::Miss,
-            now: 0,
-            frame: &arp_request(A_MAC, A_IP, target),
-            key: None,
-        })
+        c.handle(&PuntMsg::of(
+            PortId(1),
+            PuntReason::Miss,
+            0,
+            &arp_request(A_MAC, A_IP, target),
+            None,
+        ))
     };
     assert_eq!(answered_mac(&ask(&mut c, B_IP)), Some(B_MAC));
     assert_eq!(answered_mac(&ask(&mut c, R_IP)), Some(R_MAC));
@@ -502,22 +486,22 @@ fn arp_proxy_answers_for_known_addresses_only() {
     assert_eq!(out.tx[0].0, PortId(1));
     assert_eq!(out.tx[0].1[..6], A_MAC);
     // A spoofed sender gets nothing.
-    let out = c.handle(&Punted {
-        ingress: PortId(1),
-        kind: PuntKind::Miss,
-        now: 0,
-        frame: &arp_request(A_MAC, Ipv4Addr::new(10, 0, 0, 50), B_IP),
-        key: None,
-    });
+    let out = c.handle(&PuntMsg::of(
+        PortId(1),
+        PuntReason::Miss,
+        0,
+        &arp_request(A_MAC, Ipv4Addr::new(10, 0, 0, 50), B_IP),
+        None,
+    ));
     assert_eq!((out.tx.len(), out.drop), (0, Some(DropCause::SpoofedIp)));
     // An address probe (sender 0.0.0.0) is allowed and answered.
-    let out = c.handle(&Punted {
-        ingress: PortId(1),
-        kind: PuntKind::Miss,
-        now: 0,
-        frame: &arp_request(A_MAC, Ipv4Addr::UNSPECIFIED, B_IP),
-        key: None,
-    });
+    let out = c.handle(&PuntMsg::of(
+        PortId(1),
+        PuntReason::Miss,
+        0,
+        &arp_request(A_MAC, Ipv4Addr::UNSPECIFIED, B_IP),
+        None,
+    ));
     assert_eq!(answered_mac(&out), Some(B_MAC));
     assert_eq!(c.stats().arp_replies, 5);
     // In the totals all threads share too (what the metrics export).
@@ -528,13 +512,7 @@ fn arp_proxy_answers_for_known_addresses_only() {
 fn arp_from_a_remote_host_is_answered_through_the_tunnel() {
     let mut c = coprocessor();
     let req = from_remote(&arp_request(R_MAC, R_IP, A_IP), REMOTE_VTEP, VNI);
-    let out = c.handle(&Punted {
-        ingress: UPLINK,
-        kind: PuntKind::Miss,
-        now: 0,
-        frame: &req,
-        key: None,
-    });
+    let out = c.handle(&PuntMsg::of(UPLINK, PuntReason::Miss, 0, &req, None));
     assert_eq!(out.drop, None);
     let (port, wire) = &out.tx[0];
     assert_eq!(*port, UPLINK);
@@ -553,13 +531,7 @@ fn arp_from_a_remote_host_is_answered_through_the_tunnel() {
     assert_eq!(inner[14 + 8..14 + 14], A_MAC);
     // The remote side is not told about its own remote endpoints.
     let req = from_remote(&arp_request(R_MAC, R_IP, R_IP), REMOTE_VTEP, VNI);
-    let out = c.handle(&Punted {
-        ingress: UPLINK,
-        kind: PuntKind::Miss,
-        now: 0,
-        frame: &req,
-        key: None,
-    });
+    let out = c.handle(&PuntMsg::of(UPLINK, PuntReason::Miss, 0, &req, None));
     assert_eq!(out.drop, Some(DropCause::ArpUnknownTarget));
 }
 
@@ -571,13 +543,7 @@ fn the_key_must_match_the_ingress() {
     else {
         panic!("not a flow");
     };
-    let out = c.handle(&Punted {
-        ingress: PortId(1),
-        kind: PuntKind::Miss,
-        now: 0,
-        frame: &f,
-        key: Some(k),
-    });
+    let out = c.handle(&PuntMsg::of(PortId(1), PuntReason::Miss, 0, &f, Some(k)));
     assert_eq!(out.drop, Some(DropCause::Malformed));
 }
 
@@ -586,23 +552,20 @@ proptest! {
     fn arbitrary_frames_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..200), port in 0u16..5, keyed in any::<bool>()) {
         let mut c = coprocessor();
         let key = keyed.then(|| flowtable::FlowKey::new(flowtable::Ingress::Port(PortId(port)), 17, u32::from(A_IP), u32::from(B_IP), 1, 2));
-        let out = c.handle(&Punted {
-        ingress: PortId(port),
-        kind: PuntKind::Miss,
-        now: 0, frame: &bytes, key });
+        let out = c.handle(&PuntMsg::of(PortId(port), PuntReason::Miss, 0, &bytes, key));
         prop_assert!(out.drop.is_some() || !out.flows.is_empty() || !out.tx.is_empty());
     }
 }
 
 /// Send a DHCP message from port `port` as the fast path would punt it.
-fn dhcp(c: &mut Coprocessor, port: u16, frame: &[u8], now: u64) -> Outcome {
+fn dhcp(c: &mut Coprocessor, port: u16, frame: &[u8], now: u64) -> Update {
     let (out, sent) = through_at(c, PortId(port), frame, now);
     assert!(sent.is_none(), "DHCP must not be forwarded");
     assert!(out.flows.is_empty(), "DHCP must not install flows");
     out
 }
 
-fn reply_of(out: &Outcome) -> dhcp::ParsedReply {
+fn reply_of(out: &Update) -> dhcp::ParsedReply {
     assert_eq!(out.tx.len(), 1, "{out:?}");
     dhcp::parse_reply(&out.tx[0].1).expect("a DHCP reply")
 }
@@ -753,12 +716,12 @@ fn dhcp_answers_only_the_bound_vm() {
     let mut short = f[..80].to_vec();
     short[16..18].copy_from_slice(&66u16.to_be_bytes());
     short[38..40].copy_from_slice(&46u16.to_be_bytes());
-    let out = c.handle(&Punted {
-        ingress: PortId(1),
-        kind: PuntKind::Miss,
-        now: 0,
-        frame: &short,
-        key: Some(flowtable::FlowKey::new(
+    let out = c.handle(&PuntMsg::of(
+        PortId(1),
+        PuntReason::Miss,
+        0,
+        &short,
+        Some(flowtable::FlowKey::new(
             flowtable::Ingress::Port(PortId(1)),
             17,
             0,
@@ -766,7 +729,7 @@ fn dhcp_answers_only_the_bound_vm() {
             68,
             67,
         )),
-    });
+    ));
     assert_eq!((out.tx.len(), out.drop), (0, Some(DropCause::Malformed)));
 }
 

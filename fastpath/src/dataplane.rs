@@ -23,7 +23,7 @@ use flowtable::{Action, FlowKey, FlowStats, PortId, TableCounters};
 
 use crate::frame::{Desc, FrameMem, BATCH};
 use crate::pipeline::{BatchOut, Pipeline, PipelineCounters};
-use crate::punt::{PuntMsg, PuntReason, PuntReceiver, Punter};
+use crate::punt::{PuntReason, PuntReceiver, Punter};
 use crate::tap::Tap;
 use crate::umem::FramePool;
 use crate::wake::{wait_readable, Wake};
@@ -116,69 +116,7 @@ pub struct Port {
     pub counters: PortCounters,
 }
 
-/// The coprocessor's answer, as the fast path applies it.
-#[derive(Debug, Default)]
-pub struct Install {
-    pub flows: Vec<(FlowKey, Action)>,
-    /// Frames to transmit as they are.
-    pub tx: Vec<(PortId, Vec<u8>)>,
-    /// The punted frame, to run through the pipeline again once `flows`
-    /// are in (it then hits them).
-    pub reinject: Option<PuntMsg>,
-    /// Flows to remove (connections that ended or lost their permission).
-    pub remove: Vec<FlowKey>,
-    /// Flows a change of topology or policy affects, to remove.
-    pub invalidation: Option<Invalidation>,
-    /// The version of the coprocessors' state these flows were decided
-    /// under: older than the last invalidation's, they are not installed.
-    pub version: u64,
-    /// Connections whose flows' use the coprocessor wants to know.
-    pub checks: Vec<CtCheck>,
-}
-
-/// Which flows a change of topology or policy affects (they are removed,
-/// and compiled again on their next packet), and the state version it
-/// starts.
-pub struct Invalidation {
-    pub version: u64,
-    pub hits: FlowPredicate,
-}
-
-/// True for the flows to remove.
-pub type FlowPredicate = Box<dyn Fn(&FlowKey, &Action) -> bool + Send>;
-
-impl std::fmt::Debug for Invalidation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Invalidation {{ version: {} }}", self.version)
-    }
-}
-
-/// A question about a tracked connection's flows (one or two keys).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct CtCheck {
-    pub id: u64,
-    pub keys: [Option<FlowKey>; 2],
-}
-
-/// When a flow was last used, and how much.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FlowUse {
-    pub last_used: u64,
-    pub packets: u64,
-}
-
-/// What the fast path tells the coprocessor about tracked connections.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Report {
-    /// A conntrack flow expired idle (or its generation ended).
-    FlowGone { key: FlowKey, used: FlowUse },
-    /// The answer to a [`CtCheck`]: each key's use, `None` if absent.
-    Checked {
-        id: u64,
-        keys: [Option<FlowKey>; 2],
-        used: [Option<FlowUse>; 2],
-    },
-}
+pub use dpif::{CtCheck, FlowUse, Report, Update};
 
 /// A flow as `ctl flows` shows it.
 #[derive(Debug, Clone)]
@@ -413,7 +351,7 @@ pub struct Links {
     pub punter: Punter,
     /// Used only to return reinjected messages to the punt pool.
     pub recycler: PuntReceiver,
-    pub installs: Arc<ArrayQueue<Install>>,
+    pub installs: Arc<ArrayQueue<Update>>,
     pub requests: Receiver<Request>,
     /// Wakes this thread (installs, requests).
     pub wake: Arc<Wake>,
@@ -452,13 +390,13 @@ pub struct Dataplane {
     reinject_failed: u64,
     reports_lost: u64,
     first_packet: FirstPacket,
-    /// The last invalidation's version (see [`Install::version`]).
+    /// The last invalidation's version (see [`Update::version`]).
     min_version: u64,
     /// Ports are not polled (handover in progress), and nothing touches
     /// them or the frame pool: the next binary may own both.
     paused: bool,
     /// Frames of installs that arrived while paused, sent on resume.
-    deferred: Vec<Install>,
+    deferred: Vec<Update>,
     /// Told the CLOCK_MONOTONIC of the first poll after a resume.
     first_poll_waiter: Option<Sender<u64>>,
     /// CLOCK_MONOTONIC of the first poll (a handover's end of blackout).
@@ -723,14 +661,14 @@ impl Dataplane {
         }
     }
 
-    fn apply_install(&mut self, ins: Install, now: u64) {
+    fn apply_install(&mut self, ins: Update, now: u64) {
         let table = self.pipeline.table_mut();
         for key in &ins.remove {
             table.remove(key);
         }
-        if let Some(inv) = &ins.invalidation {
-            self.invalidated += table.retain(|k, a| !(inv.hits)(k, a)) as u64;
-            self.min_version = self.min_version.max(inv.version);
+        if let Some(inv) = &ins.invalidate {
+            self.invalidated += table.retain(|k, a| !inv.hits(k, a)) as u64;
+            self.min_version = self.min_version.max(ins.version);
         }
         // Decided before the last change: not installed; the frame is
         // decided again.
@@ -766,14 +704,14 @@ impl Dataplane {
                 }
             }
         }
-        if self.paused && (!ins.tx.is_empty() || ins.reinject.is_some()) {
+        if self.paused && (!ins.tx.is_empty() || ins.frame.is_some()) {
             // Frames wait: the pool and the ports may belong to the next
             // binary by now. Sent if this one resumes.
-            self.deferred.push(Install {
+            self.deferred.push(Update {
                 tx: ins.tx,
-                reinject: ins.reinject,
+                frame: ins.frame,
                 version: ins.version,
-                ..Install::default()
+                ..Update::default()
             });
             return;
         }
@@ -785,7 +723,7 @@ impl Dataplane {
                 }
             }
         }
-        if let Some(msg) = ins.reinject {
+        if let Some(msg) = ins.frame {
             let d = self.copy_in(&msg.data);
             let ingress = msg.ingress;
             let punted_at = msg.punted_at;

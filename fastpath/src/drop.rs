@@ -2,7 +2,7 @@
 
 use vxlan::{DecapError, HeaderError};
 
-use crate::reason::counted_enum;
+use dpif::counted_enum;
 
 counted_enum! {
     /// Why the fast path dropped a frame. Parser errors convert into it.

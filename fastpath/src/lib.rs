@@ -15,7 +15,6 @@ pub mod frame;
 pub mod hugepage;
 pub mod pipeline;
 pub mod punt;
-mod reason;
 pub mod rewrite;
 pub mod synth;
 pub mod tap;

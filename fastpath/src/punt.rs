@@ -14,62 +14,8 @@ use crossbeam_queue::ArrayQueue;
 use flowtable::{FlowKey, PortId};
 
 use crate::drop::DropReason;
-use crate::reason::counted_enum;
 
-counted_enum! {
-    /// Why a frame goes to the coprocessor.
-    pub enum PuntReason {
-        Miss => "miss",
-        Arp => "arp",
-        Action => "punt_action",
-        TtlExpired => "ttl_expired",
-        TooBig => "too_big",
-        VtepMismatch => "vtep_mismatch",
-        CtEvent => "conntrack_event",
-    }
-}
-
-/// A punted frame.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PuntMsg {
-    pub ingress: PortId,
-    pub reason: PuntReason,
-    /// Offset of the (inner) Ethernet header in `data`: non-zero for
-    /// frames from the uplink, whose outer headers are kept.
-    pub inner_start: u16,
-    /// Length of the frame as received; more than `data.len()` if the
-    /// frame was longer than a message holds (the headers are enough for
-    /// the "too big" answer).
-    pub orig_len: u32,
-    /// The key the fast path looked up, if it made one.
-    pub key: Option<FlowKey>,
-    /// The fast path's clock when the frame was punted (for first-packet
-    /// latency).
-    pub punted_at: u64,
-    /// The frame's bytes; capacity fixed when the pool is built.
-    pub data: Vec<u8>,
-}
-
-impl PuntMsg {
-    fn with_capacity(cap: usize) -> PuntMsg {
-        PuntMsg {
-            ingress: PortId(0),
-            reason: PuntReason::Miss,
-            inner_start: 0,
-            orig_len: 0,
-            key: None,
-            punted_at: 0,
-            data: Vec::with_capacity(cap),
-        }
-    }
-
-    /// The inner Ethernet frame (empty if the message was truncated before it).
-    pub fn inner(&self) -> &[u8] {
-        self.data
-            .get(usize::from(self.inner_start)..)
-            .unwrap_or(&[])
-    }
-}
+pub use dpif::{PuntMsg, PuntReason};
 
 /// Generic cell rate algorithm: a token bucket kept as one "theoretical
 /// arrival time", so a check is a compare and an add, no division.

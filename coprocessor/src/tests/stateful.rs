@@ -14,7 +14,7 @@ use super::{vni, GW_MAC, LOCAL_VTEP, NEXT_HOP, REMOTE_VTEP, UPLINK, UPLINK_MAC};
 use crate::acl::{Direction, Peer, Policy, Rule, SecurityGroup};
 use crate::conntrack::{ConnState, Limits, TcpState, Timeouts};
 use crate::topology::{External, LocalVm, Network, RemoteVm, Subnet, Topology, Uplink};
-use crate::{Coprocessor, DropCause, Outcome, PuntKind, Punted, Shared};
+use crate::{Coprocessor, DropCause, PuntMsg, Shared, Update};
 
 const A: PortId = PortId(1);
 const B: PortId = PortId(2);
@@ -192,7 +192,7 @@ struct Net {
     p: Pipeline,
     now: u64,
     /// Every outcome of the last `send`.
-    outcomes: Vec<Outcome>,
+    outcomes: Vec<Update>,
     /// Punts of the last `send`.
     punts: usize,
 }
@@ -237,7 +237,7 @@ impl Net {
         }
     }
 
-    fn apply(&mut self, out: &Outcome) {
+    fn apply(&mut self, out: &Update) {
         let t = self.p.table_mut();
         for k in &out.remove {
             t.remove(k);
@@ -263,22 +263,9 @@ impl Net {
             return Went::Dropped(None);
         };
         self.punts += 1;
-        let kind = match reason {
-            PuntReason::Miss => PuntKind::Miss,
-            PuntReason::Arp => PuntKind::Control,
-            PuntReason::CtEvent => PuntKind::CtEvent,
-            PuntReason::TooBig => PuntKind::TooBig,
-            PuntReason::TtlExpired => PuntKind::TtlExpired,
-            PuntReason::VtepMismatch => PuntKind::VtepMismatch,
-            PuntReason::Action => PuntKind::Action,
-        };
-        let out = self.cp.handle(&Punted {
-            ingress: port,
-            kind,
-            now: self.now,
-            frame,
-            key,
-        });
+        let out = self
+            .cp
+            .handle(&PuntMsg::of(port, reason, self.now, frame, key));
         self.apply(&out);
         let reinject = out.reinject;
         let drop = out.drop;
@@ -981,7 +968,7 @@ mod ops {
 
     /// Apply `ops` as the control thread does, and its answer as the
     /// fast path does.
-    fn apply(n: &mut Net, ops: Vec<Op>) -> Result<Outcome, OpError> {
+    fn apply(n: &mut Net, ops: Vec<Op>) -> Result<Update, OpError> {
         let (out, _) = n.cp.apply(ops)?;
         n.apply(&out);
         Ok(out)

@@ -141,8 +141,10 @@ fn an_unknown_version_is_refused_before_its_body_is_read() {
             Err(ProtocolError::Version { .. })
         ));
     }
-    let mut req = HandoverRequest::default();
-    req.protocol = 7;
+    let req = HandoverRequest {
+        protocol: 7,
+        ..Default::default()
+    };
     assert!(matches!(
         decode::<HandoverRequest>(&encode(&req)),
         Err(ProtocolError::Version { found: 7, .. })

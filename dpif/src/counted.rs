@@ -2,12 +2,15 @@
 //! variant, a dense index for counter arrays, and the list of all values.
 //! Used for drop reasons and punt reasons.
 
+/// Define a counted enum: `counted_enum! { pub enum Name { Variant =>
+/// "name", ... } }`.
+#[macro_export]
 macro_rules! counted_enum {
-    ($(#[$meta:meta])* $vis:vis enum $ty:ident { $($name:ident => $text:literal,)* }) => {
+    ($(#[$meta:meta])* $vis:vis enum $ty:ident { $($(#[$vmeta:meta])* $name:ident => $text:literal,)* }) => {
         $(#[$meta])*
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
         #[repr(u8)]
-        $vis enum $ty { $($name,)* }
+        $vis enum $ty { $($(#[$vmeta])* $name,)* }
 
         impl $ty {
             /// Every value, in counter order.
@@ -27,5 +30,3 @@ macro_rules! counted_enum {
         }
     };
 }
-
-pub(crate) use counted_enum;
