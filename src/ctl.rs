@@ -10,13 +10,15 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+use crate::command::Command;
+
 /// Send one request to the socket at `path` and return the answer.
-pub fn request(path: &Path, req: &Value) -> Result<Value> {
+pub fn request(path: &Path, req: &Command) -> Result<Value> {
     let s =
         UnixStream::connect(path).with_context(|| format!("connecting to {}", path.display()))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut w = &s;
-    w.write_all(req.to_string().as_bytes())?;
+    w.write_all(req.to_line().as_bytes())?;
     w.write_all(b"\n")?;
     let mut line = String::new();
     BufReader::new(&s).read_line(&mut line)?;
@@ -28,18 +30,18 @@ pub fn request(path: &Path, req: &Value) -> Result<Value> {
 }
 
 /// `vswitch ctl`: send `req`, print the answer as a table, or as JSON.
-pub fn ctl(path: &Path, req: &Value, as_json: bool, ports_only: bool) -> Result<()> {
+pub fn ctl(path: &Path, req: &Command, as_json: bool, ports_only: bool) -> Result<()> {
     let v = request(path, req)?;
     if as_json {
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
     }
-    match req["cmd"].as_str().unwrap_or("") {
-        "stats" if ports_only => print_ports(&v),
-        "stats" => print_stats(&v),
-        "flows" => print_flows(&v),
-        "topology" => print_topology(&v),
-        "top-talkers" => {
+    match req {
+        Command::Stats if ports_only => print_ports(&v),
+        Command::Stats => print_stats(&v),
+        Command::Flows { .. } => print_flows(&v),
+        Command::Topology => print_topology(&v),
+        Command::TopTalkers { .. } => {
             println!(
                 "{:>8} {:<16} {:<16} {:>6} {:>12} {:>14} {:>14}",
                 "vni", "destination", "vtep", "flows", "packets", "bytes", "bytes/s"
@@ -63,17 +65,16 @@ pub fn ctl(path: &Path, req: &Value, as_json: bool, ports_only: bool) -> Result<
             }
             println!("window {:.1} s", v["window_s"].as_f64().unwrap_or(0.0));
         }
-        "trace" => {
+        Command::Trace { .. } => {
             for st in v["steps"].as_array().into_iter().flatten() {
                 println!("{:<16} {}", s(st, "stage"), s(st, "what"));
             }
             println!("=> {}", s(&v, "verdict"));
         }
-        "leases" => print_leases(&v),
-        "ports" => print_ports(&v),
-        "port-add" => println!("port added (id {})", n(&v, "id")),
-        "port-remove" => println!("port removed"),
-        "apply" => println!(
+        Command::Leases => print_leases(&v),
+        Command::PortAdd(_) => println!("port added (id {})", n(&v, "id")),
+        Command::PortRemove { .. } => println!("port removed"),
+        Command::Apply { .. } => println!(
             "applied {} operations (version {}): {} connections ended, {} flows removed, {:.0} µs",
             n(&v, "ops"),
             n(&v, "version"),
@@ -81,17 +82,22 @@ pub fn ctl(path: &Path, req: &Value, as_json: bool, ports_only: bool) -> Result<
             n(&v, "flows_removed"),
             v["applied_us"].as_f64().unwrap_or(0.0)
         ),
-        "conntrack" => print_conntrack(&v),
-        "nat" => print_nat(&v),
-        "security-groups" => print_groups(&v),
-        _ => println!("ok: {} flows removed", n(&v, "flows_removed")),
+        Command::Conntrack => print_conntrack(&v),
+        Command::Nat => print_nat(&v),
+        Command::SecurityGroups => print_groups(&v),
+        Command::SecurityGroupSet { .. } => {
+            println!("ok: {} flows removed", n(&v, "flows_removed"))
+        }
+        Command::HandoverPrepare(_) | Command::Handover(_) => {
+            println!("{}", serde_json::to_string_pretty(&v)?)
+        }
     }
     Ok(())
 }
 
 /// The `apply` request from `file` (or standard input): an array of
 /// operations, or an object with `ops`.
-pub fn apply_request(file: Option<&Path>) -> Result<Value> {
+pub fn apply_request(file: Option<&Path>) -> Result<Command> {
     let text = match file {
         Some(f) if f != Path::new("-") => {
             std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?
@@ -104,11 +110,15 @@ pub fn apply_request(file: Option<&Path>) -> Result<Value> {
     };
     let v: Value = serde_json::from_str(&text).context("the changes are not JSON")?;
     let ops = match v {
-        Value::Array(_) => v,
-        Value::Object(mut o) => o.remove("ops").context("no `ops` in the changes")?,
+        Value::Array(ops) => ops,
+        Value::Object(mut o) => match o.remove("ops") {
+            Some(Value::Array(ops)) => ops,
+            Some(_) => bail!("`ops` in the changes is not an array of operations"),
+            None => bail!("no `ops` in the changes"),
+        },
         _ => bail!("the changes must be an array of operations or an object with `ops`"),
     };
-    Ok(json!({"cmd": "apply", "ops": ops}))
+    Ok(Command::Apply { ops })
 }
 
 /// A rule from "direction=ingress,protocol=tcp,ports=80,cidr=10.0.0.0/8"

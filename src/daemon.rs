@@ -31,8 +31,8 @@ use tracing::{info, warn};
 
 use crate::config::{Config, Poll, PortType};
 use crate::control;
-use crate::handover::TakenPort;
 use crate::neighbor;
+use crate::take::TakenPort;
 
 /// A takeover in progress: this binary prepares everything, then asks
 /// the running one (on `socket`) for its state and ports.
@@ -50,7 +50,7 @@ pub fn takeover(config: &std::path::Path) -> Result<()> {
     let started = Instant::now();
     let own = Config::load(config)?;
     let socket = own.switch.control_socket.clone();
-    let (text, epoch_mono_ns) = crate::handover::prepare(&socket)?;
+    let (text, epoch_mono_ns) = crate::take::prepare(&socket)?;
     let cfg = Config::parse(&text).context("the running switch's configuration")?;
     run(
         cfg,
@@ -312,7 +312,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     let mut inherited_links: Vec<std::os::fd::OwnedFd> = Vec::new();
     let mut next_port = n_ports;
     if let Some(t) = &takeover {
-        let taken = crate::handover::take(&t.socket)?;
+        let taken = crate::take::take(&t.socket)?;
         // Pre-copy (the old binary still forwards): the state, the flows
         // in the held fast path, the pool and the sockets' rings mapped.
         send_request(&req_tx, &wake, fastpath::dataplane::Request::Hold)?;
@@ -384,7 +384,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         let precopy_done = fastpath::dataplane::monotonic_ns();
         // The pause: the old binary stops polling and says which frames
         // are free; the ports and the pool go to the fast path at once.
-        let pause = crate::handover::ready(&taken.conn)?;
+        let pause = crate::take::ready(&taken.conn)?;
         for (p, c) in adopted.iter_mut().zip(pause.counters) {
             p.counters = c;
         }
@@ -420,7 +420,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         })?;
         let adopted_mono_ns = fastpath::dataplane::monotonic_ns();
         inherited_links = taken.xdp_links;
-        crate::handover::confirm(&taken.conn, taken.confirm_ack)?;
+        crate::take::confirm(&taken.conn, taken.confirm_ack)?;
         let (tx, rx) = mpsc::channel();
         send_request(
             &req_tx,
@@ -470,7 +470,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     xdp_links.extend(inherited_links.iter().map(|fd| fd.as_raw_fd()));
     let punt_depth: Arc<dyn Fn() -> usize + Send + Sync> = Arc::new(move || depth_rx.depth());
     let (metrics_req_tx, metrics_shared) = (req_tx.clone(), ctl_cp.shared().clone());
-    let links = control::Links {
+    let links = crate::links::Links {
         config_text,
         handover_refused,
         xdp_links,

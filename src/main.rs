@@ -2,24 +2,31 @@
 //! (`vswitch ctl`).
 
 mod api;
+mod changes;
+mod command;
 mod config;
 mod control;
 mod ctl;
 mod daemon;
 mod deadline;
-mod handover;
+mod give;
 mod install;
+mod links;
 mod metrics;
 mod metrics_http;
 mod neighbor;
 mod ratelog;
+mod take;
 mod trace;
+mod upgrade;
 mod vhost;
+mod views;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use command::Command;
 
 #[derive(Parser)]
 #[command(
@@ -212,40 +219,48 @@ fn main() -> ExitCode {
             binary,
             config,
             log,
-        }) => handover::upgrade(&binary, &config, log.as_deref()),
+        }) => upgrade::upgrade(&binary, &config, log.as_deref()),
         Some(Cmd::Check { config }) => {
             config::Config::load(&config).and_then(|c| c.topology().map(|_| println!("config ok")))
         }
         Some(Cmd::Ctl { socket, json, what }) => {
             let ports_only = matches!(what, CtlCmd::Ports);
-            let cmd = |c: &str| serde_json::json!({ "cmd": c });
             let req = match what {
-                CtlCmd::Stats => Ok(cmd("stats")),
+                CtlCmd::Stats | CtlCmd::Ports => Ok(Command::Stats),
                 CtlCmd::Flows {
                     port,
                     vni,
                     ip,
                     proto,
                     limit,
-                } => Ok(serde_json::json!({"cmd": "flows", "filter": {
-                    "port": port, "vni": vni, "ip": ip.map(|i| i.to_string()), "proto": proto, "limit": limit}})),
-                CtlCmd::Ports => Ok(cmd("stats")),
-                CtlCmd::Topology => Ok(cmd("topology")),
-                CtlCmd::Leases => Ok(cmd("leases")),
+                } => Ok(Command::Flows {
+                    filter: command::FlowFilter {
+                        port,
+                        vni,
+                        ip,
+                        proto,
+                        limit: Some(limit),
+                    },
+                }),
+                CtlCmd::Topology => Ok(Command::Topology),
+                CtlCmd::Leases => Ok(Command::Leases),
                 CtlCmd::PortAdd {
                     name,
                     kind,
                     socket,
                     mode,
                     mac,
-                } => Ok(serde_json::json!({"cmd": "port-add", "name": name, "type": kind,
-                    "socket": socket, "mode": mode, "mac": mac})),
-                CtlCmd::PortRemove { name } => {
-                    Ok(serde_json::json!({"cmd": "port-remove", "name": name}))
-                }
-                CtlCmd::TopTalkers { limit } => {
-                    Ok(serde_json::json!({"cmd": "top-talkers", "limit": limit}))
-                }
+                } => Ok(Command::PortAdd(command::PortAdd {
+                    name,
+                    kind,
+                    socket,
+                    mode,
+                    mac,
+                })),
+                CtlCmd::PortRemove { name } => Ok(Command::PortRemove { name }),
+                CtlCmd::TopTalkers { limit } => Ok(Command::TopTalkers {
+                    limit: Some(usize::try_from(limit).unwrap_or(usize::MAX)),
+                }),
                 CtlCmd::Apply { file } => ctl::apply_request(file.as_deref()),
                 CtlCmd::Trace {
                     port,
@@ -257,20 +272,28 @@ fn main() -> ExitCode {
                     sport,
                     dport,
                     flags,
-                } => Ok(serde_json::json!({"cmd": "trace", "packet": {
-                    "port": port, "vni": vni, "vtep": vtep.map(|v| v.to_string()),
-                    "src": src.to_string(), "dst": dst.to_string(), "proto": proto,
-                    "sport": sport, "dport": dport, "flags": flags}})),
-                CtlCmd::Conntrack => Ok(cmd("conntrack")),
-                CtlCmd::Nat => Ok(cmd("nat")),
-                CtlCmd::SecurityGroups => Ok(cmd("security-groups")),
+                } => Ok(Command::Trace {
+                    packet: trace::TracePacket {
+                        port,
+                        vni,
+                        vtep,
+                        src,
+                        dst,
+                        proto,
+                        sport,
+                        dport,
+                        flags,
+                        src_mac: None,
+                    },
+                }),
+                CtlCmd::Conntrack => Ok(Command::Conntrack),
+                CtlCmd::Nat => Ok(Command::Nat),
+                CtlCmd::SecurityGroups => Ok(Command::SecurityGroups),
                 CtlCmd::SecurityGroupSet { name, rules } => rules
                     .iter()
                     .map(|r| ctl::parse_rule_arg(r))
                     .collect::<anyhow::Result<Vec<_>>>()
-                    .map(|rules| {
-                        serde_json::json!({"cmd": "security-group-set", "name": name, "rules": rules})
-                    }),
+                    .map(|rules| Command::SecurityGroupSet { name, rules }),
             };
             req.and_then(|r| ctl::ctl(&socket, &r, json, ports_only))
         }

@@ -16,11 +16,11 @@ use dpif::{PuntMsg, PuntReason};
 use fastpath::synth::{self, UdpFlow};
 use fastpath::{Classifier, Kind};
 use flowtable::{Action, FlowKey, NatSide, Output, PortId};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 /// A packet to trace.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TracePacket {
     /// Ingress: a VM port by name...

@@ -5,8 +5,8 @@
 //!
 //! | new binary sends | old binary answers |
 //! |---|---|
-//! | [`PrepareRequest`] (a JSON line) | [`PrepareAnswer`] or an [`ErrorAnswer`] (a JSON line) |
-//! | [`HandoverRequest`] (a JSON line) | [`Offer`] (framed, with descriptors) or an [`ErrorAnswer`] |
+//! | [`PrepareRequest`] (a control request's line) | [`PrepareAnswer`] or an [`ErrorAnswer`] (a JSON line) |
+//! | [`HandoverRequest`] (a control request's line) | [`Offer`] (framed, with descriptors) or an [`ErrorAnswer`] |
 //! | [`READY`] | [`PauseHeader`] (framed, with the vhost-user descriptors), the free list |
 //! | [`CONFIRM`] | [`ACK`] |
 //!
@@ -106,6 +106,24 @@ pub fn decode<M: Message>(bytes: &[u8]) -> Result<M, ProtocolError> {
     serde_json::from_slice(bytes).map_err(malformed)
 }
 
+/// A message already read (as part of another, such as a control
+/// request): refused if of a version this binary does not speak.
+pub fn check<M: Message>(m: &M) -> Result<(), ProtocolError> {
+    if SPEAKS.contains(&m.protocol()) {
+        Ok(())
+    } else {
+        Err(ProtocolError::Version {
+            message: M::NAME,
+            found: m.protocol(),
+        })
+    }
+}
+
+/// `line` (as read, with or without its newline) is `expected`.
+pub fn is_line(line: &str, expected: &[u8]) -> bool {
+    line.as_bytes().trim_ascii_end() == expected.trim_ascii_end()
+}
+
 /// Check a frame's length (its first 8 bytes) before reading the frame.
 pub fn frame_len<M: Message>(len: [u8; 8]) -> Result<usize, ProtocolError> {
     let len = u64::from_le_bytes(len);
@@ -133,21 +151,17 @@ macro_rules! message {
 }
 
 /// The new side's first request: the running switch's configuration and
-/// clock, so it can start everything before anything pauses.
+/// clock, so it can start everything before anything pauses. (The
+/// control socket's command names it: `handover-prepare`.)
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PrepareRequest {
-    /// Always `handover-prepare` (the control socket's command field).
-    pub cmd: String,
     #[serde(default = "v1")]
     pub protocol: u32,
 }
 
 impl Default for PrepareRequest {
     fn default() -> Self {
-        PrepareRequest {
-            cmd: "handover-prepare".into(),
-            protocol: PROTOCOL,
-        }
+        PrepareRequest { protocol: PROTOCOL }
     }
 }
 message!(PrepareRequest, "handover-prepare request");
@@ -163,21 +177,16 @@ pub struct PrepareAnswer {
 }
 message!(PrepareAnswer, "handover-prepare answer");
 
-/// The new side's second request: hand over.
+/// The new side's second request: hand over (command `handover`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HandoverRequest {
-    /// Always `handover`.
-    pub cmd: String,
     #[serde(default = "v1")]
     pub protocol: u32,
 }
 
 impl Default for HandoverRequest {
     fn default() -> Self {
-        HandoverRequest {
-            cmd: "handover".into(),
-            protocol: PROTOCOL,
-        }
+        HandoverRequest { protocol: PROTOCOL }
     }
 }
 message!(HandoverRequest, "handover request");

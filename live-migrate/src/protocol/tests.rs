@@ -141,14 +141,17 @@ fn an_unknown_version_is_refused_before_its_body_is_read() {
             Err(ProtocolError::Version { .. })
         ));
     }
-    let req = HandoverRequest {
-        protocol: 7,
-        ..Default::default()
-    };
+    let req = HandoverRequest { protocol: 7 };
     assert!(matches!(
         decode::<HandoverRequest>(&encode(&req)),
         Err(ProtocolError::Version { found: 7, .. })
     ));
+    assert!(matches!(
+        check(&req),
+        Err(ProtocolError::Version { found: 7, .. })
+    ));
+    assert_eq!(check(&HandoverRequest::default()), Ok(()));
+    assert!(is_line("ready\n", READY) && is_line("ready", READY) && !is_line("read", READY));
 }
 
 #[test]

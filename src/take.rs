@@ -1,0 +1,300 @@
+//! Live handover, the new binary's side: asking the running switch for
+//! its configuration, taking its pre-copy, then its pause, and confirming
+//! (see `give` for the conversation as a whole, `live_migrate::protocol`
+//! for its messages).
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use fastpath::dataplane::{monotonic_ns, PortCounters};
+use fastpath::pipeline::NamedCounters;
+use live_migrate::protocol::{self, Offer, PauseHeader, PipelineCounters, PortEntry};
+use live_migrate::{fdpass, SwitchState};
+
+use crate::command::Command;
+use crate::deadline::Deadline;
+
+/// The new side, before anything pauses: the running switch's
+/// configuration and clock zero (CLOCK_MONOTONIC ns), so this binary can
+/// start everything first and keep the blackout to the state transfer.
+pub fn prepare(socket: &Path) -> Result<(String, u64)> {
+    let conn = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to the running switch at {}", socket.display()))?;
+    conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let req = Command::HandoverPrepare(Default::default()).to_line() + "\n";
+    (&conn).write_all(req.as_bytes())?;
+    let mut line = String::new();
+    BufReader::new((&conn).take(protocol::MAX_HEADER)).read_line(&mut line)?;
+    refused(line.as_bytes())?;
+    let a: protocol::PrepareAnswer = protocol::decode(line.as_bytes())?;
+    Ok((a.config, a.epoch_mono_ns))
+}
+
+/// An error answer from the running switch, as an error.
+fn refused(answer: &[u8]) -> Result<()> {
+    match serde_json::from_slice::<protocol::ErrorAnswer>(answer) {
+        Ok(e) => bail!("the running switch refused: {}", e.error),
+        Err(_) => Ok(()),
+    }
+}
+
+/// A port as received, by id.
+pub enum TakenPort {
+    Tap(OwnedFd),
+    Xsk {
+        fd: OwnedFd,
+        ring_size: u32,
+    },
+    /// vhost-user: the connection comes with the pause.
+    VhostUser,
+    /// Removed at run time (its id stays taken).
+    Closed,
+}
+
+/// The frame pool as received (which frames are free comes with the
+/// pause).
+pub struct TakenPool {
+    pub fd: OwnedFd,
+    pub len: usize,
+    pub huge: bool,
+    pub chunk_size: u32,
+}
+
+/// The pre-copy, as the new binary received it.
+pub struct Taken {
+    pub state: SwitchState,
+    /// The fast path's flows, read in place from the snapshot file.
+    pub flows: live_migrate::memfd::MappedFlows,
+    /// Ports by id, with their names.
+    pub ports: Vec<(String, TakenPort)>,
+    pub listener: UnixListener,
+    pub pool: TakenPool,
+    /// The bpf_links keeping the XDP programs attached: held for as long
+    /// as this binary runs (and handed on).
+    pub xdp_links: Vec<OwnedFd>,
+    /// CLOCK_MONOTONIC of the old binary's holding its coprocessors (new
+    /// flows wait from then on; a binary that did not send it: its start
+    /// of the pre-copy), of its start of the pre-copy (flows dumped, state
+    /// saved), of the end of its packing, of this side's having it all.
+    pub held_mono_ns: u64,
+    pub started_mono_ns: u64,
+    pub packed_mono_ns: u64,
+    pub received_mono_ns: u64,
+    pub snapshot_bytes: usize,
+    /// The flow table's hash seed (flows keep their hashes).
+    pub hash_seed: u64,
+    /// The connection to confirm on.
+    pub conn: UnixStream,
+    /// The running switch acknowledges the confirm (see [`confirm`]).
+    pub confirm_ack: bool,
+}
+
+/// What the pause brought.
+pub struct Pause {
+    /// The frames user space owns.
+    pub free: Vec<u64>,
+    pub counters: Vec<PortCounters>,
+    pub pipeline: NamedCounters,
+    /// The vhost-user ports' connections.
+    pub vhost: Vec<crate::vhost::Given>,
+    /// CLOCK_MONOTONIC of the old binary's last poll, of the end of its
+    /// packing, of this side's having it all.
+    pub paused_mono_ns: u64,
+    pub packed_mono_ns: u64,
+    pub received_mono_ns: u64,
+}
+
+/// Read a framed message whose length (8 bytes, LE) is `len`.
+fn read_message<M: protocol::Message>(conn: &UnixStream, len: [u8; 8]) -> Result<M> {
+    let mut header = vec![0u8; protocol::frame_len::<M>(len)?];
+    (&*conn)
+        .read_exact(&mut header)
+        .with_context(|| format!("reading the {}", M::NAME))?;
+    Ok(protocol::decode(&header)?)
+}
+
+/// The new side: ask the switch on `socket` to hand over, and take the
+/// pre-copy.
+pub fn take(socket: &Path) -> Result<Taken> {
+    let conn = UnixStream::connect(socket)
+        .with_context(|| format!("connecting to the running switch at {}", socket.display()))?;
+    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let req = Command::Handover(Default::default()).to_line() + "\n";
+    (&conn).write_all(req.as_bytes())?;
+    let mut len = [0u8; 8];
+    let (n, fds) = fdpass::recv_many(&conn, &mut len)?;
+    if n == 0 {
+        bail!("the running switch closed the connection");
+    }
+    if fds.is_empty() {
+        // An error answer (JSON) rather than a handover.
+        let mut rest = len[..n].to_vec();
+        let _ = (&conn).take(protocol::MAX_HEADER).read_to_end(&mut rest);
+        refused(rest.trim_ascii_end())?;
+        bail!(
+            "the running switch answered neither a handover nor an error: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+    let h: Offer = read_message(&conn, len)?;
+    let received_mono_ns = monotonic_ns();
+    h.check_descriptors(fds.len())?;
+    let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+    // Each index was checked above: present, and named once.
+    let mut take_fd = |i: usize| -> Result<OwnedFd> {
+        fds.get_mut(i)
+            .and_then(Option::take)
+            .context("a descriptor the offer names is missing")
+    };
+    let snap = take_fd(h.snapshot_fd)?;
+    let state = live_migrate::memfd::decode_fd(snap.as_fd(), h.snapshot)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let flows = live_migrate::memfd::MappedFlows::map(snap.as_fd(), h.flows)
+        .map_err(|e| anyhow::anyhow!("the flow section: {e}"))?;
+    let mut ports = Vec::new();
+    for p in h.ports {
+        let (name, port) = match p {
+            PortEntry::Tap { name, fd } => (name, TakenPort::Tap(take_fd(fd)?)),
+            PortEntry::AfXdp {
+                name,
+                fd,
+                ring_size,
+            } => (
+                name,
+                TakenPort::Xsk {
+                    fd: take_fd(fd)?,
+                    ring_size,
+                },
+            ),
+            PortEntry::VhostUser { name } => (name, TakenPort::VhostUser),
+            PortEntry::Closed { name } => (name, TakenPort::Closed),
+        };
+        ports.push((name, port));
+    }
+    let listener = UnixListener::from(take_fd(h.listener_fd)?);
+    let pool = TakenPool {
+        fd: take_fd(h.pool.fd)?,
+        len: h.pool.len,
+        huge: h.pool.huge,
+        chunk_size: h.pool.chunk_size,
+    };
+    let xdp_links = h
+        .xdp_links
+        .iter()
+        .map(|&l| take_fd(l))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Taken {
+        state,
+        flows,
+        ports,
+        listener,
+        pool,
+        xdp_links,
+        held_mono_ns: h.held_mono_ns.unwrap_or(h.started_mono_ns),
+        started_mono_ns: h.started_mono_ns,
+        packed_mono_ns: h.packed_mono_ns,
+        received_mono_ns,
+        snapshot_bytes: h.snapshot + h.flows.count * live_migrate::FLOW_BYTES,
+        hash_seed: h.hash_seed,
+        confirm_ack: h.confirm_ack,
+        conn,
+    })
+}
+
+/// The new side: say on `conn` that the pre-copy is in place; the old
+/// binary pauses and sends the rest.
+pub fn ready(conn: &UnixStream) -> Result<Pause> {
+    (&*conn)
+        .write_all(protocol::READY)
+        .context("telling the running switch the pre-copy is in")?;
+    let mut len = [0u8; 8];
+    let (n, fds) = fdpass::recv_many(conn, &mut len).context("the running switch did not pause")?;
+    if n < len.len() {
+        bail!("the running switch did not pause (it closed the connection)");
+    }
+    let h: PauseHeader = read_message(conn, len)?;
+    let mut free = vec![0u8; h.free_bytes()?];
+    (&*conn).read_exact(&mut free)?;
+    let received_mono_ns = monotonic_ns();
+    let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
+    let mut vhost = Vec::new();
+    for v in h.vhost {
+        vhost.push(crate::vhost::from_wire(v, |i| {
+            fds.get_mut(i)
+                .and_then(Option::take)
+                .context("a descriptor the pause names is missing")
+        })?);
+    }
+    Ok(Pause {
+        free: free
+            .chunks_exact(8)
+            .map(|c| {
+                let mut b = [0u8; 8];
+                b.copy_from_slice(c);
+                u64::from_le_bytes(b)
+            })
+            .collect(),
+        counters: h
+            .counters
+            .iter()
+            .map(counters_from_wire)
+            .collect::<Result<_>>()?,
+        pipeline: pipeline_from_wire(h.pipeline),
+        vhost,
+        paused_mono_ns: h.paused_mono_ns,
+        packed_mono_ns: h.packed_mono_ns,
+        received_mono_ns,
+    })
+}
+
+/// The new side's commit point: from here the old binary exits and this
+/// one owns the ports, the rings and the frames.
+pub fn confirm(conn: &UnixStream, acknowledged: bool) -> Result<()> {
+    (&*conn)
+        .write_all(protocol::CONFIRM)
+        .context("confirming the handover")?;
+    if !acknowledged {
+        // A binary from before the acknowledgement: it exits on the confirm.
+        return Ok(());
+    }
+    // Poll only once the old side says it will not: a confirm it took too
+    // late is refused by its silence (it resumed).
+    let mut line = String::new();
+    BufReader::new(Deadline::new(conn, ACK_TIMEOUT).take(protocol::MAX_LINE))
+        .read_line(&mut line)
+        .context("waiting for the running switch to acknowledge the confirm")?;
+    anyhow::ensure!(
+        protocol::is_line(&line, protocol::ACK),
+        "the running switch did not acknowledge the confirm ({:?}): it resumed",
+        line.trim()
+    );
+    Ok(())
+}
+
+/// How long the new side waits for the acknowledgement of its confirm.
+const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A port's counters from their names; a counter this binary does not
+/// know is dropped, one it knows and the message lacks is refused unless
+/// it was added later (those default to 0).
+fn counters_from_wire(m: &BTreeMap<String, u64>) -> Result<PortCounters> {
+    serde_json::from_value(serde_json::to_value(m)?).context("handover pause: port counters")
+}
+
+fn pipeline_from_wire(p: PipelineCounters) -> NamedCounters {
+    NamedCounters {
+        rx_packets: p.rx_packets,
+        rx_bytes: p.rx_bytes,
+        hits: p.hits,
+        misses: p.misses,
+        tx_packets: p.tx_packets,
+        punts: p.punts,
+        drops: p.drops,
+        port_drops: p.port_drops,
+    }
+}
