@@ -13,6 +13,14 @@ use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use flowtable::Mac;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use coprocessor::Shared;
+use fastpath::wake::Wake;
+use tracing::{info, warn};
 
 const NETLINK_ROUTE: libc::c_int = 0;
 /// AF_INET (2) as the one-byte family field of netlink messages.
@@ -230,6 +238,74 @@ pub fn provoke_resolution(ip: Ipv4Addr) {
             libc::socklen_t::try_from(std::mem::size_of::<libc::sockaddr_in>()).unwrap_or(0),
         )
     };
+}
+
+/// Follow the kernel's next hop and its MAC for every remote VTEP; tell
+/// the coprocessors, and have the fast path drop flows through a next hop
+/// whose MAC changed.
+pub fn follow(
+    shared: &Mutex<Shared>,
+    requests: &mpsc::Sender<fastpath::dataplane::Request>,
+    wake: &Wake,
+    stop: &AtomicBool,
+) {
+    let mut nl = match Netlink::open() {
+        Ok(nl) => nl,
+        Err(e) => {
+            warn!("rtnetlink unavailable, remote VTEPs unreachable: {e}");
+            return;
+        }
+    };
+    let mut known: std::collections::HashMap<std::net::Ipv4Addr, flowtable::Mac> =
+        Default::default();
+    let mut last_provoke = std::time::Instant::now() - Duration::from_secs(10);
+    while !stop.load(Ordering::Relaxed) {
+        let table = nl.neighbors().unwrap_or_default();
+        let mut missing = Vec::new();
+        // The VTEPs in use now (remote endpoints change at run time).
+        let vteps = coprocessor::lock(shared).topo.remote_vteps();
+        known.retain(|v, _| vteps.binary_search(v).is_ok());
+        for &vtep in &vteps {
+            let hop = nl.next_hop(vtep).unwrap_or(vtep);
+            let now = table.get(&hop).copied();
+            let before = known.get(&vtep).copied();
+            if now != before {
+                match now {
+                    Some(m) => {
+                        known.insert(vtep, m);
+                        info!(%vtep, next_hop = %hop, mac = %coprocessor::topology::mac_str(&m), "next hop resolved");
+                    }
+                    None => {
+                        known.remove(&vtep);
+                        warn!(%vtep, next_hop = %hop, "next hop lost");
+                    }
+                }
+                let mut sh = coprocessor::lock(shared);
+                let topo = Arc::make_mut(&mut sh.topo);
+                match now {
+                    Some(m) => topo.set_neighbor(vtep, m),
+                    None => topo.remove_neighbor(vtep),
+                }
+                drop(sh);
+                if let Some(old) = before {
+                    let _ = requests.send(fastpath::dataplane::Request::InvalidateNextHop(old));
+                    wake.notify();
+                }
+            }
+            if now.is_none() {
+                missing.push(hop);
+            }
+        }
+        if !missing.is_empty() && last_provoke.elapsed() >= Duration::from_secs(1) {
+            missing.iter().for_each(|h| provoke_resolution(*h));
+            last_provoke = std::time::Instant::now();
+        }
+        thread::sleep(Duration::from_millis(if missing.is_empty() {
+            500
+        } else {
+            100
+        }));
+    }
 }
 
 #[cfg(test)]

@@ -3,18 +3,26 @@
 //! (see `give` for the conversation as a whole, `live_migrate::protocol`
 //! for its messages).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use fastpath::dataplane::{monotonic_ns, PortCounters};
+use coprocessor::Shared;
+use fastpath::dataplane::{monotonic_ns, Port, PortCounters, PortIo, Request};
 use fastpath::pipeline::NamedCounters;
+use fastpath::tap::Tap;
+use fastpath::umem::FramePool;
+use fastpath::wake::Wake;
+use fastpath::xsk::XskSocket;
+use flowtable::PortId;
 use live_migrate::protocol::{self, Offer, PauseHeader, PipelineCounters, PortEntry};
 use live_migrate::{fdpass, SwitchState};
+use tracing::{info, warn};
 
 use crate::command::Command;
 use crate::deadline::Deadline;
@@ -297,4 +305,204 @@ fn pipeline_from_wire(p: PipelineCounters) -> NamedCounters {
         drops: p.drops,
         port_drops: p.port_drops,
     }
+}
+
+/// A takeover in progress: this binary prepares everything, then asks
+/// the running one (on `socket`) for its state and ports.
+pub struct Takeover {
+    pub socket: std::path::PathBuf,
+    /// CLOCK_MONOTONIC at the running switch's clock zero, which this one
+    /// continues.
+    pub epoch_mono_ns: u64,
+    pub started: std::time::Instant,
+}
+
+/// What taking over brought besides the state.
+pub struct Adopted {
+    /// How it went (logged, and shown by `ctl stats`).
+    pub report: serde_json::Value,
+    /// The control socket, bound by the first binary.
+    pub listener: UnixListener,
+    /// The bpf_links keeping the XDP programs attached.
+    pub xdp_links: Vec<OwnedFd>,
+    /// The id the next port added at run time gets.
+    pub next_port: u16,
+}
+
+/// Everything is running (fast path held, coprocessors idle): take the
+/// switch over from the running binary. The pre-copy goes into the fast
+/// path (`req_tx`) and the shared state while the old binary forwards;
+/// then the pause brings the ports (named into `port_names`, vhost-user
+/// ones into `vhost_links`) and the pool; confirmed, the fast path polls.
+pub fn adopt(
+    t: &Takeover,
+    req_tx: &mpsc::Sender<Request>,
+    wake: &Arc<Wake>,
+    shared: &Mutex<Shared>,
+    uplink_name: Option<&str>,
+    port_names: &mut HashMap<String, PortId>,
+    vhost_links: &mut Vec<crate::vhost::Link>,
+) -> Result<Adopted> {
+    let taken = take(&t.socket)?;
+    let mut next_port = 0;
+    // Pre-copy (the old binary still forwards): the state, the flows
+    // in the held fast path, the pool and the sockets' rings mapped.
+    send_request(req_tx, wake, fastpath::dataplane::Request::Hold)?;
+    let carried = taken.state.shared.conns.len();
+    let flows = taken.state.flows.len() + taken.flows.len();
+    let state = taken.state;
+    let warm = fastpath::dataplane::Warm {
+        hash_seed: taken.hash_seed,
+        actions: state.actions,
+        flows: Box::new(
+            state
+                .flows
+                .into_records()
+                .chain(taken.flows.into_records())
+                .map(|r| (r.key, r.action, r.stats)),
+        ),
+    };
+    let (warm_tx, warm_rx) = mpsc::channel();
+    send_request(
+        req_tx,
+        wake,
+        fastpath::dataplane::Request::Restore(Box::new(warm), warm_tx),
+    )?;
+    // The shared state meanwhile, on this thread.
+    let restored = Shared::restore(state.shared, state.clock_ns)
+        .map_err(|e| anyhow::anyhow!("restoring the handed-over state: {e}"))?;
+    *coprocessor::lock(shared) = restored;
+    let region = fastpath::umem::Region::from_fd(
+        taken.pool.fd.try_clone()?,
+        taken.pool.len,
+        taken.pool.huge,
+    )
+    .context("mapping the handed-over frame pool")?;
+    let mut adopted = Vec::new();
+    for (id, (name, taken_port)) in taken.ports.into_iter().enumerate() {
+        let id = PortId(u16::try_from(id).context("too many ports")?);
+        let closed = matches!(taken_port, TakenPort::Closed);
+        let io = match taken_port {
+            TakenPort::Tap(fd) => PortIo::Tap(Tap::from_fd(fd, &name)),
+            TakenPort::Xsk { fd, ring_size } => PortIo::Xsk(
+                XskSocket::from_fd(fd, ring_size)
+                    .with_context(|| format!("port {name}: the handed-over AF_XDP socket"))?,
+            ),
+            // Its connection comes with the pause.
+            TakenPort::VhostUser | TakenPort::Closed => PortIo::Closed,
+        };
+        if uplink_name != Some(name.as_str()) && !closed {
+            port_names.insert(name.clone(), id);
+        }
+        adopted.push(Port {
+            id,
+            name,
+            io,
+            counters: PortCounters::default(),
+        });
+        next_port = id.0 + 1;
+    }
+    // The flows are in before the pause, so it does not wait for them.
+    let (_, refused, same_hash) = warm_rx
+        .recv_timeout(Duration::from_secs(30))
+        .context("the fast path did not take the flows in within 30 s")?;
+    if refused > 0 {
+        warn!(refused, "handed-over flows that did not fit the flow table");
+    }
+    if !same_hash {
+        warn!("the flow table was not empty: flows get new VXLAN source ports");
+    }
+    let precopy_done = fastpath::dataplane::monotonic_ns();
+    // The pause: the old binary stops polling and says which frames
+    // are free; the ports and the pool go to the fast path at once.
+    let pause = ready(&taken.conn)?;
+    for (p, c) in adopted.iter_mut().zip(pause.counters) {
+        p.counters = c;
+    }
+    // The vhost-user connections: each set up again in a fresh
+    // request handler (the VMM notices nothing), its rings published
+    // before the fast path gets the port.
+    for given in pause.vhost {
+        let port = adopted
+            .iter_mut()
+            .find(|p| p.name == given.spec.name)
+            .with_context(|| {
+                format!(
+                    "vhost-user port {} is not among the handed-over ports",
+                    given.spec.name
+                )
+            })?;
+        let (link, io) = crate::vhost::adopt(given)?;
+        link.wake_on_kick(wake);
+        port.io = io;
+        vhost_links.push(link);
+    }
+    let pool = FramePool::adopt(region, taken.pool.chunk_size, pause.free)
+        .context("adopting the handed-over frame pool")?;
+    ask_fast_path(req_tx, wake, |tx| {
+        fastpath::dataplane::Request::Adopt(
+            Box::new(fastpath::dataplane::Adoption {
+                pool,
+                ports: adopted,
+                counters: Some(pause.pipeline),
+            }),
+            tx,
+        )
+    })?;
+    let adopted_mono_ns = fastpath::dataplane::monotonic_ns();
+    confirm(&taken.conn, taken.confirm_ack)?;
+    let (tx, rx) = mpsc::channel();
+    send_request(req_tx, wake, fastpath::dataplane::Request::Resume(Some(tx)))?;
+    let first = rx
+        .recv_timeout(Duration::from_secs(2))
+        .context("the fast path did not poll within 2 s of the handover")?;
+    let us = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e3;
+    let blackout_us = us(pause.paused_mono_ns, first);
+    let v = serde_json::json!({"blackout_us": blackout_us,
+        "phases_us": {
+            "pause_and_pack": us(pause.paused_mono_ns, pause.packed_mono_ns),
+            "transfer": us(pause.packed_mono_ns, pause.received_mono_ns),
+            "adopt": us(pause.received_mono_ns, adopted_mono_ns),
+            "confirm_and_first_poll": us(adopted_mono_ns, first)},
+        "precopy_us": {
+            "dump_and_save": us(taken.held_mono_ns, taken.started_mono_ns),
+            "save_and_encode": us(taken.started_mono_ns, taken.packed_mono_ns),
+            "transfer": us(taken.packed_mono_ns, taken.received_mono_ns),
+            "restore": us(taken.received_mono_ns, precopy_done),
+            "held_to_restored": us(taken.held_mono_ns, precopy_done)},
+        "snapshot_bytes": taken.snapshot_bytes,
+        "takeover_ms": t.started.elapsed().as_secs_f64() * 1e3,
+        "flows": flows, "connections": carried});
+    info!(%v, "took the switch over");
+    Ok(Adopted {
+        report: v,
+        listener: taken.listener,
+        xdp_links: taken.xdp_links,
+        next_port,
+    })
+}
+
+/// Send the fast path a request that needs no answer.
+fn send_request(
+    req: &mpsc::Sender<fastpath::dataplane::Request>,
+    wake: &Wake,
+    r: fastpath::dataplane::Request,
+) -> Result<()> {
+    req.send(r)
+        .map_err(|_| anyhow::anyhow!("the fast path is gone"))?;
+    wake.notify();
+    Ok(())
+}
+
+/// Ask the fast path something that succeeds or names what is wrong.
+fn ask_fast_path(
+    req: &mpsc::Sender<fastpath::dataplane::Request>,
+    wake: &Wake,
+    make: impl FnOnce(mpsc::Sender<Result<(), String>>) -> fastpath::dataplane::Request,
+) -> Result<()> {
+    let (tx, rx) = mpsc::channel();
+    send_request(req, wake, make(tx))?;
+    rx.recv_timeout(Duration::from_secs(2))
+        .context("the fast path did not answer")?
+        .map_err(|e| anyhow::anyhow!("{e}"))
 }

@@ -1,0 +1,120 @@
+//! The coprocessor threads' loop: decide for punted frames, follow the
+//! fast path's reports on tracked connections, keep the connection timers
+//! (one thread), and send each update back to the fast path.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use coprocessor::Coprocessor;
+use crossbeam_queue::ArrayQueue;
+use fastpath::dataplane::{Report, Update};
+use fastpath::wake::Wake;
+use fastpath::PuntReceiver;
+
+use crate::install::send_update;
+
+/// Fast-path reports waiting for the coprocessors.
+pub const REPORT_QUEUE: usize = 65_536;
+
+/// How often the timekeeping coprocessor thread advances connection timers.
+const TICK: Duration = Duration::from_millis(250);
+
+/// Start `n` coprocessor threads on `shared`, connected as `links` says
+/// (the first keeps the connection timers).
+pub fn spawn(
+    n: usize,
+    shared: &Arc<std::sync::Mutex<coprocessor::Shared>>,
+    links: &CoprocLinks,
+    stop: &Arc<AtomicBool>,
+) -> anyhow::Result<Vec<thread::JoinHandle<()>>> {
+    use anyhow::Context;
+    (0..n)
+        .map(|i| {
+            let mut cp = Coprocessor::with_shared(shared.clone());
+            let links = CoprocLinks {
+                punts: links.punts.clone(),
+                reports: links.reports.clone(),
+                installs: links.installs.clone(),
+                wake: links.wake.clone(),
+                epoch: links.epoch,
+                timekeeper: links.timekeeper && i == 0,
+            };
+            let stop = stop.clone();
+            thread::Builder::new()
+                .name(format!("coproc-{i}"))
+                .spawn(move || run(&mut cp, &links, &stop))
+                .context("spawning a coprocessor thread")
+        })
+        .collect()
+}
+
+/// What a coprocessor thread is connected to.
+pub struct CoprocLinks {
+    pub punts: PuntReceiver,
+    pub reports: Arc<ArrayQueue<Report>>,
+    pub installs: Arc<ArrayQueue<Update>>,
+    pub wake: Arc<Wake>,
+    pub epoch: Instant,
+    pub timekeeper: bool,
+}
+
+/// One coprocessor thread: decide for punted frames, follow the fast
+/// path's reports on tracked connections, keep their timers (one thread),
+/// send the results back to the fast path, sleep when there is nothing
+/// to do.
+pub fn run(cp: &mut Coprocessor, l: &CoprocLinks, stop: &AtomicBool) {
+    let now = || u64::try_from(l.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    let mut log = crate::ratelog::RateLog::new(20);
+    let mut next_tick = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let mut worked = false;
+        if l.timekeeper && Instant::now() >= next_tick {
+            next_tick = Instant::now() + TICK;
+            if !send_update(&l.installs, cp.tick(now()), &l.wake, stop) {
+                return;
+            }
+        }
+        // Reports first: they are few and keep connection state exact.
+        for _ in 0..64 {
+            let Some(r) = l.reports.pop() else { break };
+            worked = true;
+            let out = match r {
+                Report::FlowGone { key, used } => {
+                    cp.flow_gone(&key, used.last_used, used.packets);
+                    continue;
+                }
+                Report::Checked { id, keys, used } => cp.checked(
+                    id,
+                    keys,
+                    used.map(|u| u.map(|u| (u.last_used, u.packets))),
+                    now(),
+                ),
+            };
+            if !send_update(&l.installs, out, &l.wake, stop) {
+                return;
+            }
+        }
+        let Some(msg) = l.punts.recv() else {
+            if !worked {
+                thread::park_timeout(Duration::from_millis(20));
+            }
+            continue;
+        };
+        let mut out = cp.handle(&msg);
+        if let Some(cause) = out.drop {
+            log.drop(msg.ingress, cause);
+        }
+        // The frame runs again once its flows are in, if the message holds
+        // all of it; otherwise its buffer goes back to the pool now.
+        if out.reinject && msg.is_whole() {
+            out.frame = Some(msg);
+        } else {
+            l.punts.recycle(msg);
+        }
+        if !send_update(&l.installs, out, &l.wake, stop) {
+            return;
+        }
+    }
+}

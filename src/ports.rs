@@ -1,0 +1,138 @@
+//! Opening the switch's ports from the config: the frame pool they share,
+//! tap, vhost-user and af-xdp VM ports, and the AF_XDP uplink with its
+//! XDP program. (Taking over, the ports come from the running switch
+//! instead: `take`.)
+
+use anyhow::{Context, Result};
+use coprocessor::topology::Uplink;
+use fastpath::dataplane::{Port, PortCounters, PortIo, VM_FILL_SHARE};
+use fastpath::tap::Tap;
+use fastpath::umem::FramePool;
+use fastpath::xdp::XdpProgram;
+use fastpath::xsk::{XskConfig, XskSocket};
+use flowtable::PortId;
+use tracing::info;
+
+use crate::config::{Config, PortType};
+
+/// The frame pool every port's frames live in; AF_XDP sockets (uplink and
+/// VM ports) register it as their UMEM, so frames cross ports uncopied.
+/// 8 192 chunks for the uplink and the tap and vhost-user ports, and for
+/// each af-xdp VM port its fill share and as much again in flight.
+/// Taking over, the previous binary's pool is adopted: a placeholder until
+/// then (dropping a populated 16 MiB one would cost the blackout
+/// milliseconds).
+pub fn frame_pool(cfg: &Config, taking_over: bool) -> Result<FramePool> {
+    let vm_xsk = cfg
+        .ports
+        .iter()
+        .filter(|p| p.kind == PortType::AfXdp)
+        .count();
+    let chunks = 8192 + 2 * VM_FILL_SHARE * vm_xsk;
+    let pool = if taking_over {
+        FramePool::new(1, 2048, false)
+    } else {
+        FramePool::new(
+            u32::try_from(chunks).context("field `port`: too many af-xdp ports")?,
+            2048,
+            true,
+        )
+    }
+    .context("allocating the frame pool")?;
+    info!(
+        huge_pages = pool.region().huge(),
+        mib = pool.region().len() >> 20,
+        "frame pool"
+    );
+    Ok(pool)
+}
+
+/// The ports opened, the XDP programs attached for them (attached while
+/// held), the vhost-user ports' protocol sides.
+#[derive(Default)]
+pub struct Opened {
+    pub ports: Vec<Port>,
+    pub programs: Vec<XdpProgram>,
+    pub vhost: Vec<crate::vhost::Link>,
+}
+
+/// Open every configured port (ids in config order) and the uplink (its
+/// id is `uplink.port`), on `pool`.
+pub fn open(cfg: &Config, pool: &FramePool, uplink: Option<&Uplink>) -> Result<Opened> {
+    let mut o = Opened::default();
+    for (i, p) in cfg.ports.iter().enumerate() {
+        let what = || format!("port[{i}] ({})", p.name);
+        let io = match p.kind {
+            PortType::Tap => PortIo::Tap(Tap::open(&p.name).with_context(what)?),
+            PortType::VhostUser => {
+                let (link, io) = crate::vhost::open(vhost_spec(cfg, p)?).with_context(what)?;
+                info!(port = %p.name, socket = %link.spec.socket.display(), mode = ?link.spec.mode, "vhost-user port");
+                o.vhost.push(link);
+                io
+            }
+            PortType::AfXdp => {
+                let ifindex = fastpath::xsk::ifindex(&p.name).with_context(what)?;
+                let sock =
+                    XskSocket::open(ifindex, 0, pool, XskConfig::default()).with_context(what)?;
+                let mut prog = XdpProgram::attach_all(&p.name).with_context(what)?;
+                prog.register_socket(0, sock.fd()).with_context(what)?;
+                o.programs.push(prog);
+                PortIo::Xsk(sock)
+            }
+        };
+        o.ports.push(Port {
+            id: PortId(u16::try_from(i).context("too many ports")?),
+            name: p.name.clone(),
+            io,
+            counters: PortCounters::default(),
+        });
+        info!(port = %p.name, id = i, kind = ?p.kind, "port open");
+    }
+    if let (Some(u), Some(up)) = (&cfg.uplink, uplink) {
+        let ifindex = fastpath::xsk::ifindex(&u.interface)
+            .with_context(|| format!("uplink: interface {:?}", u.interface))?;
+        let sock = XskSocket::open(ifindex, 0, pool, XskConfig::default())
+            .with_context(|| format!("uplink: AF_XDP socket on {} queue 0", u.interface))?;
+        let mut prog = XdpProgram::attach(&u.interface, u.vtep, vxlan::UDP_PORT)
+            .with_context(|| format!("uplink: XDP on {}", u.interface))?;
+        prog.register_socket(0, sock.fd())?;
+        info!(interface = %u.interface, vtep = %u.vtep, mode = prog.mode, "uplink attached");
+        o.ports.push(Port {
+            id: up.port,
+            name: u.interface.clone(),
+            io: PortIo::Xsk(sock),
+            counters: PortCounters::default(),
+        });
+        o.programs.push(prog);
+    }
+    Ok(o)
+}
+
+/// The MAC of interface `name` (from sysfs).
+pub fn read_mac(name: &str) -> Result<flowtable::Mac> {
+    let path = format!("/sys/class/net/{name}/address");
+    let s = std::fs::read_to_string(&path)
+        .with_context(|| format!("uplink: interface {name:?}: reading {path}"))?;
+    crate::config::parse_mac(s.trim())
+        .with_context(|| format!("uplink: interface {name:?}: bad MAC {s:?}"))
+}
+
+/// A configured vhost-user port's spec; its device MAC is the VM's on the
+/// port (a fixed local one if none is set yet).
+fn vhost_spec(cfg: &Config, p: &crate::config::PortConfig) -> Result<crate::vhost::Spec> {
+    let mac = cfg
+        .vms
+        .iter()
+        .find(|v| v.port == p.name)
+        .and_then(|v| crate::config::parse_mac(&v.mac))
+        .unwrap_or([2, 0, 0, 0, 0, 1]);
+    Ok(crate::vhost::Spec {
+        name: p.name.clone(),
+        socket: p
+            .socket
+            .clone()
+            .context("vhost-user port without a socket")?,
+        mode: p.mode.unwrap_or_default(),
+        mac,
+    })
+}
