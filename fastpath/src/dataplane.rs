@@ -1,5 +1,6 @@
-//! The fast-path thread: its ports, the poll loop, and what comes back
-//! from the coprocessor.
+//! The fast-path thread's loop, and what comes back from the coprocessor.
+//! (Its port drivers are `port`, the control thread's requests `request`,
+//! the handover's parts `handoff`.)
 //!
 //! One `Dataplane` runs on one thread and owns everything it touches: the
 //! ports' receive queues, the frame memory, the pipeline and its flow
@@ -19,15 +20,21 @@ use std::time::Instant;
 
 use arrayvec::ArrayVec;
 use crossbeam_queue::ArrayQueue;
-use flowtable::{Action, FlowKey, FlowStats, PortId, TableCounters};
+use flowtable::PortId;
 
 use crate::frame::{Desc, FrameMem, BATCH};
-use crate::pipeline::{BatchOut, Pipeline, PipelineCounters};
-use crate::punt::{PuntReason, PuntReceiver, Punter};
-use crate::tap::Tap;
+use crate::pipeline::{BatchOut, Pipeline};
+use crate::punt::{PuntReceiver, Punter};
 use crate::umem::FramePool;
 use crate::wake::{wait_readable, Wake};
-use crate::xsk::XskSocket;
+use crate::{port, request};
+
+pub use crate::handoff::{
+    dump_flows, monotonic_ns, Adoption, Dump, HandedIo, HandedPool, Paused, Warm,
+};
+pub use crate::port::{transmit, MemPort, Port, PortCounters, PortIo, VM_FILL_SHARE};
+pub use crate::request::{FirstPacket, FlowDump, Request, Snapshot, Talker};
+pub use dpif::{CtCheck, FlowUse, Report, Update};
 
 /// How the loop waits for work.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,291 +43,6 @@ pub enum PollMode {
     Busy,
     /// Spin a while, then sleep on the port fds (tests, shared machines).
     Adaptive,
-}
-
-/// The I/O behind a port.
-pub enum PortIo {
-    Tap(Tap),
-    /// An AF_XDP socket (the uplink); its UMEM is the thread's frame pool.
-    Xsk(XskSocket),
-    /// A vhost-user virtio-net port: the guest's virtqueues in its memory.
-    VhostUser(Box<crate::vhost::port::VhostPort>),
-    /// Removed at run time; its id is not reused.
-    Closed,
-}
-
-impl PortIo {
-    fn fd(&self) -> i32 {
-        match self {
-            PortIo::Tap(t) => t.fd(),
-            PortIo::Xsk(x) => x.fd(),
-            // Kicks wake the loop through the wakeup fd; poll(2) skips
-            // negative descriptors.
-            PortIo::VhostUser(_) => -1,
-            PortIo::Closed => -1,
-        }
-    }
-}
-
-impl std::fmt::Debug for PortIo {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            PortIo::Tap(t) => write!(f, "tap {}", t.name()),
-            PortIo::Xsk(x) => write!(f, "af_xdp fd {}", x.fd()),
-            PortIo::VhostUser(_) => write!(f, "vhost-user"),
-            PortIo::Closed => write!(f, "closed"),
-        }
-    }
-}
-
-/// Per-port counters.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PortCounters {
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    pub rx_errors: u64,
-    pub tx_errors: u64,
-    /// Frames the port could not take (queue full, guest side down).
-    pub tx_dropped: u64,
-    /// Receives skipped because the frame pool had no free chunk.
-    pub rx_no_buffer: u64,
-    /// vhost-user: frames dropped because the guest had no receive buffer
-    /// posted (its queue is full, or it stopped draining it).
-    #[serde(default)]
-    pub guest_queue_full: u64,
-    /// vhost-user: frames dropped because no guest is connected (or its
-    /// queues are not enabled yet).
-    #[serde(default)]
-    pub guest_not_ready: u64,
-    /// vhost-user: guest descriptors refused (outside guest memory, too
-    /// short, oversize frames).
-    #[serde(default)]
-    pub guest_bad_descriptor: u64,
-    /// AF_XDP: refills where the frame pool could not keep the fill ring
-    /// at half its share (receives may be dropped by the kernel then).
-    #[serde(default)]
-    pub fill_short: u64,
-    /// Flows refused because the port held its share of the flow table.
-    #[serde(default)]
-    pub flow_share_full: u64,
-}
-
-/// A port of this thread.
-#[derive(Debug)]
-pub struct Port {
-    pub id: PortId,
-    pub name: String,
-    pub io: PortIo,
-    pub counters: PortCounters,
-}
-
-pub use dpif::{CtCheck, FlowUse, Report, Update};
-
-/// A flow as `ctl flows` shows it.
-#[derive(Debug, Clone)]
-pub struct FlowDump {
-    pub key: FlowKey,
-    pub action: Action,
-    pub stats: FlowStats,
-    pub current: bool,
-}
-
-/// Time from punting a flow's first packet to transmitting it after the
-/// coprocessor's flow is installed (the slow path's round trip).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct FirstPacket {
-    pub count: u64,
-    pub sum_ns: u64,
-    pub max_ns: u64,
-    pub under_100us: u64,
-}
-
-impl FirstPacket {
-    fn record(&mut self, ns: u64) {
-        self.count += 1;
-        self.sum_ns += ns;
-        self.max_ns = self.max_ns.max(ns);
-        if ns < 100_000 {
-            self.under_100us += 1;
-        }
-    }
-}
-
-/// Counters of the whole thread, as `ctl stats` shows them.
-#[derive(Debug, Clone)]
-pub struct Snapshot {
-    pub ports: Vec<(PortId, String, PortCounters)>,
-    /// The kernel's drop counters of each AF_XDP port, by port id.
-    pub xsk: Vec<(PortId, crate::xsk::XskStats)>,
-    /// Free chunks in the frame pool, and its size.
-    pub pool_free: usize,
-    pub pool_chunks: u64,
-    pub pipeline: PipelineCounters,
-    pub punted: [u64; PuntReason::COUNT],
-    pub table_len: usize,
-    pub table_capacity: usize,
-    pub table: TableCounters,
-    pub installs: u64,
-    pub install_failures: u64,
-    pub reinjected: u64,
-    pub reinject_failed: u64,
-    /// Conntrack reports that found the report queue full.
-    pub reports_lost: u64,
-    /// Flows removed by changes of topology or policy.
-    pub invalidated: u64,
-    /// Coprocessor answers decided under a state that changed since.
-    pub stale_installs: u64,
-    pub first_packet: FirstPacket,
-    pub uptime_ns: u64,
-    /// CLOCK_MONOTONIC of the first poll of the ports.
-    pub first_poll_mono_ns: Option<u64>,
-}
-
-/// Requests from the control thread; answers go back on the sender.
-#[derive(Debug)]
-pub enum Request {
-    Stats(Sender<Snapshot>),
-    Flows(Sender<Vec<FlowDump>>),
-    /// Traffic towards each remote destination (flows that encapsulate),
-    /// summed over the live flows.
-    Talkers(Sender<Vec<Talker>>),
-    /// Add a port; its id must be the next one (the number of ports).
-    AddPort(Box<Port>, Sender<Result<(), String>>),
-    /// Close a port and remove every flow from or to it.
-    RemovePort(PortId, Sender<Result<(), String>>),
-    /// What the next binary needs before the pause (a handover's
-    /// pre-copy): the flows, the ports' descriptors, the frame pool's.
-    /// Polling goes on.
-    Dump(Sender<Dump>),
-    /// Stop polling the ports (a handover is taking the switch over);
-    /// installs (their flows; their frames wait) and requests are still
-    /// served. Answers with what changed since the dump that matters.
-    Pause(Sender<Paused>),
-    /// Poll again (the handover failed, or, in the next binary, it is
-    /// confirmed); frames held back meanwhile are sent. The sender, if
-    /// any, is told when the first poll began (CLOCK_MONOTONIC ns).
-    Resume(Option<Sender<u64>>),
-    /// Stop polling, without a dump: the next binary adds its inherited
-    /// ports held, and polls them only once the handover is confirmed.
-    Hold,
-    /// Put back the flows the previous binary handed over; answers
-    /// (inserted, refused, whether the table took the previous hash seed:
-    /// it cannot once it holds flows).
-    Restore(Box<Warm>, Sender<(usize, usize, bool)>),
-    /// Take the previous binary's frame pool and ports (in id order, next
-    /// after the existing ones): one request, so the blackout does not grow
-    /// with the number of ports. Refused once an AF_XDP port uses this
-    /// thread's own pool or one of its frames is in use.
-    Adopt(Box<Adoption>, Sender<Result<(), String>>),
-    /// The action of the flow for a key, if any (not counted as a hit).
-    Lookup(FlowKey, Sender<Option<Action>>),
-    /// The next hop with this MAC changed or went away: remove the flows
-    /// that encapsulate towards it (they are recompiled on their next packet).
-    InvalidateNextHop(flowtable::Mac),
-}
-
-/// A fast path's flows and descriptors, for the next binary.
-#[derive(Debug)]
-pub struct Dump {
-    /// The thread's clock (ns since its epoch) at the dump.
-    pub clock_ns: u64,
-    /// The flow table's hash seed.
-    pub hash_seed: u64,
-    /// The flows: key, index into `actions`, counters.
-    pub flows: Vec<(FlowKey, u32, FlowStats)>,
-    /// The distinct actions the flows use.
-    pub actions: Vec<Action>,
-    /// Each port by id: its name and descriptor (still owned here: the
-    /// caller passes copies); `None` for a removed one.
-    pub ports: Vec<(String, Option<HandedIo>)>,
-    /// The frame pool: every AF_XDP socket's UMEM and rings point into it.
-    pub pool: HandedPool,
-}
-
-/// A paused fast path: what the next binary needs at the last moment.
-#[derive(Debug)]
-pub struct Paused {
-    /// CLOCK_MONOTONIC (ns) of the last poll, for the blackout.
-    pub last_poll_mono_ns: u64,
-    /// The frames user space owns now (every other is on a socket's ring).
-    pub free: Vec<u64>,
-    /// Each port's counters, by id.
-    pub counters: Vec<PortCounters>,
-    /// The pipeline's counters (drops and punts by reason).
-    pub pipeline: crate::pipeline::NamedCounters,
-}
-
-/// Flows handed over: each distinct action once, then every flow as
-/// (key, index into `actions`, counters).
-pub struct Warm {
-    /// The previous table's hash seed (see `FlowTable::set_hasher`).
-    pub hash_seed: u64,
-    pub actions: Vec<Action>,
-    pub flows: Box<dyn Iterator<Item = (FlowKey, u32, FlowStats)> + Send>,
-}
-
-impl std::fmt::Debug for Warm {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Warm({} actions)", self.actions.len())
-    }
-}
-
-/// What the next binary's fast path takes over (see [`Request::Adopt`]).
-#[derive(Debug)]
-pub struct Adoption {
-    pub pool: FramePool,
-    pub ports: Vec<Port>,
-    /// The previous pipeline's counters, continued.
-    pub counters: Option<crate::pipeline::NamedCounters>,
-}
-
-/// A port's descriptor as handed over.
-#[derive(Debug, Clone, Copy)]
-pub enum HandedIo {
-    /// A tap queue.
-    Tap(i32),
-    /// A bound AF_XDP socket and its ring size.
-    Xsk { fd: i32, ring_size: u32 },
-    /// A vhost-user port: its connection goes with the pause (the
-    /// protocol thread gives it out, [`crate::vhost::endpoint`]).
-    VhostUser,
-}
-
-/// The frame pool as handed over: its memfd and shape. Which chunks user
-/// space owns comes with the pause ([`Paused::free`]); every other chunk
-/// is on a socket's ring, whose indices live in the shared ring memory.
-#[derive(Debug, Clone)]
-pub struct HandedPool {
-    pub fd: i32,
-    pub len: usize,
-    pub huge: bool,
-    pub chunk_size: u32,
-}
-
-/// CLOCK_MONOTONIC in nanoseconds (comparable across processes).
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec through a valid pointer.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    u64::try_from(ts.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(ts.tv_nsec).unwrap_or(0)
-}
-
-/// Traffic of the live flows towards one remote destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Talker {
-    pub vni: u32,
-    /// Inner destination address.
-    pub dst: u32,
-    /// The VTEP it is sent to.
-    pub vtep: u32,
-    pub flows: u64,
-    pub packets: u64,
-    pub bytes: u64,
 }
 
 /// Tunables of the loop.
@@ -362,15 +84,6 @@ pub struct Links {
     /// Time zero of the clock shared with the coprocessors.
     pub epoch: Instant,
 }
-
-/// Room before each frame read from a tap: VXLAN's outer headers fit with
-/// margin. (AF_XDP leaves XDP_PACKET_HEADROOM, also 256, before its frames.)
-const HEADROOM: usize = 256;
-/// Frames an af-xdp VM port keeps on its fill ring at most: enough for a
-/// veth's bursts, and four idle ports hold 2 048 frames, not the pool.
-pub const VM_FILL_SHARE: usize = 512;
-/// Chunks kept on the free list for VM ports when refilling the uplink.
-const VM_RESERVE: usize = 4 * BATCH;
 
 /// One fast-path thread (see the module documentation).
 pub struct Dataplane {
@@ -531,74 +244,9 @@ impl Dataplane {
 
     fn poll_port(&mut self, i: usize, now: u64) -> usize {
         self.descs.clear();
+        let uplink = self.pipeline.uplink();
         let port = &mut self.ports[i];
-        match &mut port.io {
-            PortIo::Tap(t) => {
-                for _ in 0..BATCH {
-                    let Some(chunk) = self.pool.alloc() else {
-                        port.counters.rx_no_buffer += 1;
-                        break;
-                    };
-                    let at = chunk + HEADROOM as u64;
-                    let r = match self.pool.chunk_mut(at) {
-                        Some((c, off)) => t.recv(&mut c[off..]),
-                        None => Ok(None),
-                    };
-                    match r {
-                        Ok(Some(n)) => {
-                            port.counters.rx_packets += 1;
-                            port.counters.rx_bytes += n as u64;
-                            self.descs.push(Desc {
-                                addr: at,
-                                len: u32::try_from(n).unwrap_or(0),
-                            });
-                        }
-                        Ok(None) => {
-                            self.pool.release(chunk);
-                            break;
-                        }
-                        Err(_) => {
-                            self.pool.release(chunk);
-                            port.counters.rx_errors += 1;
-                            break;
-                        }
-                    }
-                }
-            }
-            PortIo::Xsk(x) => {
-                x.complete(&mut self.pool);
-                // The uplink may fill its whole ring; a VM port its share.
-                let cap = if port.id == self.pipeline.uplink() {
-                    usize::MAX
-                } else {
-                    VM_FILL_SHARE
-                };
-                if x.refill(&mut self.pool, VM_RESERVE, cap).1 {
-                    port.counters.fill_short += 1;
-                }
-                x.wake_rx_if_needed();
-                let (descs, c) = (&mut self.descs, &mut port.counters);
-                x.recv(BATCH, |d| {
-                    c.rx_packets += 1;
-                    c.rx_bytes += u64::from(d.len);
-                    descs.push(d);
-                });
-            }
-            PortIo::VhostUser(v) => {
-                let bad = v.stats.tx_bad_chain + v.stats.tx_oversize;
-                let mut sink = PoolSink {
-                    pool: &mut self.pool,
-                    descs: &mut self.descs,
-                    counters: &mut port.counters,
-                    chunk: None,
-                };
-                v.recv(BATCH, &mut sink);
-                drop(sink);
-                port.counters.guest_bad_descriptor +=
-                    v.stats.tx_bad_chain + v.stats.tx_oversize - bad;
-            }
-            PortIo::Closed => {}
-        }
+        port::receive(port, &mut self.pool, &mut self.descs, port.id == uplink);
         let n = self.descs.len();
         if n > 0 {
             let id = port.id;
@@ -749,18 +397,7 @@ impl Dataplane {
         let ports = self
             .ports
             .iter()
-            .map(|p| {
-                let io = match &p.io {
-                    PortIo::Tap(t) => Some(HandedIo::Tap(t.fd())),
-                    PortIo::Xsk(x) => Some(HandedIo::Xsk {
-                        fd: x.fd(),
-                        ring_size: x.ring_size(),
-                    }),
-                    PortIo::VhostUser(_) => Some(HandedIo::VhostUser),
-                    PortIo::Closed => None,
-                };
-                (p.name.clone(), io)
-            })
+            .map(|p| (p.name.clone(), crate::handoff::handed(&p.io)))
             .collect();
         let r = self.pool.region();
         Dump {
@@ -832,21 +469,7 @@ impl Dataplane {
 
     /// Copy `frame` into a free chunk, after the usual headroom.
     fn copy_in(&mut self, frame: &[u8]) -> Option<Desc> {
-        let chunk = self.pool.alloc()?;
-        let at = chunk + HEADROOM as u64;
-        let Some((c, off)) = self.pool.chunk_mut(at) else {
-            self.pool.release(chunk);
-            return None;
-        };
-        let Some(dst) = c.get_mut(off..off + frame.len()) else {
-            self.pool.release(chunk);
-            return None;
-        };
-        dst.copy_from_slice(frame);
-        Some(Desc {
-            addr: at,
-            len: u32::try_from(frame.len()).unwrap_or(0),
-        })
+        port::copy_in(&mut self.pool, frame)
     }
 
     fn answer(&mut self, req: Request, now: u64) {
@@ -859,7 +482,7 @@ impl Dataplane {
                     .iter()
                     .filter_map(|p| match &p.io {
                         PortIo::Xsk(x) => x.stats().ok().map(|s| (p.id, s)),
-                        PortIo::Tap(_) | PortIo::VhostUser(_) | PortIo::Closed => None,
+                        _ => None,
                     })
                     .collect();
                 let _ = tx.send(Snapshot {
@@ -889,27 +512,7 @@ impl Dataplane {
                 });
             }
             Request::Talkers(tx) => {
-                let mut by: std::collections::HashMap<(u32, u32, u32), Talker> =
-                    std::collections::HashMap::new();
-                for e in self.pipeline.table().iter() {
-                    let Some(t) = &e.action.encap else { continue };
-                    let b = &t.0;
-                    let vni = u32::from_be_bytes([0, b[46], b[47], b[48]]);
-                    let vtep = u32::from_be_bytes([b[30], b[31], b[32], b[33]]);
-                    let k = (vni, e.key.dst_ip, vtep);
-                    let x = by.entry(k).or_insert(Talker {
-                        vni,
-                        dst: e.key.dst_ip,
-                        vtep,
-                        flows: 0,
-                        packets: 0,
-                        bytes: 0,
-                    });
-                    x.flows += 1;
-                    x.packets += e.stats.packets;
-                    x.bytes += e.stats.bytes;
-                }
-                let _ = tx.send(by.into_values().collect());
+                let _ = tx.send(request::talkers(self.pipeline.table()));
             }
             Request::AddPort(port, tx) => {
                 let r = if usize::from(port.id.0) != self.ports.len() {
@@ -986,157 +589,14 @@ impl Dataplane {
             Request::InvalidateNextHop(mac) => {
                 self.pipeline
                     .table_mut()
-                    .retain(|_, a| a.encap.as_ref().is_none_or(|t| t.0[..6] != mac));
+                    .retain(|_, a| a.encap.as_ref().is_none_or(|t| t.next_hop_mac() != mac));
             }
             Request::Flows(tx) => {
-                let flows = self
-                    .pipeline
-                    .table()
-                    .iter()
-                    .map(|e| FlowDump {
-                        key: e.key,
-                        action: *e.action,
-                        stats: e.stats,
-                        current: e.current,
-                    })
-                    .collect();
-                let _ = tx.send(flows);
+                let _ = tx.send(request::flows(self.pipeline.table()));
             }
         }
     }
 }
 
-/// Every flow of `t` as (key, index into the actions, counters), and each
-/// distinct action once (the table's own action ids, made dense: no
-/// hashing).
-pub fn dump_flows(t: &flowtable::FlowTable) -> (Vec<(FlowKey, u32, FlowStats)>, Vec<Action>) {
-    let mut dense: Vec<u32> = Vec::new();
-    let mut actions = Vec::new();
-    let mut flows = Vec::with_capacity(t.len());
-    for e in t.iter() {
-        let id = e.action_id.0 as usize;
-        if dense.len() <= id {
-            dense.resize(id + 1, u32::MAX);
-        }
-        if dense[id] == u32::MAX {
-            dense[id] = u32::try_from(actions.len()).unwrap_or(u32::MAX);
-            actions.push(*e.action);
-        }
-        flows.push((e.key, dense[id], e.stats));
-    }
-    (flows, actions)
-}
-
-/// Guest frames of a vhost-user port, written straight into pool chunks:
-/// the frame after the usual headroom, its virtio-net header at the end of
-/// the headroom (scratch space until an encap writes there). Takes no more
-/// than the pool can spare: what the guest hands over is gone from its
-/// queue.
-struct PoolSink<'a> {
-    pool: &'a mut FramePool,
-    descs: &'a mut ArrayVec<Desc, BATCH>,
-    counters: &'a mut PortCounters,
-    /// The chunk handed out by `room`, not yet committed.
-    chunk: Option<u64>,
-}
-
-impl crate::vhost::virtq::FrameSink for PoolSink<'_> {
-    fn room(&mut self) -> Option<&mut [u8]> {
-        if self.descs.is_full() {
-            return None;
-        }
-        let chunk = match self.chunk {
-            Some(c) => c,
-            None => {
-                if self.pool.free_count() <= VM_RESERVE / 2 {
-                    self.counters.rx_no_buffer += 1;
-                    return None;
-                }
-                let c = self.pool.alloc()?;
-                self.chunk = Some(c);
-                c
-            }
-        };
-        let hdr = crate::vhost::virtq::HDR_LEN as u64;
-        let (b, off) = self.pool.chunk_mut(chunk + HEADROOM as u64 - hdr)?;
-        b.get_mut(off..)
-    }
-
-    fn commit(&mut self, len: usize) {
-        if let Some(chunk) = self.chunk.take() {
-            self.counters.rx_packets += 1;
-            self.counters.rx_bytes += len as u64;
-            // Capacity checked in `room`.
-            let _ = self.descs.try_push(Desc {
-                addr: chunk + HEADROOM as u64,
-                len: u32::try_from(len).unwrap_or(0),
-            });
-        }
-    }
-}
-
-impl Drop for PoolSink<'_> {
-    fn drop(&mut self) {
-        if let Some(c) = self.chunk.take() {
-            self.pool.release(c);
-        }
-    }
-}
-
-/// Send `frames` (chunks of `pool`) on `p`, releasing every chunk that
-/// is not handed to the kernel.
-fn transmit(p: &mut Port, pool: &mut FramePool, frames: &[Desc]) {
-    match &mut p.io {
-        PortIo::Closed => {
-            p.counters.tx_dropped += frames.len() as u64;
-            frames.iter().for_each(|d| pool.release(d.addr));
-        }
-        PortIo::Tap(t) => {
-            for d in frames {
-                let r = match pool.chunk_mut(d.addr) {
-                    Some((c, off)) => match c.get(off..off + d.len as usize) {
-                        Some(f) => t.send(f),
-                        None => Ok(false),
-                    },
-                    None => Ok(false),
-                };
-                match r {
-                    Ok(true) => {
-                        p.counters.tx_packets += 1;
-                        p.counters.tx_bytes += u64::from(d.len);
-                    }
-                    Ok(false) => p.counters.tx_dropped += 1,
-                    Err(_) => p.counters.tx_errors += 1,
-                }
-                pool.release(d.addr);
-            }
-        }
-        PortIo::Xsk(x) => {
-            let n = x.send(frames);
-            for d in &frames[..n] {
-                p.counters.tx_packets += 1;
-                p.counters.tx_bytes += u64::from(d.len);
-            }
-            for d in &frames[n..] {
-                p.counters.tx_dropped += 1;
-                pool.release(d.addr);
-            }
-        }
-        PortIo::VhostUser(v) => {
-            let before = (v.stats, v.not_ready);
-            let (sent, bytes) = v.send(frames.iter().filter_map(|d| {
-                let (c, off) = pool.chunk_ro(d.addr)?;
-                c.get(off..off + d.len as usize)
-            }));
-            let c = &mut p.counters;
-            c.tx_packets += sent as u64;
-            c.tx_bytes += bytes;
-            c.guest_queue_full += v.stats.rx_no_buffer - before.0.rx_no_buffer;
-            c.guest_not_ready += v.not_ready - before.1;
-            c.guest_bad_descriptor += (v.stats.rx_bad_chain + v.stats.rx_oversize)
-                - (before.0.rx_bad_chain + before.0.rx_oversize);
-            c.tx_dropped += (frames.len() - sent) as u64;
-            frames.iter().for_each(|d| pool.release(d.addr));
-        }
-    }
-}
+#[cfg(test)]
+mod tests;

@@ -37,6 +37,36 @@ pub enum Output {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct EncapTemplate(pub [u8; ENCAP_LEN]);
 
+impl EncapTemplate {
+    /// Where the remote VTEP (outer IPv4 destination) is: after the outer
+    /// Ethernet header (14) at offset 16 of the IPv4 header.
+    const REMOTE_VTEP: usize = 14 + 16;
+    /// Where the VNI is: after Ethernet, IPv4 and UDP (42), at offset 4 of
+    /// the VXLAN header, 24 bits.
+    const VNI: usize = 42 + 4;
+
+    /// The remote VTEP the template sends to (host order).
+    pub fn remote_vtep(&self) -> u32 {
+        let b = &self.0;
+        let at = Self::REMOTE_VTEP;
+        u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+    }
+
+    /// The VNI the template carries.
+    pub fn vni(&self) -> u32 {
+        let b = &self.0;
+        let at = Self::VNI;
+        u32::from_be_bytes([0, b[at], b[at + 1], b[at + 2]])
+    }
+
+    /// The next hop's MAC (the outer Ethernet destination).
+    pub fn next_hop_mac(&self) -> Mac {
+        let mut m = [0u8; 6];
+        m.copy_from_slice(&self.0[..6]);
+        m
+    }
+}
+
 impl serde::Serialize for EncapTemplate {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(&self.0)

@@ -1,0 +1,344 @@
+//! The port drivers of a fast-path thread: receiving a batch from a tap,
+//! an AF_XDP socket, a vhost-user guest (or memory, for tests) into the
+//! frame pool, and transmitting frames out; each port's counters.
+
+use arrayvec::ArrayVec;
+use flowtable::PortId;
+
+use crate::frame::{Desc, FrameMem, BATCH};
+use crate::tap::Tap;
+use crate::umem::FramePool;
+use crate::xsk::XskSocket;
+
+/// The I/O behind a port.
+pub enum PortIo {
+    Tap(Tap),
+    /// An AF_XDP socket (the uplink); its UMEM is the thread's frame pool.
+    Xsk(XskSocket),
+    /// A vhost-user virtio-net port: the guest's virtqueues in its memory.
+    VhostUser(Box<crate::vhost::port::VhostPort>),
+    /// Frames in memory (tests and benchmarks: no kernel, no root).
+    Memory(Box<MemPort>),
+    /// Removed at run time; its id is not reused.
+    Closed,
+}
+
+impl PortIo {
+    /// The descriptor poll(2) waits on (negative: none).
+    pub fn fd(&self) -> i32 {
+        match self {
+            PortIo::Tap(t) => t.fd(),
+            PortIo::Xsk(x) => x.fd(),
+            // Kicks wake the loop through the wakeup fd; poll(2) skips
+            // negative descriptors.
+            PortIo::VhostUser(_) => -1,
+            PortIo::Memory(_) | PortIo::Closed => -1,
+        }
+    }
+}
+
+impl std::fmt::Debug for PortIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PortIo::Tap(t) => write!(f, "tap {}", t.name()),
+            PortIo::Xsk(x) => write!(f, "af_xdp fd {}", x.fd()),
+            PortIo::VhostUser(_) => write!(f, "vhost-user"),
+            PortIo::Memory(_) => write!(f, "memory"),
+            PortIo::Closed => write!(f, "closed"),
+        }
+    }
+}
+
+/// Per-port counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PortCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub rx_errors: u64,
+    pub tx_errors: u64,
+    /// Frames the port could not take (queue full, guest side down).
+    pub tx_dropped: u64,
+    /// Receives skipped because the frame pool had no free chunk.
+    pub rx_no_buffer: u64,
+    /// vhost-user: frames dropped because the guest had no receive buffer
+    /// posted (its queue is full, or it stopped draining it).
+    #[serde(default)]
+    pub guest_queue_full: u64,
+    /// vhost-user: frames dropped because no guest is connected (or its
+    /// queues are not enabled yet).
+    #[serde(default)]
+    pub guest_not_ready: u64,
+    /// vhost-user: guest descriptors refused (outside guest memory, too
+    /// short, oversize frames).
+    #[serde(default)]
+    pub guest_bad_descriptor: u64,
+    /// AF_XDP: refills where the frame pool could not keep the fill ring
+    /// at half its share (receives may be dropped by the kernel then).
+    #[serde(default)]
+    pub fill_short: u64,
+    /// Flows refused because the port held its share of the flow table.
+    #[serde(default)]
+    pub flow_share_full: u64,
+}
+
+/// A port of this thread.
+#[derive(Debug)]
+pub struct Port {
+    pub id: PortId,
+    pub name: String,
+    pub io: PortIo,
+    pub counters: PortCounters,
+}
+
+/// Room before each frame read from a tap: VXLAN's outer headers fit with
+/// margin. (AF_XDP leaves XDP_PACKET_HEADROOM, also 256, before its frames.)
+pub const HEADROOM: usize = 256;
+/// Frames an af-xdp VM port keeps on its fill ring at most: enough for a
+/// veth's bursts, and four idle ports hold 2 048 frames, not the pool.
+pub const VM_FILL_SHARE: usize = 512;
+/// Chunks kept on the free list for VM ports when refilling the uplink.
+pub const VM_RESERVE: usize = 4 * BATCH;
+
+/// Receive up to a batch from `port` into `descs` (frames in `pool`,
+/// after the usual headroom). The uplink may fill its whole AF_XDP ring,
+/// a VM port its share.
+pub fn receive(
+    port: &mut Port,
+    pool: &mut FramePool,
+    descs: &mut ArrayVec<Desc, BATCH>,
+    is_uplink: bool,
+) {
+    match &mut port.io {
+        PortIo::Tap(t) => {
+            for _ in 0..BATCH {
+                let Some(chunk) = pool.alloc() else {
+                    port.counters.rx_no_buffer += 1;
+                    break;
+                };
+                let at = chunk + HEADROOM as u64;
+                let r = match pool.chunk_mut(at) {
+                    Some((c, off)) => t.recv(&mut c[off..]),
+                    None => Ok(None),
+                };
+                match r {
+                    Ok(Some(n)) => match u32::try_from(n) {
+                        Ok(len) => {
+                            port.counters.rx_packets += 1;
+                            port.counters.rx_bytes += u64::from(len);
+                            descs.push(Desc { addr: at, len });
+                        }
+                        Err(_) => {
+                            pool.release(chunk);
+                            port.counters.rx_errors += 1;
+                        }
+                    },
+                    Ok(None) => {
+                        pool.release(chunk);
+                        break;
+                    }
+                    Err(_) => {
+                        pool.release(chunk);
+                        port.counters.rx_errors += 1;
+                        break;
+                    }
+                }
+            }
+        }
+        PortIo::Xsk(x) => {
+            x.complete(pool);
+            let cap = if is_uplink { usize::MAX } else { VM_FILL_SHARE };
+            if x.refill(pool, VM_RESERVE, cap).1 {
+                port.counters.fill_short += 1;
+            }
+            x.wake_rx_if_needed();
+            let c = &mut port.counters;
+            x.recv(BATCH, |d| {
+                c.rx_packets += 1;
+                c.rx_bytes += u64::from(d.len);
+                descs.push(d);
+            });
+        }
+        PortIo::VhostUser(v) => {
+            let bad = v.stats.tx_bad_chain + v.stats.tx_oversize;
+            let mut sink = PoolSink {
+                pool,
+                descs,
+                counters: &mut port.counters,
+                chunk: None,
+            };
+            v.recv(BATCH, &mut sink);
+            drop(sink);
+            port.counters.guest_bad_descriptor += v.stats.tx_bad_chain + v.stats.tx_oversize - bad;
+        }
+        PortIo::Memory(m) => {
+            while !descs.is_full() {
+                let Some(frame) = m.queued.pop_front() else {
+                    break;
+                };
+                match copy_in(pool, &frame) {
+                    Some(d) => {
+                        port.counters.rx_packets += 1;
+                        port.counters.rx_bytes += u64::from(d.len);
+                        descs.push(d);
+                    }
+                    None => port.counters.rx_no_buffer += 1,
+                }
+            }
+        }
+        PortIo::Closed => {}
+    }
+}
+
+/// Copy `frame` into a free chunk of `pool`, after the usual headroom
+/// (`None`: no free chunk, or the frame does not fit one).
+pub fn copy_in(pool: &mut FramePool, frame: &[u8]) -> Option<Desc> {
+    let len = u32::try_from(frame.len()).ok()?;
+    let chunk = pool.alloc()?;
+    let at = chunk + HEADROOM as u64;
+    let Some(dst) = pool
+        .chunk_mut(at)
+        .and_then(|(c, off)| c.get_mut(off..off + frame.len()))
+    else {
+        pool.release(chunk);
+        return None;
+    };
+    dst.copy_from_slice(frame);
+    Some(Desc { addr: at, len })
+}
+
+/// A port whose frames are in memory: what is queued is received, what
+/// is sent is kept (tests and benchmarks of the loop, without a kernel).
+#[derive(Debug, Default)]
+pub struct MemPort {
+    pub queued: std::collections::VecDeque<Vec<u8>>,
+    pub sent: Vec<Vec<u8>>,
+}
+
+/// Guest frames of a vhost-user port, written straight into pool chunks:
+/// the frame after the usual headroom, its virtio-net header at the end of
+/// the headroom (scratch space until an encap writes there). Takes no more
+/// than the pool can spare: what the guest hands over is gone from its
+/// queue.
+struct PoolSink<'a> {
+    pool: &'a mut FramePool,
+    descs: &'a mut ArrayVec<Desc, BATCH>,
+    counters: &'a mut PortCounters,
+    /// The chunk handed out by `room`, not yet committed.
+    chunk: Option<u64>,
+}
+
+impl crate::vhost::virtq::FrameSink for PoolSink<'_> {
+    fn room(&mut self) -> Option<&mut [u8]> {
+        if self.descs.is_full() {
+            return None;
+        }
+        let chunk = match self.chunk {
+            Some(c) => c,
+            None => {
+                if self.pool.free_count() <= VM_RESERVE / 2 {
+                    self.counters.rx_no_buffer += 1;
+                    return None;
+                }
+                let c = self.pool.alloc()?;
+                self.chunk = Some(c);
+                c
+            }
+        };
+        let hdr = crate::vhost::virtq::HDR_LEN as u64;
+        let (b, off) = self.pool.chunk_mut(chunk + HEADROOM as u64 - hdr)?;
+        b.get_mut(off..)
+    }
+
+    fn commit(&mut self, len: usize) {
+        if let Some(chunk) = self.chunk.take() {
+            self.counters.rx_packets += 1;
+            self.counters.rx_bytes += len as u64;
+            // Capacity checked in `room`.
+            let _ = self.descs.try_push(Desc {
+                addr: chunk + HEADROOM as u64,
+                len: u32::try_from(len).unwrap_or(0),
+            });
+        }
+    }
+}
+
+impl Drop for PoolSink<'_> {
+    fn drop(&mut self) {
+        if let Some(c) = self.chunk.take() {
+            self.pool.release(c);
+        }
+    }
+}
+
+/// Send `frames` (chunks of `pool`) on `p`, releasing every chunk that
+/// is not handed to the kernel.
+pub fn transmit(p: &mut Port, pool: &mut FramePool, frames: &[Desc]) {
+    match &mut p.io {
+        PortIo::Closed => {
+            p.counters.tx_dropped += frames.len() as u64;
+            frames.iter().for_each(|d| pool.release(d.addr));
+        }
+        PortIo::Memory(m) => {
+            for d in frames {
+                if let Some(f) = pool
+                    .chunk_ro(d.addr)
+                    .and_then(|(c, off)| c.get(off..off + d.len as usize))
+                {
+                    m.sent.push(f.to_vec());
+                    p.counters.tx_packets += 1;
+                    p.counters.tx_bytes += u64::from(d.len);
+                }
+                pool.release(d.addr);
+            }
+        }
+        PortIo::Tap(t) => {
+            for d in frames {
+                let r = match pool.chunk_mut(d.addr) {
+                    Some((c, off)) => match c.get(off..off + d.len as usize) {
+                        Some(f) => t.send(f),
+                        None => Ok(false),
+                    },
+                    None => Ok(false),
+                };
+                match r {
+                    Ok(true) => {
+                        p.counters.tx_packets += 1;
+                        p.counters.tx_bytes += u64::from(d.len);
+                    }
+                    Ok(false) => p.counters.tx_dropped += 1,
+                    Err(_) => p.counters.tx_errors += 1,
+                }
+                pool.release(d.addr);
+            }
+        }
+        PortIo::Xsk(x) => {
+            let n = x.send(frames);
+            for d in &frames[..n] {
+                p.counters.tx_packets += 1;
+                p.counters.tx_bytes += u64::from(d.len);
+            }
+            for d in &frames[n..] {
+                p.counters.tx_dropped += 1;
+                pool.release(d.addr);
+            }
+        }
+        PortIo::VhostUser(v) => {
+            let before = (v.stats, v.not_ready);
+            let (sent, bytes) = v.send(frames.iter().filter_map(|d| {
+                let (c, off) = pool.chunk_ro(d.addr)?;
+                c.get(off..off + d.len as usize)
+            }));
+            let c = &mut p.counters;
+            c.tx_packets += sent as u64;
+            c.tx_bytes += bytes;
+            c.guest_queue_full += v.stats.rx_no_buffer - before.0.rx_no_buffer;
+            c.guest_not_ready += v.not_ready - before.1;
+            c.guest_bad_descriptor += (v.stats.rx_bad_chain + v.stats.rx_oversize)
+                - (before.0.rx_bad_chain + before.0.rx_oversize);
+            c.tx_dropped += (frames.len() - sent) as u64;
+            frames.iter().for_each(|d| pool.release(d.addr));
+        }
+    }
+}

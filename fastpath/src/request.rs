@@ -1,0 +1,165 @@
+//! What the control thread asks of a fast-path thread, and the answers:
+//! counters, flows, top talkers, ports added and removed, and the
+//! handover's steps (`handoff`).
+
+use std::sync::mpsc::Sender;
+
+use flowtable::{Action, FlowKey, FlowStats, PortId, TableCounters};
+
+use crate::handoff::{Adoption, Dump, Paused, Warm};
+use crate::pipeline::PipelineCounters;
+use crate::port::{Port, PortCounters};
+use crate::punt::PuntReason;
+
+/// A flow as `ctl flows` shows it.
+#[derive(Debug, Clone)]
+pub struct FlowDump {
+    pub key: FlowKey,
+    pub action: Action,
+    pub stats: FlowStats,
+    pub current: bool,
+}
+
+/// Time from punting a flow's first packet to transmitting it after the
+/// coprocessor's flow is installed (the slow path's round trip).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FirstPacket {
+    pub count: u64,
+    pub sum_ns: u64,
+    pub max_ns: u64,
+    pub under_100us: u64,
+}
+
+impl FirstPacket {
+    /// One first packet's round trip.
+    pub fn record(&mut self, ns: u64) {
+        self.count += 1;
+        self.sum_ns += ns;
+        self.max_ns = self.max_ns.max(ns);
+        if ns < 100_000 {
+            self.under_100us += 1;
+        }
+    }
+}
+
+/// Counters of the whole thread, as `ctl stats` shows them.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub ports: Vec<(PortId, String, PortCounters)>,
+    /// The kernel's drop counters of each AF_XDP port, by port id.
+    pub xsk: Vec<(PortId, crate::xsk::XskStats)>,
+    /// Free chunks in the frame pool, and its size.
+    pub pool_free: usize,
+    pub pool_chunks: u64,
+    pub pipeline: PipelineCounters,
+    pub punted: [u64; PuntReason::COUNT],
+    pub table_len: usize,
+    pub table_capacity: usize,
+    pub table: TableCounters,
+    pub installs: u64,
+    pub install_failures: u64,
+    pub reinjected: u64,
+    pub reinject_failed: u64,
+    /// Conntrack reports that found the report queue full.
+    pub reports_lost: u64,
+    /// Flows removed by changes of topology or policy.
+    pub invalidated: u64,
+    /// Coprocessor answers decided under a state that changed since.
+    pub stale_installs: u64,
+    pub first_packet: FirstPacket,
+    pub uptime_ns: u64,
+    /// CLOCK_MONOTONIC of the first poll of the ports.
+    pub first_poll_mono_ns: Option<u64>,
+}
+
+/// Requests from the control thread; answers go back on the sender.
+#[derive(Debug)]
+pub enum Request {
+    Stats(Sender<Snapshot>),
+    Flows(Sender<Vec<FlowDump>>),
+    /// Traffic towards each remote destination (flows that encapsulate),
+    /// summed over the live flows.
+    Talkers(Sender<Vec<Talker>>),
+    /// Add a port; its id must be the next one (the number of ports).
+    AddPort(Box<Port>, Sender<Result<(), String>>),
+    /// Close a port and remove every flow from or to it.
+    RemovePort(PortId, Sender<Result<(), String>>),
+    /// What the next binary needs before the pause (a handover's
+    /// pre-copy): the flows, the ports' descriptors, the frame pool's.
+    /// Polling goes on.
+    Dump(Sender<Dump>),
+    /// Stop polling the ports (a handover is taking the switch over);
+    /// installs (their flows; their frames wait) and requests are still
+    /// served. Answers with what changed since the dump that matters.
+    Pause(Sender<Paused>),
+    /// Poll again (the handover failed, or, in the next binary, it is
+    /// confirmed); frames held back meanwhile are sent. The sender, if
+    /// any, is told when the first poll began (CLOCK_MONOTONIC ns).
+    Resume(Option<Sender<u64>>),
+    /// Stop polling, without a dump: the next binary adds its inherited
+    /// ports held, and polls them only once the handover is confirmed.
+    Hold,
+    /// Put back the flows the previous binary handed over; answers
+    /// (inserted, refused, whether the table took the previous hash seed:
+    /// it cannot once it holds flows).
+    Restore(Box<Warm>, Sender<(usize, usize, bool)>),
+    /// Take the previous binary's frame pool and ports (in id order, next
+    /// after the existing ones): one request, so the blackout does not grow
+    /// with the number of ports. Refused once an AF_XDP port uses this
+    /// thread's own pool or one of its frames is in use.
+    Adopt(Box<Adoption>, Sender<Result<(), String>>),
+    /// The action of the flow for a key, if any (not counted as a hit).
+    Lookup(FlowKey, Sender<Option<Action>>),
+    /// The next hop with this MAC changed or went away: remove the flows
+    /// that encapsulate towards it (they are recompiled on their next packet).
+    InvalidateNextHop(flowtable::Mac),
+}
+
+/// Traffic of the live flows towards one remote destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Talker {
+    pub vni: u32,
+    /// Inner destination address.
+    pub dst: u32,
+    /// The VTEP it is sent to.
+    pub vtep: u32,
+    pub flows: u64,
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// Traffic towards each remote destination, summed over the flows of
+/// `table` that encapsulate.
+pub fn talkers(table: &flowtable::FlowTable) -> Vec<Talker> {
+    let mut by: std::collections::HashMap<(u32, u32, u32), Talker> =
+        std::collections::HashMap::new();
+    for e in table.iter() {
+        let Some(t) = &e.action.encap else { continue };
+        let (vni, vtep) = (t.vni(), t.remote_vtep());
+        let x = by.entry((vni, e.key.dst_ip, vtep)).or_insert(Talker {
+            vni,
+            dst: e.key.dst_ip,
+            vtep,
+            flows: 0,
+            packets: 0,
+            bytes: 0,
+        });
+        x.flows += 1;
+        x.packets += e.stats.packets;
+        x.bytes += e.stats.bytes;
+    }
+    by.into_values().collect()
+}
+
+/// Every flow of `table`, as `ctl flows` shows them.
+pub fn flows(table: &flowtable::FlowTable) -> Vec<FlowDump> {
+    table
+        .iter()
+        .map(|e| FlowDump {
+            key: e.key,
+            action: *e.action,
+            stats: e.stats,
+            current: e.current,
+        })
+        .collect()
+}
