@@ -283,7 +283,14 @@ impl Coprocessor {
         let Some(action) = flow else {
             return Ok(());
         };
-        let ttl = p.data.get(22).copied().unwrap_or(0);
+        // The IPv4 TTL (the message may hold only the headers of a long
+        // frame: read in place, not through a whole-packet check).
+        let ttl = EthernetFrame::new_checked(&p.data[..])
+            .ok()
+            .filter(|e| e.payload().len() >= 20)
+            .map_or(0, |e| {
+                smoltcp::wire::Ipv4Packet::new_unchecked(e.payload()).hop_limit()
+            });
         let too_big = p.data.len() > usize::from(action.max_len);
         let ttl_out = action.dec_ttl && ttl <= 1;
         if ttl_out || too_big {

@@ -10,18 +10,11 @@ use flowtable::{FlowKey, Ingress, KeyFlags, PortId, Vni};
 use vxlan::DecapConfig;
 
 use crate::drop::DropReason;
+use crate::packet::{be16, ipv4, l4, plain, Ipv4};
+use crate::packet::{ETHERTYPE_ARP, ETHERTYPE_IPV4, ETHERTYPE_IPV6, ETHERTYPE_QINQ};
+use crate::packet::{ETHERTYPE_VLAN, ETH_LEN, ETH_TYPE, IPPROTO_ICMP, IPPROTO_SCTP};
+use crate::packet::{IPPROTO_TCP, IPPROTO_UDP};
 use crate::punt::PuntReason;
-
-pub const ETH_LEN: usize = 14;
-const ETHERTYPE_IPV4: u16 = 0x0800;
-const ETHERTYPE_ARP: u16 = 0x0806;
-const ETHERTYPE_IPV6: u16 = 0x86dd;
-const ETHERTYPE_VLAN: u16 = 0x8100;
-const ETHERTYPE_QINQ: u16 = 0x88a8;
-pub const IPPROTO_ICMP: u8 = 1;
-pub const IPPROTO_TCP: u8 = 6;
-pub const IPPROTO_UDP: u8 = 17;
-pub const IPPROTO_SCTP: u8 = 132;
 
 /// What to do with a frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,17 +46,6 @@ pub struct Classified {
     pub outer_src: u32,
 }
 
-#[inline(always)]
-fn be16(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
-}
-
-#[inline(always)]
-fn be32(b: &[u8], at: usize) -> Option<u32> {
-    let s = b.get(at..at + 4)?;
-    Some(u32::from_be_bytes([s[0], s[1], s[2], s[3]]))
-}
-
 /// Classify an Ethernet frame that entered through `ingress`.
 pub fn classify_l2(f: &[u8], ingress: Ingress) -> Class {
     let mut key = FlowKey::default();
@@ -74,9 +56,6 @@ pub fn classify_l2(f: &[u8], ingress: Ingress) -> Class {
     }
 }
 
-/// Bytes the common case reads: Ethernet, a 20-byte IPv4 header, ports.
-const FAST_LEN: usize = ETH_LEN + 20 + 4;
-
 /// Classify `f` (ingress context `ctx`, see [`Ingress::ctx`]); for
 /// [`Kind::Flow`] the key is written to `key`.
 ///
@@ -86,24 +65,25 @@ const FAST_LEN: usize = ETH_LEN + 20 + 4;
 /// [`classify_general`], which checks each field.
 #[inline(always)]
 pub fn classify_into(f: &[u8], ctx: u32, key: &mut FlowKey) -> Kind {
-    if let Some(h) = f.first_chunk::<FAST_LEN>() {
-        let tot_len = usize::from(u16::from_be_bytes([h[16], h[17]]));
-        let frag = u16::from_be_bytes([h[20], h[21]]);
-        let proto = h[23];
-        if h[12] == 0x08
-            && h[13] == 0x00
-            && h[14] == 0x45
-            && frag & 0x3fff == 0
+    if let Some(h) = f.first_chunk::<{ plain::LEN }>() {
+        // Indices into a fixed-size array: checked at compile time.
+        let u16_at = |at: usize| u16::from_be_bytes([h[at], h[at + 1]]);
+        let u32_at = |at: usize| u32::from_be_bytes([h[at], h[at + 1], h[at + 2], h[at + 3]]);
+        let tot_len = usize::from(u16_at(plain::IP_TOT_LEN));
+        let proto = h[plain::IP_PROTO];
+        if u16_at(ETH_TYPE) == ETHERTYPE_IPV4
+            && h[plain::IP_VER_IHL] == ipv4::VER_IHL_PLAIN
+            && u16_at(plain::IP_FRAG) & ipv4::FRAGMENTED == 0
             && (proto == IPPROTO_TCP || proto == IPPROTO_UDP)
-            && tot_len >= 24
+            && tot_len >= ipv4::MIN_LEN + 4
             && ETH_LEN + tot_len <= f.len()
         {
             *key = FlowKey {
                 ctx,
-                src_ip: u32::from_be_bytes([h[26], h[27], h[28], h[29]]),
-                dst_ip: u32::from_be_bytes([h[30], h[31], h[32], h[33]]),
-                src_port: u16::from_be_bytes([h[34], h[35]]),
-                dst_port: u16::from_be_bytes([h[36], h[37]]),
+                src_ip: u32_at(plain::IP_SRC),
+                dst_ip: u32_at(plain::IP_DST),
+                src_port: u16_at(plain::SRC_PORT),
+                dst_port: u16_at(plain::DST_PORT),
                 proto,
                 flags: 0,
                 pad: 0,
@@ -118,7 +98,7 @@ pub fn classify_into(f: &[u8], ctx: u32, key: &mut FlowKey) -> Kind {
 /// fragments, other protocols, and all malformed frames).
 #[inline(never)]
 fn classify_general(f: &[u8], ctx: u32, key: &mut FlowKey) -> Kind {
-    let Some(ethertype) = be16(f, 12) else {
+    let Some(ethertype) = be16(f, ETH_TYPE) else {
         return Kind::Drop(DropReason::TooShort);
     };
     match ethertype {
@@ -131,22 +111,23 @@ fn classify_general(f: &[u8], ctx: u32, key: &mut FlowKey) -> Kind {
 }
 
 fn classify_ipv4(f: &[u8], ctx: u32, key: &mut FlowKey) -> Kind {
-    let ip = ETH_LEN;
-    let (Some(&ver_ihl), Some(tot_len), Some(frag), Some(&proto), Some(src), Some(dst)) = (
-        f.get(ip),
-        be16(f, ip + 2),
-        be16(f, ip + 6),
-        f.get(ip + 9),
-        be32(f, ip + 12),
-        be32(f, ip + 16),
+    let ip = Ipv4::new(f, ETH_LEN);
+    let (Some(ver_ihl), Some(tot_len), Some(frag), Some(proto), Some(src), Some(dst), Some(l4)) = (
+        ip.ver_ihl(),
+        ip.total_len(),
+        ip.frag(),
+        ip.proto(),
+        ip.src(),
+        ip.dst(),
+        ip.l4(),
     ) else {
         return Kind::Drop(DropReason::TooShort);
     };
     if ver_ihl >> 4 != 4 {
         return Kind::Drop(DropReason::BadIpVersion);
     }
-    let hdr_len = usize::from(ver_ihl & 0x0f) * 4;
-    if hdr_len < 20 {
+    let hdr_len = l4 - ETH_LEN;
+    if hdr_len < ipv4::MIN_LEN {
         return Kind::Drop(DropReason::BadIpHeaderLen);
     }
     let tot_len = usize::from(tot_len);
@@ -163,33 +144,33 @@ fn classify_ipv4(f: &[u8], ctx: u32, key: &mut FlowKey) -> Kind {
         flags: 0,
         pad: 0,
     };
-    if frag & 0x3fff != 0 {
+    if frag & ipv4::FRAGMENTED != 0 {
         // MF set or a non-zero offset: only the first fragment has ports,
         // so all fragments share one port-less key.
         k.flags |= KeyFlags::FRAGMENT;
         *key = k;
         return Kind::Flow;
     }
-    let l4 = ip + hdr_len;
     // The L4 bytes we read must lie inside the IP packet, not in padding.
     let l4_end = ETH_LEN + tot_len;
     let l4_word = |at: usize| if at + 2 <= l4_end { be16(f, at) } else { None };
     match proto {
         IPPROTO_TCP | IPPROTO_UDP | IPPROTO_SCTP => {
-            let (Some(sp), Some(dp)) = (l4_word(l4), l4_word(l4 + 2)) else {
+            let (Some(sp), Some(dp)) = (l4_word(l4 + l4::SRC_PORT), l4_word(l4 + l4::DST_PORT))
+            else {
                 return Kind::Drop(DropReason::L4TooShort);
             };
             k.src_port = sp;
             k.dst_port = dp;
         }
         IPPROTO_ICMP => {
-            let Some(type_code) = l4_word(l4) else {
+            let Some(type_code) = l4_word(l4 + l4::ICMP_TYPE_CODE) else {
                 return Kind::Drop(DropReason::L4TooShort);
             };
             k.dst_port = type_code;
             // Echo reply (0) and echo request (8) carry an identifier.
             if matches!(type_code >> 8, 0 | 8) {
-                let Some(id) = l4_word(l4 + 4) else {
+                let Some(id) = l4_word(l4 + l4::ICMP_ECHO_ID) else {
                     return Kind::Drop(DropReason::L4TooShort);
                 };
                 k.src_port = id;

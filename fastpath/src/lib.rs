@@ -14,6 +14,7 @@ pub mod drop;
 pub mod frame;
 pub mod handoff;
 pub mod hugepage;
+pub mod packet;
 pub mod pipeline;
 pub mod port;
 pub mod punt;

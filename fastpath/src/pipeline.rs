@@ -16,9 +16,10 @@ use arrayvec::ArrayVec;
 use flowtable::{Action, FlowKey, FlowTable, Output, PortId};
 use vxlan::DecapConfig;
 
-use crate::classify::{Classifier, Kind, ETH_LEN, IPPROTO_TCP};
+use crate::classify::{Classifier, Kind};
 use crate::drop::{DropCounters, DropReason};
 use crate::frame::{Desc, FrameMem, BATCH};
+use crate::packet::{Ipv4, ETH_LEN, IPPROTO_TCP};
 use crate::punt::PuntReason;
 use crate::rewrite;
 use crate::tx::TxLists;
@@ -421,14 +422,6 @@ fn punt_into(
     });
 }
 
-#[inline(always)]
-fn be16(b: &[u8], at: usize) -> u16 {
-    match b.get(at..at + 2) {
-        Some(s) => u16::from_be_bytes([s[0], s[1]]),
-        None => 0,
-    }
-}
-
 /// The part of an action that only tracked connections have, out of the
 /// common path: punt a TCP state change (unless the coprocessor already
 /// saw it), punt an expiring TTL before anything is rewritten, then NAT.
@@ -446,14 +439,15 @@ fn tracked(
     key: &FlowKey,
     ct_events: bool,
 ) -> Result<(), Verdict> {
-    let end = (ip + usize::from(be16(chunk, ip + 2))).min(frame_end);
+    let tot_len = Ipv4::new(&*chunk, ip).total_len().unwrap_or(0);
+    let end = (ip + usize::from(tot_len)).min(frame_end);
     let Some(chunk) = chunk.get_mut(..end) else {
         return Err(Verdict::Drop(DropReason::TooShort));
     };
     if ct_events && key.proto == IPPROTO_TCP && rewrite::tcp_event(chunk, ip) {
         return Err(Verdict::Punt(PuntReason::CtEvent));
     }
-    if a.dec_ttl && chunk.get(ip + 8).is_some_and(|&t| t <= 1) {
+    if a.dec_ttl && Ipv4::new(&*chunk, ip).ttl().is_some_and(|t| t <= 1) {
         return Err(Verdict::Punt(PuntReason::TtlExpired));
     }
     if let Some(n) = &a.nat {
@@ -500,18 +494,14 @@ fn apply(
         }
     }
     if a.dec_ttl {
-        let Some(&ttl) = chunk.get(ip + 8) else {
-            return Verdict::Drop(DropReason::TooShort);
-        };
-        if ttl <= 1 {
-            return Verdict::Punt(PuntReason::TtlExpired);
-        }
-        let old = be16(chunk, ip + 8);
-        let hc = be16(chunk, ip + 10);
-        let new = old - 0x0100;
-        if let Some(s) = chunk.get_mut(ip + 8..ip + 12) {
-            s[..2].copy_from_slice(&new.to_be_bytes());
-            s[2..].copy_from_slice(&vxlan::checksum::update(hc, old, new).to_be_bytes());
+        let mut ip = Ipv4::new(&mut *chunk, ip);
+        match ip.ttl() {
+            None => return Verdict::Drop(DropReason::TooShort),
+            Some(t) if t <= 1 => return Verdict::Punt(PuntReason::TtlExpired),
+            Some(_) => {
+                // In the frame (the TTL was): the checksum after it too.
+                let _ = ip.dec_ttl();
+            }
         }
     }
     if let Some(eth) = chunk

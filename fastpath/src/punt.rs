@@ -131,12 +131,12 @@ impl Senders {
     /// The bucket of `frame`'s sender; `None` for a frame too short to
     /// have one (the port's budget alone applies).
     fn bucket(&mut self, frame: &[u8]) -> Option<&mut Budget> {
-        // IPv4 source after Ethernet; the VNI after outer IPv4 and UDP.
-        let src = frame.get(26..30)?;
-        let mut sender = u64::from(u32::from_be_bytes([src[0], src[1], src[2], src[3]]));
+        // The (outer) IPv4 source; behind the uplink also the VNI.
+        let mut sender = u64::from(crate::packet::Ipv4::new(frame, crate::packet::ETH_LEN).src()?);
         if self.vxlan {
-            let vni = frame.get(46..49)?;
-            sender = sender << 24 | u64::from(u32::from_be_bytes([0, vni[0], vni[1], vni[2]]));
+            // The VXLAN header's second word: the VNI, then a reserved byte.
+            let word = crate::packet::be32(frame, vxlan::wire::outer::VXLAN + 4)?;
+            sender = sender << 24 | u64::from(word >> 8);
         }
         let h = sender.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 54;
         let i = usize::try_from(h).ok()? % SENDER_BUCKETS;

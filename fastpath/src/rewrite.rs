@@ -5,33 +5,20 @@
 use flowtable::{FlowKey, KeyFlags, Nat, NatSide};
 use vxlan::checksum::update;
 
-use crate::classify::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 use crate::drop::DropReason;
+use crate::packet::{be16 as get16, ipv4, l4, put_be16 as put16, Ipv4};
+use crate::packet::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP};
 
 /// TCP flags that change a connection's state.
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_RST: u8 = 0x04;
 
-fn get16(b: &[u8], at: usize) -> Option<u16> {
-    Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
-}
-
-fn put16(b: &mut [u8], at: usize, v: u16) -> Option<()> {
-    b.get_mut(at..at + 2)?.copy_from_slice(&v.to_be_bytes());
-    Some(())
-}
-
-/// Offset of the L4 header for the IPv4 header at `ip`.
-fn l4_offset(b: &[u8], ip: usize) -> Option<usize> {
-    Some(ip + usize::from(b.get(ip)? & 0x0f) * 4)
-}
-
 /// The TCP flags byte of the segment whose IPv4 header is at `ip`; `None`
 /// if the TCP header is cut short.
 #[inline]
 pub fn tcp_flags(b: &[u8], ip: usize) -> Option<u8> {
-    b.get(l4_offset(b, ip)? + 13).copied()
+    Ipv4::new(b, ip).tcp_flags()
 }
 
 /// A TCP segment that changes its connection's state: SYN, FIN or RST
@@ -44,9 +31,9 @@ pub fn tcp_event(b: &[u8], ip: usize) -> bool {
 /// (addresses) is covered.
 fn l4_checksum(proto: u8) -> Option<(usize, bool)> {
     match proto {
-        IPPROTO_TCP => Some((16, true)),
-        IPPROTO_UDP => Some((6, true)),
-        IPPROTO_ICMP => Some((2, false)),
+        IPPROTO_TCP => Some((l4::TCP_CSUM, true)),
+        IPPROTO_UDP => Some((l4::UDP_CSUM, true)),
+        IPPROTO_ICMP => Some((l4::ICMP_CSUM, false)),
         _ => None,
     }
 }
@@ -62,8 +49,13 @@ pub fn nat(b: &mut [u8], ip: usize, key: &FlowKey, nat: &Nat) -> Result<(), Drop
 }
 
 fn apply_nat(b: &mut [u8], ip: usize, proto: u8, nat: &Nat) -> Option<()> {
-    let l4 = l4_offset(b, ip)?;
-    let addr_at = ip + if nat.side == NatSide::Src { 12 } else { 16 };
+    let l4 = Ipv4::new(&*b, ip).l4()?;
+    let addr_at = ip
+        + if nat.side == NatSide::Src {
+            ipv4::SRC
+        } else {
+            ipv4::DST
+        };
     let old_hi = get16(b, addr_at)?;
     let old_lo = get16(b, addr_at + 2)?;
     let new = nat.ip.to_be_bytes();
@@ -71,11 +63,12 @@ fn apply_nat(b: &mut [u8], ip: usize, proto: u8, nat: &Nat) -> Option<()> {
         u16::from_be_bytes([new[0], new[1]]),
         u16::from_be_bytes([new[2], new[3]]),
     );
-    let port_at = match (proto, nat.side) {
-        (IPPROTO_ICMP, _) => l4 + 4,
-        (_, NatSide::Src) => l4,
-        (_, NatSide::Dst) => l4 + 2,
-    };
+    let port_at = l4
+        + match (proto, nat.side) {
+            (IPPROTO_ICMP, _) => l4::ICMP_ECHO_ID,
+            (_, NatSide::Src) => l4::SRC_PORT,
+            (_, NatSide::Dst) => l4::DST_PORT,
+        };
     let port = match nat.port {
         Some(p) => Some((get16(b, port_at)?, p)),
         None => None,
@@ -101,10 +94,10 @@ fn apply_nat(b: &mut [u8], ip: usize, proto: u8, nat: &Nat) -> Option<()> {
     if let Some((_, p)) = port {
         put16(b, port_at, p)?;
     }
-    let hc = get16(b, ip + 10)?;
+    let hc = get16(b, ip + ipv4::CSUM)?;
     put16(
         b,
-        ip + 10,
+        ip + ipv4::CSUM,
         update(update(hc, old_hi, new_hi), old_lo, new_lo),
     )?;
     b.get_mut(addr_at..addr_at + 4)?.copy_from_slice(&new);
