@@ -261,7 +261,7 @@ impl Workload {
                         self.ingress,
                         item.reason,
                         frame,
-                        usize::from(item.inner_start),
+                        item.inner_start,
                         self.now,
                     );
                 }

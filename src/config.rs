@@ -756,8 +756,13 @@ impl Config {
         }
         let ids = self.port_ids()?;
         // The uplink's MAC is the interface's; the daemon reads it.
+        // The uplink's id follows the VM ports'; u16::MAX is "no port".
+        let uplink_id = u16::try_from(self.ports.len())
+            .ok()
+            .filter(|&id| id < u16::MAX)
+            .context("field `port`: too many ports (the uplink needs an id too)")?;
         let uplink = self.uplink.as_ref().map(|u| Uplink {
-            port: PortId(u16::try_from(self.ports.len()).unwrap_or(u16::MAX)),
+            port: PortId(uplink_id),
             mac: [0; 6],
             local_vtep: u.vtep,
             mtu: u.mtu,

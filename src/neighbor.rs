@@ -119,10 +119,9 @@ impl Netlink {
             // SAFETY: receives at most `buf.len()` bytes into `buf`.
             let n =
                 unsafe { libc::recv(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
-            if n < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let mut b = &buf[..usize::try_from(n).unwrap_or(0)];
+            // Negative: failed (errno says why).
+            let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+            let mut b = buf.get(..n).unwrap_or(&[]);
             while b.len() >= 16 {
                 let mlen = u32::from_ne_bytes([b[0], b[1], b[2], b[3]]) as usize;
                 let mty = u16::from_ne_bytes([b[4], b[5]]);

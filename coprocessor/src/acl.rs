@@ -83,6 +83,8 @@ pub enum PolicyError {
     UnknownGroup { object: String, name: String },
     #[error("too many security groups (at most {max})")]
     TooMany { max: usize },
+    #[error("security group {group}: field `rules`: more than {max} rules")]
+    TooManyRules { group: String, max: usize },
     #[error("security group {name}: still used by {user}")]
     InUse { name: String, user: String },
 }
@@ -185,7 +187,12 @@ impl Policy {
                 hi: r.ports.1,
                 peer,
             };
-            let idx = u16::try_from(i).unwrap_or(u16::MAX);
+            // Rules are named by their index in a u16 (a connection's
+            // admitting rule, `ctl trace`).
+            let idx = u16::try_from(i).map_err(|_| PolicyError::TooManyRules {
+                group: g.name.clone(),
+                max: usize::from(u16::MAX) + 1,
+            })?;
             match r.direction {
                 Direction::Ingress => c.ingress.push((idx, rule)),
                 Direction::Egress => c.egress.push((idx, rule)),
@@ -242,7 +249,7 @@ impl Policy {
         p.members.resize(groups.len(), HashSet::new());
         for (i, g) in groups.iter().enumerate() {
             let id = u16::try_from(i).map_err(|_| PolicyError::TooMany {
-                max: usize::from(u16::MAX),
+                max: usize::from(u16::MAX) + 1,
             })?;
             if !g.name.is_empty() && p.by_name.insert(g.name.clone(), id).is_some() {
                 return Err(PolicyError::Duplicate {
@@ -491,6 +498,22 @@ mod tests {
         // A group with no rules denies both ways.
         assert_eq!(p.admits(&[1], Direction::Egress, 7, PEER, 6, 80), None);
         assert_eq!(p.admits(&[1], Direction::Ingress, 7, PEER, 6, 80), None);
+    }
+
+    #[test]
+    fn a_group_with_more_rules_than_an_index_names_is_refused() {
+        let group = |n| SecurityGroup {
+            name: "huge".into(),
+            rules: vec![rule(Direction::Egress, None, (0, u16::MAX), any()); n],
+        };
+        assert!(Policy::new(vec![group(65_536)]).is_ok());
+        let Err(e) = Policy::new(vec![group(65_537)]) else {
+            panic!("a rule without an index was accepted");
+        };
+        assert_eq!(
+            e.to_string(),
+            "security group huge: field `rules`: more than 65536 rules"
+        );
     }
 
     #[test]

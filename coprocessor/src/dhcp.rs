@@ -16,7 +16,7 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 use flowtable::Mac;
-use smoltcp::wire::{DhcpMessageType, DhcpOption, DhcpPacket, DhcpRepr, EthernetAddress};
+use smoltcp::wire::{DhcpMessageType, DhcpOption, DhcpPacket, DhcpRepr};
 
 use crate::topology::{LocalVm, Topology};
 use dpif::DropCause;
@@ -202,7 +202,7 @@ pub fn handle(
         server,
         dst_ip,
         &payload,
-    )))
+    )?))
 }
 
 /// True if `key`-like fields describe a DHCP request (UDP 68 → 67).
@@ -221,8 +221,14 @@ fn udp_payload(f: &[u8]) -> Option<&[u8]> {
 }
 
 /// An Ethernet/IPv4/UDP(67 → 68) frame around `payload`, checksums set.
-fn udp_frame(src_mac: Mac, dst_mac: Mac, src: Ipv4Addr, dst: Ipv4Addr, payload: &[u8]) -> Vec<u8> {
-    let udp_len16 = u16::try_from(8 + payload.len()).unwrap_or(u16::MAX);
+fn udp_frame(
+    src_mac: Mac,
+    dst_mac: Mac,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    payload: &[u8],
+) -> Result<Vec<u8>, DropCause> {
+    let udp_len16 = u16::try_from(8 + payload.len()).map_err(|_| DropCause::Malformed)?;
     let mut udp = Vec::with_capacity(8 + payload.len());
     udp.extend_from_slice(&SERVER_PORT.to_be_bytes());
     udp.extend_from_slice(&CLIENT_PORT.to_be_bytes());
@@ -255,8 +261,9 @@ pub(crate) fn parse_reply(frame: &[u8]) -> Option<ParsedReply> {
     Some((r.message_type, r.your_ip, opts))
 }
 
-/// A DHCP client message from `mac`, as a whole frame (tests and fuzz seeds).
-pub fn client_message(
+/// A DHCP client message from `mac`, as a whole frame (tests).
+#[cfg(test)]
+pub(crate) fn client_message(
     mac: Mac,
     kind: DhcpMessageType,
     xid: u32,
@@ -268,7 +275,7 @@ pub fn client_message(
         message_type: kind,
         transaction_id: xid,
         secs: 0,
-        client_hardware_address: EthernetAddress(mac),
+        client_hardware_address: smoltcp::wire::EthernetAddress(mac),
         client_ip: ciaddr,
         your_ip: Ipv4Addr::UNSPECIFIED,
         server_ip: Ipv4Addr::UNSPECIFIED,
@@ -277,7 +284,7 @@ pub fn client_message(
         relay_agent_ip: Ipv4Addr::UNSPECIFIED,
         broadcast: false,
         requested_ip: requested,
-        client_identifier: Some(EthernetAddress(mac)),
+        client_identifier: Some(smoltcp::wire::EthernetAddress(mac)),
         server_identifier: server,
         parameter_request_list: Some(&[1, 3, 6, 26]),
         dns_servers: None,
@@ -290,7 +297,8 @@ pub fn client_message(
     let mut payload = vec![0u8; repr.buffer_len()];
     // A freshly sized buffer always fits.
     let _ = repr.emit(&mut DhcpPacket::new_unchecked(&mut payload[..]));
-    let mut f = udp_frame(mac, [0xff; 6], ciaddr, Ipv4Addr::BROADCAST, &payload);
+    let mut f = udp_frame(mac, [0xff; 6], ciaddr, Ipv4Addr::BROADCAST, &payload)
+        .expect("a client message fits a packet");
     // Client → server ports.
     f[34..36].copy_from_slice(&CLIENT_PORT.to_be_bytes());
     f[36..38].copy_from_slice(&SERVER_PORT.to_be_bytes());

@@ -34,13 +34,19 @@ fn src_ip(f: &[u8]) -> Option<Ipv4Addr> {
 }
 
 /// Ethernet + IPv4 (protocol ICMP) around `icmp`, checksums set.
-fn frame(src_mac: Mac, dst_mac: Mac, src: Ipv4Addr, dst: Ipv4Addr, icmp: &[u8]) -> Vec<u8> {
-    let mut f = crate::reply::ipv4_frame(src_mac, dst_mac, src, dst, PROTO_ICMP, icmp);
+fn frame(
+    src_mac: Mac,
+    dst_mac: Mac,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    icmp: &[u8],
+) -> Result<Vec<u8>, DropCause> {
+    let mut f = crate::reply::ipv4_frame(src_mac, dst_mac, src, dst, PROTO_ICMP, icmp)?;
     let body = &mut f[ETH + 20..];
     body[2..4].fill(0);
     let c = checksum::checksum(body);
     body[2..4].copy_from_slice(&c.to_be_bytes());
-    f
+    Ok(f)
 }
 
 /// An error message quoting the offending packet's header and first 8
@@ -64,13 +70,13 @@ fn error(
     let mut icmp = vec![kind, code, 0, 0];
     icmp.extend_from_slice(&rest);
     icmp.extend_from_slice(quoted);
-    Ok(frame(
+    frame(
         gw_mac,
         src_mac,
         gw,
         src_ip(req).ok_or(DropCause::Malformed)?,
         &icmp,
-    ))
+    )
 }
 
 /// "Time exceeded in transit" for a packet whose TTL routing would end.
@@ -116,13 +122,13 @@ pub fn echo_reply(req: &[u8], gw: Ipv4Addr, gw_mac: Mac) -> Result<Vec<u8>, Drop
         .get(6..12)
         .and_then(|m| m.try_into().ok())
         .ok_or(DropCause::Malformed)?;
-    Ok(frame(
+    frame(
         gw_mac,
         src_mac,
         gw,
         src_ip(req).ok_or(DropCause::Malformed)?,
         &reply,
-    ))
+    )
 }
 
 #[cfg(test)]

@@ -46,6 +46,17 @@ pub struct Classified {
     pub outer_src: u32,
 }
 
+impl Classified {
+    fn dropped(r: DropReason) -> Classified {
+        Classified {
+            kind: Kind::Drop(r),
+            inner_start: 0,
+            inner_len: 0,
+            outer_src: 0,
+        }
+    }
+}
+
 /// Classify an Ethernet frame that entered through `ingress`.
 pub fn classify_l2(f: &[u8], ingress: Ingress) -> Class {
     let mut key = FlowKey::default();
@@ -195,7 +206,9 @@ impl Classifier {
     #[inline(always)]
     pub fn classify(&self, port: PortId, frame: &[u8], key: &mut FlowKey) -> Classified {
         // Frames are bounded by their chunk, far below u32::MAX.
-        let len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
+        let Ok(len) = u32::try_from(frame.len()) else {
+            return Classified::dropped(DropReason::FrameTooLong);
+        };
         if port != self.uplink {
             return Classified {
                 kind: classify_into(frame, Ingress::Port(port).ctx(), key),
@@ -212,6 +225,11 @@ impl Classifier {
                 outer_src: 0,
             },
             Ok(d) => {
+                let (Ok(inner_start), Ok(inner_len)) =
+                    (u16::try_from(d.inner_start), u32::try_from(d.inner_len))
+                else {
+                    return Classified::dropped(DropReason::FrameTooLong);
+                };
                 // decap() only returns VNIs read from a 24-bit field, and
                 // an inner range inside the frame.
                 let kind = match (Vni::new(d.vni), frame.get(d.inner())) {
@@ -220,8 +238,8 @@ impl Classifier {
                 };
                 Classified {
                     kind,
-                    inner_start: u16::try_from(d.inner_start).unwrap_or(0),
-                    inner_len: u32::try_from(d.inner_len).unwrap_or(0),
+                    inner_start,
+                    inner_len,
                     outer_src: d.outer_src,
                 }
             }

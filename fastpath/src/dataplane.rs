@@ -288,7 +288,7 @@ impl Dataplane {
                         ingress,
                         item.reason,
                         frame,
-                        usize::from(item.inner_start),
+                        item.inner_start,
                         item.key,
                         now,
                     );

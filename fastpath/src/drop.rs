@@ -41,6 +41,9 @@ counted_enum! {
         NatTooShort => "nat_too_short",
         VtepMismatch => "vtep_mismatch",
         PuntSenderOverBudget => "punt_sender_over_budget",
+        /// A frame or offset too large for its field (no pool chunk holds
+        /// one; counted rather than truncated to a wrong value).
+        FrameTooLong => "frame_too_long",
     }
 }
 

@@ -319,14 +319,9 @@ impl Pipeline {
                     self.meta[n] = m;
                     n += 1;
                 }
-                Kind::Punt(reason) => punt_into(
-                    &mut self.counters,
-                    out,
-                    d,
-                    reason,
-                    usize::from(c.inner_start),
-                    None,
-                ),
+                Kind::Punt(reason) => {
+                    punt_into(&mut self.counters, out, d, reason, c.inner_start, None)
+                }
                 Kind::Drop(r) => drop_into(&mut self.counters, ingress, out, d, r),
             }
         }
@@ -347,7 +342,7 @@ impl Pipeline {
         let ct_events = !*reinjecting;
         for ((key, &h), m) in keys[..n].iter().zip(&hashes[..n]).zip(&meta[..n]) {
             let d = m.desc;
-            let inner_start = usize::from(m.inner_start);
+            let inner_start = m.inner_start;
             let hit = match table.lookup_hashed(key, h, m.inner_len, now) {
                 Some(hit) => hit,
                 // A miss may still be covered at address granularity (the
@@ -410,14 +405,14 @@ fn punt_into(
     out: &mut BatchOut,
     d: Desc,
     reason: PuntReason,
-    inner_start: usize,
+    inner_start: u16,
     key: Option<FlowKey>,
 ) {
     c.punts[reason.index()] += 1;
     let _ = out.punt.try_push(PuntItem {
         desc: d,
         reason,
-        inner_start: u16::try_from(inner_start).unwrap_or(0),
+        inner_start,
         key,
     });
 }

@@ -253,12 +253,18 @@ impl crate::vhost::virtq::FrameSink for PoolSink<'_> {
 
     fn commit(&mut self, len: usize) {
         if let Some(chunk) = self.chunk.take() {
+            let Ok(len) = u32::try_from(len) else {
+                // No chunk holds such a frame: a lying guest.
+                self.counters.guest_bad_descriptor += 1;
+                self.pool.release(chunk);
+                return;
+            };
             self.counters.rx_packets += 1;
-            self.counters.rx_bytes += len as u64;
+            self.counters.rx_bytes += u64::from(len);
             // Capacity checked in `room`.
             let _ = self.descs.try_push(Desc {
                 addr: chunk + HEADROOM as u64,
-                len: u32::try_from(len).unwrap_or(0),
+                len,
             });
         }
     }

@@ -217,7 +217,7 @@ impl Punter {
         ingress: PortId,
         reason: PuntReason,
         frame: &[u8],
-        inner_start: usize,
+        inner_start: u16,
         now: u64,
     ) -> Result<(), DropReason> {
         self.punt_keyed(ingress, reason, frame, inner_start, None, now)
@@ -230,10 +230,11 @@ impl Punter {
         ingress: PortId,
         reason: PuntReason,
         frame: &[u8],
-        inner_start: usize,
+        inner_start: u16,
         key: Option<FlowKey>,
         now: u64,
     ) -> Result<(), DropReason> {
+        let orig_len = u32::try_from(frame.len()).map_err(|_| DropReason::FrameTooLong)?;
         if let Some(s) = self.senders.iter_mut().find(|s| s.port == ingress) {
             if let Some(b) = s.bucket(frame) {
                 if !b.take(now) {
@@ -258,8 +259,8 @@ impl Punter {
         m.reason = reason;
         m.key = key;
         m.punted_at = now;
-        m.inner_start = u16::try_from(inner_start).unwrap_or(u16::MAX);
-        m.orig_len = u32::try_from(frame.len()).unwrap_or(u32::MAX);
+        m.inner_start = inner_start;
+        m.orig_len = orig_len;
         if let Err(m) = self.queue.push(m) {
             let _ = self.pool.push(m);
             return Err(DropReason::PuntQueueFull);

@@ -138,13 +138,7 @@ fn steady_state_makes_no_allocation() {
                 let (chunk, off) = fastpath::FrameMem::chunk_mut(&mut m, item.desc.addr).unwrap();
                 let frame = &chunk[off..off + item.desc.len as usize];
                 punter
-                    .punt(
-                        PortId(1),
-                        item.reason,
-                        frame,
-                        usize::from(item.inner_start),
-                        r,
-                    )
+                    .punt(PortId(1), item.reason, frame, item.inner_start, r)
                     .unwrap();
             }
             while let Some(msg) = rx.recv() {

@@ -66,10 +66,9 @@ pub fn send(sock: &UnixStream, data: &[u8], fds: &[RawFd]) -> io::Result<()> {
     // SAFETY: msg points at live buffers (iov over `data`, the control
     // buffer) for the duration of the call; the kernel only reads them.
     let n = unsafe { libc::sendmsg(sock.as_raw_fd(), &msg, libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    if usize::try_from(n).unwrap_or(0) != data.len() {
+    // Negative: failed (errno says why).
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
+    if n != data.len() {
         return Err(io::Error::new(io::ErrorKind::WriteZero, "short send"));
     }
     Ok(())
@@ -97,9 +96,8 @@ pub fn recv(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd
     // SAFETY: msg points at live, writable buffers of the sizes it states;
     // MSG_CMSG_CLOEXEC keeps received fds out of children we spawn.
     let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
-    if n < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // Negative: failed (errno says why).
+    let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
     let mut fds = Vec::new();
     // The kernel filled msg_control with msg_controllen bytes of control
     // messages; SCM_RIGHTS data is an array of ints, each a new descriptor.
@@ -124,7 +122,7 @@ pub fn recv(sock: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Vec<OwnedFd
             "descriptors were cut off (more than 253 in one message)",
         ));
     }
-    Ok((usize::try_from(n).unwrap_or(0), fds))
+    Ok((n, fds))
 }
 
 /// Send 8 bytes of `data` with any number of `fds` (see the module doc):

@@ -296,7 +296,8 @@ fn sealed_size(fd: BorrowedFd<'_>) -> Result<usize, SnapshotError> {
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
         return Err(os("fstat"));
     }
-    Ok(usize::try_from(st.st_size).unwrap_or(0))
+    usize::try_from(st.st_size)
+        .map_err(|_| SnapshotError::Memory(format!("a size of {} bytes", st.st_size)))
 }
 
 #[cfg(test)]

@@ -298,7 +298,12 @@ where
             written += len;
             in_chain += len;
         }
-        if bad || n == chains.len() || (!mergeable && written < total) {
+        // A chain's share of one frame: far below u32::MAX.
+        let usable = match u32::try_from(in_chain) {
+            Ok(l) if !bad && n < chains.len() && (mergeable || written >= total) => Some(l),
+            _ => None,
+        };
+        let Some(in_chain) = usable else {
             // Unusable: every chain taken for this frame goes back empty
             // (the guest counts a too-short frame).
             for &(h, _) in &chains[..n] {
@@ -306,13 +311,16 @@ where
             }
             used.push(mem, head, 0);
             return Rx::Bad;
-        }
-        chains[n] = (head, u32::try_from(in_chain).unwrap_or(u32::MAX));
+        };
+        chains[n] = (head, in_chain);
         n += 1;
     }
     if n > 1 {
         if let Some(a) = first_addr.and_then(|a| a.checked_add(NUM_BUFFERS_AT)) {
-            let _ = mem.write_obj(u16::try_from(n).unwrap_or(u16::MAX).to_le(), a);
+            // At most `chains.len()` buffers.
+            if let Ok(n) = u16::try_from(n) {
+                let _ = mem.write_obj(n.to_le(), a);
+            }
         }
     }
     for &(h, len) in &chains[..n] {
