@@ -46,17 +46,6 @@ pub struct Classified {
     pub outer_src: u32,
 }
 
-impl Classified {
-    fn dropped(r: DropReason) -> Classified {
-        Classified {
-            kind: Kind::Drop(r),
-            inner_start: 0,
-            inner_len: 0,
-            outer_src: 0,
-        }
-    }
-}
-
 /// Classify an Ethernet frame that entered through `ingress`.
 pub fn classify_l2(f: &[u8], ingress: Ingress) -> Class {
     let mut key = FlowKey::default();
@@ -206,8 +195,15 @@ impl Classifier {
     #[inline(always)]
     pub fn classify(&self, port: PortId, frame: &[u8], key: &mut FlowKey) -> Classified {
         // Frames are bounded by their chunk, far below u32::MAX.
+        // Frames come from descriptors with a u32 length; a longer one is
+        // a counted drop, not a wrong length.
         let Ok(len) = u32::try_from(frame.len()) else {
-            return Classified::dropped(DropReason::FrameTooLong);
+            return Classified {
+                kind: Kind::Drop(DropReason::FrameTooLong),
+                inner_start: 0,
+                inner_len: 0,
+                outer_src: 0,
+            };
         };
         if port != self.uplink {
             return Classified {
@@ -225,16 +221,24 @@ impl Classifier {
                 outer_src: 0,
             },
             Ok(d) => {
-                let (Ok(inner_start), Ok(inner_len)) =
-                    (u16::try_from(d.inner_start), u32::try_from(d.inner_len))
-                else {
-                    return Classified::dropped(DropReason::FrameTooLong);
-                };
                 // decap() only returns VNIs read from a 24-bit field, and
-                // an inner range inside the frame.
-                let kind = match (Vni::new(d.vni), frame.get(d.inner())) {
-                    (Some(vni), Some(inner)) => classify_into(inner, Ingress::Vni(vni).ctx(), key),
-                    _ => Kind::Drop(DropReason::OuterTooShort),
+                // an inner range inside the frame (so its offset and
+                // length fit their fields: if not, a counted drop).
+                let (kind, inner_start, inner_len) = match (
+                    Vni::new(d.vni),
+                    frame.get(d.inner()),
+                    u16::try_from(d.inner_start),
+                    u32::try_from(d.inner_len),
+                ) {
+                    (Some(vni), Some(inner), Ok(start), Ok(len)) => (
+                        classify_into(inner, Ingress::Vni(vni).ctx(), key),
+                        start,
+                        len,
+                    ),
+                    (_, _, Ok(start), Ok(len)) => {
+                        (Kind::Drop(DropReason::OuterTooShort), start, len)
+                    }
+                    _ => (Kind::Drop(DropReason::FrameTooLong), 0, 0),
                 };
                 Classified {
                     kind,
