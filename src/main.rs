@@ -5,6 +5,7 @@ mod api;
 mod changes;
 mod command;
 mod config;
+mod config_build;
 mod control;
 mod coproc;
 mod ctl;
