@@ -121,43 +121,53 @@ impl Command {
     }
 }
 
-/// Which flows `flows` shows.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+/// Which flows `flows` shows (also `vswitch ctl flows`'s options).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct FlowFilter {
-    /// Flows entering on this port...
+    /// Only flows entering on this port id.
     #[serde(default)]
+    #[arg(long)]
     pub port: Option<u16>,
-    /// ...or from the overlay with this VNI.
+    /// Only flows entering from the overlay with this VNI.
     #[serde(default)]
+    #[arg(long)]
     pub vni: Option<u32>,
-    /// Flows from or to this address.
+    /// Only flows from or to this address.
     #[serde(default)]
+    #[arg(long)]
     pub ip: Option<Ipv4Addr>,
+    /// Only this IP protocol (6 tcp, 17 udp, 1 icmp).
     #[serde(default)]
+    #[arg(long)]
     pub proto: Option<u8>,
     /// At most this many (default 10 000).
     #[serde(default)]
+    #[arg(long)]
     pub limit: Option<usize>,
 }
 
-/// `port-add`'s fields.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `port-add`'s fields (also `vswitch ctl port-add`'s arguments).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct PortAdd {
     /// The interface (tap) or port name, 1 to 15 bytes.
     pub name: String,
-    /// `tap` (the default) or `vhost-user`.
+    /// `tap` or `vhost-user`.
     #[serde(rename = "type", default = "tap")]
+    #[arg(long = "type", default_value = "tap")]
     pub kind: String,
-    /// vhost-user: the socket's path...
+    /// vhost-user: the socket's path.
     #[serde(default)]
+    #[arg(long)]
     pub socket: Option<String>,
-    /// ...`server` (the default) or `client`...
+    /// vhost-user: `server` (the switch listens; default) or `client`.
     #[serde(default)]
+    #[arg(long)]
     pub mode: Option<String>,
-    /// ...and the device's MAC.
+    /// vhost-user: the device's MAC (the VM's on this port).
     #[serde(default)]
+    #[arg(long)]
     pub mac: Option<String>,
 }
 

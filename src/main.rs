@@ -89,23 +89,7 @@ enum CtlCmd {
     /// Per-port counters, pipeline counters, punts and drops by reason.
     Stats,
     /// Installed flows with their hit counts and idle time.
-    Flows {
-        /// Only flows entering on this port id.
-        #[arg(long)]
-        port: Option<u16>,
-        /// Only flows entering from the overlay with this VNI.
-        #[arg(long)]
-        vni: Option<u32>,
-        /// Only flows from or to this address.
-        #[arg(long)]
-        ip: Option<std::net::Ipv4Addr>,
-        /// Only this IP protocol (6 tcp, 17 udp, 1 icmp).
-        #[arg(long)]
-        proto: Option<u8>,
-        /// At most this many.
-        #[arg(long, default_value_t = 10_000)]
-        limit: usize,
-    },
+    Flows(command::FlowFilter),
     /// Per-port counters and drops by reason.
     Ports,
     /// Networks, VMs and remote endpoints as the switch knows them now.
@@ -115,21 +99,7 @@ enum CtlCmd {
     /// Add a VM port at run time (attach a VM to it with `apply`): a tap
     /// device, or a vhost-user socket (`--socket`, `--mac`).
     #[command(name = "port-add")]
-    PortAdd {
-        name: String,
-        /// `tap` or `vhost-user`.
-        #[arg(long = "type", default_value = "tap")]
-        kind: String,
-        /// vhost-user: the socket's path.
-        #[arg(long)]
-        socket: Option<String>,
-        /// vhost-user: `server` (the switch listens; default) or `client`.
-        #[arg(long)]
-        mode: Option<String>,
-        /// vhost-user: the device's MAC (the VM's on this port).
-        #[arg(long)]
-        mac: Option<String>,
-    },
+    PortAdd(command::PortAdd),
     /// Close a port no VM uses.
     #[command(name = "port-remove")]
     PortRemove { name: String },
@@ -138,36 +108,12 @@ enum CtlCmd {
     #[command(name = "top-talkers")]
     TopTalkers {
         #[arg(long, default_value_t = 20)]
-        limit: u64,
+        limit: usize,
     },
     /// Every decision the switch would take for a packet, without
     /// sending it: e.g. `trace --port tap-a --src 10.0.0.10 --dst
     /// 10.0.0.11 --proto tcp --dport 80`.
-    Trace {
-        /// Ingress: a VM port by name.
-        #[arg(long)]
-        port: Option<String>,
-        /// Ingress: the overlay, with this VNI.
-        #[arg(long)]
-        vni: Option<u32>,
-        /// Sending VTEP (overlay ingress; default: the source's).
-        #[arg(long)]
-        vtep: Option<std::net::Ipv4Addr>,
-        #[arg(long)]
-        src: std::net::Ipv4Addr,
-        #[arg(long)]
-        dst: std::net::Ipv4Addr,
-        /// tcp, udp or icmp (echo request).
-        #[arg(long, default_value = "udp")]
-        proto: String,
-        #[arg(long, default_value_t = 40000)]
-        sport: u16,
-        #[arg(long, default_value_t = 80)]
-        dport: u16,
-        /// TCP flags: syn, synack, ack, fin, rst.
-        #[arg(long)]
-        flags: Option<String>,
-    },
+    Trace(trace::TracePacket),
     /// Apply a batch of changes (JSON: an array of operations, or an
     /// object with `ops`) from FILE, or standard input; all or nothing.
     Apply { file: Option<PathBuf> },
@@ -230,65 +176,14 @@ fn main() -> ExitCode {
             let ports_only = matches!(what, CtlCmd::Ports);
             let req = match what {
                 CtlCmd::Stats | CtlCmd::Ports => Ok(Command::Stats),
-                CtlCmd::Flows {
-                    port,
-                    vni,
-                    ip,
-                    proto,
-                    limit,
-                } => Ok(Command::Flows {
-                    filter: command::FlowFilter {
-                        port,
-                        vni,
-                        ip,
-                        proto,
-                        limit: Some(limit),
-                    },
-                }),
+                CtlCmd::Flows(filter) => Ok(Command::Flows { filter }),
                 CtlCmd::Topology => Ok(Command::Topology),
                 CtlCmd::Leases => Ok(Command::Leases),
-                CtlCmd::PortAdd {
-                    name,
-                    kind,
-                    socket,
-                    mode,
-                    mac,
-                } => Ok(Command::PortAdd(command::PortAdd {
-                    name,
-                    kind,
-                    socket,
-                    mode,
-                    mac,
-                })),
+                CtlCmd::PortAdd(p) => Ok(Command::PortAdd(p)),
                 CtlCmd::PortRemove { name } => Ok(Command::PortRemove { name }),
-                CtlCmd::TopTalkers { limit } => Ok(Command::TopTalkers {
-                    limit: Some(usize::try_from(limit).unwrap_or(usize::MAX)),
-                }),
+                CtlCmd::TopTalkers { limit } => Ok(Command::TopTalkers { limit: Some(limit) }),
                 CtlCmd::Apply { file } => ctl::apply_request(file.as_deref()),
-                CtlCmd::Trace {
-                    port,
-                    vni,
-                    vtep,
-                    src,
-                    dst,
-                    proto,
-                    sport,
-                    dport,
-                    flags,
-                } => Ok(Command::Trace {
-                    packet: trace::TracePacket {
-                        port,
-                        vni,
-                        vtep,
-                        src,
-                        dst,
-                        proto,
-                        sport,
-                        dport,
-                        flags,
-                        src_mac: None,
-                    },
-                }),
+                CtlCmd::Trace(packet) => Ok(Command::Trace { packet }),
                 CtlCmd::Conntrack => Ok(Command::Conntrack),
                 CtlCmd::Nat => Ok(Command::Nat),
                 CtlCmd::SecurityGroups => Ok(Command::SecurityGroups),

@@ -19,33 +19,45 @@ use flowtable::{Action, FlowKey, NatSide, Output, PortId};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-/// A packet to trace.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// A packet to trace (the request's fields and `vswitch ctl trace`'s
+/// options; the command line has its own defaults for the ports).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, clap::Args)]
 #[serde(deny_unknown_fields)]
 pub struct TracePacket {
     /// Ingress: a VM port by name...
     #[serde(default)]
+    #[arg(long)]
     pub port: Option<String>,
     /// ...or the overlay (VXLAN with this VNI, from `vtep`, or the
     /// VTEP the source is known behind).
     #[serde(default)]
+    #[arg(long)]
     pub vni: Option<u32>,
+    /// Sending VTEP (overlay ingress; default: the source's).
     #[serde(default)]
+    #[arg(long)]
     pub vtep: Option<Ipv4Addr>,
+    #[arg(long)]
     pub src: Ipv4Addr,
+    #[arg(long)]
     pub dst: Ipv4Addr,
     /// "tcp", "udp" (default) or "icmp" (an echo request).
     #[serde(default = "udp")]
+    #[arg(long, default_value = "udp")]
     pub proto: String,
     #[serde(default)]
+    #[arg(long, default_value_t = 40000)]
     pub sport: u16,
     #[serde(default)]
+    #[arg(long, default_value_t = 80)]
     pub dport: u16,
     /// TCP flags: "syn" (default), "ack", "fin", "rst", "synack".
     #[serde(default)]
+    #[arg(long)]
     pub flags: Option<String>,
     /// Ethernet source (default: the sender's bound MAC).
     #[serde(default)]
+    #[arg(long)]
     pub src_mac: Option<String>,
 }
 
