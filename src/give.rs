@@ -37,8 +37,9 @@
 //! ring.
 //!
 //! The messages, their versions and framing are `live_migrate::protocol`'s
-//! (typed, each checked as it is read); this module holds the two sides'
-//! steps and what each message is built from and turned into.
+//! (typed, each checked as it is read); this module holds the giving
+//! side's steps and what its messages are built from (`take` the taking
+//! side's).
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
