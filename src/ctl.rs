@@ -438,5 +438,13 @@ fn print_ports(v: &Value) {
         if !d.is_empty() {
             println!("  drops on {}: {}", s(p, "name"), d.join(", "));
         }
+        let rings = counters(&p["af_xdp_rings"], "");
+        if !rings.is_empty() {
+            println!(
+                "  kernel ring statistics on {}: {}",
+                s(p, "name"),
+                rings.join(", ")
+            );
+        }
     }
 }

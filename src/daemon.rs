@@ -219,6 +219,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
             .context("starting the metrics thread")?;
     }
     info!(socket = %s.control_socket.display(), "vswitch running");
+    crate::systemd::ready();
     server.serve(&stop);
 
     info!("stopping");

@@ -336,7 +336,15 @@ pub fn give(
     // confirm that came too late (this side resumed and never answers)
     // cannot leave both polling the same rings. If it cannot be told, it
     // never polls: resume.
-    Ok(w.write_all(protocol::ACK).is_ok())
+    if w.write_all(protocol::ACK).is_err() {
+        return Ok(false);
+    }
+    // Under systemd the new process is the service from now on: said
+    // before this one exits, so the service never looks dead.
+    if let Some(pid) = crate::systemd::peer_pid(s) {
+        crate::systemd::main_pid(pid);
+    }
+    Ok(true)
 }
 
 /// What the old binary's pause gives out besides the fast path's part:

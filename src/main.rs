@@ -19,6 +19,7 @@ mod metrics_http;
 mod neighbor;
 mod ports;
 mod ratelog;
+mod systemd;
 mod take;
 mod trace;
 mod upgrade;
@@ -62,7 +63,7 @@ enum Cmd {
         binary: PathBuf,
         #[arg(long)]
         config: PathBuf,
-        /// Where the new binary logs (default: its config's directory).
+        /// Where the new binary logs (default: beside its config; `-`: here).
         #[arg(long)]
         log: Option<PathBuf>,
     },
@@ -76,12 +77,21 @@ enum Cmd {
         /// Control socket of the switch.
         #[arg(long, default_value = "/run/vswitch/vswitch.sock")]
         socket: PathBuf,
+        /// The switch's config: its control socket is the one asked.
+        #[arg(long, conflicts_with = "socket")]
+        config: Option<PathBuf>,
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
         #[command(subcommand)]
         what: CtlCmd,
     },
+    /// Print shell completions (for packaging).
+    #[command(hide = true)]
+    Completions { shell: clap_complete::Shell },
+    /// Print the manual page (roff, for packaging).
+    #[command(hide = true)]
+    Man,
 }
 
 #[derive(Subcommand, Clone)]
@@ -137,6 +147,26 @@ enum CtlCmd {
     },
 }
 
+/// Logs to the journal, with their fields, when systemd connected stderr
+/// to it; to stderr as text otherwise.
+fn init_logs(filter: &str) {
+    use tracing_subscriber::prelude::*;
+    let filter = tracing_subscriber::EnvFilter::new(filter);
+    if systemd::logs_to_journal() {
+        if let Ok(journal) = tracing_journald::layer() {
+            tracing_subscriber::registry()
+                .with(filter)
+                .with(journal)
+                .init();
+            return;
+        }
+    }
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let r = match cli.cmd {
@@ -153,10 +183,7 @@ fn main() -> ExitCode {
         Some(Cmd::Run { config, takeover }) => {
             config::Config::load_text(&config).and_then(|(c, text)| {
                 let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| c.switch.log.clone());
-                tracing_subscriber::fmt()
-                    .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
-                    .with_writer(std::io::stderr)
-                    .init();
+                init_logs(&filter);
                 if takeover {
                     daemon::takeover(&config)
                 } else {
@@ -172,7 +199,37 @@ fn main() -> ExitCode {
         Some(Cmd::Check { config }) => {
             config::Config::load(&config).and_then(|c| c.topology().map(|_| println!("config ok")))
         }
-        Some(Cmd::Ctl { socket, json, what }) => {
+        Some(Cmd::Completions { shell }) => {
+            use clap::CommandFactory;
+            let mut cmd = Cli::command();
+            // Into memory first: the crate panics on a write error (a
+            // closed pipe); this way it is an error.
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "vswitch", &mut out);
+            std::io::Write::write_all(&mut std::io::stdout(), &out).map_err(anyhow::Error::from)
+        }
+        Some(Cmd::Man) => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .map_err(anyhow::Error::from)
+        }
+        Some(Cmd::Ctl {
+            socket,
+            config,
+            json,
+            what,
+        }) => {
+            let socket = match config {
+                Some(c) => match config::Config::load(&c) {
+                    Ok(c) => c.switch.control_socket,
+                    Err(e) => {
+                        eprintln!("vswitch: {e:#}");
+                        return ExitCode::FAILURE;
+                    }
+                },
+                None => socket,
+            };
             let ports_only = matches!(what, CtlCmd::Ports);
             let req = match what {
                 CtlCmd::Stats | CtlCmd::Ports => Ok(Command::Stats),

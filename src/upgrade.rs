@@ -19,13 +19,18 @@ pub fn upgrade(binary: &Path, config: &Path, log: Option<&Path>) -> Result<()> {
         Some(l) => l.to_path_buf(),
         None => config.with_extension("upgrade.log"),
     };
-    let out = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    // `-`: the new binary logs where this command does (under systemd, the
+    // journal: `ExecReload`).
+    let inherit = log == Path::new("-");
     let mut cmd = std::process::Command::new(binary);
     cmd.args(["run", "--takeover", "--config"])
         .arg(config)
-        .stdin(std::process::Stdio::null())
-        .stdout(out.try_clone()?)
-        .stderr(out);
+        .stdin(std::process::Stdio::null());
+    if !inherit {
+        let out =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        cmd.stdout(out.try_clone()?).stderr(out);
+    }
     // SAFETY: setsid(2) is async-signal-safe and only detaches the child
     // from our session, so it outlives this command.
     unsafe {

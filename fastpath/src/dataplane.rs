@@ -116,7 +116,18 @@ pub struct Dataplane {
     pub first_poll_mono_ns: Option<u64>,
     invalidated: u64,
     stale_installs: u64,
+    /// Ports whose frames of a protocol family the switch does not carry
+    /// were logged once already (by port id).
+    announced: Vec<bool>,
+    /// When the ports' drops are next looked at for that (clock ns).
+    next_announce: u64,
 }
+
+/// Drop reasons that mean "a protocol family vswitch does not carry": the
+/// first of each port is logged once, naming its counter (a guest's IPv6
+/// is otherwise silent but for a counter).
+const UNSUPPORTED: [crate::DropReason; 2] =
+    [crate::DropReason::Ipv6, crate::DropReason::VlanTagged];
 
 impl Dataplane {
     /// `ports[i].id` must be `PortId(i)`.
@@ -166,6 +177,8 @@ impl Dataplane {
             first_poll_mono_ns: None,
             invalidated: 0,
             stale_installs: 0,
+            announced: Vec::new(),
+            next_announce: 0,
         }
     }
 
@@ -239,7 +252,37 @@ impl Dataplane {
             self.answer(req, now);
             work += 1;
         }
+        if now >= self.next_announce {
+            self.next_announce = now + 1_000_000_000;
+            self.announce_unsupported();
+        }
         work
+    }
+
+    /// Log, once per port, the first frames of a protocol family the switch
+    /// does not carry; how many ports were newly logged.
+    fn announce_unsupported(&mut self) -> usize {
+        let drops = &self.pipeline.counters().port_drops;
+        self.announced.resize(self.ports.len(), false);
+        let mut n = 0;
+        for (p, done) in self.ports.iter().zip(self.announced.iter_mut()) {
+            let Some(d) = drops.get(usize::from(p.id.0)) else {
+                continue;
+            };
+            if *done {
+                continue;
+            }
+            if let Some(r) = UNSUPPORTED.iter().find(|r| d.0[r.index()] > 0) {
+                tracing::warn!(
+                    port = %p.name,
+                    counter = r.name(),
+                    "frames of a protocol vswitch does not carry are dropped and counted (logged once per port)"
+                );
+                *done = true;
+                n += 1;
+            }
+        }
+        n
     }
 
     fn poll_port(&mut self, i: usize, now: u64) -> usize {

@@ -235,6 +235,31 @@ fn checks_are_answered_with_each_flow_s_use_and_invalidations_remove_what_they_h
 }
 
 #[test]
+fn a_port_s_first_unsupported_frames_are_logged_once() {
+    let mut r = rig();
+    // Asked here, not by the loop's once-a-second look.
+    r.dp.next_announce = u64::MAX;
+    assert_eq!(r.dp.announce_unsupported(), 0);
+    let mut v6 = frame(4005);
+    v6[12..14].copy_from_slice(&0x86ddu16.to_be_bytes());
+    r.receive(1, v6.clone());
+    assert_eq!(r.dp.announce_unsupported(), 1, "port 1's IPv6, once");
+    r.receive(1, v6.clone());
+    r.receive(0, frame(4005));
+    assert_eq!(
+        r.dp.announce_unsupported(),
+        0,
+        "no second line, IPv4 is no news"
+    );
+    r.receive(0, v6);
+    assert_eq!(r.dp.announce_unsupported(), 1, "port 0's own first");
+    assert!(
+        r.punts.recv().is_some(),
+        "the IPv4 frame was punted as usual"
+    );
+}
+
+#[test]
 fn top_talkers_read_the_vni_and_vtep_from_each_flow_s_template() {
     let mut r = rig();
     let msg = r.punted(frame(4004));
