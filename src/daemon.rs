@@ -52,6 +52,8 @@ pub fn takeover(config: &std::path::Path) -> Result<()> {
 /// state and control socket come from the running binary once this one
 /// is ready.
 pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Result<()> {
+    let kept = crate::privileges::drop_to_needed()?;
+    info!(capabilities = ?kept, "running with only these capabilities");
     let built = cfg.build()?;
     let mut topo = built.topo;
     let s = &cfg.switch;

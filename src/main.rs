@@ -18,6 +18,7 @@ mod metrics;
 mod metrics_http;
 mod neighbor;
 mod ports;
+mod privileges;
 mod ratelog;
 mod systemd;
 mod take;
