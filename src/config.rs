@@ -173,6 +173,9 @@ pub struct SwitchConfig {
     pub log: String,
     /// Prometheus metrics at http://ADDR/metrics (a loopback address).
     pub metrics: Option<std::net::SocketAddr>,
+    /// Confine the fast-path and coprocessor threads to the system calls
+    /// they make (see `seccomp`); on by default.
+    pub seccomp: bool,
 }
 
 impl SwitchConfig {
@@ -196,6 +199,7 @@ impl Default for SwitchConfig {
             punt_burst: 256,
             log: "info".into(),
             metrics: None,
+            seccomp: true,
         }
     }
 }

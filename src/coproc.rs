@@ -22,9 +22,11 @@ pub const REPORT_QUEUE: usize = 65_536;
 const TICK: Duration = Duration::from_millis(250);
 
 /// Start `n` coprocessor threads on `shared`, connected as `links` says
-/// (the first keeps the connection timers).
+/// (the first keeps the connection timers), each confined by its seccomp
+/// filter if `seccomp`.
 pub fn spawn(
     n: usize,
+    seccomp: bool,
     shared: &Arc<std::sync::Mutex<coprocessor::Shared>>,
     links: &CoprocLinks,
     stop: &Arc<AtomicBool>,
@@ -44,7 +46,16 @@ pub fn spawn(
             let stop = stop.clone();
             thread::Builder::new()
                 .name(format!("coproc-{i}"))
-                .spawn(move || run(&mut cp, &links, &stop))
+                .spawn(move || {
+                    if seccomp {
+                        if let Err(e) = crate::seccomp::confine(crate::seccomp::Role::Coprocessor) {
+                            tracing::error!("coprocessor: {e:#}");
+                            stop.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                    }
+                    run(&mut cp, &links, &stop)
+                })
                 .context("spawning a coprocessor thread")
         })
         .collect()

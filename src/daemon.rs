@@ -111,6 +111,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
 
     let coproc_threads = coproc::spawn(
         s.coprocessor_threads,
+        s.seccomp,
         &shared,
         &coproc::CoprocLinks {
             punts: punt_rx.clone(),
@@ -143,9 +144,20 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     };
     let mut dp = Dataplane::new(ports, pipeline, links, loop_cfg, pool);
     let dp_stop = stop.clone();
+    let confined = s.seccomp;
     let fast = thread::Builder::new()
         .name("fastpath-0".into())
-        .spawn(move || dp.run(&dp_stop))
+        .spawn(move || {
+            if confined {
+                if let Err(e) = crate::seccomp::confine(crate::seccomp::Role::FastPath) {
+                    // Not confined is not safe to run: stop the switch.
+                    tracing::error!("fast path: {e:#}");
+                    dp_stop.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
+            dp.run(&dp_stop)
+        })
         .context("spawning the fast-path thread")?;
     let neigh = match topo.uplink {
         None => None,

@@ -20,6 +20,7 @@ mod neighbor;
 mod ports;
 mod privileges;
 mod ratelog;
+mod seccomp;
 mod systemd;
 mod take;
 mod trace;

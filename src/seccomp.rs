@@ -1,0 +1,163 @@
+//! System-call filters for the threads that handle tenant bytes: the fast
+//! path (every frame) and the coprocessors (every punted frame). Each
+//! thread installs its filter as it starts, before it touches a packet;
+//! a system call outside its list kills the whole switch at once
+//! (`SECCOMP_RET_KILL_PROCESS`), which the kernel logs (audit type 1326,
+//! with the call's number) — a parser bug that a tenant turned into code
+//! execution gets no further than that. Other threads (control, metrics,
+//! vhost-user protocol, neighbours) open sockets and files at run time and
+//! are not filtered.
+//!
+//! The lists are what the threads do: the fast path polls, reads and
+//! writes taps and eventfds, wakes AF_XDP sockets (`sendto`), reads their
+//! statistics (`getsockopt`), closes a removed port, allocates when it
+//! answers a control request, waits on futexes; a coprocessor allocates,
+//! waits and wakes. `[switch] seccomp = false` turns the filters off (for a
+//! kernel or libc that needs a call not listed: say which, it belongs in
+//! the list).
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result};
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+
+/// Which thread a filter is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    FastPath,
+    Coprocessor,
+}
+
+/// Calls every filtered thread makes: memory, futexes, time, signals and
+/// the thread's own end (the standard library's), logging (to stderr, or
+/// to the journal: a datagram, with a sealed memfd for a long entry).
+const COMMON: &[libc::c_long] = &[
+    libc::SYS_brk,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_madvise,
+    libc::SYS_mprotect,
+    libc::SYS_futex,
+    libc::SYS_sched_yield,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_getrandom,
+    libc::SYS_write,
+    libc::SYS_writev,
+    libc::SYS_sendmsg,
+    libc::SYS_sendto,
+    libc::SYS_memfd_create,
+    libc::SYS_ftruncate,
+    libc::SYS_fcntl,
+    libc::SYS_close,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_sigaltstack,
+    libc::SYS_getpid,
+    libc::SYS_gettid,
+    libc::SYS_tgkill,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+    libc::SYS_rseq,
+];
+
+/// The fast path's own: polling and port I/O.
+const FAST_PATH: &[libc::c_long] = &[
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_read,
+    libc::SYS_readv,
+    libc::SYS_recvfrom,
+    libc::SYS_getsockopt,
+];
+
+/// The filter for `role`.
+pub fn filter(role: Role) -> Result<BpfProgram> {
+    let own: &[libc::c_long] = match role {
+        Role::FastPath => FAST_PATH,
+        Role::Coprocessor => &[],
+    };
+    let rules = COMMON
+        .iter()
+        .chain(own)
+        .map(|&nr| (nr, Vec::new()))
+        .collect::<BTreeMap<_, _>>();
+    let arch = if cfg!(target_arch = "aarch64") {
+        TargetArch::aarch64
+    } else {
+        TargetArch::x86_64
+    };
+    let f = SeccompFilter::new(
+        rules,
+        SeccompAction::KillProcess,
+        SeccompAction::Allow,
+        arch,
+    )
+    .context("building the seccomp filter")?;
+    f.try_into().context("compiling the seccomp filter")
+}
+
+/// Confine the calling thread to `role`'s calls (sets no_new_privs).
+pub fn confine(role: Role) -> Result<()> {
+    let prog = filter(role)?;
+    seccompiler::apply_filter(&prog)
+        .with_context(|| format!("installing the {role:?} seccomp filter"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    /// Run this test binary's test `name` in a child process with
+    /// `VSWITCH_SECCOMP_CHILD` set; its exit status.
+    fn in_child(name: &str) -> std::process::ExitStatus {
+        std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env("VSWITCH_SECCOMP_CHILD", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .unwrap()
+    }
+
+    /// In the child: confined as the fast path, open a socket (a call no
+    /// filtered thread makes).
+    #[test]
+    fn child_fast_path_opens_a_socket() {
+        if std::env::var_os("VSWITCH_SECCOMP_CHILD").is_none() {
+            return;
+        }
+        confine(Role::FastPath).unwrap();
+        // SAFETY: socket(2) with constant arguments; the result is unused.
+        let _ = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+        std::process::exit(0);
+    }
+
+    /// In the child: confined as a coprocessor, allocate, wait, write,
+    /// and exit normally.
+    #[test]
+    fn child_coprocessor_does_its_work() {
+        if std::env::var_os("VSWITCH_SECCOMP_CHILD").is_none() {
+            return;
+        }
+        confine(Role::Coprocessor).unwrap();
+        let v: Vec<u64> = (0..1_000_000).collect();
+        std::thread::park_timeout(std::time::Duration::from_millis(5));
+        eprintln!("{}", v.len());
+        std::process::exit(0);
+    }
+
+    #[test]
+    fn a_forbidden_call_kills_the_process_and_allowed_work_goes_on() {
+        if std::env::var_os("VSWITCH_SECCOMP_CHILD").is_some() {
+            return;
+        }
+        let killed = in_child("seccomp::tests::child_fast_path_opens_a_socket");
+        assert_eq!(killed.signal(), Some(libc::SIGSYS), "{killed:?}");
+        let fine = in_child("seccomp::tests::child_coprocessor_does_its_work");
+        assert!(fine.success(), "{fine:?}");
+    }
+}
