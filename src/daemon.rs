@@ -190,6 +190,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     let (xdp_links, handover_refused) = xdp_links(&programs, adopted.as_ref());
     let punt_depth: Arc<dyn Fn() -> usize + Send + Sync> = Arc::new(move || depth_rx.depth());
     let (metrics_req_tx, metrics_shared) = (req_tx.clone(), shared.clone());
+    let ready_req = req_tx.clone();
     let (last_handover, listener, inherited_links, next_port) = match adopted {
         Some(a) => (Some(a.report), Some(a.listener), a.xdp_links, a.next_port),
         None => (None, None, Vec::new(), n_ports),
@@ -233,7 +234,11 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
             .context("starting the metrics thread")?;
     }
     info!(socket = %s.control_socket.display(), "vswitch running");
-    crate::systemd::ready();
+    if polling(&ready_req, &wake) {
+        crate::systemd::ready();
+    } else {
+        warn!("the fast path has not polled within 2 s; not telling systemd the switch is ready");
+    }
     server.serve(&stop);
 
     info!("stopping");
@@ -256,6 +261,27 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     }
     info!("stopped");
     Ok(())
+}
+
+/// Whether the fast path has polled its ports (asked for up to 2 s).
+fn polling(requests: &mpsc::Sender<fastpath::dataplane::Request>, wake: &Wake) -> bool {
+    let until = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < until {
+        let (tx, rx) = mpsc::channel();
+        if requests
+            .send(fastpath::dataplane::Request::Stats(tx))
+            .is_err()
+        {
+            return false;
+        }
+        wake.notify();
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(s) if s.first_poll_mono_ns.is_some() => return true,
+            Ok(_) => thread::sleep(Duration::from_millis(10)),
+            Err(_) => {}
+        }
+    }
+    false
 }
 
 /// The fast path's pipeline (its flow table made ready) and its punt path:

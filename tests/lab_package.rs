@@ -4,7 +4,8 @@
 //! running switch over under a ping flood with nothing lost, a broken
 //! build's upgrade leaves the running switch forwarding and says so, and
 //! the running switch holds only its capabilities with its fast path
-//! under a seccomp filter. The script makes its own namespaces and scratch
+//! under a seccomp filter, and what it tells systemd (ready; the new main
+//! process after the upgrade) arrives on a notify socket. The script makes its own namespaces and scratch
 //! root and removes them, even on failure; every wait in it is bounded.
 //!
 //! Run serially (`--test-threads=1`, as scripts/test does).
@@ -42,6 +43,10 @@ fn the_package_builds_verifies_and_upgrades_a_running_switch_live() {
         // CAP_NET_ADMIN, CAP_NET_RAW, CAP_IPC_LOCK, CAP_PERFMON, CAP_BPF.
         ("cap_eff", "000000c000007000"),
         ("seccomp", "2"),
+        // systemd's notify socket, played: ready once forwarding; the old
+        // process names the new one before it exits.
+        ("ready_notified", "1"),
+        ("mainpid_notified", "1"),
     ];
     for (k, v) in want {
         assert_eq!(got.get(k), Some(&v), "{k} in {last:?}\n{stderr}");
