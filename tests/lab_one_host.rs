@@ -492,3 +492,43 @@ fn idle_af_xdp_vm_ports_hold_only_their_share_of_the_frame_pool() {
         assert_eq!(p["af_xdp"]["fill_short"], 0, "{p}");
     }
 }
+
+/// CPU time (user + system, clock ticks) the process has used.
+fn cpu_ticks(pid: u64) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // After the command name's closing parenthesis: fields 3 onwards;
+    // utime and stime are fields 14 and 15.
+    let rest = &stat[stat.rfind(')').expect("comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+#[test]
+fn a_tap_deleted_under_the_switch_is_retired_not_spun_on() {
+    let mut lab = Lab::new();
+    let (sock, ns) = start(&mut lab, &[A, B]);
+    let (ok, out) = ping(&ns[0], B.ip, "2");
+    assert!(ok, "{out}");
+    let pid = stat(&lab, &sock, &["pid"]);
+    // B's device goes away under the switch (its namespace's admin
+    // deleted it); the switch's descriptor now reports an error forever.
+    sh(&["ip", "-n", &ns[1], "link", "del", &lab.name("tb")]);
+    wait_until("the port to be retired", Duration::from_secs(5), || {
+        lab.log("sw").contains("no longer polled")
+    });
+    // Idle (adaptive mode): it sleeps again instead of waking at once.
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(2));
+    let used = cpu_ticks(pid) - before;
+    assert!(
+        used < 60,
+        "the switch used {used} ticks of CPU in 2 s with a deleted tap (spinning?)"
+    );
+    let v = lab.ctl(&sock, "stats").expect("stats");
+    assert!(v["ports"][1]["rx_errors"].as_u64() >= Some(1), "{v}");
+    // The other port still works.
+    let (ok, out) = try_sh(&[
+        "ip", "netns", "exec", &ns[0], "ping", "-c", "2", "-W", "1", "10.0.0.1",
+    ]);
+    assert!(ok, "the gateway through the surviving port: {out}");
+}

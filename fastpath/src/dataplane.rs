@@ -207,11 +207,35 @@ impl Dataplane {
                 };
                 wait_readable(&mut self.pollfds[from..], 50);
                 self.links.wake.drain();
+                if !self.paused {
+                    self.retire_hung_up();
+                }
                 idle = 0;
             } else {
                 std::hint::spin_loop();
             }
         }
+    }
+
+    /// Stop polling ports whose descriptor reports an error or hang-up (a
+    /// tap whose device was deleted under the switch): poll(2) would
+    /// return at once forever and the loop would spin. Each is logged once;
+    /// its frames are gone with the device, and it stays until removed.
+    fn retire_hung_up(&mut self) -> usize {
+        let mut n = 0;
+        for (f, p) in self.pollfds.iter_mut().zip(self.ports.iter_mut()) {
+            let bad = libc::POLLERR | libc::POLLHUP | libc::POLLNVAL;
+            if f.fd >= 0 && f.revents & bad != 0 {
+                f.fd = -1;
+                p.counters.rx_errors += 1;
+                tracing::warn!(
+                    port = %p.name,
+                    "the port's device reports an error or hang-up (deleted?): no longer polled; remove the port"
+                );
+                n += 1;
+            }
+        }
+        n
     }
 
     /// One loop iteration; returns the amount of work done.
@@ -287,6 +311,12 @@ impl Dataplane {
 
     fn poll_port(&mut self, i: usize, now: u64) -> usize {
         self.descs.clear();
+        // A retired port (see `retire_hung_up`) is not read either.
+        if matches!(self.ports[i].io, PortIo::Tap(_) | PortIo::Xsk(_))
+            && self.pollfds.get(i).is_some_and(|f| f.fd < 0)
+        {
+            return 0;
+        }
         let uplink = self.pipeline.uplink();
         let port = &mut self.ports[i];
         port::receive(port, &mut self.pool, &mut self.descs, port.id == uplink);
