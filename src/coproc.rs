@@ -47,14 +47,10 @@ pub fn spawn(
             thread::Builder::new()
                 .name(format!("coproc-{i}"))
                 .spawn(move || {
-                    if seccomp {
-                        if let Err(e) = crate::seccomp::confine(crate::seccomp::Role::Coprocessor) {
-                            tracing::error!("coprocessor: {e:#}");
-                            stop.store(true, Ordering::Relaxed);
-                            return;
-                        }
+                    let role = crate::seccomp::Role::Coprocessor;
+                    if crate::seccomp::confine_or_stop(seccomp, role, &stop) {
+                        run(&mut cp, &links, &stop)
                     }
-                    run(&mut cp, &links, &stop)
                 })
                 .context("spawning a coprocessor thread")
         })

@@ -148,15 +148,10 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     let fast = thread::Builder::new()
         .name("fastpath-0".into())
         .spawn(move || {
-            if confined {
-                if let Err(e) = crate::seccomp::confine(crate::seccomp::Role::FastPath) {
-                    // Not confined is not safe to run: stop the switch.
-                    tracing::error!("fast path: {e:#}");
-                    dp_stop.store(true, Ordering::Relaxed);
-                    return;
-                }
+            let role = crate::seccomp::Role::FastPath;
+            if crate::seccomp::confine_or_stop(confined, role, &dp_stop) {
+                dp.run(&dp_stop)
             }
-            dp.run(&dp_stop)
         })
         .context("spawning the fast-path thread")?;
     let neigh = match topo.uplink {

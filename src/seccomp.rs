@@ -106,6 +106,23 @@ pub fn confine(role: Role) -> Result<()> {
         .with_context(|| format!("installing the {role:?} seccomp filter"))
 }
 
+/// In a thread about to do `role`'s work: confine it if `enabled`. If the
+/// filter cannot be installed, the switch is stopped (`stop`) rather than
+/// run unconfined, and false returned: the thread must not go on.
+pub fn confine_or_stop(enabled: bool, role: Role, stop: &std::sync::atomic::AtomicBool) -> bool {
+    if !enabled {
+        return true;
+    }
+    match confine(role) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::error!("{e:#}; stopping the switch");
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            false
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
