@@ -17,14 +17,16 @@ pub struct UdpFlow {
     pub dst_port: u16,
 }
 
-/// Offsets inside a frame built by [`udp_frame`].
+/// Offsets inside a frame built by [`udp_frame`] (Ethernet, an IPv4
+/// header without options, UDP: the `packet` module's plain frame).
 pub mod at {
-    pub const IP_TTL: usize = 22;
-    pub const IP_CSUM: usize = 24;
-    pub const IP_SRC: usize = 26;
-    pub const IP_DST: usize = 30;
-    pub const UDP_SRC: usize = 34;
-    pub const UDP_DST: usize = 36;
+    use crate::packet::{ipv4, plain};
+    pub const IP_TTL: usize = plain::IP + ipv4::TTL;
+    pub const IP_CSUM: usize = plain::IP + ipv4::CSUM;
+    pub const IP_SRC: usize = plain::IP_SRC;
+    pub const IP_DST: usize = plain::IP_DST;
+    pub const UDP_SRC: usize = plain::SRC_PORT;
+    pub const UDP_DST: usize = plain::DST_PORT;
 }
 
 /// Write an Ethernet/IPv4/UDP frame of exactly `len` bytes (at least 42)
