@@ -190,10 +190,7 @@ impl Workload {
         for f in 0..frames {
             let a = f * CHUNK + HEADROOM;
             mem[a..a + frame.len()].copy_from_slice(&frame);
-            descs.push(Desc {
-                addr: a as u64,
-                len: u32::try_from(frame.len()).unwrap_or(0),
-            });
+            descs.push(Desc::new(a as u64, u32::try_from(frame.len()).unwrap_or(0)));
         }
         let (punter, punt_rx) = punt_path(
             &PuntConfig {

@@ -90,10 +90,10 @@ fn main() {
                     if let Ok(s) =
                         vxlan::encap(chunk, off, n, t.bytes(), u64::from(chunk[off + 37]))
                     {
-                        out.push(Desc {
-                            addr: c + s as u64,
-                            len: u32::try_from(n + vxlan::OUTER_LEN).unwrap_or(0),
-                        });
+                        out.push(Desc::new(
+                            c + s as u64,
+                            u32::try_from(n + vxlan::OUTER_LEN).unwrap_or(0),
+                        ));
                     } else {
                         pool.release(c);
                     }

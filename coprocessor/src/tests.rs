@@ -173,10 +173,7 @@ fn through_at(
     let mut mem = vec![0u8; 2048];
     mem[256..256 + frame.len()].copy_from_slice(frame);
     let mut b = BatchOut::new(5);
-    let d = [Desc {
-        addr: 256,
-        len: u32::try_from(frame.len()).unwrap(),
-    }];
+    let d = [Desc::new(256, u32::try_from(frame.len()).unwrap())];
     p.process(
         port,
         &mut SliceMem::new(&mut mem, 2048).unwrap(),

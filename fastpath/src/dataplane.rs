@@ -353,7 +353,12 @@ impl Dataplane {
             return;
         }
         let mut queued = false;
-        for item in &self.out.punt {
+        let mut supers = ArrayVec::<Desc, BATCH>::new();
+        let punts = std::mem::take(&mut self.out.punt);
+        for item in &punts {
+            if !item.desc.off.is_plain() && !self.punt_ready(ingress, item, &mut supers) {
+                continue;
+            }
             if may_punt {
                 if let Some((c, off)) = self.pool.chunk_mut(item.desc.addr) {
                     let frame = c.get(off..off + item.desc.len as usize).unwrap_or(&[]);
@@ -379,6 +384,69 @@ impl Dataplane {
             for t in &self.links.coprocessors {
                 t.unpark();
             }
+        }
+        for d in supers {
+            self.process_segments(ingress, d, now, may_punt);
+        }
+    }
+
+    /// Make a punted frame with offload work one the coprocessor can see
+    /// and send back whole: its partial checksum completed in place
+    /// (true: punt it). A super-frame is set aside in `supers` (false),
+    /// to be cut into segments that go through the pipeline on their own
+    /// — but for a "too big" one, whose headers are all the coprocessor
+    /// needs for its ICMP error. A frame whose checksum cannot be
+    /// completed is counted and released (false).
+    fn punt_ready(
+        &mut self,
+        ingress: PortId,
+        item: &crate::PuntItem,
+        supers: &mut ArrayVec<Desc, BATCH>,
+    ) -> bool {
+        let d = item.desc;
+        if d.off.is_gso() {
+            if item.reason == crate::PuntReason::TooBig {
+                return true;
+            }
+            // A batch holds at most BATCH frames.
+            let _ = supers.try_push(d);
+            return false;
+        }
+        let done = self
+            .pool
+            .chunk_mut(d.addr)
+            .and_then(|(c, o)| c.get_mut(o..o + d.len as usize))
+            .map(|f| crate::offload::complete_checksum(f, &d.off));
+        match done {
+            Some(Ok(())) => true,
+            Some(Err(r)) => {
+                self.pipeline.count_drop(ingress, r);
+                self.pool.release(d.addr);
+                false
+            }
+            None => {
+                self.pipeline
+                    .count_drop(ingress, crate::DropReason::BadDescriptor);
+                self.pool.release(d.addr);
+                false
+            }
+        }
+    }
+
+    /// Cut the super-frame `d` into segments and run them through the
+    /// pipeline a batch at a time (they are plain frames, so this goes
+    /// no deeper); `d`'s chunk is released. (A miss or connection event
+    /// of a super-frame: rare, so the list is allocated.)
+    fn process_segments(&mut self, ingress: PortId, d: Desc, now: u64, may_punt: bool) {
+        let mut segs = Vec::with_capacity(crate::offload::MAX_SEGS);
+        let lost = port::cut(&mut self.pool, d, |_, s| segs.push(s));
+        self.pool.release(d.addr);
+        for group in segs.chunks(BATCH) {
+            self.process(ingress, group, now, may_punt);
+        }
+        if lost > 0 {
+            self.pipeline
+                .count_drop(ingress, crate::DropReason::OffloadNoRoom);
         }
     }
 

@@ -44,6 +44,23 @@ counted_enum! {
         /// A frame or offset too large for its field (no pool chunk holds
         /// one; counted rather than truncated to a wrong value).
         FrameTooLong => "frame_too_long",
+        /// Offload metadata from a tap or guest: checksum start or offset
+        /// outside the frame.
+        OffloadBadCsumOffsets => "offload_bad_csum_offsets",
+        /// A GSO type the switch does not take (UFO) or does not know.
+        OffloadBadGsoType => "offload_bad_gso_type",
+        /// A GSO frame with a segment size of zero.
+        OffloadBadGsoSize => "offload_bad_gso_size",
+        /// A GSO frame whose headers are not what its type says (not
+        /// IPv4 TCP/UDP, checksum not at the L4 header, a fragment, cut
+        /// short).
+        OffloadBadHeaders => "offload_bad_headers",
+        /// A GSO frame that would become more segments than one
+        /// super-frame may (`offload::MAX_SEGS`).
+        OffloadTooManySegments => "offload_too_many_segments",
+        /// A segment or a completed frame did not fit a pool chunk, or no
+        /// chunk was free for it.
+        OffloadNoRoom => "offload_no_room",
     }
 }
 

@@ -7,11 +7,28 @@
 //! frame's headroom, where encapsulation writes the outer headers. This
 //! is AF_XDP's aligned-chunk mode, so RX descriptors are used unchanged.
 
-/// A frame: offset of its first byte in the region, and its length.
+use crate::offload::Offload;
+
+/// A frame: offset of its first byte in the region, its length, and its
+/// offload metadata (checksum to complete, segments to cut: see
+/// [`crate::offload`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Desc {
     pub addr: u64,
     pub len: u32,
+    pub off: Offload,
+}
+
+impl Desc {
+    /// A frame whose checksums are complete.
+    #[inline(always)]
+    pub const fn new(addr: u64, len: u32) -> Desc {
+        Desc {
+            addr,
+            len,
+            off: Offload::PLAIN,
+        }
+    }
 }
 
 /// Frames per batch (one poll of one port).

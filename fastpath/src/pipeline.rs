@@ -303,6 +303,18 @@ impl Pipeline {
                 );
                 continue;
             };
+            // Offload metadata is the tenant's: checked before anything
+            // trusts it (one test in the common case).
+            let mut d = d;
+            if !d.off.is_plain() {
+                match crate::offload::check(frame, d.off) {
+                    Ok(o) => d.off = o,
+                    Err(r) => {
+                        drop_into(&mut self.counters, ingress, out, d, r);
+                        continue;
+                    }
+                }
+            }
             let key = &mut self.keys[n];
             let c = self.classifier.classify(ingress, frame, key);
             match c.kind {
@@ -425,6 +437,9 @@ fn punt_into(
 /// the frame's end, `frame_end`): bytes beyond its total length (padding,
 /// or what an earlier frame left in the chunk) are not its TCP flags or
 /// checksum.
+///
+/// `partial`: the frame's L4 checksum is still to be completed (its
+/// field holds the pseudo-header's sum, which NAT keeps right).
 #[inline(never)]
 fn tracked(
     a: &Action,
@@ -433,6 +448,7 @@ fn tracked(
     frame_end: usize,
     key: &FlowKey,
     ct_events: bool,
+    partial: bool,
 ) -> Result<(), Verdict> {
     let tot_len = Ipv4::new(&*chunk, ip).total_len().unwrap_or(0);
     let end = (ip + usize::from(tot_len)).min(frame_end);
@@ -446,7 +462,7 @@ fn tracked(
         return Err(Verdict::Punt(PuntReason::TtlExpired));
     }
     if let Some(n) = &a.nat {
-        rewrite::nat(chunk, ip, key, n).map_err(Verdict::Drop)?;
+        rewrite::nat(chunk, ip, key, n, partial).map_err(Verdict::Drop)?;
     }
     Ok(())
 }
@@ -477,14 +493,16 @@ fn apply(
         start += usize::from(m.inner_start);
         len = m.inner_len as usize;
     }
-    if len > usize::from(a.max_len) {
+    // A super-frame's segments are what must fit the path.
+    if d.off.segment_len(len) > usize::from(a.max_len) {
         return Verdict::Punt(PuntReason::TooBig);
     }
     // Flow frames are IPv4 with a whole 20-byte header after Ethernet
     // (the classifier checked), so these offsets are inside the frame.
     let ip = start + ETH_LEN;
     if a.conntrack {
-        if let Err(v) = tracked(a, chunk, ip, start + len, key, ct_events) {
+        let partial = d.off.needs_csum();
+        if let Err(v) = tracked(a, chunk, ip, start + len, key, ct_events, partial) {
             return v;
         }
     }
@@ -510,8 +528,14 @@ fn apply(
             eth[6..].copy_from_slice(mac);
         }
     }
+    let mut offload = d.off;
     if let Some(t) = &a.encap {
-        match vxlan::encap(chunk, start, len, &t.0, hash) {
+        let r = if offload.is_plain() {
+            vxlan::encap(chunk, start, len, &t.0, hash)
+        } else {
+            encap_offloaded(chunk, start, len, &t.0, hash, &mut offload)
+        };
+        match r {
             Ok(s) => {
                 start = s;
                 len += vxlan::OUTER_LEN;
@@ -527,12 +551,39 @@ fn apply(
             let nd = Desc {
                 addr: base + start as u64,
                 len: len as u32,
+                off: offload,
             };
             Verdict::Tx(p, nd)
         }
         Output::Punt => Verdict::Punt(PuntReason::Action),
         Output::Drop => Verdict::Drop(DropReason::FlowDrop),
     }
+}
+
+/// Encapsulate a frame that still has offload work (a partial checksum,
+/// segments to cut): its metadata then counts the outer headers, and a
+/// super-frame's outer lengths are left to the segmenter.
+#[cold]
+fn encap_offloaded(
+    chunk: &mut [u8],
+    start: usize,
+    len: usize,
+    t: &[u8; vxlan::OUTER_LEN],
+    hash: u64,
+    off: &mut crate::offload::Offload,
+) -> Result<usize, vxlan::EncapError> {
+    // OUTER_LEN is 50.
+    #[allow(clippy::cast_possible_truncation)]
+    let shifted = off
+        .shifted(vxlan::OUTER_LEN as u16)
+        .ok_or(vxlan::EncapError::TooLong { len })?;
+    let s = if off.is_gso() {
+        vxlan::encap_for_segmentation(chunk, start, t, hash)?
+    } else {
+        vxlan::encap(chunk, start, len, t, hash)?
+    };
+    *off = shifted;
+    Ok(s)
 }
 
 #[cfg(test)]

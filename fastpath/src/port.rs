@@ -6,6 +6,7 @@ use arrayvec::ArrayVec;
 use flowtable::PortId;
 
 use crate::frame::{Desc, FrameMem, BATCH};
+use crate::offload::{Offload, VNET_HDR_LEN};
 use crate::tap::Tap;
 use crate::umem::FramePool;
 use crate::xsk::XskSocket;
@@ -33,6 +34,51 @@ impl PortIo {
             // negative descriptors.
             PortIo::VhostUser(_) => -1,
             PortIo::Memory(_) | PortIo::Closed => -1,
+        }
+    }
+}
+
+/// What a port takes of frames as the pipeline leaves them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Takes {
+    /// Partial checksums and super-frames, with their metadata.
+    pub offloads: bool,
+    /// Frames in big chunks (an AF_XDP ring takes only its UMEM's).
+    pub big: bool,
+}
+
+impl Takes {
+    /// `d` can go to the port as it is.
+    #[inline(always)]
+    pub fn fits(&self, d: &Desc) -> bool {
+        (self.offloads || d.off.is_plain()) && (self.big || !FramePool::is_big(d.addr))
+    }
+}
+
+impl PortIo {
+    /// What the port takes (see [`Takes`]).
+    pub fn takes(&self) -> Takes {
+        match self {
+            PortIo::Tap(t) => Takes {
+                offloads: t.vnet(),
+                big: true,
+            },
+            PortIo::Xsk(_) => Takes {
+                offloads: false,
+                big: false,
+            },
+            PortIo::VhostUser(_) => Takes {
+                offloads: false,
+                big: true,
+            },
+            PortIo::Memory(m) => Takes {
+                offloads: m.offloads,
+                big: true,
+            },
+            PortIo::Closed => Takes {
+                offloads: true,
+                big: true,
+            },
         }
     }
 }
@@ -81,6 +127,18 @@ pub struct PortCounters {
     /// Flows refused because the port held its share of the flow table.
     #[serde(default)]
     pub flow_share_full: u64,
+    /// Segments cut in software from super-frames sent on this port
+    /// (it takes no segmentation offload).
+    #[serde(default)]
+    pub tx_segments: u64,
+    /// Frames whose partial checksum was completed in software for this
+    /// port.
+    #[serde(default)]
+    pub tx_csum_completed: u64,
+    /// Frames or segments dropped on the way out for want of a free chunk
+    /// or because their offload metadata did not hold.
+    #[serde(default)]
+    pub tx_offload_dropped: u64,
 }
 
 /// A port of this thread.
@@ -111,6 +169,7 @@ pub fn receive(
     is_uplink: bool,
 ) {
     match &mut port.io {
+        PortIo::Tap(t) if t.vnet() => receive_vnet(t, pool, descs, &mut port.counters),
         PortIo::Tap(t) => {
             for _ in 0..BATCH {
                 let Some(chunk) = pool.alloc() else {
@@ -127,7 +186,7 @@ pub fn receive(
                         Ok(len) => {
                             port.counters.rx_packets += 1;
                             port.counters.rx_bytes += u64::from(len);
-                            descs.push(Desc { addr: at, len });
+                            descs.push(Desc::new(at, len));
                         }
                         Err(_) => {
                             pool.release(chunk);
@@ -174,11 +233,16 @@ pub fn receive(
         }
         PortIo::Memory(m) => {
             while !descs.is_full() {
-                let Some(frame) = m.queued.pop_front() else {
-                    break;
+                let (frame, off) = match m.offloaded.pop_front() {
+                    Some(f) => f,
+                    None => match m.queued.pop_front() {
+                        Some(f) => (f, Offload::PLAIN),
+                        None => break,
+                    },
                 };
                 match copy_in(pool, &frame) {
-                    Some(d) => {
+                    Some(mut d) => {
+                        d.off = off;
                         port.counters.rx_packets += 1;
                         port.counters.rx_bytes += u64::from(d.len);
                         descs.push(d);
@@ -191,11 +255,88 @@ pub fn receive(
     }
 }
 
-/// Copy `frame` into a free chunk of `pool`, after the usual headroom
-/// (`None`: no free chunk, or the frame does not fit one).
+/// Receive up to a batch from a tap with offloads: each frame is read
+/// (one `readv`) into a pool chunk and, past its end, a spare big chunk;
+/// a super-frame that ran on into the big chunk gets its head copied
+/// before the rest there (at most a small chunk's worth), a frame that
+/// fit leaves the spare for the next read.
+fn receive_vnet(
+    t: &mut Tap,
+    pool: &mut FramePool,
+    descs: &mut ArrayVec<Desc, BATCH>,
+    c: &mut PortCounters,
+) {
+    let room = pool.chunk_size() as usize - HEADROOM;
+    let mut spare: Option<u64> = None;
+    while !descs.is_full() {
+        let Some(chunk) = pool.alloc() else {
+            c.rx_no_buffer += 1;
+            break;
+        };
+        let Some(big) = spare.or_else(|| pool.alloc_big()) else {
+            // Without room for a super-frame the read would cut one short.
+            pool.release(chunk);
+            c.rx_no_buffer += 1;
+            break;
+        };
+        spare = Some(big);
+        let at = chunk + HEADROOM as u64;
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        let r = match pool.two_mut(at, big + (HEADROOM + room) as u64) {
+            Some(((head, ho), (tail, to))) => {
+                t.recv_vnet(&mut hdr, &mut head[ho..], &mut tail[to..])
+            }
+            None => Ok(None),
+        };
+        let n = match r {
+            Ok(Some(n)) => n,
+            Ok(None) => {
+                pool.release(chunk);
+                break;
+            }
+            Err(_) => {
+                pool.release(chunk);
+                c.rx_errors += 1;
+                break;
+            }
+        };
+        // A read is at most a big chunk.
+        #[allow(clippy::cast_possible_truncation)]
+        let len = n as u32;
+        let off = Offload::from_vnet(&hdr);
+        let d = if n <= room {
+            Desc { addr: at, len, off }
+        } else {
+            if let Some(((head, ho), (whole, wo))) = pool.two_mut(at, big + HEADROOM as u64) {
+                whole[wo..wo + room].copy_from_slice(&head[ho..ho + room]);
+            }
+            pool.release(chunk);
+            spare = None;
+            Desc {
+                addr: big + HEADROOM as u64,
+                len,
+                off,
+            }
+        };
+        c.rx_packets += 1;
+        c.rx_bytes += u64::from(len);
+        descs.push(d);
+    }
+    if let Some(b) = spare {
+        pool.release(b);
+    }
+}
+
+/// Copy `frame` into a free chunk of `pool`, after the usual headroom — a
+/// big chunk if it is longer than a small one holds (`None`: no free
+/// chunk, or the frame does not fit one).
 pub fn copy_in(pool: &mut FramePool, frame: &[u8]) -> Option<Desc> {
     let len = u32::try_from(frame.len()).ok()?;
-    let chunk = pool.alloc()?;
+    let chunk = if frame.len() + HEADROOM > pool.chunk_size() as usize {
+        pool.alloc_big()?
+    } else {
+        pool.alloc()?
+    };
     let at = chunk + HEADROOM as u64;
     let Some(dst) = pool
         .chunk_mut(at)
@@ -205,7 +346,7 @@ pub fn copy_in(pool: &mut FramePool, frame: &[u8]) -> Option<Desc> {
         return None;
     };
     dst.copy_from_slice(frame);
-    Some(Desc { addr: at, len })
+    Some(Desc::new(at, len))
 }
 
 /// A port whose frames are in memory: what is queued is received, what
@@ -213,7 +354,13 @@ pub fn copy_in(pool: &mut FramePool, frame: &[u8]) -> Option<Desc> {
 #[derive(Debug, Default)]
 pub struct MemPort {
     pub queued: std::collections::VecDeque<Vec<u8>>,
+    /// Frames with offload metadata, received before `queued`.
+    pub offloaded: std::collections::VecDeque<(Vec<u8>, Offload)>,
     pub sent: Vec<Vec<u8>>,
+    /// The metadata of each frame in `sent`.
+    pub sent_off: Vec<Offload>,
+    /// The port takes offloads (as a tap with the header does).
+    pub offloads: bool,
 }
 
 /// Guest frames of a vhost-user port, written straight into pool chunks:
@@ -262,10 +409,7 @@ impl crate::vhost::virtq::FrameSink for PoolSink<'_> {
             self.counters.rx_packets += 1;
             self.counters.rx_bytes += u64::from(len);
             // Capacity checked in `room`.
-            let _ = self.descs.try_push(Desc {
-                addr: chunk + HEADROOM as u64,
-                len,
-            });
+            let _ = self.descs.try_push(Desc::new(chunk + HEADROOM as u64, len));
         }
     }
 }
@@ -279,8 +423,128 @@ impl Drop for PoolSink<'_> {
 }
 
 /// Send `frames` (chunks of `pool`) on `p`, releasing every chunk that
-/// is not handed to the kernel.
+/// is not handed to the kernel. Frames the port cannot take as they are
+/// are made so first: super-frames cut into segments, partial checksums
+/// completed, frames in big chunks copied into small ones for AF_XDP.
 pub fn transmit(p: &mut Port, pool: &mut FramePool, frames: &[Desc]) {
+    let takes = p.io.takes();
+    if frames.iter().all(|d| takes.fits(d)) {
+        return send(p, pool, frames);
+    }
+    let mut ready = ArrayVec::<Desc, BATCH>::new();
+    for &d in frames {
+        if takes.fits(&d) {
+            push_ready(p, pool, &mut ready, d);
+        } else {
+            prepare(p, pool, d, takes, &mut ready);
+        }
+    }
+    send(p, pool, &ready);
+}
+
+/// Queue `d` to be sent, sending what is queued first if that is a batch.
+fn push_ready(p: &mut Port, pool: &mut FramePool, ready: &mut ArrayVec<Desc, BATCH>, d: Desc) {
+    if ready.is_full() {
+        send(p, pool, ready);
+        ready.clear();
+    }
+    ready.push(d);
+}
+
+/// Make `d` what the port takes (see [`transmit`]) and queue the result;
+/// a frame that cannot be made so is counted and its chunk released.
+fn prepare(
+    p: &mut Port,
+    pool: &mut FramePool,
+    mut d: Desc,
+    takes: Takes,
+    ready: &mut ArrayVec<Desc, BATCH>,
+) {
+    if d.off.is_gso() && !takes.offloads {
+        segment(p, pool, d, ready);
+        pool.release(d.addr);
+        return;
+    }
+    if d.off.needs_csum() && !takes.offloads {
+        let done = pool
+            .chunk_mut(d.addr)
+            .and_then(|(c, o)| c.get_mut(o..o + d.len as usize))
+            .map(|f| crate::offload::complete_checksum(f, &d.off));
+        if !matches!(done, Some(Ok(()))) {
+            p.counters.tx_offload_dropped += 1;
+            pool.release(d.addr);
+            return;
+        }
+        p.counters.tx_csum_completed += 1;
+        d.off = Offload::PLAIN;
+    }
+    if !takes.big && FramePool::is_big(d.addr) {
+        let copied = pool
+            .chunk_ro(d.addr)
+            .and_then(|(c, o)| c.get(o..o + d.len as usize))
+            .map(<[u8]>::to_vec);
+        // (A frame longer than a small chunk here was too long for the
+        // port's MTU, which the pipeline checks: rare, so a copy will do.)
+        let small = copied.and_then(|f| copy_in(pool, &f).filter(|n| !FramePool::is_big(n.addr)));
+        pool.release(d.addr);
+        match small {
+            Some(n) => d = Desc { off: d.off, ..n },
+            None => {
+                p.counters.tx_offload_dropped += 1;
+                return;
+            }
+        }
+    }
+    push_ready(p, pool, ready, d);
+}
+
+/// Cut the super-frame `d` into segments in fresh small chunks, queued
+/// to be sent (the caller releases `d`).
+fn segment(p: &mut Port, pool: &mut FramePool, d: Desc, ready: &mut ArrayVec<Desc, BATCH>) {
+    let mut made = 0;
+    let lost = cut(pool, d, |pool, seg| {
+        made += 1;
+        push_ready(p, pool, ready, seg);
+    });
+    p.counters.tx_segments += made;
+    p.counters.tx_offload_dropped += lost;
+}
+
+/// Cut the super-frame `d` into segments, each in a fresh small chunk
+/// handed to `emit`; how many segments were lost (no free chunk, or the
+/// frame's headers no longer what its metadata says: then all of it, as
+/// one). `d`'s chunk stays the caller's.
+pub fn cut(pool: &mut FramePool, d: Desc, mut emit: impl FnMut(&mut FramePool, Desc)) -> u64 {
+    let len = d.len as usize;
+    let plan = pool
+        .chunk_ro(d.addr)
+        .and_then(|(c, o)| c.get(o..o + len))
+        .map(|f| crate::gso::plan(f, &d.off));
+    let Some(Ok(plan)) = plan else {
+        return 1;
+    };
+    let mut lost = 0;
+    for i in 0..plan.segs {
+        let Some(chunk) = pool.alloc() else {
+            return lost + (plan.segs - i) as u64;
+        };
+        let at = chunk + HEADROOM as u64;
+        let n = pool.two_mut(d.addr, at).and_then(|((s, so), (dst, o))| {
+            crate::gso::write_segment(s.get(so..so + len)?, &plan, i, &mut dst[o..])
+        });
+        match n.and_then(|n| u32::try_from(n).ok()) {
+            Some(n) => emit(pool, Desc::new(at, n)),
+            None => {
+                pool.release(chunk);
+                lost += 1;
+            }
+        }
+    }
+    lost
+}
+
+/// Send `frames`, which the port takes as they are (see [`transmit`]).
+fn send(p: &mut Port, pool: &mut FramePool, frames: &[Desc]) {
     match &mut p.io {
         PortIo::Closed => {
             p.counters.tx_dropped += frames.len() as u64;
@@ -293,6 +557,7 @@ pub fn transmit(p: &mut Port, pool: &mut FramePool, frames: &[Desc]) {
                     .and_then(|(c, off)| c.get(off..off + d.len as usize))
                 {
                     m.sent.push(f.to_vec());
+                    m.sent_off.push(d.off);
                     p.counters.tx_packets += 1;
                     p.counters.tx_bytes += u64::from(d.len);
                 }
@@ -303,6 +568,7 @@ pub fn transmit(p: &mut Port, pool: &mut FramePool, frames: &[Desc]) {
             for d in frames {
                 let r = match pool.chunk_mut(d.addr) {
                     Some((c, off)) => match c.get(off..off + d.len as usize) {
+                        Some(f) if t.vnet() => t.send_vnet(&d.off.to_vnet(), f),
                         Some(f) => t.send(f),
                         None => Ok(false),
                     },

@@ -39,16 +39,26 @@ fn l4_checksum(proto: u8) -> Option<(usize, bool)> {
 }
 
 /// Apply `nat` to the IPv4 packet at `ip` of a frame keyed `key`.
-pub fn nat(b: &mut [u8], ip: usize, key: &FlowKey, nat: &Nat) -> Result<(), DropReason> {
+/// `partial`: the L4 checksum is still to be completed by whoever sends
+/// the frame on (offloads): its field holds the sum of the pseudo-header,
+/// so only the address change is folded into it, uncomplemented (the
+/// ports are summed with the data when it is completed).
+pub fn nat(
+    b: &mut [u8],
+    ip: usize,
+    key: &FlowKey,
+    nat: &Nat,
+    partial: bool,
+) -> Result<(), DropReason> {
     // Only the first fragment has ports: the coprocessor never NATs
     // fragments, and a frame that claims otherwise is not rewritten.
     if key.flags & KeyFlags::FRAGMENT != 0 {
         return Err(DropReason::NatFragment);
     }
-    apply_nat(b, ip, key.proto, nat).ok_or(DropReason::NatTooShort)
+    apply_nat(b, ip, key.proto, nat, partial).ok_or(DropReason::NatTooShort)
 }
 
-fn apply_nat(b: &mut [u8], ip: usize, proto: u8, nat: &Nat) -> Option<()> {
+fn apply_nat(b: &mut [u8], ip: usize, proto: u8, nat: &Nat, partial: bool) -> Option<()> {
     let l4 = Ipv4::new(&*b, ip).l4()?;
     let addr_at = ip
         + if nat.side == NatSide::Src {
@@ -75,7 +85,15 @@ fn apply_nat(b: &mut [u8], ip: usize, proto: u8, nat: &Nat) -> Option<()> {
     };
     // L4 checksum first (reads before any write, so a short packet is
     // left untouched).
-    if let Some((at, pseudo)) = l4_checksum(proto) {
+    if let (Some((at, true)), true) = (l4_checksum(proto), partial) {
+        // RFC 1624 on the uncomplemented sum: complement, update, back.
+        let c = !get16(b, l4 + at)?;
+        put16(
+            b,
+            l4 + at,
+            !update(update(c, old_hi, new_hi), old_lo, new_lo),
+        )?;
+    } else if let Some((at, pseudo)) = l4_checksum(proto) {
         let mut c = get16(b, l4 + at)?;
         let udp_none = proto == IPPROTO_UDP && c == 0;
         if !udp_none {
@@ -175,7 +193,7 @@ mod tests {
                     ip: u32::from_be_bytes([203, 0, 113, 10]),
                     port: Some(61000),
                 };
-                nat(&mut f, 14, &key(proto), &n).unwrap();
+                nat(&mut f, 14, &key(proto), &n, false).unwrap();
                 let (addr, port) = if side == NatSide::Src {
                     (26, 34)
                 } else {
@@ -192,6 +210,38 @@ mod tests {
     }
 
     #[test]
+    fn nat_of_a_partial_checksum_leaves_what_completes_to_the_right_one() {
+        for proto in [IPPROTO_TCP, IPPROTO_UDP] {
+            for side in [NatSide::Src, NatSide::Dst] {
+                let mut f = packet(proto, b"hello, offloaded nat");
+                let at = if proto == IPPROTO_TCP { 50 } else { 40 };
+                // As a stack with checksum offload hands it over: the
+                // field holds the pseudo-header's sum, uncomplemented.
+                let l4_len = u16::try_from(f.len() - 34).unwrap();
+                let src = u32::from_be_bytes(f[26..30].try_into().unwrap());
+                let dst = u32::from_be_bytes(f[30..34].try_into().unwrap());
+                let pseudo =
+                    vxlan::checksum::fold(crate::offload::pseudo_sum(src, dst, proto, l4_len));
+                f[at..at + 2].copy_from_slice(&pseudo.to_be_bytes());
+                let n = Nat {
+                    side,
+                    ip: u32::from_be_bytes([198, 51, 100, 7]),
+                    port: Some(40000),
+                };
+                nat(&mut f, 14, &key(proto), &n, true).unwrap();
+                let off = crate::offload::Offload {
+                    flags: crate::offload::Offload::NEEDS_CSUM,
+                    csum_start: 34,
+                    csum_offset: u16::try_from(at - 34).unwrap(),
+                    ..Default::default()
+                };
+                crate::offload::complete_checksum(&mut f, &off).unwrap();
+                assert_eq!(get16(&f, at), Some(l4_sum(&f)), "{proto} {side:?}");
+            }
+        }
+    }
+
+    #[test]
     fn udp_without_checksum_stays_without() {
         let mut f = packet(IPPROTO_UDP, b"x");
         f[40..42].fill(0);
@@ -200,7 +250,7 @@ mod tests {
             ip: 1,
             port: None,
         };
-        nat(&mut f, 14, &key(IPPROTO_UDP), &n).unwrap();
+        nat(&mut f, 14, &key(IPPROTO_UDP), &n, false).unwrap();
         assert_eq!(get16(&f, 40), Some(0));
         assert_eq!(f[26..30], [0, 0, 0, 1]);
     }
@@ -219,7 +269,7 @@ mod tests {
             ip: 7,
             port: Some(0x4321),
         };
-        nat(&mut f, 14, &key(IPPROTO_ICMP), &n).unwrap();
+        nat(&mut f, 14, &key(IPPROTO_ICMP), &n, false).unwrap();
         assert_eq!(f[38..40], [0x43, 0x21]);
         assert_eq!(vxlan::checksum::fold(sum(&f[34..])), 0xffff);
     }
@@ -235,7 +285,7 @@ mod tests {
         for cut in 0..full.len() {
             let mut f = full[..cut].to_vec();
             let before = f.clone();
-            if nat(&mut f, 14, &key(IPPROTO_TCP), &n).is_err() {
+            if nat(&mut f, 14, &key(IPPROTO_TCP), &n, false).is_err() {
                 assert_eq!(f, before, "cut at {cut}");
             }
         }
@@ -244,7 +294,7 @@ mod tests {
             flags: KeyFlags::FRAGMENT,
             ..key(IPPROTO_TCP)
         };
-        assert!(nat(&mut f, 14, &k, &n).is_err());
+        assert!(nat(&mut f, 14, &k, &n, false).is_err());
         assert_eq!(f, full);
         assert_eq!(tcp_flags(&full, 14), Some(TCP_SYN));
         assert_eq!(tcp_flags(&full[..40], 14), None);

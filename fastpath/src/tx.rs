@@ -72,7 +72,7 @@ mod tests {
     #[test]
     fn groups_by_port_and_clears() {
         let mut t = TxLists::new(4);
-        let d = |a| Desc { addr: a, len: 60 };
+        let d = |a| Desc::new(a, 60);
         t.push(PortId(2), d(1)).unwrap();
         t.push(PortId(0), d(2)).unwrap();
         t.push(PortId(2), d(3)).unwrap();

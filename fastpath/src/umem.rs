@@ -138,13 +138,43 @@ fn memfd(flags: libc::c_uint) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// Chunks of a [`Region`] and the free list of those user space owns.
+/// Where the big chunks' addresses start: far above any small region, so
+/// an address says which region it is in.
+pub const BIG_BASE: u64 = 1 << 44;
+/// A big chunk holds a 64 KiB super-frame with its headroom.
+pub const BIG_CHUNK: usize = 128 << 10;
+/// Big chunks per pool: a batch of super-frames in flight, and as many
+/// again for the spare each tap read keeps.
+pub const BIG_CHUNKS: usize = 64;
+
+/// Two chunks of a pool, each with an address's offset in it.
+pub type TwoChunks<'a> = ((&'a mut [u8], usize), (&'a mut [u8], usize));
+
+/// Chunks of a [`Region`] and the free list of those user space owns;
+/// beside them, a second region of big chunks for super-frames (offloads:
+/// a tap's 64 KiB TCP frames), which only tap and guest receives use and
+/// which never reach a kernel ring: AF_XDP gets segments in small chunks.
+/// They are a separate region, not chains of small chunks, so that every
+/// frame is contiguous for the parsers; their memory is a few MiB, and no
+/// big chunk is in use between batches, so a handover does not carry them.
 #[derive(Debug)]
 pub struct FramePool {
     region: Region,
     shift: u32,
     chunks: u64,
     free: Vec<u64>,
+    big: Region,
+    big_free: Vec<u64>,
+}
+
+/// The big region of a pool, all free.
+fn big_region(try_huge: bool) -> io::Result<(Region, Vec<u64>)> {
+    let r = Region::new(BIG_CHUNKS * BIG_CHUNK, try_huge)?;
+    let free = (0..BIG_CHUNKS as u64)
+        .rev()
+        .map(|i| BIG_BASE + i * BIG_CHUNK as u64)
+        .collect();
+    Ok((r, free))
 }
 
 impl FramePool {
@@ -163,11 +193,14 @@ impl FramePool {
             .rev()
             .map(|i| i * u64::from(chunk_size))
             .collect();
+        let (big, big_free) = big_region(try_huge)?;
         Ok(FramePool {
             region,
             shift: chunk_size.trailing_zeros(),
             chunks: u64::from(chunks),
             free,
+            big,
+            big_free,
         })
     }
 
@@ -194,11 +227,15 @@ impl FramePool {
             }
             seen[i] = true;
         }
+        let huge = region.huge();
+        let (big, big_free) = big_region(huge)?;
         Ok(FramePool {
             region,
             shift,
             chunks,
             free,
+            big,
+            big_free,
         })
     }
 
@@ -229,13 +266,78 @@ impl FramePool {
         self.free.pop()
     }
 
-    /// Give back the chunk holding `addr`. Addresses outside the region
+    /// Take a free big chunk (its start address).
+    pub fn alloc_big(&mut self) -> Option<u64> {
+        self.big_free.pop()
+    }
+
+    /// True if `addr` is in a big chunk (never for an AF_XDP ring).
+    #[inline(always)]
+    pub fn is_big(addr: u64) -> bool {
+        addr >= BIG_BASE
+    }
+
+    /// Big chunks on the free list.
+    pub fn big_free_count(&self) -> usize {
+        self.big_free.len()
+    }
+
+    /// Give back the chunk holding `addr`. Addresses outside the regions
     /// are ignored (they cannot come from this pool).
     pub fn release(&mut self, addr: u64) {
+        if Self::is_big(addr) {
+            let c = addr - (addr - BIG_BASE) % BIG_CHUNK as u64;
+            if c < BIG_BASE + (BIG_CHUNKS * BIG_CHUNK) as u64 {
+                self.big_free.push(c);
+            }
+            return;
+        }
         let c = self.chunk_of(addr);
         if c < self.chunks << self.shift {
             self.free.push(c);
         }
+    }
+
+    /// The chunks holding `a` and `b` at once (segmenting from one into
+    /// the other, a read spanning both), each with its address's offset;
+    /// `None` if either is outside the pool or both are the same chunk.
+    pub fn two_mut(&mut self, a: u64, b: u64) -> Option<TwoChunks<'_>> {
+        let (a_ptr, a_off, a_size) = self.locate_ptr(a)?;
+        let (b_ptr, b_off, b_size) = self.locate_ptr(b)?;
+        if a_ptr == b_ptr {
+            return None;
+        }
+        // SAFETY: both are in-bounds chunks user space owns (the module's
+        // ownership rule), distinct and aligned to their (region's) chunk
+        // size, hence disjoint; the slices borrow the pool mutably, so no
+        // other slice of either exists.
+        let (x, y) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(a_ptr, a_size),
+                std::slice::from_raw_parts_mut(b_ptr, b_size),
+            )
+        };
+        Some(((x, a_off), (y, b_off)))
+    }
+
+    /// The start of the chunk holding `addr` in memory, `addr`'s offset
+    /// in it and the chunk's size (in bounds of its region).
+    #[inline(always)]
+    fn locate_ptr(&self, addr: u64) -> Option<(*mut u8, usize, usize)> {
+        if Self::is_big(addr) {
+            let rel = usize::try_from(addr - BIG_BASE).ok()?;
+            let start = rel - rel % BIG_CHUNK;
+            if start >= self.big.len() {
+                return None;
+            }
+            return Some((
+                self.big.as_ptr().wrapping_add(start),
+                rel - start,
+                BIG_CHUNK,
+            ));
+        }
+        let (start, off, size) = self.locate(addr)?;
+        Some((self.region.as_ptr().wrapping_add(start), off, size))
     }
 
     /// Where the chunk holding `addr` starts in the region, `addr`'s
@@ -254,8 +356,7 @@ impl FramePool {
 
     /// The chunk holding `addr` (user-owned, as for `chunk_mut`), read-only.
     pub fn chunk_ro(&self, addr: u64) -> Option<(&[u8], usize)> {
-        let (start, off, size) = self.locate(addr)?;
-        let p = self.region.as_ptr().wrapping_add(start);
+        let (p, off, size) = self.locate_ptr(addr)?;
         // SAFETY: `p..p + size` is an in-bounds chunk user space owns (the
         // module's ownership rule); the slice borrows the pool, so no
         // mutable slice of it exists meanwhile.
@@ -274,10 +375,9 @@ impl FrameMem for FramePool {
     /// space owns (received, allocated, not yet handed to the kernel).
     #[inline(always)]
     fn chunk_mut(&mut self, addr: u64) -> Option<(&mut [u8], usize)> {
-        // The chunk lies inside the region (`locate`). The caller owns it
-        // (the module's ownership rule).
-        let (start, off, size) = self.locate(addr)?;
-        let p = self.region.as_ptr().wrapping_add(start);
+        // The chunk lies inside its region (`locate_ptr`). The caller owns
+        // it (the module's ownership rule).
+        let (p, off, size) = self.locate_ptr(addr)?;
         // SAFETY: `p..p + size` is that in-bounds, user-owned chunk, and the
         // slice borrows the pool mutably, so no other slice of it exists.
         let chunk = unsafe { std::slice::from_raw_parts_mut(p, size) };
@@ -297,6 +397,8 @@ mod tests {
         assert!(p.alloc().is_none());
         p.release(2048 + 300);
         p.release(1 << 40); // not ours: ignored
+        p.release(BIG_BASE << 2); // nor this
+        assert_eq!(p.big_free_count(), BIG_CHUNKS);
         assert_eq!(p.free_count(), 1);
         assert_eq!(p.alloc(), Some(2048));
         let (c, off) = p.chunk_mut(4096 + 256).unwrap();
@@ -305,6 +407,28 @@ mod tests {
         assert_eq!(p.chunk_mut(4096).unwrap().0[256], 7);
         assert!(p.chunk_mut(8192).is_none());
         assert!(FramePool::new(4, 1000, false).is_err());
+    }
+
+    #[test]
+    fn big_chunks_hold_a_super_frame_and_come_back() {
+        let mut p = FramePool::new(4, 2048, false).unwrap();
+        let b = p.alloc_big().unwrap();
+        assert!(FramePool::is_big(b));
+        let (c, off) = p.chunk_mut(b + 256).unwrap();
+        assert_eq!((c.len(), off), (BIG_CHUNK, 256));
+        c[off + 65_535] = 9;
+        let s = p.alloc().unwrap();
+        let ((src, so), (dst, d_off)) = p.two_mut(b + 256, s + 10).unwrap();
+        assert_eq!(
+            (src[so + 65_535], src.len(), dst.len(), d_off),
+            (9, BIG_CHUNK, 2048, 10)
+        );
+        assert!(p.two_mut(s, s + 5).is_none(), "the same chunk twice");
+        p.release(b + 70_000);
+        assert_eq!(p.big_free_count(), BIG_CHUNKS);
+        assert!(p
+            .chunk_mut(BIG_BASE + (BIG_CHUNKS * BIG_CHUNK) as u64)
+            .is_none());
     }
 
     #[test]

@@ -435,12 +435,7 @@ impl XskSocket {
 
     /// Take up to `max` received frames.
     pub fn recv(&mut self, max: usize, mut f: impl FnMut(Desc)) -> usize {
-        self.rx.consume(max, |d| {
-            f(Desc {
-                addr: d.addr,
-                len: d.len,
-            })
-        })
+        self.rx.consume(max, |d| f(Desc::new(d.addr, d.len)))
     }
 
     /// Queue frames for transmission; returns how many the ring took (the

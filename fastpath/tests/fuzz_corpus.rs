@@ -56,10 +56,7 @@ fn classify_corpus_is_handled() {
         let len = frame.len().min(4096 - 64);
         mem[64..64 + len].copy_from_slice(&frame[..len]);
         let mut out = BatchOut::new(3);
-        let d = [Desc {
-            addr: 64,
-            len: u32::try_from(len).unwrap(),
-        }];
+        let d = [Desc::new(64, u32::try_from(len).unwrap())];
         p.process(
             port,
             &mut SliceMem::new(&mut mem, 4096).unwrap(),

@@ -100,10 +100,7 @@ fn steady_state_makes_no_allocation() {
         let at = usize::from(i) * CHUNK + 256;
         synth::write_udp_frame(&mut mem[at..], &f, 64);
         flows.push((at, f));
-        descs.push(Desc {
-            addr: at as u64,
-            len: 64,
-        });
+        descs.push(Desc::new(at as u64, 64));
         // Half the flows are installed: the rest miss and are punted.
         if i % 2 == 0 {
             let Class::Flow(k) =

@@ -15,6 +15,29 @@ pub fn sum(data: &[u8]) -> u32 {
     acc
 }
 
+/// [`sum`] for long data (segment payloads): big-endian 32-bit words into a
+/// 64-bit accumulator, which RFC 1071 §2 allows since the ones'-complement
+/// sum is the same in any word size; returned folded to 32 bits, so it
+/// adds to [`sum`]'s results and folds to the same 16-bit sum. Half the
+/// additions of the 16-bit loop, and they vectorise.
+#[inline]
+pub fn sum_wide(data: &[u8]) -> u32 {
+    let mut acc: u64 = 0;
+    let mut words = data.chunks_exact(4);
+    for w in &mut words {
+        acc += u64::from(u32::from_be_bytes([w[0], w[1], w[2], w[3]]));
+    }
+    acc += u64::from(sum(words.remainder()));
+    // Fold 64 → 32 bits twice (the first may carry once more).
+    let acc = (acc & 0xffff_ffff) + (acc >> 32);
+    let acc = (acc & 0xffff_ffff) + (acc >> 32);
+    // Two folds leave at most 32 significant bits.
+    #[allow(clippy::cast_possible_truncation)]
+    let r = acc as u32;
+    // Keep the top out of the way of a caller's additions: fold to 17 bits.
+    (r & 0xffff) + (r >> 16)
+}
+
 /// Fold a 32-bit ones'-complement sum into 16 bits.
 #[inline(always)]
 pub fn fold(mut acc: u32) -> u16 {
@@ -86,6 +109,23 @@ mod tests {
         // Large words that carry out of 32 bits.
         let ff = [0xffu8; 20];
         assert_eq!(ipv4_header_ok(&ff), fold(sum(&ff)) == 0xffff);
+    }
+
+    #[test]
+    fn the_wide_sum_folds_to_the_word_sum() {
+        let mut x: u32 = 12345;
+        for len in 0..300 {
+            let data: Vec<u8> = (0..len)
+                .map(|_| {
+                    x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                    x.to_be_bytes()[1]
+                })
+                .collect();
+            assert_eq!(fold(sum_wide(&data)), fold(sum(&data)), "len {len}");
+        }
+        let ff = vec![0xffu8; 70_000];
+        assert_eq!(fold(sum_wide(&ff)), fold(sum(&ff)));
+        assert_eq!(fold(sum_wide(&ff) + 0xffff), fold(sum(&ff) + 0xffff));
     }
 
     #[test]

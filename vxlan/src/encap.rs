@@ -132,18 +132,9 @@ pub fn encap(
         return Err(EncapError::TooLong { len });
     };
     let new_start = start - OUTER_LEN;
-    // One bounds check for the whole outer header; the fixed offsets
-    // below index an array and need none.
-    let Some(o) = buf
-        .get_mut(new_start..)
-        .and_then(|b| b.first_chunk_mut::<OUTER_LEN>())
-    else {
-        return Err(EncapError::NoHeadroom { start });
-    };
-    *o = *t;
+    let o = outer_at(buf, new_start, t, flow_hash).ok_or(EncapError::NoHeadroom { start })?;
     let hc = u16::from_be_bytes([t[outer::IP_CSUM.start], t[outer::IP_CSUM.start + 1]]);
     let csum = checksum::update(hc, 0, ip_len).to_be_bytes();
-    let sport = source_port(flow_hash).to_be_bytes();
     // ip_len ≥ 36, so the UDP length (ip_len − 20) cannot underflow.
     let udp_len = (ip_len - 20).to_be_bytes();
     let ip_len = ip_len.to_be_bytes();
@@ -151,11 +142,47 @@ pub fn encap(
     o[outer::IP_TOT_LEN.start + 1] = ip_len[1];
     o[outer::IP_CSUM.start] = csum[0];
     o[outer::IP_CSUM.start + 1] = csum[1];
-    o[outer::UDP_SRC.start] = sport[0];
-    o[outer::UDP_SRC.start + 1] = sport[1];
     o[outer::UDP_LEN.start] = udp_len[0];
     o[outer::UDP_LEN.start + 1] = udp_len[1];
     Ok(new_start)
+}
+
+/// The template and the flow's source port written at `buf[at..]`; its
+/// lengths and IPv4 checksum are the template's (those of a zero-length
+/// packet). `None` if the 50 bytes do not fit.
+#[inline(always)]
+fn outer_at<'b>(
+    buf: &'b mut [u8],
+    at: usize,
+    t: &[u8; OUTER_LEN],
+    flow_hash: u64,
+) -> Option<&'b mut [u8; OUTER_LEN]> {
+    // One bounds check for the whole outer header; the fixed offsets
+    // index an array and need none.
+    let o = buf.get_mut(at..)?.first_chunk_mut::<OUTER_LEN>()?;
+    *o = *t;
+    let sport = source_port(flow_hash).to_be_bytes();
+    o[outer::UDP_SRC.start] = sport[0];
+    o[outer::UDP_SRC.start + 1] = sport[1];
+    Some(o)
+}
+
+/// The outer headers of a super-frame that will be cut into segments
+/// (`buf[start..]` is the inner frame): written before `start` like
+/// [`encap`], but with the template's lengths and checksum, which the
+/// segmenter sets per segment (a super-frame's length may not fit them).
+/// Returns the new start.
+pub fn encap_for_segmentation(
+    buf: &mut [u8],
+    start: usize,
+    t: &[u8; OUTER_LEN],
+    flow_hash: u64,
+) -> Result<usize, EncapError> {
+    let at = start
+        .checked_sub(OUTER_LEN)
+        .ok_or(EncapError::NoHeadroom { start })?;
+    outer_at(buf, at, t, flow_hash).ok_or(EncapError::NoHeadroom { start })?;
+    Ok(at)
 }
 
 #[cfg(test)]

@@ -11,5 +11,7 @@ pub mod encap;
 pub mod wire;
 
 pub use decap::{decap, DecapConfig, DecapError, Decapped};
-pub use encap::{encap, source_port, EncapError, Template, TemplateError, TemplateSpec};
+pub use encap::{
+    encap, encap_for_segmentation, source_port, EncapError, Template, TemplateError, TemplateSpec,
+};
 pub use wire::{HeaderError, OUTER_LEN, UDP_PORT};

@@ -209,10 +209,7 @@ impl Net {
         let mut mem = vec![0u8; 4096];
         mem[256..256 + frame.len()].copy_from_slice(frame);
         let mut b = BatchOut::new(6);
-        let d = [Desc {
-            addr: 256,
-            len: u32::try_from(frame.len()).unwrap(),
-        }];
+        let d = [Desc::new(256, u32::try_from(frame.len()).unwrap())];
         self.p.set_reinjecting(reinjecting);
         self.p.process(
             port,

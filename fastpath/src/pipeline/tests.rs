@@ -83,10 +83,7 @@ fn load(frames: &[Vec<u8>]) -> (Vec<u8>, Vec<Desc>) {
     for (i, f) in frames.iter().enumerate() {
         let at = i * CHUNK + HEADROOM;
         mem[at..at + f.len()].copy_from_slice(f);
-        descs.push(Desc {
-            addr: at as u64,
-            len: u32::try_from(f.len()).unwrap(),
-        });
+        descs.push(Desc::new(at as u64, u32::try_from(f.len()).unwrap()));
     }
     (mem, descs)
 }
@@ -348,14 +345,8 @@ fn drop_flows_bad_ports_and_bad_descriptors_are_counted() {
         )
         .unwrap();
     let (mut mem, mut descs) = load(&[f1, f2]);
-    descs.push(Desc {
-        addr: 1 << 40,
-        len: 64,
-    });
-    descs.push(Desc {
-        addr: 2000,
-        len: 100,
-    }); // runs past its chunk
+    descs.push(Desc::new(1 << 40, 64));
+    descs.push(Desc::new(2000, 100)); // runs past its chunk
     let mut out = BatchOut::new(3);
     p.process(
         VM1,
