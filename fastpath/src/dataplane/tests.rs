@@ -278,3 +278,5 @@ fn top_talkers_read_the_vni_and_vtep_from_each_flow_s_template() {
     assert_eq!(Ipv4Addr::from(t[0].vtep), Ipv4Addr::new(192, 168, 0, 2));
     assert_eq!(Ipv4Addr::from(t[0].dst), Ipv4Addr::new(10, 0, 0, 11));
 }
+
+mod offloads;
