@@ -12,6 +12,7 @@ pub mod classify;
 pub mod dataplane;
 pub mod drop;
 pub mod frame;
+pub mod gro;
 pub mod gso;
 pub mod handoff;
 pub mod hugepage;

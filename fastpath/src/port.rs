@@ -135,6 +135,10 @@ pub struct PortCounters {
     /// port.
     #[serde(default)]
     pub tx_csum_completed: u64,
+    /// Segments merged into super-frames (GRO) on their way to this port
+    /// (each super-frame counts its segments but one).
+    #[serde(default)]
+    pub tx_coalesced: u64,
     /// Frames or segments dropped on the way out for want of a free chunk
     /// or because their offload metadata did not hold.
     #[serde(default)]
@@ -428,6 +432,18 @@ impl Drop for PoolSink<'_> {
 /// completed, frames in big chunks copied into small ones for AF_XDP.
 pub fn transmit(p: &mut Port, pool: &mut FramePool, frames: &[Desc]) {
     let takes = p.io.takes();
+    if takes.offloads && frames.len() > 1 {
+        // Consecutive TCP segments of a flow become one super-frame.
+        let mut out = ArrayVec::<Desc, BATCH>::new();
+        let merged = crate::gro::coalesce(pool, frames, |_, d| {
+            // At most one result per frame.
+            let _ = out.try_push(d);
+        });
+        if merged > 0 {
+            p.counters.tx_coalesced += merged as u64;
+            return send(p, pool, &out);
+        }
+    }
     if frames.iter().all(|d| takes.fits(d)) {
         return send(p, pool, frames);
     }

@@ -72,7 +72,10 @@ fn a_super_frame_is_cut_into_checksummed_segments_for_a_port_without_offloads() 
     let (f, off) = super_frame(60_000);
     r.receive_offloaded(0, f.clone(), off);
     let msg = r.punts.recv().expect("the first segment is punted");
-    assert!(msg.data.len() <= 14 + 40 + 1448, "a segment, not the super-frame");
+    assert!(
+        msg.data.len() <= 14 + 40 + 1448,
+        "a segment, not the super-frame"
+    );
     assert!(msg.is_whole(), "whole");
     r.apply(answer(msg, 0));
     let mut out = r.sent_with_off(1);
@@ -90,7 +93,11 @@ fn a_super_frame_is_cut_into_checksummed_segments_for_a_port_without_offloads() 
     // (The first super-frame's segments were cut on the punt path.)
     assert_eq!(s.ports[1].2.tx_segments, 42);
     assert_eq!(s.ports[1].2.tx_offload_dropped, 0);
-    assert_eq!(r.dp.pool.big_free_count(), crate::umem::BIG_CHUNKS, "every big chunk back");
+    assert_eq!(
+        r.dp.pool.big_free_count(),
+        crate::umem::BIG_CHUNKS,
+        "every big chunk back"
+    );
 }
 
 #[test]
@@ -182,11 +189,32 @@ fn hostile_offload_metadata_is_dropped_and_counted_by_reason() {
     let mut r = rig();
     let (f, off) = super_frame(10_000);
     let cases = [
-        (Offload { gso_size: 0, ..off }, DropReason::OffloadBadGsoSize),
-        (Offload { gso_type: 3, ..off }, DropReason::OffloadBadGsoType),
-        (Offload { csum_start: 60_000, ..off }, DropReason::OffloadBadCsumOffsets),
-        (Offload { gso_size: 8, ..off }, DropReason::OffloadTooManySegments),
-        (Offload { csum_offset: 6, ..off }, DropReason::OffloadBadHeaders),
+        (
+            Offload { gso_size: 0, ..off },
+            DropReason::OffloadBadGsoSize,
+        ),
+        (
+            Offload { gso_type: 3, ..off },
+            DropReason::OffloadBadGsoType,
+        ),
+        (
+            Offload {
+                csum_start: 60_000,
+                ..off
+            },
+            DropReason::OffloadBadCsumOffsets,
+        ),
+        (
+            Offload { gso_size: 8, ..off },
+            DropReason::OffloadTooManySegments,
+        ),
+        (
+            Offload {
+                csum_offset: 6,
+                ..off
+            },
+            DropReason::OffloadBadHeaders,
+        ),
     ];
     for (o, reason) in cases {
         r.receive_offloaded(0, f.clone(), o);
