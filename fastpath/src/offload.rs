@@ -294,5 +294,43 @@ pub fn pseudo_sum(src: u32, dst: u32, proto: u8, l4_len: u16) -> u32 {
     w(src) + w(dst) + u32::from(proto) + u32::from(l4_len)
 }
 
+/// The offload fuzz target's body (`fuzz/fuzz_targets/offload.rs`, and
+/// its corpus replayed by `cargo test`): `data` is a virtio-net header
+/// then a frame. Whatever [`check`] lets through is cut into segments or
+/// has its checksum completed; panics (the asserts) are the findings.
+/// True if the metadata was taken.
+#[doc(hidden)]
+pub fn exercise(data: &[u8]) -> bool {
+    let Some((hdr, frame)) = data.split_first_chunk::<VNET_HDR_LEN>() else {
+        return false;
+    };
+    let _ = crate::gro::segment(frame);
+    let Ok(off) = check(frame, Offload::from_vnet(hdr)) else {
+        return false;
+    };
+    let mut f = frame.to_vec();
+    if off.is_gso() && off.gso_type != Offload::GSO_TCPV6 {
+        let Ok(plan) = crate::gso::plan(&f, &off) else {
+            return true;
+        };
+        assert!(plan.segs <= MAX_SEGS);
+        let mut buf = vec![0u8; 70_000];
+        for i in 0..plan.segs {
+            let n = crate::gso::write_segment(&f, &plan, i, &mut buf)
+                .expect("a segment fits 70,000 bytes");
+            assert!(n <= usize::from(off.hdr_len) + usize::from(off.gso_size));
+            let ip: &[u8; 20] = buf[ETH_LEN..ETH_LEN + 20].try_into().expect("20 bytes");
+            if ip[0] == ipv4::VER_IHL_PLAIN {
+                assert!(vxlan::checksum::ipv4_header_ok(ip));
+            }
+            let _ = crate::gro::segment(&buf[..n]);
+        }
+    } else if off.needs_csum() {
+        assert!(complete_checksum(&mut f, &off).is_ok());
+        assert_eq!(f.len(), frame.len());
+    }
+    true
+}
+
 #[cfg(test)]
 pub(crate) mod tests;

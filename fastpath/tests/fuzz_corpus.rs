@@ -89,3 +89,17 @@ fn decap_corpus_is_handled() {
     }
     assert!(ok >= 2, "the valid seeds must decapsulate");
 }
+
+#[test]
+fn offload_corpus_is_handled() {
+    let inputs = corpus("offload");
+    assert!(inputs.len() >= 12, "seed corpus incomplete");
+    let taken = inputs
+        .iter()
+        .filter(|d| fastpath::offload::exercise(d))
+        .count();
+    // The seeds: six valid (TSO, TSO with ECN, USO, checksum only, data
+    // valid, plain), one IPv6 passed on, five hostile.
+    assert!(taken >= 7, "the valid seeds must be taken: {taken}");
+    assert!(taken < inputs.len(), "the hostile seeds must be refused");
+}

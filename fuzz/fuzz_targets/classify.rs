@@ -43,7 +43,7 @@ fuzz_target!(|data: &[u8]| {
     let mut mem = vec![0u8; 4096];
     let len = frame.len().min(4096 - headroom);
     mem[headroom..headroom + len].copy_from_slice(&frame[..len]);
-    let descs = [Desc { addr: headroom as u64, len: len as u32 }];
+    let descs = [Desc::new(headroom as u64, len as u32)];
     let mut out = BatchOut::new(3);
     p.set_reinjecting(sel2 & 2 != 0);
     p.process(port, &mut SliceMem::new(&mut mem, 4096).unwrap(), &descs, 1, &mut out);
