@@ -270,8 +270,32 @@ fn print_vhost(v: &Value) {
     }
 }
 
+/// One line per port that cut, merged or completed frames for offloads.
+fn print_offloads(v: &Value) {
+    for p in v["ports"].as_array().into_iter().flatten() {
+        let keys = [
+            "tx_segments",
+            "tx_coalesced",
+            "tx_csum_completed",
+            "tx_offload_dropped",
+        ];
+        if keys.iter().all(|k| n(p, k) == 0) {
+            continue;
+        }
+        println!(
+            "  offloads on {}: {} segments cut, {} segments merged (GRO), {} checksums completed, {} lost",
+            s(p, "name"),
+            n(p, "tx_segments"),
+            n(p, "tx_coalesced"),
+            n(p, "tx_csum_completed"),
+            n(p, "tx_offload_dropped")
+        );
+    }
+}
+
 fn print_stats(v: &Value) {
     print_port_table(v);
+    print_offloads(v);
     print_vhost(v);
     let pl = &v["pipeline"];
     println!(

@@ -106,6 +106,26 @@ pub fn fast_path(m: &mut Metrics, s: &Snapshot) {
                 "Receives skipped for want of a frame buffer.",
                 c.rx_no_buffer,
             ),
+            (
+                "vswitch_port_tx_segments_total",
+                "Segments cut in software from super-frames sent on the port (no TSO there).",
+                c.tx_segments,
+            ),
+            (
+                "vswitch_port_tx_coalesced_total",
+                "Segments merged into super-frames (GRO) on their way to the port.",
+                c.tx_coalesced,
+            ),
+            (
+                "vswitch_port_tx_csum_completed_total",
+                "Partial checksums completed in software for the port.",
+                c.tx_csum_completed,
+            ),
+            (
+                "vswitch_port_tx_offload_dropped_total",
+                "Frames or segments lost on the way out: no free chunk, or offload metadata that did not hold.",
+                c.tx_offload_dropped,
+            ),
         ] {
             m.sample(metric, "counter", help, &l, f(v));
         }

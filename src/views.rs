@@ -207,7 +207,9 @@ pub fn stats(s: &Snapshot) -> Value {
             let mut v = json!({"id": id.0, "name": name, "rx_packets": c.rx_packets, "rx_bytes": c.rx_bytes,
                    "tx_packets": c.tx_packets, "tx_bytes": c.tx_bytes, "rx_errors": c.rx_errors,
                    "tx_errors": c.tx_errors, "tx_dropped": c.tx_dropped, "rx_no_buffer": c.rx_no_buffer,
-                   "flow_share_full": c.flow_share_full, "drops": drops});
+                   "flow_share_full": c.flow_share_full, "tx_segments": c.tx_segments,
+                   "tx_coalesced": c.tx_coalesced, "tx_csum_completed": c.tx_csum_completed,
+                   "tx_offload_dropped": c.tx_offload_dropped, "drops": drops});
             if c.guest_queue_full + c.guest_not_ready + c.guest_bad_descriptor > 0 {
                 v["guest"] = json!({"queue_full": c.guest_queue_full, "not_ready": c.guest_not_ready,
                     "bad_descriptor": c.guest_bad_descriptor});

@@ -200,6 +200,25 @@ fn kernel_vxlan_interop_wire_format_host_access_and_neighbor_changes() {
         );
     }
 
+    // TCP both ways with the kernel's VXLAN: our software segments (the
+    // VM's TSO super-frames cut for the uplink) checked by the kernel's
+    // stack, and the kernel's segments merged toward our VM (`iperf`
+    // asserts neither stack counted a checksum error).
+    // A real wire carries complete checksums; a veth carries the kernel
+    // peer's partial ones (its VXLAN leaves the inner TCP checksum to the
+    // "NIC"), which an AF_XDP socket cannot see as such: the peer's
+    // underlay link completes them, as a NIC would.
+    let (ok, out) = try_sh(&[
+        "ip", "netns", "exec", &hk, "ethtool", "-K", &uk, "tx", "off",
+    ]);
+    assert!(ok, "ethtool: {out}");
+    let bps = iperf(&hk, &vm, "10.0.0.11", "5302");
+    assert!(bps > 1e6, "TCP VM → kernel VXLAN: {bps} bit/s");
+    let bps = iperf(&vm, &hk, "10.0.0.10", "5303");
+    assert!(bps > 1e6, "TCP kernel VXLAN → VM: {bps} bit/s");
+    let st = lab.ctl(&sock, "stats").expect("stats");
+    assert!(st["ports"][1]["tx_segments"].as_u64() > Some(100), "{st}");
+
     // The host keeps its underlay: ping and a TCP connection to it.
     let (ok, out) = ping(&hk, "192.168.61.1", "2");
     assert!(

@@ -322,9 +322,9 @@ impl Dataplane {
         port::receive(port, &mut self.pool, &mut self.descs, port.id == uplink);
         let n = self.descs.len();
         if n > 0 {
-            let id = port.id;
+            let (id, meta) = (port.id, port.io.gives_offloads());
             let descs = std::mem::take(&mut self.descs);
-            self.process(id, &descs, now, true);
+            self.process(id, &descs, now, true, meta);
             self.descs = descs;
         }
         n
@@ -336,7 +336,9 @@ impl Dataplane {
     /// TX ring took it (then it comes back on completion).
     /// Reinjected frames (`may_punt` false) that miss again are counted,
     /// not punted again, so a flow that cannot be installed cannot loop.
-    fn process(&mut self, ingress: PortId, descs: &[Desc], now: u64, may_punt: bool) {
+    /// `meta`: the frames have offload metadata (see `offload`).
+    fn process(&mut self, ingress: PortId, descs: &[Desc], now: u64, may_punt: bool, meta: bool) {
+        self.pipeline.set_offloaded(meta);
         self.pipeline
             .process(ingress, &mut self.pool, descs, now, &mut self.out);
         for (port, list) in self.out.tx.iter() {
@@ -344,7 +346,7 @@ impl Dataplane {
                 list.iter().for_each(|d| self.pool.release(d.addr));
                 continue;
             };
-            transmit(p, &mut self.pool, list);
+            transmit(p, &mut self.pool, list, meta);
         }
         for d in &self.out.dropped {
             self.pool.release(d.addr);
@@ -356,7 +358,7 @@ impl Dataplane {
         let mut supers = ArrayVec::<Desc, BATCH>::new();
         let punts = std::mem::take(&mut self.out.punt);
         for item in &punts {
-            if !item.desc.off.is_plain() && !self.punt_ready(ingress, item, &mut supers) {
+            if meta && !self.punt_ready(ingress, item, &mut supers) {
                 continue;
             }
             if may_punt {
@@ -404,7 +406,8 @@ impl Dataplane {
         supers: &mut ArrayVec<Desc, BATCH>,
     ) -> bool {
         let d = item.desc;
-        if d.off.is_gso() {
+        let off = crate::offload::of(&mut self.pool, &d);
+        if off.is_gso() {
             if item.reason == crate::PuntReason::TooBig {
                 return true;
             }
@@ -412,11 +415,14 @@ impl Dataplane {
             let _ = supers.try_push(d);
             return false;
         }
+        if !off.needs_csum() {
+            return true;
+        }
         let done = self
             .pool
             .chunk_mut(d.addr)
             .and_then(|(c, o)| c.get_mut(o..o + d.len as usize))
-            .map(|f| crate::offload::complete_checksum(f, &d.off));
+            .map(|f| crate::offload::complete_checksum(f, &off));
         match done {
             Some(Ok(())) => true,
             Some(Err(r)) => {
@@ -439,10 +445,11 @@ impl Dataplane {
     /// of a super-frame: rare, so the list is allocated.)
     fn process_segments(&mut self, ingress: PortId, d: Desc, now: u64, may_punt: bool) {
         let mut segs = Vec::with_capacity(crate::offload::MAX_SEGS);
-        let lost = port::cut(&mut self.pool, d, |_, s| segs.push(s));
+        let off = crate::offload::of(&mut self.pool, &d);
+        let lost = port::cut(&mut self.pool, d, &off, |_, s| segs.push(s));
         self.pool.release(d.addr);
         for group in segs.chunks(BATCH) {
-            self.process(ingress, group, now, may_punt);
+            self.process(ingress, group, now, may_punt, false);
         }
         if lost > 0 {
             self.pipeline
@@ -507,7 +514,7 @@ impl Dataplane {
         for (port, frame) in &ins.tx {
             if let Some(d) = self.copy_in(frame) {
                 match self.ports.get_mut(usize::from(port.0)) {
-                    Some(p) => transmit(p, &mut self.pool, &[d]),
+                    Some(p) => transmit(p, &mut self.pool, &[d], false),
                     None => self.pool.release(d.addr),
                 }
             }
@@ -523,7 +530,7 @@ impl Dataplane {
                     self.stale_installs += 1;
                 }
                 self.pipeline.set_reinjecting(!stale);
-                self.process(ingress, &[d], now, stale);
+                self.process(ingress, &[d], now, stale, false);
                 self.pipeline.set_reinjecting(false);
                 self.first_packet
                     .record(self.now().saturating_sub(punted_at));

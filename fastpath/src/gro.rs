@@ -128,10 +128,10 @@ impl Run {
     }
 }
 
-/// Coalesce `frames` (all bound for one port that takes super-frames):
-/// each result goes to `emit` — a frame as it was, or a super-frame in a
-/// big chunk (whose segments' chunks are released). Returns how many
-/// frames were merged away.
+/// Coalesce `frames` (plain, all bound for one port that takes
+/// super-frames): each result goes to `emit`, with offload metadata — a
+/// frame as it was, or a super-frame in a big chunk (whose segments'
+/// chunks are released). Returns how many frames were merged away.
 pub fn coalesce(
     pool: &mut FramePool,
     frames: &[Desc],
@@ -144,7 +144,7 @@ pub fn coalesce(
             .chunk_ro(d.addr)
             .and_then(|(c, o)| c.get(o..o + d.len as usize))
             .and_then(|f| {
-                let s = segment(f).filter(|_| d.off.is_plain())?;
+                let s = segment(f)?;
                 let options = ArrayVec::try_from(f.get(L4 + 20..s.hdr_len)?).ok()?;
                 Some((s, options))
             });
@@ -157,7 +157,7 @@ pub fn coalesce(
             if let Some(i) = open.iter().position(|r| Some(r.first.flow) == flow) {
                 merged += finish(pool, open.remove(i), &mut emit);
             }
-            emit(pool, d);
+            as_is(pool, d, &mut emit);
             continue;
         };
         if let Some(r) = open.iter_mut().find(|r| r.takes(&s, &options)) {
@@ -194,6 +194,13 @@ pub fn coalesce(
     merged
 }
 
+/// Emit `d` unchanged, with metadata that says so (what `coalesce`
+/// emits has metadata: the super-frames' say what they are).
+fn as_is(pool: &mut FramePool, d: Desc, emit: &mut impl FnMut(&mut FramePool, Desc)) {
+    crate::offload::attach(pool, &d, Offload::PLAIN);
+    emit(pool, d);
+}
+
 /// A payload length (≤ 64 KiB) as a sequence-number step.
 fn len32(n: usize) -> u32 {
     u32::try_from(n).unwrap_or(u32::MAX)
@@ -204,11 +211,11 @@ fn len32(n: usize) -> u32 {
 /// then the segments go on as they were).
 fn finish(pool: &mut FramePool, r: Run, emit: &mut impl FnMut(&mut FramePool, Desc)) -> usize {
     if r.frames.len() == 1 {
-        emit(pool, r.frames[0]);
+        as_is(pool, r.frames[0], emit);
         return 0;
     }
     let Some(big) = pool.alloc_big() else {
-        r.frames.iter().for_each(|d| emit(pool, *d));
+        r.frames.iter().for_each(|d| as_is(pool, *d, emit));
         return 0;
     };
     let at = big + crate::port::HEADROOM as u64;
@@ -226,7 +233,7 @@ fn finish(pool: &mut FramePool, r: Run, emit: &mut impl FnMut(&mut FramePool, De
             Some(n) => len += n,
             None => {
                 pool.release(big);
-                r.frames.iter().for_each(|d| emit(pool, *d));
+                r.frames.iter().for_each(|d| as_is(pool, *d, emit));
                 return 0;
             }
         }
@@ -257,21 +264,17 @@ fn finish(pool: &mut FramePool, r: Run, emit: &mut impl FnMut(&mut FramePool, De
     for d in &r.frames {
         pool.release(d.addr);
     }
-    emit(
-        pool,
-        Desc {
-            addr: at,
-            len: u32::try_from(len).unwrap_or(0),
-            off: Offload {
-                flags: Offload::NEEDS_CSUM,
-                gso_type: Offload::GSO_TCPV4,
-                gso_size: u16::try_from(r.first.payload).unwrap_or(0),
-                hdr_len: u16::try_from(r.first.hdr_len).unwrap_or(0),
-                csum_start: L4_U16,
-                csum_offset: 16,
-            },
-        },
-    );
+    let d = Desc::new(at, u32::try_from(len).unwrap_or(0));
+    let off = Offload {
+        flags: Offload::NEEDS_CSUM,
+        gso_type: Offload::GSO_TCPV4,
+        gso_size: u16::try_from(r.first.payload).unwrap_or(0),
+        csum_start: L4_U16,
+        csum_offset: 16,
+    };
+    // A big chunk has room before the frame.
+    crate::offload::attach(pool, &d, off);
+    emit(pool, d);
     n - 1
 }
 

@@ -1,6 +1,14 @@
 //! Offload metadata: what a virtio-net header says of a frame, carried
-//! with the frame ([`crate::frame::Desc::off`]) from the port it came in
-//! on to the one it leaves by.
+//! with the frame from the port it came in on to the one it leaves by,
+//! in the first [`META_LEN`] bytes of the frame's chunk (before the
+//! headroom an encapsulation uses: [`of`], [`attach`]).
+//!
+//! Whether frames have it is a property of a batch, not of each frame:
+//! every frame a port with offloads receives gets metadata (all zero when
+//! there is nothing to do), frames from other ports have none, and the
+//! fast path tells the pipeline and the transmit code which it is. So a
+//! batch from a port without offloads — the uplink, 64-byte traffic —
+//! pays for them with one test per batch, not per frame.
 //!
 //! A tap opened with `IFF_VNET_HDR` (and a vhost-user guest) hands over
 //! frames whose L4 checksum is still to be computed ("needs checksum":
@@ -20,6 +28,7 @@
 //! against `virtio-bindings` in the tests.
 
 use crate::drop::DropReason;
+use crate::frame::{Desc, FrameMem};
 use crate::packet::{be16, ipv4, ETHERTYPE_IPV4, ETH_LEN, ETH_TYPE, IPPROTO_TCP, IPPROTO_UDP};
 
 /// Length of the header a tap (after `TUNSETVNETHDRSZ`) or a
@@ -30,7 +39,34 @@ pub const VNET_HDR_LEN: usize = 12;
 /// smallest MSS a sane stack uses on a 1,500-byte path (536) is 123.
 pub const MAX_SEGS: usize = 128;
 
-/// Offload metadata of one frame (see the module documentation).
+/// Where a frame's metadata is kept: the first bytes of its chunk.
+pub const META_LEN: usize = 8;
+
+/// The offload metadata of `d`, a frame in `mem` of a batch that has it.
+#[inline]
+pub fn of<M: FrameMem + ?Sized>(mem: &mut M, d: &Desc) -> Offload {
+    match mem.chunk_mut(d.addr) {
+        Some((c, at)) if at >= META_LEN => Offload::kept_in(c),
+        _ => Offload::PLAIN,
+    }
+}
+
+/// Keep `o` as the metadata of `d`, a frame in `mem`; false (and none
+/// kept) if its chunk has no room for it before the frame.
+#[inline]
+pub fn attach<M: FrameMem + ?Sized>(mem: &mut M, d: &Desc, o: Offload) -> bool {
+    match mem.chunk_mut(d.addr) {
+        Some((c, at)) if at >= META_LEN => {
+            o.keep_in(c);
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Offload metadata of one frame (see the module documentation). (The
+/// header's `hdr_len` is not kept: it is measured from the frame where
+/// needed.)
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Offload {
     /// `NEEDS_CSUM`, `DATA_VALID`, and vswitch's own `ENCAPSULATED`.
@@ -39,8 +75,6 @@ pub struct Offload {
     pub gso_type: u8,
     /// Payload bytes per segment (GSO only).
     pub gso_size: u16,
-    /// Headers before the payload (GSO only), as measured by [`check`].
-    pub hdr_len: u16,
     /// Where the checksummed data starts, from the frame's start.
     pub csum_start: u16,
     /// Where the checksum goes, from `csum_start`.
@@ -71,7 +105,6 @@ impl Offload {
         flags: 0,
         gso_type: 0,
         gso_size: 0,
-        hdr_len: 0,
         csum_start: 0,
         csum_offset: 0,
     };
@@ -94,26 +127,63 @@ impl Offload {
         self.flags & Self::ENCAPSULATED != 0
     }
 
+    /// The metadata kept in `chunk` (a frame's whole chunk; see [`of`]).
+    pub fn kept_in(chunk: &[u8]) -> Offload {
+        chunk
+            .first_chunk::<META_LEN>()
+            .map_or(Offload::PLAIN, Offload::load)
+    }
+
+    /// Keep this metadata in `chunk` (a frame's whole chunk, the frame
+    /// past its first [`META_LEN`] bytes).
+    pub fn keep_in(&self, chunk: &mut [u8]) {
+        if let Some(b) = chunk.first_chunk_mut::<META_LEN>() {
+            *b = self.save();
+        }
+    }
+
+    /// As kept before a frame (see [`of`]).
+    fn save(&self) -> [u8; META_LEN] {
+        let mut b = [0u8; META_LEN];
+        b[0] = self.flags;
+        b[1] = self.gso_type;
+        b[2..4].copy_from_slice(&self.gso_size.to_ne_bytes());
+        b[4..6].copy_from_slice(&self.csum_start.to_ne_bytes());
+        b[6..8].copy_from_slice(&self.csum_offset.to_ne_bytes());
+        b
+    }
+
+    fn load(b: &[u8; META_LEN]) -> Offload {
+        let u = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
+        Offload {
+            flags: b[0],
+            gso_type: b[1],
+            gso_size: u(2),
+            csum_start: u(4),
+            csum_offset: u(6),
+        }
+    }
+
     /// The header as it came, unvalidated (see [`check`]).
     pub fn from_vnet(h: &[u8; VNET_HDR_LEN]) -> Offload {
         let le = |i: usize| u16::from_le_bytes([h[i], h[i + 1]]);
         Offload {
             flags: h[0],
             gso_type: h[1],
-            hdr_len: le(2),
             gso_size: le(4),
             csum_start: le(6),
             csum_offset: le(8),
         }
     }
 
-    /// The header for a port that takes offloads, for the frame it
+    /// The header for a port that takes offloads, for `frame`, which it
     /// describes (offsets from the frame's start; `num_buffers` zero).
-    pub fn to_vnet(&self) -> [u8; VNET_HDR_LEN] {
+    pub fn to_vnet(&self, frame: &[u8]) -> [u8; VNET_HDR_LEN] {
         let mut h = [0u8; VNET_HDR_LEN];
         h[0] = self.flags & (Self::NEEDS_CSUM | Self::DATA_VALID);
         h[1] = self.gso_type;
-        h[2..4].copy_from_slice(&self.hdr_len.to_le_bytes());
+        let hdr_len = u16::try_from(self.hdr_len(frame).unwrap_or(0)).unwrap_or(0);
+        h[2..4].copy_from_slice(&hdr_len.to_le_bytes());
         h[4..6].copy_from_slice(&self.gso_size.to_le_bytes());
         h[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
         h[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
@@ -125,30 +195,38 @@ impl Offload {
     pub fn shifted(&self, n: u16) -> Option<Offload> {
         Some(Offload {
             flags: self.flags | Self::ENCAPSULATED,
-            hdr_len: if self.is_gso() {
-                self.hdr_len.checked_add(n)?
-            } else {
-                0
-            },
             csum_start: self.csum_start.checked_add(n)?,
             ..*self
         })
     }
 
-    /// The length of each segment the frame becomes (GSO), or `len`.
+    /// The headers before a GSO frame's payload (its L4 header ends
+    /// there: `csum_start` plus the TCP data offset, or 8 for UDP);
+    /// `None` for other frames or if `frame` is cut short.
+    pub fn hdr_len(&self, frame: &[u8]) -> Option<usize> {
+        let l4 = usize::from(self.csum_start);
+        match self.gso_type {
+            Self::GSO_TCPV4 | Self::GSO_TCPV6 => {
+                Some(l4 + usize::from(*frame.get(l4 + 12)? >> 4) * 4)
+            }
+            Self::GSO_UDP_L4 => Some(l4 + 8),
+            _ => None,
+        }
+    }
+
+    /// The length of each segment `frame` becomes (GSO), or its length.
     #[inline]
-    pub fn segment_len(&self, len: usize) -> usize {
-        if self.is_gso() {
-            usize::from(self.hdr_len) + usize::from(self.gso_size)
-        } else {
-            len
+    pub fn segment_len(&self, frame: &[u8]) -> usize {
+        match self.hdr_len(frame) {
+            Some(h) => h + usize::from(self.gso_size),
+            None => frame.len(),
         }
     }
 }
 
 /// Validate `off`, as a tap or guest gave it, against `frame`; the
-/// metadata the switch keeps (its own flags cleared, `hdr_len` measured,
-/// a "super-frame" of one segment made a plain frame). Hostile values are
+/// metadata the switch keeps (its own flags cleared, a "super-frame" of
+/// one segment made a plain frame). Hostile values are
 /// drops with their own reason; nothing here panics or reads out of
 /// bounds.
 pub fn check(frame: &[u8], off: Offload) -> Result<Offload, DropReason> {
@@ -169,7 +247,6 @@ pub fn check(frame: &[u8], off: Offload) -> Result<Offload, DropReason> {
     match o.gso_type {
         Offload::GSO_NONE => {
             o.gso_size = 0;
-            o.hdr_len = 0;
             return Ok(o);
         }
         Offload::GSO_TCPV4 | Offload::GSO_UDP_L4 => {}
@@ -194,12 +271,10 @@ pub fn check(frame: &[u8], off: Offload) -> Result<Offload, DropReason> {
         return Err(DropReason::OffloadBadGsoSize);
     }
     let payload = h.end - h.hdr_len;
-    o.hdr_len = u16::try_from(h.hdr_len).map_err(|_| DropReason::OffloadBadHeaders)?;
     if payload <= usize::from(o.gso_size) {
         // One segment: an ordinary frame that still needs its checksum.
         o.gso_type = Offload::GSO_NONE;
         o.gso_size = 0;
-        o.hdr_len = 0;
         return Ok(o);
     }
     if payload.div_ceil(usize::from(o.gso_size)) > MAX_SEGS {
@@ -318,7 +393,7 @@ pub fn exercise(data: &[u8]) -> bool {
         for i in 0..plan.segs {
             let n = crate::gso::write_segment(&f, &plan, i, &mut buf)
                 .expect("a segment fits 70,000 bytes");
-            assert!(n <= usize::from(off.hdr_len) + usize::from(off.gso_size));
+            assert!(n <= off.segment_len(&f));
             let ip: &[u8; 20] = buf[ETH_LEN..ETH_LEN + 20].try_into().expect("20 bytes");
             if ip[0] == ipv4::VER_IHL_PLAIN {
                 assert!(vxlan::checksum::ipv4_header_ok(ip));

@@ -19,6 +19,7 @@ use vxlan::DecapConfig;
 use crate::classify::{Classifier, Kind};
 use crate::drop::{DropCounters, DropReason};
 use crate::frame::{Desc, FrameMem, BATCH};
+use crate::offload::Offload;
 use crate::packet::{Ipv4, ETH_LEN, IPPROTO_TCP};
 use crate::punt::PuntReason;
 use crate::rewrite;
@@ -190,6 +191,9 @@ pub struct Pipeline {
     /// connection events were already followed, so they are not punted
     /// for that again.
     reinjecting: bool,
+    /// The frames of the next batches have offload metadata (they came
+    /// from a port with offloads; see `offload`).
+    offloaded: bool,
 }
 
 impl Pipeline {
@@ -216,6 +220,7 @@ impl Pipeline {
             hashes: [0; BATCH],
             meta: [Meta::default(); BATCH],
             reinjecting: false,
+            offloaded: false,
         }
     }
 
@@ -257,6 +262,12 @@ impl Pipeline {
         self.reinjecting = on;
     }
 
+    /// Say whether the next batches' frames have offload metadata (a port
+    /// with offloads received them).
+    pub fn set_offloaded(&mut self, on: bool) {
+        self.offloaded = on;
+    }
+
     pub fn classifier(&self) -> &Classifier {
         &self.classifier
     }
@@ -265,6 +276,39 @@ impl Pipeline {
     /// many of `frames` were consumed (the caller passes the rest again).
     /// `out` is cleared first. `now` is the caller's clock in nanoseconds.
     pub fn process<M: FrameMem + ?Sized>(
+        &mut self,
+        ingress: PortId,
+        mem: &mut M,
+        frames: &[Desc],
+        now: u64,
+        out: &mut BatchOut,
+    ) -> usize {
+        // Two copies of the loop: frames without offload metadata (the
+        // uplink's, 64-byte traffic) pay nothing for it.
+        if self.offloaded {
+            self.process_offloaded(ingress, mem, frames, now, out)
+        } else {
+            self.run::<M, false>(ingress, mem, frames, now, out)
+        }
+    }
+
+    /// [`Pipeline::process`] for frames with offload metadata: a function
+    /// of its own, so the common loop is not laid out around it.
+    #[inline(never)]
+    fn process_offloaded<M: FrameMem + ?Sized>(
+        &mut self,
+        ingress: PortId,
+        mem: &mut M,
+        frames: &[Desc],
+        now: u64,
+        out: &mut BatchOut,
+    ) -> usize {
+        self.run::<M, true>(ingress, mem, frames, now, out)
+    }
+
+    /// [`Pipeline::process`], for frames with offload metadata or not.
+    #[inline(always)]
+    fn run<M: FrameMem + ?Sized, const OFFLOADED: bool>(
         &mut self,
         ingress: PortId,
         mem: &mut M,
@@ -293,6 +337,14 @@ impl Pipeline {
                 );
                 continue;
             };
+            // Offload metadata is the tenant's: checked before anything
+            // trusts it.
+            if OFFLOADED {
+                if let Err(r) = check_kept(chunk, off, d.len as usize) {
+                    drop_into(&mut self.counters, ingress, out, d, r);
+                    continue;
+                }
+            }
             let Some(frame) = chunk.get(off..off + d.len as usize) else {
                 drop_into(
                     &mut self.counters,
@@ -303,18 +355,6 @@ impl Pipeline {
                 );
                 continue;
             };
-            // Offload metadata is the tenant's: checked before anything
-            // trusts it (one test in the common case).
-            let mut d = d;
-            if !d.off.is_plain() {
-                match crate::offload::check(frame, d.off) {
-                    Ok(o) => d.off = o,
-                    Err(r) => {
-                        drop_into(&mut self.counters, ingress, out, d, r);
-                        continue;
-                    }
-                }
-            }
             let key = &mut self.keys[n];
             let c = self.classifier.classify(ingress, frame, key);
             match c.kind {
@@ -374,7 +414,9 @@ impl Pipeline {
             };
             hits += 1;
             let verdict = match (table.action(hit.action), mem.chunk_mut(d.addr)) {
-                (Some(a), Some((chunk, off))) => apply(a, chunk, off, d, m, h, key, ct_events),
+                (Some(a), Some((chunk, off))) => {
+                    apply(a, chunk, off, d, m, h, key, ct_events, OFFLOADED)
+                }
                 _ => Verdict::Drop(DropReason::BadDescriptor),
             };
             match verdict {
@@ -438,8 +480,9 @@ fn punt_into(
 /// or what an earlier frame left in the chunk) are not its TCP flags or
 /// checksum.
 ///
-/// `partial`: the frame's L4 checksum is still to be completed (its
-/// field holds the pseudo-header's sum, which NAT keeps right).
+/// `offload`: the frame has offload metadata, which may say its L4
+/// checksum is still to be completed (its field holds the pseudo-header's
+/// sum, which NAT keeps right).
 #[inline(never)]
 fn tracked(
     a: &Action,
@@ -448,8 +491,9 @@ fn tracked(
     frame_end: usize,
     key: &FlowKey,
     ct_events: bool,
-    partial: bool,
+    offload: bool,
 ) -> Result<(), Verdict> {
+    let partial = offload && Offload::kept_in(chunk).needs_csum();
     let tot_len = Ipv4::new(&*chunk, ip).total_len().unwrap_or(0);
     let end = (ip + usize::from(tot_len)).min(frame_end);
     let Some(chunk) = chunk.get_mut(..end) else {
@@ -468,7 +512,9 @@ fn tracked(
 }
 
 /// Apply `a` to the frame at `chunk[off..]`. Checks come first, so a frame
-/// that is punted is unmodified.
+/// that is punted is unmodified. `offloaded`: the frame has offload
+/// metadata (a super-frame's segments must fit the path, a partial
+/// checksum is kept right, an encapsulation shifts the offsets).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn apply(
@@ -480,6 +526,7 @@ fn apply(
     hash: u64,
     key: &FlowKey,
     ct_events: bool,
+    offloaded: bool,
 ) -> Verdict {
     let mut start = off;
     let mut len = d.len as usize;
@@ -494,15 +541,19 @@ fn apply(
         len = m.inner_len as usize;
     }
     // A super-frame's segments are what must fit the path.
-    if d.off.segment_len(len) > usize::from(a.max_len) {
+    let seg_len = if offloaded {
+        segment_len_kept(chunk, start, len)
+    } else {
+        len
+    };
+    if seg_len > usize::from(a.max_len) {
         return Verdict::Punt(PuntReason::TooBig);
     }
     // Flow frames are IPv4 with a whole 20-byte header after Ethernet
     // (the classifier checked), so these offsets are inside the frame.
     let ip = start + ETH_LEN;
     if a.conntrack {
-        let partial = d.off.needs_csum();
-        if let Err(v) = tracked(a, chunk, ip, start + len, key, ct_events, partial) {
+        if let Err(v) = tracked(a, chunk, ip, start + len, key, ct_events, offloaded) {
             return v;
         }
     }
@@ -528,12 +579,11 @@ fn apply(
             eth[6..].copy_from_slice(mac);
         }
     }
-    let mut offload = d.off;
     if let Some(t) = &a.encap {
-        let r = if offload.is_plain() {
-            vxlan::encap(chunk, start, len, &t.0, hash)
+        let r = if offloaded {
+            encap_offloaded(chunk, start, len, &t.0, hash)
         } else {
-            encap_offloaded(chunk, start, len, &t.0, hash, &mut offload)
+            vxlan::encap(chunk, start, len, &t.0, hash)
         };
         match r {
             Ok(s) => {
@@ -548,11 +598,7 @@ fn apply(
             let base = d.addr - off as u64;
             // len ≤ chunk size, far below u32::MAX.
             #[allow(clippy::cast_possible_truncation)]
-            let nd = Desc {
-                addr: base + start as u64,
-                len: len as u32,
-                off: offload,
-            };
+            let nd = Desc::new(base + start as u64, len as u32);
             Verdict::Tx(p, nd)
         }
         Output::Punt => Verdict::Punt(PuntReason::Action),
@@ -560,18 +606,44 @@ fn apply(
     }
 }
 
+/// Check the offload metadata kept in `chunk` against its frame
+/// (`chunk[off..off + len]`) and keep what the switch goes by.
+#[cold]
+#[inline(never)]
+fn check_kept(chunk: &mut [u8], off: usize, len: usize) -> Result<(), DropReason> {
+    if off < crate::offload::META_LEN {
+        return Err(DropReason::BadDescriptor);
+    }
+    let frame = chunk.get(off..off + len).ok_or(DropReason::BadDescriptor)?;
+    let o = crate::offload::check(frame, Offload::kept_in(chunk))?;
+    o.keep_in(chunk);
+    Ok(())
+}
+
+/// The length of the segments of the frame `chunk[start..start + len]`
+/// (its own for a frame that is not cut).
+#[cold]
+#[inline(never)]
+fn segment_len_kept(chunk: &[u8], start: usize, len: usize) -> usize {
+    Offload::kept_in(chunk).segment_len(chunk.get(start..start + len).unwrap_or_default())
+}
+
 /// Encapsulate a frame that still has offload work (a partial checksum,
 /// segments to cut): its metadata then counts the outer headers, and a
 /// super-frame's outer lengths are left to the segmenter.
 #[cold]
+#[inline(never)]
 fn encap_offloaded(
     chunk: &mut [u8],
     start: usize,
     len: usize,
     t: &[u8; vxlan::OUTER_LEN],
     hash: u64,
-    off: &mut crate::offload::Offload,
 ) -> Result<usize, vxlan::EncapError> {
+    let off = Offload::kept_in(chunk);
+    if off.is_plain() {
+        return vxlan::encap(chunk, start, len, t, hash);
+    }
     // OUTER_LEN is 50.
     #[allow(clippy::cast_possible_truncation)]
     let shifted = off
@@ -582,7 +654,7 @@ fn encap_offloaded(
     } else {
         vxlan::encap(chunk, start, len, t, hash)?
     };
-    *off = shifted;
+    shifted.keep_in(chunk);
     Ok(s)
 }
 

@@ -48,14 +48,24 @@ pub struct Takes {
 }
 
 impl Takes {
-    /// `d` can go to the port as it is.
+    /// `d` (of a batch with offload metadata if `meta`) can go to the
+    /// port as it is.
     #[inline(always)]
-    pub fn fits(&self, d: &Desc) -> bool {
-        (self.offloads || d.off.is_plain()) && (self.big || !FramePool::is_big(d.addr))
+    pub fn fits(&self, d: &Desc, meta: bool) -> bool {
+        (self.offloads || !meta) && (self.big || !FramePool::is_big(d.addr))
     }
 }
 
 impl PortIo {
+    /// The frames the port receives have offload metadata.
+    pub fn gives_offloads(&self) -> bool {
+        match self {
+            PortIo::Tap(t) => t.vnet(),
+            PortIo::Memory(m) => m.offloads,
+            _ => false,
+        }
+    }
+
     /// What the port takes (see [`Takes`]).
     pub fn takes(&self) -> Takes {
         match self {
@@ -245,8 +255,11 @@ pub fn receive(
                     },
                 };
                 match copy_in(pool, &frame) {
-                    Some(mut d) => {
-                        d.off = off;
+                    Some(d) => {
+                        if m.offloads {
+                            // After the usual headroom: room for it.
+                            crate::offload::attach(pool, &d, off);
+                        }
                         port.counters.rx_packets += 1;
                         port.counters.rx_bytes += u64::from(d.len);
                         descs.push(d);
@@ -309,19 +322,17 @@ fn receive_vnet(
         let len = n as u32;
         let off = Offload::from_vnet(&hdr);
         let d = if n <= room {
-            Desc { addr: at, len, off }
+            Desc::new(at, len)
         } else {
             if let Some(((head, ho), (whole, wo))) = pool.two_mut(at, big + HEADROOM as u64) {
                 whole[wo..wo + room].copy_from_slice(&head[ho..ho + room]);
             }
             pool.release(chunk);
             spare = None;
-            Desc {
-                addr: big + HEADROOM as u64,
-                len,
-                off,
-            }
+            Desc::new(big + HEADROOM as u64, len)
         };
+        // After the headroom: room for it. (Checked in the pipeline.)
+        crate::offload::attach(pool, &d, off);
         c.rx_packets += 1;
         c.rx_bytes += u64::from(len);
         descs.push(d);
@@ -430,9 +441,12 @@ impl Drop for PoolSink<'_> {
 /// is not handed to the kernel. Frames the port cannot take as they are
 /// are made so first: super-frames cut into segments, partial checksums
 /// completed, frames in big chunks copied into small ones for AF_XDP.
-pub fn transmit(p: &mut Port, pool: &mut FramePool, frames: &[Desc]) {
+///
+/// `meta`: the frames have offload metadata (a batch from a port with
+/// offloads).
+pub fn transmit(p: &mut Port, pool: &mut FramePool, frames: &[Desc], meta: bool) {
     let takes = p.io.takes();
-    if takes.offloads && frames.len() > 1 {
+    if takes.offloads && !meta && frames.len() > 1 {
         // Consecutive TCP segments of a flow become one super-frame.
         let mut out = ArrayVec::<Desc, BATCH>::new();
         let merged = crate::gro::coalesce(pool, frames, |_, d| {
@@ -441,58 +455,62 @@ pub fn transmit(p: &mut Port, pool: &mut FramePool, frames: &[Desc]) {
         });
         if merged > 0 {
             p.counters.tx_coalesced += merged as u64;
-            return send(p, pool, &out);
+            return send(p, pool, &out, true);
         }
     }
-    if frames.iter().all(|d| takes.fits(d)) {
-        return send(p, pool, frames);
+    if frames.iter().all(|d| takes.fits(d, meta)) {
+        return send(p, pool, frames, meta);
     }
+    // What is made to fit is plain.
     let mut ready = ArrayVec::<Desc, BATCH>::new();
     for &d in frames {
-        if takes.fits(&d) {
-            push_ready(p, pool, &mut ready, d);
+        let off = if meta {
+            crate::offload::of(pool, &d)
         } else {
-            prepare(p, pool, d, takes, &mut ready);
-        }
+            Offload::PLAIN
+        };
+        prepare(p, pool, d, off, takes, &mut ready);
     }
-    send(p, pool, &ready);
+    send(p, pool, &ready, false);
 }
 
-/// Queue `d` to be sent, sending what is queued first if that is a batch.
+/// Queue `d` (plain) to be sent, sending what is queued first if that
+/// is a batch.
 fn push_ready(p: &mut Port, pool: &mut FramePool, ready: &mut ArrayVec<Desc, BATCH>, d: Desc) {
     if ready.is_full() {
-        send(p, pool, ready);
+        send(p, pool, ready, false);
         ready.clear();
     }
     ready.push(d);
 }
 
-/// Make `d` what the port takes (see [`transmit`]) and queue the result;
-/// a frame that cannot be made so is counted and its chunk released.
+/// Make `d` (metadata `off`) a plain frame the port takes (see
+/// [`transmit`]) and queue it; a frame that cannot be made so is counted
+/// and its chunk released.
 fn prepare(
     p: &mut Port,
     pool: &mut FramePool,
     mut d: Desc,
+    off: Offload,
     takes: Takes,
     ready: &mut ArrayVec<Desc, BATCH>,
 ) {
-    if d.off.is_gso() && !takes.offloads {
-        segment(p, pool, d, ready);
+    if off.is_gso() {
+        segment(p, pool, d, off, ready);
         pool.release(d.addr);
         return;
     }
-    if d.off.needs_csum() && !takes.offloads {
+    if off.needs_csum() {
         let done = pool
             .chunk_mut(d.addr)
             .and_then(|(c, o)| c.get_mut(o..o + d.len as usize))
-            .map(|f| crate::offload::complete_checksum(f, &d.off));
+            .map(|f| crate::offload::complete_checksum(f, &off));
         if !matches!(done, Some(Ok(()))) {
             p.counters.tx_offload_dropped += 1;
             pool.release(d.addr);
             return;
         }
         p.counters.tx_csum_completed += 1;
-        d.off = Offload::PLAIN;
     }
     if !takes.big && FramePool::is_big(d.addr) {
         let copied = pool
@@ -504,7 +522,7 @@ fn prepare(
         let small = copied.and_then(|f| copy_in(pool, &f).filter(|n| !FramePool::is_big(n.addr)));
         pool.release(d.addr);
         match small {
-            Some(n) => d = Desc { off: d.off, ..n },
+            Some(n) => d = n,
             None => {
                 p.counters.tx_offload_dropped += 1;
                 return;
@@ -516,9 +534,15 @@ fn prepare(
 
 /// Cut the super-frame `d` into segments in fresh small chunks, queued
 /// to be sent (the caller releases `d`).
-fn segment(p: &mut Port, pool: &mut FramePool, d: Desc, ready: &mut ArrayVec<Desc, BATCH>) {
+fn segment(
+    p: &mut Port,
+    pool: &mut FramePool,
+    d: Desc,
+    off: Offload,
+    ready: &mut ArrayVec<Desc, BATCH>,
+) {
     let mut made = 0;
-    let lost = cut(pool, d, |pool, seg| {
+    let lost = cut(pool, d, &off, |pool, seg| {
         made += 1;
         push_ready(p, pool, ready, seg);
     });
@@ -526,16 +550,21 @@ fn segment(p: &mut Port, pool: &mut FramePool, d: Desc, ready: &mut ArrayVec<Des
     p.counters.tx_offload_dropped += lost;
 }
 
-/// Cut the super-frame `d` into segments, each in a fresh small chunk
-/// handed to `emit`; how many segments were lost (no free chunk, or the
+/// Cut the super-frame `d` (metadata `off`) into segments, each in a
+/// fresh small chunk handed to `emit`; how many segments were lost (no free chunk, or the
 /// frame's headers no longer what its metadata says: then all of it, as
 /// one). `d`'s chunk stays the caller's.
-pub fn cut(pool: &mut FramePool, d: Desc, mut emit: impl FnMut(&mut FramePool, Desc)) -> u64 {
+pub fn cut(
+    pool: &mut FramePool,
+    d: Desc,
+    off: &Offload,
+    mut emit: impl FnMut(&mut FramePool, Desc),
+) -> u64 {
     let len = d.len as usize;
     let plan = pool
         .chunk_ro(d.addr)
         .and_then(|(c, o)| c.get(o..o + len))
-        .map(|f| crate::gso::plan(f, &d.off));
+        .map(|f| crate::gso::plan(f, off));
     let Some(Ok(plan)) = plan else {
         return 1;
     };
@@ -560,7 +589,7 @@ pub fn cut(pool: &mut FramePool, d: Desc, mut emit: impl FnMut(&mut FramePool, D
 }
 
 /// Send `frames`, which the port takes as they are (see [`transmit`]).
-fn send(p: &mut Port, pool: &mut FramePool, frames: &[Desc]) {
+fn send(p: &mut Port, pool: &mut FramePool, frames: &[Desc], meta: bool) {
     match &mut p.io {
         PortIo::Closed => {
             p.counters.tx_dropped += frames.len() as u64;
@@ -568,12 +597,16 @@ fn send(p: &mut Port, pool: &mut FramePool, frames: &[Desc]) {
         }
         PortIo::Memory(m) => {
             for d in frames {
-                if let Some(f) = pool
+                if let Some((c, off, f)) = pool
                     .chunk_ro(d.addr)
-                    .and_then(|(c, off)| c.get(off..off + d.len as usize))
+                    .and_then(|(c, off)| Some((c, off, c.get(off..off + d.len as usize)?)))
                 {
                     m.sent.push(f.to_vec());
-                    m.sent_off.push(d.off);
+                    m.sent_off.push(if meta && off >= crate::offload::META_LEN {
+                        Offload::kept_in(c)
+                    } else {
+                        Offload::PLAIN
+                    });
                     p.counters.tx_packets += 1;
                     p.counters.tx_bytes += u64::from(d.len);
                 }
@@ -584,7 +617,14 @@ fn send(p: &mut Port, pool: &mut FramePool, frames: &[Desc]) {
             for d in frames {
                 let r = match pool.chunk_mut(d.addr) {
                     Some((c, off)) => match c.get(off..off + d.len as usize) {
-                        Some(f) if t.vnet() => t.send_vnet(&d.off.to_vnet(), f),
+                        Some(f) if t.vnet() => {
+                            let o = if meta && off >= crate::offload::META_LEN {
+                                Offload::kept_in(c)
+                            } else {
+                                Offload::PLAIN
+                            };
+                            t.send_vnet(&o.to_vnet(f), f)
+                        }
                         Some(f) => t.send(f),
                         None => Ok(false),
                     },

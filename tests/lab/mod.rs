@@ -64,9 +64,37 @@ pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     panic!("timed out after {limit:?} waiting for {what}");
 }
 
+/// Segments namespace `ns`'s stack refused for a bad TCP or UDP checksum
+/// (`InCsumErrors` of /proc/net/snmp: what `netstat -s` shows).
+pub fn csum_errors(ns: &str) -> u64 {
+    let snmp = sh(&["ip", "netns", "exec", ns, "cat", "/proc/net/snmp"]);
+    let text = String::from_utf8_lossy(&snmp.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    let mut total = 0;
+    for pair in lines.windows(2) {
+        let (names, values) = (pair[0], pair[1]);
+        let proto = names.split(':').next().unwrap_or("");
+        if !["Tcp", "Udp"].contains(&proto) || !values.starts_with(&format!("{proto}:")) {
+            continue;
+        }
+        let names: Vec<&str> = names.split_whitespace().collect();
+        let values: Vec<&str> = values.split_whitespace().collect();
+        if let Some(i) = names.iter().position(|n| *n == "InCsumErrors") {
+            total += values
+                .get(i)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
+        }
+    }
+    total
+}
+
 /// A bounded iperf3 TCP run from `client_ns` to a one-shot server on
 /// `ip`:`port` in `server_ns`; returns the received bits per second.
+/// Neither side's stack may count a checksum error meanwhile (offloads:
+/// partial checksums completed, segments cut and merged, all right).
 pub fn iperf(server_ns: &str, client_ns: &str, ip: &str, port: &str) -> f64 {
+    let errors = (csum_errors(server_ns), csum_errors(client_ns));
     let (ok, out) = try_sh(&[
         "ip", "netns", "exec", server_ns, "iperf3", "-s", "-1", "-D", "-p", port,
     ]);
@@ -84,6 +112,11 @@ pub fn iperf(server_ns: &str, client_ns: &str, ip: &str, port: &str) -> f64 {
         "2", "-J",
     ]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    assert_eq!(
+        (csum_errors(server_ns), csum_errors(client_ns)),
+        errors,
+        "checksum errors counted by the receiving stacks during the stream"
+    );
     v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .expect("iperf3 result")

@@ -76,7 +76,6 @@ pub(crate) fn partial(f: &mut [u8], gso_size: u16) -> Offload {
             (_, false) => Offload::GSO_UDP_L4,
         },
         gso_size,
-        hdr_len: 0,
         csum_start: 34,
         csum_offset: if tcp { 16 } else { 6 },
     }
@@ -107,11 +106,14 @@ fn the_header_round_trips_without_the_switch_s_own_flag() {
         flags: Offload::NEEDS_CSUM | Offload::ENCAPSULATED,
         gso_type: Offload::GSO_TCPV4,
         gso_size: 1448,
-        hdr_len: 54,
         csum_start: 34,
         csum_offset: 16,
     };
-    let back = Offload::from_vnet(&o.to_vnet());
+    let mut f = l4_frame(true, &[0; 3000], 1, 0x10);
+    partial(&mut f, 1448);
+    let h = o.to_vnet(&f);
+    assert_eq!(u16::from_le_bytes([h[2], h[3]]), 54, "hdr_len, measured");
+    let back = Offload::from_vnet(&h);
     assert_eq!(
         back,
         Offload {
@@ -138,8 +140,8 @@ fn a_valid_super_frame_is_kept_and_measured() {
         Offload::NEEDS_CSUM,
         "only virtio's flags are taken"
     );
-    assert_eq!((o.gso_size, o.hdr_len), (1448, 54));
-    assert_eq!(o.segment_len(f.len()), 54 + 1448);
+    assert_eq!((o.gso_size, o.hdr_len(&f)), (1448, Some(54)));
+    assert_eq!(o.segment_len(&f), 54 + 1448);
 }
 
 #[test]

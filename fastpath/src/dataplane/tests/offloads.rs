@@ -121,7 +121,7 @@ fn a_super_frame_goes_whole_to_a_port_that_takes_offloads() {
     assert_eq!(out[0].0, f, "unchanged");
     assert!(out[0].1.is_gso() && out[0].1.needs_csum());
     assert_eq!(out[0].1.gso_size, 1448);
-    assert_eq!(out[0].1.hdr_len, 54);
+    assert_eq!(out[0].1.hdr_len(&out[0].0), Some(54));
 }
 
 #[test]
@@ -187,6 +187,7 @@ fn a_partial_checksum_is_completed_for_a_port_without_offloads_and_on_the_punt_p
 #[test]
 fn hostile_offload_metadata_is_dropped_and_counted_by_reason() {
     let mut r = rig();
+    r.set_offloads(0, true);
     let (f, off) = super_frame(10_000);
     let cases = [
         (
