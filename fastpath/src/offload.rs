@@ -1,7 +1,9 @@
 //! Offload metadata: what a virtio-net header says of a frame, carried
-//! with the frame from the port it came in on to the one it leaves by,
-//! in the first [`META_LEN`] bytes of the frame's chunk (before the
-//! headroom an encapsulation uses: [`of`], [`attach`]).
+//! with the frame from the port it came in on to the one it leaves by —
+//! as that very header, in the [`VNET_HDR_LEN`] bytes before the frame
+//! ([`of`], [`attach`]): where a tap's read and a guest's descriptor put
+//! it anyway, so receiving costs no copy; an encapsulation moves it in
+//! front of the outer headers.
 //!
 //! Whether frames have it is a property of a batch, not of each frame:
 //! every frame a port with offloads receives gets metadata (all zero when
@@ -39,29 +41,19 @@ pub const VNET_HDR_LEN: usize = 12;
 /// smallest MSS a sane stack uses on a 1,500-byte path (536) is 123.
 pub const MAX_SEGS: usize = 128;
 
-/// Where a frame's metadata is kept: the first bytes of its chunk.
-pub const META_LEN: usize = 8;
-
 /// The offload metadata of `d`, a frame in `mem` of a batch that has it.
 #[inline]
 pub fn of<M: FrameMem + ?Sized>(mem: &mut M, d: &Desc) -> Offload {
-    match mem.chunk_mut(d.addr) {
-        Some((c, at)) if at >= META_LEN => Offload::kept_in(c),
-        _ => Offload::PLAIN,
-    }
+    mem.chunk_mut(d.addr)
+        .map_or(Offload::PLAIN, |(c, at)| Offload::before(c, at))
 }
 
 /// Keep `o` as the metadata of `d`, a frame in `mem`; false (and none
-/// kept) if its chunk has no room for it before the frame.
+/// kept) if there is no room for it before the frame.
 #[inline]
 pub fn attach<M: FrameMem + ?Sized>(mem: &mut M, d: &Desc, o: Offload) -> bool {
-    match mem.chunk_mut(d.addr) {
-        Some((c, at)) if at >= META_LEN => {
-            o.keep_in(c);
-            true
-        }
-        _ => false,
-    }
+    mem.chunk_mut(d.addr)
+        .is_some_and(|(c, at)| o.put_before(c, at))
 }
 
 /// Offload metadata of one frame (see the module documentation). (The
@@ -127,41 +119,34 @@ impl Offload {
         self.flags & Self::ENCAPSULATED != 0
     }
 
-    /// The metadata kept in `chunk` (a frame's whole chunk; see [`of`]).
-    pub fn kept_in(chunk: &[u8]) -> Offload {
-        chunk
-            .first_chunk::<META_LEN>()
-            .map_or(Offload::PLAIN, Offload::load)
+    /// The metadata kept before the frame at `chunk[at..]` (none if
+    /// there is no room for it there).
+    #[inline]
+    pub fn before(chunk: &[u8], at: usize) -> Offload {
+        at.checked_sub(VNET_HDR_LEN)
+            .and_then(|h| chunk.get(h..at))
+            .and_then(|h| h.first_chunk::<VNET_HDR_LEN>())
+            .map_or(Offload::PLAIN, Offload::from_vnet)
     }
 
-    /// Keep this metadata in `chunk` (a frame's whole chunk, the frame
-    /// past its first [`META_LEN`] bytes).
-    pub fn keep_in(&self, chunk: &mut [u8]) {
-        if let Some(b) = chunk.first_chunk_mut::<META_LEN>() {
-            *b = self.save();
-        }
-    }
-
-    /// As kept before a frame (see [`of`]).
-    fn save(&self) -> [u8; META_LEN] {
-        let mut b = [0u8; META_LEN];
-        b[0] = self.flags;
-        b[1] = self.gso_type;
-        b[2..4].copy_from_slice(&self.gso_size.to_ne_bytes());
-        b[4..6].copy_from_slice(&self.csum_start.to_ne_bytes());
-        b[6..8].copy_from_slice(&self.csum_offset.to_ne_bytes());
-        b
-    }
-
-    fn load(b: &[u8; META_LEN]) -> Offload {
-        let u = |i: usize| u16::from_ne_bytes([b[i], b[i + 1]]);
-        Offload {
-            flags: b[0],
-            gso_type: b[1],
-            gso_size: u(2),
-            csum_start: u(4),
-            csum_offset: u(6),
-        }
+    /// Keep this metadata before the frame at `chunk[at..]` (the header's
+    /// layout, with the switch's own flag; `hdr_len` and `num_buffers`
+    /// zero); false if there is no room.
+    #[inline]
+    pub fn put_before(&self, chunk: &mut [u8], at: usize) -> bool {
+        let Some(h) = at
+            .checked_sub(VNET_HDR_LEN)
+            .and_then(|h| chunk.get_mut(h..at))
+        else {
+            return false;
+        };
+        h.fill(0);
+        h[0] = self.flags;
+        h[1] = self.gso_type;
+        h[4..6].copy_from_slice(&self.gso_size.to_le_bytes());
+        h[6..8].copy_from_slice(&self.csum_start.to_le_bytes());
+        h[8..10].copy_from_slice(&self.csum_offset.to_le_bytes());
+        true
     }
 
     /// The header as it came, unvalidated (see [`check`]).

@@ -170,6 +170,20 @@ struct Meta {
     inner_start: u16,
     inner_len: u32,
     outer_src: u32,
+    /// Offload work to do (a checksum to complete, segments to cut).
+    offloaded: bool,
+}
+
+/// A frame's offload metadata, as `apply` needs to know it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Offloaded {
+    /// None (a batch from a port without offloads).
+    No,
+    /// Metadata that says there is nothing to do: it is kept right (in
+    /// front of the outer headers, if encapsulated).
+    Plain,
+    /// A checksum to complete or segments to cut.
+    Work,
 }
 
 /// What happens to one frame after its action.
@@ -339,10 +353,14 @@ impl Pipeline {
             };
             // Offload metadata is the tenant's: checked before anything
             // trusts it.
+            let mut offloaded = false;
             if OFFLOADED {
-                if let Err(r) = check_kept(chunk, off, d.len as usize) {
-                    drop_into(&mut self.counters, ingress, out, d, r);
-                    continue;
+                match check_kept(chunk, off, d.len as usize) {
+                    Ok(o) => offloaded = o,
+                    Err(r) => {
+                        drop_into(&mut self.counters, ingress, out, d, r);
+                        continue;
+                    }
                 }
             }
             let Some(frame) = chunk.get(off..off + d.len as usize) else {
@@ -367,6 +385,7 @@ impl Pipeline {
                         inner_start: c.inner_start,
                         inner_len: c.inner_len,
                         outer_src: c.outer_src,
+                        offloaded,
                     };
                     self.meta[n] = m;
                     n += 1;
@@ -415,7 +434,12 @@ impl Pipeline {
             hits += 1;
             let verdict = match (table.action(hit.action), mem.chunk_mut(d.addr)) {
                 (Some(a), Some((chunk, off))) => {
-                    apply(a, chunk, off, d, m, h, key, ct_events, OFFLOADED)
+                    let offload = match (OFFLOADED, m.offloaded) {
+                        (false, _) => Offloaded::No,
+                        (true, false) => Offloaded::Plain,
+                        (true, true) => Offloaded::Work,
+                    };
+                    apply(a, chunk, off, d, m, h, key, ct_events, offload)
                 }
                 _ => Verdict::Drop(DropReason::BadDescriptor),
             };
@@ -493,7 +517,7 @@ fn tracked(
     ct_events: bool,
     offload: bool,
 ) -> Result<(), Verdict> {
-    let partial = offload && Offload::kept_in(chunk).needs_csum();
+    let partial = offload && Offload::before(chunk, ip - ETH_LEN).needs_csum();
     let tot_len = Ipv4::new(&*chunk, ip).total_len().unwrap_or(0);
     let end = (ip + usize::from(tot_len)).min(frame_end);
     let Some(chunk) = chunk.get_mut(..end) else {
@@ -512,8 +536,8 @@ fn tracked(
 }
 
 /// Apply `a` to the frame at `chunk[off..]`. Checks come first, so a frame
-/// that is punted is unmodified. `offloaded`: the frame has offload
-/// metadata (a super-frame's segments must fit the path, a partial
+/// that is punted is unmodified. `offload`: what the frame's offload
+/// metadata says (a super-frame's segments must fit the path, a partial
 /// checksum is kept right, an encapsulation shifts the offsets).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
@@ -526,7 +550,7 @@ fn apply(
     hash: u64,
     key: &FlowKey,
     ct_events: bool,
-    offloaded: bool,
+    offload: Offloaded,
 ) -> Verdict {
     let mut start = off;
     let mut len = d.len as usize;
@@ -541,7 +565,7 @@ fn apply(
         len = m.inner_len as usize;
     }
     // A super-frame's segments are what must fit the path.
-    let seg_len = if offloaded {
+    let seg_len = if offload == Offloaded::Work {
         segment_len_kept(chunk, start, len)
     } else {
         len
@@ -553,7 +577,8 @@ fn apply(
     // (the classifier checked), so these offsets are inside the frame.
     let ip = start + ETH_LEN;
     if a.conntrack {
-        if let Err(v) = tracked(a, chunk, ip, start + len, key, ct_events, offloaded) {
+        let work = offload == Offloaded::Work;
+        if let Err(v) = tracked(a, chunk, ip, start + len, key, ct_events, work) {
             return v;
         }
     }
@@ -580,10 +605,9 @@ fn apply(
         }
     }
     if let Some(t) = &a.encap {
-        let r = if offloaded {
-            encap_offloaded(chunk, start, len, &t.0, hash)
-        } else {
-            vxlan::encap(chunk, start, len, &t.0, hash)
+        let r = match offload {
+            Offloaded::No => vxlan::encap(chunk, start, len, &t.0, hash),
+            _ => encap_offloaded(chunk, start, len, &t.0, hash),
         };
         match r {
             Ok(s) => {
@@ -606,18 +630,16 @@ fn apply(
     }
 }
 
-/// Check the offload metadata kept in `chunk` against its frame
-/// (`chunk[off..off + len]`) and keep what the switch goes by.
+/// Check the offload metadata kept before the frame `chunk[off..off +
+/// len]` against it and keep what the switch goes by; whether there is
+/// work to do (a checksum to complete, segments to cut).
 #[cold]
 #[inline(never)]
-fn check_kept(chunk: &mut [u8], off: usize, len: usize) -> Result<(), DropReason> {
-    if off < crate::offload::META_LEN {
-        return Err(DropReason::BadDescriptor);
-    }
+fn check_kept(chunk: &mut [u8], off: usize, len: usize) -> Result<bool, DropReason> {
     let frame = chunk.get(off..off + len).ok_or(DropReason::BadDescriptor)?;
-    let o = crate::offload::check(frame, Offload::kept_in(chunk))?;
-    o.keep_in(chunk);
-    Ok(())
+    let o = crate::offload::check(frame, Offload::before(chunk, off))?;
+    o.put_before(chunk, off);
+    Ok(!o.is_plain())
 }
 
 /// The length of the segments of the frame `chunk[start..start + len]`
@@ -625,12 +647,13 @@ fn check_kept(chunk: &mut [u8], off: usize, len: usize) -> Result<(), DropReason
 #[cold]
 #[inline(never)]
 fn segment_len_kept(chunk: &[u8], start: usize, len: usize) -> usize {
-    Offload::kept_in(chunk).segment_len(chunk.get(start..start + len).unwrap_or_default())
+    Offload::before(chunk, start).segment_len(chunk.get(start..start + len).unwrap_or_default())
 }
 
-/// Encapsulate a frame that still has offload work (a partial checksum,
-/// segments to cut): its metadata then counts the outer headers, and a
-/// super-frame's outer lengths are left to the segmenter.
+/// Encapsulate a frame with offload metadata, which then goes before the
+/// outer headers: if there is work (a partial checksum, segments to cut)
+/// its offsets count the outer headers, and a super-frame's outer lengths
+/// are left to the segmenter.
 #[cold]
 #[inline(never)]
 fn encap_offloaded(
@@ -640,9 +663,11 @@ fn encap_offloaded(
     t: &[u8; vxlan::OUTER_LEN],
     hash: u64,
 ) -> Result<usize, vxlan::EncapError> {
-    let off = Offload::kept_in(chunk);
+    let off = Offload::before(chunk, start);
     if off.is_plain() {
-        return vxlan::encap(chunk, start, len, t, hash);
+        let s = vxlan::encap(chunk, start, len, t, hash)?;
+        Offload::PLAIN.put_before(chunk, s);
+        return Ok(s);
     }
     // OUTER_LEN is 50.
     #[allow(clippy::cast_possible_truncation)]
@@ -654,7 +679,7 @@ fn encap_offloaded(
     } else {
         vxlan::encap(chunk, start, len, t, hash)?
     };
-    shifted.keep_in(chunk);
+    shifted.put_before(chunk, s);
     Ok(s)
 }
 

@@ -298,10 +298,15 @@ fn receive_vnet(
         };
         spare = Some(big);
         let at = chunk + HEADROOM as u64;
-        let mut hdr = [0u8; VNET_HDR_LEN];
-        let r = match pool.two_mut(at, big + (HEADROOM + room) as u64) {
+        // The header lands right before the frame, where the pipeline
+        // reads it (see `offload`).
+        let hdr_at = chunk + (HEADROOM - VNET_HDR_LEN) as u64;
+        let r = match pool.two_mut(hdr_at, big + (HEADROOM + room) as u64) {
             Some(((head, ho), (tail, to))) => {
-                t.recv_vnet(&mut hdr, &mut head[ho..], &mut tail[to..])
+                match head[ho..].split_first_chunk_mut::<VNET_HDR_LEN>() {
+                    Some((hdr, head)) => t.recv_vnet(hdr, head, &mut tail[to..]),
+                    None => Ok(None),
+                }
             }
             None => Ok(None),
         };
@@ -320,19 +325,19 @@ fn receive_vnet(
         // A read is at most a big chunk.
         #[allow(clippy::cast_possible_truncation)]
         let len = n as u32;
-        let off = Offload::from_vnet(&hdr);
         let d = if n <= room {
             Desc::new(at, len)
         } else {
-            if let Some(((head, ho), (whole, wo))) = pool.two_mut(at, big + HEADROOM as u64) {
-                whole[wo..wo + room].copy_from_slice(&head[ho..ho + room]);
+            // The header and the head go before the rest.
+            let from = big + (HEADROOM - VNET_HDR_LEN) as u64;
+            if let Some(((head, ho), (whole, wo))) = pool.two_mut(hdr_at, from) {
+                let n = VNET_HDR_LEN + room;
+                whole[wo..wo + n].copy_from_slice(&head[ho..ho + n]);
             }
             pool.release(chunk);
             spare = None;
             Desc::new(big + HEADROOM as u64, len)
         };
-        // After the headroom: room for it. (Checked in the pipeline.)
-        crate::offload::attach(pool, &d, off);
         c.rx_packets += 1;
         c.rx_bytes += u64::from(len);
         descs.push(d);
@@ -602,8 +607,8 @@ fn send(p: &mut Port, pool: &mut FramePool, frames: &[Desc], meta: bool) {
                     .and_then(|(c, off)| Some((c, off, c.get(off..off + d.len as usize)?)))
                 {
                     m.sent.push(f.to_vec());
-                    m.sent_off.push(if meta && off >= crate::offload::META_LEN {
-                        Offload::kept_in(c)
+                    m.sent_off.push(if meta {
+                        Offload::before(c, off)
                     } else {
                         Offload::PLAIN
                     });
@@ -618,8 +623,8 @@ fn send(p: &mut Port, pool: &mut FramePool, frames: &[Desc], meta: bool) {
                 let r = match pool.chunk_mut(d.addr) {
                     Some((c, off)) => match c.get(off..off + d.len as usize) {
                         Some(f) if t.vnet() => {
-                            let o = if meta && off >= crate::offload::META_LEN {
-                                Offload::kept_in(c)
+                            let o = if meta {
+                                Offload::before(c, off)
                             } else {
                                 Offload::PLAIN
                             };

@@ -43,7 +43,7 @@ fn run(frames: &[Vec<u8>]) -> (Vec<(Vec<u8>, Offload)>, usize, FramePool) {
     let mut out = Vec::new();
     let merged = coalesce(&mut pool, &descs, |pool, d| {
         let (c, o) = pool.chunk_ro(d.addr).unwrap();
-        out.push((c[o..o + d.len as usize].to_vec(), Offload::kept_in(c)));
+        out.push((c[o..o + d.len as usize].to_vec(), Offload::before(c, o)));
         pool.release(d.addr);
     });
     (out, merged, pool)
