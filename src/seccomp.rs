@@ -30,8 +30,12 @@ pub enum Role {
 
 /// Calls every filtered thread makes: memory, futexes, time, signals and
 /// the thread's own end (the standard library's), logging (to stderr, or
-/// to the journal: a datagram, with a sealed memfd for a long entry).
+/// to the journal: a datagram, with a sealed memfd for a long entry), and
+/// `restart_syscall`, which the kernel has a thread make when a stop
+/// (SIGSTOP and SIGCONT, a debugger or strace attaching) interrupted a
+/// sleep: without it, looking at a running switch would kill it.
 const COMMON: &[libc::c_long] = &[
+    libc::SYS_restart_syscall,
     libc::SYS_brk,
     libc::SYS_mmap,
     libc::SYS_munmap,
@@ -165,6 +169,46 @@ mod tests {
         std::thread::park_timeout(std::time::Duration::from_millis(5));
         eprintln!("{}", v.len());
         std::process::exit(0);
+    }
+
+    /// In the child: confined as the fast path, sleep (the parent stops
+    /// and continues it meanwhile, so the sleep is restarted), exit.
+    #[test]
+    fn child_fast_path_sleeps_through_a_stop() {
+        if std::env::var_os("VSWITCH_SECCOMP_CHILD").is_none() {
+            return;
+        }
+        confine(Role::FastPath).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        std::process::exit(0);
+    }
+
+    #[test]
+    fn a_stopped_and_continued_switch_is_not_killed() {
+        if std::env::var_os("VSWITCH_SECCOMP_CHILD").is_some() {
+            return;
+        }
+        let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "seccomp::tests::child_fast_path_sleeps_through_a_stop",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env("VSWITCH_SECCOMP_CHILD", "1")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let pid = libc::pid_t::try_from(child.id()).unwrap();
+        // SAFETY: kill(2) on our own child, not yet reaped.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // SAFETY: as above.
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+        let st = child.wait().unwrap();
+        assert!(st.success(), "stopped and continued: {st:?}");
     }
 
     #[test]

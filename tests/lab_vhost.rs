@@ -315,6 +315,16 @@ fn a_qemu_guest_on_vhost_user_gets_dhcp_pings_streams_and_survives_a_qemu_restar
     let (ok, out) = try_sh(&["ip", "netns", "exec", &a, "python3", "-c", &send]);
     assert!(ok, "TCP into the guest: {out}");
     console_shows(&console, "GUEST GOT 2000000 BYTES", Duration::from_secs(60));
+    // The guest negotiated TSO and checksum offload (GUEST_TSO4,
+    // GUEST_CSUM): the tap VM's super-frames reached it whole, not cut
+    // into 1,500-byte frames.
+    let st = lab.ctl(&ctl, "stats").expect("stats");
+    let vu = &st["ports"][1];
+    let avg = vu["tx_bytes"].as_u64().unwrap_or(0) / vu["tx_packets"].as_u64().unwrap_or(1).max(1);
+    assert!(
+        avg > 3000 && vu["tx_segments"] == 0,
+        "frames to the guest average {avg} bytes: offloads not used ({vu})"
+    );
 
     // A live upgrade while a ping flood and a TCP stream reach the guest:
     // the new binary takes the vhost-user connection over (the guest's

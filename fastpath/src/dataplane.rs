@@ -441,12 +441,16 @@ impl Dataplane {
 
     /// Cut the super-frame `d` into segments and run them through the
     /// pipeline a batch at a time (they are plain frames, so this goes
-    /// no deeper); `d`'s chunk is released. (A miss or connection event
-    /// of a super-frame: rare, so the list is allocated.)
+    /// no deeper); `d`'s chunk is released. (No allocation: the fast
+    /// path's threads allocate nothing once running — seccomp would stop
+    /// glibc's first allocation in a thread, which reads the CPU count.)
     fn process_segments(&mut self, ingress: PortId, d: Desc, now: u64, may_punt: bool) {
-        let mut segs = Vec::with_capacity(crate::offload::MAX_SEGS);
+        let mut segs = ArrayVec::<Desc, { crate::offload::MAX_SEGS }>::new();
         let off = crate::offload::of(&mut self.pool, &d);
-        let lost = port::cut(&mut self.pool, d, &off, |_, s| segs.push(s));
+        // `cut` makes at most MAX_SEGS segments.
+        let lost = port::cut(&mut self.pool, d, &off, |_, s| {
+            let _ = segs.try_push(s);
+        });
         self.pool.release(d.addr);
         for group in segs.chunks(BATCH) {
             self.process(ingress, group, now, may_punt, false);

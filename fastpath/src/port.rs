@@ -61,6 +61,7 @@ impl PortIo {
     pub fn gives_offloads(&self) -> bool {
         match self {
             PortIo::Tap(t) => t.vnet(),
+            PortIo::VhostUser(v) => v.gives_offloads(),
             PortIo::Memory(m) => m.offloads,
             _ => false,
         }
@@ -77,8 +78,8 @@ impl PortIo {
                 offloads: false,
                 big: false,
             },
-            PortIo::VhostUser(_) => Takes {
-                offloads: false,
+            PortIo::VhostUser(v) => Takes {
+                offloads: v.takes_offloads(),
                 big: true,
             },
             PortIo::Memory(m) => Takes {
@@ -235,11 +236,14 @@ pub fn receive(
         }
         PortIo::VhostUser(v) => {
             let bad = v.stats.tx_bad_chain + v.stats.tx_oversize;
+            // (Picks up what the guest negotiated, before the sink asks.)
+            v.connected();
             let mut sink = PoolSink {
                 pool,
                 descs,
                 counters: &mut port.counters,
                 chunk: None,
+                big: v.gives_offloads(),
             };
             v.recv(BATCH, &mut sink);
             drop(sink);
@@ -385,21 +389,32 @@ pub struct MemPort {
 
 /// Guest frames of a vhost-user port, written straight into pool chunks:
 /// the frame after the usual headroom, its virtio-net header at the end of
-/// the headroom (scratch space until an encap writes there). Takes no more
-/// than the pool can spare: what the guest hands over is gone from its
-/// queue.
+/// the headroom (where the pipeline reads it as the frame's offload
+/// metadata, if the guest negotiated offloads). A super-frame (the guest
+/// negotiated TSO: `big`) goes into a big chunk. Takes no more than the
+/// pool can spare: what the guest hands over is gone from its queue.
 struct PoolSink<'a> {
     pool: &'a mut FramePool,
     descs: &'a mut ArrayVec<Desc, BATCH>,
     counters: &'a mut PortCounters,
     /// The chunk handed out by `room`, not yet committed.
     chunk: Option<u64>,
+    /// Frames longer than a small chunk holds may come (TSO).
+    big: bool,
 }
 
 impl crate::vhost::virtq::FrameSink for PoolSink<'_> {
-    fn room(&mut self) -> Option<&mut [u8]> {
+    fn room(&mut self, len: usize) -> Option<&mut [u8]> {
         if self.descs.is_full() {
             return None;
+        }
+        let hdr = crate::vhost::virtq::HDR_LEN;
+        let want_big = self.big && len + HEADROOM - hdr > self.pool.chunk_size() as usize;
+        if let Some(c) = self.chunk {
+            if FramePool::is_big(c) != want_big {
+                self.pool.release(c);
+                self.chunk = None;
+            }
         }
         let chunk = match self.chunk {
             Some(c) => c,
@@ -408,13 +423,20 @@ impl crate::vhost::virtq::FrameSink for PoolSink<'_> {
                     self.counters.rx_no_buffer += 1;
                     return None;
                 }
-                let c = self.pool.alloc()?;
+                let c = if want_big {
+                    self.pool.alloc_big()
+                } else {
+                    self.pool.alloc()
+                };
+                let Some(c) = c else {
+                    self.counters.rx_no_buffer += 1;
+                    return None;
+                };
                 self.chunk = Some(c);
                 c
             }
         };
-        let hdr = crate::vhost::virtq::HDR_LEN as u64;
-        let (b, off) = self.pool.chunk_mut(chunk + HEADROOM as u64 - hdr)?;
+        let (b, off) = self.pool.chunk_mut(chunk + (HEADROOM - hdr) as u64)?;
         b.get_mut(off..)
     }
 
@@ -518,13 +540,9 @@ fn prepare(
         p.counters.tx_csum_completed += 1;
     }
     if !takes.big && FramePool::is_big(d.addr) {
-        let copied = pool
-            .chunk_ro(d.addr)
-            .and_then(|(c, o)| c.get(o..o + d.len as usize))
-            .map(<[u8]>::to_vec);
-        // (A frame longer than a small chunk here was too long for the
-        // port's MTU, which the pipeline checks: rare, so a copy will do.)
-        let small = copied.and_then(|f| copy_in(pool, &f).filter(|n| !FramePool::is_big(n.addr)));
+        // Into a small chunk (a frame longer than one holds here was too
+        // long for the port's MTU, which the pipeline checks).
+        let small = to_small(pool, d);
         pool.release(d.addr);
         match small {
             Some(n) => d = n,
@@ -535,6 +553,27 @@ fn prepare(
         }
     }
     push_ready(p, pool, ready, d);
+}
+
+/// A copy of the frame `d` (in a big chunk) in a fresh small chunk, after
+/// the usual headroom; `None` if none is free or the frame is too long.
+fn to_small(pool: &mut FramePool, d: Desc) -> Option<Desc> {
+    let len = d.len as usize;
+    if len + HEADROOM > pool.chunk_size() as usize {
+        return None;
+    }
+    let chunk = pool.alloc()?;
+    let at = chunk + HEADROOM as u64;
+    let copied = pool.two_mut(d.addr, at).and_then(|((s, so), (dst, o))| {
+        dst.get_mut(o..o + len)?
+            .copy_from_slice(s.get(so..so + len)?);
+        Some(())
+    });
+    if copied.is_none() {
+        pool.release(chunk);
+        return None;
+    }
+    Some(Desc::new(at, d.len))
 }
 
 /// Cut the super-frame `d` into segments in fresh small chunks, queued
@@ -661,7 +700,13 @@ fn send(p: &mut Port, pool: &mut FramePool, frames: &[Desc], meta: bool) {
             let before = (v.stats, v.not_ready);
             let (sent, bytes) = v.send(frames.iter().filter_map(|d| {
                 let (c, off) = pool.chunk_ro(d.addr)?;
-                c.get(off..off + d.len as usize)
+                let f = c.get(off..off + d.len as usize)?;
+                let hdr = if meta {
+                    Offload::before(c, off).to_vnet(f)
+                } else {
+                    [0; VNET_HDR_LEN]
+                };
+                Some((f, hdr))
             }));
             let c = &mut p.counters;
             c.tx_packets += sent as u64;

@@ -17,7 +17,10 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::{VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN,
+    VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN,
+    VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ,
+    VIRTIO_NET_F_MRG_RXBUF,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
@@ -125,8 +128,19 @@ impl NetBackend {
     }
 }
 
-/// Features offered to the guest.
+/// Features offered to the guest. Offloads: the guest may hand over
+/// partial checksums (`CSUM`) and TCP super-frames (`HOST_TSO4/6`, with
+/// ECN), and take them (`GUEST_CSUM`, `GUEST_TSO4/6`), each as it acks.
+/// (IPv6 frames are not carried, so TSO6 only spares the guest's stack.)
 pub const FEATURES: u64 = 1 << VIRTIO_F_VERSION_1
+    | 1 << VIRTIO_NET_F_CSUM
+    | 1 << VIRTIO_NET_F_GUEST_CSUM
+    | 1 << VIRTIO_NET_F_HOST_TSO4
+    | 1 << VIRTIO_NET_F_HOST_TSO6
+    | 1 << VIRTIO_NET_F_HOST_ECN
+    | 1 << VIRTIO_NET_F_GUEST_TSO4
+    | 1 << VIRTIO_NET_F_GUEST_TSO6
+    | 1 << VIRTIO_NET_F_GUEST_ECN
     | 1 << VIRTIO_NET_F_MAC
     | 1 << VIRTIO_NET_F_MRG_RXBUF
     | 1 << VIRTIO_NET_F_CTRL_VQ
@@ -252,7 +266,7 @@ impl ToGuest<'_> {
     fn rx<'a>(
         &mut self,
         (q, v): &mut (usize, VringStateMut<'_>),
-        frames: impl IntoIterator<Item = &'a [u8]>,
+        frames: impl IntoIterator<Item = virtq::ToRx<'a>>,
     ) -> (usize, u64) {
         let (sent, bytes) = virtq::rx_burst(
             v.get_queue_mut(),
@@ -274,6 +288,12 @@ pub struct VhostPort {
     seen: u64,
     guest: Option<Guest>,
     mergeable: bool,
+    /// The guest acked `CSUM`: its frames' headers may ask for a checksum
+    /// and (with `HOST_TSO4`) segmentation.
+    gives_offloads: bool,
+    /// The guest acked `GUEST_CSUM` and `GUEST_TSO4`: it takes partial
+    /// checksums and super-frames.
+    takes_offloads: bool,
     /// Queue pairs the guest can have: all with `VIRTIO_NET_F_MQ`
     /// negotiated, else pair 0 only (no lock taken for the others).
     pairs: usize,
@@ -292,6 +312,8 @@ impl VhostPort {
             seen: u64::MAX,
             guest: None,
             mergeable: false,
+            gives_offloads: false,
+            takes_offloads: false,
             pairs: 1,
             signalled: [None; 2 * MAX_PAIRS],
             stats: VqStats::default(),
@@ -314,6 +336,9 @@ impl VhostPort {
             });
             let acked = self.shared.acked_features.load(Ordering::Acquire);
             self.mergeable = acked & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+            self.gives_offloads = acked & (1 << VIRTIO_NET_F_CSUM) != 0;
+            let takes = 1 << VIRTIO_NET_F_GUEST_CSUM | 1 << VIRTIO_NET_F_GUEST_TSO4;
+            self.takes_offloads = acked & takes == takes;
             self.pairs = if acked & (1 << VIRTIO_NET_F_MQ) != 0 {
                 MAX_PAIRS
             } else {
@@ -350,13 +375,14 @@ impl VhostPort {
         done
     }
 
-    /// Give `frames` to the guest; returns how many it took and their
-    /// bytes (the rest are counted: no buffer, not ready, bad buffer).
+    /// Give `frames` (each with its virtio-net header) to the guest;
+    /// returns how many it took and their bytes (the rest are counted: no
+    /// buffer, not ready, bad buffer).
     /// With several receive queues enabled, a flow's frames go to one of
     /// them by a hash of its addresses and ports (as a NIC's RSS would),
     /// so the guest spreads them over its CPUs and keeps each flow in
     /// order.
-    pub fn send<'a>(&mut self, frames: impl IntoIterator<Item = &'a [u8]>) -> (usize, u64) {
+    pub fn send<'a>(&mut self, frames: impl IntoIterator<Item = virtq::ToRx<'a>>) -> (usize, u64) {
         self.refresh();
         let Some(g) = &self.guest else {
             self.not_ready += frames.into_iter().count() as u64;
@@ -386,10 +412,10 @@ impl VhostPort {
                 let n = rings.len();
                 let mut frames = frames.into_iter().peekable();
                 while frames.peek().is_some() {
-                    let chunk: arrayvec::ArrayVec<(&[u8], usize), 64> = frames
+                    let chunk: arrayvec::ArrayVec<(virtq::ToRx<'a>, usize), 64> = frames
                         .by_ref()
                         .take(64)
-                        .map(|f| (f, flow_hash(f) as usize % n))
+                        .map(|f| (f, flow_hash(f.0) as usize % n))
                         .collect();
                     for (i, ring) in rings.iter_mut().enumerate() {
                         let mine = chunk.iter().filter(|(_, q)| *q == i).map(|(f, _)| *f);
@@ -401,6 +427,17 @@ impl VhostPort {
             }
         }
         (sent, bytes)
+    }
+
+    /// The guest's frames have offload metadata (as of the last batch).
+    pub fn gives_offloads(&self) -> bool {
+        self.gives_offloads
+    }
+
+    /// The guest takes partial checksums and super-frames (as of the last
+    /// batch).
+    pub fn takes_offloads(&self) -> bool {
+        self.takes_offloads
     }
 
     /// True once a guest's queues are published.

@@ -18,16 +18,28 @@ pub const HDR_LEN: usize = 12;
 /// Offset of `num_buffers` in the header.
 const NUM_BUFFERS_AT: u64 = 10;
 
-/// Largest frame a port takes or gives (a jumbo Ethernet frame).
-pub const MAX_FRAME: usize = 9216;
+/// Largest frame a port takes or gives: a 64 KiB super-frame (TSO) with
+/// its Ethernet header.
+pub const MAX_FRAME: usize = 14 + 65_535;
+
+/// A frame for a guest and the virtio-net header to go before it (its
+/// `num_buffers` is set here).
+pub type ToRx<'a> = (&'a [u8], [u8; HDR_LEN]);
+
+/// `frames` with headers that ask nothing of the guest.
+pub fn plain<'a>(frames: impl IntoIterator<Item = &'a [u8]>) -> impl Iterator<Item = ToRx<'a>> {
+    frames.into_iter().map(|f| (f, [0; HDR_LEN]))
+}
 
 /// Where frames the guest sends go: straight into the switch's frame
 /// buffers, one copy out of guest memory per descriptor.
 pub trait FrameSink {
     /// Room for the next frame *with* its virtio-net header in front (the
-    /// header lands in room the sink does not need, e.g. headroom); `None`
-    /// takes no more frames from the guest now (they stay queued).
-    fn room(&mut self) -> Option<&mut [u8]>;
+    /// header lands in room the sink does not need, e.g. headroom): `len`
+    /// bytes of both, as the guest's descriptors say (the room may be
+    /// shorter: the frame is then refused as oversize). `None` takes no
+    /// more frames from the guest now (they stay queued).
+    fn room(&mut self, len: usize) -> Option<&mut [u8]>;
     /// The room now holds a header and a frame of `len` bytes after it. A
     /// frame not committed (refused) leaves the room for the next one.
     fn commit(&mut self, len: usize);
@@ -41,7 +53,7 @@ pub struct Collect {
 }
 
 impl FrameSink for Collect {
-    fn room(&mut self) -> Option<&mut [u8]> {
+    fn room(&mut self, _len: usize) -> Option<&mut [u8]> {
         self.buf.resize(HDR_LEN + MAX_FRAME, 0);
         Some(&mut self.buf)
     }
@@ -143,10 +155,16 @@ where
     // more than a ring ahead is a broken guest: nothing is taken.
     if let Ok(mut avail) = q.iter(mem) {
         while done < max {
-            let Some(room) = sink.room() else {
+            let Some(chain) = avail.next() else {
                 break;
             };
-            let Some(chain) = avail.next() else {
+            // The chain's bytes (a chain is bounded by the queue size).
+            let want = chain
+                .clone()
+                .readable()
+                .fold(0usize, |n, d| n.saturating_add(d.len() as usize));
+            let Some(room) = sink.room(want) else {
+                avail.go_to_previous_position();
                 break;
             };
             let head = chain.head_index();
@@ -194,7 +212,7 @@ where
 pub fn rx_burst<'a, M>(
     q: &mut Queue,
     mem: &M,
-    frames: impl IntoIterator<Item = &'a [u8]>,
+    frames: impl IntoIterator<Item = ToRx<'a>>,
     mergeable: bool,
     stats: &mut VqStats,
 ) -> (usize, u64)
@@ -205,8 +223,8 @@ where
     let (mut sent, mut bytes) = (0, 0);
     let mut frames = frames.into_iter();
     if let Ok(mut avail) = q.iter(mem) {
-        for frame in frames.by_ref() {
-            match rx_one(&mut avail, mem, frame, mergeable, &mut used) {
+        for (frame, hdr) in frames.by_ref() {
+            match rx_one(&mut avail, mem, frame, hdr, mergeable, &mut used) {
                 Rx::Sent => {
                     stats.rx_frames += 1;
                     sent += 1;
@@ -238,6 +256,7 @@ fn rx_one<M>(
     avail: &mut virtio_queue::AvailIter<'_, &M>,
     mem: &M,
     frame: &[u8],
+    mut hdr: [u8; HDR_LEN],
     mergeable: bool,
     used: &mut Used,
 ) -> Rx
@@ -247,8 +266,9 @@ where
     if frame.len() > MAX_FRAME {
         return Rx::Oversize;
     }
-    let mut hdr = [0u8; HDR_LEN];
-    hdr[10] = 1; // num_buffers (little-endian), patched below when merged
+    // num_buffers (little-endian), patched below when merged.
+    hdr[10] = 1;
+    hdr[11] = 0;
     let total = HDR_LEN + frame.len();
     // Write bytes `at..at + n` of header-then-frame to guest `addr`: at
     // most one copy from each.
@@ -266,9 +286,10 @@ where
                     .is_some_and(|a| mem.write_slice(f, a).is_ok()))
     };
     // (head, bytes written) per chain. Guests post buffers of at least a
-    // few hundred bytes, so 64 covers every sane case; a frame that would
+    // few hundred bytes, so 128 covers every sane case (a 64 KiB frame in
+    // 1,500-byte buffers takes 44); a frame that would
     // need more is refused as a bad chain.
-    let mut chains: [(u16, u32); 64] = [(0, 0); 64];
+    let mut chains: [(u16, u32); 128] = [(0, 0); 128];
     let mut n = 0usize;
     let mut written = 0usize;
     let mut first_addr: Option<GuestAddress> = None;

@@ -13,7 +13,7 @@ use vm_memory::{Bytes, GuestAddress};
 use super::*;
 use crate::vhost::port::tests::{connect, desc, mac, setup, sock_path, until, Vmm, BUF, RXQ, TXQ};
 use crate::vhost::port::{VhostPort, RX_QUEUE, TX_QUEUE};
-use crate::vhost::virtq::{Collect, HDR_LEN};
+use crate::vhost::virtq::{self, Collect, HDR_LEN};
 
 const MAC: [u8; 6] = [2, 0, 0, 0, 0, 0x44];
 
@@ -91,7 +91,7 @@ fn a_live_connection_is_handed_over_and_goes_on_where_it_stopped() {
     q.send(&vmm, b"one");
     assert_eq!(received(&mut old_port), vec![b"one".to_vec()]);
     q.post(&vmm, 4);
-    assert_eq!(old_port.send([&b"to the guest 1"[..]]).0, 1);
+    assert_eq!(old_port.send(virtq::plain([&b"to the guest 1"[..]])).0, 1);
 
     // The handover (the old fast path paused: it does not poll).
     let h = old.detach().unwrap();
@@ -108,7 +108,7 @@ fn a_live_connection_is_handed_over_and_goes_on_where_it_stopped() {
     // buffers go on.
     assert_eq!(received(&mut port), vec![b"two".to_vec()]);
     assert_eq!(q.tx.used().idx().load(), 2);
-    assert_eq!(port.send([&b"to the guest 2"[..]]).0, 1);
+    assert_eq!(port.send(virtq::plain([&b"to the guest 2"[..]])).0, 1);
     assert_eq!(q.rx.used().idx().load(), 2);
     assert_eq!(payload_in(&vmm, 1, 14), b"to the guest 2");
     assert_eq!(payload_in(&vmm, 0, 14), b"to the guest 1");

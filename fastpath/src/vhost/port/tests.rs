@@ -134,7 +134,7 @@ fn a_vmm_connects_frames_flow_both_ways_and_a_restarted_vmm_gets_them_back() {
     let _endpoint = Endpoint::listen(&sock, shared.clone()).unwrap();
     until("the socket", || sock.exists());
     let mut port = VhostPort::new(shared.clone());
-    assert_eq!(port.send([&b"too early"[..]]).0, 0);
+    assert_eq!(port.send(virtq::plain([&b"too early"[..]])).0, 0);
     assert_eq!(port.not_ready, 1);
 
     for round in 0..2 {
@@ -178,7 +178,7 @@ fn a_vmm_connects_frames_flow_both_ways_and_a_restarted_vmm_gets_them_back() {
         .unwrap();
         vmm.kicks[RX_QUEUE].write(1).unwrap();
         let frame = [0xabu8; 60];
-        assert_eq!(port.send([&frame[..], &frame[..]]), (2, 120));
+        assert_eq!(port.send(virtq::plain([&frame[..], &frame[..]])), (2, 120));
         assert_eq!(rxq.used().idx().load(), 2);
         let mut back = [0u8; 60];
         vmm.mem
@@ -192,14 +192,14 @@ fn a_vmm_connects_frames_flow_both_ways_and_a_restarted_vmm_gets_them_back() {
         );
         // No buffer left: counted, not blocking.
         let no_buffer = port.stats.rx_no_buffer;
-        assert_eq!(port.send([&frame[..]]).0, 0);
+        assert_eq!(port.send(virtq::plain([&frame[..]])).0, 0);
         assert_eq!(port.stats.rx_no_buffer, no_buffer + 1);
 
         // The VMM goes away (killed): the port forgets the guest.
         drop(vmm);
         until("the port to notice", || !port.connected());
         let before = port.not_ready;
-        assert_eq!(port.send([&frame[..]]).0, 0);
+        assert_eq!(port.send(virtq::plain([&frame[..]])).0, 0);
         assert_eq!(port.not_ready, before + 1);
         let mut none = crate::vhost::virtq::Collect::default();
         assert!(port.recv(32, &mut none) == 0);
@@ -235,7 +235,7 @@ fn a_guest_reset_stops_the_rings_and_the_restarted_driver_gets_frames_again() {
         // (Without REPLY_ACK the set-up is not waited for: until the
         // handler has it, frames are counted as not ready.)
         until("the rings to take a frame", || {
-            port.send([&frame[..]]).0 == 1
+            port.send(virtq::plain([&frame[..]])).0 == 1
         });
         assert_eq!(rxq.used().idx().load(), 1, "round {round}");
         // The guest reboots: QEMU stops both rings (GET_VRING_BASE) and
@@ -243,7 +243,11 @@ fn a_guest_reset_stops_the_rings_and_the_restarted_driver_gets_frames_again() {
         assert_eq!(vmm.fe.get_vring_base(RX_QUEUE).unwrap(), 1);
         assert_eq!(vmm.fe.get_vring_base(TX_QUEUE).unwrap(), 0);
         let not_ready = port.not_ready;
-        assert_eq!(port.send([&frame[..]]).0, 0, "a stopped ring takes nothing");
+        assert_eq!(
+            port.send(virtq::plain([&frame[..]])).0,
+            0,
+            "a stopped ring takes nothing"
+        );
         assert_eq!(port.not_ready, not_ready + 1);
         // The new driver sets the rings up again from scratch.
         let Vmm {
@@ -277,7 +281,9 @@ fn a_guest_that_stops_draining_costs_counted_drops_not_a_stall() {
     let frame = [0x11u8; 60];
     let mut taken = 0;
     for _ in 0..1000 {
-        taken += port.send(std::iter::repeat_n(&frame[..], 32)).0;
+        taken += port
+            .send(virtq::plain(std::iter::repeat_n(&frame[..], 32)))
+            .0;
     }
     assert_eq!(taken, 4);
     assert_eq!(port.stats.rx_no_buffer, 32_000 - 4);
@@ -335,13 +341,13 @@ fn with_two_queue_pairs_flows_spread_over_both_receive_queues_and_both_transmit_
     });
     // 4 flows: each stays on one queue, and both queues get some.
     let frames: Vec<Vec<u8>> = (0..4).map(|s| udp(1000 + s)).collect();
-    let (sent, _) = port.send(frames.iter().map(Vec::as_slice));
+    let (sent, _) = port.send(virtq::plain(frames.iter().map(Vec::as_slice)));
     assert_eq!(sent, 4);
     let got = rx.each_ref().map(|q| q.used().idx().load());
     assert_eq!(got[0] + got[1], 4, "{got:?}");
     assert!(got[0] > 0 && got[1] > 0, "both queues used: {got:?}");
     // The same flows again land where they did.
-    let (sent, _) = port.send(frames.iter().map(Vec::as_slice));
+    let (sent, _) = port.send(virtq::plain(frames.iter().map(Vec::as_slice)));
     assert_eq!(sent, 4);
     assert_eq!(
         rx.each_ref().map(|q| q.used().idx().load()),
@@ -408,7 +414,7 @@ fn guests_that_come_and_go_leave_no_memory_mapped_or_open() {
             .unwrap();
         vmm.kicks[RX_QUEUE].write(1).unwrap();
         until("the guest takes a frame", || {
-            port.send([&[7u8; 60][..]]).0 == 1
+            port.send(virtq::plain([&[7u8; 60][..]])).0 == 1
         });
         assert!(held().0 > 0, "the guest's memory is open while it runs");
         drop(rxq);
