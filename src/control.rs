@@ -230,6 +230,17 @@ impl Server {
                 if let Some(why) = &links.handover_refused {
                     bail!("{why}");
                 }
+                if !req.tap_vnet_hdr {
+                    let taps = links.ask(Request::HeaderTaps)?;
+                    if !taps.is_empty() {
+                        bail!(
+                            "the new binary predates tap offloads: it would read the virtio-net \
+                             header before each frame of taps {taps:?} as the frame itself; \
+                             hand over to a binary with offloads, or remove and re-add those \
+                             ports first"
+                        );
+                    }
+                }
                 serde_json::to_value(protocol::PrepareAnswer {
                     protocol: protocol::PROTOCOL,
                     config: links.config_text.clone(),

@@ -59,6 +59,30 @@ fn super_frames_pass_whole_from_tap_to_tap() {
         "b's frames average {tx} bytes: super-frames were cut"
     );
     assert_eq!(port_counter(&lab, &sock, 1, "tx_segments"), 0);
+
+    // A binary from before tap offloads asking to take over (its request
+    // does not say it reads virtio-net headers) is refused, naming why.
+    let answer = raw_request(&sock, r#"{"cmd":"handover-prepare","protocol":1}"#);
+    assert!(
+        answer.contains("predates tap offloads") && answer.contains(&ta),
+        "{answer}"
+    );
+    let answer = raw_request(
+        &sock,
+        r#"{"cmd":"handover-prepare","protocol":1,"tap_vnet_hdr":true}"#,
+    );
+    assert!(answer.contains("epoch_mono_ns"), "{answer}");
+}
+
+/// One control request as raw JSON, the answer's line.
+fn raw_request(sock: &std::path::Path, line: &str) -> String {
+    use std::io::{BufRead, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(sock).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    writeln!(s, "{line}").unwrap();
+    let mut answer = String::new();
+    std::io::BufReader::new(s).read_line(&mut answer).unwrap();
+    answer
 }
 
 /// The frames of a pcap file (classic format, Ethernet).
@@ -231,6 +255,26 @@ fn a_tso_stream_crosses_hypervisors_as_mss_segments_and_is_merged_again() {
     // Cut by sw1 for its uplink, merged by sw2 for the tap.
     assert!(port_counter(&lab, &s1, 1, "tx_segments") > 100);
     assert!(port_counter(&lab, &s2, 0, "tx_coalesced") > 100);
+
+    // VMs that think the path takes 1,500 bytes: their super-frames'
+    // segments do not fit the overlay (1,450), the switch answers
+    // "fragmentation needed" with the overlay's MTU, the senders' stacks
+    // cut smaller segments, and the stream goes on.
+    sh(&["ip", "-n", &vm1, "link", "set", &ta, "mtu", "1500"]);
+    sh(&["ip", "-n", &vm2, "link", "set", &tb, "mtu", "1500"]);
+    let bps = iperf(&vm2, &vm1, b.2, "5202");
+    assert!(bps > 1e6, "TCP with path MTU discovery: {bps} bit/s");
+    let st = lab.ctl(&s1, "stats").expect("stats");
+    assert!(
+        st["punted"]["too_big"].as_u64() > Some(0),
+        "no frag-needed: {st}"
+    );
+    let pmtu = sh(&["ip", "-n", &vm1, "route", "get", b.2]);
+    assert!(
+        String::from_utf8_lossy(&pmtu.stdout).contains("mtu 1450"),
+        "the VM learned the overlay's MTU: {}",
+        String::from_utf8_lossy(&pmtu.stdout)
+    );
 }
 
 #[test]

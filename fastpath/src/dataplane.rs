@@ -743,6 +743,15 @@ impl Dataplane {
                     .table_mut()
                     .retain(|_, a| a.encap.as_ref().is_none_or(|t| t.next_hop_mac() != mac));
             }
+            Request::HeaderTaps(tx) => {
+                let _ = tx.send(
+                    self.ports
+                        .iter()
+                        .filter(|p| matches!(&p.io, PortIo::Tap(t) if t.vnet()))
+                        .map(|p| p.name.clone())
+                        .collect(),
+                );
+            }
             Request::Flows(tx) => {
                 let _ = tx.send(request::flows(self.pipeline.table()));
             }

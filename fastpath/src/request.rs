@@ -80,6 +80,10 @@ pub enum Request {
     /// Traffic towards each remote destination (flows that encapsulate),
     /// summed over the live flows.
     Talkers(Sender<Vec<Talker>>),
+    /// The tap ports whose queue carries a virtio-net header before each
+    /// frame (offloads on): a binary that does not read one must not be
+    /// handed them.
+    HeaderTaps(Sender<Vec<String>>),
     /// Add a port; its id must be the next one (the number of ports).
     AddPort(Box<Port>, Sender<Result<(), String>>),
     /// Close a port and remove every flow from or to it.

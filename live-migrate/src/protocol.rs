@@ -157,11 +157,20 @@ macro_rules! message {
 pub struct PrepareRequest {
     #[serde(default = "v1")]
     pub protocol: u32,
+    /// The new binary reads a virtio-net header before each frame of a
+    /// tap queue opened with one (tap offloads). Absent from binaries
+    /// before offloads, which the running switch must then not hand such
+    /// taps: they would take every header for the frame's first bytes.
+    #[serde(default)]
+    pub tap_vnet_hdr: bool,
 }
 
 impl Default for PrepareRequest {
     fn default() -> Self {
-        PrepareRequest { protocol: PROTOCOL }
+        PrepareRequest {
+            protocol: PROTOCOL,
+            tap_vnet_hdr: true,
+        }
     }
 }
 message!(PrepareRequest, "handover-prepare request");

@@ -225,3 +225,42 @@ fn hostile_offload_metadata_is_dropped_and_counted_by_reason() {
     assert!(r.sent(1).is_empty());
     assert_eq!(r.dp.pool.big_free_count(), crate::umem::BIG_CHUNKS);
 }
+
+#[test]
+fn a_super_frame_whose_segments_do_not_fit_the_path_is_punted_as_too_big() {
+    let mut r = rig();
+    r.set_offloads(0, true);
+    let (f, off) = super_frame(20_000);
+    r.receive_offloaded(0, f.clone(), off);
+    let msg = r.punts.recv().expect("punted");
+    let key = msg.key.unwrap();
+    r.dp.links.recycler.recycle(msg);
+    while let Some(m) = r.punts.recv() {
+        r.dp.links.recycler.recycle(m);
+    }
+    // The path takes 1,000-byte frames: 1,448-byte segments (1,502 with
+    // their headers) do not fit, though the super-frame's first bytes would.
+    r.apply(Update {
+        flows: vec![(
+            key,
+            Action {
+                max_len: 1000,
+                ..Action::output(PortId(1))
+            },
+        )],
+        ..Update::default()
+    });
+    r.receive_offloaded(0, f.clone(), off);
+    let m = r.punts.recv().expect("punted for its size");
+    assert_eq!(m.reason, PuntReason::TooBig);
+    assert!(r.sent(1).is_empty());
+    r.dp.links.recycler.recycle(m);
+    // Segments that fit (MSS 900) go through, cut for the plain port.
+    let mut g = f;
+    let small = partial(&mut g, 900);
+    r.receive_offloaded(0, g, small);
+    let out = r.sent_with_off(1);
+    assert_eq!(out.len(), 20_000usize.div_ceil(900));
+    assert!(out.iter().all(|(s, _)| s.len() <= 1000));
+    assert!(r.punts.recv().is_none());
+}
