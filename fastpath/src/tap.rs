@@ -261,9 +261,9 @@ impl Tap {
         }
     }
 
-    /// Write one frame; `Ok(false)` if the device cannot take it now (its
-    /// queue is full, or the guest side is down). Only for a queue
-    /// without the header ([`Tap::vnet`] false).
+    /// Write one frame (with its header in front, on a queue that has
+    /// one); `Ok(false)` if the device cannot take it now (its queue is
+    /// full, or the guest side is down).
     #[inline]
     pub fn send(&mut self, frame: &[u8]) -> io::Result<bool> {
         match self.file.write(frame) {
