@@ -53,6 +53,7 @@ pub fn takeover(config: &std::path::Path) -> Result<()> {
 /// is ready.
 pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Result<()> {
     let kept = crate::privileges::drop_to_needed()?;
+    crate::seccomp::prepare_allocator();
     info!(capabilities = ?kept, "running with only these capabilities");
     let built = cfg.build()?;
     let mut topo = built.topo;
