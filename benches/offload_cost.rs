@@ -24,29 +24,19 @@ use fastpath::umem::FramePool;
 const PAYLOAD: usize = 64_000;
 const MSS: u16 = 1448;
 
-/// A TCP super-frame (payload `n`) from 10.0.0.10:40000 to 10.0.0.11:5201
-/// as a stack with TSO hands it over, `at` bytes into `buf`.
+/// A TCP super-frame (payload `n`) from 10.0.0.10:40000 to 10.0.0.11:5201.
 fn super_frame(n: usize) -> Vec<u8> {
-    let tot = 40 + n;
-    let mut f = vec![0u8; 14 + tot];
-    f[12..14].copy_from_slice(&[0x08, 0x00]);
-    f[14] = 0x45;
-    f[16..18].copy_from_slice(&u16::try_from(tot).unwrap().to_be_bytes());
-    f[20] = 0x40;
-    f[22] = 64;
-    f[23] = 6;
-    f[26..30].copy_from_slice(&[10, 0, 0, 10]);
-    f[30..34].copy_from_slice(&[10, 0, 0, 11]);
-    let c = !vxlan::checksum::fold(vxlan::checksum::sum(&f[14..34]));
-    f[24..26].copy_from_slice(&c.to_be_bytes());
-    f[34..36].copy_from_slice(&40000u16.to_be_bytes());
-    f[36..38].copy_from_slice(&5201u16.to_be_bytes());
-    f[46] = 0x50;
-    f[47] = 0x10;
-    for (i, b) in f[54..].iter_mut().enumerate() {
-        *b = i.to_le_bytes()[0];
-    }
-    f
+    fastpath::synth::tso_frame(
+        &fastpath::synth::UdpFlow {
+            src_mac: [2, 0, 0, 0, 0, 0x0a],
+            dst_mac: [2, 0, 0, 0, 0, 0x0b],
+            src_ip: std::net::Ipv4Addr::new(10, 0, 0, 10),
+            dst_ip: std::net::Ipv4Addr::new(10, 0, 0, 11),
+            src_port: 40000,
+            dst_port: 5201,
+        },
+        n,
+    )
 }
 
 #[inline(never)]

@@ -316,38 +316,18 @@ fn tso_mode(a: &[String]) {
     );
 }
 
-/// A TCP segment from A to B with `payload` bytes, as a stack with TSO
-/// hands it over: the IPv4 header complete, the TCP checksum field
-/// holding the pseudo-header's sum.
+/// A TCP super-frame from A to B with `payload` bytes, as a stack with
+/// TSO hands it over (`synth::tso_frame`).
 fn tcp_super_frame(payload: usize) -> Vec<u8> {
-    let tot = 20 + 20 + payload;
-    let mut f = vec![0u8; 14 + tot];
-    f[..6].copy_from_slice(&[2, 0, 0, 0, 0, 0x0b]);
-    f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 0x0a]);
-    f[12..14].copy_from_slice(&[0x08, 0x00]);
-    f[14] = 0x45;
-    f[16..18].copy_from_slice(&u16::try_from(tot).unwrap().to_be_bytes());
-    f[20] = 0x40;
-    f[22] = 64;
-    f[23] = 6;
-    f[26..30].copy_from_slice(&[10, 0, 0, 10]);
-    f[30..34].copy_from_slice(&[10, 0, 0, 11]);
-    let c = !vxlan::checksum::fold(vxlan::checksum::sum(&f[14..34]));
-    f[24..26].copy_from_slice(&c.to_be_bytes());
-    f[34..36].copy_from_slice(&40000u16.to_be_bytes());
-    f[36..38].copy_from_slice(&5201u16.to_be_bytes());
-    f[38..42].copy_from_slice(&1u32.to_be_bytes());
-    f[42..46].copy_from_slice(&1u32.to_be_bytes());
-    f[46] = 0x50;
-    f[47] = 0x10; // ACK
-    f[48..50].copy_from_slice(&0xffffu16.to_be_bytes());
-    let tcp_len = u32::try_from(20 + payload).unwrap();
-    let pseudo = 0x0a00 + 0x000a + 0x0a00 + 0x000b + 6 + tcp_len;
-    f[50..52].copy_from_slice(&vxlan::checksum::fold(pseudo).to_be_bytes());
-    for (i, b) in f[54..].iter_mut().enumerate() {
-        *b = i.to_le_bytes()[0];
-    }
-    f
+    let flow = fastpath::synth::UdpFlow {
+        src_mac: [2, 0, 0, 0, 0, 0x0a],
+        dst_mac: [2, 0, 0, 0, 0, 0x0b],
+        src_ip: std::net::Ipv4Addr::new(10, 0, 0, 10),
+        dst_ip: std::net::Ipv4Addr::new(10, 0, 0, 11),
+        src_port: 40000,
+        dst_port: 5201,
+    };
+    fastpath::synth::tso_frame(&flow, payload)
 }
 
 fn main() {

@@ -378,6 +378,10 @@ pub fn adopt(
         taken.pool.huge,
     )
     .context("mapping the handed-over frame pool")?;
+    // This binary's big chunks, made (and their pages touched) now rather
+    // than in the blackout.
+    let big = fastpath::umem::BigChunks::new(taken.pool.huge)
+        .context("making the frame pool's big chunks")?;
     let mut adopted = Vec::new();
     for (id, (name, taken_port)) in taken.ports.into_iter().enumerate() {
         let id = PortId(u16::try_from(id).context("too many ports")?);
@@ -437,7 +441,7 @@ pub fn adopt(
         port.io = io;
         vhost_links.push(link);
     }
-    let pool = FramePool::adopt(region, taken.pool.chunk_size, pause.free)
+    let pool = FramePool::adopt(region, taken.pool.chunk_size, pause.free, big)
         .context("adopting the handed-over frame pool")?;
     ask_fast_path(req_tx, wake, |tx| {
         fastpath::dataplane::Request::Adopt(

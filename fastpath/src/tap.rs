@@ -159,14 +159,17 @@ impl Tap {
     /// handover): `fd` is an open, non-blocking /dev/net/tun queue
     /// attached to `name`.
     /// Offloads stay as the queue was opened: a queue without the header
-    /// (from a binary before offloads) goes on without them.
+    /// (from a binary before offloads) goes on without them; one with it
+    /// keeps the header size and offloads the device was given (they are
+    /// the device's), so only its flags are asked — one call per tap in
+    /// the handover's blackout.
     pub fn from_fd(fd: std::os::fd::OwnedFd, name: &str) -> Tap {
         let mut tap = Tap {
             file: File::from(fd),
             name: name.into(),
             vnet: false,
         };
-        tap.vnet = tap.enable_offloads().is_ok();
+        tap.vnet = tap.flags().is_ok_and(|f| f & IFF_VNET_HDR != 0);
         tap
     }
 

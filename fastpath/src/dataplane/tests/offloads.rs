@@ -39,6 +39,19 @@ impl Rig {
         self.dp.poll_once();
     }
 
+    /// The key of the flow of super-frame `f` (received, punted as
+    /// segments, the punts put back).
+    fn key_of(&mut self, f: Vec<u8>, off: Offload) -> FlowKey {
+        self.receive_offloaded(0, f, off);
+        let msg = self.punts.recv().expect("punted");
+        let key = msg.key.unwrap();
+        self.dp.links.recycler.recycle(msg);
+        while let Some(m) = self.punts.recv() {
+            self.dp.links.recycler.recycle(m);
+        }
+        key
+    }
+
     fn sent_with_off(&mut self, port: usize) -> Vec<(Vec<u8>, Offload)> {
         match &mut self.dp.ports[port].io {
             PortIo::Memory(m) => std::mem::take(&mut m.sent)
@@ -129,13 +142,7 @@ fn an_encapsulated_super_frame_leaves_as_vxlan_segments_with_the_flow_s_source_p
     let mut r = rig();
     r.set_offloads(0, true);
     let (f, off) = super_frame(20_000);
-    r.receive_offloaded(0, f.clone(), off);
-    let msg = r.punts.recv().expect("punted");
-    let key = msg.key.unwrap();
-    r.dp.links.recycler.recycle(msg);
-    while let Some(m) = r.punts.recv() {
-        r.dp.links.recycler.recycle(m);
-    }
+    let key = r.key_of(f.clone(), off);
     // Encap out of port 1, with source NAT on the way.
     let action = crate::synth::fuzz_action(8 | (1 << 6), 1 | 4 | 8 | 16, 0);
     r.apply(Update {
@@ -231,13 +238,7 @@ fn a_super_frame_whose_segments_do_not_fit_the_path_is_punted_as_too_big() {
     let mut r = rig();
     r.set_offloads(0, true);
     let (f, off) = super_frame(20_000);
-    r.receive_offloaded(0, f.clone(), off);
-    let msg = r.punts.recv().expect("punted");
-    let key = msg.key.unwrap();
-    r.dp.links.recycler.recycle(msg);
-    while let Some(m) = r.punts.recv() {
-        r.dp.links.recycler.recycle(m);
-    }
+    let key = r.key_of(f.clone(), off);
     // The path takes 1,000-byte frames: 1,448-byte segments (1,502 with
     // their headers) do not fit, though the super-frame's first bytes would.
     r.apply(Update {
