@@ -121,6 +121,9 @@ pub struct Dataplane {
     announced: Vec<bool>,
     /// When the ports' drops are next looked at for that (clock ns).
     next_announce: u64,
+    /// A frame pool replaced by an adopted one, dropped after the next
+    /// poll (see `adopt`).
+    retired: Option<FramePool>,
 }
 
 /// Drop reasons that mean "a protocol family vswitch does not carry": the
@@ -179,6 +182,7 @@ impl Dataplane {
             stale_installs: 0,
             announced: Vec::new(),
             next_announce: 0,
+            retired: None,
         }
     }
 
@@ -256,6 +260,7 @@ impl Dataplane {
             if let Some(tx) = self.first_poll_waiter.take() {
                 let _ = tx.send(self.first_poll_mono_ns.unwrap_or(0));
             }
+            self.retired = None;
         }
         let c = self.cfg;
         let (reports, lost) = (&self.links.reports, &mut self.reports_lost);
@@ -608,7 +613,10 @@ impl Dataplane {
                 next + i
             ));
         }
-        self.pool = a.pool;
+        // The pool made at start (the placeholder a new binary runs with
+        // until it adopts) is unmapped after the first poll: dropping its
+        // mapped regions here would lengthen the blackout.
+        self.retired = Some(std::mem::replace(&mut self.pool, a.pool));
         for port in a.ports {
             self.push_port(port);
         }
