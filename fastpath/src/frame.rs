@@ -8,10 +8,10 @@
 //! is AF_XDP's aligned-chunk mode, so RX descriptors are used unchanged.
 
 /// A frame: offset of its first byte in the region, and its length.
-/// Offload metadata, where a batch has it, is kept at the start of each
-/// frame's chunk ([`crate::offload`]), not here: a third field, even in
-/// what is padding now, costs 30 instructions per 64-byte packet
-/// (measured with benches/instructions-per-packet).
+/// Offload metadata, where a batch has it, is kept right before each
+/// frame, as its virtio-net header ([`crate::offload`]), not here: a
+/// third field, even in what is padding now, costs 30 instructions per
+/// 64-byte packet (measured with benches/instructions-per-packet).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Desc {
     pub addr: u64,
