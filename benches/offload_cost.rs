@@ -24,21 +24,6 @@ use fastpath::umem::FramePool;
 const PAYLOAD: usize = 64_000;
 const MSS: u16 = 1448;
 
-/// A TCP super-frame (payload `n`) from 10.0.0.10:40000 to 10.0.0.11:5201.
-fn super_frame(n: usize) -> Vec<u8> {
-    fastpath::synth::tso_frame(
-        &fastpath::synth::UdpFlow {
-            src_mac: [2, 0, 0, 0, 0, 0x0a],
-            dst_mac: [2, 0, 0, 0, 0, 0x0b],
-            src_ip: std::net::Ipv4Addr::new(10, 0, 0, 10),
-            dst_ip: std::net::Ipv4Addr::new(10, 0, 0, 11),
-            src_port: 40000,
-            dst_port: 5201,
-        },
-        n,
-    )
-}
-
 #[inline(never)]
 fn cut_all(src: &[u8], plan: &fastpath::gso::Plan, dst: &mut [u8]) -> usize {
     let mut bytes = 0;
@@ -63,7 +48,7 @@ fn main() {
     let usage = "usage: offload_cost gso|gro ROUNDS";
     let rounds: usize = a.get(2).and_then(|s| s.parse().ok()).expect(usage);
     // The super-frame behind the outer headers the pipeline writes.
-    let inner = super_frame(PAYLOAD);
+    let inner = fastpath::synth::tso_frame(&fastpath::synth::BULK_A_TO_B, PAYLOAD);
     let t = vxlan::Template::new(&vxlan::TemplateSpec {
         src_mac: [2, 0, 0, 0, 0, 1],
         dst_mac: [2, 0, 0, 0, 0, 2],

@@ -226,7 +226,7 @@ fn tso_mode(a: &[String]) {
     const RX_BUF: u64 = 0x40_0000;
     const RX_LEN: u32 = 4096;
     const PAYLOAD: usize = 64_000;
-    let frame = tcp_super_frame(PAYLOAD);
+    let frame = fastpath::synth::tso_frame(&fastpath::synth::BULK_A_TO_B, PAYLOAD);
     let mut hdr = [0u8; HDR];
     hdr[0] = 1; // VIRTIO_NET_HDR_F_NEEDS_CSUM
     hdr[1] = 1; // VIRTIO_NET_HDR_GSO_TCPV4
@@ -314,20 +314,6 @@ fn tso_mode(a: &[String]) {
         "frames={f} bytes={b} gbps={:.2}",
         b as f64 * 8.0 / secs / 1e9
     );
-}
-
-/// A TCP super-frame from A to B with `payload` bytes, as a stack with
-/// TSO hands it over (`synth::tso_frame`).
-fn tcp_super_frame(payload: usize) -> Vec<u8> {
-    let flow = fastpath::synth::UdpFlow {
-        src_mac: [2, 0, 0, 0, 0, 0x0a],
-        dst_mac: [2, 0, 0, 0, 0, 0x0b],
-        src_ip: std::net::Ipv4Addr::new(10, 0, 0, 10),
-        dst_ip: std::net::Ipv4Addr::new(10, 0, 0, 11),
-        src_port: 40000,
-        dst_port: 5201,
-    };
-    fastpath::synth::tso_frame(&flow, payload)
 }
 
 fn main() {

@@ -103,6 +103,17 @@ pub fn tcp_frame(f: &UdpFlow, flags: u8, payload: &[u8]) -> Vec<u8> {
     b
 }
 
+/// The bulk-TCP flow of the benchmarks: VM A (10.0.0.10:40000, MAC
+/// 02:…:0a) to VM B (10.0.0.11:5201, MAC 02:…:0b).
+pub const BULK_A_TO_B: UdpFlow = UdpFlow {
+    src_mac: [2, 0, 0, 0, 0, 0x0a],
+    dst_mac: [2, 0, 0, 0, 0, 0x0b],
+    src_ip: Ipv4Addr::new(10, 0, 0, 10),
+    dst_ip: Ipv4Addr::new(10, 0, 0, 11),
+    src_port: 40000,
+    dst_port: 5201,
+};
+
 /// A TCP super-frame of flow `f` with `payload` bytes (ACK, a byte
 /// pattern) as a stack with TSO hands it over: the IPv4 header complete,
 /// the TCP checksum field holding the pseudo-header's sum (to be
