@@ -323,10 +323,10 @@ impl FramePool {
         if a_ptr == b_ptr {
             return None;
         }
-        // SAFETY: both are in-bounds chunks user space owns (the module's
-        // ownership rule), distinct and aligned to their (region's) chunk
-        // size, hence disjoint; the slices borrow the pool mutably, so no
-        // other slice of either exists.
+        // Both are in-bounds chunks user space owns (the module's ownership
+        // rule), distinct and aligned to their region's chunk size.
+        // SAFETY: so they are disjoint, and the slices borrow the pool
+        // mutably, so no other slice of either exists.
         let (x, y) = unsafe {
             (
                 std::slice::from_raw_parts_mut(a_ptr, a_size),
