@@ -10,7 +10,7 @@ mod lab;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use lab::{config, iperf, sh, try_sh, vm_mtu, wait_until, Lab};
+use lab::{iperf, sh, try_sh, wait_until, Lab};
 
 fn ping(ns: &str, ip: &str) -> (bool, String) {
     try_sh(&[
@@ -153,31 +153,14 @@ fn a_tso_stream_crosses_hypervisors_as_mss_segments_and_is_merged_again() {
         sh(&["ip", "-n", &mid, "link", "set", m, "master", "br0", "up"]);
     }
     sh(&["ip", "-n", &mid, "link", "set", "br0", "up"]);
-    let a = ("a", "02:00:00:00:00:0a", "10.0.0.10");
-    let b = ("b", "02:00:00:00:00:0b", "10.0.0.11");
-    let c1 = config(
-        &lab,
-        "sw1",
-        &u1,
-        "192.168.62.1",
-        a,
-        (b.2, b.1, "192.168.62.2"),
+    let b = lab::VM_B;
+    let lab::TwoHosts { s1, s2, ta, tb } = lab::two_hosts(
+        &mut lab,
+        (&hv1, &hv2),
+        (&vm1, &vm2),
+        (&u1, &u2),
+        ("192.168.62.1", "192.168.62.2"),
     );
-    let c2 = config(
-        &lab,
-        "sw2",
-        &u2,
-        "192.168.62.2",
-        b,
-        (a.2, a.1, "192.168.62.1"),
-    );
-    let s1 = lab.vswitch_in(Some(&hv1), "sw1", &c1);
-    let s2 = lab.vswitch_in(Some(&hv2), "sw2", &c2);
-    let (ta, tb) = (lab.name("ta"), lab.name("tb"));
-    lab.attach_vm_from(Some(&hv1), &ta, &vm1, a.1, "10.0.0.10/24");
-    lab.attach_vm_from(Some(&hv2), &tb, &vm2, b.1, "10.0.0.11/24");
-    vm_mtu(&vm1, &ta);
-    vm_mtu(&vm2, &tb);
     // The first pings wait for the underlay's neighbours.
     let _ = try_sh(&[
         "ip",

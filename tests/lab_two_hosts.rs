@@ -21,31 +21,14 @@ fn two_hypervisors_carry_ping_and_tcp_over_vxlan() {
     let (hv1, hv2) = (lab.netns("h1"), lab.netns("h2"));
     let (vm1, vm2) = (lab.netns("m1"), lab.netns("m2"));
     let (u1, u2) = wire(&lab, &hv1, "192.168.60.1", &hv2, "192.168.60.2");
-    let a = ("a", "02:00:00:00:00:0a", "10.0.0.10");
-    let b = ("b", "02:00:00:00:00:0b", "10.0.0.11");
-    let c1 = config(
-        &lab,
-        "sw1",
-        &u1,
-        "192.168.60.1",
-        a,
-        (b.2, b.1, "192.168.60.2"),
+    let b = lab::VM_B;
+    let lab::TwoHosts { s1, s2, ta, .. } = lab::two_hosts(
+        &mut lab,
+        (&hv1, &hv2),
+        (&vm1, &vm2),
+        (&u1, &u2),
+        ("192.168.60.1", "192.168.60.2"),
     );
-    let c2 = config(
-        &lab,
-        "sw2",
-        &u2,
-        "192.168.60.2",
-        b,
-        (a.2, a.1, "192.168.60.1"),
-    );
-    let s1 = lab.vswitch_in(Some(&hv1), "sw1", &c1);
-    let s2 = lab.vswitch_in(Some(&hv2), "sw2", &c2);
-    let (ta, tb) = (lab.name("ta"), lab.name("tb"));
-    lab.attach_vm_from(Some(&hv1), &ta, &vm1, a.1, "10.0.0.10/24");
-    lab.attach_vm_from(Some(&hv2), &tb, &vm2, b.1, "10.0.0.11/24");
-    vm_mtu(&vm1, &ta);
-    vm_mtu(&vm2, &tb);
     let (ok, out) = ping(&vm1, b.2, "3");
     assert!(
         ok,

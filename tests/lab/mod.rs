@@ -436,6 +436,44 @@ pub fn wire(lab: &Lab, a: &str, a_ip: &str, b: &str, b_ip: &str) -> (String, Str
     (ia, ib)
 }
 
+/// VM a and VM b of the two-hypervisor labs: name, MAC, address.
+pub const VM_A: (&str, &str, &str) = ("a", "02:00:00:00:00:0a", "10.0.0.10");
+pub const VM_B: (&str, &str, &str) = ("b", "02:00:00:00:00:0b", "10.0.0.11");
+
+/// What [`two_hosts`] started.
+pub struct TwoHosts {
+    /// The switches' control sockets.
+    pub s1: PathBuf,
+    pub s2: PathBuf,
+    /// The VMs' taps (in `vm1` and `vm2`).
+    pub ta: String,
+    pub tb: String,
+}
+
+/// Two hypervisors, namespaces `hv.0` and `hv.1` with uplinks `up.0` and
+/// `up.1` at `vtep.0` and `vtep.1`: a switch in each (`sw1`, `sw2`), VM a
+/// on a tap of the first (in namespace `vm.0`), VM b on the second (in
+/// `vm.1`), each the other's remote, both at the overlay's MTU.
+pub fn two_hosts(
+    lab: &mut Lab,
+    hv: (&str, &str),
+    vm: (&str, &str),
+    up: (&str, &str),
+    vtep: (&str, &str),
+) -> TwoHosts {
+    let (a, b) = (VM_A, VM_B);
+    let c1 = config(lab, "sw1", up.0, vtep.0, a, (b.2, b.1, vtep.1));
+    let c2 = config(lab, "sw2", up.1, vtep.1, b, (a.2, a.1, vtep.0));
+    let s1 = lab.vswitch_in(Some(hv.0), "sw1", &c1);
+    let s2 = lab.vswitch_in(Some(hv.1), "sw2", &c2);
+    let (ta, tb) = (lab.name("ta"), lab.name("tb"));
+    lab.attach_vm_from(Some(hv.0), &ta, vm.0, a.1, &format!("{}/24", a.2));
+    lab.attach_vm_from(Some(hv.1), &tb, vm.1, b.1, &format!("{}/24", b.2));
+    vm_mtu(vm.0, &ta);
+    vm_mtu(vm.1, &tb);
+    TwoHosts { s1, s2, ta, tb }
+}
+
 pub fn vm_mtu(ns: &str, tap: &str) {
     // What DHCP's interface-MTU option will tell VMs: room for VXLAN's 50 bytes.
     sh(&["ip", "-n", ns, "link", "set", tap, "mtu", "1450"]);
