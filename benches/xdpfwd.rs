@@ -109,7 +109,10 @@ fn main() {
         out[sent..].iter().for_each(|d| pool.release(d.addr));
         // uplink → tap
         rx.clear();
-        xsk.recv(BATCH, |d| rx.push(d));
+        xsk.recv(BATCH, |pieces, _| match pieces {
+            [d] => rx.push(*d),
+            _ => pieces.iter().for_each(|p| pool.release(p.addr)),
+        });
         work += rx.len();
         for d in rx.drain(..) {
             if let Some((chunk, off)) = pool.chunk_mut(d.addr) {

@@ -372,19 +372,6 @@ impl Config {
             if u.mtu < 1280 || u.mtu > 9216 {
                 bail!("uplink: field `mtu`: {} is not in 1280..=9216", u.mtu);
             }
-            // A 2 KiB AF_XDP chunk after the kernel's 256-byte headroom
-            // holds an IP packet of 2048 − 256 − 14 bytes; larger needs
-            // AF_XDP multi-buffer, which this build does not use yet.
-            // Warned, not refused: a running deployment's config must keep
-            // starting (and its small packets keep flowing).
-            const AF_XDP_MTU: u16 = 2048 - 256 - 14;
-            if u.mtu > AF_XDP_MTU {
-                tracing::warn!(
-                    mtu = u.mtu,
-                    carried = AF_XDP_MTU,
-                    "uplink: field `mtu`: packets longer than the uplink's AF_XDP frames carry are dropped by the kernel (no multi-buffer yet); VMs are told mtu − 50 by DHCP, so keep it at or below the carried size"
-                );
-            }
             if u.vtep.is_unspecified() || u.vtep.is_multicast() || u.vtep.is_broadcast() {
                 bail!("uplink: field `vtep`: {} is not a unicast address", u.vtep);
             }

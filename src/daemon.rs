@@ -320,6 +320,14 @@ fn fast_path_parts(
         &PuntConfig {
             rate: s.punt_rate,
             burst: s.punt_burst,
+            // A message holds a whole frame of the underlay's MTU with its
+            // outer Ethernet header (a jumbo first packet is run again
+            // after its flow is made, not truncated and lost).
+            msg_bytes: topo
+                .uplink
+                .as_ref()
+                .map_or(0, |u| usize::from(u.mtu) + 14)
+                .max(PuntConfig::default().msg_bytes),
             ..PuntConfig::default()
         },
         n_ports,

@@ -239,12 +239,13 @@ pub fn give(
                     fd: fds.len() - 1,
                 }
             }
-            Some(HandedIo::Xsk { fd, ring_size }) => {
+            Some(HandedIo::Xsk { fd, ring_size, sg }) => {
                 fds.push(*fd);
                 PortEntry::AfXdp {
                     name,
                     fd: fds.len() - 1,
                     ring_size: *ring_size,
+                    sg: *sg,
                 }
             }
             Some(HandedIo::VhostUser) => PortEntry::VhostUser { name },

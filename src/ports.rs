@@ -77,7 +77,7 @@ pub fn open(cfg: &Config, pool: &FramePool, uplink: Option<&Uplink>) -> Result<O
                 let mut prog = XdpProgram::attach_all(&p.name).with_context(what)?;
                 prog.register_socket(0, sock.fd()).with_context(what)?;
                 o.programs.push(prog);
-                PortIo::Xsk(sock)
+                PortIo::Xsk(Box::new(sock))
             }
         };
         o.ports.push(Port {
@@ -96,11 +96,23 @@ pub fn open(cfg: &Config, pool: &FramePool, uplink: Option<&Uplink>) -> Result<O
         let mut prog = XdpProgram::attach(&u.interface, u.vtep, vxlan::UDP_PORT)
             .with_context(|| format!("uplink: XDP on {}", u.interface))?;
         prog.register_socket(0, sock.fd())?;
-        info!(interface = %u.interface, vtep = %u.vtep, mode = prog.mode, "uplink attached");
+        info!(interface = %u.interface, vtep = %u.vtep, mode = prog.mode, multi_buffer = sock.sg(), "uplink attached");
+        // A 2 KiB chunk after the kernel's 256-byte headroom holds an IP
+        // packet of 2048 − 256 − 14 bytes; longer needs multi-buffer.
+        // Warned, not refused: a running deployment's config must keep
+        // starting (and its small packets keep flowing).
+        const ONE_CHUNK_MTU: u16 = 2048 - 256 - 14;
+        if !sock.sg() && u.mtu > ONE_CHUNK_MTU {
+            tracing::warn!(
+                mtu = u.mtu,
+                carried = ONE_CHUNK_MTU,
+                "uplink: field `mtu`: this kernel has no AF_XDP multi-buffer (6.6+), so packets longer than one AF_XDP frame are dropped by the kernel; VMs are told mtu − 50 by DHCP, so keep it at or below the carried size"
+            );
+        }
         o.ports.push(Port {
             id: up.port,
             name: u.interface.clone(),
-            io: PortIo::Xsk(sock),
+            io: PortIo::Xsk(Box::new(sock)),
             counters: PortCounters::default(),
         });
         o.programs.push(prog);

@@ -57,6 +57,7 @@ pub enum TakenPort {
     Xsk {
         fd: OwnedFd,
         ring_size: u32,
+        sg: bool,
     },
     /// vhost-user: the connection comes with the pause.
     VhostUser,
@@ -172,11 +173,13 @@ pub fn take(socket: &Path) -> Result<Taken> {
                 name,
                 fd,
                 ring_size,
+                sg,
             } => (
                 name,
                 TakenPort::Xsk {
                     fd: take_fd(fd)?,
                     ring_size,
+                    sg,
                 },
             ),
             PortEntry::VhostUser { name } => (name, TakenPort::VhostUser),
@@ -388,10 +391,10 @@ pub fn adopt(
         let closed = matches!(taken_port, TakenPort::Closed);
         let io = match taken_port {
             TakenPort::Tap(fd) => PortIo::Tap(Tap::from_fd(fd, &name)),
-            TakenPort::Xsk { fd, ring_size } => PortIo::Xsk(
-                XskSocket::from_fd(fd, ring_size)
+            TakenPort::Xsk { fd, ring_size, sg } => PortIo::Xsk(Box::new(
+                XskSocket::from_fd(fd, ring_size, sg)
                     .with_context(|| format!("port {name}: the handed-over AF_XDP socket"))?,
-            ),
+            )),
             // Its connection comes with the pause.
             TakenPort::VhostUser | TakenPort::Closed => PortIo::Closed,
         };

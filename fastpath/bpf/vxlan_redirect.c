@@ -6,6 +6,11 @@
 // else — the host's own traffic, ARP, management, other UDP — passes to the
 // kernel untouched. Malformed VXLAN for our VTEP is redirected too, so the
 // fast path counts it by reason instead of the kernel dropping it silently.
+//
+// Both programs are multi-buffer aware ("xdp.frags"): they read only the
+// headers, which are in the first buffer, and a frame longer than a page
+// (a jumbo underlay) reaches the AF_XDP socket in pieces (XDP_USE_SG)
+// instead of being refused at attach (veth) or dropped.
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -35,7 +40,7 @@ struct {
 	__type(value, struct vtep_config);
 } config SEC(".maps");
 
-SEC("xdp")
+SEC("xdp.frags")
 int vxlan_redirect(struct xdp_md *ctx)
 {
 	void *data = (void *)(long)ctx->data;
@@ -69,7 +74,7 @@ char _license[] SEC("license") = "GPL";
 // frame it sends goes to the AF_XDP socket of its queue. A frame on a
 // queue with no socket (yet) is dropped: the VM's traffic never reaches
 // the host's own stack, also not before the switch binds.
-SEC("xdp")
+SEC("xdp.frags")
 int redirect_all(struct xdp_md *ctx)
 {
 	return bpf_redirect_map(&xsks, ctx->rx_queue_index, XDP_DROP);

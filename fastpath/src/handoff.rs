@@ -68,8 +68,9 @@ pub struct Adoption {
 pub enum HandedIo {
     /// A tap queue.
     Tap(i32),
-    /// A bound AF_XDP socket and its ring size.
-    Xsk { fd: i32, ring_size: u32 },
+    /// A bound AF_XDP socket, its ring size, and whether it was bound
+    /// with multi-buffer.
+    Xsk { fd: i32, ring_size: u32, sg: bool },
     /// A vhost-user port: its connection goes with the pause (the
     /// protocol thread gives it out, [`crate::vhost::endpoint`]).
     VhostUser,
@@ -126,6 +127,7 @@ pub fn handed(io: &PortIo) -> Option<HandedIo> {
         PortIo::Xsk(x) => Some(HandedIo::Xsk {
             fd: x.fd(),
             ring_size: x.ring_size(),
+            sg: x.sg(),
         }),
         PortIo::VhostUser(_) => Some(HandedIo::VhostUser),
         PortIo::Memory(_) | PortIo::Closed => None,

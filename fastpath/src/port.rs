@@ -15,7 +15,7 @@ use crate::xsk::XskSocket;
 pub enum PortIo {
     Tap(Tap),
     /// An AF_XDP socket (the uplink); its UMEM is the thread's frame pool.
-    Xsk(XskSocket),
+    Xsk(Box<XskSocket>),
     /// A vhost-user virtio-net port: the guest's virtqueues in its memory.
     VhostUser(Box<crate::vhost::port::VhostPort>),
     /// Frames in memory (tests and benchmarks: no kernel, no root).
@@ -38,24 +38,6 @@ impl PortIo {
     }
 }
 
-/// What a port takes of frames as the pipeline leaves them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Takes {
-    /// Partial checksums and super-frames, with their metadata.
-    pub offloads: bool,
-    /// Frames in big chunks (an AF_XDP ring takes only its UMEM's).
-    pub big: bool,
-}
-
-impl Takes {
-    /// `d` (of a batch with offload metadata if `meta`) can go to the
-    /// port as it is.
-    #[inline(always)]
-    pub fn fits(&self, d: &Desc, meta: bool) -> bool {
-        (self.offloads || !meta) && (self.big || !FramePool::is_big(d.addr))
-    }
-}
-
 impl PortIo {
     /// The frames the port receives have offload metadata.
     pub fn gives_offloads(&self) -> bool {
@@ -67,29 +49,16 @@ impl PortIo {
         }
     }
 
-    /// What the port takes (see [`Takes`]).
-    pub fn takes(&self) -> Takes {
+    /// The port takes partial checksums and super-frames, with their
+    /// metadata. (Every port takes frames in big chunks: an AF_XDP socket
+    /// copies them into its UMEM's, see [`send_xsk_chains`].)
+    pub fn takes_offloads(&self) -> bool {
         match self {
-            PortIo::Tap(t) => Takes {
-                offloads: t.vnet(),
-                big: true,
-            },
-            PortIo::Xsk(_) => Takes {
-                offloads: false,
-                big: false,
-            },
-            PortIo::VhostUser(v) => Takes {
-                offloads: v.takes_offloads(),
-                big: true,
-            },
-            PortIo::Memory(m) => Takes {
-                offloads: m.offloads,
-                big: true,
-            },
-            PortIo::Closed => Takes {
-                offloads: true,
-                big: true,
-            },
+            PortIo::Tap(t) => t.vnet(),
+            PortIo::Xsk(_) => false,
+            PortIo::VhostUser(v) => v.takes_offloads(),
+            PortIo::Memory(m) => m.offloads,
+            PortIo::Closed => true,
         }
     }
 }
@@ -165,6 +134,10 @@ pub struct Port {
     pub counters: PortCounters,
 }
 
+/// Free big chunks below which queued jumbo segments are sent before
+/// more are cut (a batch of super-frames holds up to a batch of them).
+const BIG_LOW: usize = 8;
+
 /// Room before each frame read from a tap: VXLAN's outer headers fit with
 /// margin. (AF_XDP leaves XDP_PACKET_HEADROOM, also 256, before its frames.)
 pub const HEADROOM: usize = 256;
@@ -228,11 +201,27 @@ pub fn receive(
             }
             x.wake_rx_if_needed();
             let c = &mut port.counters;
-            x.recv(BATCH, |d| {
+            let overlong = x.overlong();
+            x.recv(BATCH, |pieces, keep| {
+                let d = match pieces {
+                    [d] if keep => *d,
+                    _ if keep => match gather(pool, pieces) {
+                        Some(d) => d,
+                        None => {
+                            c.rx_no_buffer += 1;
+                            return;
+                        }
+                    },
+                    _ => {
+                        pieces.iter().for_each(|p| pool.release(p.addr));
+                        return;
+                    }
+                };
                 c.rx_packets += 1;
                 c.rx_bytes += u64::from(d.len);
                 descs.push(d);
             });
+            c.rx_errors += x.overlong() - overlong;
         }
         PortIo::VhostUser(v) => {
             let bad = v.stats.tx_bad_chain + v.stats.tx_oversize;
@@ -472,8 +461,8 @@ impl Drop for PoolSink<'_> {
 /// `meta`: the frames have offload metadata (a batch from a port with
 /// offloads).
 pub fn transmit(p: &mut Port, pool: &mut FramePool, frames: &[Desc], meta: bool) {
-    let takes = p.io.takes();
-    if takes.offloads && !meta && frames.len() > 1 && tcp_frames(pool, frames) > 1 {
+    let offloads = p.io.takes_offloads();
+    if offloads && !meta && frames.len() > 1 && tcp_frames(pool, frames) > 1 {
         // Consecutive TCP segments of a flow become one super-frame.
         let mut out = ArrayVec::<Desc, BATCH>::new();
         let merged = crate::gro::coalesce(pool, frames, |_, d| {
@@ -485,18 +474,14 @@ pub fn transmit(p: &mut Port, pool: &mut FramePool, frames: &[Desc], meta: bool)
             return send(p, pool, &out, true);
         }
     }
-    if frames.iter().all(|d| takes.fits(d, meta)) {
+    if offloads || !meta {
         return send(p, pool, frames, meta);
     }
     // What is made to fit is plain.
     let mut ready = ArrayVec::<Desc, BATCH>::new();
     for &d in frames {
-        let off = if meta {
-            crate::offload::of(pool, &d)
-        } else {
-            Offload::PLAIN
-        };
-        prepare(p, pool, d, off, takes, &mut ready);
+        let off = crate::offload::of(pool, &d);
+        prepare(p, pool, d, off, &mut ready);
     }
     send(p, pool, &ready, false);
 }
@@ -517,9 +502,10 @@ fn tcp_frames(pool: &FramePool, frames: &[Desc]) -> usize {
 }
 
 /// Queue `d` (plain) to be sent, sending what is queued first if that
-/// is a batch.
+/// is a batch — or if big chunks run short (jumbo segments each take one
+/// until sent).
 fn push_ready(p: &mut Port, pool: &mut FramePool, ready: &mut ArrayVec<Desc, BATCH>, d: Desc) {
-    if ready.is_full() {
+    if ready.is_full() || (FramePool::is_big(d.addr) && pool.big_free_count() < BIG_LOW) {
         send(p, pool, ready, false);
         ready.clear();
     }
@@ -532,9 +518,8 @@ fn push_ready(p: &mut Port, pool: &mut FramePool, ready: &mut ArrayVec<Desc, BAT
 fn prepare(
     p: &mut Port,
     pool: &mut FramePool,
-    mut d: Desc,
+    d: Desc,
     off: Offload,
-    takes: Takes,
     ready: &mut ArrayVec<Desc, BATCH>,
 ) {
     if off.is_gso() {
@@ -553,19 +538,6 @@ fn prepare(
             return;
         }
         p.counters.tx_csum_completed += 1;
-    }
-    if !takes.big && FramePool::is_big(d.addr) {
-        // Into a small chunk (a frame longer than one holds here was too
-        // long for the port's MTU, which the pipeline checks).
-        let small = to_small(pool, d);
-        pool.release(d.addr);
-        match small {
-            Some(n) => d = n,
-            None => {
-                p.counters.tx_offload_dropped += 1;
-                return;
-            }
-        }
     }
     push_ready(p, pool, ready, d);
 }
@@ -601,25 +573,79 @@ fn send_with_header(
     }
 }
 
-/// A copy of the frame `d` (in a big chunk) in a fresh small chunk, after
-/// the usual headroom; `None` if none is free or the frame is too long.
-fn to_small(pool: &mut FramePool, d: Desc) -> Option<Desc> {
-    let len = d.len as usize;
-    if len + HEADROOM > pool.chunk_size() as usize {
-        return None;
+/// The packet in `pieces` (chunks of an AF_XDP ring, in order) copied
+/// into a fresh big chunk after the usual headroom; the pieces are
+/// released either way. `None` if no big chunk is free.
+fn gather(pool: &mut FramePool, pieces: &[Desc]) -> Option<Desc> {
+    let big = pool.alloc_big();
+    let mut at = big.map(|b| b + HEADROOM as u64);
+    for p in pieces {
+        let len = p.len as usize;
+        at = at.and_then(|a| {
+            let ((s, so), (dst, o)) = pool.two_mut(p.addr, a)?;
+            dst.get_mut(o..o + len)?
+                .copy_from_slice(s.get(so..so + len)?);
+            Some(a + len as u64)
+        });
+        pool.release(p.addr);
     }
-    let chunk = pool.alloc()?;
-    let at = chunk + HEADROOM as u64;
-    let copied = pool.two_mut(d.addr, at).and_then(|((s, so), (dst, o))| {
-        dst.get_mut(o..o + len)?
-            .copy_from_slice(s.get(so..so + len)?);
-        Some(())
-    });
-    if copied.is_none() {
-        pool.release(chunk);
-        return None;
+    match (big, at) {
+        (Some(b), Some(end)) => Some(Desc::new(
+            b + HEADROOM as u64,
+            u32::try_from(end - b - HEADROOM as u64).ok()?,
+        )),
+        (Some(b), None) => {
+            pool.release(b);
+            None
+        }
+        _ => None,
     }
-    Some(Desc::new(at, d.len))
+}
+
+/// Queue `frames` on an AF_XDP socket, some in big chunks: those are
+/// copied into as many of the UMEM's chunks as they need (a jumbo frame,
+/// multi-buffer) and released; then one kick. Counts into `c`.
+fn send_xsk_chains(x: &mut XskSocket, pool: &mut FramePool, frames: &[Desc], c: &mut PortCounters) {
+    let room = pool.chunk_size() as usize;
+    for &d in frames {
+        let mut pieces = ArrayVec::<Desc, { crate::xsk::MAX_PIECES }>::new();
+        let whole = if FramePool::is_big(d.addr) {
+            let len = d.len as usize;
+            let mut done = 0;
+            while done < len {
+                let n = room.min(len - done);
+                let Some(chunk) = pool.alloc() else { break };
+                let copied =
+                    pool.two_mut(d.addr + done as u64, chunk)
+                        .and_then(|((s, so), (dst, o))| {
+                            dst.get_mut(o..o + n)?.copy_from_slice(s.get(so..so + n)?);
+                            Some(())
+                        });
+                if copied.is_none()
+                    || pieces
+                        .try_push(Desc::new(chunk, u32::try_from(n).unwrap_or(0)))
+                        .is_err()
+                {
+                    pool.release(chunk);
+                    break;
+                }
+                done += n;
+            }
+            pool.release(d.addr);
+            done == len
+        } else {
+            pieces.push(d);
+            true
+        };
+        if whole && x.queue_chain(&pieces) {
+            c.tx_packets += 1;
+            c.tx_bytes += u64::from(d.len);
+        } else {
+            c.tx_dropped += 1;
+            pieces.iter().for_each(|p| pool.release(p.addr));
+        }
+    }
+    x.kick();
 }
 
 /// Cut the super-frame `d` into segments in fresh small chunks, queued
@@ -641,7 +667,8 @@ fn segment(
 }
 
 /// Cut the super-frame `d` (metadata `off`) into segments, each in a
-/// fresh small chunk handed to `emit`; how many segments were lost (no free chunk, or the
+/// fresh chunk (a big one if a segment is longer than a small one holds)
+/// handed to `emit`; how many segments were lost (no free chunk, or the
 /// frame's headers no longer what its metadata says: then all of it, as
 /// one). `d`'s chunk stays the caller's.
 pub fn cut(
@@ -659,8 +686,12 @@ pub fn cut(
         return 1;
     };
     let mut lost = 0;
+    // A segment longer than a small chunk holds (a jumbo MSS) goes in a
+    // big one; an AF_XDP port sends it as a chain.
+    let big = plan.len(0) + HEADROOM > pool.chunk_size() as usize;
     for i in 0..plan.segs {
-        let Some(chunk) = pool.alloc() else {
+        let chunk = if big { pool.alloc_big() } else { pool.alloc() };
+        let Some(chunk) = chunk else {
             return lost + (plan.segs - i) as u64;
         };
         let at = chunk + HEADROOM as u64;
@@ -723,6 +754,9 @@ fn send(p: &mut Port, pool: &mut FramePool, frames: &[Desc], meta: bool) {
                 }
                 pool.release(d.addr);
             }
+        }
+        PortIo::Xsk(x) if frames.iter().any(|d| FramePool::is_big(d.addr)) => {
+            send_xsk_chains(x, pool, frames, &mut p.counters)
         }
         PortIo::Xsk(x) => {
             let n = x.send(frames);

@@ -8,6 +8,13 @@
 //! bind to a queue. Rings are single-producer/single-consumer with the
 //! kernel: we read the other side's index with Acquire and publish ours
 //! with Release.
+//!
+//! Multi-buffer (`XDP_USE_SG`, kernel 6.6+): a packet longer than a chunk
+//! holds — a jumbo frame on the underlay — comes as several descriptors,
+//! all but the last marked `XDP_PKT_CONTD`, and goes out the same way.
+//! [`XskSocket::recv`] hands such a packet over whole, as its pieces, and
+//! [`XskSocket::queue_chain`] queues one; a packet of one chunk, every
+//! packet at MTU 1500, takes the same path as without multi-buffer.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -32,6 +39,13 @@ const XDP_UMEM_PGOFF_FILL_RING: libc::off_t = 0x1_0000_0000;
 const XDP_UMEM_PGOFF_COMPLETION_RING: libc::off_t = 0x1_8000_0000;
 const XDP_COPY: u16 = 1 << 1;
 const XDP_USE_NEED_WAKEUP: u16 = 1 << 3;
+const XDP_USE_SG: u16 = 1 << 4;
+/// `xdp_desc.options`: more of this packet follows in the next descriptor.
+const XDP_PKT_CONTD: u32 = 1;
+/// Most pieces of one packet kept: 9 216 bytes are 6 pieces of the 1 792 a
+/// 2 KiB chunk receives, and the kernel's copy mode sends at most 18. A
+/// longer packet is dropped whole (counted in [`XskSocket::overlong`]).
+pub const MAX_PIECES: usize = 18;
 const XDP_RING_NEED_WAKEUP: u32 = 1;
 
 #[repr(C)]
@@ -246,6 +260,10 @@ pub struct XskSocket {
     tx: Ring<XdpDesc>,
     fd: OwnedFd,
     size: u32,
+    /// Bound with `XDP_USE_SG`: packets may span several chunks.
+    sg: bool,
+    /// Packets received in more than [`MAX_PIECES`] pieces, dropped.
+    overlong: u64,
 }
 
 /// The four rings of socket `fd`, each of `size` entries.
@@ -330,24 +348,19 @@ impl XskSocket {
         setsockopt(raw, XDP_RX_RING, &size)?;
         setsockopt(raw, XDP_TX_RING, &size)?;
         let (fill, comp, rx, tx) = map_rings(raw, size)?;
-        let sa = SockaddrXdp {
-            family: 44, // AF_XDP
-            flags: XDP_COPY | XDP_USE_NEED_WAKEUP,
-            ifindex,
-            queue_id: queue,
-            shared_umem_fd: 0,
+        // Multi-buffer where the kernel has it (6.6+); without, packets
+        // longer than a chunk are dropped by the kernel, as before.
+        let sg = match bind(raw, ifindex, queue, XDP_USE_SG) {
+            Ok(()) => true,
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINVAL)
+                    || e.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+            {
+                bind(raw, ifindex, queue, 0)?;
+                false
+            }
+            Err(e) => return Err(e),
         };
-        // SAFETY: bind(2) with a live sockaddr_xdp of its exact size.
-        let r = unsafe {
-            libc::bind(
-                raw,
-                (&sa as *const SockaddrXdp).cast(),
-                socklen::<SockaddrXdp>(),
-            )
-        };
-        if r < 0 {
-            return Err(io::Error::last_os_error());
-        }
         Ok(XskSocket {
             fill,
             comp,
@@ -355,14 +368,17 @@ impl XskSocket {
             tx,
             fd,
             size,
+            sg,
+            overlong: 0,
         })
     }
 
     /// Take over a bound socket another process made (a live handover):
     /// map its rings, whose producer and consumer indices are in the
     /// mapping itself, so this side continues exactly where that one
-    /// stopped. `ring_size` must be what it was created with.
-    pub fn from_fd(fd: OwnedFd, ring_size: u32) -> io::Result<XskSocket> {
+    /// stopped. `ring_size` and `sg` (bound with multi-buffer) must be
+    /// what it was created with.
+    pub fn from_fd(fd: OwnedFd, ring_size: u32, sg: bool) -> io::Result<XskSocket> {
         if !ring_size.is_power_of_two() {
             return Err(io::Error::other(format!(
                 "AF_XDP ring size {ring_size} is not a power of two"
@@ -391,7 +407,19 @@ impl XskSocket {
             tx,
             fd,
             size: ring_size,
+            sg,
+            overlong: 0,
         })
+    }
+
+    /// Bound with multi-buffer: packets longer than a chunk are carried.
+    pub fn sg(&self) -> bool {
+        self.sg
+    }
+
+    /// Packets received in more than [`MAX_PIECES`] pieces, and dropped.
+    pub fn overlong(&self) -> u64 {
+        self.overlong
     }
 
     /// Entries per ring.
@@ -433,9 +461,51 @@ impl XskSocket {
         (done, done < want && held + done < share / 2)
     }
 
-    /// Take up to `max` received frames.
-    pub fn recv(&mut self, max: usize, mut f: impl FnMut(Desc)) -> usize {
-        self.rx.consume(max, |d| f(Desc::new(d.addr, d.len)))
+    /// Take up to `max` received packets, each handed to `f` as its
+    /// chunks in order — one, or several for a multi-buffer packet — with
+    /// `true`. A packet in more than [`MAX_PIECES`] goes to `f` a chunk at
+    /// a time with `false`: release them, it is dropped (and counted in
+    /// [`XskSocket::overlong`]). A packet whose last piece is not on the
+    /// ring yet stays there for the next call.
+    pub fn recv(&mut self, max: usize, mut f: impl FnMut(&[Desc], bool)) -> usize {
+        let ring = &mut self.rx;
+        let cons = ring.consumer().load(Ordering::Relaxed);
+        let prod = ring.producer().load(Ordering::Acquire);
+        let avail = prod.wrapping_sub(cons);
+        let mut chain = arrayvec::ArrayVec::<Desc, MAX_PIECES>::new();
+        let (mut k, mut done, mut packets, mut long) = (0u32, 0u32, 0, false);
+        while k < avail && packets < max {
+            // SAFETY: entries between cons and prod were published by the
+            // kernel (Acquire above) and are ours to read until released.
+            let d = unsafe { ring.slot(cons.wrapping_add(k)).read() };
+            k += 1;
+            if d.options & XDP_PKT_CONTD == 0 && chain.is_empty() {
+                f(&[Desc::new(d.addr, d.len)], true);
+            } else {
+                long |= chain.try_push(Desc::new(d.addr, d.len)).is_err();
+                if d.options & XDP_PKT_CONTD != 0 {
+                    continue;
+                }
+                if long {
+                    for i in done..k {
+                        // SAFETY: as above; these entries are not
+                        // released yet (the consumer index is at `done`).
+                        let p = unsafe { ring.slot(cons.wrapping_add(i)).read() };
+                        f(&[Desc::new(p.addr, p.len)], false);
+                    }
+                    self.overlong += 1;
+                    long = false;
+                } else {
+                    f(&chain, true);
+                }
+                chain.clear();
+            }
+            packets += 1;
+            done = k;
+        }
+        ring.consumer()
+            .store(cons.wrapping_add(done), Ordering::Release);
+        packets
     }
 
     /// Queue frames for transmission; returns how many the ring took (the
@@ -447,7 +517,34 @@ impl XskSocket {
             len: d.len,
             options: 0,
         }));
-        if n > 0 && self.tx.needs_wakeup() {
+        if n > 0 {
+            self.kick();
+        }
+        n
+    }
+
+    /// Queue one packet in `pieces` (chunks of the UMEM, in order), all of
+    /// it or nothing: false if the ring lacks room, or the socket has no
+    /// multi-buffer and the packet more than one piece. Sent at the next
+    /// [`XskSocket::kick`].
+    pub fn queue_chain(&mut self, pieces: &[Desc]) -> bool {
+        if pieces.is_empty() || (pieces.len() > 1 && !self.sg) || self.tx.room() < pieces.len() {
+            return false;
+        }
+        let last = pieces.len() - 1;
+        self.tx
+            .produce(pieces.iter().enumerate().map(|(i, d)| XdpDesc {
+                addr: d.addr,
+                len: d.len,
+                options: if i < last { XDP_PKT_CONTD } else { 0 },
+            }))
+            == pieces.len()
+    }
+
+    /// Have the kernel send what is queued, if it asked to be woken: one
+    /// syscall per batch, never per packet.
+    pub fn kick(&self) {
+        if self.tx.needs_wakeup() {
             // SAFETY: a zero-length sendto on our socket is the AF_XDP TX
             // kick; no buffer is read.
             unsafe {
@@ -461,7 +558,6 @@ impl XskSocket {
                 )
             };
         }
-        n
     }
 
     /// Return completed transmissions to the pool.
@@ -514,6 +610,31 @@ impl XskSocket {
 impl AsRawFd for XskSocket {
     fn as_raw_fd(&self) -> RawFd {
         self.fd()
+    }
+}
+
+/// bind(2) `fd` to queue `queue` of `ifindex` in copy mode, with
+/// need-wakeup and `extra` flags.
+fn bind(fd: RawFd, ifindex: u32, queue: u32, extra: u16) -> io::Result<()> {
+    let sa = SockaddrXdp {
+        family: 44, // AF_XDP
+        flags: XDP_COPY | XDP_USE_NEED_WAKEUP | extra,
+        ifindex,
+        queue_id: queue,
+        shared_umem_fd: 0,
+    };
+    // SAFETY: bind(2) with a live sockaddr_xdp of its exact size.
+    let r = unsafe {
+        libc::bind(
+            fd,
+            (&sa as *const SockaddrXdp).cast(),
+            socklen::<SockaddrXdp>(),
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 

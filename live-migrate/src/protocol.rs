@@ -219,6 +219,10 @@ pub enum PortEntry {
         name: String,
         fd: usize,
         ring_size: u32,
+        /// Bound with multi-buffer (`XDP_USE_SG`); absent from a binary
+        /// that never binds so.
+        #[serde(default)]
+        sg: bool,
     },
     /// vhost-user: its connection comes with the pause.
     VhostUser {

@@ -461,16 +461,32 @@ pub fn two_hosts(
     up: (&str, &str),
     vtep: (&str, &str),
 ) -> TwoHosts {
+    two_hosts_at(lab, hv, vm, up, vtep, 1500)
+}
+
+/// [`two_hosts`] with the underlay at `mtu` (`[uplink] mtu`; the VMs at
+/// `mtu` − 50, what DHCP tells them). The links' own MTU is the caller's.
+pub fn two_hosts_at(
+    lab: &mut Lab,
+    hv: (&str, &str),
+    vm: (&str, &str),
+    up: (&str, &str),
+    vtep: (&str, &str),
+    mtu: u16,
+) -> TwoHosts {
     let (a, b) = (VM_A, VM_B);
-    let c1 = config(lab, "sw1", up.0, vtep.0, a, (b.2, b.1, vtep.1));
-    let c2 = config(lab, "sw2", up.1, vtep.1, b, (a.2, a.1, vtep.0));
+    // `[uplink]` is the section before the first port.
+    let with_mtu = |c: String| c.replacen("\n\n[[port]]", &format!("\nmtu = {mtu}\n\n[[port]]"), 1);
+    let c1 = with_mtu(config(lab, "sw1", up.0, vtep.0, a, (b.2, b.1, vtep.1)));
+    let c2 = with_mtu(config(lab, "sw2", up.1, vtep.1, b, (a.2, a.1, vtep.0)));
     let s1 = lab.vswitch_in(Some(hv.0), "sw1", &c1);
     let s2 = lab.vswitch_in(Some(hv.1), "sw2", &c2);
     let (ta, tb) = (lab.name("ta"), lab.name("tb"));
     lab.attach_vm_from(Some(hv.0), &ta, vm.0, a.1, &format!("{}/24", a.2));
     lab.attach_vm_from(Some(hv.1), &tb, vm.1, b.1, &format!("{}/24", b.2));
-    vm_mtu(vm.0, &ta);
-    vm_mtu(vm.1, &tb);
+    let overlay = (mtu - 50).to_string();
+    sh(&["ip", "-n", vm.0, "link", "set", &ta, "mtu", &overlay]);
+    sh(&["ip", "-n", vm.1, "link", "set", &tb, "mtu", &overlay]);
     TwoHosts { s1, s2, ta, tb }
 }
 

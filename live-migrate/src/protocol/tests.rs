@@ -18,6 +18,7 @@ fn offer() -> Offer {
                 name: "veth-c".into(),
                 fd: 2,
                 ring_size: 2048,
+                sg: false,
             },
             PortEntry::VhostUser {
                 name: "vm-d".into(),
