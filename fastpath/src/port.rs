@@ -793,3 +793,33 @@ fn send(p: &mut Port, pool: &mut FramePool, frames: &[Desc], meta: bool) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gathered_pieces_are_one_frame_in_a_big_chunk_and_given_back() {
+        let mut pool = FramePool::new(16, 2048, false).unwrap();
+        let free = pool.free_count();
+        let mut pieces = Vec::new();
+        let mut want = Vec::new();
+        for (i, len) in [1792usize, 1792, 300].into_iter().enumerate() {
+            let c = pool.alloc().unwrap();
+            let (m, o) = pool.chunk_mut(c + 256).unwrap();
+            m[o..o + len].fill(i as u8 + 1);
+            want.extend(std::iter::repeat_n(i as u8 + 1, len));
+            pieces.push(Desc::new(c + 256, len as u32));
+        }
+        let d = gather(&mut pool, &pieces).expect("a big chunk is free");
+        assert!(FramePool::is_big(d.addr));
+        let (m, o) = pool.chunk_ro(d.addr).unwrap();
+        assert_eq!(&m[o..o + d.len as usize], &want[..]);
+        assert_eq!(pool.free_count(), free, "the pieces are back");
+        // No big chunk free: dropped, the pieces still given back.
+        while pool.alloc_big().is_some() {}
+        let c = pool.alloc().unwrap();
+        assert_eq!(gather(&mut pool, &[Desc::new(c + 256, 100)]), None);
+        assert_eq!(pool.free_count(), free);
+    }
+}

@@ -649,3 +649,168 @@ pub fn ifindex(name: &str) -> io::Result<u32> {
         Ok(i)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where a test ring keeps its indices and entries (the kernel's
+    /// layout differs; only `RingOffset` says where each is).
+    const TEST_OFFSETS: RingOffset = RingOffset {
+        producer: 0,
+        consumer: 64,
+        flags: 128,
+        desc: 192,
+    };
+
+    /// A ring of `size` entries in anonymous memory, as the kernel's side
+    /// would see it.
+    fn ring<T: Copy>(size: u32) -> Ring<T> {
+        let map_len = TEST_OFFSETS.desc as usize + size as usize * std::mem::size_of::<T>();
+        // SAFETY: a fresh private anonymous mapping, unmapped by Ring's drop.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let map = NonNull::new(p.cast::<u8>()).unwrap();
+        // SAFETY: every offset is inside the mapping just made.
+        let at = |o: u64| unsafe { map.add(o as usize) };
+        Ring {
+            map,
+            map_len,
+            producer: at(TEST_OFFSETS.producer).cast(),
+            consumer: at(TEST_OFFSETS.consumer).cast(),
+            flags: at(TEST_OFFSETS.flags).cast(),
+            descs: at(TEST_OFFSETS.desc).cast(),
+            mask: size - 1,
+        }
+    }
+
+    fn socket(sg: bool) -> XskSocket {
+        let fd = OwnedFd::from(std::fs::File::open("/dev/null").unwrap());
+        XskSocket {
+            fill: ring(16),
+            comp: ring(16),
+            rx: ring(16),
+            tx: ring(16),
+            fd,
+            size: 16,
+            sg,
+            overlong: 0,
+        }
+    }
+
+    /// The kernel's side: publish receive descriptors (addr, len, more).
+    fn deliver(x: &mut XskSocket, descs: &[(u64, u32, bool)]) {
+        let n = x.rx.produce(descs.iter().map(|&(addr, len, more)| XdpDesc {
+            addr,
+            len,
+            options: if more { XDP_PKT_CONTD } else { 0 },
+        }));
+        assert_eq!(n, descs.len());
+    }
+
+    fn received(x: &mut XskSocket, max: usize) -> Vec<(Vec<(u64, u32)>, bool)> {
+        let mut got = Vec::new();
+        x.recv(max, |p, keep| {
+            got.push((p.iter().map(|d| (d.addr, d.len)).collect(), keep))
+        });
+        got
+    }
+
+    #[test]
+    fn a_multi_buffer_packet_is_handed_over_whole_and_in_order() {
+        let mut x = socket(true);
+        deliver(
+            &mut x,
+            &[
+                (0x100, 60, false),
+                (0x900, 1792, true),
+                (0x1100, 1792, true),
+                (0x1900, 500, false),
+                (0x2100, 64, false),
+            ],
+        );
+        assert_eq!(
+            received(&mut x, 32),
+            vec![
+                (vec![(0x100, 60)], true),
+                (vec![(0x900, 1792), (0x1100, 1792), (0x1900, 500)], true),
+                (vec![(0x2100, 64)], true),
+            ]
+        );
+        assert!(received(&mut x, 32).is_empty(), "all consumed");
+    }
+
+    #[test]
+    fn a_packet_not_yet_ended_stays_on_the_ring_and_max_counts_packets() {
+        let mut x = socket(true);
+        deliver(&mut x, &[(0x100, 60, false), (0x900, 1792, true)]);
+        assert_eq!(received(&mut x, 32), vec![(vec![(0x100, 60)], true)]);
+        // Its last piece arrives: the packet comes whole, its first piece
+        // read again from the ring, not twice.
+        deliver(&mut x, &[(0x1100, 10, false), (0x1900, 64, false)]);
+        assert_eq!(
+            received(&mut x, 1),
+            vec![(vec![(0x900, 1792), (0x1100, 10)], true)]
+        );
+        assert_eq!(received(&mut x, 1), vec![(vec![(0x1900, 64)], true)]);
+    }
+
+    #[test]
+    fn a_packet_in_too_many_pieces_is_given_back_a_piece_at_a_time_and_counted() {
+        let mut x = socket(true);
+        // 16 entries per ring: grow the receive ring for 20 pieces.
+        x.rx = ring(32);
+        let mut descs: Vec<(u64, u32, bool)> = (0..MAX_PIECES as u64 + 2)
+            .map(|i| (0x800 * (i + 1), 1792, true))
+            .collect();
+        descs.last_mut().unwrap().2 = false;
+        descs.push((0x100, 60, false));
+        deliver(&mut x, &descs);
+        let got = received(&mut x, 32);
+        assert_eq!(got.len(), MAX_PIECES + 2 + 1);
+        for (i, (p, keep)) in got[..MAX_PIECES + 2].iter().enumerate() {
+            assert_eq!((p.as_slice(), *keep), (&[(descs[i].0, 1792)][..], false));
+        }
+        assert_eq!(got[MAX_PIECES + 2], (vec![(0x100, 60)], true));
+        assert_eq!(x.overlong(), 1);
+    }
+
+    #[test]
+    fn a_chain_is_queued_whole_with_all_but_its_last_piece_marked() {
+        let mut x = socket(true);
+        let chain = [
+            Desc::new(0, 2048),
+            Desc::new(0x800, 2048),
+            Desc::new(0x1000, 100),
+        ];
+        assert!(x.queue_chain(&chain));
+        let mut sent = Vec::new();
+        x.tx.consume(16, |d| sent.push((d.addr, d.len, d.options)));
+        assert_eq!(
+            sent,
+            vec![
+                (0, 2048, XDP_PKT_CONTD),
+                (0x800, 2048, XDP_PKT_CONTD),
+                (0x1000, 100, 0)
+            ]
+        );
+        // All or nothing: 14 free entries do not take 15 pieces.
+        assert!(x.queue_chain(&[Desc::new(0, 64); 2]));
+        assert!(!x.queue_chain(&[Desc::new(0, 64); 15]));
+        assert_eq!(x.tx.room(), 14);
+        // Without multi-buffer only single pieces go.
+        let mut plain = socket(false);
+        assert!(!plain.queue_chain(&chain));
+        assert!(plain.queue_chain(&chain[..1]));
+        assert!(!plain.queue_chain(&[]));
+    }
+}
