@@ -804,12 +804,12 @@ mod tests {
         let free = pool.free_count();
         let mut pieces = Vec::new();
         let mut want = Vec::new();
-        for (i, len) in [1792usize, 1792, 300].into_iter().enumerate() {
+        for (fill, len) in [(1u8, 1792u32), (2, 1792), (3, 300)] {
             let c = pool.alloc().unwrap();
             let (m, o) = pool.chunk_mut(c + 256).unwrap();
-            m[o..o + len].fill(i as u8 + 1);
-            want.extend(std::iter::repeat_n(i as u8 + 1, len));
-            pieces.push(Desc::new(c + 256, len as u32));
+            m[o..o + len as usize].fill(fill);
+            want.extend(std::iter::repeat_n(fill, len as usize));
+            pieces.push(Desc::new(c + 256, len));
         }
         let d = gather(&mut pool, &pieces).expect("a big chunk is free");
         assert!(FramePool::is_big(d.addr));

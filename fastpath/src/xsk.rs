@@ -666,7 +666,7 @@ mod tests {
     /// A ring of `size` entries in anonymous memory, as the kernel's side
     /// would see it.
     fn ring<T: Copy>(size: u32) -> Ring<T> {
-        let map_len = TEST_OFFSETS.desc as usize + size as usize * std::mem::size_of::<T>();
+        let map_len = 192 + size as usize * std::mem::size_of::<T>();
         // SAFETY: a fresh private anonymous mapping, unmapped by Ring's drop.
         let p = unsafe {
             libc::mmap(
@@ -681,7 +681,7 @@ mod tests {
         assert_ne!(p, libc::MAP_FAILED);
         let map = NonNull::new(p.cast::<u8>()).unwrap();
         // SAFETY: every offset is inside the mapping just made.
-        let at = |o: u64| unsafe { map.add(o as usize) };
+        let at = |o: u64| unsafe { map.add(usize::try_from(o).unwrap()) };
         Ring {
             map,
             map_len,
