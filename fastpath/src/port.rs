@@ -589,16 +589,14 @@ fn gather(pool: &mut FramePool, pieces: &[Desc]) -> Option<Desc> {
         });
         pool.release(p.addr);
     }
-    match (big, at) {
-        (Some(b), Some(end)) => Some(Desc::new(
-            b + HEADROOM as u64,
-            u32::try_from(end - b - HEADROOM as u64).ok()?,
-        )),
-        (Some(b), None) => {
+    let b = big?;
+    let start = b + HEADROOM as u64;
+    match at.map(|end| u32::try_from(end - start)) {
+        Some(Ok(len)) => Some(Desc::new(start, len)),
+        _ => {
             pool.release(b);
             None
         }
-        _ => None,
     }
 }
 

@@ -151,9 +151,11 @@ pub const BIG_CHUNKS: usize = 64;
 pub type TwoChunks<'a> = ((&'a mut [u8], usize), (&'a mut [u8], usize));
 
 /// Chunks of a [`Region`] and the free list of those user space owns;
-/// beside them, a second region of big chunks for super-frames (offloads:
-/// a tap's 64 KiB TCP frames), which only tap and guest receives use and
-/// which never reach a kernel ring: AF_XDP gets segments in small chunks.
+/// beside them, a second region of big chunks for frames longer than a
+/// chunk — a tap's or guest's 64 KiB super-frames, a jumbo frame an AF_XDP
+/// socket received in pieces (put together here), a jumbo segment — which
+/// never reach a kernel ring: AF_XDP gets them copied into a chain of
+/// small chunks.
 /// They are a separate region, not chains of small chunks, so that every
 /// frame is contiguous for the parsers; their memory is a few MiB, and no
 /// big chunk is in use between batches, so a handover does not carry them.
