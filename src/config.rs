@@ -176,6 +176,16 @@ pub struct SwitchConfig {
     /// Confine the fast-path and coprocessor threads to the system calls
     /// they make (see `seccomp`); on by default.
     pub seccomp: bool,
+    /// The fast-path thread's core (one today). Default: the last core the
+    /// process may use, if it may use two or more (see `cores`).
+    pub fastpath_cores: Option<Vec<usize>>,
+    /// The coprocessor threads' cores. Default: every core the process may
+    /// use but the fast path's.
+    pub coprocessor_cores: Option<Vec<usize>>,
+    /// How long an idle coprocessor thread keeps looking for work before
+    /// it sleeps: a punt that comes within it is taken at once, not after
+    /// a wakeup.
+    pub coprocessor_spin_us: u64,
 }
 
 impl SwitchConfig {
@@ -200,6 +210,9 @@ impl Default for SwitchConfig {
             log: "info".into(),
             metrics: None,
             seccomp: true,
+            fastpath_cores: None,
+            coprocessor_cores: None,
+            coprocessor_spin_us: 50,
         }
     }
 }
@@ -510,6 +523,23 @@ mod tests {
         assert!(e.contains("port[1]: field `name`"), "{e}");
         let e = err(&GOOD.replace("poll = \"adaptive\"", "coprocessor_threads = 0"));
         assert!(e.contains("coprocessor_threads"), "{e}");
+        let e = err(&GOOD.replace("poll = \"adaptive\"", "fastpath_cores = [0, 1]"));
+        assert!(
+            e.contains("switch: field `fastpath_cores`: one fast-path thread runs today"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("poll = \"adaptive\"", "coprocessor_cores = []"));
+        assert!(
+            e.contains("switch: field `coprocessor_cores`: empty"),
+            "{e}"
+        );
+        let e = err(&GOOD.replace("poll = \"adaptive\"", "coprocessor_spin_us = 20000"));
+        assert!(e.contains("switch: field `coprocessor_spin_us`"), "{e}");
+        assert!(Config::parse(&GOOD.replace(
+            "poll = \"adaptive\"",
+            "fastpath_cores = [1]\ncoprocessor_cores = [0]\ncoprocessor_spin_us = 100"
+        ))
+        .is_ok());
         // vhost-user ports: a socket each, a mode only for them.
         let b = "name = \"tap-b\"\n        type = \"tap\"";
         let vu = |rest: &str| {

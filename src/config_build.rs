@@ -360,6 +360,22 @@ impl Config {
                 );
             }
         }
+        match &s.fastpath_cores {
+            Some(c) if c.len() != 1 => bail!(
+                "switch: field `fastpath_cores`: one fast-path thread runs today: give exactly one core, not {}",
+                c.len()
+            ),
+            _ => {}
+        }
+        if s.coprocessor_cores.as_ref().is_some_and(Vec::is_empty) {
+            bail!("switch: field `coprocessor_cores`: empty (leave it out for the default)");
+        }
+        if s.coprocessor_spin_us > 10_000 {
+            bail!(
+                "switch: field `coprocessor_spin_us`: {} is above 10000 (a coprocessor spinning that long is a core lost)",
+                s.coprocessor_spin_us
+            );
+        }
         if s.idle_timeout_s == 0 {
             bail!("switch: field `idle_timeout_s`: must be at least 1");
         }

@@ -175,7 +175,10 @@ impl Server {
         let shared = links.coprocessor.shared().clone();
         Ok(match cmd {
             Command::Stats => {
-                let mut v = views::stats(&links.ask(Request::Stats)?);
+                let snap = links.ask(Request::Stats)?;
+                let mut v = views::stats(&snap);
+                let queues: Vec<&str> = snap.ports.iter().map(|(_, n, _)| n.as_str()).collect();
+                v["threads"] = links.threads.view(snap.busy_permille, snap.cpu, &queues);
                 v["conntrack"] = views::conntrack_counters(&lock(&shared));
                 v["last_handover"] = links.last_handover.clone().unwrap_or(Value::Null);
                 if !links.vhost.is_empty() {

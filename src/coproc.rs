@@ -13,7 +13,9 @@ use fastpath::dataplane::{Report, Update};
 use fastpath::wake::Wake;
 use fastpath::PuntReceiver;
 
+use crate::cores::Load;
 use crate::install::send_update;
+use fastpath::busy::BusyMeter;
 
 /// Fast-path reports waiting for the coprocessors.
 pub const REPORT_QUEUE: usize = 65_536;
@@ -21,18 +23,20 @@ pub const REPORT_QUEUE: usize = 65_536;
 /// How often the timekeeping coprocessor thread advances connection timers.
 const TICK: Duration = Duration::from_millis(250);
 
-/// Start `n` coprocessor threads on `shared`, connected as `links` says
-/// (the first keeps the connection timers), each confined by its seccomp
-/// filter if `seccomp`.
+/// Start a coprocessor thread on `shared` for each of `loads` (where
+/// each reports its load), connected as `links` says (the first keeps
+/// the connection timers), each on `cores` (any, if empty) and confined
+/// by its seccomp filter if `seccomp`.
 pub fn spawn(
-    n: usize,
+    loads: &Arc<Vec<Load>>,
+    cores: &[usize],
     seccomp: bool,
     shared: &Arc<std::sync::Mutex<coprocessor::Shared>>,
     links: &CoprocLinks,
     stop: &Arc<AtomicBool>,
 ) -> anyhow::Result<Vec<thread::JoinHandle<()>>> {
     use anyhow::Context;
-    (0..n)
+    (0..loads.len())
         .map(|i| {
             let mut cp = Coprocessor::with_shared(shared.clone());
             let links = CoprocLinks {
@@ -42,14 +46,20 @@ pub fn spawn(
                 wake: links.wake.clone(),
                 epoch: links.epoch,
                 timekeeper: links.timekeeper && i == 0,
+                spin: links.spin,
             };
-            let stop = stop.clone();
+            let (stop, cores, loads) = (stop.clone(), cores.to_vec(), loads.clone());
             thread::Builder::new()
                 .name(format!("coproc-{i}"))
                 .spawn(move || {
+                    if let Err(e) = crate::cores::pin(&cores) {
+                        tracing::error!(cores = %crate::cores::list(&cores), "switch: field `coprocessor_cores`: pinning a coprocessor thread: {e}");
+                        stop.store(true, Ordering::Relaxed);
+                        return;
+                    }
                     let role = crate::seccomp::Role::Coprocessor;
                     if crate::seccomp::confine_or_stop(seccomp, role, &stop) {
-                        run(&mut cp, &links, &stop)
+                        run(&mut cp, &links, &loads[i], &stop)
                     }
                 })
                 .context("spawning a coprocessor thread")
@@ -65,17 +75,23 @@ pub struct CoprocLinks {
     pub wake: Arc<Wake>,
     pub epoch: Instant,
     pub timekeeper: bool,
+    /// How long an idle thread looks for work before it parks.
+    pub spin: Duration,
 }
 
 /// One coprocessor thread: decide for punted frames, follow the fast
 /// path's reports on tracked connections, keep their timers (one thread),
-/// send the results back to the fast path, sleep when there is nothing
-/// to do.
-pub fn run(cp: &mut Coprocessor, l: &CoprocLinks, stop: &AtomicBool) {
+/// send the results back to the fast path; with nothing to do, look again
+/// for `l.spin`, then sleep until the fast path unparks it. Its busy share
+/// goes to `load` each second.
+pub fn run(cp: &mut Coprocessor, l: &CoprocLinks, load: &Load, stop: &AtomicBool) {
     let now = || u64::try_from(l.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX);
     let mut log = crate::ratelog::RateLog::new(20);
     let mut next_tick = Instant::now();
+    let mut meter = BusyMeter::default();
+    let mut idle_since: Option<Instant> = None;
     while !stop.load(Ordering::Relaxed) {
+        let started = now();
         let mut worked = false;
         if l.timekeeper && Instant::now() >= next_tick {
             next_tick = Instant::now() + TICK;
@@ -104,11 +120,23 @@ pub fn run(cp: &mut Coprocessor, l: &CoprocLinks, stop: &AtomicBool) {
             }
         }
         let Some(msg) = l.punts.recv() else {
-            if !worked {
-                thread::park_timeout(Duration::from_millis(20));
+            if meter.iteration(started, worked) {
+                load.set(meter.permille());
+            }
+            if worked {
+                idle_since = None;
+            } else {
+                let since = *idle_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= l.spin {
+                    thread::park_timeout(Duration::from_millis(20));
+                    idle_since = None;
+                } else {
+                    std::hint::spin_loop();
+                }
             }
             continue;
         };
+        idle_since = None;
         let mut out = cp.handle(&msg);
         if let Some(cause) = out.drop {
             log.drop(msg.ingress, cause);
@@ -122,6 +150,9 @@ pub fn run(cp: &mut Coprocessor, l: &CoprocLinks, stop: &AtomicBool) {
         }
         if !send_update(&l.installs, out, &l.wake, stop) {
             return;
+        }
+        if meter.iteration(started, true) {
+            load.set(meter.permille());
         }
     }
 }

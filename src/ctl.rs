@@ -293,6 +293,39 @@ fn print_offloads(v: &Value) {
     }
 }
 
+/// Each thread's cores, the core it was last seen on and its busy share
+/// over the last second.
+fn print_threads(v: &Value) {
+    let Some(threads) = v["threads"].as_array() else {
+        return;
+    };
+    println!("threads:");
+    for t in threads {
+        let mut line = format!(
+            "  {:<12} {:<12} cores {}",
+            t["name"].as_str().unwrap_or("?"),
+            t["role"]
+                .as_str()
+                .unwrap_or("?")
+                .split(',')
+                .next()
+                .unwrap_or("?"),
+            t["cores"].as_str().unwrap_or("?")
+        );
+        if let Some(c) = t["cpu"].as_u64() {
+            line += &format!(", on {c}");
+        }
+        if let Some(b) = t["busy_pct"].as_f64() {
+            line += &format!(", busy {b:.1}%");
+        }
+        if let Some(q) = t["queues"].as_array() {
+            let q: Vec<&str> = q.iter().filter_map(Value::as_str).collect();
+            line += &format!(", polls {}", q.join(" "));
+        }
+        println!("{line}");
+    }
+}
+
 fn print_stats(v: &Value) {
     print_port_table(v);
     print_offloads(v);
@@ -317,12 +350,15 @@ fn print_stats(v: &Value) {
     println!("punted: {}", list_or_none(counters(&v["punted"], "")));
     let fp = &v["first_packet"];
     println!(
-        "first packets through the coprocessor: {} (avg {:.1} µs, max {:.1} µs, {} under 100 µs)",
+        "first packets through the coprocessor: {} (p50 {:.0} µs, p99 {:.0} µs, max {:.1} µs, avg {:.1} µs, {} under 100 µs)",
         n(fp, "count"),
-        fp["avg_us"].as_f64().unwrap_or(0.0),
+        fp["p50_us"].as_f64().unwrap_or(0.0),
+        fp["p99_us"].as_f64().unwrap_or(0.0),
         fp["max_us"].as_f64().unwrap_or(0.0),
+        fp["avg_us"].as_f64().unwrap_or(0.0),
         n(fp, "under_100us")
     );
+    print_threads(v);
     let pool = &v["frame_pool"];
     println!(
         "frame pool: {} of {} chunks free",

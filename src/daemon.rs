@@ -74,6 +74,28 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     if let (Some(u), Some(up)) = (&cfg.uplink, topo.uplink.as_mut()) {
         up.mac = ports::read_mac(&u.interface)?;
     }
+    // Cores: this thread, and every thread it starts but the fast path and
+    // the coprocessors, keeps off the fast path's core (see `cores`).
+    let allowed = crate::cores::allowed().context("reading the process's CPU affinity")?;
+    let placement = crate::cores::plan(
+        s.fastpath_cores.as_deref(),
+        s.coprocessor_cores.as_deref(),
+        &allowed,
+    )?;
+    if placement
+        .fastpath
+        .iter()
+        .any(|c| placement.coprocessors.contains(c))
+    {
+        warn!(cores = %crate::cores::list(&placement.fastpath), "switch: fields `fastpath_cores` and `coprocessor_cores` share a core: the busy-polling fast path and the slow path take turns on it");
+    }
+    crate::cores::pin(&placement.housekeeping).context("pinning the control threads")?;
+    info!(
+        fastpath = %crate::cores::list(&placement.fastpath),
+        coprocessors = %crate::cores::list(&placement.coprocessors),
+        others = %crate::cores::list(&placement.housekeeping),
+        "cores"
+    );
 
     // The ports (taking over, they come from the running binary once it
     // pauses) on the frame pool they share.
@@ -110,8 +132,14 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     let reports = Arc::new(ArrayQueue::new(coproc::REPORT_QUEUE));
     let (epoch, epoch_mono_ns) = clock_zero(takeover.as_ref());
 
+    let coproc_loads: Arc<Vec<crate::cores::Load>> = Arc::new(
+        (0..s.coprocessor_threads)
+            .map(|_| Default::default())
+            .collect(),
+    );
     let coproc_threads = coproc::spawn(
-        s.coprocessor_threads,
+        &coproc_loads,
+        &placement.coprocessors,
         s.seccomp,
         &shared,
         &coproc::CoprocLinks {
@@ -121,6 +149,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
             wake: wake.clone(),
             epoch,
             timekeeper: true,
+            spin: Duration::from_micros(s.coprocessor_spin_us),
         },
         &stop,
     )?;
@@ -146,9 +175,15 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     let mut dp = Dataplane::new(ports, pipeline, links, loop_cfg, pool);
     let dp_stop = stop.clone();
     let confined = s.seccomp;
+    let fast_cores = placement.fastpath.clone();
     let fast = thread::Builder::new()
         .name("fastpath-0".into())
         .spawn(move || {
+            if let Err(e) = crate::cores::pin(&fast_cores) {
+                tracing::error!(cores = %crate::cores::list(&fast_cores), "switch: field `fastpath_cores`: pinning the fast-path thread: {e}");
+                dp_stop.store(true, Ordering::Relaxed);
+                return;
+            }
             let role = crate::seccomp::Role::FastPath;
             if crate::seccomp::confine_or_stop(confined, role, &dp_stop) {
                 dp.run(&dp_stop)
@@ -206,6 +241,10 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         epoch,
         ports: port_names,
         vhost: vhost_links,
+        threads: crate::cores::Threads {
+            placement,
+            coprocessors: coproc_loads.clone(),
+        },
     };
     let taking_over = listener.is_some();
     let mut server = match listener {
@@ -225,6 +264,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
             wake: wake.clone(),
             shared: metrics_shared,
             punt_depth,
+            coprocessor_loads: coproc_loads.clone(),
         };
         crate::metrics_http::spawn(listener, addr, source, stop.clone())
             .context("starting the metrics thread")?;

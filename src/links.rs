@@ -44,6 +44,8 @@ pub struct Links {
     pub netlink: Option<crate::neighbor::Netlink>,
     /// The vhost-user ports' protocol sides (handed over with the pause).
     pub vhost: Vec<crate::vhost::Link>,
+    /// Where the threads run and the coprocessors' loads.
+    pub threads: crate::cores::Threads,
 }
 
 impl Links {

@@ -8,6 +8,7 @@ mod config;
 mod config_build;
 mod control;
 mod coproc;
+mod cores;
 mod ctl;
 mod daemon;
 mod deadline;

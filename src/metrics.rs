@@ -51,6 +51,26 @@ impl Metrics {
         }
     }
 
+    /// A histogram: cumulative counts under each upper bound `le`
+    /// (seconds), then the sum and the count (`+Inf`).
+    pub fn histogram(
+        &mut self,
+        name: &'static str,
+        help: &str,
+        buckets: impl Iterator<Item = (f64, u64)>,
+        sum: f64,
+        count: u64,
+    ) {
+        self.family(name, "histogram", help);
+        let mut seen = 0;
+        for (le, n) in buckets {
+            seen += n;
+            let _ = writeln!(self.out, "{name}_bucket{{le=\"{le}\"}} {seen}");
+        }
+        let _ = writeln!(self.out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+        let _ = writeln!(self.out, "{name}_sum {sum}\n{name}_count {count}");
+    }
+
     pub fn finish(self) -> String {
         self.out
     }
@@ -211,19 +231,23 @@ pub fn fast_path(m: &mut Metrics, s: &Snapshot) {
         f(s.pool_free as u64),
     );
     let fp = &s.first_packet;
-    m.sample(
-        "vswitch_first_packet_seconds_sum",
-        "counter",
+    let bounded = fastpath::dataplane::FirstPacket::BUCKETS - 1;
+    m.histogram(
+        "vswitch_first_packet_seconds",
         "Punt-to-transmit time of first packets through the coprocessor.",
-        &[],
+        fp.buckets[..bounded]
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| (f(fastpath::dataplane::FirstPacket::bound_ns(i)) / 1e9, n)),
         fp.sum_ns as f64 / 1e9,
+        fp.count,
     );
     m.sample(
-        "vswitch_first_packet_seconds_count",
-        "counter",
-        "First packets through the coprocessor.",
-        &[],
-        f(fp.count),
+        "vswitch_thread_busy_ratio",
+        "gauge",
+        "Share of the last second a thread spent working (not polling idle or asleep).",
+        &[("thread", "fastpath-0")],
+        f64::from(s.busy_permille) / 1000.0,
     );
     m.sample(
         "vswitch_uptime_seconds",
@@ -232,6 +256,20 @@ pub fn fast_path(m: &mut Metrics, s: &Snapshot) {
         &[],
         s.uptime_ns as f64 / 1e9,
     );
+}
+
+/// Each coprocessor thread's busy share.
+pub fn coprocessor_loads(m: &mut Metrics, loads: &[crate::cores::Load]) {
+    for (i, l) in loads.iter().enumerate() {
+        let name = format!("coproc-{i}");
+        m.sample(
+            "vswitch_thread_busy_ratio",
+            "gauge",
+            "Share of the last second a thread spent working (not polling idle or asleep).",
+            &[("thread", &name)],
+            l.busy_pct() / 100.0,
+        );
+    }
 }
 
 /// The coprocessors' shared state.

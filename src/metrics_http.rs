@@ -39,6 +39,8 @@ pub struct Source {
     pub shared: Arc<Mutex<Shared>>,
     /// Messages waiting in the punt queue.
     pub punt_depth: Arc<dyn Fn() -> usize + Send + Sync>,
+    /// The coprocessor threads' loads.
+    pub coprocessor_loads: Arc<Vec<crate::cores::Load>>,
 }
 
 impl Source {
@@ -56,6 +58,7 @@ impl Source {
         crate::metrics::fast_path(&mut m, &snap);
         let sh = coprocessor::lock(&self.shared);
         crate::metrics::coprocessor(&mut m, &sh, (self.punt_depth)());
+        crate::metrics::coprocessor_loads(&mut m, &self.coprocessor_loads);
         Ok(m.finish())
     }
 }

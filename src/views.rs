@@ -253,6 +253,8 @@ pub fn stats(s: &Snapshot) -> Value {
             "count": s.first_packet.count,
             "avg_us": if s.first_packet.count == 0 { 0.0 } else { s.first_packet.sum_ns as f64 / s.first_packet.count as f64 / 1e3 },
             "max_us": s.first_packet.max_ns as f64 / 1e3,
+            "p50_us": s.first_packet.quantile_ns(500) as f64 / 1e3,
+            "p99_us": s.first_packet.quantile_ns(990) as f64 / 1e3,
             "under_100us": s.first_packet.under_100us,
         },
     })

@@ -103,6 +103,7 @@ pub struct Dataplane {
     reinject_failed: u64,
     reports_lost: u64,
     first_packet: FirstPacket,
+    busy: crate::busy::BusyMeter,
     /// The last invalidation's version (see [`Update::version`]).
     min_version: u64,
     /// Ports are not polled (handover in progress), and nothing touches
@@ -173,6 +174,7 @@ impl Dataplane {
             reinject_failed: 0,
             reports_lost: 0,
             first_packet: FirstPacket::default(),
+            busy: crate::busy::BusyMeter::default(),
             min_version: 0,
             paused: false,
             deferred: Vec::new(),
@@ -201,6 +203,14 @@ impl Dataplane {
             }
             idle = idle.saturating_add(1);
             if self.cfg.mode == PollMode::Adaptive && idle >= self.cfg.spin_before_sleep {
+                // From here producers write the wakeup fd; what they
+                // queued before they saw that, this last look finds.
+                self.links.wake.going_to_sleep();
+                if self.poll_once() > 0 {
+                    self.links.wake.awake();
+                    idle = 0;
+                    continue;
+                }
                 // Paused, the ports are not read, so their readiness must
                 // not wake the loop (it would spin on a core the next
                 // binary needs): only the wakeup fd (last) counts.
@@ -210,6 +220,7 @@ impl Dataplane {
                     0
                 };
                 wait_readable(&mut self.pollfds[from..], 50);
+                self.links.wake.awake();
                 self.links.wake.drain();
                 if !self.paused {
                     self.retire_hung_up();
@@ -285,6 +296,7 @@ impl Dataplane {
             self.next_announce = now + 1_000_000_000;
             self.announce_unsupported();
         }
+        let _ = self.busy.iteration(now, work > 0);
         work
     }
 
@@ -669,6 +681,9 @@ impl Dataplane {
                     first_packet: self.first_packet,
                     uptime_ns: now,
                     first_poll_mono_ns: self.first_poll_mono_ns,
+                    busy_permille: self.busy.permille(),
+                    // SAFETY: no arguments; -1 on failure.
+                    cpu: usize::try_from(unsafe { libc::sched_getcpu() }).ok(),
                 });
             }
             Request::Talkers(tx) => {

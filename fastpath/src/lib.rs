@@ -8,6 +8,7 @@
 //! and on veth) with the poll loop ([`dataplane`]): this is the only crate
 //! that touches packet I/O.
 
+pub mod busy;
 pub mod classify;
 pub mod dataplane;
 pub mod drop;

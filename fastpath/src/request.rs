@@ -21,16 +21,32 @@ pub struct FlowDump {
 }
 
 /// Time from punting a flow's first packet to transmitting it after the
-/// coprocessor's flow is installed (the slow path's round trip).
+/// coprocessor's flow is installed (the slow path's round trip), with a
+/// histogram: bucket `i` counts round trips under [`FirstPacket::bound_ns`]`(i)`
+/// (1, 2, 5, 10, 20, 50 … µs up to 10 s; the last bucket is everything
+/// longer).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FirstPacket {
     pub count: u64,
     pub sum_ns: u64,
     pub max_ns: u64,
     pub under_100us: u64,
+    pub buckets: [u64; FirstPacket::BUCKETS],
 }
 
 impl FirstPacket {
+    /// 1-2-5 steps from 1 µs to 10 s, and one past them.
+    pub const BUCKETS: usize = 23;
+
+    /// The upper bound of bucket `i` (ns); `u64::MAX` for the last.
+    pub fn bound_ns(i: usize) -> u64 {
+        if i + 1 >= Self::BUCKETS {
+            return u64::MAX;
+        }
+        const STEPS: [u64; 3] = [1, 2, 5];
+        1_000 * STEPS[i % 3] * 10u64.pow(u32::try_from(i / 3).unwrap_or(0))
+    }
+
     /// One first packet's round trip.
     pub fn record(&mut self, ns: u64) {
         self.count += 1;
@@ -39,6 +55,31 @@ impl FirstPacket {
         if ns < 100_000 {
             self.under_100us += 1;
         }
+        let i = (0..Self::BUCKETS)
+            .find(|&i| ns < Self::bound_ns(i))
+            .unwrap_or(Self::BUCKETS - 1);
+        self.buckets[i] += 1;
+    }
+
+    /// The quantile `per_mille`/1000 as the upper bound of its bucket
+    /// (ns; the maximum if that is lower, as in the last bucket); 0 with no
+    /// samples.
+    pub fn quantile_ns(&self, per_mille: u64) -> u64 {
+        if self.count == 0 {
+            return 0;
+        }
+        // The rank of the quantile's sample, 1-based.
+        let rank = (self.count.saturating_mul(per_mille.min(1000)))
+            .div_ceil(1000)
+            .clamp(1, self.count);
+        let mut seen = 0;
+        for (i, n) in self.buckets.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Self::bound_ns(i).min(self.max_ns);
+            }
+        }
+        self.max_ns
     }
 }
 
@@ -70,6 +111,10 @@ pub struct Snapshot {
     pub uptime_ns: u64,
     /// CLOCK_MONOTONIC of the first poll of the ports.
     pub first_poll_mono_ns: Option<u64>,
+    /// The thread's busy share of the last full second, per mille.
+    pub busy_permille: u32,
+    /// The core the thread runs on.
+    pub cpu: Option<usize>,
 }
 
 /// Requests from the control thread; answers go back on the sender.
@@ -166,4 +211,33 @@ pub fn flows(table: &flowtable::FlowTable) -> Vec<FlowDump> {
             current: e.current,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::FirstPacket;
+
+    #[test]
+    fn first_packets_fall_in_1_2_5_buckets_and_give_their_quantiles() {
+        assert_eq!(FirstPacket::bound_ns(0), 1_000);
+        assert_eq!(FirstPacket::bound_ns(4), 20_000);
+        assert_eq!(FirstPacket::bound_ns(21), 10_000_000_000);
+        assert_eq!(FirstPacket::bound_ns(22), u64::MAX);
+        let mut f = FirstPacket::default();
+        assert_eq!(f.quantile_ns(990), 0);
+        // 98 at 30 µs, one at 150 µs, one at 3 ms.
+        for _ in 0..98 {
+            f.record(30_000);
+        }
+        f.record(150_000);
+        f.record(3_000_000);
+        assert_eq!(f.buckets[5], 98, "under 50 µs");
+        assert_eq!(f.quantile_ns(500), 50_000);
+        assert_eq!(f.quantile_ns(990), 200_000);
+        assert_eq!(f.quantile_ns(1000), 3_000_000, "the maximum, not 5 ms");
+        assert_eq!(f.under_100us, 98);
+        f.record(99_000_000_000);
+        assert_eq!(f.buckets[22], 1, "past 10 s");
+        assert_eq!(f.quantile_ns(1000), 99_000_000_000);
+    }
 }

@@ -1,14 +1,17 @@
 //! A wakeup channel into a sleeping fast-path thread: an eventfd the
-//! adaptive poll loop sleeps on alongside its ports. One write per wakeup,
-//! never per packet.
+//! adaptive poll loop sleeps on alongside its ports. Written only while
+//! the thread sleeps (it says so first, then looks for work once more), so
+//! a busy thread costs its producers no system call at all.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::sync::atomic::{fence, AtomicBool, Ordering};
 
 #[derive(Debug)]
 pub struct Wake {
     file: File,
+    sleeping: AtomicBool,
 }
 
 impl Wake {
@@ -21,13 +24,35 @@ impl Wake {
         // SAFETY: `fd` is a fresh descriptor that nothing else owns; the
         // File takes ownership and closes it on drop.
         let file = unsafe { File::from_raw_fd(fd) };
-        Ok(Wake { file })
+        Ok(Wake {
+            file,
+            sleeping: AtomicBool::new(false),
+        })
     }
 
-    /// Wake the thread sleeping on this fd (harmless if it is awake).
+    /// Wake the thread if it sleeps (or is about to): call after making
+    /// the work visible (queue push, channel send).
     pub fn notify(&self) {
-        // Only fails if the counter would overflow, i.e. it is already set.
-        let _ = (&self.file).write(&1u64.to_ne_bytes());
+        // Pairs with the fence in `going_to_sleep`: either this sees the
+        // flag, or the sleeper's last look sees the work.
+        fence(Ordering::SeqCst);
+        if self.sleeping.load(Ordering::Relaxed) {
+            // Only fails if the counter would overflow, i.e. it is
+            // already set.
+            let _ = (&self.file).write(&1u64.to_ne_bytes());
+        }
+    }
+
+    /// The thread is about to sleep: after this, look for work once more
+    /// before sleeping, and call [`Wake::awake`] after.
+    pub fn going_to_sleep(&self) {
+        self.sleeping.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+    }
+
+    /// The thread is awake again (producers stop writing).
+    pub fn awake(&self) {
+        self.sleeping.store(false, Ordering::Relaxed);
     }
 
     /// Consume pending wakeups.
@@ -57,13 +82,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn notify_wakes_a_poll() {
+    fn notify_wakes_a_poll_only_of_a_sleeper() {
         let w = Wake::new().unwrap();
         let mut fds = vec![libc::pollfd {
             fd: w.fd(),
             events: libc::POLLIN,
             revents: 0,
         }];
+        // Awake: no write, nothing to read.
+        w.notify();
+        wait_readable(&mut fds, 0);
+        assert_eq!(fds[0].revents & libc::POLLIN, 0);
+        w.going_to_sleep();
         w.notify();
         wait_readable(&mut fds, 1000);
         assert_ne!(fds[0].revents & libc::POLLIN, 0);
