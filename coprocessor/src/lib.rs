@@ -24,6 +24,7 @@ pub mod dhcp;
 pub mod ext_neighbors;
 pub mod forward;
 pub mod icmp;
+pub mod maglev;
 pub mod nat;
 pub mod ops;
 pub mod related;
