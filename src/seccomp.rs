@@ -28,7 +28,8 @@ pub enum Role {
     Coprocessor,
 }
 
-/// Calls every filtered thread makes: memory, futexes, time, signals and
+/// Calls every filtered thread makes: memory, futexes, time, its core,
+/// signals and
 /// the thread's own end (the standard library's), logging (to stderr, or
 /// to the journal: a datagram, with a sealed memfd for a long entry), and
 /// `restart_syscall`, which the kernel has a thread make when a stop
@@ -44,6 +45,9 @@ const COMMON: &[libc::c_long] = &[
     libc::SYS_mprotect,
     libc::SYS_futex,
     libc::SYS_sched_yield,
+    // sched_getcpu(3) for the threads' load reports, where glibc has no
+    // rseq area or vDSO to read it from.
+    libc::SYS_getcpu,
     libc::SYS_clock_gettime,
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,
