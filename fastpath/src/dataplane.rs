@@ -51,7 +51,8 @@ pub struct LoopConfig {
     pub mode: PollMode,
     /// Flows idle this long are removed.
     pub idle_timeout_ns: u64,
-    /// Table slots examined for expiry per loop iteration.
+    /// Table slots examined for expiry in one loop iteration at most (the
+    /// sweep's pace is time's, see `sweep`).
     pub expire_budget: usize,
     /// Idle iterations before an adaptive loop sleeps.
     pub spin_before_sleep: u32,
@@ -62,7 +63,7 @@ impl Default for LoopConfig {
         LoopConfig {
             mode: PollMode::Adaptive,
             idle_timeout_ns: 30_000_000_000,
-            expire_budget: 256,
+            expire_budget: 1024,
             spin_before_sleep: 200,
         }
     }
@@ -104,6 +105,7 @@ pub struct Dataplane {
     reports_lost: u64,
     first_packet: FirstPacket,
     busy: crate::busy::BusyMeter,
+    sweep: crate::sweep::SweepPace,
     /// The last invalidation's version (see [`Update::version`]).
     min_version: u64,
     /// Ports are not polled (handover in progress), and nothing touches
@@ -175,6 +177,7 @@ impl Dataplane {
             reports_lost: 0,
             first_packet: FirstPacket::default(),
             busy: crate::busy::BusyMeter::default(),
+            sweep: crate::sweep::SweepPace::default(),
             min_version: 0,
             paused: false,
             deferred: Vec::new(),
@@ -274,10 +277,14 @@ impl Dataplane {
             self.retired = None;
         }
         let c = self.cfg;
+        let table = self.pipeline.table();
+        let slots = table.memory_bytes() / flowtable::FlowTable::entry_size();
+        let period = crate::sweep::SweepPace::period(c.idle_timeout_ns);
+        let due = self.sweep.due(now, slots, period, c.expire_budget);
         let (reports, lost) = (&self.links.reports, &mut self.reports_lost);
         self.pipeline
             .table_mut()
-            .expire(now, c.idle_timeout_ns, c.expire_budget, |key, a, s| {
+            .expire(now, c.idle_timeout_ns, due, |key, a, s| {
                 if a.conntrack {
                     let used = FlowUse {
                         last_used: s.last_used,

@@ -24,6 +24,7 @@ pub mod port;
 pub mod punt;
 pub mod request;
 pub mod rewrite;
+pub mod sweep;
 pub mod synth;
 pub mod tap;
 pub mod tx;
