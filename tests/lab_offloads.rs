@@ -162,18 +162,7 @@ fn a_tso_stream_crosses_hypervisors_as_mss_segments_and_is_merged_again() {
         ("192.168.62.1", "192.168.62.2"),
     );
     // The first pings wait for the underlay's neighbours.
-    let _ = try_sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &hv1,
-        "ping",
-        "-c",
-        "1",
-        "-W",
-        "2",
-        "192.168.62.2",
-    ]);
+    lab::warm_underlay(&hv1, "192.168.62.2");
     let (ok, out) = ping(&vm1, b.2);
     assert!(
         ok,
@@ -385,18 +374,7 @@ fn a_jumbo_underlay_carries_9000_byte_packets_whole() {
         ("192.168.63.1", "192.168.63.2"),
         9050,
     );
-    let _ = try_sh(&[
-        "ip",
-        "netns",
-        "exec",
-        &hv1,
-        "ping",
-        "-c",
-        "1",
-        "-W",
-        "2",
-        "192.168.63.2",
-    ]);
+    lab::warm_underlay(&hv1, "192.168.63.2");
     // 9 000-byte IP packets, 9 064-byte frames on the underlay: each
     // arrives at the other switch's AF_XDP socket in six pieces and
     // leaves its own as a chain of five.
@@ -469,28 +447,15 @@ fn an_af_xdp_vm_port_carries_9000_byte_packets_in_pieces() {
     sh(&["ip", "-n", &far, "link", "set", &other, "mtu", "9050"]);
     let nb = lab.netns("vb");
     let (ours, theirs) = (lab.name("xs"), lab.name("xv"));
-    sh(&[
-        "ip", "-n", &hv, "link", "add", &ours, "mtu", "9000", "type", "veth", "peer", "name",
-        &theirs, "netns", &nb, "mtu", "9000",
-    ]);
-    sh(&["ip", "-n", &hv, "link", "set", &ours, "up"]);
-    sh(&["ip", "-n", &nb, "link", "set", &theirs, "address", b.1]);
-    sh(&[
-        "ip",
-        "-n",
-        &nb,
-        "addr",
-        "add",
-        &format!("{}/24", b.2),
-        "dev",
+    lab::veth_vm(
+        Some(&hv),
+        &ours,
         &theirs,
-    ]);
-    sh(&["ip", "-n", &nb, "link", "set", &theirs, "up"]);
-    // (AF_XDP carries no checksum metadata: the VM sends complete ones.)
-    let (ok, out) = try_sh(&[
-        "ip", "netns", "exec", &nb, "ethtool", "-K", &theirs, "tx", "off",
-    ]);
-    assert!(ok, "ethtool (scripts/deps installs it): {out}");
+        &nb,
+        b.1,
+        &format!("{}/24", b.2),
+        Some(9000),
+    );
     let tap = lab.name("ta");
     let cfg = format!(
         "[switch]\npoll = \"adaptive\"\nflow_capacity = 4096\ncontrol_socket = \"{sock}\"\n\n\

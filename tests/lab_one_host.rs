@@ -408,28 +408,15 @@ fn af_xdp_vm_ports_on_veth_reach_tap_vms() {
     // by AF_XDP.
     let nb = lab.netns("vb");
     let (ours, theirs) = (lab.name("xs"), lab.name("xv"));
-    sh(&[
-        "ip", "link", "add", &ours, "type", "veth", "peer", "name", &theirs, "netns", &nb,
-    ]);
-    sh(&["ip", "link", "set", &ours, "up"]);
-    sh(&["ip", "-n", &nb, "link", "set", &theirs, "address", B.mac]);
-    sh(&[
-        "ip",
-        "-n",
-        &nb,
-        "addr",
-        "add",
-        &format!("{}/24", B.ip),
-        "dev",
+    lab::veth_vm(
+        None,
+        &ours,
         &theirs,
-    ]);
-    sh(&["ip", "-n", &nb, "link", "set", &theirs, "up"]);
-    // AF_XDP carries no checksum-offload metadata: the VM side must send
-    // complete checksums (README: AF_XDP VM ports).
-    let (ok, out) = try_sh(&[
-        "ip", "netns", "exec", &nb, "ethtool", "-K", &theirs, "tx", "off",
-    ]);
-    assert!(ok, "ethtool (scripts/deps installs it): {out}");
+        &nb,
+        B.mac,
+        &format!("{}/24", B.ip),
+        None,
+    );
     let tap = lab.name("ta");
     let cfg = format!(
         "[switch]\npoll = \"adaptive\"\nflow_capacity = 4096\ncontrol_socket = \"{sock}\"\n\n\

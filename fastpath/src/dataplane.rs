@@ -10,7 +10,8 @@
 //! port for a batch, run it through the pipeline, transmit, punt, sweep a
 //! slice of the table for idle flows, answer control requests. In
 //! `adaptive` mode an idle loop sleeps in poll(2) on the ports and a
-//! wakeup eventfd; in `busy` mode it spins.
+//! wakeup eventfd; in `busy` mode it spins — unless it has nothing to
+//! poll (no ports yet, or paused for a handover), when it sleeps too.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, Sender};
@@ -205,7 +206,13 @@ impl Dataplane {
                 continue;
             }
             idle = idle.saturating_add(1);
-            if self.cfg.mode == PollMode::Adaptive && idle >= self.cfg.spin_before_sleep {
+            // Busy mode spins, but not while there is nothing to poll: a
+            // binary taking over has no ports until it adopts them, and a
+            // paused one has handed them on — each spinning would take
+            // the core (the same one, pinned) from the other.
+            let may_sleep =
+                self.cfg.mode == PollMode::Adaptive || self.paused || self.ports.is_empty();
+            if may_sleep && idle >= self.cfg.spin_before_sleep {
                 // From here producers write the wakeup fd; what they
                 // queued before they saw that, this last look finds.
                 self.links.wake.going_to_sleep();

@@ -436,6 +436,56 @@ pub fn wire(lab: &Lab, a: &str, a_ip: &str, b: &str, b_ip: &str) -> (String, Str
     (ia, ib)
 }
 
+/// Resolve the underlay neighbour `peer` from hypervisor namespace `hv`
+/// (one ping, its answer not required): a test's first overlay packets
+/// then do not wait for ARP on the underlay.
+pub fn warm_underlay(hv: &str, peer: &str) {
+    let _ = try_sh(&[
+        "ip", "netns", "exec", hv, "ping", "-c", "1", "-W", "2", peer,
+    ]);
+}
+
+/// A VM behind a veth pair, for an af-xdp port: `ours` (in namespace
+/// `from`, or the lab's own) and `theirs` in namespace `ns` with `mac`
+/// and `cidr_addr`, both at `mtu` if given. The VM's end sends complete
+/// checksums (`tx off`): AF_XDP carries no checksum-offload metadata
+/// (README: AF_XDP VM ports).
+pub fn veth_vm(
+    from: Option<&str>,
+    ours: &str,
+    theirs: &str,
+    ns: &str,
+    mac: &str,
+    cidr_addr: &str,
+    mtu: Option<u16>,
+) {
+    let mut add: Vec<String> = vec!["ip".into()];
+    if let Some(f) = from {
+        add.extend(["-n".into(), f.into()]);
+    }
+    add.extend(["link", "add", ours].map(String::from));
+    let mtu = mtu.map(|m| m.to_string());
+    if let Some(m) = &mtu {
+        add.extend(["mtu".into(), m.clone()]);
+    }
+    add.extend(["type", "veth", "peer", "name", theirs, "netns", ns].map(String::from));
+    if let Some(m) = &mtu {
+        add.extend(["mtu".into(), m.clone()]);
+    }
+    sh(&add.iter().map(String::as_str).collect::<Vec<_>>());
+    match from {
+        Some(f) => sh(&["ip", "-n", f, "link", "set", ours, "up"]),
+        None => sh(&["ip", "link", "set", ours, "up"]),
+    };
+    sh(&["ip", "-n", ns, "link", "set", theirs, "address", mac]);
+    sh(&["ip", "-n", ns, "addr", "add", cidr_addr, "dev", theirs]);
+    sh(&["ip", "-n", ns, "link", "set", theirs, "up"]);
+    let (ok, out) = try_sh(&[
+        "ip", "netns", "exec", ns, "ethtool", "-K", theirs, "tx", "off",
+    ]);
+    assert!(ok, "ethtool (scripts/deps installs it): {out}");
+}
+
 /// VM a and VM b of the two-hypervisor labs: name, MAC, address.
 pub const VM_A: (&str, &str, &str) = ("a", "02:00:00:00:00:0a", "10.0.0.10");
 pub const VM_B: (&str, &str, &str) = ("b", "02:00:00:00:00:0b", "10.0.0.11");
