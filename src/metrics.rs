@@ -76,6 +76,11 @@ impl Metrics {
     }
 }
 
+/// `vswitch_thread_busy_ratio`, written for the fast path and for each
+/// coprocessor.
+const BUSY_HELP: &str =
+    "Share of the last second a thread spent working (not polling idle or asleep).";
+
 #[allow(clippy::cast_precision_loss)]
 fn f(v: u64) -> f64 {
     v as f64
@@ -245,7 +250,7 @@ pub fn fast_path(m: &mut Metrics, s: &Snapshot) {
     m.sample(
         "vswitch_thread_busy_ratio",
         "gauge",
-        "Share of the last second a thread spent working (not polling idle or asleep).",
+        BUSY_HELP,
         &[("thread", "fastpath-0")],
         f64::from(s.busy_permille) / 1000.0,
     );
@@ -265,7 +270,7 @@ pub fn coprocessor_loads(m: &mut Metrics, loads: &[crate::cores::Load]) {
         m.sample(
             "vswitch_thread_busy_ratio",
             "gauge",
-            "Share of the last second a thread spent working (not polling idle or asleep).",
+            BUSY_HELP,
             &[("thread", &name)],
             l.busy_pct() / 100.0,
         );

@@ -29,22 +29,19 @@ fn port_counter(lab: &Lab, sock: &std::path::Path, i: usize, name: &str) -> u64 
 #[test]
 fn super_frames_pass_whole_from_tap_to_tap() {
     let mut lab = Lab::new();
-    let (ta, tb) = (lab.name("ta"), lab.name("tb"));
-    let cfg = format!(
-        "[switch]\npoll = \"adaptive\"\nflow_capacity = 4096\ncontrol_socket = \"{sock}\"\n\n\
-         [[port]]\nname = \"{ta}\"\ntype = \"tap\"\n[[port]]\nname = \"{tb}\"\ntype = \"tap\"\n\n\
-         [[network]]\nvni = 100\ngateway_mac = \"02:00:00:00:00:fe\"\n[[network.subnet]]\ncidr = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\n\n\
-         [[vm]]\nname = \"a\"\nport = \"{ta}\"\nmac = \"02:00:00:00:00:0a\"\nips = [\"10.0.0.10\"]\nnetwork = 100\n\
-         [[vm]]\nname = \"b\"\nport = \"{tb}\"\nmac = \"02:00:00:00:00:0b\"\nips = [\"10.0.0.11\"]\nnetwork = 100\n",
-        sock = lab.socket("sw").display(),
-    );
-    let sock = lab.vswitch("sw", &cfg);
-    let (na, nb) = (lab.netns("va"), lab.netns("vb"));
-    lab.attach_vm(&ta, &na, "02:00:00:00:00:0a", "10.0.0.10/24");
-    lab.attach_vm(&tb, &nb, "02:00:00:00:00:0b", "10.0.0.11/24");
-    let (ok, out) = ping(&na, "10.0.0.11");
+    let vm = |name, mac, ip| lab::Vm {
+        name,
+        mac,
+        ip,
+        network: 100,
+    };
+    let (a, b) = (lab::VM_A, lab::VM_B);
+    let (sock, ns) = lab::one_host(&mut lab, &[vm(a.0, a.1, a.2), vm(b.0, b.1, b.2)]);
+    let (na, nb) = (&ns[0], &ns[1]);
+    let ta = lab.name("ta");
+    let (ok, out) = ping(na, b.2);
     assert!(ok, "ping a → b:\n{out}\n{}", lab.log("sw"));
-    let bps = iperf(&nb, &na, "10.0.0.11", "5201");
+    let bps = iperf(nb, na, b.2, "5201");
     assert!(bps > 1e6, "TCP a → b: {bps} bit/s");
     // The guest's stack handed over super-frames (TSO on the tap), and
     // they left whole: no 1,500-byte frames in between.

@@ -8,57 +8,7 @@ mod lab;
 
 use std::time::Duration;
 
-use lab::{iperf, sh, try_sh, wait_until, Lab};
-
-struct Vm<'a> {
-    name: &'a str,
-    mac: &'a str,
-    ip: &'a str,
-    network: u32,
-}
-
-fn config(lab: &Lab, name: &str, vms: &[Vm]) -> String {
-    let mut c = format!(
-        "[switch]\npoll = \"adaptive\"\nflow_capacity = 4096\ncontrol_socket = \"{}\"\n\n",
-        lab.socket(name).display()
-    );
-    let mut nets: Vec<u32> = vms.iter().map(|v| v.network).collect();
-    nets.sort_unstable();
-    nets.dedup();
-    for n in nets {
-        c += &format!(
-            "[[network]]\nvni = {n}\ngateway_mac = \"02:00:00:00:00:fe\"\n[[network.subnet]]\ncidr = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\n\n"
-        );
-    }
-    for v in vms {
-        let tap = lab.name(&format!("t{}", v.name));
-        c += &format!("[[port]]\nname = \"{tap}\"\ntype = \"tap\"\n\n");
-        c += &format!(
-            "[[vm]]\nname = \"{}\"\nport = \"{tap}\"\nmac = \"{}\"\nips = [\"{}\"]\nnetwork = {}\n\n",
-            v.name, v.mac, v.ip, v.network
-        );
-    }
-    c
-}
-
-/// Start a switch with `vms`, each in its own namespace; returns the
-/// socket and the namespaces in order.
-fn start(lab: &mut Lab, vms: &[Vm]) -> (std::path::PathBuf, Vec<String>) {
-    let cfg = config(lab, "sw", vms);
-    let sock = lab.vswitch("sw", &cfg);
-    let mut nss = Vec::new();
-    for v in vms {
-        let ns = lab.netns(&format!("v{}", v.name));
-        lab.attach_vm(
-            &lab.name(&format!("t{}", v.name)),
-            &ns,
-            v.mac,
-            &format!("{}/24", v.ip),
-        );
-        nss.push(ns);
-    }
-    (sock, nss)
-}
+use lab::{iperf, one_host, one_host_config, sh, try_sh, wait_until, Lab, Vm};
 
 fn ping(ns: &str, ip: &str, count: &str) -> (bool, String) {
     try_sh(&[
@@ -99,7 +49,7 @@ const B: Vm = Vm {
 #[test]
 fn two_vms_ping_and_carry_tcp() {
     let mut lab = Lab::new();
-    let (sock, ns) = start(&mut lab, &[A, B]);
+    let (sock, ns) = one_host(&mut lab, &[A, B]);
     let (ok, out) = ping(&ns[0], B.ip, "3");
     assert!(ok, "ping a → b failed:\n{out}\n{}", lab.log("sw"));
     // iperf3: a bounded TCP run from a to b.
@@ -118,7 +68,7 @@ fn two_vms_ping_and_carry_tcp() {
 #[test]
 fn established_flows_stay_in_the_fast_path() {
     let mut lab = Lab::new();
-    let (sock, ns) = start(&mut lab, &[A, B]);
+    let (sock, ns) = one_host(&mut lab, &[A, B]);
     assert!(ping(&ns[0], B.ip, "2").0, "warm-up ping failed");
     let misses = stat(&lab, &sock, &["pipeline", "misses"]);
     let punted = stat(&lab, &sock, &["punted", "miss"]);
@@ -195,7 +145,7 @@ fn threads_run_on_the_cores_they_are_given() {
     let (first, last) = (allowed[0], *allowed.last().unwrap());
     // Given by hand: the fast path on the first core, the coprocessors
     // on the last (the other way round from the default).
-    let cfg = config(&lab, "sw", &[A]).replacen(
+    let cfg = one_host_config(&lab, "sw", &[A]).replacen(
         "[switch]\n",
         &format!("[switch]\nfastpath_cores = [{first}]\ncoprocessor_cores = [{last}]\ncoprocessor_threads = 2\n"),
         1,
@@ -222,7 +172,7 @@ fn threads_run_on_the_cores_they_are_given() {
 
     // The default: the fast path alone on the last core, the rest off it.
     let mut lab = Lab::new();
-    let sock = lab.vswitch("sw", &config(&lab, "sw", &[A]));
+    let sock = lab.vswitch("sw", &one_host_config(&lab, "sw", &[A]));
     let pid = lab.ctl(&sock, "stats").expect("stats")["pid"]
         .as_u64()
         .unwrap();
@@ -243,8 +193,11 @@ fn threads_run_on_the_cores_they_are_given() {
     }
 
     // A core the process may not use is refused, naming the field.
-    let bad =
-        config(&lab, "bad", &[]).replacen("[switch]\n", "[switch]\nfastpath_cores = [4095]\n", 1);
+    let bad = one_host_config(&lab, "bad", &[]).replacen(
+        "[switch]\n",
+        "[switch]\nfastpath_cores = [4095]\n",
+        1,
+    );
     let path = lab.dir.join("bad.toml");
     std::fs::write(&path, bad).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_vswitch"))
@@ -276,7 +229,7 @@ fn tenants_with_the_same_subnet_are_isolated() {
         ip: "10.0.0.10",
         network: 200,
     };
-    let (sock, ns) = start(&mut lab, &[A, B, c, d]);
+    let (sock, ns) = one_host(&mut lab, &[A, B, c, d]);
     assert!(ping(&ns[0], B.ip, "3").0, "a → b within network 100");
     assert!(ping(&ns[3], "10.0.0.11", "3").0, "d → c within network 200");
     // Nothing of network 100 reached network 200's ports or back: each
@@ -295,7 +248,7 @@ fn tenants_with_the_same_subnet_are_isolated() {
 #[test]
 fn spoofed_sources_get_nothing_through() {
     let mut lab = Lab::new();
-    let (sock, ns) = start(&mut lab, &[A, B]);
+    let (sock, ns) = one_host(&mut lab, &[A, B]);
     assert!(ping(&ns[0], B.ip, "1").0, "baseline");
     let tap_a = lab.name("ta");
     // Spoofed IP: a claims 10.0.0.12.
@@ -356,7 +309,7 @@ fn spoofed_sources_get_nothing_through() {
 #[test]
 fn sigterm_stops_cleanly_and_the_taps_can_be_reused() {
     let mut lab = Lab::new();
-    let cfg = config(&lab, "sw", &[A]);
+    let cfg = one_host_config(&lab, "sw", &[A]);
     let sock = lab.vswitch("sw", &cfg);
     let tap = lab.name("ta");
     assert!(try_sh(&["ip", "link", "show", &tap]).0);
@@ -609,7 +562,7 @@ fn cpu_ticks(pid: u64) -> u64 {
 #[test]
 fn a_tap_deleted_under_the_switch_is_retired_not_spun_on() {
     let mut lab = Lab::new();
-    let (sock, ns) = start(&mut lab, &[A, B]);
+    let (sock, ns) = one_host(&mut lab, &[A, B]);
     let (ok, out) = ping(&ns[0], B.ip, "2");
     assert!(ok, "{out}");
     let pid = stat(&lab, &sock, &["pid"]);

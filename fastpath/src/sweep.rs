@@ -13,6 +13,9 @@ const MIN_STEP: u64 = 64;
 pub struct SweepPace {
     /// The time up to which the sweep has been credited (ns).
     at: u64,
+    /// Nothing is due before this (ns): most loop iterations stop at this
+    /// one comparison, not a 128-bit division.
+    not_before: u64,
 }
 
 impl SweepPace {
@@ -24,6 +27,9 @@ impl SweepPace {
     /// Slots to examine now (`now` in ns) for a table of `slots`, at most
     /// `max`: those due since the last call at one sweep per `period`.
     pub fn due(&mut self, now: u64, slots: usize, period: u64, max: usize) -> usize {
+        if now < self.not_before {
+            return 0;
+        }
         if self.at == 0 || now < self.at {
             self.at = now;
             return 0;
@@ -33,6 +39,11 @@ impl SweepPace {
         let due = u128::from(slots) * u128::from(elapsed) / u128::from(period.max(1));
         let due = u64::try_from(due).unwrap_or(u64::MAX);
         if due < MIN_STEP.min(slots) || slots == 0 {
+            // When the next step will be due.
+            let wait = u128::from(MIN_STEP) * u128::from(period) / u128::from(slots.max(1));
+            self.not_before = self
+                .at
+                .saturating_add(u64::try_from(wait).unwrap_or(u64::MAX));
             return 0;
         }
         let n = due.min(max as u64);

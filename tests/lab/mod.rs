@@ -436,6 +436,60 @@ pub fn wire(lab: &Lab, a: &str, a_ip: &str, b: &str, b_ip: &str) -> (String, Str
     (ia, ib)
 }
 
+/// A VM of the one-hypervisor labs: its tap is `t<name>`, its namespace
+/// `v<name>`.
+pub struct Vm<'a> {
+    pub name: &'a str,
+    pub mac: &'a str,
+    pub ip: &'a str,
+    pub network: u32,
+}
+
+/// A one-hypervisor switch `name` (adaptive, 4,096 flows) with a tap port
+/// per VM of `vms` and their networks (10.0.0.0/24 each).
+pub fn one_host_config(lab: &Lab, name: &str, vms: &[Vm]) -> String {
+    let mut c = format!(
+        "[switch]\npoll = \"adaptive\"\nflow_capacity = 4096\ncontrol_socket = \"{}\"\n\n",
+        lab.socket(name).display()
+    );
+    let mut nets: Vec<u32> = vms.iter().map(|v| v.network).collect();
+    nets.sort_unstable();
+    nets.dedup();
+    for n in nets {
+        c += &format!(
+            "[[network]]\nvni = {n}\ngateway_mac = \"02:00:00:00:00:fe\"\n[[network.subnet]]\ncidr = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\n\n"
+        );
+    }
+    for v in vms {
+        let tap = lab.name(&format!("t{}", v.name));
+        c += &format!("[[port]]\nname = \"{tap}\"\ntype = \"tap\"\n\n");
+        c += &format!(
+            "[[vm]]\nname = \"{}\"\nport = \"{tap}\"\nmac = \"{}\"\nips = [\"{}\"]\nnetwork = {}\n\n",
+            v.name, v.mac, v.ip, v.network
+        );
+    }
+    c
+}
+
+/// Start a switch with `vms`, each in its own namespace; returns the
+/// socket and the namespaces in order.
+pub fn one_host(lab: &mut Lab, vms: &[Vm]) -> (std::path::PathBuf, Vec<String>) {
+    let cfg = one_host_config(lab, "sw", vms);
+    let sock = lab.vswitch("sw", &cfg);
+    let mut nss = Vec::new();
+    for v in vms {
+        let ns = lab.netns(&format!("v{}", v.name));
+        lab.attach_vm(
+            &lab.name(&format!("t{}", v.name)),
+            &ns,
+            v.mac,
+            &format!("{}/24", v.ip),
+        );
+        nss.push(ns);
+    }
+    (sock, nss)
+}
+
 /// Resolve the underlay neighbour `peer` from hypervisor namespace `hv`
 /// (one ping, its answer not required): a test's first overlay packets
 /// then do not wait for ARP on the underlay.
