@@ -1,7 +1,7 @@
 //! The change requests of the control API: `{"cmd": "apply", "ops": [...]}`
 //! where each operation names its kind in `op` and carries the same
 //! objects as the TOML config (`network`, `vm`, `remotes`,
-//! `security_group`, `rules`). Unknown fields and wrong types are
+//! `security_group`, `rules`, `external`, `service`). Unknown fields and wrong types are
 //! refused with the operation's index; objects are checked as the config
 //! checks them; the batch then applies whole or not at all.
 
@@ -15,7 +15,8 @@ use flowtable::PortId;
 use serde::Deserialize;
 
 use crate::config::{
-    ExternalConfig, NetworkConfig, RemoteConfig, RuleConfig, SecurityGroupConfig, VmConfig,
+    ExternalConfig, NetworkConfig, RemoteConfig, RuleConfig, SecurityGroupConfig, ServiceConfig,
+    VmConfig,
 };
 
 /// One operation as the API takes it: `{"op": "add-vm", "vm": {...}}`.
@@ -59,6 +60,16 @@ pub enum OpRequest {
     /// Replace the external network (`null`: remove it).
     SetExternal {
         external: Option<ExternalConfig>,
+    },
+    AddService {
+        service: ServiceConfig,
+    },
+    /// Replace a service (its backends in bulk, weights, limit).
+    ChangeService {
+        service: ServiceConfig,
+    },
+    RemoveService {
+        name: String,
     },
 }
 
@@ -121,6 +132,9 @@ mod args {
     });
     args!(Rules { name: String, rules: Vec<RuleConfig> });
     args!(External { external: Option<ExternalConfig> });
+    args!(Service {
+        service: ServiceConfig
+    });
 }
 
 /// The operation's name when `op` is the object's first field (as
@@ -206,6 +220,15 @@ impl ApplyRequest {
                 "set-external" => OpRequest::SetExternal {
                     external: typed::<args::External>(t, &at)?.external,
                 },
+                "add-service" => OpRequest::AddService {
+                    service: typed::<args::Service>(t, &at)?.service,
+                },
+                "change-service" => OpRequest::ChangeService {
+                    service: typed::<args::Service>(t, &at)?.service,
+                },
+                "remove-service" => OpRequest::RemoveService {
+                    name: typed::<args::Name>(t, &at)?.name,
+                },
                 other => anyhow::bail!(
                     "{at}: field `op`: unknown variant `{other}`, expected one of {}",
                     OP_NAMES.join(", ")
@@ -218,7 +241,7 @@ impl ApplyRequest {
 }
 
 /// Every `op`.
-const OP_NAMES: [&str; 12] = [
+const OP_NAMES: [&str; 15] = [
     "add-network",
     "change-network",
     "remove-network",
@@ -231,6 +254,9 @@ const OP_NAMES: [&str; 12] = [
     "remove-security-group",
     "set-rules",
     "set-external",
+    "add-service",
+    "change-service",
+    "remove-service",
 ];
 
 /// Check `ops` against the current policy and the switch's ports. Groups
@@ -280,6 +306,13 @@ pub fn build_ops(
                     .transpose()
                     .map_err(|e| anyhow::anyhow!("{at}: {e:#}"))?,
             ),
+            OpRequest::AddService { service } => {
+                Op::AddService(service.build(&format!("{at} (service {})", service.name))?)
+            }
+            OpRequest::ChangeService { service } => {
+                Op::ChangeService(service.build(&format!("{at} (service {})", service.name))?)
+            }
+            OpRequest::RemoveService { name } => Op::RemoveService(name),
             OpRequest::SetRules { name, rules } => Op::SetRules(
                 name,
                 rules

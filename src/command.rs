@@ -37,6 +37,8 @@ pub enum Command {
     Nat,
     /// Security groups and their rules.
     SecurityGroups,
+    /// Load-balanced services and their backends.
+    Services,
     /// Replace a group's rules (one `set-rules` operation of `apply`).
     SecurityGroupSet { name: String, rules: Vec<Value> },
     /// A batch of changes, whole or not at all (see `api`).
@@ -193,6 +195,7 @@ mod tests {
             Command::Conntrack,
             Command::Nat,
             Command::SecurityGroups,
+            Command::Services,
             Command::SecurityGroupSet {
                 name: "web".into(),
                 rules: vec![serde_json::json!({"direction": "ingress"})],

@@ -34,6 +34,42 @@ pub struct Config {
     pub external: Option<ExternalConfig>,
     #[serde(default)]
     pub conntrack: ConntrackConfig,
+    #[serde(default, rename = "service")]
+    pub services: Vec<ServiceConfig>,
+}
+
+/// A load-balanced service: a VIP of a tenant network whose connections
+/// are spread over `backends` by Maglev hashing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceConfig {
+    pub name: String,
+    /// The tenant network (VNI) the VIP is in.
+    pub network: u32,
+    pub vip: Ipv4Addr,
+    /// "tcp" or "udp".
+    pub protocol: String,
+    pub port: u16,
+    #[serde(default)]
+    pub backends: Vec<BackendConfig>,
+    /// Connections through the VIP at most (0: no limit but conntrack's).
+    #[serde(default)]
+    pub max_connections: u32,
+}
+
+/// One backend of a service.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackendConfig {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    /// Relative share of new connections (0: drained).
+    #[serde(default = "one")]
+    pub weight: u32,
+}
+
+fn one() -> u32 {
+    1
 }
 
 /// A security group: rules, checked in order, first match admits.

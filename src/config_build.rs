@@ -10,6 +10,7 @@ use std::net::Ipv4Addr;
 use anyhow::{bail, Context, Result};
 use coprocessor::acl::{Direction, Peer, Policy, Rule, SecurityGroup};
 use coprocessor::conntrack::{Limits, Timeouts};
+use coprocessor::services::{BackendSpec, ServiceSpec, Services};
 use coprocessor::topology::{
     Cidr, External, LocalVm, Network, RemoteVm, Route, Subnet, Topology, Uplink, Via,
 };
@@ -52,11 +53,48 @@ impl ConntrackConfig {
     }
 }
 
+impl ServiceConfig {
+    /// The service; checked against the topology where it is added.
+    pub fn build(&self, at: &str) -> Result<ServiceSpec> {
+        let proto = match self.protocol.as_str() {
+            "tcp" => 6,
+            "udp" => 17,
+            other => bail!("{at}: field `protocol`: {other:?} is not tcp or udp"),
+        };
+        if self.backends.len() > coprocessor::maglev::MAX_BACKENDS {
+            bail!(
+                "{at}: field `backends`: {} backends, at most {}",
+                self.backends.len(),
+                coprocessor::maglev::MAX_BACKENDS
+            );
+        }
+        Ok(ServiceSpec {
+            name: self.name.clone(),
+            vni: self.network,
+            vip: self.vip,
+            proto,
+            port: self.port,
+            backends: self
+                .backends
+                .iter()
+                .map(|b| BackendSpec {
+                    ip: b.ip,
+                    port: b.port,
+                    weight: b.weight,
+                })
+                .collect(),
+            max_connections: self.max_connections,
+        })
+    }
+}
+
 /// Everything the coprocessors start from.
 #[derive(Debug, Clone)]
 pub struct Built {
     pub topo: Topology,
     pub policy: Policy,
+    /// Checked against `topo`.
+    pub services: Services,
     pub timeouts: Timeouts,
     pub limits: Limits,
 }
@@ -453,9 +491,19 @@ impl Config {
             topo.add_remote(rv)
                 .with_context(|| format!("remote[{i}]"))?;
         }
+        let mut services = Services::default();
+        for (i, c) in self.services.iter().enumerate() {
+            let at = format!("service[{i}] ({})", c.name);
+            let spec = c.build(&at)?;
+            services
+                .check(&spec, &topo, None)
+                .and_then(|()| services.insert(spec).map(drop))
+                .map_err(|e| anyhow::anyhow!("{at}: {}", e.what))?;
+        }
         Ok(Built {
             topo,
             policy,
+            services,
             timeouts,
             limits,
         })

@@ -195,6 +195,7 @@ impl Server {
             Command::Conntrack => views::conntrack(&lock(&shared), links.now()),
             Command::Nat => views::nat(&lock(&shared)),
             Command::SecurityGroups => views::groups(&lock(&shared)),
+            Command::Services => views::services(&lock(&shared)),
             Command::Topology => views::topology(&lock(&shared)),
             Command::Leases => views::leases(&lock(&shared), links.now()),
             Command::TopTalkers { limit } => {

@@ -85,6 +85,7 @@ pub fn ctl(path: &Path, req: &Command, as_json: bool, ports_only: bool) -> Resul
         Command::Conntrack => print_conntrack(&v),
         Command::Nat => print_nat(&v),
         Command::SecurityGroups => print_groups(&v),
+        Command::Services => print_services(&v),
         Command::SecurityGroupSet { .. } => {
             println!("ok: {} flows removed", n(&v, "flows_removed"))
         }
@@ -186,6 +187,47 @@ fn print_nat(v: &Value) {
             n(r, "conn_refused"),
             n(r, "acl_denied")
         );
+    }
+}
+
+fn print_services(v: &Value) {
+    let svcs = v["services"].as_array().map_or(&[][..], |s| &s[..]);
+    if svcs.is_empty() {
+        println!("no services");
+    }
+    for svc in svcs {
+        let limit = match n(svc, "max_connections") {
+            0 => "none".to_string(),
+            m => m.to_string(),
+        };
+        println!(
+            "service {}  vni {}  {}:{}/{}  connections {} (limit {})  picked {}  refused: limit {} no_backend {}  resets {}",
+            s(svc, "name"),
+            n(svc, "network"),
+            s(svc, "vip"),
+            n(svc, "port"),
+            s(svc, "protocol"),
+            n(svc, "connections"),
+            limit,
+            n(svc, "picked"),
+            n(svc, "refused_limit"),
+            n(svc, "refused_no_backend"),
+            n(svc, "resets")
+        );
+        println!(
+            "  {:<22} {:>7} {:<8} {:>8} {:>11}",
+            "backend", "weight", "state", "share", "connections"
+        );
+        for b in svc["backends"].as_array().into_iter().flatten() {
+            println!(
+                "  {:<22} {:>7} {:<8} {:>7.2}% {:>11}",
+                format!("{}:{}", s(b, "ip"), n(b, "port")),
+                n(b, "weight"),
+                s(b, "state"),
+                b["share_pct"].as_f64().unwrap_or(0.0),
+                n(b, "connections")
+            );
+        }
     }
 }
 

@@ -123,12 +123,9 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         link.wake_on_kick(&wake);
     }
     let (req_tx, req_rx) = mpsc::channel();
-    let shared = Arc::new(Mutex::new(Shared::new(
-        topo.clone(),
-        built.policy,
-        built.timeouts,
-        built.limits,
-    )));
+    let mut initial = Shared::new(topo.clone(), built.policy, built.timeouts, built.limits);
+    initial.services = built.services;
+    let shared = Arc::new(Mutex::new(initial));
     let reports = Arc::new(ArrayQueue::new(coproc::REPORT_QUEUE));
     let (epoch, epoch_mono_ns) = clock_zero(takeover.as_ref());
 

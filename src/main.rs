@@ -137,6 +137,9 @@ enum CtlCmd {
     /// Security groups and their rules.
     #[command(name = "security-groups", alias = "sg")]
     SecurityGroups,
+    /// Load-balanced services: VIPs, backends with weight, state, table
+    /// share and live connections.
+    Services,
     /// Replace a security group's rules at run time; connections the new
     /// rules refuse are cut at once.
     #[command(name = "security-group-set", alias = "sg-set")]
@@ -247,6 +250,7 @@ fn main() -> ExitCode {
                 CtlCmd::Conntrack => Ok(Command::Conntrack),
                 CtlCmd::Nat => Ok(Command::Nat),
                 CtlCmd::SecurityGroups => Ok(Command::SecurityGroups),
+                CtlCmd::Services => Ok(Command::Services),
                 CtlCmd::SecurityGroupSet { name, rules } => rules
                     .iter()
                     .map(|r| ctl::parse_rule_arg(r))

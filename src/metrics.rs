@@ -264,6 +264,63 @@ pub fn fast_path(m: &mut Metrics, s: &Snapshot) {
 }
 
 /// Each coprocessor thread's busy share.
+/// Per service: live connections, backends taking new ones, picks,
+/// refusals by cause, resets.
+fn services(m: &mut Metrics, sh: &Shared) {
+    for svc in sh.services.iter() {
+        let name = svc.spec.name.as_str();
+        let l = [("service", name)];
+        m.sample(
+            "vswitch_service_connections",
+            "gauge",
+            "Live connections through the service's VIP.",
+            &l,
+            f(u64::from(sh.services.conns(&svc.spec.key()))),
+        );
+        let taking = svc
+            .spec
+            .backends
+            .iter()
+            .zip(&svc.down)
+            .filter(|(b, down)| b.weight > 0 && !**down)
+            .count();
+        m.sample(
+            "vswitch_service_backends_taking",
+            "gauge",
+            "Backends taking new connections (not drained, not down).",
+            &l,
+            taking as f64,
+        );
+        let c = svc.counters;
+        m.sample(
+            "vswitch_service_picked_total",
+            "counter",
+            "Connections given a backend.",
+            &l,
+            f(c.picked),
+        );
+        for (cause, v) in [
+            ("limit", c.refused_limit),
+            ("no_backend", c.refused_no_backend),
+        ] {
+            m.sample(
+                "vswitch_service_refused_total",
+                "counter",
+                "New connections the service refused, by cause.",
+                &[("service", name), ("cause", cause)],
+                f(v),
+            );
+        }
+        m.sample(
+            "vswitch_service_resets_total",
+            "counter",
+            "Segments of no connection answered with a reset from the VIP.",
+            &l,
+            f(c.resets),
+        );
+    }
+}
+
 pub fn coprocessor_loads(m: &mut Metrics, loads: &[crate::cores::Load]) {
     for (i, l) in loads.iter().enumerate() {
         let name = format!("coproc-{i}");
@@ -388,6 +445,7 @@ pub fn coprocessor(m: &mut Metrics, sh: &Shared, backlog: usize) {
             f(n.in_use()),
         );
     }
+    services(m, sh);
     m.sample(
         "vswitch_state_version",
         "gauge",

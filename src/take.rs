@@ -372,7 +372,7 @@ pub fn adopt(
         fastpath::dataplane::Request::Restore(Box::new(warm), warm_tx),
     )?;
     // The shared state meanwhile, on this thread.
-    let restored = Shared::restore(state.shared, state.clock_ns)
+    let restored = Shared::restore(state.shared, state.since2.services, state.clock_ns)
         .map_err(|e| anyhow::anyhow!("restoring the handed-over state: {e}"))?;
     *coprocessor::lock(shared) = restored;
     let region = fastpath::umem::Region::from_fd(

@@ -92,6 +92,62 @@ pub fn nat(sh: &Shared) -> Value {
     })
 }
 
+/// Load-balanced services: each one's VIP, limit and counters, and its
+/// backends with their weight, state, share of the Maglev table and live
+/// connections (counted from conntrack, which pins each connection to
+/// its backend).
+pub fn services(sh: &Shared) -> Value {
+    let mut per_backend: HashMap<(coprocessor::services::VipKey, u32, u16), u64> = HashMap::new();
+    for (_, c) in sh.ct.iter() {
+        if let (Some(k), Some((ip, port))) =
+            (coprocessor::lb::vip_of(c), coprocessor::lb::backend_of(c))
+        {
+            *per_backend.entry((k, ip, port)).or_default() += 1;
+        }
+    }
+    let list: Vec<Value> = sh
+        .services
+        .iter()
+        .map(|svc| {
+            let spec = &svc.spec;
+            let key = spec.key();
+            let share = |ip: Ipv4Addr, port: u16| -> f64 {
+                svc.table.as_ref().map_or(0.0, |t| {
+                    let counts = t.counts();
+                    let i = t.backends().iter().position(|b| (b.ip, b.port) == (ip, port));
+                    i.map_or(0.0, |i| counts[i] as f64 * 100.0 / t.entries().len() as f64)
+                })
+            };
+            let backends: Vec<Value> = spec
+                .backends
+                .iter()
+                .zip(&svc.down)
+                .map(|(b, down)| {
+                    let state = if *down {
+                        "down"
+                    } else if b.weight == 0 {
+                        "drained"
+                    } else {
+                        "up"
+                    };
+                    json!({"ip": b.ip.to_string(), "port": b.port, "weight": b.weight,
+                        "state": state, "share_pct": share(b.ip, b.port),
+                        "connections": per_backend.get(&(key, u32::from(b.ip), b.port)).copied().unwrap_or(0)})
+                })
+                .collect();
+            let c = svc.counters;
+            json!({"name": spec.name, "network": spec.vni, "vip": spec.vip.to_string(),
+                "protocol": if spec.proto == 6 { "tcp" } else { "udp" }, "port": spec.port,
+                "max_connections": spec.max_connections,
+                "connections": sh.services.conns(&key),
+                "picked": c.picked, "refused_limit": c.refused_limit,
+                "refused_no_backend": c.refused_no_backend, "resets": c.resets,
+                "backends": backends})
+        })
+        .collect();
+    json!({"services": list})
+}
+
 /// Security groups and their rules.
 pub fn groups(sh: &Shared) -> Value {
     let groups: Vec<Value> = sh

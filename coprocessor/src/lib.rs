@@ -11,7 +11,8 @@
 //! [`dhcp`] server, [`forward`]ing and the distributed router, [`icmp`]
 //! answers, security groups ([`acl`]), connection tracking
 //! ([`conntrack`], timers on a [`wheel`], [`related`] ICMP errors), SNAT
-//! and floating IPs ([`nat`]), and flow [`compile`]; `setup` joins them
+//! and floating IPs ([`nat`]), load-balanced [`services`] ([`lb`], on
+//! [`maglev`] tables), and flow [`compile`]; `setup` joins them
 //! for a packet that missed. All threads share one [`Shared`] state;
 //! run-time changes are atomic batches of [`ops`].
 
@@ -24,12 +25,14 @@ pub mod dhcp;
 pub mod ext_neighbors;
 pub mod forward;
 pub mod icmp;
+pub mod lb;
 pub mod maglev;
 pub mod nat;
 pub mod ops;
 pub mod related;
 pub mod reply;
 mod revalidate;
+pub mod services;
 mod setup;
 pub mod shared;
 pub mod topology;
@@ -202,6 +205,10 @@ impl Coprocessor {
                         | topology::Endpoint::Remote { mac, .. }
                         | topology::Endpoint::Gateway { mac },
                     ) => mac,
+                    // A VIP is behind the router.
+                    None if sh.services.is_vip(vni, req.target_ip) => {
+                        topo.network(vni).ok_or(DropCause::UnknownVni)?.gateway_mac
+                    }
                     None => return Err(DropCause::ArpUnknownTarget),
                 };
                 out.tx.push((p.ingress, arp::reply(&req, mac)));
@@ -242,6 +249,20 @@ impl Coprocessor {
                 };
                 let flow = match setup.existing()? {
                     Some(flow) => flow,
+                    None if setup.sh.services.is_vip(vni, dst) => {
+                        if key.proto == 1 {
+                            // A VIP answers pings (from the router, which
+                            // holds it).
+                            let gw_mac =
+                                topo.network(vni).ok_or(DropCause::UnknownVni)?.gateway_mac;
+                            let r = icmp::echo_reply(&p.data, dst, gw_mac)
+                                .map_err(|_| DropCause::UnknownDestination)?;
+                            setup.out.tx.push((p.ingress, r));
+                            self.stats.icmp_replies += 1;
+                            return Ok(());
+                        }
+                        setup.new_to_vip(vm)?
+                    }
                     None => {
                         let next = match forward::decide(topo, vni, src, dst) {
                             Err(DropCause::ToGateway) => {

@@ -1,6 +1,6 @@
 //! Changes at run time: networks, VMs, remote endpoints (in bulk),
-//! security groups and their rules, applied to the shared state as one
-//! atomic batch.
+//! security groups and their rules, the external network, load-balanced
+//! services, applied to the shared state as one atomic batch.
 //!
 //! Each operation is validated as it is applied; the first that fails
 //! undoes the ones before it (each applied operation leaves its exact
@@ -21,6 +21,7 @@ use rustc_hash::FxHashSet;
 use thiserror::Error;
 
 use crate::acl::{PolicyError, Rule, SecurityGroup};
+use crate::services::{ServiceSpec, VipKey};
 use crate::shared::Shared;
 use crate::topology::{External, LocalVm, Network, RemoteVm, TopologyError};
 use dpif::{Invalidate, Update};
@@ -45,6 +46,14 @@ pub enum Op {
     /// Replace (or add, or remove) the external network. Connections
     /// through NAT end: their bindings and next hops belong to the old one.
     SetExternal(Option<External>),
+    /// Add a load-balanced service.
+    AddService(ServiceSpec),
+    /// Replace the service of this name (its backends in bulk, weights,
+    /// limit, or even its VIP). Connections to backends it no longer
+    /// lists end; a drained backend (weight 0) keeps its own.
+    ChangeService(ServiceSpec),
+    /// Remove a service; its connections end.
+    RemoveService(String),
 }
 
 /// Why a batch was refused (nothing of it was applied).
@@ -67,6 +76,9 @@ pub struct Applied {
     pub connections_ended: usize,
 }
 
+/// A backend by (address, port).
+type Backend = (u32, u16);
+
 /// What one operation touched, for invalidation.
 #[derive(Default)]
 struct Touched {
@@ -77,6 +89,9 @@ struct Touched {
     /// The external network changed: NATed connections end; these ports'
     /// flows go.
     external: Vec<PortId>,
+    /// Load-balanced connections that end: all of a VIP's (`None`), or
+    /// those pinned to these backends (address, port).
+    lb_gone: Vec<(VipKey, Option<Vec<Backend>>)>,
 }
 
 impl Touched {
@@ -162,6 +177,12 @@ impl Shared {
                 Ok(vec![Op::ChangeNetwork(old)])
             }
             Op::RemoveNetwork(vni) => {
+                if let Some(svc) = self.services.iter().find(|s| s.spec.vni == vni) {
+                    return Err(OpError::Refused {
+                        index,
+                        what: format!("network {vni}: service {} uses it", svc.spec.name),
+                    });
+                }
                 let old = Arc::make_mut(&mut self.topo)
                     .remove_network(vni)
                     .map_err(topo_err)?;
@@ -170,6 +191,7 @@ impl Shared {
             }
             Op::AddVm(vm) => {
                 self.check_groups(&vm.groups, index)?;
+                self.check_not_vip(vm.vni.get(), &vm.ips, index)?;
                 let name = vm.name.clone();
                 if self.topo.vm_named(&name).is_some() {
                     return Err(OpError::Refused {
@@ -341,6 +363,84 @@ impl Shared {
                 t.policy = true;
                 Ok(vec![Op::SetRules(name, old)])
             }
+            Op::AddService(spec) => {
+                let refused = |e: crate::services::ServiceError| OpError::Refused {
+                    index,
+                    what: e.to_string(),
+                };
+                self.services
+                    .check(&spec, &self.topo, None)
+                    .map_err(refused)?;
+                let name = spec.name.clone();
+                self.services.insert(spec).map_err(refused)?;
+                Ok(vec![Op::RemoveService(name)])
+            }
+            Op::ChangeService(spec) => {
+                let refused = |e: crate::services::ServiceError| OpError::Refused {
+                    index,
+                    what: e.to_string(),
+                };
+                if self.services.named(&spec.name).is_none() {
+                    return Err(OpError::NotFound {
+                        index,
+                        object: format!("service {}", spec.name),
+                    });
+                }
+                self.services
+                    .check(&spec, &self.topo, Some(&spec.name))
+                    .map_err(refused)?;
+                let new_key = spec.key();
+                let kept: Vec<(u32, u16)> = spec
+                    .backends
+                    .iter()
+                    .map(|b| (u32::from(b.ip), b.port))
+                    .collect();
+                let old = self
+                    .services
+                    .insert(spec)
+                    .map_err(refused)?
+                    .map(|o| o.spec)
+                    .ok_or_else(|| OpError::NotFound {
+                        index,
+                        object: "service".into(),
+                    })?;
+                if old.key() != new_key {
+                    t.lb_gone.push((old.key(), None));
+                } else {
+                    let gone: Vec<(u32, u16)> = old
+                        .backends
+                        .iter()
+                        .map(|b| (u32::from(b.ip), b.port))
+                        .filter(|b| !kept.contains(b))
+                        .collect();
+                    if !gone.is_empty() {
+                        t.lb_gone.push((new_key, Some(gone)));
+                    }
+                }
+                Ok(vec![Op::ChangeService(old)])
+            }
+            Op::RemoveService(name) => {
+                let old = self
+                    .services
+                    .remove(&name)
+                    .ok_or_else(|| OpError::NotFound {
+                        index,
+                        object: format!("service {name}"),
+                    })?;
+                t.lb_gone.push((old.spec.key(), None));
+                Ok(vec![Op::AddService(old.spec)])
+            }
+        }
+    }
+
+    /// Refuse a VM or endpoint address that is a service's VIP.
+    fn check_not_vip(&self, vni: u32, ips: &[Ipv4Addr], index: usize) -> Result<(), OpError> {
+        match ips.iter().find(|ip| self.services.is_vip(vni, **ip)) {
+            Some(ip) => Err(OpError::Refused {
+                index,
+                what: format!("{ip} is a service's VIP in network {vni}"),
+            }),
+            None => Ok(()),
         }
     }
 
@@ -353,6 +453,7 @@ impl Shared {
     ) -> Result<(Option<RemoteVm>, (u32, Ipv4Addr)), OpError> {
         self.check_groups(&r.groups, index)?;
         let (vni, ip) = (r.vni.get(), r.ip);
+        self.check_not_vip(vni, &[ip], index)?;
         let topo = Arc::make_mut(&mut self.topo);
         let old = topo.remove_remote(vni, ip);
         if let Err(source) = topo.add_remote(r.clone()) {
@@ -401,7 +502,17 @@ impl Shared {
         let mut moved = Vec::new();
         for (id, c) in self.ct.iter() {
             let a = &c.admission;
-            let hard = t.networks.contains(&a.vni)
+            let lb_gone = !t.lb_gone.is_empty()
+                && crate::lb::vip_of(c).is_some_and(|k| {
+                    t.lb_gone.iter().any(|(g, backends)| {
+                        *g == k
+                            && backends.as_ref().is_none_or(|bs| {
+                                crate::lb::backend_of(c).is_some_and(|b| bs.contains(&b))
+                            })
+                    })
+                });
+            let hard = lb_gone
+                || t.networks.contains(&a.vni)
                 || c.owner.is_some_and(|p| t.ports.contains(&p))
                 || (!t.external.is_empty() && c.nat.is_some())
                 || (t.policy && !a.still_admitted(&topo, &self.policy));

@@ -73,7 +73,7 @@ fn reply_key(
 
 /// The state a new connection starts in, or `None` for traffic that is
 /// filtered but not tracked (ICMP other than echo, other protocols).
-fn opening(key: &FlowKey, frame: &[u8]) -> Result<Option<ConnState>, DropCause> {
+pub(crate) fn opening(key: &FlowKey, frame: &[u8]) -> Result<Option<ConnState>, DropCause> {
     if key.flags & flowtable::KeyFlags::FRAGMENT != 0 {
         return Err(DropCause::CtFragment);
     }
@@ -255,7 +255,7 @@ impl Setup<'_> {
 
     /// Deny: a drop flow keeps the repeats out of the slow path until
     /// the policy changes.
-    fn deny(&mut self, charged: PortId) -> DropCause {
+    pub(crate) fn deny(&mut self, charged: PortId) -> DropCause {
         let drop = Action {
             acl: true,
             ..Action::drop()
@@ -270,22 +270,30 @@ impl Setup<'_> {
     }
 
     fn admits(&self, vm: &LocalVm, dir: Direction, peer: u32) -> Option<Option<RuleRef>> {
+        self.admits_at(vm, dir, peer, rule_port(&self.key))
+    }
+
+    /// Do `vm`'s rules admit this packet's protocol to or from `peer` at
+    /// `port`? `Some(rule)` if so (`Some(None)`: `vm` is not filtered).
+    pub(crate) fn admits_at(
+        &self,
+        vm: &LocalVm,
+        dir: Direction,
+        peer: u32,
+        port: u16,
+    ) -> Option<Option<RuleRef>> {
         if vm.groups.is_empty() {
             return Some(None);
         }
-        let r = self.sh.policy.admits(
-            &vm.groups,
-            dir,
-            vm.vni.get(),
-            peer,
-            self.key.proto,
-            rule_port(&self.key),
-        );
+        let r = self
+            .sh
+            .policy
+            .admits(&vm.groups, dir, vm.vni.get(), peer, self.key.proto, port);
         r.map(Some)
     }
 
     /// Add the connection and install both flows.
-    fn track(
+    pub(crate) fn track(
         &mut self,
         mut sides: [Side; 2],
         state: ConnState,
@@ -322,7 +330,7 @@ impl Setup<'_> {
         }
     }
 
-    fn refuse_early(&mut self, owner: PortId) -> Result<(), DropCause> {
+    pub(crate) fn refuse_early(&mut self, owner: PortId) -> Result<(), DropCause> {
         self.sh.ct.admit(Some(owner)).map_err(|e| {
             let cause = if e == CtRefused::Full {
                 DropCause::CtFull

@@ -1,6 +1,6 @@
 //! State every coprocessor thread of a switch shares: the topology, DHCP leases, the
-//! security-group policy, the connection table, the SNAT pool and the
-//! external network's neighbours. One lock guards all of it, so a policy
+//! security-group policy, the connection table, the SNAT pool, the
+//! external network's neighbours and the load-balanced services. One lock guards all of it, so a policy
 //! change and its revalidation are atomic with respect to flow setup.
 
 use std::collections::HashMap;
@@ -37,6 +37,8 @@ pub struct Shared {
     /// External hosts (and the external gateway) resolved by ARP.
     pub ext_neighbors: crate::ext_neighbors::ExtNeighbors,
     pub vm_drops: HashMap<PortId, VmDrops>,
+    /// Load-balanced services (VIPs and their Maglev tables).
+    pub services: crate::services::Services,
     /// Bumped by every change of topology or policy; decisions carry the
     /// version they were made under.
     pub version: u64,
@@ -89,10 +91,20 @@ impl Shared {
         }
     }
 
-    /// Rebuild from [`Shared::save`] at time `now` of the same clock:
-    /// everything is checked again as it is rebuilt; NAT bindings are
-    /// claimed back from the connections that hold them.
-    pub fn restore(s: SharedState, now: u64) -> Result<Shared, String> {
+    /// The services (what a snapshot of format 2 adds to [`SharedState`]).
+    pub fn save_services(&self) -> Vec<crate::services::ServiceSpec> {
+        self.services.specs()
+    }
+
+    /// Rebuild from [`Shared::save`] and [`Shared::save_services`] at time
+    /// `now` of the same clock: everything is checked again as it is
+    /// rebuilt; NAT bindings are claimed back from the connections that
+    /// hold them, and services count their connections again.
+    pub fn restore(
+        s: SharedState,
+        services: Vec<crate::services::ServiceSpec>,
+        now: u64,
+    ) -> Result<Shared, String> {
         let topo = Topology::from_parts(s.topology).map_err(|e| format!("topology: {e}"))?;
         let policy = Policy::from_parts(s.groups, s.members, s.policy_version)
             .map_err(|e| format!("security groups: {e}"))?;
@@ -107,11 +119,24 @@ impl Shared {
                 }
             }
         }
+        for spec in services {
+            sh.services
+                .check(&spec, &sh.topo, None)
+                .and_then(|()| sh.services.insert(spec))
+                .map_err(|e| e.to_string())?;
+        }
+        for (_, c) in sh.ct.iter() {
+            if let Some(k) = crate::lb::vip_of(c) {
+                sh.services.opened(&k);
+            }
+        }
         sh.leases = s.leases;
         sh.ext_neighbors = s.ext_neighbors.into_iter().collect();
         sh.vm_drops = s.vm_drops.into_iter().collect();
         sh.version = s.version;
         sh.counters = s.counters;
+        // A previous release counted fewer drop causes.
+        sh.counters.drops.resize(DropCause::ALL.len(), 0);
         Ok(sh)
     }
 
@@ -130,6 +155,7 @@ impl Shared {
             nat,
             ext_neighbors: Default::default(),
             vm_drops: HashMap::new(),
+            services: Default::default(),
             version: 0,
             counters: crate::Stats::new(),
         }
@@ -141,6 +167,9 @@ impl Shared {
             if b.pooled {
                 pool.release(owner, conn.admission.proto, b.ip, b.port);
             }
+        }
+        if let Some(k) = crate::lb::vip_of(conn) {
+            self.services.closed(&k);
         }
         out.remove.extend(conn.installed_keys());
     }

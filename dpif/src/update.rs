@@ -44,6 +44,9 @@ counted_enum! {
         NoExternal => "no_external",
         ExtNeighborPending => "ext_neighbor_pending",
         ExtUnsolicited => "ext_unsolicited",
+        LbNoBackend => "lb_no_backend",
+        LbConnLimit => "lb_conn_limit",
+        LbReset => "lb_reset",
     }
 }
 

@@ -10,15 +10,20 @@
 //! by (de)serialization, which is exactly what bincode sees). A test
 //! traces the live types again and fails when they no longer match.
 //!
-//! Then the next format is a deliberate step: freeze format 1's types as
-//! Rust types of their own in a `v1` module (`serde-generate` writes them
-//! from `format/v1.json`), convert them to the live types in `decode`, add
-//! 2 to `READS`, set `FORMAT` to 2 and check in `format/v2.json`. The
-//! checked-in fixture `fixtures/v1.snap` must keep loading throughout.
+//! **Format 2** (load-balanced services) is format 1's body unchanged,
+//! then a second bincode value, `Since2`, whose shape is frozen the same
+//! way in `format/since2.json`. So a format-1 snapshot is read by the
+//! same types (its `Since2` is empty), and the live types of format 1
+//! still need no frozen Rust copy: the registry test holds them to
+//! `format/v1.json`. Both fixtures, `fixtures/v1.snap` (written by the
+//! previous release) and `fixtures/v2.snap`, are loaded by the tests.
 //!
-//! Own Rust types for format 1 are not written today, while they would be
-//! field for field the live ones: the registry is the frozen copy, and it
-//! cannot drift, which a hand-kept duplicate could.
+//! The next format is again a deliberate step. Adding state: a `Since3`
+//! after `Since2`. Changing a type format 1 or 2 holds: freeze the old
+//! shape as Rust types of its own in a `v1` module (`serde-generate`
+//! writes them from the JSON registry) and convert in `decode`; a
+//! hand-kept duplicate is only worth having then, when it would differ
+//! from the live one.
 
 #[cfg(test)]
 mod tests;

@@ -24,9 +24,9 @@ use thiserror::Error;
 /// The first bytes of every snapshot.
 pub const MAGIC: [u8; 8] = *b"VSWSNAP\0";
 /// The format this binary writes.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 /// Formats this binary reads.
-pub const READS: &[u32] = &[1];
+pub const READS: &[u32] = &[1, 2];
 const HEADER: usize = 24;
 
 /// One fast-path flow; its action is an index into
@@ -137,7 +137,9 @@ pub(crate) fn record(c: &[u8]) -> FlowRecord {
     }
 }
 
-/// Everything a running switch hands to the next binary (format 1).
+/// Everything a running switch hands to the next binary: format 1's body
+/// is this struct; format 2's is the same, then [`Since2`] (see
+/// [`format`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SwitchState {
     /// The fast path's clock when the snapshot was taken (ns since its
@@ -152,6 +154,18 @@ pub struct SwitchState {
     pub actions: Vec<Action>,
     /// The fast path's flows, so the next binary starts warm.
     pub flows: Flows,
+    /// What format 2 added (empty when read from format 1). Not part of
+    /// format 1's body: written after it.
+    #[serde(skip)]
+    pub since2: Since2,
+}
+
+/// The state format 2 adds after format 1's body.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Since2 {
+    /// Load-balanced services (their live connections are in
+    /// `shared.conns`).
+    pub services: Vec<coprocessor::services::ServiceSpec>,
 }
 
 /// Why a snapshot was refused.
@@ -174,9 +188,15 @@ pub enum SnapshotError {
 /// `state` as a snapshot.
 pub fn encode(state: &SwitchState) -> Result<Vec<u8>, SnapshotError> {
     let mut out = vec![0u8; HEADER];
-    bincode::serialize_into(&mut out, state).map_err(|e| SnapshotError::Body(e.to_string()))?;
+    write_body(&mut out, state).map_err(|e| SnapshotError::Body(e.to_string()))?;
     seal_header(&mut out);
     Ok(out)
+}
+
+/// The body of a snapshot of [`FORMAT`]: format 1's, then [`Since2`].
+pub(crate) fn write_body(mut w: impl std::io::Write, state: &SwitchState) -> bincode::Result<()> {
+    bincode::serialize_into(&mut w, state)?;
+    bincode::serialize_into(&mut w, &state.since2)
 }
 
 /// Fill in the header of `snap` (24 header bytes, then the body).
@@ -226,9 +246,21 @@ pub fn decode(bytes: &[u8]) -> Result<SwitchState, SnapshotError> {
     if found != expected {
         return Err(SnapshotError::Corrupt { expected, found });
     }
-    // Format 1 is the current one; an older format would be read through
-    // its frozen types here and converted.
-    bincode::deserialize(body).map_err(|e| SnapshotError::Body(e.to_string()))
+    // Format 2 is format 1's body, then what format 2 added. Read from
+    // the slice (not a reader), so a hostile length is checked against
+    // the bytes there are before anything is allocated for it. These
+    // options are those of `bincode::serialize`.
+    use bincode::Options;
+    let err = |e: bincode::Error| SnapshotError::Body(e.to_string());
+    let opts = bincode::DefaultOptions::new()
+        .with_fixint_encoding()
+        .allow_trailing_bytes();
+    let mut de = bincode::Deserializer::from_slice(body, opts);
+    let mut state = SwitchState::deserialize(&mut de).map_err(err)?;
+    if format >= 2 {
+        state.since2 = Since2::deserialize(&mut de).map_err(err)?;
+    }
+    Ok(state)
 }
 
 #[cfg(test)]

@@ -161,7 +161,7 @@ impl SnapshotFile {
         let SnapshotFile { fd, mut map } = self;
         let buf = map.bytes_mut();
         let mut body = &mut buf[HEADER..];
-        bincode::serialize_into(&mut body, state).map_err(|e| {
+        crate::write_body(&mut body, state).map_err(|e| {
             SnapshotError::Body(format!("{e} (snapshots are at most {} GiB)", RESERVE >> 30))
         })?;
         let snapshot_len = RESERVE - body.len();

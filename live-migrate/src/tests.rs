@@ -154,20 +154,50 @@ pub(crate) fn state() -> SwitchState {
         shared: sh.save(),
         actions,
         flows,
+        since2: Since2::default(),
     }
+}
+
+/// [`state`] with what format 2 adds: a service of two backends.
+pub(crate) fn state_v2() -> SwitchState {
+    use coprocessor::services::{BackendSpec, ServiceSpec};
+    let mut s = state();
+    s.since2.services = vec![ServiceSpec {
+        name: "web".into(),
+        vni: 100,
+        vip: Ipv4Addr::new(10, 0, 0, 100),
+        proto: 6,
+        port: 80,
+        backends: vec![
+            BackendSpec {
+                ip: Ipv4Addr::new(10, 0, 0, 5),
+                port: 8080,
+                weight: 2,
+            },
+            BackendSpec {
+                ip: Ipv4Addr::new(10, 0, 0, 6),
+                port: 8080,
+                weight: 0,
+            },
+        ],
+        max_connections: 1000,
+    }];
+    s
 }
 
 #[test]
 fn a_snapshot_round_trips() {
-    let s = state();
+    let s = state_v2();
     let bytes = encode(&s).unwrap();
     assert_eq!(bytes[..8], MAGIC);
+    assert_eq!(bytes[8..12], FORMAT.to_le_bytes());
     assert_eq!(decode(&bytes).unwrap(), s);
     assert_eq!(s.flows().filter(|(_, a)| a.encap.is_some()).count(), 2);
     // And the shared state it carries restores.
-    let sh = Shared::restore(s.shared.clone(), s.clock_ns).unwrap();
+    let sh = Shared::restore(s.shared.clone(), s.since2.services.clone(), s.clock_ns).unwrap();
     assert_eq!(sh.ct.len(), 1);
     assert_eq!(sh.topo.vm_named("a").map(|v| v.port), Some(PortId(0)));
+    assert_eq!(sh.services.specs(), s.since2.services);
 }
 
 #[test]
@@ -205,19 +235,38 @@ fn damaged_snapshots_are_refused_with_their_defect() {
     assert!(matches!(decode(&lying), Err(SnapshotError::Body(_))));
 }
 
-/// The checked-in snapshot of format 1 still loads. (Regenerate only when
-/// format 1 is still the current one: `UPDATE_FIXTURES=1 cargo test -p
-/// live-migrate`; a new format gets a new fixture and v1 stays.)
+/// The checked-in snapshot of format 1 (what the previous release
+/// writes) still loads, with nothing of format 2's.
 #[test]
 fn the_format_1_fixture_loads() {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/v1.snap");
-    if std::env::var_os("UPDATE_FIXTURES").is_some() {
-        std::fs::write(&path, encode(&state()).unwrap()).unwrap();
-    }
     let bytes = std::fs::read(&path).expect("fixtures/v1.snap is checked in");
+    assert_eq!(bytes[8..12], 1u32.to_le_bytes());
     let s = decode(&bytes).expect("format 1 loads");
-    assert_eq!(s, state());
-    Shared::restore(s.shared, s.clock_ns).expect("and restores");
+    // The previous release counted fewer drop causes.
+    let mut want = state();
+    assert_eq!(s.shared.counters.drops.len(), 31);
+    want.shared.counters.drops.truncate(31);
+    assert_eq!(s, want);
+    let sh = Shared::restore(s.shared, s.since2.services, s.clock_ns).expect("and restores");
+    assert!(sh.services.is_empty());
+    assert_eq!(sh.counters.drops.len(), coprocessor::DropCause::ALL.len());
+}
+
+/// The checked-in snapshot of format 2 loads. (Regenerate only while
+/// format 2 is the current one: `UPDATE_FIXTURES=1 cargo test -p
+/// live-migrate`; a new format gets a new fixture and this one stays.)
+#[test]
+fn the_format_2_fixture_loads() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/v2.snap");
+    if std::env::var_os("UPDATE_FIXTURES").is_some() {
+        std::fs::write(&path, encode(&state_v2()).unwrap()).unwrap();
+    }
+    let bytes = std::fs::read(&path).expect("fixtures/v2.snap is checked in");
+    let s = decode(&bytes).expect("format 2 loads");
+    assert_eq!(s, state_v2());
+    let sh = Shared::restore(s.shared, s.since2.services, s.clock_ns).expect("and restores");
+    assert!(sh.services.named("web").is_some());
 }
 
 /// A large flow table goes through the snapshot file's flow section and

@@ -163,7 +163,7 @@ fn switch(limits: Limits, nat_ports: (u16, u16), per_vm_ports: u32) -> Net {
     };
     let p = Pipeline::new(
         &cfg,
-        FlowTable::with_hasher(256, FlowHasher::with_seed(5)).unwrap(),
+        FlowTable::with_hasher(4096, FlowHasher::with_seed(5)).unwrap(),
     );
     Net {
         cp,
@@ -1189,7 +1189,7 @@ fn the_shared_state_survives_save_and_restore() {
     delivered(n.send(A, &syn), B);
     delivered(n.send(A, &udp(A_MAC, A_IP, SERVER, 5555, 53)), EXT);
     let saved = n.cp.shared().lock().unwrap().save();
-    let restored = Shared::restore(saved.clone(), n.now).expect("restore");
+    let restored = Shared::restore(saved.clone(), Vec::new(), n.now).expect("restore");
     assert_eq!(restored.save(), saved, "save ∘ restore is the identity");
     assert_eq!(restored.ct.len(), 2);
     assert_eq!(
@@ -1224,3 +1224,5 @@ fn the_shared_state_survives_save_and_restore() {
             .unwrap();
     assert_ne!(port_at(&f, 34), held.port);
 }
+
+mod lb;

@@ -41,20 +41,42 @@ fn trace() -> Registry {
     tracer.registry().expect("a complete registry")
 }
 
-#[test]
-fn the_live_types_still_write_format_1() {
-    let registry = trace();
-    let actual = serde_json::to_string_pretty(&registry).expect("registry as JSON") + "\n";
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/format/v1.json");
-    let frozen = std::fs::read_to_string(path).unwrap_or_default();
+/// What format 2 adds after format 1's body.
+fn trace_since2() -> Registry {
+    let mut tracer = Tracer::new(TracerConfig::default().record_samples_for_newtype_structs(true));
+    let samples = Samples::new();
+    tracer
+        .trace_type::<crate::Since2>(&samples)
+        .expect("tracing Since2");
+    tracer.registry().expect("a complete registry")
+}
+
+/// `registry` is the one frozen in `format/NAME.json`.
+fn frozen(registry: &Registry, name: &str) {
+    let actual = serde_json::to_string_pretty(registry).expect("registry as JSON") + "\n";
+    let path = format!("{}/format/{name}.json", env!("CARGO_MANIFEST_DIR"));
+    if std::env::var_os("UPDATE_FORMAT").is_some() && name == "since2" {
+        std::fs::write(&path, &actual).expect("writing the registry");
+    }
+    let frozen = std::fs::read_to_string(&path).unwrap_or_default();
     if actual != frozen {
-        let out = std::env::temp_dir().join("vswitch-format-v1.actual.json");
+        let out = std::env::temp_dir().join(format!("vswitch-format-{name}.actual.json"));
         let _ = std::fs::write(&out, &actual);
         panic!(
-            "the live types no longer write snapshot format 1 as frozen in {path} \
-             (what they write now: {}): make format 2 a deliberate step, see \
-             live-migrate/src/format.rs",
+            "the live types no longer write what {path} freezes \
+             (what they write now: {}): make the next format a deliberate step, \
+             see live-migrate/src/format.rs",
             out.display()
         );
     }
+}
+
+#[test]
+fn the_live_types_still_write_format_1() {
+    frozen(&trace(), "v1");
+}
+
+#[test]
+fn the_live_types_still_write_what_format_2_adds() {
+    frozen(&trace_since2(), "since2");
 }

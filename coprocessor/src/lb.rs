@@ -1,0 +1,252 @@
+//! The load-balancing stage: a new connection from a local VM to a
+//! service VIP picks its backend from the service's Maglev table by the
+//! hash of its 5-tuple, is tracked (conntrack pins it to that backend for
+//! its life), and compiles into two flows the fast path runs on its own:
+//! forward, client → VIP rewritten to the backend (DNAT of address and
+//! port, then the backend's way: a local port or its VTEP); reverse,
+//! backend → client with the VIP restored as the source (SNAT of address
+//! and port). Every host holding the same backend set picks the same
+//! backend for the same 5-tuple (see [`crate::maglev`]).
+//!
+//! Security groups see the connection as it is delivered, client →
+//! backend address and port (as Kubernetes network policies see a
+//! service's traffic after its DNAT): the client's egress rules and a
+//! local backend's ingress rules are checked against that.
+//!
+//! A TCP segment to a VIP that belongs to no connection (the backend it
+//! was pinned to was removed, or the switch never saw its SYN) is answered
+//! with a reset from the VIP, as a host answers a segment of a connection
+//! it does not have (RFC 9293 §3.10.7.1: sequence number from the
+//! segment's acknowledgment); the client's stack accepts exactly that one,
+//! so a removed backend's clients learn it with their next segment.
+
+use std::net::Ipv4Addr;
+
+use flowtable::{FlowKey, Nat, NatSide};
+
+use crate::acl::Direction;
+use crate::conntrack::{Admission, Conn};
+use crate::forward::{self, Next};
+use crate::maglev;
+use crate::services::VipKey;
+use crate::setup::{self, Flow, Setup};
+use crate::topology::LocalVm;
+use dpif::DropCause;
+
+const TCP: u8 = 6;
+const RST: u8 = 0x04;
+const ACK: u8 = 0x10;
+
+/// The service a tracked connection goes through, if it is one the LB
+/// stage made (its forward side rewrites the destination's address and
+/// port).
+pub fn vip_of(c: &Conn) -> Option<VipKey> {
+    let s = &c.sides[0];
+    match s.action.nat {
+        Some(Nat {
+            side: NatSide::Dst,
+            port: Some(_),
+            ..
+        }) => Some(VipKey {
+            vni: c.admission.vni,
+            vip: s.key.dst_ip,
+            proto: s.key.proto,
+            port: s.key.dst_port,
+        }),
+        _ => None,
+    }
+}
+
+/// The backend (address, port) a load-balanced connection is pinned to.
+pub fn backend_of(c: &Conn) -> Option<(u32, u16)> {
+    vip_of(c)?;
+    let n = c.sides[0].action.nat?;
+    Some((n.ip, n.port?))
+}
+
+/// The next hop a load-balanced packet takes: always through the router
+/// (the client addressed the VIP at the gateway's MAC).
+fn routed(n: Next) -> Next {
+    match n {
+        Next::Local { port, mac, .. } => Next::Local {
+            port,
+            mac,
+            routed: true,
+        },
+        Next::Remote { mac, vtep, .. } => Next::Remote {
+            mac,
+            vtep,
+            routed: true,
+        },
+        Next::GatewayVtep { vtep, .. } => Next::GatewayVtep { vtep, routed: true },
+        Next::External => Next::External,
+    }
+}
+
+impl Setup<'_> {
+    /// A packet from local VM `vm` to a VIP of its network that belongs
+    /// to no tracked connection.
+    pub fn new_to_vip(&mut self, vm: &LocalVm) -> Result<Flow, DropCause> {
+        let key = self.key;
+        let vk = VipKey {
+            vni: vm.vni.get(),
+            vip: key.dst_ip,
+            proto: key.proto,
+            port: key.dst_port,
+        };
+        let (table, limit) = match self.sh.services.get(&vk) {
+            Some(s) => (s.table.clone(), s.spec.max_connections),
+            // The address serves other ports: a closed port.
+            None if key.proto == TCP => return self.reset(vm, None),
+            None => return Err(DropCause::UnknownDestination),
+        };
+        let state = match setup::opening(&key, self.frame) {
+            Err(DropCause::CtInvalid) if key.proto == TCP => return self.reset(vm, Some(vk)),
+            r => r?.ok_or(DropCause::CtInvalid)?,
+        };
+        let svc_count = |sh: &mut crate::shared::Shared,
+                         f: fn(&mut crate::services::ServiceCounters)| {
+            if let Some(s) = sh.services.get_mut(&vk) {
+                f(&mut s.counters);
+            }
+        };
+        let Some(table) = table else {
+            svc_count(self.sh, |c| c.refused_no_backend += 1);
+            return Err(DropCause::LbNoBackend);
+        };
+        if limit != 0 && self.sh.services.conns(&vk) >= limit {
+            svc_count(self.sh, |c| c.refused_limit += 1);
+            return Err(DropCause::LbConnLimit);
+        }
+        let b = table.pick(maglev::flow_hash(
+            Ipv4Addr::from(key.src_ip),
+            key.src_port,
+            Ipv4Addr::from(key.dst_ip),
+            key.dst_port,
+            key.proto,
+        ));
+        let backend = FlowKey {
+            dst_ip: u32::from(b.ip),
+            dst_port: b.port,
+            ..key
+        };
+        let vni = vk.vni;
+        let next = match forward::decide(self.topo, vni, Ipv4Addr::from(key.src_ip), b.ip)? {
+            Next::External => return Err(DropCause::NoRoute),
+            n => routed(n),
+        };
+        let dst_vm = match next {
+            Next::Local { port, .. } => self.topo.vm_on(port),
+            _ => None,
+        };
+        if self
+            .admits_at(vm, Direction::Egress, backend.dst_ip, b.port)
+            .is_none()
+        {
+            return Err(self.deny(vm.port));
+        }
+        let mut rule = None;
+        if let Some(d) = dst_vm {
+            match self.admits_at(d, Direction::Ingress, key.src_ip, b.port) {
+                Some(r) => rule = r,
+                None => return Err(self.deny(d.port)),
+            }
+        }
+        self.refuse_early(vm.port)?;
+        let mut sides = setup::vm_sides(self.topo, vm, &backend, next)?;
+        sides[0].key = key;
+        sides[0].action.nat = Some(Nat {
+            side: NatSide::Dst,
+            ip: u32::from(b.ip),
+            port: Some(b.port),
+        });
+        sides[1].action.nat = Some(Nat {
+            side: NatSide::Src,
+            ip: key.dst_ip,
+            port: Some(key.dst_port),
+        });
+        let admission = Admission {
+            vni,
+            src: key.src_ip,
+            dst: u32::from(b.ip),
+            proto: key.proto,
+            port: b.port,
+            egress: (!vm.groups.is_empty()).then_some(vm.port),
+            ingress: dst_vm.filter(|d| !d.groups.is_empty()).map(|d| d.port),
+            rule,
+        };
+        let flow = self.track(sides, state, admission, vm.port, None)?;
+        self.sh.services.opened(&vk);
+        svc_count(self.sh, |c| c.picked += 1);
+        Ok(flow)
+    }
+
+    /// Answer a TCP segment to a VIP of no connection with a reset from
+    /// the VIP (none to a reset).
+    fn reset(&mut self, vm: &LocalVm, vk: Option<VipKey>) -> Result<Flow, DropCause> {
+        let gw_mac = self
+            .topo
+            .network(vm.vni.get())
+            .ok_or(DropCause::UnknownVni)?
+            .gateway_mac;
+        if let Some(f) = tcp_reset(self.frame, gw_mac)? {
+            self.out.tx.push((vm.port, f));
+            if let Some(s) = vk.and_then(|k| self.sh.services.get_mut(&k)) {
+                s.counters.resets += 1;
+            }
+        }
+        Err(DropCause::LbReset)
+    }
+}
+
+/// The reset answering TCP segment `req` (an Ethernet frame; only its
+/// headers are read), from its destination, with `src_mac`; `None` if
+/// `req` is itself a reset.
+pub fn tcp_reset(req: &[u8], src_mac: flowtable::Mac) -> Result<Option<Vec<u8>>, DropCause> {
+    let bad = DropCause::Malformed;
+    let ip = req.get(14..34).ok_or(bad)?;
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let tot = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+    let tcp = req.get(14 + ihl..14 + ihl + 20).ok_or(bad)?;
+    if ihl < 20 || ip[9] != TCP {
+        return Err(bad);
+    }
+    let flags = tcp[13];
+    if flags & RST != 0 {
+        return Ok(None);
+    }
+    let doff = usize::from(tcp[12] >> 4) * 4;
+    // What the segment occupies of sequence space: its data, SYN and FIN.
+    let data = tot.checked_sub(ihl + doff).ok_or(bad)?;
+    let seg_len = u32::try_from(data).map_err(|_| bad)?
+        + u32::from(flags & 0x02 != 0)
+        + u32::from(flags & 0x01 != 0);
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
+    let mut h = [0u8; 20];
+    h[0..2].copy_from_slice(&tcp[2..4]);
+    h[2..4].copy_from_slice(&tcp[0..2]);
+    if flags & ACK != 0 {
+        h[4..8].copy_from_slice(&ack.to_be_bytes());
+        h[13] = RST;
+    } else {
+        h[8..12].copy_from_slice(&seq.wrapping_add(seg_len).to_be_bytes());
+        h[13] = RST | ACK;
+    }
+    h[12] = 5 << 4;
+    let (src, dst) = (
+        Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
+        Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
+    );
+    let pseudo = vxlan::checksum::sum(&src.octets())
+        + vxlan::checksum::sum(&dst.octets())
+        + u32::from(TCP)
+        + 20;
+    let c = !vxlan::checksum::fold(pseudo + vxlan::checksum::sum(&h));
+    h[16..18].copy_from_slice(&c.to_be_bytes());
+    let dst_mac: flowtable::Mac = req.get(6..12).and_then(|m| m.try_into().ok()).ok_or(bad)?;
+    crate::reply::ipv4_frame(src_mac, dst_mac, src, dst, TCP, &h).map(Some)
+}
+
+#[cfg(test)]
+mod tests;

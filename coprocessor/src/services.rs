@@ -1,0 +1,356 @@
+//! Load-balanced services: a VIP (network, address, protocol, port) with a
+//! weighted set of backends, and the [`maglev`] table each one picks
+//! backends from. The table is built here, when a service is added or its
+//! backends change (a control-plane step, never a packet's), and shared by
+//! every coprocessor thread through an `Arc`.
+//!
+//! What the packet path asks of it is [`Services::get`] (is this a VIP,
+//! and which backend takes this connection); what it reports back is
+//! [`Services::opened`] and [`Services::closed`] for the per-VIP
+//! connection count a limit is checked against. Connections are not
+//! listed here: they live in conntrack, which knows the backend each one
+//! was pinned to (its forward side's DNAT).
+//!
+//! A service's backends may be drained (weight 0: they keep their
+//! connections and take no new ones) or down (an active health check
+//! failed: out of the table until it recovers); either way the table is
+//! rebuilt from the backends left, so only connections that would have
+//! picked those backends pick another one.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap;
+
+use crate::maglev::{self, Backend, Table};
+use crate::topology::{Endpoint, Topology};
+
+/// Services one switch holds at most: each table is 128 KiB.
+pub const MAX_SERVICES: usize = 4096;
+
+/// One backend of a service, as configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BackendSpec {
+    pub ip: Ipv4Addr,
+    pub port: u16,
+    /// Relative share of new connections; 0 drains it.
+    pub weight: u32,
+}
+
+/// A service as configured.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub vni: u32,
+    pub vip: Ipv4Addr,
+    /// 6 (TCP) or 17 (UDP).
+    pub proto: u8,
+    pub port: u16,
+    pub backends: Vec<BackendSpec>,
+    /// Connections the VIP holds at most (all clients); 0: no limit but
+    /// conntrack's own.
+    pub max_connections: u32,
+}
+
+impl ServiceSpec {
+    pub fn key(&self) -> VipKey {
+        VipKey {
+            vni: self.vni,
+            vip: u32::from(self.vip),
+            proto: self.proto,
+            port: self.port,
+        }
+    }
+}
+
+/// What a packet addresses a service by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct VipKey {
+    pub vni: u32,
+    pub vip: u32,
+    pub proto: u8,
+    pub port: u16,
+}
+
+/// A service and what the switch keeps for it.
+#[derive(Debug, Clone)]
+pub struct Service {
+    pub spec: ServiceSpec,
+    /// `None`: no backend may take a connection (all drained or down).
+    pub table: Option<Arc<Table>>,
+    /// Backends an active check found down (indices into `spec.backends`).
+    pub down: Vec<bool>,
+    pub counters: ServiceCounters,
+}
+
+/// Per-service counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ServiceCounters {
+    /// Connections given a backend.
+    pub picked: u64,
+    /// New connections refused: the VIP held `max_connections`.
+    pub refused_limit: u64,
+    /// New connections refused: no backend could take them.
+    pub refused_no_backend: u64,
+    /// Packets of no known connection answered with a TCP reset.
+    pub resets: u64,
+}
+
+/// Why a service was refused (the message names the field).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("service {name}: {what}")]
+pub struct ServiceError {
+    pub name: String,
+    pub what: String,
+}
+
+/// See the module documentation.
+#[derive(Debug, Clone, Default)]
+pub struct Services {
+    by_key: FxHashMap<VipKey, Service>,
+    names: BTreeMap<String, VipKey>,
+    /// (VNI, VIP) → services on it (an address may serve several ports).
+    vips: FxHashMap<(u32, u32), u32>,
+    /// Live connections per VIP, kept apart from the services: a
+    /// connection counts until it ends, whatever happens to the service's
+    /// definition meanwhile (a change that is undone, a removal whose
+    /// connections end after it).
+    conns: FxHashMap<VipKey, u32>,
+}
+
+impl Services {
+    pub fn len(&self) -> usize {
+        self.by_key.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_key.is_empty()
+    }
+
+    /// The service a packet to `key` is for.
+    pub fn get(&self, key: &VipKey) -> Option<&Service> {
+        self.by_key.get(key)
+    }
+
+    pub fn get_mut(&mut self, key: &VipKey) -> Option<&mut Service> {
+        self.by_key.get_mut(key)
+    }
+
+    pub fn named(&self, name: &str) -> Option<&Service> {
+        self.names.get(name).and_then(|k| self.by_key.get(k))
+    }
+
+    /// Is `ip` a VIP of network `vni` (answered by the ARP proxy)?
+    pub fn is_vip(&self, vni: u32, ip: Ipv4Addr) -> bool {
+        !self.vips.is_empty() && self.vips.contains_key(&(vni, u32::from(ip)))
+    }
+
+    /// The services, by name.
+    pub fn iter(&self) -> impl Iterator<Item = &Service> + '_ {
+        self.names.values().filter_map(|k| self.by_key.get(k))
+    }
+
+    /// The configured services (what a snapshot carries).
+    pub fn specs(&self) -> Vec<ServiceSpec> {
+        self.iter().map(|s| s.spec.clone()).collect()
+    }
+
+    /// Check `spec` against `topo` and this set (`replacing`: the name of
+    /// the service it replaces, whose VIP it may keep).
+    pub fn check(
+        &self,
+        spec: &ServiceSpec,
+        topo: &Topology,
+        replacing: Option<&str>,
+    ) -> Result<(), ServiceError> {
+        let err = |what: String| ServiceError {
+            name: spec.name.clone(),
+            what,
+        };
+        if spec.name.is_empty() || spec.name.len() > 64 {
+            return Err(err("field `name`: 1 to 64 characters".into()));
+        }
+        if !matches!(spec.proto, 6 | 17) {
+            return Err(err(format!(
+                "field `protocol`: {} is not tcp or udp",
+                spec.proto
+            )));
+        }
+        if spec.port == 0 {
+            return Err(err("field `port`: 0 is not a port".into()));
+        }
+        if topo.network(spec.vni).is_none() {
+            return Err(err(format!("field `network`: no network {}", spec.vni)));
+        }
+        if topo.subnet_of(spec.vni, spec.vip).is_none() {
+            return Err(err(format!(
+                "field `vip`: {} is in no subnet of network {}",
+                spec.vip, spec.vni
+            )));
+        }
+        match topo.lookup(spec.vni, spec.vip) {
+            None => {}
+            Some(Endpoint::Gateway { .. }) => {
+                return Err(err(format!("field `vip`: {} is a gateway", spec.vip)))
+            }
+            Some(_) => return Err(err(format!("field `vip`: {} is a VM's address", spec.vip))),
+        }
+        if let Some((i, b)) = spec
+            .backends
+            .iter()
+            .enumerate()
+            .find(|(_, b)| b.port == 0 || b.ip == spec.vip || b.ip.is_broadcast())
+        {
+            return Err(err(format!(
+                "field `backends[{i}]`: {}:{} is not a backend address",
+                b.ip, b.port
+            )));
+        }
+        let same_key = self.by_key.get(&spec.key());
+        if let Some(other) = same_key.filter(|s| Some(s.spec.name.as_str()) != replacing) {
+            return Err(err(format!(
+                "fields `vip`, `protocol`, `port`: service {} already has them",
+                other.spec.name
+            )));
+        }
+        if replacing.is_none() && self.names.contains_key(&spec.name) {
+            return Err(err("already exists".into()));
+        }
+        if replacing.is_none() && self.by_key.len() >= MAX_SERVICES {
+            return Err(err(format!("at most {MAX_SERVICES} services")));
+        }
+        Ok(())
+    }
+
+    /// Add `spec` (checked with [`Services::check`]), or replace the
+    /// service of the same name; returns what it replaced. The table is
+    /// built before anything changes, so a refused set leaves the old one.
+    pub fn insert(&mut self, spec: ServiceSpec) -> Result<Option<Service>, ServiceError> {
+        let down = vec![false; spec.backends.len()];
+        let table = build(&spec, &down)?;
+        let old = self.remove(&spec.name);
+        let key = spec.key();
+        let mut svc = Service {
+            spec,
+            table,
+            down,
+            counters: ServiceCounters::default(),
+        };
+        if let Some(o) = &old {
+            // A backend keeps its health and the service its counters
+            // and connections across a change of the set.
+            for (i, b) in svc.spec.backends.iter().enumerate() {
+                if let Some(j) = o
+                    .spec
+                    .backends
+                    .iter()
+                    .position(|x| (x.ip, x.port) == (b.ip, b.port))
+                {
+                    svc.down[i] = o.down.get(j).copied().unwrap_or(false);
+                }
+            }
+            if svc.down.iter().any(|d| *d) {
+                svc.table = build(&svc.spec, &svc.down)?;
+            }
+            svc.counters = o.counters;
+        }
+        self.names.insert(svc.spec.name.clone(), key);
+        *self.vips.entry((key.vni, key.vip)).or_default() += 1;
+        self.by_key.insert(key, svc);
+        Ok(old)
+    }
+
+    /// Remove the service `name`.
+    pub fn remove(&mut self, name: &str) -> Option<Service> {
+        let key = self.names.remove(name)?;
+        if let Some(n) = self.vips.get_mut(&(key.vni, key.vip)) {
+            *n -= 1;
+            if *n == 0 {
+                self.vips.remove(&(key.vni, key.vip));
+            }
+        }
+        self.by_key.remove(&key)
+    }
+
+    /// Put back a service [`Services::insert`] or [`Services::remove`]
+    /// returned (undoing a change): exactly as it was.
+    pub fn restore(&mut self, svc: Service) {
+        self.remove(&svc.spec.name);
+        let key = svc.spec.key();
+        self.names.insert(svc.spec.name.clone(), key);
+        *self.vips.entry((key.vni, key.vip)).or_default() += 1;
+        self.by_key.insert(key, svc);
+    }
+
+    /// Mark backend `ip:port` of service `name` up or down; the table is
+    /// rebuilt if that changed. True if it did.
+    pub fn set_down(&mut self, name: &str, ip: Ipv4Addr, port: u16, down: bool) -> bool {
+        let Some(svc) = self.names.get(name).and_then(|k| self.by_key.get_mut(k)) else {
+            return false;
+        };
+        let Some(i) = svc
+            .spec
+            .backends
+            .iter()
+            .position(|b| (b.ip, b.port) == (ip, port))
+        else {
+            return false;
+        };
+        if svc.down[i] == down {
+            return false;
+        }
+        svc.down[i] = down;
+        // The set was accepted when it was added; a subset builds too.
+        svc.table = build(&svc.spec, &svc.down).unwrap_or(None);
+        true
+    }
+
+    /// Live connections through `key`.
+    pub fn conns(&self, key: &VipKey) -> u32 {
+        self.conns.get(key).copied().unwrap_or(0)
+    }
+
+    /// A connection through `key` opened.
+    pub fn opened(&mut self, key: &VipKey) {
+        let n = self.conns.entry(*key).or_default();
+        *n = n.saturating_add(1);
+    }
+
+    /// A connection through `key` ended.
+    pub fn closed(&mut self, key: &VipKey) {
+        if let Some(n) = self.conns.get_mut(key) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.conns.remove(key);
+            }
+        }
+    }
+}
+
+/// The table for `spec`'s backends that are neither drained nor down.
+fn build(spec: &ServiceSpec, down: &[bool]) -> Result<Option<Arc<Table>>, ServiceError> {
+    let set: Vec<(Backend, u32)> = spec
+        .backends
+        .iter()
+        .zip(down)
+        .map(|(b, d)| {
+            (
+                Backend {
+                    ip: b.ip,
+                    port: b.port,
+                },
+                if *d { 0 } else { b.weight },
+            )
+        })
+        .collect();
+    maglev::Table::build(&set)
+        .map(|t| t.map(Arc::new))
+        .map_err(|e| ServiceError {
+            name: spec.name.clone(),
+            what: format!("field `backends`: {e}"),
+        })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,322 @@
+//! Load-balanced services end to end: backend selection, the DNAT and
+//! reverse SNAT flows, pinning, changes of the backend set, limits and
+//! the answers a VIP gives itself.
+
+use super::*;
+use crate::maglev;
+use crate::ops::Op;
+use crate::services::{BackendSpec, ServiceSpec, VipKey};
+
+const VIP: Ipv4Addr = Ipv4Addr::new(10, 0, 0, 100);
+
+fn backend(ip: Ipv4Addr, port: u16, weight: u32) -> BackendSpec {
+    BackendSpec { ip, port, weight }
+}
+
+/// `web`: VIP:80 over B:80 (local, filtered web), C:8080 (local, another
+/// subnet) and R:80 (remote).
+fn web(backends: Vec<BackendSpec>) -> ServiceSpec {
+    ServiceSpec {
+        name: "web".into(),
+        vni: VNI,
+        vip: VIP,
+        proto: 6,
+        port: 80,
+        backends,
+        max_connections: 0,
+    }
+}
+
+fn three() -> Vec<BackendSpec> {
+    vec![
+        backend(B_IP, 80, 1),
+        backend(C_IP, 8080, 1),
+        backend(R_IP, 80, 1),
+    ]
+}
+
+fn with_service(spec: ServiceSpec) -> Net {
+    let mut n = default_switch();
+    n.cp.apply(vec![Op::AddService(spec)]).unwrap();
+    n
+}
+
+/// Which backend a delivered SYN reached: (address, port), checked for
+/// the DNAT's rewrite and checksums.
+fn reached(w: Went) -> (Ipv4Addr, u16) {
+    let f = match w {
+        Went::To(UPLINK, wire) => {
+            let d = vxlan::decap(
+                &wire,
+                &vxlan::DecapConfig {
+                    local_vtep: u32::from(REMOTE_VTEP),
+                    udp_port: 4789,
+                },
+            )
+            .unwrap();
+            wire[d.inner()].to_vec()
+        }
+        Went::To(_, f) => f,
+        other => panic!("not forwarded: {other:?}"),
+    };
+    checksums_ok(&f);
+    assert_eq!(f[6..12], GW_MAC, "a VIP's traffic is routed");
+    (ip_at(&f, 30), port_at(&f, 36))
+}
+
+fn syn_to_vip(sport: u16) -> Vec<u8> {
+    tcp(A_MAC, A_IP, VIP, sport, 80, SYN)
+}
+
+#[test]
+fn connections_spread_over_the_backends_and_replies_come_from_the_vip() {
+    let mut n = with_service(web(three()));
+    let mut seen = std::collections::HashMap::new();
+    for sport in 20_000..20_300u16 {
+        let to = reached(n.send(A, &syn_to_vip(sport)));
+        *seen.entry(to).or_insert(0) += 1;
+        // The pick is the Maglev table's for this 5-tuple.
+        let sh = n.cp.shared().lock().unwrap();
+        let t = sh.services.named("web").unwrap().table.clone().unwrap();
+        let b = t.pick(maglev::flow_hash(A_IP, sport, VIP, 80, 6));
+        assert_eq!((b.ip, b.port), to);
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    for (b, c) in &seen {
+        assert!((60..=140).contains(c), "{b:?} took {c} of 300");
+    }
+    // A reply from a local backend is SNATed back to the VIP.
+    let sport = (20_000..20_300u16)
+        .find(|s| {
+            let t =
+                n.cp.shared()
+                    .lock()
+                    .unwrap()
+                    .services
+                    .named("web")
+                    .unwrap()
+                    .table
+                    .clone();
+            t.unwrap().pick(maglev::flow_hash(A_IP, *s, VIP, 80, 6)).ip == C_IP
+        })
+        .unwrap();
+    let f = delivered(
+        n.send(C, &tcp(C_MAC, C_IP, A_IP, 8080, sport, SYN | ACK)),
+        A,
+    );
+    checksums_ok(&f);
+    assert_eq!((ip_at(&f, 26), port_at(&f, 34)), (VIP, 80));
+    assert_eq!(f[6..12], GW_MAC);
+    assert_eq!(f[..6], A_MAC);
+    let sh = n.cp.shared().lock().unwrap();
+    let key = web(vec![]).key();
+    assert_eq!(sh.services.conns(&key), 300);
+    assert_eq!(sh.services.get(&key).unwrap().counters.picked, 300);
+}
+
+#[test]
+fn a_remote_backends_replies_are_restored_and_checked_against_its_vtep() {
+    let mut n = with_service(web(vec![backend(R_IP, 80, 1)]));
+    assert_eq!(reached(n.send(A, &syn_to_vip(30_000))), (R_IP, 80));
+    let reply = tcp(R_MAC, R_IP, A_IP, 80, 30_000, SYN | ACK);
+    let f = delivered(
+        n.send(UPLINK, &super::super::from_remote(&reply, REMOTE_VTEP, VNI)),
+        A,
+    );
+    assert_eq!((ip_at(&f, 26), port_at(&f, 34)), (VIP, 80));
+    // From another VTEP: refused.
+    let forged = super::super::from_remote(&reply, Ipv4Addr::new(192, 168, 0, 99), VNI);
+    assert!(matches!(n.send(UPLINK, &forged), Went::Dropped(_)));
+}
+
+#[test]
+fn the_same_five_tuple_picks_the_same_backend_on_another_switch() {
+    let mut one = with_service(web(three()));
+    // The other host lists the backends in another order.
+    let mut rev = three();
+    rev.reverse();
+    let mut two = with_service(web(rev));
+    for sport in 40_000..40_100u16 {
+        assert_eq!(
+            reached(one.send(A, &syn_to_vip(sport))),
+            reached(two.send(A, &syn_to_vip(sport)))
+        );
+    }
+}
+
+#[test]
+fn a_removed_backends_connections_end_with_a_reset_and_the_others_keep_theirs() {
+    let mut n = with_service(web(three()));
+    let mut pinned = Vec::new();
+    for sport in 21_000..21_060u16 {
+        pinned.push((sport, reached(n.send(A, &syn_to_vip(sport)))));
+    }
+    let two = web(vec![backend(B_IP, 80, 1), backend(R_IP, 80, 1)]);
+    let (out, applied) = n.cp.apply(vec![Op::ChangeService(two)]).unwrap();
+    n.apply(&out);
+    let gone = pinned.iter().filter(|(_, b)| b.0 == C_IP).count();
+    assert!(gone > 0);
+    assert_eq!(applied.connections_ended, gone);
+    for (sport, b) in &pinned {
+        let mut seg = tcp(A_MAC, A_IP, VIP, *sport, 80, ACK);
+        seg[42..46].copy_from_slice(&777u32.to_be_bytes());
+        let c = synth::l4_checksum(&seg);
+        seg[50..52].copy_from_slice(&c.to_be_bytes());
+        match n.send(A, &seg) {
+            Went::To(A, rst) if b.0 == C_IP => {
+                checksums_ok(&rst);
+                assert_eq!((ip_at(&rst, 26), port_at(&rst, 34)), (VIP, 80));
+                assert_eq!(port_at(&rst, 36), *sport);
+                assert_eq!(rst[47], RST, "a reset");
+                assert_eq!(&rst[38..42], &777u32.to_be_bytes(), "at the ACK's number");
+            }
+            w if b.0 != C_IP => assert_eq!(reached(w), *b, "kept its backend"),
+            other => panic!("{sport}: {other:?}"),
+        }
+    }
+    let sh = n.cp.shared().lock().unwrap();
+    assert_eq!(
+        sh.services.conns(&web(vec![]).key()),
+        60 - u32::try_from(gone).unwrap()
+    );
+}
+
+#[test]
+fn a_drained_backend_keeps_its_connections_and_takes_no_new_ones() {
+    let mut n = with_service(web(three()));
+    let mut on_b = Vec::new();
+    for sport in 22_000..22_060u16 {
+        if reached(n.send(A, &syn_to_vip(sport))) == (B_IP, 80) {
+            on_b.push(sport);
+        }
+    }
+    assert!(!on_b.is_empty());
+    let drained = vec![
+        backend(B_IP, 80, 0),
+        backend(C_IP, 8080, 1),
+        backend(R_IP, 80, 1),
+    ];
+    let (out, applied) = n.cp.apply(vec![Op::ChangeService(web(drained))]).unwrap();
+    n.apply(&out);
+    assert_eq!(applied.connections_ended, 0);
+    for sport in &on_b {
+        let w = n.send(A, &tcp(A_MAC, A_IP, VIP, *sport, 80, ACK));
+        assert_eq!(reached(w), (B_IP, 80));
+    }
+    for sport in 23_000..23_200u16 {
+        assert_ne!(reached(n.send(A, &syn_to_vip(sport))).0, B_IP);
+    }
+}
+
+#[test]
+fn the_connection_limit_refuses_new_connections_and_counts_them() {
+    let mut spec = web(three());
+    spec.max_connections = 2;
+    let mut n = with_service(spec);
+    reached(n.send(A, &syn_to_vip(1)));
+    reached(n.send(A, &syn_to_vip(2)));
+    assert_eq!(
+        n.send(A, &syn_to_vip(3)),
+        Went::Dropped(Some(DropCause::LbConnLimit))
+    );
+    let key = web(vec![]).key();
+    let counted = |n: &Net| {
+        let sh = n.cp.shared().lock().unwrap();
+        sh.services.get(&key).unwrap().counters.refused_limit
+    };
+    assert_eq!(counted(&n), 1);
+    // Their connections end (the service is replaced by one at another
+    // port, then put back): the count follows, there is room again.
+    let mut moved = web(three());
+    moved.port = 8080;
+    moved.max_connections = 2;
+    let (out, applied) = n.cp.apply(vec![Op::ChangeService(moved)]).unwrap();
+    n.apply(&out);
+    assert_eq!(applied.connections_ended, 2);
+    let mut back = web(three());
+    back.max_connections = 2;
+    let (out, _) = n.cp.apply(vec![Op::ChangeService(back)]).unwrap();
+    n.apply(&out);
+    assert_eq!(n.cp.shared().lock().unwrap().services.conns(&key), 0);
+    reached(n.send(A, &syn_to_vip(3)));
+    assert_eq!(counted(&n), 1, "counters survive the changes");
+}
+
+#[test]
+fn a_service_without_backends_refuses_and_a_vip_answers_arp_and_ping() {
+    let mut n = with_service(web(vec![backend(B_IP, 80, 0)]));
+    assert_eq!(
+        n.send(A, &syn_to_vip(5)),
+        Went::Dropped(Some(DropCause::LbNoBackend))
+    );
+    // A segment of no connection, and a port the VIP does not serve: reset.
+    match n.send(A, &tcp(A_MAC, A_IP, VIP, 6, 81, SYN)) {
+        Went::To(A, rst) => assert_eq!(rst[47], RST | ACK),
+        other => panic!("{other:?}"),
+    }
+    // UDP to it is not TCP: dropped.
+    assert!(matches!(
+        n.send(A, &udp(A_MAC, A_IP, VIP, 5, 80)),
+        Went::Dropped(_)
+    ));
+    // ARP for the VIP: the gateway's MAC.
+    let mut arp = vec![0u8; 42];
+    arp[..6].fill(0xff);
+    arp[6..12].copy_from_slice(&A_MAC);
+    arp[12..14].copy_from_slice(&[8, 6]);
+    arp[14..22].copy_from_slice(&[0, 1, 8, 0, 6, 4, 0, 1]);
+    arp[22..28].copy_from_slice(&A_MAC);
+    arp[28..32].copy_from_slice(&A_IP.octets());
+    arp[38..42].copy_from_slice(&VIP.octets());
+    match n.send(A, &arp) {
+        Went::To(A, r) => assert_eq!(r[22..28], GW_MAC),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn vips_and_addresses_never_overlap_and_a_used_network_stays() {
+    let mut n = with_service(web(three()));
+    let vm = LocalVm {
+        name: "v".into(),
+        port: PortId(5),
+        mac: [2, 0, 0, 0, 0, 0x55],
+        ips: vec![VIP],
+        vni: vni(VNI),
+        hostname: None,
+        groups: vec![],
+        floating_ip: None,
+    };
+    let e = n.cp.apply(vec![Op::AddVm(vm)]).unwrap_err();
+    assert!(e.to_string().contains("VIP"), "{e}");
+    let e = n.cp.apply(vec![Op::RemoveNetwork(VNI)]).unwrap_err();
+    assert!(e.to_string().contains("service web"), "{e}");
+    let mut on_b = web(three());
+    on_b.name = "other".into();
+    on_b.vip = B_IP;
+    let e = n.cp.apply(vec![Op::AddService(on_b)]).unwrap_err();
+    assert!(e.to_string().contains("field `vip`"), "{e}");
+    // A batch that fails after a change leaves the service as it was.
+    let before = n.cp.shared().lock().unwrap().services.specs();
+    n.cp.apply(vec![
+        Op::ChangeService(web(vec![backend(B_IP, 80, 1)])),
+        Op::RemoveService("nothing".into()),
+    ])
+    .unwrap_err();
+    assert_eq!(n.cp.shared().lock().unwrap().services.specs(), before);
+}
+
+#[test]
+fn services_and_their_connection_counts_survive_a_save_and_restore() {
+    let mut n = with_service(web(three()));
+    for sport in 24_000..24_010u16 {
+        reached(n.send(A, &syn_to_vip(sport)));
+    }
+    let sh = n.cp.shared().lock().unwrap();
+    let back = Shared::restore(sh.save(), sh.save_services(), n.now).unwrap();
+    assert_eq!(back.services.specs(), sh.services.specs());
+    assert_eq!(back.services.conns(&web(vec![]).key()), 10);
+    assert!(back.services.is_vip(VNI, VIP));
+    let key: VipKey = web(vec![]).key();
+    assert!(back.services.get(&key).unwrap().table.is_some());
+}
