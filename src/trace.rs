@@ -342,6 +342,32 @@ fn explain(
                 format!("{src} is not bound to vm {}: spoofed", vm.name)
             },
         );
+        if sh.services.is_vip(vni, dst) {
+            let vk = coprocessor::services::VipKey {
+                vni,
+                vip: key.dst_ip,
+                proto: key.proto,
+                port: key.dst_port,
+            };
+            steps.add(
+                "load balancer",
+                match sh.services.get(&vk) {
+                    Some(s) => format!(
+                        "service {}: a new connection takes the backend the Maglev table gives its 5-tuple ({} of {} backends take new ones)",
+                        s.spec.name,
+                        s.spec
+                            .backends
+                            .iter()
+                            .zip(&s.down)
+                            .filter(|(b, d)| b.weight > 0 && !**d)
+                            .count(),
+                        s.spec.backends.len()
+                    ),
+                    None => format!("{dst} is a VIP, but no service of it has this protocol and port"),
+                },
+            );
+            return;
+        }
         let next = forward::decide(topo, vni, src, dst);
         steps.add(
             "route",

@@ -10,51 +10,10 @@ mod lab;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use lab::{sh, try_sh, Lab};
+use lab::{apply, ctl_args as ctl, sh, try_sh, Lab};
 use serde_json::{json, Value};
-
-/// `vswitch ctl --json --socket S ARGS...` → JSON, or the error text.
-fn ctl(sock: &Path, args: &[&str]) -> Result<Value, String> {
-    let out = Command::new(env!("CARGO_BIN_EXE_vswitch"))
-        .args(["ctl", "--json", "--socket"])
-        .arg(sock)
-        .args(args)
-        .output()
-        .expect("vswitch ctl");
-    if out.status.success() {
-        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
-
-/// `vswitch ctl apply` with `ops` on standard input.
-fn apply(sock: &Path, ops: Value) -> Result<Value, String> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_vswitch"))
-        .args(["ctl", "--json", "--socket"])
-        .arg(sock)
-        .arg("apply")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("vswitch ctl apply");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(ops.to_string().as_bytes())
-        .expect("writing ops");
-    let out = child.wait_with_output().expect("ctl apply");
-    if out.status.success() {
-        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
-    } else {
-        Err(String::from_utf8_lossy(&out.stderr).into_owned())
-    }
-}
 
 /// Raw bytes on the socket; the one-line answer.
 fn raw(sock: &Path, bytes: &[u8]) -> Value {

@@ -13,6 +13,9 @@
 //! service's traffic after its DNAT): the client's egress rules and a
 //! local backend's ingress rules are checked against that.
 //!
+//! A backend that connects to its own VIP (hairpin) is given another
+//! backend, never itself (see [`pick_other_than`]).
+//!
 //! A TCP segment to a VIP that belongs to no connection (the backend it
 //! was pinned to was removed, or the switch never saw its SYN) is answered
 //! with a reset from the VIP, as a host answers a segment of a connection
@@ -62,6 +65,21 @@ pub fn backend_of(c: &Conn) -> Option<(u32, u16)> {
     vip_of(c)?;
     let n = c.sides[0].action.nat?;
     Some((n.ip, n.port?))
+}
+
+/// The backend for hash `h`, never the client itself: a backend that
+/// connects to its own VIP and picked itself would get its own packets
+/// with its own address as the source, which its stack drops (a martian)
+/// — answering that needs a second address rewrite (the source to the
+/// VIP) that a flow's one NAT cannot do. So it takes the next entry of
+/// the table that is another backend (the same on every host); `None` if
+/// it is the only backend taking connections.
+fn pick_other_than(t: &maglev::Table, h: u64, client: Ipv4Addr) -> Option<maglev::Backend> {
+    let b = t.pick(h);
+    if b.ip != client {
+        return Some(b);
+    }
+    t.pick_where(h, |b| b.ip != client)
 }
 
 /// The next hop a load-balanced packet takes: always through the router
@@ -118,13 +136,17 @@ impl Setup<'_> {
             svc_count(self.sh, |c| c.refused_limit += 1);
             return Err(DropCause::LbConnLimit);
         }
-        let b = table.pick(maglev::flow_hash(
+        let h = maglev::flow_hash(
             Ipv4Addr::from(key.src_ip),
             key.src_port,
             Ipv4Addr::from(key.dst_ip),
             key.dst_port,
             key.proto,
-        ));
+        );
+        let Some(b) = pick_other_than(&table, h, Ipv4Addr::from(key.src_ip)) else {
+            svc_count(self.sh, |c| c.refused_no_backend += 1);
+            return Err(DropCause::LbNoBackend);
+        };
         let backend = FlowKey {
             dst_ip: u32::from(b.ip),
             dst_port: b.port,

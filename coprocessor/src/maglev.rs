@@ -161,6 +161,19 @@ impl Table {
         self.backends[usize::from(i)]
     }
 
+    /// The first backend `ok` accepts from `h`'s entry on (the entries
+    /// after it, wrapping): deterministic, so every host makes the same
+    /// choice; `None` if `ok` accepts none of the table's backends.
+    pub fn pick_where(&self, h: u64, ok: impl Fn(&Backend) -> bool) -> Option<Backend> {
+        let len = self.entries.len();
+        let start = usize::try_from(h % len as u64).unwrap_or(0);
+        self.entries[start..]
+            .iter()
+            .chain(&self.entries[..start])
+            .map(|&i| self.backends[usize::from(i)])
+            .find(|b| ok(b))
+    }
+
     /// The backends, sorted by address (the indices of [`Table::entries`]).
     pub fn backends(&self) -> &[Backend] {
         &self.backends

@@ -52,6 +52,47 @@ pub fn try_sh(args: &[&str]) -> (bool, String) {
     }
 }
 
+/// `vswitch ctl --json --socket S ARGS...` → JSON, or the error text.
+pub fn ctl_args(sock: &std::path::Path, args: &[&str]) -> Result<serde_json::Value, String> {
+    let out = Command::new(env!("CARGO_BIN_EXE_vswitch"))
+        .args(["ctl", "--json", "--socket"])
+        .arg(sock)
+        .args(args)
+        .output()
+        .expect("vswitch ctl");
+    if out.status.success() {
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// `vswitch ctl apply` with `ops` on standard input.
+pub fn apply(sock: &std::path::Path, ops: serde_json::Value) -> Result<serde_json::Value, String> {
+    use std::io::Write;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_vswitch"))
+        .args(["ctl", "--json", "--socket"])
+        .arg(sock)
+        .arg("apply")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("vswitch ctl apply");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(ops.to_string().as_bytes())
+        .expect("writing ops");
+    let out = child.wait_with_output().expect("ctl apply");
+    if out.status.success() {
+        serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
 /// Poll `f` every 50 ms until it returns true or `limit` passes.
 pub fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
     let t = Instant::now();

@@ -320,3 +320,17 @@ fn services_and_their_connection_counts_survive_a_save_and_restore() {
     let key: VipKey = web(vec![]).key();
     assert!(back.services.get(&key).unwrap().table.is_some());
 }
+
+#[test]
+fn a_backend_reaching_its_own_vip_is_given_another_backend() {
+    // B is a backend and a client of the VIP (hairpin).
+    let mut n = with_service(web(vec![backend(B_IP, 80, 1), backend(C_IP, 8080, 1)]));
+    for sport in 25_000..25_050u16 {
+        let syn = tcp(B_MAC, B_IP, VIP, sport, 80, SYN);
+        assert_eq!(reached(n.send(B, &syn)), (C_IP, 8080));
+    }
+    // Alone, it has nobody to reach.
+    let mut n = with_service(web(vec![backend(B_IP, 80, 1)]));
+    let syn = tcp(B_MAC, B_IP, VIP, 25_100, 80, SYN);
+    assert_eq!(n.send(B, &syn), Went::Dropped(Some(DropCause::LbNoBackend)));
+}

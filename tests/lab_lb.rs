@@ -1,0 +1,416 @@
+//! Load-balanced services on real switches: a client VM's connections to
+//! a VIP spread over backend VMs by weight, follow changes of the backend
+//! set (removal resets, addition, drain), never hairpin to the client
+//! itself, and reach a backend on another hypervisor across VXLAN. The
+//! backends run a small TCP server that answers with its name.
+//!
+//! Run serially (`--test-threads=1`, as scripts/test does).
+
+mod lab;
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lab::{apply, sh, try_sh, wait_until, wire, Lab, Vm};
+use serde_json::{json, Value};
+
+/// Answers each connection with its name, and again after every message.
+const NAMED: &str = r#"
+import socket, sys, threading
+ip, port, name = sys.argv[1], int(sys.argv[2]), sys.argv[3].encode() + b"\n"
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((ip, port))
+srv.listen(512)
+def serve(c):
+    try:
+        c.sendall(name)
+        while c.recv(100):
+            c.sendall(name)
+    except Exception:
+        pass
+    c.close()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
+"#;
+
+/// `once VIP PORT FIRST N`: N connections one after another, from source
+/// ports FIRST.., each reading the name; prints {"names": {...}, "failed": n}.
+/// `hold VIP PORT FIRST N DIR`: N connections held open; writes DIR/ready
+/// once they all answered, waits for DIR/go (≤ 60 s), then sends on each
+/// and prints [[sport, name before, name after or the error]].
+const CLIENT: &str = r#"
+import json, os, socket, sys, time
+mode, vip, port, first, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+def conn(sport):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.settimeout(3)
+    s.bind(("", sport))
+    s.connect((vip, port))
+    return s, s.makefile("rb")
+if mode == "once":
+    names, failed = {}, 0
+    for i in range(n):
+        try:
+            s, f = conn(first + i)
+            name = f.readline().decode().strip()
+            s.close()
+            names[name] = names.get(name, 0) + 1
+        except Exception as e:
+            failed += 1
+    print(json.dumps({"names": names, "failed": failed}))
+else:
+    d = sys.argv[6]
+    held = []
+    for i in range(n):
+        s, f = conn(first + i)
+        held.append((first + i, s, f, f.readline().decode().strip()))
+    open(os.path.join(d, "ready"), "w").close()
+    t = time.time()
+    while not os.path.exists(os.path.join(d, "go")) and time.time() - t < 60:
+        time.sleep(0.05)
+    out = []
+    for sport, s, f, before in held:
+        try:
+            s.sendall(b"x")
+            after = f.readline().decode().strip() or "closed"
+        except ConnectionResetError:
+            after = "reset"
+        except Exception as e:
+            after = type(e).__name__
+        out.append([sport, before, after])
+    print(json.dumps(out))
+"#;
+
+const CLIENT_VM: Vm = Vm {
+    name: "c",
+    mac: "02:00:00:00:00:0c",
+    ip: "10.0.0.10",
+    network: 100,
+};
+const BACKENDS: [Vm; 3] = [
+    Vm {
+        name: "b1",
+        mac: "02:00:00:00:00:b1",
+        ip: "10.0.0.21",
+        network: 100,
+    },
+    Vm {
+        name: "b2",
+        mac: "02:00:00:00:00:b2",
+        ip: "10.0.0.22",
+        network: 100,
+    },
+    Vm {
+        name: "b3",
+        mac: "02:00:00:00:00:b3",
+        ip: "10.0.0.23",
+        network: 100,
+    },
+];
+const VIP: &str = "10.0.0.100";
+
+struct Kill(Child);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn script(lab: &Lab, name: &str, text: &str) -> String {
+    let p = lab.dir.join(name);
+    std::fs::write(&p, text).expect("writing a script");
+    p.display().to_string()
+}
+
+/// The named server on `ip`:8080 in `ns`, listening when this returns.
+fn serve(lab: &Lab, ns: &str, ip: &str, name: &str) -> Kill {
+    let s = script(lab, "named.py", NAMED);
+    let child = Command::new("ip")
+        .args(["netns", "exec", ns, "python3", &s, ip, "8080", name])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python3");
+    wait_until(
+        &format!("a server on {ip}:8080"),
+        Duration::from_secs(10),
+        || {
+            try_sh(&["ip", "netns", "exec", ns, "ss", "-ltn"])
+                .1
+                .contains(&format!("{ip}:8080"))
+        },
+    );
+    Kill(child)
+}
+
+/// `n` connections to the VIP from `ns`, source ports `first`..: the
+/// names that answered, and how many failed.
+fn once(lab: &Lab, ns: &str, first: u16, n: u16) -> (HashMap<String, u64>, u64) {
+    let s = script(lab, "client.py", CLIENT);
+    let (ok, out) = try_sh(&[
+        "timeout",
+        "120",
+        "ip",
+        "netns",
+        "exec",
+        ns,
+        "python3",
+        &s,
+        "once",
+        VIP,
+        "80",
+        &first.to_string(),
+        &n.to_string(),
+    ]);
+    assert!(ok, "client: {out}");
+    let v: Value = serde_json::from_str(out.trim()).expect("client output");
+    let names = v["names"]
+        .as_object()
+        .expect("names")
+        .iter()
+        .map(|(k, c)| (k.clone(), c.as_u64().unwrap_or(0)))
+        .collect();
+    (names, v["failed"].as_u64().unwrap_or(u64::MAX))
+}
+
+/// Connections held open from `ns` while `change` runs: what each
+/// answered before and after it.
+fn held_across(
+    lab: &Lab,
+    ns: &str,
+    first: u16,
+    n: u16,
+    change: impl FnOnce(),
+) -> Vec<(u64, String, String)> {
+    let s = script(lab, "client.py", CLIENT);
+    let dir = lab.dir.join(format!("hold{first}"));
+    std::fs::create_dir_all(&dir).expect("hold directory");
+    let child = Command::new("timeout")
+        .args([
+            "120", "ip", "netns", "exec", ns, "python3", &s, "hold", VIP, "80",
+        ])
+        .args([first.to_string(), n.to_string()])
+        .arg(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let t = Instant::now();
+    while !dir.join("ready").exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the held connections did not open: {:?}",
+            child.wait_with_output()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    change();
+    std::fs::write(dir.join("go"), "").expect("go");
+    let out = child.wait_with_output().expect("client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let v: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| {
+        panic!(
+            "client output {text:?}: {e}; {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    v.as_array()
+        .expect("a list")
+        .iter()
+        .map(|r| {
+            (
+                r[0].as_u64().unwrap_or(0),
+                r[1].as_str().unwrap_or("").to_string(),
+                r[2].as_str().unwrap_or("").to_string(),
+            )
+        })
+        .collect()
+}
+
+fn service(weights: [u32; 3], present: [bool; 3]) -> Value {
+    let backends: Vec<Value> = BACKENDS
+        .iter()
+        .zip(weights)
+        .zip(present)
+        .filter(|(_, p)| *p)
+        .map(|((b, w), _)| json!({"ip": b.ip, "port": 8080, "weight": w}))
+        .collect();
+    json!({"name": "web", "network": 100, "vip": VIP, "protocol": "tcp", "port": 80,
+        "backends": backends})
+}
+
+fn change(sock: &std::path::Path, svc: Value) {
+    apply(sock, json!([{"op": "change-service", "service": svc}])).expect("change-service");
+}
+
+#[test]
+fn a_vip_spreads_connections_by_weight_and_follows_changes_of_its_backends() {
+    let mut lab = Lab::new();
+    let mut vms = vec![CLIENT_VM];
+    vms.extend(BACKENDS);
+    let cfg = lab::one_host_config(&lab, "sw", &vms).replace("flow_capacity = 4096", "flow_capacity = 65536")
+        + "[[service]]\nname = \"web\"\nnetwork = 100\nvip = \"10.0.0.100\"\nprotocol = \"tcp\"\nport = 80\n\
+           backends = [{ ip = \"10.0.0.21\", port = 8080, weight = 1 },\n\
+                       { ip = \"10.0.0.22\", port = 8080, weight = 2 },\n\
+                       { ip = \"10.0.0.23\", port = 8080, weight = 1 }]\n";
+    let sock = lab.vswitch("sw", &cfg);
+    let mut nss = Vec::new();
+    for v in &vms {
+        let ns = lab.netns(&format!("v{}", v.name));
+        lab.attach_vm(
+            &lab.name(&format!("t{}", v.name)),
+            &ns,
+            v.mac,
+            &format!("{}/24", v.ip),
+        );
+        nss.push(ns);
+    }
+    let client = nss[0].clone();
+    let _servers: Vec<Kill> = BACKENDS
+        .iter()
+        .zip(&nss[1..])
+        .map(|(b, ns)| serve(&lab, ns, b.ip, b.name))
+        .collect();
+
+    // 300 connections, weights 1:2:1. The pick is a hash of each
+    // connection's 5-tuple, so each backend's count is binomial around its
+    // share (σ ≈ 7.5 for 75 of 300, 8.7 for 150): ±30 is about 3.5σ.
+    let (names, failed) = once(&lab, &client, 20_000, 300);
+    assert_eq!(failed, 0, "{names:?}\n{}", lab.log("sw"));
+    eprintln!("300 connections, weights 1:2:1: {names:?}");
+    for (b, want) in [("b1", 75), ("b2", 150), ("b3", 75)] {
+        let got = names.get(b).copied().unwrap_or(0);
+        assert!(
+            got.abs_diff(want) <= 30,
+            "{b}: {got} of 300 connections, expected {want} ± 30: {names:?}"
+        );
+    }
+    let v = lab.ctl(&sock, "services").expect("ctl services");
+    let svc = &v["services"][0];
+    assert_eq!(svc["picked"], 300, "{v}");
+    for (b, share) in svc["backends"]
+        .as_array()
+        .expect("backends")
+        .iter()
+        .zip([25.0, 50.0, 25.0])
+    {
+        let got = b["share_pct"].as_f64().unwrap_or(0.0);
+        assert!((got - share).abs() < 1.0, "table share {got} for {b}");
+        assert_eq!(b["state"], "up");
+    }
+
+    // b3 removed at run time: its connections are reset (at the client's
+    // next segment), the others keep their backends.
+    let held = held_across(&lab, &client, 30_000, 40, || {
+        change(&sock, service([1, 2, 1], [true, true, false]))
+    });
+    let on_b3 = held.iter().filter(|(_, before, _)| before == "b3").count();
+    assert!(on_b3 > 0, "{held:?}");
+    for (sport, before, after) in &held {
+        if before == "b3" {
+            assert_eq!(after, "reset", "{sport} was on the removed backend");
+        } else {
+            assert_eq!(after, before, "{sport} lost its backend");
+        }
+    }
+    let (names, failed) = once(&lab, &client, 21_000, 60);
+    assert_eq!(failed, 0);
+    assert!(!names.contains_key("b3"), "{names:?}");
+
+    // Added back: new connections reach it.
+    change(&sock, service([1, 2, 1], [true, true, true]));
+    let (names, failed) = once(&lab, &client, 22_000, 100);
+    assert_eq!(failed, 0);
+    assert!(names.get("b3").copied().unwrap_or(0) > 0, "{names:?}");
+
+    // b2 drained (weight 0): its connections keep working, new ones go
+    // elsewhere.
+    let mut new_names = HashMap::new();
+    let held = held_across(&lab, &client, 31_000, 40, || {
+        change(&sock, service([1, 0, 1], [true, true, true]));
+        let (names, failed) = once(&lab, &client, 23_000, 100);
+        assert_eq!(failed, 0);
+        new_names = names;
+    });
+    assert!(!new_names.contains_key("b2"), "{new_names:?}");
+    assert!(held.iter().any(|(_, b, _)| b == "b2"), "{held:?}");
+    for (sport, before, after) in &held {
+        assert_eq!(after, before, "{sport}: a drain ends nothing");
+    }
+    let v = lab.ctl(&sock, "services").expect("ctl services");
+    assert_eq!(v["services"][0]["backends"][1]["state"], "drained", "{v}");
+
+    // Hairpin: a backend connecting to its own VIP reaches another one.
+    let (names, failed) = once(&lab, &nss[1], 24_000, 40);
+    assert_eq!(failed, 0, "{}", lab.log("sw"));
+    assert!(!names.contains_key("b1"), "b1 reached itself: {names:?}");
+
+    // A VIP answers ping, and `ctl trace` shows the pick.
+    sh(&[
+        "ip", "netns", "exec", &client, "ping", "-c", "1", "-W", "2", VIP,
+    ]);
+    let port = lab.name("tc");
+    let trace = lab::ctl_args(
+        &sock,
+        &[
+            "trace",
+            "--port",
+            &port,
+            "--src",
+            "10.0.0.10",
+            "--dst",
+            VIP,
+            "--proto",
+            "tcp",
+            "--sport",
+            "40000",
+            "--dport",
+            "80",
+        ],
+    )
+    .expect("trace");
+    let text = trace.to_string();
+    assert!(
+        text.contains("10.0.0.2"),
+        "the trace names no backend: {text}"
+    );
+}
+
+#[test]
+fn a_vip_reaches_a_backend_on_another_hypervisor() {
+    let mut lab = Lab::new();
+    let (hv1, hv2) = (lab.netns("h1"), lab.netns("h2"));
+    let (vm1, vm2) = (lab.netns("m1"), lab.netns("m2"));
+    let (u1, u2) = wire(&lab, &hv1, "192.168.61.1", &hv2, "192.168.61.2");
+    let b = lab::VM_B;
+    let hosts = lab::two_hosts(
+        &mut lab,
+        (&hv1, &hv2),
+        (&vm1, &vm2),
+        (&u1, &u2),
+        ("192.168.61.1", "192.168.61.2"),
+    );
+    lab::warm_underlay(&hv1, "192.168.61.2");
+    let _server = serve(&lab, &vm2, b.2, "remote-b");
+    // The service is added through the change API.
+    let svc = json!({"name": "web", "network": 100, "vip": VIP, "protocol": "tcp", "port": 80,
+        "backends": [{"ip": b.2, "port": 8080}]});
+    apply(&hosts.s1, json!([{"op": "add-service", "service": svc}])).expect("add-service");
+    let (names, failed) = once(&lab, &vm1, 25_000, 20);
+    assert_eq!(
+        (failed, names.get("remote-b").copied()),
+        (0, Some(20)),
+        "{names:?}\nsw1:\n{}\nsw2:\n{}",
+        lab.log("sw1"),
+        lab.log("sw2")
+    );
+    let e = apply(&hosts.s1, json!([{"op": "add-service", "service": svc}]))
+        .expect_err("the same service twice");
+    assert!(e.contains("service web"), "{e}");
+}
