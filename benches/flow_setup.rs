@@ -17,6 +17,10 @@
 //! a new connection into a fresh flow table: shared state, table and
 //! fast-path thread are made anew (untimed) for each timed batch.
 //!
+//! A third, `lb_setup`, is TCP connections from that VM in no group to a
+//! load-balanced VIP of 100 backends (`benches/lb`): Maglev pick,
+//! conntrack, DNAT forward and reverse flows.
+//!
 //! A second figure, `baseline`, is the same traffic from a VM in no
 //! security group to remote VMs only (stateless, one flow per setup),
 //! through the same queue.
@@ -29,6 +33,7 @@ use std::time::{Duration, Instant};
 
 use coprocessor::acl::{Direction, Peer, Policy, Rule, SecurityGroup};
 use coprocessor::conntrack::{Limits, Timeouts};
+use coprocessor::services::{BackendSpec, ServiceSpec, Services};
 use coprocessor::topology::{External, LocalVm, Network, RemoteVm, Subnet, Topology, Uplink};
 use coprocessor::{Coprocessor, Shared};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -167,14 +172,57 @@ fn frames(external: bool) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// A service (VIP 10.0.0.100, TCP 80) over 100 of the remote VMs (port
+/// 8080), and TCP SYNs from VM a to it, each a new connection: the LB
+/// stage picks a backend from the Maglev table, conntrack pins it, and
+/// the DNAT and reverse flows are compiled (`benches/lb`).
+fn service(topo: &Topology) -> (Services, Vec<Vec<u8>>) {
+    let vip = Ipv4Addr::new(10, 0, 0, 100);
+    let spec = ServiceSpec {
+        name: "bench".into(),
+        vni: 100,
+        vip,
+        proto: 6,
+        port: 80,
+        backends: (0..100u32)
+            .map(|i| BackendSpec {
+                ip: Ipv4Addr::from(0x0a00_1000 + 2 * i),
+                port: 8080,
+                weight: 1,
+            })
+            .collect(),
+        max_connections: 0,
+    };
+    let mut s = Services::default();
+    s.check(&spec, topo, None).expect("a valid service");
+    s.insert(spec).expect("a valid service");
+    let frames = (0..FLOWS)
+        .map(|n| {
+            let f = UdpFlow {
+                src_mac: [2, 0, 0, 0, 0, 1],
+                dst_mac: [2, 0, 0, 0, 0, 0xfe],
+                src_ip: Ipv4Addr::new(10, 0, 0, 10),
+                dst_ip: vip,
+                src_port: 1024 + u16::try_from(n).unwrap(),
+                dst_port: 80,
+            };
+            synth::tcp_frame(&f, 0x02, b"")
+        })
+        .collect();
+    (s, frames)
+}
+
 /// A coprocessor with fresh shared state (no connections yet).
-fn fresh(topo: &Topology, policy: &Policy) -> Coprocessor {
-    let mut sh = Shared::new(
-        topo.clone(),
-        policy.clone(),
-        Timeouts::default(),
-        Limits::default(),
-    );
+fn fresh(topo: &Topology, policy: &Policy, services: &Services) -> Coprocessor {
+    // One VM opens every connection: its quota is the table's (a batch of
+    // TCP SYNs is 4,096 half-open connections, above a sixteenth of the
+    // default per-VM quota).
+    let limits = Limits {
+        per_vm: u32::try_from(Limits::default().max).unwrap_or(u32::MAX),
+        ..Limits::default()
+    };
+    let mut sh = Shared::new(topo.clone(), policy.clone(), Timeouts::default(), limits);
+    sh.services = services.clone();
     sh.ext_neighbors.insert(ROUTER, [2, 0xee, 0, 0, 0, 0xfe]);
     Coprocessor::with_shared(Arc::new(Mutex::new(sh)))
 }
@@ -291,6 +339,7 @@ impl Drop for FastPath {
 fn run(
     topo: &Topology,
     policy: &Policy,
+    services: &Services,
     frames: &[Vec<u8>],
     iters: u64,
     expect: usize,
@@ -305,7 +354,7 @@ fn run(
     let mut total = Duration::ZERO;
     let want = (frames.len() * expect) as u64;
     for _ in 0..iters {
-        let mut cp = fresh(topo, policy);
+        let mut cp = fresh(topo, policy, services);
         let fp = FastPath::start();
         // One message, refilled as the fast path fills its pooled ones.
         let mut msg = PuntMsg::of(PortId(1), PuntReason::Miss, 1, &[], None);
@@ -343,13 +392,18 @@ fn bench(c: &mut Criterion) {
     .unwrap();
     let (filtered, plain) = (topology(true), topology(false));
     let (mixed, remote_only) = (frames(true), frames(false));
+    let none = Services::default();
+    let (services, to_vip) = service(&plain);
     let mut g = c.benchmark_group("coprocessor");
     g.throughput(Throughput::Elements(FLOWS as u64));
     g.bench_function("flow_setup", |b| {
-        b.iter_custom(|iters| run(&filtered, &policy, &mixed, iters, 2))
+        b.iter_custom(|iters| run(&filtered, &policy, &none, &mixed, iters, 2))
     });
     g.bench_function("baseline", |b| {
-        b.iter_custom(|iters| run(&plain, &policy, &remote_only, iters, 1))
+        b.iter_custom(|iters| run(&plain, &policy, &none, &remote_only, iters, 1))
+    });
+    g.bench_function("lb_setup", |b| {
+        b.iter_custom(|iters| run(&plain, &policy, &services, &to_vip, iters, 2))
     });
     g.finish();
 }
