@@ -192,6 +192,7 @@ fn service(topo: &Topology) -> (Services, Vec<Vec<u8>>) {
             })
             .collect(),
         max_connections: 0,
+        health: None,
     };
     let mut s = Services::default();
     s.check(&spec, topo, None).expect("a valid service");

@@ -118,6 +118,7 @@ fn bytes_per_conn(n: u32) -> f64 {
             port: 80,
             backends,
             max_connections: 0,
+            health: None,
         })
         .unwrap();
     let mut cp = Coprocessor::with_shared(Arc::new(Mutex::new(sh)));

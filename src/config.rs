@@ -55,6 +55,39 @@ pub struct ServiceConfig {
     /// Connections through the VIP at most (0: no limit but conntrack's).
     #[serde(default)]
     pub max_connections: u32,
+    /// Active checks of the backends on this host.
+    #[serde(default)]
+    pub health: Option<HealthConfig>,
+}
+
+/// A service's active health check.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// "tcp" (connect to the backend's port) or "icmp" (echo).
+    pub protocol: String,
+    #[serde(default = "health_interval")]
+    pub interval_ms: u32,
+    #[serde(default = "health_timeout")]
+    pub timeout_ms: u32,
+    /// Successes in a row that bring a backend back.
+    #[serde(default = "two")]
+    pub rise: u8,
+    /// Failures in a row that take it out.
+    #[serde(default = "two")]
+    pub fall: u8,
+}
+
+fn health_interval() -> u32 {
+    1000
+}
+
+fn health_timeout() -> u32 {
+    500
+}
+
+fn two() -> u8 {
+    2
 }
 
 /// One backend of a service.

@@ -10,6 +10,7 @@ use std::net::Ipv4Addr;
 use anyhow::{bail, Context, Result};
 use coprocessor::acl::{Direction, Peer, Policy, Rule, SecurityGroup};
 use coprocessor::conntrack::{Limits, Timeouts};
+use coprocessor::health::HealthSpec;
 use coprocessor::services::{BackendSpec, ServiceSpec, Services};
 use coprocessor::topology::{
     Cidr, External, LocalVm, Network, RemoteVm, Route, Subnet, Topology, Uplink, Via,
@@ -84,6 +85,28 @@ impl ServiceConfig {
                 })
                 .collect(),
             max_connections: self.max_connections,
+            health: self
+                .health
+                .as_ref()
+                .map(|h| -> Result<HealthSpec> {
+                    let tcp = match h.protocol.as_str() {
+                        "tcp" => true,
+                        "icmp" => false,
+                        other => {
+                            bail!("{at}: field `health.protocol`: {other:?} is not tcp or icmp")
+                        }
+                    };
+                    let spec = HealthSpec {
+                        tcp,
+                        interval_ms: h.interval_ms,
+                        timeout_ms: h.timeout_ms,
+                        rise: h.rise,
+                        fall: h.fall,
+                    };
+                    spec.check().map_err(|e| anyhow::anyhow!("{at}: {e}"))?;
+                    Ok(spec)
+                })
+                .transpose()?,
         })
     }
 }

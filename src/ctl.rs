@@ -214,18 +214,41 @@ fn print_services(v: &Value) {
             n(svc, "refused_no_backend"),
             n(svc, "resets")
         );
+        if let Some(h) = svc["health"].as_object() {
+            println!(
+                "  health check: {} every {} ms, timeout {} ms, rise {} fall {} (backends on this host)",
+                h.get("protocol").and_then(Value::as_str).unwrap_or("?"),
+                n(&svc["health"], "interval_ms"),
+                n(&svc["health"], "timeout_ms"),
+                n(&svc["health"], "rise"),
+                n(&svc["health"], "fall")
+            );
+        }
         println!(
-            "  {:<22} {:>7} {:<8} {:>8} {:>11}",
-            "backend", "weight", "state", "share", "connections"
+            "  {:<22} {:>7} {:<8} {:>8} {:>11} {:>8} {:>9} {:>7} {:>9}",
+            "backend",
+            "weight",
+            "state",
+            "share",
+            "connections",
+            "refused",
+            "timed_out",
+            "probes",
+            "failures"
         );
+        let opt = |v: &Value| v.as_u64().map_or("-".to_string(), |x| x.to_string());
         for b in svc["backends"].as_array().into_iter().flatten() {
             println!(
-                "  {:<22} {:>7} {:<8} {:>7.2}% {:>11}",
+                "  {:<22} {:>7} {:<8} {:>7.2}% {:>11} {:>8} {:>9} {:>7} {:>9}",
                 format!("{}:{}", s(b, "ip"), n(b, "port")),
                 n(b, "weight"),
                 s(b, "state"),
                 b["share_pct"].as_f64().unwrap_or(0.0),
-                n(b, "connections")
+                n(b, "connections"),
+                n(b, "refused"),
+                n(b, "timed_out"),
+                opt(&b["probes"]),
+                opt(&b["probe_failures"])
             );
         }
     }

@@ -130,13 +130,28 @@ pub fn services(sh: &Shared) -> Value {
                     } else {
                         "up"
                     };
+                    let passive = sh.services.passive_counts(spec.vni, b.ip, b.port);
+                    let probes = spec.health.and_then(|h| {
+                        let t = coprocessor::health::Target {
+                            vni: spec.vni,
+                            ip: u32::from(b.ip),
+                            port: if h.tcp { b.port } else { 0 },
+                        };
+                        sh.services.health.targets.get(&t)
+                    });
                     json!({"ip": b.ip.to_string(), "port": b.port, "weight": b.weight,
                         "state": state, "share_pct": share(b.ip, b.port),
-                        "connections": per_backend.get(&(key, u32::from(b.ip), b.port)).copied().unwrap_or(0)})
+                        "connections": per_backend.get(&(key, u32::from(b.ip), b.port)).copied().unwrap_or(0),
+                        "refused": passive.refused, "timed_out": passive.timed_out,
+                        "probes": probes.map(|p| p.probes), "probe_failures": probes.map(|p| p.failures)})
                 })
                 .collect();
             let c = svc.counters;
-            json!({"name": spec.name, "network": spec.vni, "vip": spec.vip.to_string(),
+            let health = spec.health.map(|h| {
+                json!({"protocol": if h.tcp { "tcp" } else { "icmp" }, "interval_ms": h.interval_ms,
+                    "timeout_ms": h.timeout_ms, "rise": h.rise, "fall": h.fall})
+            });
+            json!({"name": spec.name, "network": spec.vni, "vip": spec.vip.to_string(), "health": health,
                 "protocol": if spec.proto == 6 { "tcp" } else { "udp" }, "port": spec.port,
                 "max_connections": spec.max_connections,
                 "connections": sh.services.conns(&key),

@@ -249,16 +249,20 @@ fn change(sock: &std::path::Path, svc: Value) {
     apply(sock, json!([{"op": "change-service", "service": svc}])).expect("change-service");
 }
 
-#[test]
-fn a_vip_spreads_connections_by_weight_and_follows_changes_of_its_backends() {
-    let mut lab = Lab::new();
+/// A switch with the client and the three backends, and service `web`
+/// (VIP:80 over the backends' port 8080, weights 1:2:1) with `extra`
+/// fields; the socket and the VMs' namespaces (client first).
+fn switch(lab: &mut Lab, extra: &str) -> (std::path::PathBuf, Vec<String>) {
     let mut vms = vec![CLIENT_VM];
     vms.extend(BACKENDS);
-    let cfg = lab::one_host_config(&lab, "sw", &vms).replace("flow_capacity = 4096", "flow_capacity = 65536")
-        + "[[service]]\nname = \"web\"\nnetwork = 100\nvip = \"10.0.0.100\"\nprotocol = \"tcp\"\nport = 80\n\
-           backends = [{ ip = \"10.0.0.21\", port = 8080, weight = 1 },\n\
-                       { ip = \"10.0.0.22\", port = 8080, weight = 2 },\n\
-                       { ip = \"10.0.0.23\", port = 8080, weight = 1 }]\n";
+    let cfg = lab::one_host_config(lab, "sw", &vms)
+        .replace("flow_capacity = 4096", "flow_capacity = 65536")
+        + &format!(
+            "[[service]]\nname = \"web\"\nnetwork = 100\nvip = \"{VIP}\"\nprotocol = \"tcp\"\nport = 80\n\
+             backends = [{{ ip = \"10.0.0.21\", port = 8080, weight = 1 }},\n\
+                         {{ ip = \"10.0.0.22\", port = 8080, weight = 2 }},\n\
+                         {{ ip = \"10.0.0.23\", port = 8080, weight = 1 }}]\n{extra}\n"
+        );
     let sock = lab.vswitch("sw", &cfg);
     let mut nss = Vec::new();
     for v in &vms {
@@ -271,6 +275,13 @@ fn a_vip_spreads_connections_by_weight_and_follows_changes_of_its_backends() {
         );
         nss.push(ns);
     }
+    (sock, nss)
+}
+
+#[test]
+fn a_vip_spreads_connections_by_weight_and_follows_changes_of_its_backends() {
+    let mut lab = Lab::new();
+    let (sock, nss) = switch(&mut lab, "");
     let client = nss[0].clone();
     let _servers: Vec<Kill> = BACKENDS
         .iter()
@@ -413,4 +424,49 @@ fn a_vip_reaches_a_backend_on_another_hypervisor() {
     let e = apply(&hosts.s1, json!([{"op": "add-service", "service": svc}]))
         .expect_err("the same service twice");
     assert!(e.contains("service web"), "{e}");
+}
+
+#[test]
+fn a_backend_whose_server_stops_leaves_the_table_and_returns_when_it_answers() {
+    let mut lab = Lab::new();
+    let health =
+        "health = { protocol = \"tcp\", interval_ms = 300, timeout_ms = 200, rise = 2, fall = 2 }";
+    let (sock, nss) = switch(&mut lab, health);
+    let client = nss[0].clone();
+    let mut servers: Vec<Option<Kill>> = BACKENDS
+        .iter()
+        .zip(&nss[1..])
+        .map(|(b, ns)| Some(serve(&lab, ns, b.ip, b.name)))
+        .collect();
+    let state = |lab: &Lab| -> Value {
+        lab.ctl(&sock, "services").expect("ctl services")["services"][0]["backends"][2].clone()
+    };
+    wait_until("b3 probed and up", Duration::from_secs(5), || {
+        let b = state(&lab);
+        b["probes"].as_u64().unwrap_or(0) >= 2 && b["state"] == "up"
+    });
+    // b3's server stops: its stack refuses the probes; within two checks
+    // (fall = 2, every 300 ms) it is down and takes no new connections.
+    servers[2] = None;
+    let t = Instant::now();
+    wait_until("b3 down", Duration::from_secs(3), || {
+        state(&lab)["state"] == "down"
+    });
+    eprintln!(
+        "b3 down {} ms after its server stopped",
+        t.elapsed().as_millis()
+    );
+    let (names, failed) = once(&lab, &client, 26_000, 100);
+    assert_eq!(failed, 0, "{names:?}");
+    assert!(!names.contains_key("b3"), "{names:?}");
+    // Back: it answers twice (rise = 2) and takes connections again.
+    servers[2] = Some(serve(&lab, &nss[3], BACKENDS[2].ip, BACKENDS[2].name));
+    wait_until("b3 up again", Duration::from_secs(3), || {
+        state(&lab)["state"] == "up"
+    });
+    let (names, failed) = once(&lab, &client, 27_000, 100);
+    assert_eq!(failed, 0);
+    assert!(names.get("b3").copied().unwrap_or(0) > 0, "{names:?}");
+    let b = state(&lab);
+    assert!(b["probe_failures"].as_u64().unwrap_or(0) >= 2, "{b}");
 }

@@ -106,6 +106,32 @@ pub fn frag_needed(req: &[u8], gw: Ipv4Addr, gw_mac: Mac, mtu: u16) -> Result<Ve
     )
 }
 
+/// An echo request (8 bytes of data) from `src` to `dst` with identifier
+/// `id` and sequence number `seq` (a health check's probe).
+pub fn echo_request(
+    src_mac: Mac,
+    dst_mac: Mac,
+    src: Ipv4Addr,
+    dst: Ipv4Addr,
+    id: u16,
+    seq: u16,
+) -> Result<Vec<u8>, DropCause> {
+    let mut m = [0u8; 16];
+    m[0] = ECHO_REQUEST;
+    m[4..6].copy_from_slice(&id.to_be_bytes());
+    m[6..8].copy_from_slice(&seq.to_be_bytes());
+    m[8..].copy_from_slice(b"vswitch\0");
+    frame(src_mac, dst_mac, src, dst, &m)
+}
+
+/// The identifier of an echo reply addressed to us (Ethernet frame `f`).
+pub fn echo_reply_id(f: &[u8]) -> Option<u16> {
+    let (ihl, tot) = ipv4(f)?;
+    let icmp = f.get(ETH + ihl..ETH + tot)?;
+    (f.get(ETH + 9) == Some(&PROTO_ICMP) && icmp.len() >= 8 && icmp[0] == ECHO_REPLY)
+        .then(|| u16::from_be_bytes([icmp[4], icmp[5]]))
+}
+
 /// The echo reply to an echo request addressed to the gateway `gw`.
 pub fn echo_reply(req: &[u8], gw: Ipv4Addr, gw_mac: Mac) -> Result<Vec<u8>, DropCause> {
     let (ihl, tot) = ipv4(req).ok_or(DropCause::Malformed)?;

@@ -245,29 +245,28 @@ pub fn tcp_reset(req: &[u8], src_mac: flowtable::Mac) -> Result<Option<Vec<u8>>,
         + u32::from(flags & 0x01 != 0);
     let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
     let ack = u32::from_be_bytes([tcp[8], tcp[9], tcp[10], tcp[11]]);
-    let mut h = [0u8; 20];
-    h[0..2].copy_from_slice(&tcp[2..4]);
-    h[2..4].copy_from_slice(&tcp[0..2]);
-    if flags & ACK != 0 {
-        h[4..8].copy_from_slice(&ack.to_be_bytes());
-        h[13] = RST;
-    } else {
-        h[8..12].copy_from_slice(&seq.wrapping_add(seg_len).to_be_bytes());
-        h[13] = RST | ACK;
-    }
-    h[12] = 5 << 4;
     let (src, dst) = (
         Ipv4Addr::new(ip[16], ip[17], ip[18], ip[19]),
         Ipv4Addr::new(ip[12], ip[13], ip[14], ip[15]),
     );
-    let pseudo = vxlan::checksum::sum(&src.octets())
-        + vxlan::checksum::sum(&dst.octets())
-        + u32::from(TCP)
-        + 20;
-    let c = !vxlan::checksum::fold(pseudo + vxlan::checksum::sum(&h));
-    h[16..18].copy_from_slice(&c.to_be_bytes());
+    let sport = u16::from_be_bytes([tcp[2], tcp[3]]);
+    let dport = u16::from_be_bytes([tcp[0], tcp[1]]);
     let dst_mac: flowtable::Mac = req.get(6..12).and_then(|m| m.try_into().ok()).ok_or(bad)?;
-    crate::reply::ipv4_frame(src_mac, dst_mac, src, dst, TCP, &h).map(Some)
+    let (seq, ack, flags) = if flags & ACK != 0 {
+        (ack, 0, RST)
+    } else {
+        (0, seq.wrapping_add(seg_len), RST | ACK)
+    };
+    crate::reply::tcp_segment(
+        src_mac,
+        dst_mac,
+        (src, sport),
+        (dst, dport),
+        seq,
+        ack,
+        flags,
+    )
+    .map(Some)
 }
 
 #[cfg(test)]

@@ -24,6 +24,7 @@ pub mod conntrack;
 pub mod dhcp;
 pub mod ext_neighbors;
 pub mod forward;
+pub mod health;
 pub mod icmp;
 pub mod lb;
 pub mod maglev;
@@ -266,9 +267,12 @@ impl Coprocessor {
                     None => {
                         let next = match forward::decide(topo, vni, src, dst) {
                             Err(DropCause::ToGateway) => {
-                                // A gateway address: the router answers pings itself.
                                 let gw_mac =
                                     topo.network(vni).ok_or(DropCause::UnknownVni)?.gateway_mac;
+                                if health::answered(&mut setup, vni, gw_mac)? {
+                                    return Ok(());
+                                }
+                                // A gateway address: the router answers pings itself.
                                 setup
                                     .out
                                     .tx

@@ -1,5 +1,6 @@
-//! Frames the coprocessor originates (DHCP, ICMP): an Ethernet and IPv4
-//! header, with its checksum, around a transport payload.
+//! Frames the coprocessor originates (DHCP, ICMP, TCP resets and health
+//! checks): an Ethernet and IPv4 header, with its checksum, around a
+//! transport payload.
 
 use std::net::Ipv4Addr;
 
@@ -36,6 +37,37 @@ pub fn ipv4_frame(
     f[34..].copy_from_slice(l4);
     Ok(f)
 }
+
+/// A TCP segment without options or data from `src`:`sport` to
+/// `dst`:`dport`, its checksums set (a reset, a health check's SYN).
+#[allow(clippy::too_many_arguments)]
+pub fn tcp_segment(
+    src_mac: Mac,
+    dst_mac: Mac,
+    (src, sport): (Ipv4Addr, u16),
+    (dst, dport): (Ipv4Addr, u16),
+    seq: u32,
+    ack: u32,
+    flags: u8,
+) -> Result<Vec<u8>, DropCause> {
+    let mut h = [0u8; 20];
+    h[0..2].copy_from_slice(&sport.to_be_bytes());
+    h[2..4].copy_from_slice(&dport.to_be_bytes());
+    h[4..8].copy_from_slice(&seq.to_be_bytes());
+    h[8..12].copy_from_slice(&ack.to_be_bytes());
+    h[12] = 5 << 4;
+    h[13] = flags;
+    h[14..16].copy_from_slice(&64240u16.to_be_bytes());
+    let pseudo = vxlan::checksum::sum(&src.octets())
+        + vxlan::checksum::sum(&dst.octets())
+        + u32::from(TCP)
+        + 20;
+    let c = !vxlan::checksum::fold(pseudo + vxlan::checksum::sum(&h));
+    h[16..18].copy_from_slice(&c.to_be_bytes());
+    ipv4_frame(src_mac, dst_mac, src, dst, TCP, &h)
+}
+
+const TCP: u8 = 6;
 
 #[cfg(test)]
 mod tests {

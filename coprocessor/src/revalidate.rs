@@ -11,15 +11,20 @@ use dpif::{CtCheck, Update};
 
 impl Coprocessor {
     /// Advance connection timers to `now` (the fast path's clock): checks
-    /// to send to the fast path, flows of ended connections to remove.
+    /// to send to the fast path, flows of ended connections to remove;
+    /// and send the health checks that are due.
     pub fn tick(&mut self, now: u64) -> Update {
         let mut out = Update::default();
         let mut sh = lock(&self.shared);
         for e in sh.ct.tick(now) {
             match e {
                 Expiry::Check { id, keys } => out.checks.push(CtCheck { id, keys }),
-                Expiry::Ended(c) => sh.end(&c, &mut out),
+                Expiry::Ended(c) => sh.expired(&c, &mut out),
             }
+        }
+        if !sh.services.is_empty() {
+            let topo = std::sync::Arc::clone(&sh.topo);
+            out.tx.extend(sh.services.health_tick(&topo, now));
         }
         out
     }
@@ -40,7 +45,7 @@ impl Coprocessor {
         let mut out = Update::default();
         let mut sh = lock(&self.shared);
         if let Some(c) = sh.ct.checked(id, keys, used, now) {
-            sh.end(&c, &mut out);
+            sh.expired(&c, &mut out);
         }
         out
     }

@@ -51,6 +51,8 @@ pub struct ServiceSpec {
     /// Connections the VIP holds at most (all clients); 0: no limit but
     /// conntrack's own.
     pub max_connections: u32,
+    /// Active checks of its (local) backends, if any.
+    pub health: Option<crate::health::HealthSpec>,
 }
 
 impl ServiceSpec {
@@ -117,6 +119,27 @@ pub struct Services {
     /// definition meanwhile (a change that is undone, a removal whose
     /// connections end after it).
     conns: FxHashMap<VipKey, u32>,
+    /// Active health checks' state ([`crate::health`]).
+    pub health: crate::health::Health,
+    /// Passive checks: per backend (network, address, port), connections
+    /// it refused and connections it never answered.
+    passive: FxHashMap<(u32, u32, u16), PassiveCounts>,
+}
+
+/// What a backend did to a connection that never opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Passive {
+    /// It answered the SYN with a reset.
+    Refused,
+    /// The handshake timed out.
+    TimedOut,
+}
+
+/// Per backend: connections it refused or let time out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PassiveCounts {
+    pub refused: u64,
+    pub timed_out: u64,
 }
 
 impl Services {
@@ -179,6 +202,9 @@ impl Services {
         }
         if spec.port == 0 {
             return Err(err("field `port`: 0 is not a port".into()));
+        }
+        if let Some(h) = &spec.health {
+            h.check().map_err(err)?;
         }
         if topo.network(spec.vni).is_none() {
             return Err(err(format!("field `network`: no network {}", spec.vni)));
@@ -304,6 +330,38 @@ impl Services {
         // The set was accepted when it was added; a subset builds too.
         svc.table = build(&svc.spec, &svc.down).unwrap_or(None);
         true
+    }
+
+    /// Count what the backend of load-balanced connection `c` did to it
+    /// (nothing if `c` is not one).
+    pub fn passive(&mut self, c: &crate::conntrack::Conn, what: Passive) {
+        let (Some(_), Some((ip, port))) = (crate::lb::vip_of(c), crate::lb::backend_of(c)) else {
+            return;
+        };
+        let key = (c.admission.vni, ip, port);
+        // Only for backends some service lists (the map stays bounded).
+        if !self.iter().any(|s| {
+            s.spec.vni == key.0
+                && s.spec
+                    .backends
+                    .iter()
+                    .any(|b| (u32::from(b.ip), b.port) == (ip, port))
+        }) {
+            return;
+        }
+        let p = self.passive.entry(key).or_default();
+        match what {
+            Passive::Refused => p.refused += 1,
+            Passive::TimedOut => p.timed_out += 1,
+        }
+    }
+
+    /// A backend's passive counts.
+    pub fn passive_counts(&self, vni: u32, ip: Ipv4Addr, port: u16) -> PassiveCounts {
+        self.passive
+            .get(&(vni, u32::from(ip), port))
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Live connections through `key`.

@@ -138,6 +138,14 @@ impl Setup<'_> {
             }
             return Ok(None);
         }
+        if flags & RST != 0 && side == 1 && matches!(state, Some(ConnState::Tcp(TcpState::SynSent)))
+        {
+            if let Some(c) = self.sh.ct.get(id).cloned() {
+                self.sh
+                    .services
+                    .passive(&c, crate::services::Passive::Refused);
+            }
+        }
         if flags & (SYN | FIN | RST) != 0 {
             self.sh.ct.tcp_event(id, side, flags, now);
         } else {

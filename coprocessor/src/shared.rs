@@ -174,6 +174,16 @@ impl Shared {
         out.remove.extend(conn.installed_keys());
     }
 
+    /// A connection's timer ran out: end it; one whose handshake never
+    /// completed counts against its backend, if load-balanced.
+    pub fn expired(&mut self, conn: &Conn, out: &mut Update) {
+        if crate::conntrack::half_open(&conn.state) {
+            self.services
+                .passive(conn, crate::services::Passive::TimedOut);
+        }
+        self.end(conn, out);
+    }
+
     /// Count a refusal against the VM on `port`.
     pub fn vm_drop(&mut self, port: PortId, cause: DropCause) {
         let d = self.vm_drops.entry(port).or_default();

@@ -181,6 +181,13 @@ pub(crate) fn state_v2() -> SwitchState {
             },
         ],
         max_connections: 1000,
+        health: Some(coprocessor::health::HealthSpec {
+            tcp: true,
+            interval_ms: 1000,
+            timeout_ms: 500,
+            rise: 2,
+            fall: 3,
+        }),
     }];
     s
 }

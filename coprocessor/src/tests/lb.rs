@@ -24,6 +24,7 @@ fn web(backends: Vec<BackendSpec>) -> ServiceSpec {
         port: 80,
         backends,
         max_connections: 0,
+        health: None,
     }
 }
 
@@ -333,4 +334,150 @@ fn a_backend_reaching_its_own_vip_is_given_another_backend() {
     let mut n = with_service(web(vec![backend(B_IP, 80, 1)]));
     let syn = tcp(B_MAC, B_IP, VIP, 25_100, 80, SYN);
     assert_eq!(n.send(B, &syn), Went::Dropped(Some(DropCause::LbNoBackend)));
+}
+
+fn checked(tcp: bool) -> ServiceSpec {
+    ServiceSpec {
+        health: Some(crate::health::HealthSpec {
+            tcp,
+            interval_ms: 1000,
+            timeout_ms: 500,
+            rise: 2,
+            fall: 2,
+        }),
+        ..web(three())
+    }
+}
+
+/// Advance the clock by `ms` and run the timekeeper's tick: the probes.
+fn tick(n: &mut Net, ms: u64) -> Vec<(PortId, Vec<u8>)> {
+    n.now += ms * 1_000_000;
+    let out = n.cp.tick(n.now);
+    out.tx
+}
+
+fn down(n: &Net, ip: Ipv4Addr) -> bool {
+    let sh = n.cp.shared().lock().unwrap();
+    let s = sh.services.named("web").unwrap();
+    let i = s.spec.backends.iter().position(|b| b.ip == ip).unwrap();
+    s.down[i]
+}
+
+#[test]
+fn local_backends_are_probed_from_the_gateway_and_leave_the_table_while_down() {
+    let mut n = with_service(checked(true));
+    let probes = tick(&mut n, 1);
+    // B and C are on this host; R is another host's to check.
+    let to: Vec<PortId> = probes.iter().map(|(p, _)| *p).collect();
+    assert_eq!(to, vec![B, C]);
+    let syn = &probes[0].1;
+    checksums_ok(syn);
+    assert_eq!(syn[47], SYN);
+    assert_eq!(
+        (ip_at(syn, 26), ip_at(syn, 30)),
+        (Ipv4Addr::new(10, 0, 0, 1), B_IP)
+    );
+    assert_eq!(port_at(syn, 36), 80);
+    assert_eq!(syn[..6], B_MAC);
+    // B answers with a SYN-ACK: up, and the offered connection is reset.
+    let sport = port_at(syn, 34);
+    let synack = tcp(
+        B_MAC,
+        B_IP,
+        Ipv4Addr::new(10, 0, 0, 1),
+        80,
+        sport,
+        SYN | ACK,
+    );
+    match n.send(B, &synack) {
+        Went::To(p, rst) => {
+            assert_eq!(p, B);
+            assert_eq!(rst[47], RST);
+            checksums_ok(&rst);
+        }
+        other => panic!("{other:?}"),
+    }
+    // C never answers: after `fall` (2) timeouts it leaves the table.
+    assert!(!down(&n, C_IP));
+    tick(&mut n, 600);
+    assert!(!down(&n, C_IP), "one failure is not enough");
+    tick(&mut n, 1000);
+    tick(&mut n, 600);
+    assert!(down(&n, C_IP));
+    for sport in 26_000..26_100u16 {
+        assert_ne!(reached(n.send(A, &syn_to_vip(sport))).0, C_IP);
+    }
+    // It answers twice (`rise`): back in.
+    for _ in 0..2 {
+        let probes = tick(&mut n, 1000);
+        let (_, syn) = probes.iter().find(|(p, _)| *p == C).expect("C probed");
+        let synack = tcp(
+            C_MAC,
+            C_IP,
+            Ipv4Addr::new(10, 0, 1, 1),
+            8080,
+            port_at(syn, 34),
+            SYN | ACK,
+        );
+        assert!(matches!(n.send(C, &synack), Went::To(C, _)));
+    }
+    assert!(!down(&n, C_IP));
+    let v = n.cp.shared().lock().unwrap().services.health.targets.len();
+    assert_eq!(v, 2);
+}
+
+#[test]
+fn a_refusing_backend_goes_down_and_stray_answers_are_not_counted() {
+    let mut n = with_service(checked(true));
+    for _ in 0..2 {
+        let probes = tick(&mut n, 1000);
+        let (_, syn) = probes.iter().find(|(p, _)| *p == B).unwrap();
+        let rst = tcp(
+            B_MAC,
+            B_IP,
+            Ipv4Addr::new(10, 0, 0, 1),
+            80,
+            port_at(syn, 34),
+            RST | ACK,
+        );
+        n.send(B, &rst);
+    }
+    assert!(down(&n, B_IP));
+    // A SYN-ACK with no probe outstanding is not an answer.
+    let stray = tcp(
+        B_MAC,
+        B_IP,
+        Ipv4Addr::new(10, 0, 0, 1),
+        80,
+        61_005,
+        SYN | ACK,
+    );
+    assert!(matches!(n.send(B, &stray), Went::Dropped(_)));
+    assert!(down(&n, B_IP));
+}
+
+#[test]
+fn icmp_checks_use_echo_and_passive_counts_follow_connections() {
+    let mut n = with_service(checked(false));
+    let probes = tick(&mut n, 1);
+    let (_, echo) = probes.iter().find(|(p, _)| *p == B).unwrap();
+    assert_eq!((echo[23], echo[34]), (1, 8), "an ICMP echo request");
+    // Passive: B refuses a connection, C lets one time out.
+    let mut on = std::collections::HashMap::new();
+    for sport in 27_000..27_100u16 {
+        on.entry(reached(n.send(A, &syn_to_vip(sport))).0)
+            .or_insert(sport);
+    }
+    let b = on[&B_IP];
+    n.send(B, &tcp(B_MAC, B_IP, A_IP, 80, b, RST | ACK));
+    let sh = n.cp.shared().lock().unwrap();
+    assert_eq!(sh.services.passive_counts(VNI, B_IP, 80).refused, 1);
+    drop(sh);
+    // Past the SYN timeout: the fast path says the flows saw no use.
+    n.now += 60 * 1_000_000_000;
+    for c in n.cp.tick(n.now).checks {
+        n.cp.checked(c.id, c.keys, [None, None], n.now);
+    }
+    let sh = n.cp.shared().lock().unwrap();
+    assert!(sh.services.passive_counts(VNI, C_IP, 8080).timed_out > 0);
 }
