@@ -193,6 +193,7 @@ fn service(topo: &Topology) -> (Services, Vec<Vec<u8>>) {
             .collect(),
         max_connections: 0,
         health: None,
+        external_vip: None,
     };
     let mut s = Services::default();
     s.check(&spec, topo, None).expect("a valid service");

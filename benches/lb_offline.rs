@@ -119,6 +119,7 @@ fn bytes_per_conn(n: u32) -> f64 {
             backends,
             max_connections: 0,
             health: None,
+            external_vip: None,
         })
         .unwrap();
     let mut cp = Coprocessor::with_shared(Arc::new(Mutex::new(sh)));

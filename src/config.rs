@@ -58,6 +58,10 @@ pub struct ServiceConfig {
     /// Active checks of the backends on this host.
     #[serde(default)]
     pub health: Option<HealthConfig>,
+    /// An address of the external network balanced the same way
+    /// (north-south), to the backends on this host.
+    #[serde(default)]
+    pub external_vip: Option<Ipv4Addr>,
 }
 
 /// A service's active health check.

@@ -107,6 +107,7 @@ impl ServiceConfig {
                     Ok(spec)
                 })
                 .transpose()?,
+            external_vip: self.external_vip,
         })
     }
 }

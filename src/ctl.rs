@@ -200,8 +200,12 @@ fn print_services(v: &Value) {
             0 => "none".to_string(),
             m => m.to_string(),
         };
+        let ext = svc["external_vip"]
+            .as_str()
+            .map(|e| format!(" (external {e})"))
+            .unwrap_or_default();
         println!(
-            "service {}  vni {}  {}:{}/{}  connections {} (limit {})  picked {}  refused: limit {} no_backend {}  resets {}",
+            "service {}  vni {}  {}{ext}:{}/{}  connections {} (limit {})  picked {}  refused: limit {} no_backend {}  resets {}",
             s(svc, "name"),
             n(svc, "network"),
             s(svc, "vip"),

@@ -275,7 +275,7 @@ fn services(m: &mut Metrics, sh: &Shared) {
             "gauge",
             "Live connections through the service's VIP.",
             &l,
-            f(u64::from(sh.services.conns(&svc.spec.key()))),
+            f(u64::from(sh.services.service_conns(&svc.spec))),
         );
         let taking = svc
             .spec

@@ -102,6 +102,8 @@ pub fn services(sh: &Shared) -> Value {
         if let (Some(k), Some((ip, port))) =
             (coprocessor::lb::vip_of(c), coprocessor::lb::backend_of(c))
         {
+            // An external VIP's connections count with its service's.
+            let k = sh.services.external(&k).map_or(k, |s| s.spec.key());
             *per_backend.entry((k, ip, port)).or_default() += 1;
         }
     }
@@ -154,7 +156,8 @@ pub fn services(sh: &Shared) -> Value {
             json!({"name": spec.name, "network": spec.vni, "vip": spec.vip.to_string(), "health": health,
                 "protocol": if spec.proto == 6 { "tcp" } else { "udp" }, "port": spec.port,
                 "max_connections": spec.max_connections,
-                "connections": sh.services.conns(&key),
+                "connections": sh.services.service_conns(spec),
+                "external_vip": spec.external_vip.map(|ip| ip.to_string()),
                 "picked": c.picked, "refused_limit": c.refused_limit,
                 "refused_no_backend": c.refused_no_backend, "resets": c.resets,
                 "backends": backends})

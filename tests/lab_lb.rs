@@ -470,3 +470,51 @@ fn a_backend_whose_server_stops_leaves_the_table_and_returns_when_it_answers() {
     let b = state(&lab);
     assert!(b["probe_failures"].as_u64().unwrap_or(0) >= 2, "{b}");
 }
+
+#[test]
+fn a_vip_on_the_external_network_is_balanced_to_this_hosts_backends() {
+    let mut lab = Lab::new();
+    let ext_tap = lab.name("tx");
+    let extra = format!(
+        "external_vip = \"203.0.113.80\"\n\n[[port]]\nname = \"{ext_tap}\"\ntype = \"tap\"\n\n\
+         [external]\nport = \"{ext_tap}\"\ncidr = \"203.0.113.0/24\"\n"
+    );
+    let (sock, nss) = switch(&mut lab, &extra);
+    let _servers: Vec<Kill> = BACKENDS
+        .iter()
+        .zip(&nss[1..])
+        .map(|(b, ns)| serve(&lab, ns, b.ip, b.name))
+        .collect();
+    let ext = lab.netns("ext");
+    lab.attach_vm(&ext_tap, &ext, "02:ee:00:00:00:01", "203.0.113.1/24");
+    // The backends answer the outside through their gateway.
+    for ns in &nss[1..] {
+        sh(&["ip", "-n", ns, "route", "add", "default", "via", "10.0.0.1"]);
+    }
+    // The client outside connects to the external VIP: the backends answer
+    // (by weight), keeping the client's address.
+    let s = script(&lab, "client.py", CLIENT);
+    let (ok, out) = try_sh(&[
+        "timeout",
+        "60",
+        "ip",
+        "netns",
+        "exec",
+        &ext,
+        "python3",
+        &s,
+        "once",
+        "203.0.113.80",
+        "80",
+        "29000",
+        "100",
+    ]);
+    assert!(ok, "{out}\n{}", lab.log("sw"));
+    let v: Value = serde_json::from_str(out.trim()).expect("client output");
+    assert_eq!(v["failed"], 0, "{v}\n{}", lab.log("sw"));
+    let names = v["names"].as_object().expect("names");
+    assert_eq!(names.len(), 3, "{v}");
+    let svc = &lab.ctl(&sock, "services").expect("ctl services")["services"][0];
+    assert_eq!(svc["external_vip"], "203.0.113.80", "{svc}");
+    assert_eq!(svc["picked"], 100, "{svc}");
+}

@@ -40,9 +40,9 @@ const TCP: u8 = 6;
 const RST: u8 = 0x04;
 const ACK: u8 = 0x10;
 
-/// The service a tracked connection goes through, if it is one the LB
-/// stage made (its forward side rewrites the destination's address and
-/// port).
+/// The VIP (or external VIP) a tracked connection goes through, if it is
+/// one the LB stage made (its forward side rewrites the destination's
+/// address and port).
 pub fn vip_of(c: &Conn) -> Option<VipKey> {
     let s = &c.sides[0];
     match s.action.nat {
@@ -51,7 +51,13 @@ pub fn vip_of(c: &Conn) -> Option<VipKey> {
             port: Some(_),
             ..
         }) => Some(VipKey {
-            vni: c.admission.vni,
+            // From the external network (the connection holds its external
+            // VIP as a binding), or inside the tenant network.
+            vni: if c.nat.is_some() {
+                crate::services::EXTERNAL
+            } else {
+                c.admission.vni
+            },
             vip: s.key.dst_ip,
             proto: s.key.proto,
             port: s.key.dst_port,
@@ -112,8 +118,12 @@ impl Setup<'_> {
             proto: key.proto,
             port: key.dst_port,
         };
-        let (table, limit) = match self.sh.services.get(&vk) {
-            Some(s) => (s.table.clone(), s.spec.max_connections),
+        let (table, limit, open) = match self.sh.services.get(&vk) {
+            Some(s) => (
+                s.table.clone(),
+                s.spec.max_connections,
+                self.sh.services.service_conns(&s.spec),
+            ),
             // The address serves other ports: a closed port.
             None if key.proto == TCP => return self.reset(vm, None),
             None => return Err(DropCause::UnknownDestination),
@@ -132,7 +142,7 @@ impl Setup<'_> {
             svc_count(self.sh, |c| c.refused_no_backend += 1);
             return Err(DropCause::LbNoBackend);
         };
-        if limit != 0 && self.sh.services.conns(&vk) >= limit {
+        if limit != 0 && open >= limit {
             svc_count(self.sh, |c| c.refused_limit += 1);
             return Err(DropCause::LbConnLimit);
         }
@@ -201,6 +211,137 @@ impl Setup<'_> {
         self.sh.services.opened(&vk);
         svc_count(self.sh, |c| c.picked += 1);
         Ok(flow)
+    }
+
+    /// A packet from the external network (its Ethernet source
+    /// `hop_mac`, where replies go) of no tracked connection: if it is for
+    /// an external VIP, balanced to one of the service's backends on this
+    /// host (replies leave by the external port with the external VIP
+    /// restored). `Ok(None)`: not for an external VIP.
+    ///
+    /// Only this host's backends: a remote one would answer the client
+    /// from its own host, which knows nothing of this connection (keeping
+    /// replies on this path needs the client's address rewritten as well —
+    /// a second NAT a flow does not have). So each host behind an ECMP
+    /// route to the external VIP balances to its own backends, as
+    /// Kubernetes' `externalTrafficPolicy: Local` does, keeping the
+    /// client's address.
+    pub fn external_to_vip(&mut self, hop_mac: flowtable::Mac) -> Result<Option<Flow>, DropCause> {
+        let key = self.key;
+        let ek = VipKey {
+            vni: crate::services::EXTERNAL,
+            vip: key.dst_ip,
+            proto: key.proto,
+            port: key.dst_port,
+        };
+        let Some(svc) = self.sh.services.external(&ek) else {
+            return Ok(None);
+        };
+        let (table, limit, open, vni) = (
+            svc.table.clone(),
+            svc.spec.max_connections,
+            self.sh.services.service_conns(&svc.spec),
+            svc.spec.vni,
+        );
+        let vk = svc.spec.key();
+        let state = setup::opening(&key, self.frame)?.ok_or(DropCause::CtInvalid)?;
+        let topo = self.topo;
+        let ext = topo.external.as_ref().ok_or(DropCause::NoExternal)?;
+        let local = |b: &maglev::Backend| {
+            matches!(
+                topo.lookup(vni, b.ip),
+                Some(crate::topology::Endpoint::Local { .. })
+            )
+        };
+        let h = maglev::flow_hash(
+            Ipv4Addr::from(key.src_ip),
+            key.src_port,
+            Ipv4Addr::from(key.dst_ip),
+            key.dst_port,
+            key.proto,
+        );
+        let Some(b) = table.and_then(|t| t.pick_where(h, local)) else {
+            if let Some(s) = self.sh.services.get_mut(&vk) {
+                s.counters.refused_no_backend += 1;
+            }
+            return Err(DropCause::LbNoBackend);
+        };
+        if limit != 0 && open >= limit {
+            if let Some(s) = self.sh.services.get_mut(&vk) {
+                s.counters.refused_limit += 1;
+            }
+            return Err(DropCause::LbConnLimit);
+        }
+        let Some(crate::topology::Endpoint::Local { port, .. }) = topo.lookup(vni, b.ip) else {
+            return Err(DropCause::LbNoBackend);
+        };
+        let vm = topo.vm_on(port).ok_or(DropCause::UnknownPort)?;
+        let rule = match self.admits_at(vm, Direction::Ingress, key.src_ip, b.port) {
+            Some(r) => r,
+            None => return Err(self.deny(vm.port)),
+        };
+        self.refuse_early(vm.port)?;
+        let gw_mac = topo.network(vni).ok_or(DropCause::UnknownVni)?.gateway_mac;
+        let fwd = flowtable::Action {
+            nat: Some(Nat {
+                side: NatSide::Dst,
+                ip: u32::from(b.ip),
+                port: Some(b.port),
+            }),
+            ..crate::compile::routed(crate::compile::to_local(gw_mac, vm.mac, vm.port), gw_mac)
+        };
+        let rev = flowtable::Action {
+            nat: Some(Nat {
+                side: NatSide::Src,
+                ip: key.dst_ip,
+                port: Some(key.dst_port),
+            }),
+            set_eth_src: Some(ext.mac),
+            set_eth_dst: Some(hop_mac),
+            dec_ttl: true,
+            ..flowtable::Action::output(ext.port)
+        };
+        let rk = FlowKey::new(
+            flowtable::Ingress::Port(vm.port),
+            key.proto,
+            u32::from(b.ip),
+            key.src_ip,
+            b.port,
+            key.src_port,
+        );
+        let admission = Admission {
+            vni,
+            src: key.src_ip,
+            dst: u32::from(b.ip),
+            proto: key.proto,
+            port: b.port,
+            egress: None,
+            ingress: (!vm.groups.is_empty()).then_some(vm.port),
+            rule,
+        };
+        let binding = crate::conntrack::NatBinding {
+            ip: key.dst_ip,
+            port: key.dst_port,
+            pooled: false,
+        };
+        let sides = [
+            crate::conntrack::Side {
+                key,
+                action: fwd,
+                installed: true,
+            },
+            crate::conntrack::Side {
+                key: rk,
+                action: rev,
+                installed: true,
+            },
+        ];
+        let flow = self.track(sides, state, admission, vm.port, Some(binding))?;
+        self.sh.services.opened(&ek);
+        if let Some(s) = self.sh.services.get_mut(&vk) {
+            s.counters.picked += 1;
+        }
+        Ok(Some(flow))
     }
 
     /// Answer a TCP segment to a VIP of no connection with a reset from

@@ -472,7 +472,9 @@ impl Coprocessor {
                         }
                     };
                 }
-                if topo.external_addr(req.target_ip).is_none() {
+                if topo.external_addr(req.target_ip).is_none()
+                    && !sh.services.is_external_vip(req.target_ip)
+                {
                     return Err(DropCause::ArpUnknownTarget);
                 }
                 out.tx.push((p.ingress, arp::reply(&req, ext.mac)));
@@ -491,6 +493,10 @@ impl Coprocessor {
                     out,
                 };
                 if setup.known()? {
+                    return Ok(());
+                }
+                if let Some(flow) = setup.external_to_vip(hop_mac)? {
+                    setup.out.reinject |= flow.is_some();
                     return Ok(());
                 }
                 let target = topo.external_addr(Ipv4Addr::from(key.dst_ip));

@@ -390,6 +390,7 @@ impl Shared {
                     .check(&spec, &self.topo, Some(&spec.name))
                     .map_err(refused)?;
                 let new_key = spec.key();
+                let new_external = spec.external_key();
                 let kept: Vec<(u32, u16)> = spec
                     .backends
                     .iter()
@@ -404,17 +405,23 @@ impl Shared {
                         index,
                         object: "service".into(),
                     })?;
-                if old.key() != new_key {
-                    t.lb_gone.push((old.key(), None));
-                } else {
-                    let gone: Vec<(u32, u16)> = old
-                        .backends
-                        .iter()
-                        .map(|b| (u32::from(b.ip), b.port))
-                        .filter(|b| !kept.contains(b))
-                        .collect();
-                    if !gone.is_empty() {
-                        t.lb_gone.push((new_key, Some(gone)));
+                let gone: Vec<(u32, u16)> = old
+                    .backends
+                    .iter()
+                    .map(|b| (u32::from(b.ip), b.port))
+                    .filter(|b| !kept.contains(b))
+                    .collect();
+                // A VIP (or external VIP) that changed loses all its
+                // connections; one that stayed, those of the backends
+                // that went.
+                for (before, after) in [
+                    (Some(old.key()), Some(new_key)),
+                    (old.external_key(), new_external),
+                ] {
+                    match before {
+                        Some(k) if Some(k) != after => t.lb_gone.push((k, None)),
+                        Some(k) if !gone.is_empty() => t.lb_gone.push((k, Some(gone.clone()))),
+                        _ => {}
                     }
                 }
                 Ok(vec![Op::ChangeService(old)])
@@ -428,6 +435,7 @@ impl Shared {
                         object: format!("service {name}"),
                     })?;
                 t.lb_gone.push((old.spec.key(), None));
+                t.lb_gone.extend(old.spec.external_key().map(|k| (k, None)));
                 Ok(vec![Op::AddService(old.spec)])
             }
         }

@@ -53,6 +53,9 @@ pub struct ServiceSpec {
     pub max_connections: u32,
     /// Active checks of its (local) backends, if any.
     pub health: Option<crate::health::HealthSpec>,
+    /// An address on the external network where the same port is
+    /// balanced too (north-south), to this host's backends.
+    pub external_vip: Option<Ipv4Addr>,
 }
 
 impl ServiceSpec {
@@ -64,7 +67,20 @@ impl ServiceSpec {
             port: self.port,
         }
     }
+
+    /// The key of its external VIP, if it has one.
+    pub fn external_key(&self) -> Option<VipKey> {
+        self.external_vip.map(|ip| VipKey {
+            vni: EXTERNAL,
+            vip: u32::from(ip),
+            proto: self.proto,
+            port: self.port,
+        })
+    }
 }
+
+/// The "network" of external VIPs' keys (no VNI is 0).
+pub const EXTERNAL: u32 = 0;
 
 /// What a packet addresses a service by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -119,6 +135,10 @@ pub struct Services {
     /// definition meanwhile (a change that is undone, a removal whose
     /// connections end after it).
     conns: FxHashMap<VipKey, u32>,
+    /// External VIP keys → the service's own key.
+    external: FxHashMap<VipKey, VipKey>,
+    /// External VIPs (answered by ARP on the external port).
+    external_ips: FxHashMap<u32, u32>,
     /// Active health checks' state ([`crate::health`]).
     pub health: crate::health::Health,
     /// Passive checks: per backend (network, address, port), connections
@@ -169,6 +189,16 @@ impl Services {
         !self.vips.is_empty() && self.vips.contains_key(&(vni, u32::from(ip)))
     }
 
+    /// The service an external VIP's key is for.
+    pub fn external(&self, key: &VipKey) -> Option<&Service> {
+        self.external.get(key).and_then(|k| self.by_key.get(k))
+    }
+
+    /// Is `ip` an external VIP (answered by ARP on the external port)?
+    pub fn is_external_vip(&self, ip: Ipv4Addr) -> bool {
+        !self.external_ips.is_empty() && self.external_ips.contains_key(&u32::from(ip))
+    }
+
     /// The services, by name.
     pub fn iter(&self) -> impl Iterator<Item = &Service> + '_ {
         self.names.values().filter_map(|k| self.by_key.get(k))
@@ -205,6 +235,31 @@ impl Services {
         }
         if let Some(h) = &spec.health {
             h.check().map_err(err)?;
+        }
+        if let Some(ip) = spec.external_vip {
+            let Some(ext) = topo.external.as_ref() else {
+                return Err(err(
+                    "field `external_vip`: the switch has no external network".into(),
+                ));
+            };
+            if !ext.cidr.contains(ip) || topo.external_addr(ip).is_some() || ext.gateway == Some(ip)
+            {
+                return Err(err(format!(
+                    "field `external_vip`: {ip} is not a free address of the external network {}",
+                    ext.cidr
+                )));
+            }
+            if let Some(other) = spec
+                .external_key()
+                .and_then(|k| self.external.get(&k))
+                .and_then(|k| self.by_key.get(k))
+                .filter(|s| Some(s.spec.name.as_str()) != replacing)
+            {
+                return Err(err(format!(
+                    "field `external_vip`: service {} already has it",
+                    other.spec.name
+                )));
+            }
         }
         if topo.network(spec.vni).is_none() {
             return Err(err(format!("field `network`: no network {}", spec.vni)));
@@ -256,7 +311,6 @@ impl Services {
         let down = vec![false; spec.backends.len()];
         let table = build(&spec, &down)?;
         let old = self.remove(&spec.name);
-        let key = spec.key();
         let mut svc = Service {
             spec,
             table,
@@ -281,10 +335,20 @@ impl Services {
             }
             svc.counters = o.counters;
         }
+        self.index(svc);
+        Ok(old)
+    }
+
+    /// Add `svc` to the indices and the set.
+    fn index(&mut self, svc: Service) {
+        let key = svc.spec.key();
         self.names.insert(svc.spec.name.clone(), key);
         *self.vips.entry((key.vni, key.vip)).or_default() += 1;
+        if let Some(ext) = svc.spec.external_key() {
+            self.external.insert(ext, key);
+            *self.external_ips.entry(ext.vip).or_default() += 1;
+        }
         self.by_key.insert(key, svc);
-        Ok(old)
     }
 
     /// Remove the service `name`.
@@ -296,17 +360,24 @@ impl Services {
                 self.vips.remove(&(key.vni, key.vip));
             }
         }
-        self.by_key.remove(&key)
+        let svc = self.by_key.remove(&key)?;
+        if let Some(ext) = svc.spec.external_key() {
+            self.external.remove(&ext);
+            if let Some(n) = self.external_ips.get_mut(&ext.vip) {
+                *n -= 1;
+                if *n == 0 {
+                    self.external_ips.remove(&ext.vip);
+                }
+            }
+        }
+        Some(svc)
     }
 
     /// Put back a service [`Services::insert`] or [`Services::remove`]
     /// returned (undoing a change): exactly as it was.
     pub fn restore(&mut self, svc: Service) {
         self.remove(&svc.spec.name);
-        let key = svc.spec.key();
-        self.names.insert(svc.spec.name.clone(), key);
-        *self.vips.entry((key.vni, key.vip)).or_default() += 1;
-        self.by_key.insert(key, svc);
+        self.index(svc);
     }
 
     /// Mark backend `ip:port` of service `name` up or down; the table is
@@ -364,7 +435,7 @@ impl Services {
             .unwrap_or_default()
     }
 
-    /// Live connections through `key`.
+    /// Live connections through `key` (a VIP, or an external VIP).
     pub fn conns(&self, key: &VipKey) -> u32 {
         self.conns.get(key).copied().unwrap_or(0)
     }
@@ -383,6 +454,13 @@ impl Services {
                 self.conns.remove(key);
             }
         }
+    }
+
+    /// Live connections of service `svc`: through its VIP and its
+    /// external VIP.
+    pub fn service_conns(&self, spec: &ServiceSpec) -> u32 {
+        self.conns(&spec.key())
+            .saturating_add(spec.external_key().map_or(0, |k| self.conns(&k)))
     }
 }
 

@@ -188,6 +188,7 @@ pub(crate) fn state_v2() -> SwitchState {
             rise: 2,
             fall: 3,
         }),
+        external_vip: None,
     }];
     s
 }

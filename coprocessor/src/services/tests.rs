@@ -49,6 +49,7 @@ fn spec(name: &str, vip: [u8; 4], backends: &[(u8, u32)]) -> ServiceSpec {
             .collect(),
         max_connections: 0,
         health: None,
+        external_vip: None,
     }
 }
 

@@ -25,6 +25,7 @@ fn web(backends: Vec<BackendSpec>) -> ServiceSpec {
         backends,
         max_connections: 0,
         health: None,
+        external_vip: None,
     }
 }
 
@@ -480,4 +481,77 @@ fn icmp_checks_use_echo_and_passive_counts_follow_connections() {
     }
     let sh = n.cp.shared().lock().unwrap();
     assert!(sh.services.passive_counts(VNI, C_IP, 8080).timed_out > 0);
+}
+
+const EXT_VIP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 80);
+
+fn from_outside(sport: u16, flags: u8) -> Vec<u8> {
+    let mut f = tcp(ROUTER_MAC, SERVER, EXT_VIP, sport, 80, flags);
+    f[..6].copy_from_slice(&EXT_MAC);
+    f
+}
+
+#[test]
+fn an_external_vip_balances_to_this_hosts_backends_and_answers_from_itself() {
+    let mut n = with_service(ServiceSpec {
+        external_vip: Some(EXT_VIP),
+        ..web(three())
+    });
+    let mut seen = std::collections::HashMap::new();
+    for sport in 28_000..28_100u16 {
+        let to = match n.send(EXT, &from_outside(sport, SYN)) {
+            Went::To(p, f) => {
+                checksums_ok(&f);
+                assert_eq!(ip_at(&f, 26), SERVER, "the client's address is kept");
+                (p, ip_at(&f, 30), port_at(&f, 36))
+            }
+            other => panic!("{other:?}"),
+        };
+        assert_ne!(to.0, UPLINK, "only this host's backends");
+        *seen.entry(to).or_insert(0) += 1;
+        if sport == 28_000 {
+            // The backend's answer leaves by the external port, from the
+            // external VIP, to the hop the SYN came through.
+            let (port, ip, bport) = to;
+            let mac = if port == B { B_MAC } else { C_MAC };
+            let back = delivered(
+                n.send(port, &tcp(mac, ip, SERVER, bport, sport, SYN | ACK)),
+                EXT,
+            );
+            assert_eq!((ip_at(&back, 26), port_at(&back, 34)), (EXT_VIP, 80));
+            assert_eq!(back[..6], ROUTER_MAC);
+            checksums_ok(&back);
+        }
+    }
+    assert_eq!(seen.len(), 2, "B and C: {seen:?}");
+    let sh = n.cp.shared().lock().unwrap();
+    let spec = sh.services.named("web").unwrap().spec.clone();
+    assert_eq!(sh.services.service_conns(&spec), 100);
+    drop(sh);
+    // ARP for it on the external port is answered; removing the service
+    // ends its connections from outside too.
+    let (_, applied) = n.cp.apply(vec![Op::RemoveService("web".into())]).unwrap();
+    assert_eq!(applied.connections_ended, 100);
+    assert_eq!(
+        n.send(EXT, &from_outside(28_500, SYN)),
+        Went::Dropped(Some(DropCause::ExtUnsolicited))
+    );
+}
+
+#[test]
+fn an_external_vip_must_be_a_free_external_address() {
+    let mut n = default_switch();
+    for (ip, what) in [
+        (Ipv4Addr::new(198, 51, 100, 1), "not a free address"),
+        (FIP_B, "not a free address"),
+        (SNAT_IP, "not a free address"),
+    ] {
+        let e =
+            n.cp.apply(vec![Op::AddService(ServiceSpec {
+                external_vip: Some(ip),
+                ..web(three())
+            })])
+            .unwrap_err();
+        assert!(e.to_string().contains(what), "{ip}: {e}");
+    }
 }
