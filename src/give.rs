@@ -126,9 +126,9 @@ pub fn handover(
         shared: saved,
         actions: std::mem::take(&mut dump.actions),
         flows: live_migrate::Flows::default(),
-        since2: live_migrate::Since2 {
+        since2: Some(live_migrate::Since2 {
             services: guard.save_services(),
-        },
+        }),
     };
     let mut paused = false;
     // The vhost-user connections given out at the pause, kept (with

@@ -372,7 +372,13 @@ pub fn adopt(
         fastpath::dataplane::Request::Restore(Box::new(warm), warm_tx),
     )?;
     // The shared state meanwhile, on this thread.
-    let restored = Shared::restore(state.shared, state.since2.services, state.clock_ns)
+    // A previous release handed over no services: this binary's config
+    // has the ones to start with (as on a fresh start).
+    let services = match state.since2 {
+        Some(s) => s.services,
+        None => coprocessor::lock(shared).services.specs(),
+    };
+    let restored = Shared::restore(state.shared, services, state.clock_ns)
         .map_err(|e| anyhow::anyhow!("restoring the handed-over state: {e}"))?;
     *coprocessor::lock(shared) = restored;
     let region = fastpath::umem::Region::from_fd(

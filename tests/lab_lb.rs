@@ -182,14 +182,15 @@ fn once(lab: &Lab, ns: &str, first: u16, n: u16) -> (HashMap<String, u64>, u64) 
 /// Connections held open from `ns` while `change` runs: what each
 /// answered before and after it.
 fn held_across(
-    lab: &Lab,
+    lab_dir: &std::path::Path,
     ns: &str,
     first: u16,
     n: u16,
     change: impl FnOnce(),
 ) -> Vec<(u64, String, String)> {
-    let s = script(lab, "client.py", CLIENT);
-    let dir = lab.dir.join(format!("hold{first}"));
+    let s = lab_dir.join("client.py").display().to_string();
+    std::fs::write(&s, CLIENT).expect("writing the client");
+    let dir = lab_dir.join(format!("hold{first}"));
     std::fs::create_dir_all(&dir).expect("hold directory");
     let child = Command::new("timeout")
         .args([
@@ -318,7 +319,7 @@ fn a_vip_spreads_connections_by_weight_and_follows_changes_of_its_backends() {
 
     // b3 removed at run time: its connections are reset (at the client's
     // next segment), the others keep their backends.
-    let held = held_across(&lab, &client, 30_000, 40, || {
+    let held = held_across(&lab.dir.clone(), &client, 30_000, 40, || {
         change(&sock, service([1, 2, 1], [true, true, false]))
     });
     let on_b3 = held.iter().filter(|(_, before, _)| before == "b3").count();
@@ -343,7 +344,7 @@ fn a_vip_spreads_connections_by_weight_and_follows_changes_of_its_backends() {
     // b2 drained (weight 0): its connections keep working, new ones go
     // elsewhere.
     let mut new_names = HashMap::new();
-    let held = held_across(&lab, &client, 31_000, 40, || {
+    let held = held_across(&lab.dir.clone(), &client, 31_000, 40, || {
         change(&sock, service([1, 0, 1], [true, true, true]));
         let (names, failed) = once(&lab, &client, 23_000, 100);
         assert_eq!(failed, 0);
@@ -517,4 +518,44 @@ fn a_vip_on_the_external_network_is_balanced_to_this_hosts_backends() {
     let svc = &lab.ctl(&sock, "services").expect("ctl services")["services"][0];
     assert_eq!(svc["external_vip"], "203.0.113.80", "{svc}");
     assert_eq!(svc["picked"], 100, "{svc}");
+}
+
+#[test]
+fn services_and_their_connections_survive_a_live_upgrade() {
+    let mut lab = Lab::new();
+    let (sock, nss) = switch(&mut lab, "");
+    let client = nss[0].clone();
+    let _servers: Vec<Kill> = BACKENDS
+        .iter()
+        .zip(&nss[1..])
+        .map(|(b, ns)| serve(&lab, ns, b.ip, b.name))
+        .collect();
+    // Changed at run time (not in the config): b2 drained, a second
+    // service on port 81.
+    change(&sock, service([1, 0, 1], [true, true, true]));
+    let mut other = service([1, 1, 1], [true, true, true]);
+    other["name"] = json!("other");
+    other["port"] = json!(81);
+    apply(&sock, json!([{"op": "add-service", "service": other}])).expect("add-service");
+    let new = lab.dir.join("vswitch-new");
+    std::fs::copy(env!("CARGO_BIN_EXE_vswitch"), &new).expect("copying the binary");
+    let held = held_across(&lab.dir.clone(), &client, 32_000, 30, || {
+        lab.takeover(&new, "sw");
+        lab.assert_handed_over(0, "sw");
+    });
+    for (sport, before, after) in &held {
+        assert_eq!(after, before, "{sport} lost its backend in the upgrade");
+    }
+    let v = lab.ctl(&sock, "services").expect("ctl services");
+    let names: Vec<&str> = v["services"]
+        .as_array()
+        .expect("services")
+        .iter()
+        .filter_map(|s| s["name"].as_str())
+        .collect();
+    assert_eq!(names, ["other", "web"], "{v}");
+    assert_eq!(v["services"][1]["backends"][1]["state"], "drained", "{v}");
+    let (names, failed) = once(&lab, &client, 33_000, 60);
+    assert_eq!(failed, 0, "{}", lab.log("sw-new"));
+    assert!(!names.contains_key("b2"), "{names:?}");
 }

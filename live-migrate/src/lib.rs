@@ -154,10 +154,11 @@ pub struct SwitchState {
     pub actions: Vec<Action>,
     /// The fast path's flows, so the next binary starts warm.
     pub flows: Flows,
-    /// What format 2 added (empty when read from format 1). Not part of
-    /// format 1's body: written after it.
+    /// What format 2 added (`None` when read from format 1: the previous
+    /// release had none of it). Not part of format 1's body: written after
+    /// it.
     #[serde(skip)]
-    pub since2: Since2,
+    pub since2: Option<Since2>,
 }
 
 /// The state format 2 adds after format 1's body.
@@ -196,7 +197,8 @@ pub fn encode(state: &SwitchState) -> Result<Vec<u8>, SnapshotError> {
 /// The body of a snapshot of [`FORMAT`]: format 1's, then [`Since2`].
 pub(crate) fn write_body(mut w: impl std::io::Write, state: &SwitchState) -> bincode::Result<()> {
     bincode::serialize_into(&mut w, state)?;
-    bincode::serialize_into(&mut w, &state.since2)
+    let empty = Since2::default();
+    bincode::serialize_into(&mut w, state.since2.as_ref().unwrap_or(&empty))
 }
 
 /// Fill in the header of `snap` (24 header bytes, then the body).
@@ -258,7 +260,7 @@ pub fn decode(bytes: &[u8]) -> Result<SwitchState, SnapshotError> {
     let mut de = bincode::Deserializer::from_slice(body, opts);
     let mut state = SwitchState::deserialize(&mut de).map_err(err)?;
     if format >= 2 {
-        state.since2 = Since2::deserialize(&mut de).map_err(err)?;
+        state.since2 = Some(Since2::deserialize(&mut de).map_err(err)?);
     }
     Ok(state)
 }

@@ -154,7 +154,7 @@ pub(crate) fn state() -> SwitchState {
         shared: sh.save(),
         actions,
         flows,
-        since2: Since2::default(),
+        since2: Some(Since2::default()),
     }
 }
 
@@ -162,7 +162,8 @@ pub(crate) fn state() -> SwitchState {
 pub(crate) fn state_v2() -> SwitchState {
     use coprocessor::services::{BackendSpec, ServiceSpec};
     let mut s = state();
-    s.since2.services = vec![ServiceSpec {
+    s.since2 = Some(Since2::default());
+    let services = vec![ServiceSpec {
         name: "web".into(),
         vni: 100,
         vip: Ipv4Addr::new(10, 0, 0, 100),
@@ -190,6 +191,7 @@ pub(crate) fn state_v2() -> SwitchState {
         }),
         external_vip: None,
     }];
+    s.since2 = Some(Since2 { services });
     s
 }
 
@@ -202,10 +204,11 @@ fn a_snapshot_round_trips() {
     assert_eq!(decode(&bytes).unwrap(), s);
     assert_eq!(s.flows().filter(|(_, a)| a.encap.is_some()).count(), 2);
     // And the shared state it carries restores.
-    let sh = Shared::restore(s.shared.clone(), s.since2.services.clone(), s.clock_ns).unwrap();
+    let services = s.since2.clone().unwrap().services;
+    let sh = Shared::restore(s.shared.clone(), services.clone(), s.clock_ns).unwrap();
     assert_eq!(sh.ct.len(), 1);
     assert_eq!(sh.topo.vm_named("a").map(|v| v.port), Some(PortId(0)));
-    assert_eq!(sh.services.specs(), s.since2.services);
+    assert_eq!(sh.services.specs(), services);
 }
 
 #[test]
@@ -251,12 +254,13 @@ fn the_format_1_fixture_loads() {
     let bytes = std::fs::read(&path).expect("fixtures/v1.snap is checked in");
     assert_eq!(bytes[8..12], 1u32.to_le_bytes());
     let s = decode(&bytes).expect("format 1 loads");
-    // The previous release counted fewer drop causes.
+    // The previous release counted fewer drop causes, and had no services.
     let mut want = state();
     assert_eq!(s.shared.counters.drops.len(), 31);
     want.shared.counters.drops.truncate(31);
+    want.since2 = None;
     assert_eq!(s, want);
-    let sh = Shared::restore(s.shared, s.since2.services, s.clock_ns).expect("and restores");
+    let sh = Shared::restore(s.shared, Vec::new(), s.clock_ns).expect("and restores");
     assert!(sh.services.is_empty());
     assert_eq!(sh.counters.drops.len(), coprocessor::DropCause::ALL.len());
 }
@@ -273,7 +277,8 @@ fn the_format_2_fixture_loads() {
     let bytes = std::fs::read(&path).expect("fixtures/v2.snap is checked in");
     let s = decode(&bytes).expect("format 2 loads");
     assert_eq!(s, state_v2());
-    let sh = Shared::restore(s.shared, s.since2.services, s.clock_ns).expect("and restores");
+    let services = s.since2.expect("format 2 has them").services;
+    let sh = Shared::restore(s.shared, services, s.clock_ns).expect("and restores");
     assert!(sh.services.named("web").is_some());
 }
 

@@ -555,3 +555,25 @@ fn an_external_vip_must_be_a_free_external_address() {
         assert!(e.to_string().contains(what), "{ip}: {e}");
     }
 }
+
+#[test]
+fn load_balanced_connections_count_against_the_clients_quota() {
+    // 32 connections a VM, 2 of them half-open (a sixteenth).
+    let limits = Limits {
+        max: 1000,
+        per_vm: 32,
+    };
+    let mut n = switch(limits, (1024, 65535), 1000);
+    n.cp.apply(vec![Op::AddService(web(three()))]).unwrap();
+    reached(n.send(A, &syn_to_vip(1)));
+    reached(n.send(A, &syn_to_vip(2)));
+    assert_eq!(
+        n.send(A, &syn_to_vip(3)),
+        Went::Dropped(Some(DropCause::CtQuota))
+    );
+    // Another client is not held back by A's share.
+    let from_c = tcp(C_MAC, C_IP, VIP, 3, 80, SYN);
+    assert!(matches!(n.send(C, &from_c), Went::To(..)));
+    let sh = n.cp.shared().lock().unwrap();
+    assert_eq!(sh.ct.per_owner().get(&A), Some(&2));
+}
