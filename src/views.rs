@@ -144,7 +144,7 @@ pub fn services(sh: &Shared) -> Value {
                     json!({"ip": b.ip.to_string(), "port": b.port, "weight": b.weight,
                         "state": state, "share_pct": share(b.ip, b.port),
                         "connections": per_backend.get(&(key, u32::from(b.ip), b.port)).copied().unwrap_or(0),
-                        "refused": passive.refused, "timed_out": passive.timed_out,
+                        "refused": passive.refused, "timed_out": passive.timed_out, "ejections": passive.ejections,
                         "probes": probes.map(|p| p.probes), "probe_failures": probes.map(|p| p.failures)})
                 })
                 .collect();

@@ -12,8 +12,9 @@
 //! Only backends on this host are probed: a probe from this host's
 //! gateway address to another host's VM would be refused there (the
 //! gateway is no remote endpoint). A remote backend is checked by its own
-//! hypervisor; here it is judged passively (connections it refused or let
-//! time out, counted per backend). State is per (network, address, port)
+//! hypervisor; here it is judged passively: connections it refused or let
+//! time out are counted per backend, and `fall` of them in a row eject it
+//! from the tables for a while ([`Services::passive`]). State is per (network, address, port)
 //! target, shared by every service that lists it, and not carried by a
 //! live handover (a new binary starts with every backend up and probes
 //! again).
@@ -131,6 +132,7 @@ impl Services {
             st.probes += 1;
             out.push((port, f));
         }
+        self.end_ejections(now);
         // Targets no service checks any more are forgotten.
         self.health
             .targets

@@ -19,7 +19,7 @@ impl Coprocessor {
         for e in sh.ct.tick(now) {
             match e {
                 Expiry::Check { id, keys } => out.checks.push(CtCheck { id, keys }),
-                Expiry::Ended(c) => sh.expired(&c, &mut out),
+                Expiry::Ended(c) => sh.expired(&c, &mut out, now),
             }
         }
         if !sh.services.is_empty() {
@@ -45,7 +45,7 @@ impl Coprocessor {
         let mut out = Update::default();
         let mut sh = lock(&self.shared);
         if let Some(c) = sh.ct.checked(id, keys, used, now) {
-            sh.expired(&c, &mut out);
+            sh.expired(&c, &mut out, now);
         }
         out
     }

@@ -146,21 +146,34 @@ pub struct Services {
     passive: FxHashMap<(u32, u32, u16), PassiveCounts>,
 }
 
-/// What a backend did to a connection that never opened.
+/// What a backend did with a new connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Passive {
     /// It answered the SYN with a reset.
     Refused,
     /// The handshake timed out.
     TimedOut,
+    /// It answered the SYN (a SYN-ACK).
+    Answered,
 }
 
-/// Per backend: connections it refused or let time out.
+/// Per backend: connections it refused or let time out, and its passive
+/// ejection (see [`Services::passive`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PassiveCounts {
     pub refused: u64,
     pub timed_out: u64,
+    /// Failures since its last answered SYN.
+    pub streak: u32,
+    /// Out of the tables until then (ns), if ejected.
+    pub ejected_until: Option<u64>,
+    pub ejections: u64,
 }
+
+/// How long a passively ejected backend stays out, in health-check
+/// intervals (then it is given connections again: if they fail, `fall`
+/// of them eject it again).
+pub const EJECTION_INTERVALS: u64 = 10;
 
 impl Services {
     pub fn len(&self) -> usize {
@@ -403,27 +416,96 @@ impl Services {
         true
     }
 
-    /// Count what the backend of load-balanced connection `c` did to it
-    /// (nothing if `c` is not one).
-    pub fn passive(&mut self, c: &crate::conntrack::Conn, what: Passive) {
+    /// Count what the backend of load-balanced connection `c` did with
+    /// it at `now` (nothing if `c` is not one). A backend that active
+    /// checks do not reach (on another host) and that fails `fall` new
+    /// connections in a row, of a service with a health check, is ejected
+    /// from the tables for [`EJECTION_INTERVALS`] check intervals (what
+    /// Envoy calls outlier detection); [`Services::health_tick`] lets it
+    /// back in.
+    pub fn passive(&mut self, c: &crate::conntrack::Conn, what: Passive, now: u64) {
         let (Some(_), Some((ip, port))) = (crate::lb::vip_of(c), crate::lb::backend_of(c)) else {
             return;
         };
-        let key = (c.admission.vni, ip, port);
-        // Only for backends some service lists (the map stays bounded).
-        if !self.iter().any(|s| {
-            s.spec.vni == key.0
-                && s.spec
-                    .backends
-                    .iter()
-                    .any(|b| (u32::from(b.ip), b.port) == (ip, port))
-        }) {
+        let vni = c.admission.vni;
+        // The health check of a service listing it (and so only backends
+        // some service lists are counted: the map stays bounded).
+        let mut listed = false;
+        let mut check = None;
+        for s in self.iter().filter(|s| s.spec.vni == vni) {
+            if s.spec
+                .backends
+                .iter()
+                .any(|b| (u32::from(b.ip), b.port) == (ip, port))
+            {
+                listed = true;
+                check = check.or(s.spec.health);
+            }
+        }
+        if !listed {
             return;
         }
-        let p = self.passive.entry(key).or_default();
+        let probed = check.is_some_and(|h| {
+            self.health.targets.contains_key(&crate::health::Target {
+                vni,
+                ip,
+                port: if h.tcp { port } else { 0 },
+            })
+        });
+        let p = self.passive.entry((vni, ip, port)).or_default();
         match what {
             Passive::Refused => p.refused += 1,
             Passive::TimedOut => p.timed_out += 1,
+            Passive::Answered => {
+                p.streak = 0;
+                return;
+            }
+        }
+        p.streak = p.streak.saturating_add(1);
+        let Some(h) = check.filter(|_| !probed && p.ejected_until.is_none()) else {
+            return;
+        };
+        if p.streak < u32::from(h.fall) {
+            return;
+        }
+        p.ejected_until = Some(now + EJECTION_INTERVALS * u64::from(h.interval_ms) * 1_000_000);
+        p.ejections += 1;
+        p.streak = 0;
+        self.set_backend_down(vni, ip, port, true);
+    }
+
+    /// Let passively ejected backends whose time is up back in.
+    pub(crate) fn end_ejections(&mut self, now: u64) {
+        let due: Vec<(u32, u32, u16)> = self
+            .passive
+            .iter_mut()
+            .filter(|(_, p)| p.ejected_until.is_some_and(|t| t <= now))
+            .map(|(k, p)| {
+                p.ejected_until = None;
+                *k
+            })
+            .collect();
+        for (vni, ip, port) in due {
+            self.set_backend_down(vni, ip, port, false);
+        }
+    }
+
+    /// Mark backend `ip:port` of network `vni` down (or up) in every
+    /// service that lists it.
+    fn set_backend_down(&mut self, vni: u32, ip: u32, port: u16, down: bool) {
+        let names: Vec<String> = self
+            .iter()
+            .filter(|s| {
+                s.spec.vni == vni
+                    && s.spec
+                        .backends
+                        .iter()
+                        .any(|b| (u32::from(b.ip), b.port) == (ip, port))
+            })
+            .map(|s| s.spec.name.clone())
+            .collect();
+        for name in names {
+            self.set_down(&name, Ipv4Addr::from(ip), port, down);
         }
     }
 

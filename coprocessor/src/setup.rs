@@ -143,7 +143,7 @@ impl Setup<'_> {
             if let Some(c) = self.sh.ct.get(id).cloned() {
                 self.sh
                     .services
-                    .passive(&c, crate::services::Passive::Refused);
+                    .passive(&c, crate::services::Passive::Refused, now);
             }
         }
         if flags & (SYN | FIN | RST) != 0 {
@@ -157,6 +157,13 @@ impl Setup<'_> {
             // The SYN-ACK: until the originator's ACK is seen, its packets
             // come here (its flow leaves the fast path; the fast path
             // punts no plain ACK of a tracked flow).
+            if !self.sh.services.is_empty() {
+                if let Some(c) = self.sh.ct.get(id).cloned() {
+                    self.sh
+                        .services
+                        .passive(&c, crate::services::Passive::Answered, now);
+                }
+            }
             if let Some(c) = self.sh.ct.get_mut(id) {
                 let s0 = &mut c.sides[0];
                 if s0.installed {

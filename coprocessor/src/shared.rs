@@ -176,10 +176,10 @@ impl Shared {
 
     /// A connection's timer ran out: end it; one whose handshake never
     /// completed counts against its backend, if load-balanced.
-    pub fn expired(&mut self, conn: &Conn, out: &mut Update) {
+    pub fn expired(&mut self, conn: &Conn, out: &mut Update, now: u64) {
         if crate::conntrack::half_open(&conn.state) {
             self.services
-                .passive(conn, crate::services::Passive::TimedOut);
+                .passive(conn, crate::services::Passive::TimedOut, now);
         }
         self.end(conn, out);
     }

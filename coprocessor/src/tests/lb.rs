@@ -577,3 +577,34 @@ fn load_balanced_connections_count_against_the_clients_quota() {
     let sh = n.cp.shared().lock().unwrap();
     assert_eq!(sh.ct.per_owner().get(&A), Some(&2));
 }
+
+#[test]
+fn a_remote_backend_that_refuses_is_ejected_for_a_while() {
+    let mut n = with_service(checked(true));
+    tick(&mut n, 1);
+    let mut refused = 0;
+    for sport in 29_000..29_200u16 {
+        if refused == 2 {
+            break;
+        }
+        if reached(n.send(A, &syn_to_vip(sport))).0 != R_IP {
+            continue;
+        }
+        let rst = tcp(R_MAC, R_IP, A_IP, 80, sport, RST | ACK);
+        n.send(UPLINK, &super::super::from_remote(&rst, REMOTE_VTEP, VNI));
+        refused += 1;
+    }
+    assert_eq!(refused, 2);
+    assert!(down(&n, R_IP), "fall = 2 refusals in a row");
+    for sport in 29_200..29_300u16 {
+        assert_ne!(reached(n.send(A, &syn_to_vip(sport))).0, R_IP);
+    }
+    // Ten check intervals later it is given connections again.
+    for _ in 0..11 {
+        tick(&mut n, 1000);
+    }
+    assert!(!down(&n, R_IP));
+    let sh = n.cp.shared().lock().unwrap();
+    let p = sh.services.passive_counts(VNI, R_IP, 80);
+    assert_eq!((p.refused, p.ejections), (2, 1));
+}
