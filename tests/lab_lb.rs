@@ -37,7 +37,8 @@ while True:
 "#;
 
 /// `once VIP PORT FIRST N`: N connections one after another, from source
-/// ports FIRST.., each reading the name; prints {"names": {...}, "failed": n}.
+/// ports FIRST.., each reading the name; prints {"names": {...}, "failed":
+/// n, "order": [the name of each, in order]}.
 /// `hold VIP PORT FIRST N DIR`: N connections held open; writes DIR/ready
 /// once they all answered, waits for DIR/go (≤ 60 s), then sends on each
 /// and prints [[sport, name before, name after or the error]].
@@ -51,17 +52,19 @@ def conn(sport):
     s.bind(("", sport))
     s.connect((vip, port))
     return s, s.makefile("rb")
-if mode == "once":
-    names, failed = {}, 0
+if mode in ("once", "list"):
+    names, failed, order = {}, 0, []
     for i in range(n):
         try:
             s, f = conn(first + i)
             name = f.readline().decode().strip()
             s.close()
             names[name] = names.get(name, 0) + 1
+            order.append(name)
         except Exception as e:
             failed += 1
-    print(json.dumps({"names": names, "failed": failed}))
+            order.append("failed")
+    print(json.dumps({"names": names, "failed": failed, "order": order}))
 else:
     d = sys.argv[6]
     held = []
@@ -152,6 +155,18 @@ fn serve(lab: &Lab, ns: &str, ip: &str, name: &str) -> Kill {
 /// `n` connections to the VIP from `ns`, source ports `first`..: the
 /// names that answered, and how many failed.
 fn once(lab: &Lab, ns: &str, first: u16, n: u16) -> (HashMap<String, u64>, u64) {
+    let v = connections(lab, ns, first, n);
+    let names = v["names"]
+        .as_object()
+        .expect("names")
+        .iter()
+        .map(|(k, c)| (k.clone(), c.as_u64().unwrap_or(0)))
+        .collect();
+    (names, v["failed"].as_u64().unwrap_or(u64::MAX))
+}
+
+/// The client's report of `n` connections from `ns` (see [`CLIENT`]).
+fn connections(lab: &Lab, ns: &str, first: u16, n: u16) -> Value {
     let s = script(lab, "client.py", CLIENT);
     let (ok, out) = try_sh(&[
         "timeout",
@@ -169,14 +184,7 @@ fn once(lab: &Lab, ns: &str, first: u16, n: u16) -> (HashMap<String, u64>, u64) 
         &n.to_string(),
     ]);
     assert!(ok, "client: {out}");
-    let v: Value = serde_json::from_str(out.trim()).expect("client output");
-    let names = v["names"]
-        .as_object()
-        .expect("names")
-        .iter()
-        .map(|(k, c)| (k.clone(), c.as_u64().unwrap_or(0)))
-        .collect();
-    (names, v["failed"].as_u64().unwrap_or(u64::MAX))
+    serde_json::from_str(out.trim()).expect("client output")
 }
 
 /// Connections held open from `ns` while `change` runs: what each
@@ -254,9 +262,32 @@ fn change(sock: &std::path::Path, svc: Value) {
 /// (VIP:80 over the backends' port 8080, weights 1:2:1) with `extra`
 /// fields; the socket and the VMs' namespaces (client first).
 fn switch(lab: &mut Lab, extra: &str) -> (std::path::PathBuf, Vec<String>) {
-    let mut vms = vec![CLIENT_VM];
-    vms.extend(BACKENDS);
-    let cfg = lab::one_host_config(lab, "sw", &vms)
+    switch_named(lab, "sw", "", extra)
+}
+
+/// [`switch`] as switch `name`, its links' and namespaces' names with
+/// `tag` (a second switch beside the first).
+fn switch_named(
+    lab: &mut Lab,
+    name: &str,
+    tag: &str,
+    extra: &str,
+) -> (std::path::PathBuf, Vec<String>) {
+    let tagged: Vec<String> = std::iter::once(CLIENT_VM.name)
+        .chain(BACKENDS.iter().map(|b| b.name))
+        .map(|n| format!("{n}{tag}"))
+        .collect();
+    let vms: Vec<Vm> = std::iter::once(&CLIENT_VM)
+        .chain(&BACKENDS)
+        .zip(&tagged)
+        .map(|(v, n)| Vm {
+            name: n.as_str(),
+            mac: v.mac,
+            ip: v.ip,
+            network: v.network,
+        })
+        .collect();
+    let cfg = lab::one_host_config(lab, name, &vms)
         .replace("flow_capacity = 4096", "flow_capacity = 65536")
         + &format!(
             "[[service]]\nname = \"web\"\nnetwork = 100\nvip = \"{VIP}\"\nprotocol = \"tcp\"\nport = 80\n\
@@ -264,7 +295,7 @@ fn switch(lab: &mut Lab, extra: &str) -> (std::path::PathBuf, Vec<String>) {
                          {{ ip = \"10.0.0.22\", port = 8080, weight = 2 }},\n\
                          {{ ip = \"10.0.0.23\", port = 8080, weight = 1 }}]\n{extra}\n"
         );
-    let sock = lab.vswitch("sw", &cfg);
+    let sock = lab.vswitch(name, &cfg);
     let mut nss = Vec::new();
     for v in &vms {
         let ns = lab.netns(&format!("v{}", v.name));
@@ -558,4 +589,29 @@ fn services_and_their_connections_survive_a_live_upgrade() {
     let (names, failed) = once(&lab, &client, 33_000, 60);
     assert_eq!(failed, 0, "{}", lab.log("sw-new"));
     assert!(!names.contains_key("b2"), "{names:?}");
+}
+
+#[test]
+fn two_switches_with_the_same_backends_pick_the_same_backend_for_a_connection() {
+    let mut lab = Lab::new();
+    let (_, one) = switch_named(&mut lab, "sw", "", "");
+    // The second lists the same backends in another order (one change
+    // then puts them back at the same weights, in reverse).
+    let (sock2, two) = switch_named(&mut lab, "sw2", "x", "");
+    let mut rev = service([1, 2, 1], [true, true, true]);
+    rev["backends"].as_array_mut().expect("backends").reverse();
+    change(&sock2, rev);
+    let _servers: Vec<Kill> = [&one, &two]
+        .iter()
+        .flat_map(|nss| BACKENDS.iter().zip(&nss[1..]))
+        .map(|(b, ns)| serve(&lab, ns, b.ip, b.name))
+        .collect();
+    let a = connections(&lab, &one[0], 34_000, 60);
+    let b = connections(&lab, &two[0], 34_000, 60);
+    assert_eq!(a["failed"], 0, "{a}");
+    assert_eq!(a["names"].as_object().map(|n| n.len()), Some(3), "{a}");
+    assert_eq!(
+        a["order"], b["order"],
+        "the same 5-tuples went to other backends"
+    );
 }
