@@ -88,6 +88,64 @@ fn pick_other_than(t: &maglev::Table, h: u64, client: Ipv4Addr) -> Option<maglev
     t.pick_where(h, |b| b.ip != client)
 }
 
+/// The way from a client of network `vni` (its packet `key`) to backend
+/// `ip`: through the router, never the external network.
+fn backend_next(
+    topo: &crate::topology::Topology,
+    vni: u32,
+    key: &FlowKey,
+    ip: Ipv4Addr,
+) -> Result<Next, DropCause> {
+    match forward::decide(topo, vni, Ipv4Addr::from(key.src_ip), ip)? {
+        Next::External => Err(DropCause::NoRoute),
+        n => Ok(routed(n)),
+    }
+}
+
+/// Both sides of a connection from local VM `vm` (`key`, to the VIP) to
+/// `backend` by `next`: the DNAT forward flow, and the replies' with the
+/// VIP restored.
+fn sides(
+    topo: &crate::topology::Topology,
+    vm: &LocalVm,
+    key: &FlowKey,
+    backend: (Ipv4Addr, u16),
+    next: Next,
+) -> Result<[crate::conntrack::Side; 2], DropCause> {
+    let to_backend = FlowKey {
+        dst_ip: u32::from(backend.0),
+        dst_port: backend.1,
+        ..*key
+    };
+    let mut sides = setup::vm_sides(topo, vm, &to_backend, next)?;
+    sides[0].key = *key;
+    sides[0].action.nat = Some(Nat {
+        side: NatSide::Dst,
+        ip: u32::from(backend.0),
+        port: Some(backend.1),
+    });
+    sides[1].action.nat = Some(Nat {
+        side: NatSide::Src,
+        ip: key.dst_ip,
+        port: Some(key.dst_port),
+    });
+    Ok(sides)
+}
+
+/// The sides of load-balanced connection `c` from local VM `vm`
+/// recompiled on today's topology (its backend moved to another host):
+/// the same backend, its new way. `None` if it has none.
+pub(crate) fn recompiled(
+    topo: &crate::topology::Topology,
+    vm: &LocalVm,
+    c: &Conn,
+) -> Option<[crate::conntrack::Side; 2]> {
+    let (ip, port) = backend_of(c)?;
+    let key = c.sides[0].key;
+    let next = backend_next(topo, vm.vni.get(), &key, Ipv4Addr::from(ip)).ok()?;
+    sides(topo, vm, &key, (Ipv4Addr::from(ip), port), next).ok()
+}
+
 /// The next hop a load-balanced packet takes: always through the router
 /// (the client addressed the VIP at the gateway's MAC).
 fn routed(n: Next) -> Next {
@@ -157,22 +215,14 @@ impl Setup<'_> {
             svc_count(self.sh, |c| c.refused_no_backend += 1);
             return Err(DropCause::LbNoBackend);
         };
-        let backend = FlowKey {
-            dst_ip: u32::from(b.ip),
-            dst_port: b.port,
-            ..key
-        };
         let vni = vk.vni;
-        let next = match forward::decide(self.topo, vni, Ipv4Addr::from(key.src_ip), b.ip)? {
-            Next::External => return Err(DropCause::NoRoute),
-            n => routed(n),
-        };
+        let next = backend_next(self.topo, vni, &key, b.ip)?;
         let dst_vm = match next {
             Next::Local { port, .. } => self.topo.vm_on(port),
             _ => None,
         };
         if self
-            .admits_at(vm, Direction::Egress, backend.dst_ip, b.port)
+            .admits_at(vm, Direction::Egress, u32::from(b.ip), b.port)
             .is_none()
         {
             return Err(self.deny(vm.port));
@@ -185,18 +235,7 @@ impl Setup<'_> {
             }
         }
         self.refuse_early(vm.port)?;
-        let mut sides = setup::vm_sides(self.topo, vm, &backend, next)?;
-        sides[0].key = key;
-        sides[0].action.nat = Some(Nat {
-            side: NatSide::Dst,
-            ip: u32::from(b.ip),
-            port: Some(b.port),
-        });
-        sides[1].action.nat = Some(Nat {
-            side: NatSide::Src,
-            ip: key.dst_ip,
-            port: Some(key.dst_port),
-        });
+        let sides = sides(self.topo, vm, &key, (b.ip, b.port), next)?;
         let admission = Admission {
             vni,
             src: key.src_ip,

@@ -534,6 +534,12 @@ impl Shared {
             }
         }
         for (id, sides) in moved {
+            // Their flows go (the address invalidation misses a
+            // load-balanced connection's forward flow: its key has the
+            // VIP, not the moved backend).
+            if let Some(c) = self.ct.get(id) {
+                out.remove.extend(c.installed_keys());
+            }
             if !self.ct.replace_sides(id, sides) {
                 ended.push(id);
             }

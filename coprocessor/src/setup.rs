@@ -664,9 +664,9 @@ pub(crate) fn vm_sides(
 }
 
 /// The sides of a tracked connection recompiled on today's topology
-/// (an endpoint it uses moved): `None` if it cannot be (it leaves through
-/// NAT, or its originator is not a local VM any more); the connection
-/// then ends.
+/// (an endpoint it uses moved; a load-balanced one keeps its backend):
+/// `None` if it cannot be (it leaves through NAT, or its originator is
+/// not a local VM any more); the connection then ends.
 pub(crate) fn recompiled(topo: &Topology, c: &crate::conntrack::Conn) -> Option<[Side; 2]> {
     if c.nat.is_some() {
         return None;
@@ -676,15 +676,21 @@ pub(crate) fn recompiled(topo: &Topology, c: &crate::conntrack::Conn) -> Option<
         return None;
     };
     let vm = topo.vm_on(p)?;
-    let vni = vm.vni.get();
-    let next = forward::decide(
-        topo,
-        vni,
-        std::net::Ipv4Addr::from(key.src_ip),
-        std::net::Ipv4Addr::from(key.dst_ip),
-    )
-    .ok()?;
-    let mut sides = vm_sides(topo, vm, &key, next).ok()?;
+    let mut sides = match crate::lb::vip_of(c) {
+        // Load-balanced: the same backend, wherever it is now.
+        Some(_) => crate::lb::recompiled(topo, vm, c)?,
+        None => {
+            let vni = vm.vni.get();
+            let next = forward::decide(
+                topo,
+                vni,
+                std::net::Ipv4Addr::from(key.src_ip),
+                std::net::Ipv4Addr::from(key.dst_ip),
+            )
+            .ok()?;
+            vm_sides(topo, vm, &key, next).ok()?
+        }
+    };
     for s in &mut sides {
         s.action.conntrack = true;
         s.installed = false;

@@ -608,3 +608,37 @@ fn a_remote_backend_that_refuses_is_ejected_for_a_while() {
     let p = sh.services.passive_counts(VNI, R_IP, 80);
     assert_eq!((p.refused, p.ejections), (2, 1));
 }
+
+#[test]
+fn a_connection_keeps_its_backend_when_the_backend_moves_to_another_host() {
+    let mut n = with_service(web(vec![backend(R_IP, 80, 1)]));
+    let new_vtep = Ipv4Addr::new(192, 168, 0, 77);
+    n.cp.update_topology(|t| t.set_neighbor(new_vtep, NEXT_HOP));
+    assert_eq!(reached(n.send(A, &syn_to_vip(35_000))), (R_IP, 80));
+    let moved = RemoteVm {
+        ip: R_IP,
+        mac: R_MAC,
+        vni: vni(VNI),
+        vtep: new_vtep,
+        groups: vec![1],
+    };
+    let (out, applied) = n.cp.apply(vec![Op::SetRemotes(vec![moved])]).unwrap();
+    n.apply(&out);
+    assert_eq!(applied.connections_ended, 0, "recompiled, not ended");
+    // The next segment goes to the backend's new host, still DNATed.
+    match n.send(A, &tcp(A_MAC, A_IP, VIP, 35_000, 80, ACK)) {
+        Went::To(UPLINK, wire) => {
+            let d = vxlan::decap(
+                &wire,
+                &vxlan::DecapConfig {
+                    local_vtep: u32::from(new_vtep),
+                    udp_port: 4789,
+                },
+            )
+            .expect("to the new VTEP");
+            let inner = &wire[d.inner()];
+            assert_eq!((ip_at(inner, 30), port_at(inner, 36)), (R_IP, 80));
+        }
+        other => panic!("{other:?}"),
+    }
+}
