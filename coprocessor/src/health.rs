@@ -133,6 +133,7 @@ impl Services {
             out.push((port, f));
         }
         self.end_ejections(now);
+        self.forget_unlisted();
         // Targets no service checks any more are forgotten.
         self.health
             .targets

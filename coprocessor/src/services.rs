@@ -474,6 +474,24 @@ impl Services {
         self.set_backend_down(vni, ip, port, true);
     }
 
+    /// Forget the passive counts of backends no service lists any more
+    /// (backends come and go: the map must not keep them all).
+    pub(crate) fn forget_unlisted(&mut self) {
+        if self.passive.is_empty() {
+            return;
+        }
+        let listed: rustc_hash::FxHashSet<(u32, u32, u16)> = self
+            .iter()
+            .flat_map(|s| {
+                s.spec
+                    .backends
+                    .iter()
+                    .map(|b| (s.spec.vni, u32::from(b.ip), b.port))
+            })
+            .collect();
+        self.passive.retain(|k, _| listed.contains(k));
+    }
+
     /// Let passively ejected backends whose time is up back in.
     pub(crate) fn end_ejections(&mut self, now: u64) {
         let due: Vec<(u32, u32, u16)> = self

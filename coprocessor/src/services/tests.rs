@@ -161,3 +161,65 @@ fn counts_are_per_vip_and_never_underflow() {
     s.closed(&k);
     assert_eq!(s.conns(&k), 0);
 }
+
+#[test]
+fn passive_counts_of_a_backend_no_service_lists_are_forgotten() {
+    use crate::conntrack::{Admission, Conn, ConnState, Side};
+    use flowtable::{Action, FlowKey, Ingress, Nat, NatSide};
+    let t = topo();
+    let mut s = Services::default();
+    s.insert(spec("a", [10, 1, 0, 9], &[(20, 1)])).unwrap();
+    let key = FlowKey::new(
+        Ingress::Port(PortId(1)),
+        6,
+        1,
+        u32::from(Ipv4Addr::new(10, 1, 0, 9)),
+        5,
+        443,
+    );
+    let dnat = Action {
+        nat: Some(Nat {
+            side: NatSide::Dst,
+            ip: u32::from(Ipv4Addr::new(10, 1, 0, 20)),
+            port: Some(8443),
+        }),
+        ..Action::output(PortId(2))
+    };
+    let side = |key, action| Side {
+        key,
+        action,
+        installed: true,
+    };
+    let admission = Admission {
+        vni: 7,
+        src: 1,
+        dst: 2,
+        proto: 6,
+        port: 8443,
+        egress: None,
+        ingress: None,
+        rule: None,
+    };
+    let c = Conn::new(
+        [side(key, dnat), side(key, Action::output(PortId(1)))],
+        ConnState::Udp { replied: false },
+        admission,
+        0,
+    );
+    s.passive(&c, Passive::Refused, 0);
+    assert_eq!(
+        s.passive_counts(7, Ipv4Addr::new(10, 1, 0, 20), 8443)
+            .refused,
+        1
+    );
+    s.insert(spec("a", [10, 1, 0, 9], &[(21, 1)])).unwrap();
+    s.health_tick(&t, 1);
+    assert_eq!(
+        s.passive_counts(7, Ipv4Addr::new(10, 1, 0, 20), 8443)
+            .refused,
+        0
+    );
+    // Not listed: not counted at all.
+    s.passive(&c, Passive::Refused, 0);
+    assert!(s.passive.is_empty());
+}
