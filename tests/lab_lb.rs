@@ -152,6 +152,16 @@ fn serve(lab: &Lab, ns: &str, ip: &str, name: &str) -> Kill {
     Kill(child)
 }
 
+/// The named servers in every backend of a [`switch`] (`nss`: client
+/// first).
+fn serve_all(lab: &Lab, nss: &[String]) -> Vec<Kill> {
+    BACKENDS
+        .iter()
+        .zip(&nss[1..])
+        .map(|(b, ns)| serve(lab, ns, b.ip, b.name))
+        .collect()
+}
+
 /// `n` connections to the VIP from `ns`, source ports `first`..: the
 /// names that answered, and how many failed.
 fn once(lab: &Lab, ns: &str, first: u16, n: u16) -> (HashMap<String, u64>, u64) {
@@ -315,11 +325,7 @@ fn a_vip_spreads_connections_by_weight_and_follows_changes_of_its_backends() {
     let mut lab = Lab::new();
     let (sock, nss) = switch(&mut lab, "");
     let client = nss[0].clone();
-    let _servers: Vec<Kill> = BACKENDS
-        .iter()
-        .zip(&nss[1..])
-        .map(|(b, ns)| serve(&lab, ns, b.ip, b.name))
-        .collect();
+    let _servers = serve_all(&lab, &nss);
 
     // 300 connections, weights 1:2:1. The pick is a hash of each
     // connection's 5-tuple, so each backend's count is binomial around its
@@ -512,11 +518,7 @@ fn a_vip_on_the_external_network_is_balanced_to_this_hosts_backends() {
          [external]\nport = \"{ext_tap}\"\ncidr = \"203.0.113.0/24\"\n"
     );
     let (sock, nss) = switch(&mut lab, &extra);
-    let _servers: Vec<Kill> = BACKENDS
-        .iter()
-        .zip(&nss[1..])
-        .map(|(b, ns)| serve(&lab, ns, b.ip, b.name))
-        .collect();
+    let _servers = serve_all(&lab, &nss);
     let ext = lab.netns("ext");
     lab.attach_vm(&ext_tap, &ext, "02:ee:00:00:00:01", "203.0.113.1/24");
     // The backends answer the outside through their gateway.
@@ -556,11 +558,7 @@ fn services_and_their_connections_survive_a_live_upgrade() {
     let mut lab = Lab::new();
     let (sock, nss) = switch(&mut lab, "");
     let client = nss[0].clone();
-    let _servers: Vec<Kill> = BACKENDS
-        .iter()
-        .zip(&nss[1..])
-        .map(|(b, ns)| serve(&lab, ns, b.ip, b.name))
-        .collect();
+    let _servers = serve_all(&lab, &nss);
     // Changed at run time (not in the config): b2 drained, a second
     // service on port 81.
     change(&sock, service([1, 0, 1], [true, true, true]));

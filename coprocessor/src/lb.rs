@@ -73,6 +73,29 @@ pub fn backend_of(c: &Conn) -> Option<(u32, u16)> {
     Some((n.ip, n.port?))
 }
 
+/// Count on service `vk`'s counters.
+fn count(
+    sh: &mut crate::shared::Shared,
+    vk: &VipKey,
+    f: fn(&mut crate::services::ServiceCounters),
+) {
+    if let Some(s) = sh.services.get_mut(vk) {
+        f(&mut s.counters);
+    }
+}
+
+/// The hash a connection's key picks its backend by (the same on every
+/// host: see [`maglev::flow_hash`]).
+fn hash_of(key: &FlowKey) -> u64 {
+    maglev::flow_hash(
+        Ipv4Addr::from(key.src_ip),
+        key.src_port,
+        Ipv4Addr::from(key.dst_ip),
+        key.dst_port,
+        key.proto,
+    )
+}
+
 /// The backend for hash `h`, never the client itself: a backend that
 /// connects to its own VIP and picked itself would get its own packets
 /// with its own address as the source, which its stack drops (a martian)
@@ -190,29 +213,17 @@ impl Setup<'_> {
             Err(DropCause::CtInvalid) if key.proto == TCP => return self.reset(vm, Some(vk)),
             r => r?.ok_or(DropCause::CtInvalid)?,
         };
-        let svc_count = |sh: &mut crate::shared::Shared,
-                         f: fn(&mut crate::services::ServiceCounters)| {
-            if let Some(s) = sh.services.get_mut(&vk) {
-                f(&mut s.counters);
-            }
-        };
         let Some(table) = table else {
-            svc_count(self.sh, |c| c.refused_no_backend += 1);
+            count(self.sh, &vk, |c| c.refused_no_backend += 1);
             return Err(DropCause::LbNoBackend);
         };
         if limit != 0 && open >= limit {
-            svc_count(self.sh, |c| c.refused_limit += 1);
+            count(self.sh, &vk, |c| c.refused_limit += 1);
             return Err(DropCause::LbConnLimit);
         }
-        let h = maglev::flow_hash(
-            Ipv4Addr::from(key.src_ip),
-            key.src_port,
-            Ipv4Addr::from(key.dst_ip),
-            key.dst_port,
-            key.proto,
-        );
+        let h = hash_of(&key);
         let Some(b) = pick_other_than(&table, h, Ipv4Addr::from(key.src_ip)) else {
-            svc_count(self.sh, |c| c.refused_no_backend += 1);
+            count(self.sh, &vk, |c| c.refused_no_backend += 1);
             return Err(DropCause::LbNoBackend);
         };
         let vni = vk.vni;
@@ -248,7 +259,7 @@ impl Setup<'_> {
         };
         let flow = self.track(sides, state, admission, vm.port, None)?;
         self.sh.services.opened(&vk);
-        svc_count(self.sh, |c| c.picked += 1);
+        count(self.sh, &vk, |c| c.picked += 1);
         Ok(flow)
     }
 
@@ -292,23 +303,13 @@ impl Setup<'_> {
                 Some(crate::topology::Endpoint::Local { .. })
             )
         };
-        let h = maglev::flow_hash(
-            Ipv4Addr::from(key.src_ip),
-            key.src_port,
-            Ipv4Addr::from(key.dst_ip),
-            key.dst_port,
-            key.proto,
-        );
+        let h = hash_of(&key);
         let Some(b) = table.and_then(|t| t.pick_where(h, local)) else {
-            if let Some(s) = self.sh.services.get_mut(&vk) {
-                s.counters.refused_no_backend += 1;
-            }
+            count(self.sh, &vk, |c| c.refused_no_backend += 1);
             return Err(DropCause::LbNoBackend);
         };
         if limit != 0 && open >= limit {
-            if let Some(s) = self.sh.services.get_mut(&vk) {
-                s.counters.refused_limit += 1;
-            }
+            count(self.sh, &vk, |c| c.refused_limit += 1);
             return Err(DropCause::LbConnLimit);
         }
         let Some(crate::topology::Endpoint::Local { port, .. }) = topo.lookup(vni, b.ip) else {
@@ -377,9 +378,7 @@ impl Setup<'_> {
         ];
         let flow = self.track(sides, state, admission, vm.port, Some(binding))?;
         self.sh.services.opened(&ek);
-        if let Some(s) = self.sh.services.get_mut(&vk) {
-            s.counters.picked += 1;
-        }
+        count(self.sh, &vk, |c| c.picked += 1);
         Ok(Some(flow))
     }
 
