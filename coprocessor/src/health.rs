@@ -86,6 +86,9 @@ pub struct State {
     pub seq: u16,
     pub probes: u64,
     pub failures: u64,
+    /// The thresholds of the check it was last probed by.
+    pub rise: u8,
+    pub fall: u8,
 }
 
 /// Every target's state.
@@ -103,7 +106,15 @@ impl Services {
     pub fn health_tick(&mut self, topo: &Topology, now: u64) -> Probes {
         let mut out = Vec::new();
         let mut results = Vec::new();
-        let checked = self.checked_targets();
+        let mut checked = self.checked_targets();
+        // Only this host's backends are probed (a target that moved away
+        // is forgotten: passive checks judge it now).
+        checked.retain(|t, _| {
+            matches!(
+                topo.lookup(t.vni, Ipv4Addr::from(t.ip)),
+                Some(Endpoint::Local { .. })
+            )
+        });
         for (target, h) in &checked {
             let Some(Endpoint::Local { port, mac }) =
                 topo.lookup(target.vni, Ipv4Addr::from(target.ip))
@@ -126,6 +137,7 @@ impl Services {
             let Some(f) = probe(topo, *target, mac, st.seq, h.tcp) else {
                 continue;
             };
+            (st.rise, st.fall) = (h.rise, h.fall);
             st.seq = st.seq.wrapping_add(1);
             st.pending = Some(now);
             st.next_at = now + u64::from(h.interval_ms) * 1_000_000;
@@ -134,10 +146,8 @@ impl Services {
         }
         self.end_ejections(now);
         self.forget_unlisted();
-        // Targets no service checks any more are forgotten.
-        self.health
-            .targets
-            .retain(|t, _| checked.iter().any(|(c, _)| c == t));
+        // Targets no service checks here any more are forgotten.
+        self.health.targets.retain(|t, _| checked.contains_key(t));
         for t in results {
             self.health_result(t, false);
         }
@@ -146,8 +156,8 @@ impl Services {
 
     /// Every target some service checks, with the first such service's
     /// check (a target listed by several is probed once).
-    fn checked_targets(&self) -> Vec<(Target, HealthSpec)> {
-        let mut v: Vec<(Target, HealthSpec)> = Vec::new();
+    fn checked_targets(&self) -> FxHashMap<Target, HealthSpec> {
+        let mut v = FxHashMap::default();
         for svc in self.iter() {
             let Some(h) = svc.spec.health else { continue };
             for b in &svc.spec.backends {
@@ -156,9 +166,7 @@ impl Services {
                     ip: u32::from(b.ip),
                     port: if h.tcp { b.port } else { 0 },
                 };
-                if !v.iter().any(|(x, _)| *x == t) {
-                    v.push((t, h));
-                }
+                v.entry(t).or_insert(h);
             }
         }
         v
@@ -189,15 +197,7 @@ impl Services {
             return;
         }
         st.streak += 1;
-        let (rise, fall) = self
-            .checked_targets()
-            .into_iter()
-            .find(|(t, _)| *t == target)
-            .map_or((1, 1), |(_, h)| (h.rise, h.fall));
-        let Some(st) = self.health.targets.get_mut(&target) else {
-            return;
-        };
-        if st.streak < if ok { rise } else { fall } {
+        if st.streak < if ok { st.rise } else { st.fall } {
             return;
         }
         st.up = ok;
