@@ -424,27 +424,31 @@ impl Services {
     /// Envoy calls outlier detection); [`Services::health_tick`] lets it
     /// back in.
     pub fn passive(&mut self, c: &crate::conntrack::Conn, what: Passive, now: u64) {
-        let (Some(_), Some((ip, port))) = (crate::lb::vip_of(c), crate::lb::backend_of(c)) else {
+        let (Some(vk), Some((ip, port))) = (crate::lb::vip_of(c), crate::lb::backend_of(c)) else {
             return;
         };
         let vni = c.admission.vni;
-        // The health check of a service listing it (and so only backends
-        // some service lists are counted: the map stays bounded).
-        let mut listed = false;
-        let mut check = None;
-        for s in self.iter().filter(|s| s.spec.vni == vni) {
-            if s.spec
-                .backends
-                .iter()
-                .any(|b| (u32::from(b.ip), b.port) == (ip, port))
-            {
-                listed = true;
-                check = check.or(s.spec.health);
+        if what == Passive::Answered {
+            // Every load-balanced connection's SYN-ACK: one lookup.
+            if let Some(p) = self.passive.get_mut(&(vni, ip, port)) {
+                p.streak = 0;
             }
-        }
-        if !listed {
             return;
         }
+        // The connection's service must still list the backend (so only
+        // listed backends are counted: the map stays bounded); its check.
+        let Some(svc) = self.get(&vk).or_else(|| self.external(&vk)) else {
+            return;
+        };
+        if !svc
+            .spec
+            .backends
+            .iter()
+            .any(|b| (u32::from(b.ip), b.port) == (ip, port))
+        {
+            return;
+        }
+        let check = svc.spec.health;
         let probed = check.is_some_and(|h| {
             self.health.targets.contains_key(&crate::health::Target {
                 vni,
@@ -456,10 +460,7 @@ impl Services {
         match what {
             Passive::Refused => p.refused += 1,
             Passive::TimedOut => p.timed_out += 1,
-            Passive::Answered => {
-                p.streak = 0;
-                return;
-            }
+            Passive::Answered => return,
         }
         p.streak = p.streak.saturating_add(1);
         let Some(h) = check.filter(|_| !probed && p.ejected_until.is_none()) else {
