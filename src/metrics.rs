@@ -318,6 +318,31 @@ fn services(m: &mut Metrics, sh: &Shared) {
             &l,
             f(c.resets),
         );
+        for (b, down) in svc.spec.backends.iter().zip(&svc.down) {
+            let backend = format!("{}:{}", b.ip, b.port);
+            let bl = [("service", name), ("backend", backend.as_str())];
+            m.sample(
+                "vswitch_service_backend_taking",
+                "gauge",
+                "1 if the backend takes new connections (weight above 0, not down), else 0.",
+                &bl,
+                if b.weight > 0 && !*down { 1.0 } else { 0.0 },
+            );
+            let p = sh.services.passive_counts(svc.spec.vni, b.ip, b.port);
+            for (what, v) in [("refused", p.refused), ("timed_out", p.timed_out)] {
+                m.sample(
+                    "vswitch_service_backend_failed_total",
+                    "counter",
+                    "New connections a backend refused or let time out (passive checks).",
+                    &[
+                        ("service", name),
+                        ("backend", backend.as_str()),
+                        ("how", what),
+                    ],
+                    f(v),
+                );
+            }
+        }
     }
 }
 

@@ -272,15 +272,23 @@ fn change(sock: &std::path::Path, svc: Value) {
 /// (VIP:80 over the backends' port 8080, weights 1:2:1) with `extra`
 /// fields; the socket and the VMs' namespaces (client first).
 fn switch(lab: &mut Lab, extra: &str) -> (std::path::PathBuf, Vec<String>) {
-    switch_named(lab, "sw", "", extra)
+    switch_named(lab, "sw", "", "", extra)
 }
 
-/// [`switch`] as switch `name`, its links' and namespaces' names with
-/// `tag` (a second switch beside the first).
+/// [`switch`] serving its metrics on `127.0.0.1:port`.
+fn switch_with_metrics(lab: &mut Lab, port: u16) -> (std::path::PathBuf, Vec<String>) {
+    let metrics = format!("metrics = \"127.0.0.1:{port}\"\n");
+    switch_named(lab, "sw", "", &metrics, "")
+}
+
+/// [`switch`] as switch `name` with `switch_extra` in its `[switch]`
+/// section; its links' and namespaces' names with `tag` when it is a
+/// second switch beside the first.
 fn switch_named(
     lab: &mut Lab,
     name: &str,
     tag: &str,
+    switch_extra: &str,
     extra: &str,
 ) -> (std::path::PathBuf, Vec<String>) {
     let tagged: Vec<String> = std::iter::once(CLIENT_VM.name)
@@ -298,7 +306,10 @@ fn switch_named(
         })
         .collect();
     let cfg = lab::one_host_config(lab, name, &vms)
-        .replace("flow_capacity = 4096", "flow_capacity = 65536")
+        .replace(
+            "flow_capacity = 4096\n",
+            &format!("flow_capacity = 65536\n{switch_extra}"),
+        )
         + &format!(
             "[[service]]\nname = \"web\"\nnetwork = 100\nvip = \"{VIP}\"\nprotocol = \"tcp\"\nport = 80\n\
              backends = [{{ ip = \"10.0.0.21\", port = 8080, weight = 1 }},\n\
@@ -323,7 +334,7 @@ fn switch_named(
 #[test]
 fn a_vip_spreads_connections_by_weight_and_follows_changes_of_its_backends() {
     let mut lab = Lab::new();
-    let (sock, nss) = switch(&mut lab, "");
+    let (sock, nss) = switch_with_metrics(&mut lab, 19_468);
     let client = nss[0].clone();
     let _servers = serve_all(&lab, &nss);
 
@@ -394,6 +405,20 @@ fn a_vip_spreads_connections_by_weight_and_follows_changes_of_its_backends() {
     }
     let v = lab.ctl(&sock, "services").expect("ctl services");
     assert_eq!(v["services"][0]["backends"][1]["state"], "drained", "{v}");
+    let out = sh(&[
+        "python3",
+        "-c",
+        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:19468/metrics', timeout=5).read().decode())",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in [
+        "vswitch_service_picked_total{service=\"web\"} ",
+        "vswitch_service_backend_taking{service=\"web\",backend=\"10.0.0.22:8080\"} 0",
+        "vswitch_service_backend_taking{service=\"web\",backend=\"10.0.0.21:8080\"} 1",
+        "vswitch_service_resets_total{service=\"web\"} ",
+    ] {
+        assert!(text.contains(line), "no {line} in\n{text}");
+    }
 
     // Hairpin: a backend connecting to its own VIP reaches another one.
     let (names, failed) = once(&lab, &nss[1], 24_000, 40);
@@ -592,10 +617,10 @@ fn services_and_their_connections_survive_a_live_upgrade() {
 #[test]
 fn two_switches_with_the_same_backends_pick_the_same_backend_for_a_connection() {
     let mut lab = Lab::new();
-    let (_, one) = switch_named(&mut lab, "sw", "", "");
+    let (_, one) = switch_named(&mut lab, "sw", "", "", "");
     // The second lists the same backends in another order (one change
     // then puts them back at the same weights, in reverse).
-    let (sock2, two) = switch_named(&mut lab, "sw2", "x", "");
+    let (sock2, two) = switch_named(&mut lab, "sw2", "x", "", "");
     let mut rev = service([1, 2, 1], [true, true, true]);
     rev["backends"].as_array_mut().expect("backends").reverse();
     change(&sock2, rev);
