@@ -185,6 +185,15 @@ fn median_build_ms(set: &[(Backend, u32)]) -> f64 {
 }
 
 fn main() {
+    // CONNS_ONLY=N: only open N connections (to count the instructions
+    // of N setups under callgrind, without the tables' builds).
+    if let Some(n) = std::env::var("CONNS_ONLY")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        println!("bytes_per_conn={:.0}", bytes_per_conn(n));
+        return;
+    }
     let even = median_build_ms(&backends(1000, |_| 1));
     let skewed = median_build_ms(&backends(1000, |i| if i == 0 { 1000 } else { 1 }));
     let set = backends(100, |_| 1);

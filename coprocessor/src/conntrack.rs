@@ -290,7 +290,7 @@ pub struct Conntrack {
     slots: Vec<Option<Conn>>,
     gens: Vec<u32>,
     free: Vec<u32>,
-    by_key: HashMap<FlowKey, (u32, u8)>,
+    by_key: index::KeyIndex,
     per_owner: HashMap<PortId, u32>,
     /// Half-open connections, per owner and in all.
     half_open_per_owner: HashMap<PortId, u32>,
@@ -319,7 +319,7 @@ impl Conntrack {
             slots: Vec::new(),
             gens: Vec::new(),
             free: Vec::new(),
-            by_key: HashMap::new(),
+            by_key: index::KeyIndex::default(),
             per_owner: HashMap::new(),
             half_open_per_owner: HashMap::new(),
             half_open_len: 0,
@@ -390,7 +390,7 @@ impl Conntrack {
 
     /// The connection and side a fast-path key belongs to.
     pub fn lookup(&self, key: &FlowKey) -> Option<(u64, usize)> {
-        let &(idx, side) = self.by_key.get(key)?;
+        let (idx, side) = self.by_key.get(&self.slots, key)?;
         let gen = *self.gens.get(idx as usize)?;
         Some((id_of(idx, gen), usize::from(side)))
     }
@@ -457,14 +457,20 @@ impl Conntrack {
             return Err(e);
         }
         if conn.sides[0].key == conn.sides[1].key
-            || conn.sides.iter().any(|s| self.by_key.contains_key(&s.key))
+            || conn
+                .sides
+                .iter()
+                .any(|s| self.by_key.get(&self.slots, &s.key).is_some())
         {
             return Err(CtRefused::Clash);
         }
         let idx = match self.free.pop() {
             Some(i) => i,
             None => {
-                let i = u32::try_from(self.slots.len()).map_err(|_| CtRefused::Full)?;
+                let i = u32::try_from(self.slots.len())
+                    .ok()
+                    .filter(|&i| i < index::MAX_SLOTS)
+                    .ok_or(CtRefused::Full)?;
                 self.slots.push(None);
                 self.gens.push(0);
                 i
@@ -474,9 +480,6 @@ impl Conntrack {
         conn.owner = owner;
         conn.deadline = now + conn.state.timeout(&self.timeouts);
         self.wheel.schedule(id, conn.deadline);
-        for (side, s) in conn.sides.iter().enumerate() {
-            self.by_key.insert(s.key, (idx, u8::from(side == 1)));
-        }
         if let Some(o) = owner {
             *self.per_owner.entry(o).or_default() += 1;
         }
@@ -484,6 +487,7 @@ impl Conntrack {
             self.count_half_open(owner, true);
         }
         self.slots[idx as usize] = Some(conn);
+        self.by_key.insert(&self.slots, idx);
         self.len += 1;
         self.counters.created += 1;
         Ok(id)
@@ -495,15 +499,12 @@ impl Conntrack {
         if self.gens.get(idx as usize) != Some(&gen) {
             return None;
         }
+        self.slots.get(idx as usize)?.as_ref()?;
+        self.by_key.remove(&self.slots, idx);
         let conn = self.slots.get_mut(idx as usize)?.take()?;
         self.wheel.cancel(id);
         if half_open(&conn.state) {
             self.count_half_open(conn.owner, false);
-        }
-        for s in &conn.sides {
-            if self.by_key.get(&s.key).is_some_and(|&(i, _)| i == idx) {
-                self.by_key.remove(&s.key);
-            }
         }
         if let Some(o) = conn.owner {
             if let Some(n) = self.per_owner.get_mut(&o) {
@@ -535,24 +536,21 @@ impl Conntrack {
     /// key belongs to another connection.
     pub fn replace_sides(&mut self, id: u64, sides: [Side; 2]) -> bool {
         let (idx, _) = split(id);
-        let Some(old) = self.get(id).map(|c| c.sides) else {
-            return false;
-        };
-        if sides
-            .iter()
-            .any(|s| self.by_key.get(&s.key).is_some_and(|&(i, _)| i != idx))
+        if self.get(id).is_none()
+            || sides[0].key == sides[1].key
+            || sides.iter().any(|s| {
+                self.by_key
+                    .get(&self.slots, &s.key)
+                    .is_some_and(|(i, _)| i != idx)
+            })
         {
             return false;
         }
-        for s in &old {
-            self.by_key.remove(&s.key);
-        }
-        for (side, s) in sides.iter().enumerate() {
-            self.by_key.insert(s.key, (idx, u8::from(side == 1)));
-        }
+        self.by_key.remove(&self.slots, idx);
         if let Some(c) = self.get_mut(id) {
             c.sides = sides;
         }
+        self.by_key.insert(&self.slots, idx);
         true
     }
 
@@ -713,17 +711,26 @@ impl Conntrack {
     ) -> Conntrack {
         let mut ct = Conntrack::new(timeouts, limits, now);
         // Sized once: no rehashing while 100 000 connections go in.
-        ct.by_key.reserve(2 * conns.len());
+        ct.by_key.reserve(&ct.slots, 2 * conns.len());
         ct.slots.reserve(conns.len());
         ct.gens.reserve(conns.len());
         for c in conns {
-            let Ok(idx) = u32::try_from(ct.slots.len()) else {
+            let Some(idx) = u32::try_from(ct.slots.len())
+                .ok()
+                .filter(|&i| i < index::MAX_SLOTS)
+            else {
                 break;
             };
-            let id = id_of(idx, 0);
-            for (side, s) in c.sides.iter().enumerate() {
-                ct.by_key.insert(s.key, (idx, u8::from(side == 1)));
+            // A snapshot with one key twice (not one this switch wrote):
+            // the later connection is left out.
+            if c.sides[0].key == c.sides[1].key
+                || c.sides
+                    .iter()
+                    .any(|s| ct.by_key.get(&ct.slots, &s.key).is_some())
+            {
+                continue;
             }
+            let id = id_of(idx, 0);
             if let Some(o) = c.owner {
                 *ct.per_owner.entry(o).or_default() += 1;
             }
@@ -732,6 +739,7 @@ impl Conntrack {
             }
             ct.wheel.schedule(id, c.deadline.max(now));
             ct.slots.push(Some(c));
+            ct.by_key.insert(&ct.slots, idx);
             ct.gens.push(0);
             ct.len += 1;
         }
@@ -744,6 +752,8 @@ impl Conntrack {
         self.wheel.len()
     }
 }
+
+mod index;
 
 #[cfg(test)]
 mod tests;

@@ -242,3 +242,76 @@ fn half_open_connections_have_a_share_of_their_own() {
     assert_eq!(ct.half_open_of(PortId(1)), cap - 2);
     assert_eq!(ct.half_open_len(), (cap - 2) as usize);
 }
+
+/// The key index against a model (a plain map) under random inserts,
+/// removals and re-keyings: every key finds its connection and side, and
+/// the index holds exactly two entries per connection, through its
+/// growth (which rehashes by the keys the slots hold).
+#[test]
+fn the_key_index_follows_every_change() {
+    use std::collections::HashMap;
+    let limits = Limits {
+        max: 100_000,
+        per_vm: 100_000,
+    };
+    let mut ct = Conntrack::new(Timeouts::default(), limits, 0);
+    let mut model: HashMap<FlowKey, (u64, usize)> = HashMap::new();
+    let mut ids: Vec<u64> = Vec::new();
+    let mut x: u64 = 7;
+    let mut next = |n: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % n
+    };
+    for step in 0..20_000u32 {
+        match next(10) {
+            0..=5 => {
+                let sport = u16::try_from(next(60_000)).unwrap();
+                let c = conn(sport, ConnState::Udp { replied: false });
+                let keys = [c.sides[0].key, c.sides[1].key];
+                match ct.insert(c, None, 0) {
+                    Ok(id) => {
+                        ids.push(id);
+                        model.insert(keys[0], (id, 0));
+                        model.insert(keys[1], (id, 1));
+                    }
+                    Err(e) => {
+                        assert_eq!(e, CtRefused::Clash);
+                        assert!(model.contains_key(&keys[0]), "step {step}");
+                    }
+                }
+            }
+            6..=8 if !ids.is_empty() => {
+                let id = ids.swap_remove(usize::try_from(next(ids.len() as u64)).unwrap());
+                let c = ct.remove(id).unwrap();
+                model.remove(&c.sides[0].key);
+                model.remove(&c.sides[1].key);
+            }
+            _ if !ids.is_empty() => {
+                // Re-keyed (an endpoint moved): its reply side's ingress changes.
+                let id = ids[usize::try_from(next(ids.len() as u64)).unwrap()];
+                let mut sides = ct.get(id).unwrap().sides;
+                let old = sides[1].key;
+                sides[1].key = FlowKey::new(
+                    Ingress::Port(PortId(u16::try_from(next(5)).unwrap() + 2)),
+                    old.proto,
+                    old.src_ip,
+                    old.dst_ip,
+                    old.src_port,
+                    old.dst_port,
+                );
+                if ct.replace_sides(id, sides) {
+                    model.remove(&old);
+                    model.insert(sides[1].key, (id, 1));
+                }
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(ct.by_key.len(), 2 * ct.len());
+    assert_eq!(model.len(), 2 * ct.len());
+    for (k, want) in &model {
+        assert_eq!(ct.lookup(k), Some(*want));
+    }
+}

@@ -1,0 +1,94 @@
+//! Conntrack's key index: which connection, and which side of it, a
+//! fast-path key belongs to. Each connection has two entries (its
+//! original and reply keys), so at a million connections this index is
+//! two million entries — as a `HashMap<FlowKey, (u32, u8)>` 28 bytes
+//! each plus control bytes and the table's slack, about 120 bytes per
+//! connection. Here an entry is only the slot and side (4 bytes); the key
+//! it stands for is the one the slot holds, compared on lookup (the slot
+//! is read next anyway). Keys come from tenants: hashed with std's
+//! randomly keyed SipHash, as before, so nobody can aim collisions.
+//!
+//! `hashbrown::HashTable` rather than std's map because the key lives
+//! outside the table. The invariant the table relies on when it grows
+//! (it rehashes entries by their keys): every entry names a slot that
+//! holds a connection, with that key on that side.
+
+use std::hash::{BuildHasher, RandomState};
+
+use flowtable::FlowKey;
+use hashbrown::HashTable;
+
+use super::Conn;
+
+/// Slot indices fit in 31 bits (an entry is `slot << 1 | side`).
+pub(super) const MAX_SLOTS: u32 = 1 << 31;
+
+#[derive(Debug, Clone, Default)]
+pub(super) struct KeyIndex {
+    table: HashTable<u32>,
+    hasher: RandomState,
+}
+
+fn entry(idx: u32, side: usize) -> u32 {
+    idx << 1 | u32::from(side == 1)
+}
+
+/// The key entry `e` stands for.
+fn key_at(slots: &[Option<Conn>], e: u32) -> Option<&FlowKey> {
+    let c = slots.get(usize::try_from(e >> 1).ok()?)?.as_ref()?;
+    Some(&c.sides[usize::from(e & 1 == 1)].key)
+}
+
+impl KeyIndex {
+    fn hash(&self, key: &FlowKey) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
+    /// The slot and side `key` belongs to.
+    pub fn get(&self, slots: &[Option<Conn>], key: &FlowKey) -> Option<(u32, u8)> {
+        let e = self
+            .table
+            .find(self.hash(key), |&e| key_at(slots, e) == Some(key))?;
+        Some((e >> 1, u8::from(e & 1 == 1)))
+    }
+
+    /// Index both keys of the connection now in slot `idx` (< [`MAX_SLOTS`]).
+    pub fn insert(&mut self, slots: &[Option<Conn>], idx: u32) {
+        let Some(c) = slots.get(idx as usize).and_then(Option::as_ref) else {
+            return;
+        };
+        for (side, s) in c.sides.iter().enumerate() {
+            let h = self.hash(&s.key);
+            let hasher = &self.hasher;
+            self.table.insert_unique(h, entry(idx, side), |&e| {
+                key_at(slots, e).map_or(0, |k| hasher.hash_one(k))
+            });
+        }
+    }
+
+    /// Remove the entries of the connection in slot `idx` (while the slot
+    /// still holds it).
+    pub fn remove(&mut self, slots: &[Option<Conn>], idx: u32) {
+        let Some(c) = slots.get(idx as usize).and_then(Option::as_ref) else {
+            return;
+        };
+        for (side, s) in c.sides.iter().enumerate() {
+            let want = entry(idx, side);
+            if let Ok(e) = self.table.find_entry(self.hash(&s.key), |&e| e == want) {
+                e.remove();
+            }
+        }
+    }
+
+    /// Room for `n` more entries without growing.
+    pub fn reserve(&mut self, slots: &[Option<Conn>], n: usize) {
+        let hasher = &self.hasher;
+        self.table
+            .reserve(n, |&e| key_at(slots, e).map_or(0, |k| hasher.hash_one(k)));
+    }
+
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.table.len()
+    }
+}
