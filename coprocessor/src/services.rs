@@ -332,8 +332,10 @@ impl Services {
         };
         if let Some(o) = &old {
             // A backend keeps its health and the service its counters
-            // and connections across a change of the set.
-            for (i, b) in svc.spec.backends.iter().enumerate() {
+            // across a change of the set (a service that no longer checks
+            // its backends takes them all as up).
+            let checked = svc.spec.health.is_some();
+            for (i, b) in svc.spec.backends.iter().enumerate().filter(|_| checked) {
                 if let Some(j) = o
                     .spec
                     .backends

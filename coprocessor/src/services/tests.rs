@@ -129,7 +129,17 @@ fn names_and_vips_are_unique_and_an_address_serves_several_ports() {
 #[test]
 fn a_backend_down_leaves_the_table_and_its_health_survives_a_reweight() {
     let mut s = Services::default();
-    s.insert(spec("a", [10, 1, 0, 9], &[(20, 1), (21, 1)]))
+    let checked = |mut sp: ServiceSpec| {
+        sp.health = Some(crate::health::HealthSpec {
+            tcp: true,
+            interval_ms: 1000,
+            timeout_ms: 500,
+            rise: 2,
+            fall: 2,
+        });
+        sp
+    };
+    s.insert(checked(spec("a", [10, 1, 0, 9], &[(20, 1), (21, 1)])))
         .unwrap();
     let b20 = Ipv4Addr::new(10, 1, 0, 20);
     assert!(s.set_down("a", b20, 8443, true));
@@ -139,10 +149,19 @@ fn a_backend_down_leaves_the_table_and_its_health_survives_a_reweight() {
         t.counts()[t.backends().iter().position(|b| b.ip == b20).unwrap()] == 0
     };
     assert!(only_21(&s));
-    s.insert(spec("a", [10, 1, 0, 9], &[(20, 5), (21, 1), (22, 1)]))
-        .unwrap();
+    s.insert(checked(spec(
+        "a",
+        [10, 1, 0, 9],
+        &[(20, 5), (21, 1), (22, 1)],
+    )))
+    .unwrap();
     assert!(only_21(&s), "still down after the change");
     assert!(s.set_down("a", b20, 8443, false));
+    assert!(!only_21(&s));
+    // Without a health check any more, nothing is held down.
+    s.set_down("a", b20, 8443, true);
+    s.insert(spec("a", [10, 1, 0, 9], &[(20, 5), (21, 1)]))
+        .unwrap();
     assert!(!only_21(&s));
     // All down: no table, nothing to pick.
     s.insert(spec("a", [10, 1, 0, 9], &[(20, 0)])).unwrap();
