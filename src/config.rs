@@ -697,6 +697,68 @@ mod tests {
         );
     }
 
+    /// A load-balanced service over VM b (config `GOOD`, network 100).
+    fn lb(edit: impl Fn(String) -> String) -> String {
+        let svc = r#"
+        [[service]]
+        name = "web"
+        network = 100
+        vip = "10.0.0.100"
+        protocol = "tcp"
+        port = 80
+        health = { protocol = "tcp" }
+        backends = [{ ip = "10.0.0.11", port = 8080 }]
+        "#;
+        edit(format!("{GOOD}{svc}"))
+    }
+
+    #[test]
+    fn a_load_balanced_service_builds_and_its_errors_name_the_field() {
+        let b = Config::parse(&lb(|s| s)).unwrap().build().unwrap();
+        let svc = b.services.named("web").expect("built");
+        assert_eq!(svc.spec.backends[0].weight, 1, "weight defaults to 1");
+        let h = svc.spec.health.expect("health");
+        assert_eq!(
+            (h.interval_ms, h.timeout_ms, h.rise, h.fall),
+            (1000, 500, 2, 2)
+        );
+        for (edit, field) in [
+            (
+                (
+                    "protocol = \"tcp\"\n        port",
+                    "protocol = \"sctp\"\n        port",
+                ),
+                "service[0] (web): field `protocol`",
+            ),
+            (
+                ("10.0.0.100", "10.9.0.100"),
+                "service[0] (web): field `vip`",
+            ),
+            (("10.0.0.100", "10.0.0.11"), "service[0] (web): field `vip`"),
+            (
+                (
+                    "{ protocol = \"tcp\" }",
+                    "{ protocol = \"tcp\", interval_ms = 10 }",
+                ),
+                "service[0] (web): field `health.interval_ms`",
+            ),
+            (
+                ("{ protocol = \"tcp\" }", "{ protocol = \"udp\" }"),
+                "service[0] (web): field `health.protocol`",
+            ),
+            (
+                (
+                    "port = 80\n",
+                    "port = 80\n        external_vip = \"203.0.113.80\"\n",
+                ),
+                "service[0] (web): field `external_vip`",
+            ),
+        ] {
+            let e = err(&lb(|s| s.replacen(edit.0, edit.1, 1)));
+            assert!(e.contains(field), "{e}");
+        }
+    }
+
     #[test]
     fn service_errors_name_the_object_and_field() {
         let e = err(&services(|s| {
