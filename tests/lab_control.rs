@@ -326,12 +326,7 @@ fn trace_explains_hits_denials_and_metrics_are_served() {
     // The trace changed nothing: no connection was made.
     assert_eq!(ctl(&sw.sock, &["conntrack"]).unwrap()["total"], 0);
     // Metrics.
-    let out = sh(&[
-        "python3",
-        "-c",
-        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:19467/metrics', timeout=5).read().decode())",
-    ]);
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = lab::metrics(19_467);
     for family in [
         "vswitch_port_rx_packets_total{port=",
         "vswitch_punts_total{reason=\"miss\"}",

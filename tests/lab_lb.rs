@@ -316,19 +316,7 @@ fn switch_named(
                          {{ ip = \"10.0.0.22\", port = 8080, weight = 2 }},\n\
                          {{ ip = \"10.0.0.23\", port = 8080, weight = 1 }}]\n{extra}\n"
         );
-    let sock = lab.vswitch(name, &cfg);
-    let mut nss = Vec::new();
-    for v in &vms {
-        let ns = lab.netns(&format!("v{}", v.name));
-        lab.attach_vm(
-            &lab.name(&format!("t{}", v.name)),
-            &ns,
-            v.mac,
-            &format!("{}/24", v.ip),
-        );
-        nss.push(ns);
-    }
-    (sock, nss)
+    lab::one_host_from(lab, name, &cfg, &vms)
 }
 
 #[test]
@@ -405,12 +393,7 @@ fn a_vip_spreads_connections_by_weight_and_follows_changes_of_its_backends() {
     }
     let v = lab.ctl(&sock, "services").expect("ctl services");
     assert_eq!(v["services"][0]["backends"][1]["state"], "drained", "{v}");
-    let out = sh(&[
-        "python3",
-        "-c",
-        "import urllib.request; print(urllib.request.urlopen('http://127.0.0.1:19468/metrics', timeout=5).read().decode())",
-    ]);
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = lab::metrics(19_468);
     for line in [
         "vswitch_service_picked_total{service=\"web\"} ",
         "vswitch_service_backend_taking{service=\"web\",backend=\"10.0.0.22:8080\"} 0",

@@ -140,10 +140,12 @@ impl Setup<'_> {
         }
         if flags & RST != 0 && side == 1 && matches!(state, Some(ConnState::Tcp(TcpState::SynSent)))
         {
-            if let Some(c) = self.sh.ct.get(id).cloned() {
+            // (`ct` and `services` are separate fields: no copy of the
+            // connection.)
+            if let Some(c) = self.sh.ct.get(id) {
                 self.sh
                     .services
-                    .passive(&c, crate::services::Passive::Refused, now);
+                    .passive(c, crate::services::Passive::Refused, now);
             }
         }
         if flags & (SYN | FIN | RST) != 0 {
@@ -158,10 +160,10 @@ impl Setup<'_> {
             // come here (its flow leaves the fast path; the fast path
             // punts no plain ACK of a tracked flow).
             if !self.sh.services.is_empty() {
-                if let Some(c) = self.sh.ct.get(id).cloned() {
+                if let Some(c) = self.sh.ct.get(id) {
                     self.sh
                         .services
-                        .passive(&c, crate::services::Passive::Answered, now);
+                        .passive(c, crate::services::Passive::Answered, now);
                 }
             }
             if let Some(c) = self.sh.ct.get_mut(id) {

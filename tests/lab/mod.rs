@@ -516,7 +516,18 @@ pub fn one_host_config(lab: &Lab, name: &str, vms: &[Vm]) -> String {
 /// socket and the namespaces in order.
 pub fn one_host(lab: &mut Lab, vms: &[Vm]) -> (std::path::PathBuf, Vec<String>) {
     let cfg = one_host_config(lab, "sw", vms);
-    let sock = lab.vswitch("sw", &cfg);
+    one_host_from(lab, "sw", &cfg, vms)
+}
+
+/// Start switch `name` with config `cfg` (its ports the taps of `vms`)
+/// and put each VM in its own namespace; the socket and the namespaces.
+pub fn one_host_from(
+    lab: &mut Lab,
+    name: &str,
+    cfg: &str,
+    vms: &[Vm],
+) -> (std::path::PathBuf, Vec<String>) {
+    let sock = lab.vswitch(name, cfg);
     let mut nss = Vec::new();
     for v in vms {
         let ns = lab.netns(&format!("v{}", v.name));
@@ -529,6 +540,17 @@ pub fn one_host(lab: &mut Lab, vms: &[Vm]) -> (std::path::PathBuf, Vec<String>) 
         nss.push(ns);
     }
     (sock, nss)
+}
+
+/// The Prometheus text a switch serves on `127.0.0.1:port`.
+pub fn metrics(port: u16) -> String {
+    let url = format!("http://127.0.0.1:{port}/metrics");
+    let out = sh(&[
+        "python3",
+        "-c",
+        &format!("import urllib.request; print(urllib.request.urlopen('{url}', timeout=5).read().decode())"),
+    ]);
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Resolve the underlay neighbour `peer` from hypervisor namespace `hv`
