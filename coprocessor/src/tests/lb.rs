@@ -43,21 +43,24 @@ fn with_service(spec: ServiceSpec) -> Net {
     n
 }
 
+/// The inner frame of VXLAN frame `wire`, which must be for `vtep`.
+fn inner_for(wire: &[u8], vtep: Ipv4Addr) -> Vec<u8> {
+    let d = vxlan::decap(
+        wire,
+        &vxlan::DecapConfig {
+            local_vtep: u32::from(vtep),
+            udp_port: 4789,
+        },
+    )
+    .unwrap_or_else(|e| panic!("not VXLAN for {vtep}: {e:?}"));
+    wire[d.inner()].to_vec()
+}
+
 /// Which backend a delivered SYN reached: (address, port), checked for
 /// the DNAT's rewrite and checksums.
 fn reached(w: Went) -> (Ipv4Addr, u16) {
     let f = match w {
-        Went::To(UPLINK, wire) => {
-            let d = vxlan::decap(
-                &wire,
-                &vxlan::DecapConfig {
-                    local_vtep: u32::from(REMOTE_VTEP),
-                    udp_port: 4789,
-                },
-            )
-            .unwrap();
-            wire[d.inner()].to_vec()
-        }
+        Went::To(UPLINK, wire) => inner_for(&wire, REMOTE_VTEP),
         Went::To(_, f) => f,
         other => panic!("not forwarded: {other:?}"),
     };
@@ -629,16 +632,8 @@ fn a_connection_keeps_its_backend_when_the_backend_moves_to_another_host() {
     // The next segment goes to the backend's new host, still DNATed.
     match n.send(A, &tcp(A_MAC, A_IP, VIP, 35_000, 80, ACK)) {
         Went::To(UPLINK, wire) => {
-            let d = vxlan::decap(
-                &wire,
-                &vxlan::DecapConfig {
-                    local_vtep: u32::from(new_vtep),
-                    udp_port: 4789,
-                },
-            )
-            .expect("to the new VTEP");
-            let inner = &wire[d.inner()];
-            assert_eq!((ip_at(inner, 30), port_at(inner, 36)), (R_IP, 80));
+            let inner = inner_for(&wire, new_vtep);
+            assert_eq!((ip_at(&inner, 30), port_at(&inner, 36)), (R_IP, 80));
         }
         other => panic!("{other:?}"),
     }
