@@ -1,7 +1,8 @@
-//! State every coprocessor thread of a switch shares: the topology, DHCP leases, the
-//! security-group policy, the connection table, the SNAT pool, the
-//! external network's neighbours and the load-balanced services. One lock guards all of it, so a policy
-//! change and its revalidation are atomic with respect to flow setup.
+//! State every coprocessor thread of a switch shares: the topology, DHCP
+//! leases, the security-group policy, the connection table, the SNAT pool,
+//! the external network's neighbours and the load-balanced services. One
+//! lock guards all of it, so a policy change and its revalidation are
+//! atomic with respect to flow setup.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
