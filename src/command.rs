@@ -45,6 +45,11 @@ pub enum Command {
     Apply { ops: Vec<Value> },
     /// Networks, VMs, remote endpoints.
     Topology,
+    /// Every remote endpoint (of one network), for a machine to read.
+    Remotes {
+        #[serde(default)]
+        network: Option<u32>,
+    },
     /// DHCP leases.
     Leases,
     /// Every decision the switch would take for a packet.
@@ -202,6 +207,7 @@ mod tests {
             },
             Command::Apply { ops: vec![] },
             Command::Topology,
+            Command::Remotes { network: Some(100) },
             Command::Leases,
             Command::TopTalkers { limit: Some(5) },
             Command::PortAdd(PortAdd {

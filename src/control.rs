@@ -197,6 +197,7 @@ impl Server {
             Command::SecurityGroups => views::groups(&lock(&shared)),
             Command::Services => views::services(&lock(&shared)),
             Command::Topology => views::topology(&lock(&shared)),
+            Command::Remotes { network } => views::remotes(&lock(&shared), network),
             Command::Leases => views::leases(&lock(&shared), links.now()),
             Command::TopTalkers { limit } => {
                 let mut talkers = links.ask(Request::Talkers)?;

@@ -89,7 +89,7 @@ pub fn ctl(path: &Path, req: &Command, as_json: bool, ports_only: bool) -> Resul
         Command::SecurityGroupSet { .. } => {
             println!("ok: {} flows removed", n(&v, "flows_removed"))
         }
-        Command::HandoverPrepare(_) | Command::Handover(_) => {
+        Command::Remotes { .. } | Command::HandoverPrepare(_) | Command::Handover(_) => {
             println!("{}", serde_json::to_string_pretty(&v)?)
         }
     }

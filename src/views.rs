@@ -211,8 +211,24 @@ pub fn topology(sh: &Shared) -> Value {
                          "mac": coprocessor::topology::mac_str(&r.mac)})
         })
         .collect();
-    json!({"version": sh.version, "networks": nets, "vms": vms,
-           "remotes_total": t.remotes().count(), "remotes": remotes})
+    json!({"version": sh.version, "vtep": t.uplink.as_ref().map(|u| u.local_vtep.to_string()),
+           "networks": nets, "vms": vms, "remotes_total": t.remotes().count(), "remotes": remotes})
+}
+
+/// Every remote endpoint (of one network, if given): a machine's read (the
+/// fleet agent's resync), where `topology` shows a person the first
+/// 10 000.
+pub fn remotes(sh: &Shared, network: Option<u32>) -> Value {
+    let remotes: Vec<Value> = sh
+        .topo
+        .remotes()
+        .filter(|r| network.is_none_or(|n| r.vni.get() == n))
+        .map(|r| {
+            json!({"network": r.vni.get(), "ip": r.ip.to_string(), "vtep": r.vtep.to_string(),
+                   "mac": coprocessor::topology::mac_str(&r.mac)})
+        })
+        .collect();
+    json!({"version": sh.version, "remotes": remotes})
 }
 
 /// DHCP leases, with the VM holding each.

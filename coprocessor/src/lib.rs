@@ -210,6 +210,14 @@ impl Coprocessor {
                     None if sh.services.is_vip(vni, req.target_ip) => {
                         topo.network(vni).ok_or(DropCause::UnknownVni)?.gateway_mac
                     }
+                    // Hoverboard: an address of the network this host does
+                    // not know is reached through the gateway VTEP, which
+                    // routes it on: the gateway's MAC.
+                    None if topo.network(vni).is_some_and(|n| n.gateway_vtep.is_some())
+                        && topo.subnet_of(vni, req.target_ip).is_some() =>
+                    {
+                        topo.network(vni).ok_or(DropCause::UnknownVni)?.gateway_mac
+                    }
                     None => return Err(DropCause::ArpUnknownTarget),
                 };
                 out.tx.push((p.ingress, arp::reply(&req, mac)));
@@ -396,9 +404,14 @@ impl Coprocessor {
                 // its side was set up with, before it may change the
                 // connection's state (a forged RST from any underlay
                 // address must not close it).
+                // The network's gateway VTEP relays for every endpoint
+                // (Hoverboard): a pair promoted on one side only reaches
+                // the other through it.
+                let gateway_vtep = topo.network(vni).and_then(|n| n.gateway_vtep);
+                let via_gateway = gateway_vtep == Some(outer_src);
                 if let Some((id, side)) = sh.ct.lookup(&key) {
                     let expected = sh.ct.get(id).and_then(|c| c.sides[side].action.decap);
-                    if expected.is_some_and(|v| v != u32::from(outer_src)) {
+                    if expected.is_some_and(|v| v != u32::from(outer_src)) && !via_gateway {
                         return Err(DropCause::VtepMismatch);
                     }
                 }
@@ -414,12 +427,13 @@ impl Coprocessor {
                     return Ok(());
                 }
                 let (src, dst) = (Ipv4Addr::from(key.src_ip), Ipv4Addr::from(key.dst_ip));
-                let gateway_vtep = topo.network(vni).and_then(|n| n.gateway_vtep);
                 let mut src_mac = match Self::check_remote(topo, vni, src, outer_src) {
-                    // What this host does not know reaches it through the
-                    // network's gateway VTEP (Hoverboard): replies to the
-                    // VMs' traffic sent there, as it came.
-                    Err(DropCause::UnknownRemoteSource) if gateway_vtep == Some(outer_src) => {
+                    // What this host does not know (or knows at another
+                    // VTEP) reaches it through the network's gateway VTEP
+                    // (Hoverboard): delivered as it came.
+                    Err(DropCause::UnknownRemoteSource | DropCause::VtepMismatch)
+                        if via_gateway =>
+                    {
                         eth.src_addr().0
                     }
                     r => r?,

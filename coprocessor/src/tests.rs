@@ -828,11 +828,46 @@ fn static_routes_and_the_gateway_vtep() {
     assert_eq!(out.drop, None, "{out:?}");
     let (port, f) = sent.expect("a reply through the gateway VTEP");
     assert_eq!((port, f[6..12].to_vec()), (PortId(3), GW_MAC.to_vec()));
+    // A source this host reaches directly (promoted here, not on its
+    // host) may still come through the gateway VTEP: delivered.
+    let mut t = Topology::clone(&c.topology());
+    t.add_remote(RemoteVm {
+        ip: Ipv4Addr::new(10, 0, 0, 78),
+        mac: [2, 0xbb, 0, 0, 0, 2],
+        vni: vni(VNI2),
+        vtep: REMOTE_VTEP,
+        groups: vec![],
+    })
+    .unwrap();
+    let mut c = Coprocessor::new(t);
+    let promoted = udp([2, 0xbb, 0, 0, 0, 2], Ipv4Addr::new(10, 0, 0, 78), B_IP);
+    let (out, sent) = through(&mut c, UPLINK, &from_remote(&promoted, gw_vtep, VNI2));
+    assert_eq!(out.drop, None, "{out:?}");
+    assert_eq!(sent.expect("relayed by the gateway").0, PortId(3));
     // From any other VTEP an unknown source stays refused.
     let (out, sent) = through(&mut c, UPLINK, &from_remote(&reply, REMOTE_VTEP, VNI2));
     assert_eq!(
         (out.drop, sent.is_none()),
         (Some(DropCause::UnknownRemoteSource), true)
+    );
+    // C asks for that address: the gateway's MAC (the gateway VTEP routes
+    // it on); outside the network's subnets, nothing.
+    let ask = |c: &mut Coprocessor, target| {
+        c.handle(&PuntMsg::of(
+            PortId(3),
+            PuntReason::Miss,
+            0,
+            &arp_request(c_mac, B_IP, target),
+            None,
+        ))
+    };
+    assert_eq!(
+        answered_mac(&ask(&mut c, Ipv4Addr::new(10, 0, 0, 77))),
+        Some(GW_MAC)
+    );
+    assert_eq!(
+        ask(&mut c, Ipv4Addr::new(10, 9, 0, 77)).drop,
+        Some(DropCause::ArpUnknownTarget)
     );
     // Network 100 has neither: unknown stays a counted drop.
     assert_eq!(

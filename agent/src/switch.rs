@@ -1,0 +1,341 @@
+//! What the agent does to a switch: the change operations it sends and
+//! the [`Switch`] they go to — a real one through its control socket
+//! ([`SocketSwitch`]) or an in-memory model (`model`). Everything before
+//! [`Switch::apply`] is the same for both.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{BufRead, BufReader, Write};
+use std::net::Ipv4Addr;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::layout::{Endpoint, Key};
+
+/// A remote endpoint to set.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Remote {
+    pub vni: u32,
+    pub ip: Ipv4Addr,
+    pub ep: Arc<Endpoint>,
+}
+
+/// One operation of a change batch (the switch's `apply` operations).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Op {
+    AddGroup(String, Arc<Value>),
+    SetRules(String, Arc<Value>),
+    RemoveGroup(String),
+    AddNetwork(u32, Arc<Value>),
+    ChangeNetwork(u32, Arc<Value>),
+    RemoveNetwork(u32),
+    RemoveVm(String),
+    AddVm(String, Arc<Value>),
+    ChangeVm(String, Arc<Value>),
+    SetRemotes(Vec<Remote>),
+    RemoveRemotes(Vec<(u32, Ipv4Addr)>),
+    SetExternal(Option<Arc<Value>>),
+}
+
+impl Op {
+    /// The keys whose records the operation (or its item `item`) applies.
+    pub fn keys(&self, item: Option<usize>) -> Vec<Key> {
+        match self {
+            Op::AddGroup(n, _) | Op::SetRules(n, _) | Op::RemoveGroup(n) => {
+                vec![Key::Group(n.clone())]
+            }
+            Op::AddNetwork(v, _) | Op::ChangeNetwork(v, _) | Op::RemoveNetwork(v) => {
+                vec![Key::Network(*v)]
+            }
+            Op::RemoveVm(n) | Op::AddVm(n, _) | Op::ChangeVm(n, _) => vec![Key::Vm(n.clone())],
+            Op::SetExternal(_) => vec![Key::External],
+            Op::SetRemotes(r) => match item {
+                Some(i) => r
+                    .get(i)
+                    .map(|r| Key::Endpoint(r.vni, r.ip))
+                    .into_iter()
+                    .collect(),
+                None => r.iter().map(|r| Key::Endpoint(r.vni, r.ip)).collect(),
+            },
+            Op::RemoveRemotes(r) => match item {
+                Some(i) => r
+                    .get(i)
+                    .map(|r| Key::Endpoint(r.0, r.1))
+                    .into_iter()
+                    .collect(),
+                None => r.iter().map(|r| Key::Endpoint(r.0, r.1)).collect(),
+            },
+        }
+    }
+
+    /// Drop item `item` of a bulk operation; false if it is not one (or
+    /// has no such item).
+    pub fn drop_item(&mut self, item: usize) -> bool {
+        match self {
+            Op::SetRemotes(r) if item < r.len() => {
+                r.remove(item);
+                true
+            }
+            Op::RemoveRemotes(r) if item < r.len() => {
+                r.remove(item);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        matches!(self, Op::SetRemotes(r) if r.is_empty())
+            || matches!(self, Op::RemoveRemotes(r) if r.is_empty())
+    }
+
+    /// The operation as the switch's control API spells it.
+    pub fn to_json(&self) -> Value {
+        match self {
+            Op::AddGroup(_, g) => json!({"op": "add-security-group", "security_group": g}),
+            Op::SetRules(n, g) => {
+                json!({"op": "set-rules", "name": n, "rules": g.get("rule").cloned().unwrap_or(json!([]))})
+            }
+            Op::RemoveGroup(n) => json!({"op": "remove-security-group", "name": n}),
+            Op::AddNetwork(_, n) => json!({"op": "add-network", "network": n}),
+            Op::ChangeNetwork(_, n) => json!({"op": "change-network", "network": n}),
+            Op::RemoveNetwork(v) => json!({"op": "remove-network", "vni": v}),
+            Op::RemoveVm(n) => json!({"op": "remove-vm", "name": n}),
+            Op::AddVm(_, v) => json!({"op": "add-vm", "vm": v}),
+            Op::ChangeVm(_, v) => json!({"op": "change-vm", "vm": v}),
+            Op::SetRemotes(r) => {
+                let list: Vec<Value> = r
+                    .iter()
+                    .map(|r| {
+                        json!({"network": r.vni, "ip": r.ip.to_string(), "mac": r.ep.mac,
+                               "vtep": r.ep.vtep.to_string(), "security_groups": r.ep.security_groups})
+                    })
+                    .collect();
+                json!({"op": "set-remotes", "remotes": list})
+            }
+            Op::RemoveRemotes(r) => {
+                let list: Vec<Value> = r
+                    .iter()
+                    .map(|(v, ip)| json!({"network": v, "ip": ip.to_string()}))
+                    .collect();
+                json!({"op": "remove-remotes", "remotes": list})
+            }
+            Op::SetExternal(e) => json!({"op": "set-external", "external": e}),
+        }
+    }
+}
+
+/// Why a batch was not applied.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SwitchError {
+    /// The switch refused it (and changed nothing); `op` and `item` say
+    /// which operation and which of its entries, when the switch said.
+    Refused {
+        op: Option<usize>,
+        item: Option<usize>,
+        message: String,
+    },
+    /// It could not be asked (not running, restarting, upgrading).
+    Unreachable(String),
+}
+
+/// What a switch holds, as far as the agent programs it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Held {
+    pub networks: BTreeSet<u32>,
+    pub groups: BTreeSet<String>,
+    pub vms: BTreeSet<String>,
+    pub remotes: BTreeMap<(u32, Ipv4Addr), (String, Ipv4Addr)>,
+}
+
+/// A switch the agent programs.
+pub trait Switch {
+    /// Apply `ops` as one batch: all of them or none.
+    fn apply(&mut self, ops: &[Op]) -> Result<(), SwitchError>;
+    /// What it holds now.
+    fn held(&mut self) -> Result<Held, SwitchError>;
+    /// This host's VTEP (the uplink's address).
+    fn vtep(&mut self) -> Result<Ipv4Addr, SwitchError>;
+}
+
+/// Which operation and item a refusal names: `ops[3] …` (checking) or
+/// `operation 3: …` (applying), then maybe `remotes[7]`.
+pub fn blame(message: &str) -> (Option<usize>, Option<usize>) {
+    let number_after = |s: &str, tag: &str| -> Option<(usize, usize)> {
+        let at = s.find(tag)? + tag.len();
+        let digits: String = s[at..].chars().take_while(char::is_ascii_digit).collect();
+        Some((digits.parse().ok()?, at + digits.len()))
+    };
+    let (op, rest) =
+        match number_after(message, "ops[").or_else(|| number_after(message, "operation ")) {
+            Some((n, end)) => (Some(n), &message[end..]),
+            None => (None, message),
+        };
+    let item = number_after(rest, "remotes[").map(|(n, _)| n);
+    (op, item)
+}
+
+/// A switch reached through its control socket: one connection per
+/// request, a JSON line each way.
+pub struct SocketSwitch {
+    pub path: PathBuf,
+    pub timeout: Duration,
+}
+
+impl SocketSwitch {
+    pub fn new(path: PathBuf) -> SocketSwitch {
+        SocketSwitch {
+            path,
+            timeout: Duration::from_secs(60),
+        }
+    }
+
+    /// Send `request`, return the answer (an `{"error": …}` answer is an
+    /// `Err`).
+    pub fn ask(&self, request: &Value) -> Result<Value, SwitchError> {
+        let down = |e: std::io::Error| {
+            SwitchError::Unreachable(format!("control socket {}: {e}", self.path.display()))
+        };
+        let mut s = UnixStream::connect(&self.path).map_err(down)?;
+        s.set_read_timeout(Some(self.timeout)).map_err(down)?;
+        s.set_write_timeout(Some(self.timeout)).map_err(down)?;
+        let mut line = serde_json::to_vec(request).map_err(|e| SwitchError::Refused {
+            op: None,
+            item: None,
+            message: e.to_string(),
+        })?;
+        line.push(b'\n');
+        s.write_all(&line).map_err(down)?;
+        let mut answer = String::new();
+        BufReader::new(s).read_line(&mut answer).map_err(down)?;
+        if answer.is_empty() {
+            return Err(SwitchError::Unreachable(
+                "the switch closed the connection".into(),
+            ));
+        }
+        let v: Value = serde_json::from_str(&answer)
+            .map_err(|e| SwitchError::Unreachable(format!("answer is not JSON: {e}")))?;
+        if let Some(e) = v.get("error") {
+            let message = e.as_str().unwrap_or("refused").to_string();
+            let (op, item) = blame(&message);
+            return Err(SwitchError::Refused { op, item, message });
+        }
+        Ok(v)
+    }
+}
+
+impl Switch for SocketSwitch {
+    fn apply(&mut self, ops: &[Op]) -> Result<(), SwitchError> {
+        let list: Vec<Value> = ops.iter().map(Op::to_json).collect();
+        self.ask(&json!({"cmd": "apply", "ops": list})).map(|_| ())
+    }
+
+    fn held(&mut self) -> Result<Held, SwitchError> {
+        let bad = |what: &str| SwitchError::Unreachable(format!("unexpected answer to {what}"));
+        let topo = self.ask(&json!({"cmd": "topology"}))?;
+        let groups = self.ask(&json!({"cmd": "security-groups"}))?;
+        let remotes = self.ask(&json!({"cmd": "remotes"}))?;
+        let mut h = Held::default();
+        for n in topo["networks"].as_array().ok_or_else(|| bad("topology"))? {
+            h.networks.insert(
+                n["vni"]
+                    .as_u64()
+                    .and_then(|v| u32::try_from(v).ok())
+                    .ok_or_else(|| bad("topology"))?,
+            );
+        }
+        for v in topo["vms"].as_array().ok_or_else(|| bad("topology"))? {
+            h.vms.insert(
+                v["name"]
+                    .as_str()
+                    .ok_or_else(|| bad("topology"))?
+                    .to_string(),
+            );
+        }
+        for g in groups["groups"]
+            .as_array()
+            .ok_or_else(|| bad("security-groups"))?
+        {
+            h.groups.insert(
+                g["name"]
+                    .as_str()
+                    .ok_or_else(|| bad("security-groups"))?
+                    .to_string(),
+            );
+        }
+        for r in remotes["remotes"]
+            .as_array()
+            .ok_or_else(|| bad("remotes"))?
+        {
+            let vni = r["network"].as_u64().and_then(|v| u32::try_from(v).ok());
+            let ip = r["ip"].as_str().and_then(|s| s.parse().ok());
+            let vtep = r["vtep"].as_str().and_then(|s| s.parse().ok());
+            let mac = r["mac"].as_str();
+            match (vni, ip, vtep, mac) {
+                (Some(v), Some(ip), Some(vtep), Some(mac)) => {
+                    h.remotes.insert((v, ip), (mac.to_string(), vtep));
+                }
+                _ => return Err(bad("remotes")),
+            }
+        }
+        Ok(h)
+    }
+
+    fn vtep(&mut self) -> Result<Ipv4Addr, SwitchError> {
+        let s = self.ask(&json!({"cmd": "topology"}))?;
+        s["vtep"]
+            .as_str()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| SwitchError::Unreachable("the switch has no uplink VTEP".into()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_name_the_operation_and_entry() {
+        assert_eq!(blame("ops[3] (vm web): field `mac`: bad"), (Some(3), None));
+        assert_eq!(
+            blame("operation 2: remotes[17]: 10.0.0.1 is a local VM"),
+            (Some(2), Some(17))
+        );
+        assert_eq!(
+            blame("ops[0]: remotes[5] (10.0.0.9): unknown network"),
+            (Some(0), Some(5))
+        );
+        assert_eq!(blame("request larger than 64 MiB"), (None, None));
+    }
+
+    #[test]
+    fn operations_are_spelt_as_the_api_reads_them() {
+        let ep = Arc::new(Endpoint {
+            mac: "02:00:00:00:00:05".into(),
+            vtep: Ipv4Addr::new(192, 168, 0, 2),
+            security_groups: vec!["web".into()],
+        });
+        let op = Op::SetRemotes(vec![Remote {
+            vni: 100,
+            ip: Ipv4Addr::new(10, 0, 0, 5),
+            ep,
+        }]);
+        assert_eq!(
+            op.to_json(),
+            json!({"op": "set-remotes", "remotes": [{"network": 100, "ip": "10.0.0.5",
+                   "mac": "02:00:00:00:00:05", "vtep": "192.168.0.2", "security_groups": ["web"]}]})
+        );
+        let g = Arc::new(json!({"name": "web", "rule": [{"direction": "ingress"}]}));
+        assert_eq!(
+            Op::SetRules("web".into(), g).to_json(),
+            json!({"op": "set-rules", "name": "web", "rules": [{"direction": "ingress"}]})
+        );
+        assert_eq!(
+            Op::SetExternal(None).to_json(),
+            json!({"op": "set-external", "external": null})
+        );
+    }
+}
