@@ -7,7 +7,7 @@
 //! journal's only reader; in model mode a thousand simulated agents read
 //! one journal, so a change is decoded and stored once, not once per host.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::sync::Arc;
 
@@ -20,7 +20,7 @@ use crate::layout::{Endpoint, Key, Record};
 pub struct Fleet {
     pub networks: BTreeMap<u32, Arc<Value>>,
     pub groups: BTreeMap<String, Arc<Value>>,
-    pub endpoints: HashMap<(u32, Ipv4Addr), Arc<Endpoint>>,
+    pub endpoints: hashbrown::HashMap<(u32, Ipv4Addr), Endpoint>,
     pub journal: Journal,
 }
 
@@ -34,16 +34,42 @@ pub struct HostRecords {
 
 /// The fleet's changed keys in order, each with the record it took
 /// (`None`: deleted). Entries are numbered from `base`; readers keep a
-/// cursor and the journal forgets what every reader has read.
+/// cursor and the journal forgets what every reader has read. An entry a
+/// later one for the same key supersedes is skipped by readers, so the
+/// record an entry carries is the key's current one.
 #[derive(Debug, Default)]
 pub struct Journal {
     base: u64,
-    entries: std::collections::VecDeque<(Key, Option<Record>)>,
+    entries: std::collections::VecDeque<Entry>,
+    /// Each key's newest entry.
+    last: hashbrown::HashMap<Key, u64>,
+}
+
+/// A journal entry.
+#[derive(Debug)]
+pub struct Entry {
+    pub key: Key,
+    pub record: Option<Record>,
+    superseded: bool,
 }
 
 impl Journal {
     pub fn push(&mut self, key: Key, rec: Option<Record>) {
-        self.entries.push_back((key, rec));
+        let at = self.end();
+        if let Some(prev) = self.last.insert(key.clone(), at) {
+            if let Some(e) = prev
+                .checked_sub(self.base)
+                .and_then(|i| usize::try_from(i).ok())
+                .and_then(|i| self.entries.get_mut(i))
+            {
+                e.superseded = true;
+            }
+        }
+        self.entries.push_back(Entry {
+            key,
+            record: rec,
+            superseded: false,
+        });
     }
 
     /// The number after the last entry.
@@ -51,15 +77,31 @@ impl Journal {
         self.base + self.entries.len() as u64
     }
 
-    /// Up to `max` entries from `cursor`.
-    pub fn read(&self, cursor: u64, max: usize) -> impl Iterator<Item = &(Key, Option<Record>)> {
+    /// Up to `max` entries from `cursor`, and the cursor after them.
+    /// Superseded entries are counted but not returned.
+    pub fn read(&self, cursor: u64, max: usize) -> (impl Iterator<Item = &Entry>, u64) {
         let skip = usize::try_from(cursor.saturating_sub(self.base)).unwrap_or(usize::MAX);
-        self.entries.iter().skip(skip).take(max)
+        let n = self.entries.len().saturating_sub(skip).min(max);
+        let next = self.base + (skip + n) as u64;
+        (
+            self.entries
+                .iter()
+                .skip(skip)
+                .take(n)
+                .filter(|e| !e.superseded),
+            next,
+        )
     }
 
     /// Forget the entries before `cursor` (the slowest reader's).
     pub fn trim(&mut self, cursor: u64) {
-        while self.base < cursor && self.entries.pop_front().is_some() {
+        while self.base < cursor {
+            let Some(e) = self.entries.pop_front() else {
+                break;
+            };
+            if self.last.get(&e.key) == Some(&self.base) {
+                self.last.remove(&e.key);
+            }
             self.base += 1;
         }
     }
@@ -205,11 +247,11 @@ mod tests {
     use super::*;
 
     fn ep(vtep: u8) -> Record {
-        Record::Endpoint(Arc::new(Endpoint {
-            mac: "02:00:00:00:00:01".into(),
+        Record::Endpoint(Endpoint {
+            mac: [2, 0, 0, 0, 0, 1],
             vtep: Ipv4Addr::new(192, 168, 0, vtep),
-            security_groups: vec![],
-        }))
+            security_groups: None,
+        })
     }
 
     #[test]
@@ -227,26 +269,41 @@ mod tests {
             (Key::Endpoint(1, b), ep(2)),
             (Key::Endpoint(1, c), ep(1)),
         ]);
-        let mut keys: Vec<Key> = f.journal.read(end, 100).map(|e| e.0.clone()).collect();
+        let mut keys: Vec<Key> = f.journal.read(end, 100).0.map(|e| e.key.clone()).collect();
         keys.sort();
         assert_eq!(keys, vec![Key::Endpoint(1, b), Key::Endpoint(1, c)]);
         f.replace(vec![]);
-        assert_eq!(f.journal.read(end + 2, 100).count(), 3);
+        assert_eq!(f.journal.read(end + 2, 100).0.count(), 3);
         assert!(f.endpoints.is_empty());
     }
 
     #[test]
-    fn the_journal_forgets_what_was_read() {
+    fn the_journal_forgets_what_was_read_and_skips_what_was_superseded() {
         let mut j = Journal::default();
         for i in 0..5 {
             j.push(Key::Network(i), None);
         }
         j.trim(3);
         assert_eq!(j.len(), 2);
-        let read: Vec<Key> = j.read(3, 10).map(|e| e.0.clone()).collect();
+        let (read, next) = j.read(3, 10);
+        let read: Vec<Key> = read.map(|e| e.key.clone()).collect();
         assert_eq!(read, vec![Key::Network(3), Key::Network(4)]);
+        assert_eq!(next, 5);
         // A cursor behind the base reads from the base.
-        assert_eq!(j.read(0, 10).count(), 2);
+        assert_eq!(j.read(0, 10).0.count(), 2);
         assert_eq!(j.end(), 5);
+        // Network 3 again: its older entry is skipped, still counted.
+        j.push(Key::Network(3), Some(Record::Direct));
+        let (read, next) = j.read(3, 2);
+        assert_eq!(
+            read.map(|e| e.key.clone()).collect::<Vec<_>>(),
+            vec![Key::Network(4)]
+        );
+        assert_eq!(next, 5);
+        let (read, next) = j.read(5, 10);
+        let read: Vec<&Entry> = read.collect();
+        assert_eq!((read.len(), read[0].record.is_some(), next), (1, true, 6));
+        j.trim(6);
+        assert!(j.is_empty() && j.last.is_empty());
     }
 }

@@ -46,10 +46,43 @@ pub enum Key {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Endpoint {
-    pub mac: String,
+    #[serde(deserialize_with = "mac")]
+    pub mac: [u8; 6],
     pub vtep: Ipv4Addr,
-    #[serde(default)]
-    pub security_groups: Vec<String>,
+    /// (None when empty: copies of it are free.)
+    #[serde(default, deserialize_with = "groups")]
+    pub security_groups: Option<Arc<[String]>>,
+}
+
+fn groups<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Arc<[String]>>, D::Error> {
+    let v = Vec::<String>::deserialize(d)?;
+    Ok((!v.is_empty()).then(|| v.into()))
+}
+
+/// "aa:bb:cc:dd:ee:ff".
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut m = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut m {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(m)
+}
+
+pub fn mac_str(m: &[u8; 6]) -> String {
+    format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0], m[1], m[2], m[3], m[4], m[5]
+    )
+}
+
+fn mac<'de, D: serde::Deserializer<'de>>(d: D) -> Result<[u8; 6], D::Error> {
+    let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+    parse_mac(&s).ok_or_else(|| serde::de::Error::custom(format!("{s:?} is not a MAC address")))
 }
 
 /// A record's value, parsed.
@@ -58,7 +91,8 @@ pub enum Record {
     /// A network, group, VM or external network: the API's object, with
     /// its name or VNI filled in from the key.
     Object(Arc<Value>),
-    Endpoint(Arc<Endpoint>),
+    /// (By value: a simulated fleet reads each one per host, in order.)
+    Endpoint(Endpoint),
     Direct,
 }
 
@@ -146,11 +180,12 @@ pub fn parse_record(key: &Key, value: &[u8]) -> Result<Record, String> {
     let text = std::str::from_utf8(value).map_err(|_| "value is not UTF-8".to_string())?;
     match key {
         Key::Endpoint(..) => {
-            let e: Endpoint = serde_json::from_str(text).map_err(|e| e.to_string())?;
-            if !valid_mac(&e.mac) {
-                return Err(format!("field `mac`: {:?} is not a MAC address", e.mac));
-            }
-            Ok(Record::Endpoint(Arc::new(e)))
+            let mut de = serde_json::Deserializer::from_str(text);
+            let e: Endpoint = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+                let path = e.path().to_string();
+                format!("field `{path}`: {}", e.into_inner())
+            })?;
+            Ok(Record::Endpoint(e))
         }
         Key::Direct(..) => Ok(Record::Direct),
         Key::Network(vni) => object(text, "vni", Value::from(*vni)),
@@ -173,14 +208,6 @@ fn object(text: &str, field: &str, want: Value) -> Result<Record, String> {
         }
     }
     Ok(Record::Object(Arc::new(Value::Object(m))))
-}
-
-fn valid_mac(s: &str) -> bool {
-    let parts: Vec<&str> = s.split(':').collect();
-    parts.len() == 6
-        && parts
-            .iter()
-            .all(|p| p.len() == 2 && u8::from_str_radix(p, 16).is_ok())
 }
 
 #[cfg(test)]

@@ -13,14 +13,29 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::layout::{Endpoint, Key};
+use crate::layout::{mac_str, parse_mac, Endpoint, Key};
 
-/// A remote endpoint to set.
+/// A remote endpoint to set (a copy: a thousand simulated hosts taking
+/// the same record do not share a counter).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Remote {
     pub vni: u32,
     pub ip: Ipv4Addr,
-    pub ep: Arc<Endpoint>,
+    pub mac: [u8; 6],
+    pub vtep: Ipv4Addr,
+    pub security_groups: Option<Arc<[String]>>,
+}
+
+impl Remote {
+    pub fn new(vni: u32, ip: Ipv4Addr, ep: &Endpoint) -> Remote {
+        Remote {
+            vni,
+            ip,
+            mac: ep.mac,
+            vtep: ep.vtep,
+            security_groups: ep.security_groups.clone(),
+        }
+    }
 }
 
 /// One operation of a change batch (the switch's `apply` operations).
@@ -110,8 +125,8 @@ impl Op {
                 let list: Vec<Value> = r
                     .iter()
                     .map(|r| {
-                        json!({"network": r.vni, "ip": r.ip.to_string(), "mac": r.ep.mac,
-                               "vtep": r.ep.vtep.to_string(), "security_groups": r.ep.security_groups})
+                        json!({"network": r.vni, "ip": r.ip.to_string(), "mac": mac_str(&r.mac),
+                               "vtep": r.vtep.to_string(), "security_groups": r.security_groups.as_deref().unwrap_or(&[])})
                     })
                     .collect();
                 json!({"op": "set-remotes", "remotes": list})
@@ -148,7 +163,7 @@ pub struct Held {
     pub networks: BTreeSet<u32>,
     pub groups: BTreeSet<String>,
     pub vms: BTreeSet<String>,
-    pub remotes: BTreeMap<(u32, Ipv4Addr), (String, Ipv4Addr)>,
+    pub remotes: BTreeMap<(u32, Ipv4Addr), ([u8; 6], Ipv4Addr)>,
 }
 
 /// A switch the agent programs.
@@ -273,10 +288,10 @@ impl Switch for SocketSwitch {
             let vni = r["network"].as_u64().and_then(|v| u32::try_from(v).ok());
             let ip = r["ip"].as_str().and_then(|s| s.parse().ok());
             let vtep = r["vtep"].as_str().and_then(|s| s.parse().ok());
-            let mac = r["mac"].as_str();
+            let mac = r["mac"].as_str().and_then(parse_mac);
             match (vni, ip, vtep, mac) {
                 (Some(v), Some(ip), Some(vtep), Some(mac)) => {
-                    h.remotes.insert((v, ip), (mac.to_string(), vtep));
+                    h.remotes.insert((v, ip), (mac, vtep));
                 }
                 _ => return Err(bad("remotes")),
             }
@@ -313,16 +328,12 @@ mod tests {
 
     #[test]
     fn operations_are_spelt_as_the_api_reads_them() {
-        let ep = Arc::new(Endpoint {
-            mac: "02:00:00:00:00:05".into(),
+        let ep = Endpoint {
+            mac: [2, 0, 0, 0, 0, 5],
             vtep: Ipv4Addr::new(192, 168, 0, 2),
-            security_groups: vec!["web".into()],
-        });
-        let op = Op::SetRemotes(vec![Remote {
-            vni: 100,
-            ip: Ipv4Addr::new(10, 0, 0, 5),
-            ep,
-        }]);
+            security_groups: Some(vec!["web".to_string()].into()),
+        };
+        let op = Op::SetRemotes(vec![Remote::new(100, Ipv4Addr::new(10, 0, 0, 5), &ep)]);
         assert_eq!(
             op.to_json(),
             json!({"op": "set-remotes", "remotes": [{"network": 100, "ip": "10.0.0.5",

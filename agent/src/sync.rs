@@ -20,7 +20,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::desired::{Fleet, HostRecords};
-use crate::layout::{Endpoint, Key};
+use crate::layout::{Endpoint, Key, Record};
 use crate::switch::{Held, Op, Remote, Switch, SwitchError};
 
 /// Most endpoints in one `set-remotes` / `remove-remotes` operation.
@@ -50,6 +50,62 @@ pub struct Counters {
     pub resyncs: u64,
     /// Keys a resync found different (what it applied).
     pub resync_keys: u64,
+}
+
+#[derive(Default)]
+/// A batch's operations by phase, in the order they are applied.
+struct Phases {
+    add_groups: Vec<Op>,
+    networks: Vec<Op>,
+    rules: Vec<Op>,
+    remove_vms: Vec<Op>,
+    unset: Vec<Vec<(u32, Ipv4Addr)>>,
+    set: Vec<Vec<Remote>>,
+    vms: Vec<Op>,
+    external: Vec<Op>,
+    remove_networks: Vec<Op>,
+    remove_groups: Vec<Op>,
+}
+
+fn plan_remote(p: &mut Phases, vni: u32, ip: Ipv4Addr, ep: Option<&Endpoint>) {
+    match ep {
+        Some(ep) => chunked(&mut p.set, Remote::new(vni, ip, ep)),
+        None => chunked(&mut p.unset, (vni, ip)),
+    }
+}
+
+/// Whether the last network asked about exists and has a gateway VTEP
+/// (a batch's endpoints are mostly of one network).
+#[derive(Default)]
+struct Gatewayed(Option<(u32, Option<bool>)>);
+
+impl Gatewayed {
+    /// `None`: no such network; else whether it has a gateway VTEP.
+    fn of(&mut self, fleet: &Fleet, vni: u32) -> Option<bool> {
+        match self.0 {
+            Some((v, g)) if v == vni => g,
+            _ => {
+                let g = fleet
+                    .networks
+                    .contains_key(&vni)
+                    .then(|| fleet.gatewayed(vni));
+                self.0 = Some((vni, g));
+                g
+            }
+        }
+    }
+}
+
+/// Push `x` onto the last of `chunks`, or a new one when that is full.
+fn chunked<T>(chunks: &mut Vec<Vec<T>>, x: T) {
+    match chunks.last_mut() {
+        Some(c) if c.len() < REMOTES_PER_OP => c.push(x),
+        _ => {
+            let mut c = Vec::with_capacity(REMOTES_PER_OP);
+            c.push(x);
+            chunks.push(c);
+        }
+    }
 }
 
 /// A record's state the switch does not know (after a resync): it differs
@@ -126,128 +182,128 @@ impl HostAgent {
     fn wanted_remote<'f>(
         &self,
         fleet: &'f Fleet,
+        gw: &mut Gatewayed,
         vni: u32,
         ip: Ipv4Addr,
-    ) -> Option<&'f Arc<Endpoint>> {
-        fleet.networks.get(&vni)?;
+    ) -> Option<&'f Endpoint> {
         let ep = fleet.endpoints.get(&(vni, ip))?;
+        self.wants(gw, fleet, vni, ip, ep)
+    }
+
+    /// Should the switch hold endpoint `ep` at (vni, ip)?
+    fn wants<'e>(
+        &self,
+        gw: &mut Gatewayed,
+        fleet: &Fleet,
+        vni: u32,
+        ip: Ipv4Addr,
+        ep: &'e Endpoint,
+    ) -> Option<&'e Endpoint> {
         if ep.vtep == self.vtep {
             return None;
         }
-        if fleet.gatewayed(vni) && !self.records.direct.contains(&(vni, ip)) {
-            return None;
+        match gw.of(fleet, vni)? {
+            true if !self.records.direct.contains(&(vni, ip)) => None,
+            _ => Some(ep),
         }
-        Some(ep)
     }
 
-    /// Take up to `max` changed keys.
-    fn take_keys(&mut self, fleet: &Fleet, max: usize) -> BTreeSet<Key> {
-        let mut keys = BTreeSet::new();
-        let mut read = 0u64;
-        for (k, _) in fleet.journal.read(self.cursor, max) {
-            read += 1;
-            if let Key::Network(v) = k {
-                // Its endpoints may come or go with it (or its gateway).
-                keys.extend(
-                    fleet
-                        .endpoints
-                        .keys()
-                        .filter(|e| e.0 == *v)
-                        .map(|e| Key::Endpoint(e.0, e.1)),
-                );
+    /// Plan the operations for up to `max` changed keys — the journal's
+    /// from this agent's cursor (each with its current record), then its
+    /// own — in dependency order. Returns them and how many keys it read.
+    fn plan(&mut self, fleet: &Fleet, max: usize) -> (Vec<Op>, usize) {
+        let mut p = Phases::default();
+        let mut gw = Gatewayed::default();
+        let mut n = 0;
+        let (entries, next) = fleet.journal.read(self.cursor, max);
+        for e in entries {
+            n += 1;
+            if !self.refused.is_empty() {
+                self.refused.remove(&e.key);
             }
-            self.refused.remove(k);
-            self.unparsed.remove(k);
-            keys.insert(k.clone());
+            if !self.unparsed.is_empty() {
+                self.unparsed.remove(&e.key);
+            }
+            match (&e.key, &e.record) {
+                // A journaled endpoint carries its record: no lookup.
+                (Key::Endpoint(v, ip), rec) => {
+                    let ep = match rec {
+                        Some(Record::Endpoint(ep)) => self.wants(&mut gw, fleet, *v, *ip, ep),
+                        _ => None,
+                    };
+                    plan_remote(&mut p, *v, *ip, ep);
+                }
+                (k, _) => {
+                    if let Key::Network(v) = k {
+                        // Its endpoints may come or go with it (or its
+                        // gateway).
+                        for ip in fleet.endpoints.keys().filter(|e| e.0 == *v).map(|e| e.1) {
+                            n += 1;
+                            let ep = self.wanted_remote(fleet, &mut gw, *v, ip);
+                            plan_remote(&mut p, *v, ip, ep);
+                        }
+                    }
+                    self.plan_key(&mut p, fleet, &mut gw, k);
+                }
+            }
         }
-        self.cursor += read;
+        self.cursor = next;
         // (A network set aside or found different by a resync comes
         // without its endpoints: those that differ are keys of their own.)
-        while keys.len() < max {
+        while n < max {
             let Some(k) = self.dirty.pop_first() else {
                 break;
             };
-            keys.insert(k);
-        }
-        keys
-    }
-
-    /// Plan the operations that bring `keys` to their desired state, in
-    /// dependency order.
-    fn plan(&self, fleet: &Fleet, keys: &BTreeSet<Key>) -> Vec<Op> {
-        #[derive(Default)]
-        struct Phases {
-            add_groups: Vec<Op>,
-            networks: Vec<Op>,
-            rules: Vec<Op>,
-            remove_vms: Vec<Op>,
-            unset: Vec<(u32, Ipv4Addr)>,
-            set: Vec<Remote>,
-            vms: Vec<Op>,
-            external: Vec<Op>,
-            remove_networks: Vec<Op>,
-            remove_groups: Vec<Op>,
-        }
-        let mut p = Phases::default();
-        let a = &self.applied;
-        for k in keys {
-            match k {
-                Key::Group(n) => match (fleet.groups.get(n), a.groups.get(n)) {
-                    (Some(w), None) => p.add_groups.push(Op::AddGroup(n.clone(), w.clone())),
-                    (Some(w), Some(h)) if w != h => {
-                        p.rules.push(Op::SetRules(n.clone(), w.clone()))
-                    }
-                    (None, Some(_)) => p.remove_groups.push(Op::RemoveGroup(n.clone())),
-                    _ => {}
-                },
-                Key::Network(v) => match (fleet.networks.get(v), a.networks.get(v)) {
-                    (Some(w), None) => p.networks.push(Op::AddNetwork(*v, w.clone())),
-                    (Some(w), Some(h)) if w != h => {
-                        p.networks.push(Op::ChangeNetwork(*v, w.clone()))
-                    }
-                    (None, Some(_)) => p.remove_networks.push(Op::RemoveNetwork(*v)),
-                    _ => {}
-                },
-                Key::Vm(n) => match (self.records.vms.get(n), a.vms.get(n)) {
-                    (Some(w), None) => p.vms.push(Op::AddVm(n.clone(), w.clone())),
-                    (Some(w), Some(h)) if w != h => p.vms.push(Op::ChangeVm(n.clone(), w.clone())),
-                    (None, Some(_)) => p.remove_vms.push(Op::RemoveVm(n.clone())),
-                    _ => {}
-                },
-                Key::External => {
-                    if self.records.external != a.external {
-                        p.external
-                            .push(Op::SetExternal(self.records.external.clone()));
-                    }
-                }
-                Key::Endpoint(v, ip) | Key::Direct(v, ip) => {
-                    match self.wanted_remote(fleet, *v, *ip) {
-                        Some(ep) => p.set.push(Remote {
-                            vni: *v,
-                            ip: *ip,
-                            ep: ep.clone(),
-                        }),
-                        None => p.unset.push((*v, *ip)),
-                    }
-                }
-            }
+            n += 1;
+            self.plan_key(&mut p, fleet, &mut gw, &k);
         }
         let mut ops = Vec::new();
         ops.append(&mut p.add_groups);
         ops.append(&mut p.networks);
         ops.append(&mut p.rules);
         ops.append(&mut p.remove_vms);
-        for chunk in p.unset.chunks(REMOTES_PER_OP) {
-            ops.push(Op::RemoveRemotes(chunk.to_vec()));
-        }
-        for chunk in p.set.chunks(REMOTES_PER_OP) {
-            ops.push(Op::SetRemotes(chunk.to_vec()));
-        }
+        ops.extend(p.unset.into_iter().map(Op::RemoveRemotes));
+        ops.extend(p.set.into_iter().map(Op::SetRemotes));
         ops.append(&mut p.vms);
         ops.append(&mut p.external);
         ops.append(&mut p.remove_networks);
         ops.append(&mut p.remove_groups);
-        ops
+        (ops, n)
+    }
+
+    /// Plan one key from the records as they are now.
+    fn plan_key(&self, p: &mut Phases, fleet: &Fleet, gw: &mut Gatewayed, k: &Key) {
+        let a = &self.applied;
+        match k {
+            Key::Group(n) => match (fleet.groups.get(n), a.groups.get(n)) {
+                (Some(w), None) => p.add_groups.push(Op::AddGroup(n.clone(), w.clone())),
+                (Some(w), Some(h)) if w != h => p.rules.push(Op::SetRules(n.clone(), w.clone())),
+                (None, Some(_)) => p.remove_groups.push(Op::RemoveGroup(n.clone())),
+                _ => {}
+            },
+            Key::Network(v) => match (fleet.networks.get(v), a.networks.get(v)) {
+                (Some(w), None) => p.networks.push(Op::AddNetwork(*v, w.clone())),
+                (Some(w), Some(h)) if w != h => p.networks.push(Op::ChangeNetwork(*v, w.clone())),
+                (None, Some(_)) => p.remove_networks.push(Op::RemoveNetwork(*v)),
+                _ => {}
+            },
+            Key::Vm(n) => match (self.records.vms.get(n), a.vms.get(n)) {
+                (Some(w), None) => p.vms.push(Op::AddVm(n.clone(), w.clone())),
+                (Some(w), Some(h)) if w != h => p.vms.push(Op::ChangeVm(n.clone(), w.clone())),
+                (None, Some(_)) => p.remove_vms.push(Op::RemoveVm(n.clone())),
+                _ => {}
+            },
+            Key::External => {
+                if self.records.external != a.external {
+                    p.external
+                        .push(Op::SetExternal(self.records.external.clone()));
+                }
+            }
+            Key::Endpoint(v, ip) | Key::Direct(v, ip) => {
+                let ep = self.wanted_remote(fleet, gw, *v, *ip);
+                plan_remote(p, *v, *ip, ep);
+            }
+        }
     }
 
     /// Note what a successful batch did.
@@ -284,16 +340,16 @@ impl HostAgent {
     /// the next try.
     pub fn step(&mut self, fleet: &Fleet, sw: &mut dyn Switch) -> Result<(), SwitchError> {
         while self.pending(fleet) {
-            let keys = self.take_keys(fleet, KEYS_PER_BATCH);
-            let mut ops = self.plan(fleet, &keys);
+            let (mut ops, n) = self.plan(fleet, KEYS_PER_BATCH);
             if ops.is_empty() {
                 continue;
             }
-            self.counters.keys += keys.len() as u64;
+            self.counters.keys += n as u64;
             let applied = match self.apply_isolating(sw, &mut ops) {
                 Ok(n) => n,
                 Err(e) => {
-                    self.dirty.extend(keys);
+                    // (A key that planned no operation needs none.)
+                    self.dirty.extend(ops.iter().flat_map(|o| o.keys(None)));
                     return Err(e);
                 }
             };
@@ -301,17 +357,14 @@ impl HostAgent {
                 self.commit(&ops);
                 self.counters.batches += 1;
                 self.counters.ops += applied as u64;
-                for k in ops.iter().flat_map(|o| o.keys(None)) {
-                    self.refused.remove(&k);
+                if !self.refused.is_empty() {
+                    let batch: std::collections::HashSet<Key> =
+                        ops.iter().flat_map(|o| o.keys(None)).collect();
+                    self.refused.retain(|k, _| !batch.contains(k));
+                    // What was refused may have lacked what this batch
+                    // added.
+                    self.dirty.extend(self.refused.keys().cloned());
                 }
-                // What was refused may have lacked what this batch added.
-                let retry: Vec<Key> = self
-                    .refused
-                    .keys()
-                    .filter(|k| !keys.contains(*k))
-                    .cloned()
-                    .collect();
-                self.dirty.extend(retry);
             }
         }
         Ok(())
@@ -440,22 +493,18 @@ impl HostAgent {
             }
         }
         // Endpoints: by content, both ways.
+        let gw = &mut Gatewayed::default();
         for ((v, ip), (mac, vtep)) in &held.remotes {
-            match self.wanted_remote(fleet, *v, *ip) {
-                Some(e) if e.mac.eq_ignore_ascii_case(mac) && e.vtep == *vtep => {}
+            match self.wanted_remote(fleet, gw, *v, *ip) {
+                Some(e) if e.mac == *mac && e.vtep == *vtep => {}
                 _ => dirty.push(Key::Endpoint(*v, *ip)),
             }
         }
         for (v, ip) in fleet.endpoints.keys() {
             if !held.remotes.contains_key(&(*v, *ip))
-                && self.wanted_remote(fleet, *v, *ip).is_some()
+                && self.wanted_remote(fleet, gw, *v, *ip).is_some()
             {
                 dirty.push(Key::Endpoint(*v, *ip));
-            }
-        }
-        for d in &self.records.direct {
-            if !held.remotes.contains_key(d) && self.wanted_remote(fleet, d.0, d.1).is_some() {
-                dirty.push(Key::Endpoint(d.0, d.1));
             }
         }
         self.dirty.extend(dirty);

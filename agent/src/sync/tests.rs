@@ -64,7 +64,7 @@ fn records_arrive_in_dependency_order_and_own_endpoints_are_skipped() {
     assert!(sw.has_vm("web"));
     assert_eq!(
         sw.remote(100, ip("10.0.0.6")),
-        Some(("02:00:00:00:00:09".into(), OTHER))
+        Some(([2, 0, 0, 0, 0, 9], OTHER))
     );
     // Its own VM's endpoint is not a remote.
     assert_eq!(sw.remote(100, ip("10.0.0.5")), None);
