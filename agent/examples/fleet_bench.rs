@@ -81,9 +81,11 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
     }
-    // Nearest rank.
-    let rank = (q * sorted.len() as f64).ceil().max(1.0) as usize;
-    sorted[rank.min(sorted.len()) - 1]
+    // Nearest rank: the smallest value with at least q of them at or
+    // below it.
+    let n = sorted.len();
+    let rank = (1..=n).find(|r| *r as f64 >= q * n as f64).unwrap_or(n);
+    sorted[rank - 1]
 }
 
 fn offline(a: &Args) {
@@ -208,7 +210,7 @@ async fn all_applied(
 
 async fn online(a: Args) -> Result<()> {
     let p = a.prefix.clone();
-    let mut client = store::connect(&[a.etcd.clone()], 0).await?;
+    let mut client = store::connect(std::slice::from_ref(&a.etcd), 0).await?;
     client
         .delete(format!("{p}/"), Some(DeleteOptions::new().with_prefix()))
         .await?;
