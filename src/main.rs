@@ -107,6 +107,12 @@ enum CtlCmd {
     Ports,
     /// Networks, VMs and remote endpoints as the switch knows them now.
     Topology,
+    /// Every remote endpoint, of one network with `--network` (JSON:
+    /// for machines; `topology` shows people the first 10,000).
+    Remotes {
+        #[arg(long)]
+        network: Option<u32>,
+    },
     /// DHCP leases.
     Leases,
     /// Add a VM port at run time (attach a VM to it with `apply`): a tap
@@ -241,6 +247,7 @@ fn main() -> ExitCode {
                 CtlCmd::Stats | CtlCmd::Ports => Ok(Command::Stats),
                 CtlCmd::Flows(filter) => Ok(Command::Flows { filter }),
                 CtlCmd::Topology => Ok(Command::Topology),
+                CtlCmd::Remotes { network } => Ok(Command::Remotes { network }),
                 CtlCmd::Leases => Ok(Command::Leases),
                 CtlCmd::PortAdd(p) => Ok(Command::PortAdd(p)),
                 CtlCmd::PortRemove { name } => Ok(Command::PortRemove { name }),

@@ -181,6 +181,30 @@ async fn watch_statuses(
     Ok(receivers)
 }
 
+/// The newest revision a plain watcher of `prefix` has seen, and when.
+async fn watch_revisions(etcd: &str, prefix: &str) -> Result<watch::Receiver<(i64, Instant)>> {
+    let mut client = store::connect(&[etcd.to_string()], 0).await?;
+    let (w, mut stream) = client
+        .watch(prefix, Some(WatchOptions::new().with_prefix()))
+        .await?;
+    let (tx, rx) = watch::channel((0i64, Instant::now()));
+    tokio::spawn(async move {
+        let _w = w;
+        while let Ok(Some(m)) = stream.message().await {
+            let now = Instant::now();
+            if let Some(rev) = m
+                .events()
+                .iter()
+                .filter_map(|e| e.kv().map(|kv| kv.mod_revision()))
+                .max()
+            {
+                let _ = tx.send((rev, now));
+            }
+        }
+    });
+    Ok(rx)
+}
+
 /// When every host had applied `rev`.
 async fn all_applied(
     sim: &mut watch::Receiver<(i64, Instant)>,
@@ -232,6 +256,8 @@ async fn online(a: Args) -> Result<()> {
         }
     });
     let mut real = watch_statuses(&a.etcd, &p, &a.real).await?;
+    // The peer: etcd alone — a plain watcher of the endpoints.
+    let mut plain = watch_revisions(&a.etcd, &format!("{p}/endpoints/")).await?;
     let rev = client
         .put(format!("{p}/networks/100"), network().to_string(), None)
         .await?
@@ -266,11 +292,13 @@ async fn online(a: Args) -> Result<()> {
     }
     let written = t0.elapsed();
     let (model, all) = all_applied(&mut sim_rx, &mut real, last, Duration::from_secs(300)).await?;
+    let rss_bulk = pid0.as_deref().map_or(0.0, rss_mib);
     let bulk_model = model.duration_since(t0);
     let bulk_all = all.duration_since(t0);
     // Moves.
     let mut lat = Vec::new();
     let mut lat_model = Vec::new();
+    let mut lat_etcd = Vec::new();
     for m in 0..a.moves {
         let i = u32::try_from(m).unwrap_or(0).wrapping_mul(1997) % a.endpoints;
         let (ip, v) = endpoint(i, a.hosts, 1 + u32::try_from(m).unwrap_or(0));
@@ -282,25 +310,35 @@ async fn online(a: Args) -> Result<()> {
             .map_or(0, |h| h.revision());
         let (model, all) =
             all_applied(&mut sim_rx, &mut real, rev, Duration::from_secs(30)).await?;
+        let seen =
+            tokio::time::timeout(Duration::from_secs(30), plain.wait_for(|(r, _)| *r >= rev))
+                .await
+                .context("the plain watcher")??
+                .1;
+        lat_etcd.push(seen.duration_since(t).as_secs_f64() * 1e3);
         lat.push(all.duration_since(t).as_secs_f64() * 1e3);
         lat_model.push(model.duration_since(t).as_secs_f64() * 1e3);
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     lat.sort_by(f64::total_cmp);
     lat_model.sort_by(f64::total_cmp);
+    lat_etcd.sort_by(f64::total_cmp);
     let rss_end = pid0.as_deref().map_or(0.0, rss_mib);
     println!(
-        "hosts={} endpoints={} change_p50_ms={:.1} change_p99_ms={:.1} model_change_p99_ms={:.1} bulk_100k_all_hosts_ms={:.0} bulk_model_hosts_ms={:.0} etcd_write_ms={:.0} agent_rss_mib={:.1} agent_rss_start_mib={:.1} sim_rss_mib={:.0}",
+        "hosts={} endpoints={} change_p50_ms={:.1} change_p99_ms={:.1} model_change_p99_ms={:.1} etcd_watch_p50_ms={:.2} etcd_watch_p99_ms={:.2} bulk_100k_all_hosts_ms={:.0} bulk_model_hosts_ms={:.0} etcd_write_ms={:.0} agent_rss_mib={:.1} agent_rss_start_mib={:.1} agent_rss_bulk_mib={:.1} sim_rss_mib={:.0}",
         a.hosts + a.real.len(),
         a.endpoints,
         quantile(&lat, 0.5),
         quantile(&lat, 0.99),
         quantile(&lat_model, 0.99),
+        quantile(&lat_etcd, 0.5),
+        quantile(&lat_etcd, 0.99),
         bulk_all.as_secs_f64() * 1e3,
         bulk_model.as_secs_f64() * 1e3,
         written.as_secs_f64() * 1e3,
         rss_end,
         rss_start,
+        rss_bulk,
         rss_mib("self")
     );
     Ok(())

@@ -198,20 +198,22 @@ async fn full_sync(client: &mut Client, st: &mut State) -> Result<()> {
 fn status(st: &State) -> Value {
     let (errors, counters) = match &st.agent {
         Some(a) => {
-            let all: Vec<Value> = a
+            let first: Vec<Value> = a
                 .errors()
+                .take(MAX_STATUS_ERRORS)
                 .map(|(k, e)| json!({"key": st.layout.key_string(k), "error": e}))
                 .collect();
-            (all, json!(a.counters))
+            ((first, a.errors().count()), json!(a.counters))
         }
-        None => (vec![], Value::Null),
+        None => ((vec![], 0), Value::Null),
     };
+    let (errors, errors_total) = errors;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
     json!({"host": st.layout.host, "applied_revision": st.applied, "seen_revision": st.seen,
            "switch": st.switch_error.as_deref().map_or("up".to_string(), |e| format!("unreachable: {e}")),
-           "errors_total": errors.len(), "errors": errors.into_iter().take(MAX_STATUS_ERRORS).collect::<Vec<_>>(),
+           "errors_total": errors_total, "errors": errors,
            "counters": counters, "compactions": st.compactions, "sessions": st.sessions,
            "updated_unix_ms": now})
 }

@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize, Serializer};
 use serde_json::{json, Value};
 
 use crate::layout::{mac_str, parse_mac, Endpoint, Key};
@@ -109,37 +111,104 @@ impl Op {
 
     /// The operation as the switch's control API spells it.
     pub fn to_json(&self) -> Value {
+        serde_json::to_value(self).unwrap_or(Value::Null)
+    }
+}
+
+/// Written straight to the request (a batch of 100 000 endpoints as a
+/// tree of JSON values would take ~60 MiB on the way).
+impl Serialize for Op {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
         match self {
-            Op::AddGroup(_, g) => json!({"op": "add-security-group", "security_group": g}),
-            Op::SetRules(n, g) => {
-                json!({"op": "set-rules", "name": n, "rules": g.get("rule").cloned().unwrap_or(json!([]))})
+            Op::AddGroup(_, g) => {
+                m.serialize_entry("op", "add-security-group")?;
+                m.serialize_entry("security_group", g)?;
             }
-            Op::RemoveGroup(n) => json!({"op": "remove-security-group", "name": n}),
-            Op::AddNetwork(_, n) => json!({"op": "add-network", "network": n}),
-            Op::ChangeNetwork(_, n) => json!({"op": "change-network", "network": n}),
-            Op::RemoveNetwork(v) => json!({"op": "remove-network", "vni": v}),
-            Op::RemoveVm(n) => json!({"op": "remove-vm", "name": n}),
-            Op::AddVm(_, v) => json!({"op": "add-vm", "vm": v}),
-            Op::ChangeVm(_, v) => json!({"op": "change-vm", "vm": v}),
+            Op::SetRules(n, g) => {
+                m.serialize_entry("op", "set-rules")?;
+                m.serialize_entry("name", n)?;
+                m.serialize_entry("rules", g.get("rule").unwrap_or(&json!([])))?;
+            }
+            Op::RemoveGroup(n) => {
+                m.serialize_entry("op", "remove-security-group")?;
+                m.serialize_entry("name", n)?;
+            }
+            Op::AddNetwork(_, n) | Op::ChangeNetwork(_, n) => {
+                let op = match self {
+                    Op::AddNetwork(..) => "add-network",
+                    _ => "change-network",
+                };
+                m.serialize_entry("op", op)?;
+                m.serialize_entry("network", n)?;
+            }
+            Op::RemoveNetwork(v) => {
+                m.serialize_entry("op", "remove-network")?;
+                m.serialize_entry("vni", v)?;
+            }
+            Op::RemoveVm(n) => {
+                m.serialize_entry("op", "remove-vm")?;
+                m.serialize_entry("name", n)?;
+            }
+            Op::AddVm(_, v) | Op::ChangeVm(_, v) => {
+                let op = match self {
+                    Op::AddVm(..) => "add-vm",
+                    _ => "change-vm",
+                };
+                m.serialize_entry("op", op)?;
+                m.serialize_entry("vm", v)?;
+            }
             Op::SetRemotes(r) => {
-                let list: Vec<Value> = r
-                    .iter()
-                    .map(|r| {
-                        json!({"network": r.vni, "ip": r.ip.to_string(), "mac": mac_str(&r.mac),
-                               "vtep": r.vtep.to_string(), "security_groups": r.security_groups.as_deref().unwrap_or(&[])})
-                    })
-                    .collect();
-                json!({"op": "set-remotes", "remotes": list})
+                #[derive(Serialize)]
+                struct Row<'a> {
+                    network: u32,
+                    ip: Ipv4Addr,
+                    mac: String,
+                    vtep: Ipv4Addr,
+                    security_groups: &'a [String],
+                }
+                let rows = r.iter().map(|r| Row {
+                    network: r.vni,
+                    ip: r.ip,
+                    mac: mac_str(&r.mac),
+                    vtep: r.vtep,
+                    security_groups: r.security_groups.as_deref().unwrap_or(&[]),
+                });
+                m.serialize_entry("op", "set-remotes")?;
+                m.serialize_entry("remotes", &Seq(std::cell::Cell::new(Some(rows))))?;
             }
             Op::RemoveRemotes(r) => {
-                let list: Vec<Value> = r
-                    .iter()
-                    .map(|(v, ip)| json!({"network": v, "ip": ip.to_string()}))
-                    .collect();
-                json!({"op": "remove-remotes", "remotes": list})
+                #[derive(Serialize)]
+                struct Row {
+                    network: u32,
+                    ip: Ipv4Addr,
+                }
+                let rows = r.iter().map(|(v, ip)| Row {
+                    network: *v,
+                    ip: *ip,
+                });
+                m.serialize_entry("op", "remove-remotes")?;
+                m.serialize_entry("remotes", &Seq(std::cell::Cell::new(Some(rows))))?;
             }
-            Op::SetExternal(e) => json!({"op": "set-external", "external": e}),
+            Op::SetExternal(e) => {
+                m.serialize_entry("op", "set-external")?;
+                m.serialize_entry("external", e)?;
+            }
         }
+        m.end()
+    }
+}
+
+/// An iterator serialized as a sequence (once).
+struct Seq<I>(std::cell::Cell<Option<I>>);
+
+impl<I: Iterator<Item = T>, T: Serialize> Serialize for Seq<I> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let it = self
+            .0
+            .take()
+            .ok_or_else(|| serde::ser::Error::custom("serialized twice"))?;
+        s.collect_seq(it)
     }
 }
 
@@ -211,19 +280,28 @@ impl SocketSwitch {
     /// Send `request`, return the answer (an `{"error": …}` answer is an
     /// `Err`).
     pub fn ask(&self, request: &Value) -> Result<Value, SwitchError> {
+        let line = serde_json::to_vec(request).map_err(|e| SwitchError::Refused {
+            op: None,
+            item: None,
+            message: e.to_string(),
+        })?;
+        let answer = self.exchange(line)?;
+        serde_json::from_str(&answer)
+            .map_err(|e| SwitchError::Unreachable(format!("answer is not JSON: {e}")))
+    }
+
+    /// Send the request `line` (without its newline); the answer's text,
+    /// or the switch's refusal.
+    fn exchange(&self, mut line: Vec<u8>) -> Result<String, SwitchError> {
         let down = |e: std::io::Error| {
             SwitchError::Unreachable(format!("control socket {}: {e}", self.path.display()))
         };
         let mut s = UnixStream::connect(&self.path).map_err(down)?;
         s.set_read_timeout(Some(self.timeout)).map_err(down)?;
         s.set_write_timeout(Some(self.timeout)).map_err(down)?;
-        let mut line = serde_json::to_vec(request).map_err(|e| SwitchError::Refused {
-            op: None,
-            item: None,
-            message: e.to_string(),
-        })?;
         line.push(b'\n');
         s.write_all(&line).map_err(down)?;
+        drop(line);
         let mut answer = String::new();
         BufReader::new(s).read_line(&mut answer).map_err(down)?;
         if answer.is_empty() {
@@ -231,70 +309,73 @@ impl SocketSwitch {
                 "the switch closed the connection".into(),
             ));
         }
-        let v: Value = serde_json::from_str(&answer)
-            .map_err(|e| SwitchError::Unreachable(format!("answer is not JSON: {e}")))?;
-        if let Some(e) = v.get("error") {
-            let message = e.as_str().unwrap_or("refused").to_string();
+        #[derive(Deserialize)]
+        struct Refusal {
+            error: String,
+        }
+        if let Ok(Refusal { error: message }) = serde_json::from_str::<Refusal>(&answer) {
             let (op, item) = blame(&message);
             return Err(SwitchError::Refused { op, item, message });
         }
-        Ok(v)
+        Ok(answer)
     }
 }
 
 impl Switch for SocketSwitch {
     fn apply(&mut self, ops: &[Op]) -> Result<(), SwitchError> {
-        let list: Vec<Value> = ops.iter().map(Op::to_json).collect();
-        self.ask(&json!({"cmd": "apply", "ops": list})).map(|_| ())
+        #[derive(Serialize)]
+        struct Apply<'a> {
+            cmd: &'static str,
+            ops: &'a [Op],
+        }
+        let line =
+            serde_json::to_vec(&Apply { cmd: "apply", ops }).map_err(|e| SwitchError::Refused {
+                op: None,
+                item: None,
+                message: e.to_string(),
+            })?;
+        self.exchange(line).map(|_| ())
     }
 
     fn held(&mut self) -> Result<Held, SwitchError> {
         let bad = |what: &str| SwitchError::Unreachable(format!("unexpected answer to {what}"));
         let topo = self.ask(&json!({"cmd": "topology"}))?;
         let groups = self.ask(&json!({"cmd": "security-groups"}))?;
-        let remotes = self.ask(&json!({"cmd": "remotes"}))?;
         let mut h = Held::default();
         for n in topo["networks"].as_array().ok_or_else(|| bad("topology"))? {
-            h.networks.insert(
-                n["vni"]
-                    .as_u64()
-                    .and_then(|v| u32::try_from(v).ok())
-                    .ok_or_else(|| bad("topology"))?,
-            );
+            let vni = n["vni"].as_u64().and_then(|v| u32::try_from(v).ok());
+            h.networks.insert(vni.ok_or_else(|| bad("topology"))?);
         }
         for v in topo["vms"].as_array().ok_or_else(|| bad("topology"))? {
-            h.vms.insert(
-                v["name"]
-                    .as_str()
-                    .ok_or_else(|| bad("topology"))?
-                    .to_string(),
-            );
+            let name = v["name"].as_str().ok_or_else(|| bad("topology"))?;
+            h.vms.insert(name.to_string());
         }
         for g in groups["groups"]
             .as_array()
             .ok_or_else(|| bad("security-groups"))?
         {
-            h.groups.insert(
-                g["name"]
-                    .as_str()
-                    .ok_or_else(|| bad("security-groups"))?
-                    .to_string(),
-            );
+            let name = g["name"].as_str().ok_or_else(|| bad("security-groups"))?;
+            h.groups.insert(name.to_string());
         }
-        for r in remotes["remotes"]
-            .as_array()
-            .ok_or_else(|| bad("remotes"))?
-        {
-            let vni = r["network"].as_u64().and_then(|v| u32::try_from(v).ok());
-            let ip = r["ip"].as_str().and_then(|s| s.parse().ok());
-            let vtep = r["vtep"].as_str().and_then(|s| s.parse().ok());
-            let mac = r["mac"].as_str().and_then(parse_mac);
-            match (vni, ip, vtep, mac) {
-                (Some(v), Some(ip), Some(vtep), Some(mac)) => {
-                    h.remotes.insert((v, ip), (mac, vtep));
-                }
-                _ => return Err(bad("remotes")),
-            }
+        // Typed straight from the text: 100 000 endpoints.
+        #[derive(Deserialize)]
+        struct Row<'a> {
+            network: u32,
+            ip: Ipv4Addr,
+            #[serde(borrow)]
+            mac: &'a str,
+            vtep: Ipv4Addr,
+        }
+        #[derive(Deserialize)]
+        struct Remotes<'a> {
+            #[serde(borrow)]
+            remotes: Vec<Row<'a>>,
+        }
+        let text = self.exchange(br#"{"cmd": "remotes"}"#.to_vec())?;
+        let r: Remotes = serde_json::from_str(&text).map_err(|_| bad("remotes"))?;
+        for row in r.remotes {
+            let mac = parse_mac(row.mac).ok_or_else(|| bad("remotes"))?;
+            h.remotes.insert((row.network, row.ip), (mac, row.vtep));
         }
         Ok(h)
     }

@@ -101,7 +101,7 @@ fn chunked<T>(chunks: &mut Vec<Vec<T>>, x: T) {
     match chunks.last_mut() {
         Some(c) if c.len() < REMOTES_PER_OP => c.push(x),
         _ => {
-            let mut c = Vec::with_capacity(REMOTES_PER_OP);
+            let mut c = Vec::with_capacity(256);
             c.push(x);
             chunks.push(c);
         }
