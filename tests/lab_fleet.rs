@@ -659,6 +659,25 @@ fn a_fleet_programmed_from_etcd_survives_moves_outages_and_compaction() {
         "{topo}"
     );
 
+    // A live upgrade of hv1's switch: another process, the same state.
+    // The agent notices, compares with what it holds, and sends nothing.
+    let before = status(&etcd, "hv1")["counters"].clone();
+    lab.takeover_in(&f.hv[0], Path::new(env!("CARGO_BIN_EXE_vswitch")), "fsw1");
+    lab.assert_handed_over(0, "fsw1");
+    wait_until(
+        "the agent's resync after the upgrade",
+        Duration::from_secs(10),
+        || status(&etcd, "hv1")["counters"]["resyncs"].as_u64() > before["resyncs"].as_u64(),
+    );
+    let after = status(&etcd, "hv1")["counters"].clone();
+    assert_eq!(
+        after["resync_keys"], before["resync_keys"],
+        "nothing differed: {after}"
+    );
+    assert_eq!(after["ops"], before["ops"], "nothing sent: {after}");
+    let (ok, out) = ping(&vm_a, B.1, "2");
+    assert!(ok, "after the live upgrade:\n{out}");
+
     // The switch restarts from its config (ports, no networks, no VMs):
     // its agent sees a new process and puts everything back.
     let pid = lab.ctl(&f.socks[0], "stats").unwrap()["pid"]

@@ -12,6 +12,12 @@
 //! upgrading) keeps the changes pending; when it answers again — and
 //! whenever its process changed — the agent reads what it holds and sends
 //! the difference.
+//!
+//! The agent is one thread (a current-thread runtime): the switch is
+//! asked in place, and while a batch is applied etcd's messages wait in
+//! their bounded channel. (One thread also keeps the allocator to one
+//! arena: the memory of a 100,000-endpoint batch is reused by the next,
+//! not kept per worker thread.)
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -98,15 +104,12 @@ fn step(st: &mut State) {
     let Some(agent) = st.agent.as_mut() else {
         return;
     };
-    let r = tokio::task::block_in_place(|| {
-        if st.switch_error.is_some() {
-            // It answers again: it may be another process, with other
-            // state.
-            agent.resync(&st.fleet, &mut st.switch)
-        } else {
-            agent.step(&st.fleet, &mut st.switch)
-        }
-    });
+    let r = if st.switch_error.is_some() {
+        // It answers again: it may be another process, with other state.
+        agent.resync(&st.fleet, &mut st.switch)
+    } else {
+        agent.step(&st.fleet, &mut st.switch)
+    };
     match r {
         Ok(()) => {
             if st.switch_error.take().is_some() {
@@ -156,7 +159,9 @@ fn record(st: &mut State, key: &str, value: Option<&[u8]>) {
 /// List everything at one revision and bring the switch to it.
 async fn full_sync(client: &mut Client, st: &mut State) -> Result<()> {
     let (rev, kvs) = store::list(client, &st.layout.watched(), 0).await?;
-    let vtep = tokio::task::block_in_place(|| st.switch.vtep())
+    let vtep = st
+        .switch
+        .vtep()
         .map_err(|e| anyhow::anyhow!("asking the switch its VTEP: {e:?}"))?;
     let mut records = Vec::new();
     let mut host = crate::desired::HostRecords::default();
@@ -220,7 +225,8 @@ fn status(st: &State) -> Value {
 
 /// The switch's process id, if it answers.
 fn switch_pid(sw: &SocketSwitch) -> Option<u64> {
-    tokio::task::block_in_place(|| sw.ask(&json!({"cmd": "stats"})).ok())
+    sw.ask(&json!({"cmd": "stats"}))
+        .ok()
         .and_then(|s| s["pid"].as_u64())
 }
 
@@ -232,6 +238,27 @@ async fn session(opts: &Options, st: &mut State) -> Result<()> {
         .context("granting the status lease")?
         .id();
     let (mut keeper, mut keep_stream) = client.lease_keep_alive(lease).await?;
+    if st.seen > 0 {
+        // A store that went back in time (restored from a backup, or a new
+        // cluster) would never send the revisions after ours: list again.
+        let now = client
+            .get(
+                st.layout.prefix.as_str(),
+                Some(etcd_client::GetOptions::new().with_count_only()),
+            )
+            .await
+            .context("reading the store's revision")?
+            .header()
+            .map_or(0, |h| h.revision());
+        if now < st.seen {
+            warn!(
+                store = now,
+                seen = st.seen,
+                "the store's revision went back: listing again"
+            );
+            st.seen = 0;
+        }
+    }
     if st.seen == 0 {
         full_sync(&mut client, st).await?;
     }
@@ -297,7 +324,7 @@ async fn session(opts: &Options, st: &mut State) -> Result<()> {
                 }
             }
             _ = talk_tick.tick() => {
-                let top = tokio::task::block_in_place(|| st.switch.ask(&json!({"cmd": "top-talkers", "limit": 1000})));
+                let top = st.switch.ask(&json!({"cmd": "top-talkers", "limit": 1000}));
                 if let Ok(top) = top {
                     let vtep = st.agent.as_ref().map(|a| a.vtep.to_string());
                     let v = json!({"host": st.layout.host, "vtep": vtep, "window_s": top["window_s"], "talkers": top["talkers"]});
