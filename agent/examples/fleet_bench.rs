@@ -205,13 +205,13 @@ async fn watch_revisions(etcd: &str, prefix: &str) -> Result<watch::Receiver<(i6
     Ok(rx)
 }
 
-/// When every host had applied `rev`.
+/// When the simulated hosts, the real ones and all had applied `rev`.
 async fn all_applied(
     sim: &mut watch::Receiver<(i64, Instant)>,
     real: &mut HashMap<String, watch::Receiver<(i64, Instant)>>,
     rev: i64,
     limit: Duration,
-) -> Result<(Instant, Instant)> {
+) -> Result<(Instant, Instant, Instant)> {
     let deadline = tokio::time::Instant::now() + limit;
     let wait = |rx: &mut watch::Receiver<(i64, Instant)>| {
         let mut rx = rx.clone();
@@ -224,12 +224,13 @@ async fn all_applied(
         }
     };
     let model = wait(sim).await.context("simulated hosts")?;
-    let mut last = model;
+    let mut reals = None::<Instant>;
     for (h, rx) in real.iter_mut() {
         let t = wait(rx).await.with_context(|| format!("real host {h}"))?;
-        last = last.max(t);
+        reals = Some(reals.map_or(t, |r| r.max(t)));
     }
-    Ok((model, last))
+    let reals = reals.unwrap_or(model);
+    Ok((model, reals, model.max(reals)))
 }
 
 async fn online(a: Args) -> Result<()> {
@@ -291,9 +292,11 @@ async fn online(a: Args) -> Result<()> {
         }
     }
     let written = t0.elapsed();
-    let (model, all) = all_applied(&mut sim_rx, &mut real, last, Duration::from_secs(300)).await?;
+    let (model, reals, all) =
+        all_applied(&mut sim_rx, &mut real, last, Duration::from_secs(300)).await?;
     let rss_bulk = pid0.as_deref().map_or(0.0, rss_mib);
     let bulk_model = model.duration_since(t0);
+    let bulk_real = reals.duration_since(t0);
     let bulk_all = all.duration_since(t0);
     // Moves.
     let mut lat = Vec::new();
@@ -308,7 +311,7 @@ async fn online(a: Args) -> Result<()> {
             .await?
             .header()
             .map_or(0, |h| h.revision());
-        let (model, all) =
+        let (model, _, all) =
             all_applied(&mut sim_rx, &mut real, rev, Duration::from_secs(30)).await?;
         let seen =
             tokio::time::timeout(Duration::from_secs(30), plain.wait_for(|(r, _)| *r >= rev))
@@ -325,7 +328,7 @@ async fn online(a: Args) -> Result<()> {
     lat_etcd.sort_by(f64::total_cmp);
     let rss_end = pid0.as_deref().map_or(0.0, rss_mib);
     println!(
-        "hosts={} endpoints={} change_p50_ms={:.1} change_p99_ms={:.1} model_change_p99_ms={:.1} etcd_watch_p50_ms={:.2} etcd_watch_p99_ms={:.2} bulk_100k_all_hosts_ms={:.0} bulk_model_hosts_ms={:.0} etcd_write_ms={:.0} agent_rss_mib={:.1} agent_rss_start_mib={:.1} agent_rss_bulk_mib={:.1} sim_rss_mib={:.0}",
+        "hosts={} endpoints={} change_p50_ms={:.1} change_p99_ms={:.1} model_change_p99_ms={:.1} etcd_watch_p50_ms={:.2} etcd_watch_p99_ms={:.2} bulk_100k_all_hosts_ms={:.0} bulk_model_hosts_ms={:.0} bulk_real_hosts_ms={:.0} etcd_write_ms={:.0} agent_rss_mib={:.1} agent_rss_start_mib={:.1} agent_rss_bulk_mib={:.1} sim_rss_mib={:.0}",
         a.hosts + a.real.len(),
         a.endpoints,
         quantile(&lat, 0.5),
@@ -335,6 +338,7 @@ async fn online(a: Args) -> Result<()> {
         quantile(&lat_etcd, 0.99),
         bulk_all.as_secs_f64() * 1e3,
         bulk_model.as_secs_f64() * 1e3,
+        bulk_real.as_secs_f64() * 1e3,
         written.as_secs_f64() * 1e3,
         rss_end,
         rss_start,
