@@ -473,18 +473,18 @@ fn endpoint(mac: &str, vtep: &str) -> Value {
     json!({"mac": mac, "vtep": vtep})
 }
 
-const A: (&str, &str) = ("02:00:00:00:01:0a", "10.0.1.10");
-const B: (&str, &str) = ("02:00:00:00:01:0b", "10.0.1.11");
-
-#[test]
-fn a_fleet_programmed_from_etcd_survives_moves_outages_and_compaction() {
-    let mut lab = Lab::new();
-    let f = two_hypervisors(&mut lab);
-    let mut ctl = Control::new(&mut lab);
-    let etcd = Etcd::start(&lab, &ctl.etcd_ns, 1);
+/// Network 100 (`net`), VM a on hv1 and VM b on hv2, written to etcd;
+/// the hosts' agents started; the VMs plugged in and given their
+/// addresses by DHCP. Returns the VMs' namespaces.
+fn two_vms(
+    lab: &mut Lab,
+    etcd: &Etcd,
+    ctl: &mut Control,
+    f: &Fleet,
+    net: Value,
+) -> (String, String) {
     let (vm_a, vm_b) = (lab.netns("va"), lab.netns("vb"));
-    // Everything from etcd: the network, two VMs, their endpoints.
-    etcd.put(&format!("{P}/networks/100"), &network(None));
+    etcd.put(&format!("{P}/networks/100"), &net);
     etcd.put(
         &format!("{P}/hosts/hv1/vms/a"),
         &vm_record(&f.taps[0][0], A.0, A.1),
@@ -501,16 +501,30 @@ fn a_fleet_programmed_from_etcd_survives_moves_outages_and_compaction() {
         &format!("{P}/endpoints/100/{}", B.1),
         &endpoint(B.0, "192.168.77.2"),
     );
-    ctl.agent(&lab, &etcd, "hv1", &f.socks[0]);
-    ctl.agent(&lab, &etcd, "hv2", &f.socks[1]);
-    wait_applied(&etcd, &lab, "hv1", rev, Duration::from_secs(10));
-    wait_applied(&etcd, &lab, "hv2", rev, Duration::from_secs(10));
+    ctl.agent(lab, etcd, "hv1", &f.socks[0]);
+    ctl.agent(lab, etcd, "hv2", &f.socks[1]);
+    wait_applied(etcd, lab, "hv1", rev, Duration::from_secs(10));
+    wait_applied(etcd, lab, "hv2", rev, Duration::from_secs(10));
     plug(&f.hv[0], &f.taps[0][0], &vm_a, A.0);
     plug(&f.hv[1], &f.taps[1][0], &vm_b, B.0);
-    let got = dhcp(&lab, &vm_a, &f.taps[0][0]);
+    let got = dhcp(lab, &vm_a, &f.taps[0][0]);
     assert!(got.contains(A.1), "{got}");
-    let got = dhcp(&lab, &vm_b, &f.taps[1][0]);
+    let got = dhcp(lab, &vm_b, &f.taps[1][0]);
     assert!(got.contains(B.1), "{got}");
+    (vm_a, vm_b)
+}
+
+const A: (&str, &str) = ("02:00:00:00:01:0a", "10.0.1.10");
+const B: (&str, &str) = ("02:00:00:00:01:0b", "10.0.1.11");
+
+#[test]
+fn a_fleet_programmed_from_etcd_survives_moves_outages_and_compaction() {
+    let mut lab = Lab::new();
+    let f = two_hypervisors(&mut lab);
+    let mut ctl = Control::new(&mut lab);
+    let etcd = Etcd::start(&lab, &ctl.etcd_ns, 1);
+    // Everything from etcd: the network, two VMs, their endpoints.
+    let (vm_a, vm_b) = two_vms(&mut lab, &etcd, &mut ctl, &f, network(None));
     lab::warm_underlay(&f.hv[0], "192.168.77.2");
     let (ok, out) = ping(&vm_a, B.1, "3");
     assert!(ok, "a → b across VXLAN, programmed from etcd only:\n{out}");
@@ -856,31 +870,13 @@ fn hoverboard_promotes_a_hot_pair_past_the_gateway_and_demotes_it_when_idle() {
     ] {
         sh(&["ip", "netns", "exec", h, "sysctl", "-qw", k]);
     }
-    let (vm_a, vm_b) = (lab.netns("va"), lab.netns("vb"));
-    etcd.put(
-        &format!("{P}/networks/100"),
-        &network(Some("192.168.77.254")),
+    let (vm_a, _vm_b) = two_vms(
+        &mut lab,
+        &etcd,
+        &mut ctl,
+        &f,
+        network(Some("192.168.77.254")),
     );
-    etcd.put(
-        &format!("{P}/hosts/hv1/vms/a"),
-        &vm_record(&f.taps[0][0], A.0, A.1),
-    );
-    etcd.put(
-        &format!("{P}/endpoints/100/{}", A.1),
-        &endpoint(A.0, "192.168.77.1"),
-    );
-    etcd.put(
-        &format!("{P}/hosts/hv2/vms/b"),
-        &vm_record(&f.taps[1][0], B.0, B.1),
-    );
-    let rev = etcd.put(
-        &format!("{P}/endpoints/100/{}", B.1),
-        &endpoint(B.0, "192.168.77.2"),
-    );
-    ctl.agent(&lab, &etcd, "hv1", &f.socks[0]);
-    ctl.agent(&lab, &etcd, "hv2", &f.socks[1]);
-    wait_applied(&etcd, &lab, "hv1", rev, Duration::from_secs(10));
-    wait_applied(&etcd, &lab, "hv2", rev, Duration::from_secs(10));
     for s in &f.socks {
         let topo = lab.ctl(s, "topology").unwrap();
         assert_eq!(
@@ -888,10 +884,6 @@ fn hoverboard_promotes_a_hot_pair_past_the_gateway_and_demotes_it_when_idle() {
             "nothing direct before Hoverboard: {topo}"
         );
     }
-    plug(&f.hv[0], &f.taps[0][0], &vm_a, A.0);
-    plug(&f.hv[1], &f.taps[1][0], &vm_b, B.0);
-    dhcp(&lab, &vm_a, &f.taps[0][0]);
-    dhcp(&lab, &vm_b, &f.taps[1][0]);
     lab::warm_underlay(&f.hv[0], "192.168.77.254");
     lab::warm_underlay(&f.hv[1], "192.168.77.254");
     let (ok, out) = ping(&vm_a, B.1, "3");

@@ -52,8 +52,8 @@ pub struct Counters {
     pub resync_keys: u64,
 }
 
-#[derive(Default)]
 /// A batch's operations by phase, in the order they are applied.
+#[derive(Default)]
 struct Phases {
     add_groups: Vec<Op>,
     networks: Vec<Op>,
@@ -122,8 +122,11 @@ pub struct HostAgent {
     cursor: u64,
     dirty: BTreeSet<Key>,
     /// Keys the switch refused, with its error, until they change or a
-    /// later batch succeeds.
+    /// later batch succeeds (tried again then: the batch may have added
+    /// what they lacked).
     refused: BTreeMap<Key, String>,
+    /// Refused keys not yet tried again.
+    retry: BTreeSet<Key>,
     /// Keys whose record did not parse, with the reason.
     unparsed: BTreeMap<Key, String>,
     pub counters: Counters,
@@ -139,6 +142,7 @@ impl HostAgent {
             cursor: fleet.journal.end(),
             dirty: BTreeSet::new(),
             refused: BTreeMap::new(),
+            retry: BTreeSet::new(),
             unparsed: BTreeMap::new(),
             counters: Counters::default(),
         }
@@ -361,9 +365,17 @@ impl HostAgent {
                     let batch: std::collections::HashSet<Key> =
                         ops.iter().flat_map(|o| o.keys(None)).collect();
                     self.refused.retain(|k, _| !batch.contains(k));
-                    // What was refused may have lacked what this batch
-                    // added.
-                    self.dirty.extend(self.refused.keys().cloned());
+                }
+                // What an earlier batch refused may have lacked what this
+                // one added (what this one refused waits for the next).
+                let again = std::mem::take(&mut self.retry);
+                self.dirty
+                    .extend(again.into_iter().filter(|k| self.refused.contains_key(k)));
+            }
+            // This batch's refusals: tried after the next success.
+            for k in self.refused.keys() {
+                if !self.dirty.contains(k) {
+                    self.retry.insert(k.clone());
                 }
             }
         }
