@@ -603,6 +603,24 @@ fn a_fleet_programmed_from_etcd_survives_moves_outages_and_compaction() {
                 && e["error"].as_str().unwrap().contains("no-such-port")),
         "the switch's own error: {s}"
     );
+    // What an operator reads.
+    let out = sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &ctl.agent_ns,
+        agent_bin().to_str().unwrap(),
+        "--etcd",
+        &etcd.endpoints(),
+        "status",
+        "--host",
+        "hv1",
+    ]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("errors     2") && table.contains(&format!("{P}/hosts/hv1/vms/junk: ")),
+        "{table}"
+    );
     let topo = lab.ctl(&f.socks[0], "topology").unwrap();
     assert!(
         topo["remotes"]

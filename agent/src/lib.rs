@@ -9,6 +9,7 @@ pub mod desired;
 pub mod layout;
 pub mod model;
 pub mod sim;
+pub mod status;
 pub mod store;
 pub mod switch;
 pub mod sync;

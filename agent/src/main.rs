@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use vswitch_agent::{agent, controller, layout::DEFAULT_PREFIX, sim};
+use vswitch_agent::{agent, controller, layout::DEFAULT_PREFIX, sim, status};
 
 #[derive(Parser)]
 #[command(
@@ -67,6 +67,14 @@ enum What {
         interval_ms: u64,
         #[arg(long, default_value_t = 5)]
         lease_ttl_s: i64,
+    },
+    /// The agents' status, one line per host (`--json`: as stored).
+    Status {
+        /// Only this host.
+        #[arg(long)]
+        host: Option<String>,
+        #[arg(long)]
+        json: bool,
     },
     /// Simulated hosts: agents applying to in-memory switches, in this
     /// process (for scale tests and benchmarks).
@@ -150,6 +158,9 @@ fn main() -> std::process::ExitCode {
                     lease_ttl_s,
                 })
                 .await
+            }
+            What::Status { host, json } => {
+                status::print(&cli.etcd, &cli.prefix, host.as_deref(), json).await
             }
             What::Model {
                 hosts,
