@@ -32,7 +32,7 @@ pub fn line(host: &str, s: &Value) -> String {
 pub async fn print(etcd: &[String], prefix: &str, host: Option<&str>, json: bool) -> Result<()> {
     let mut client = store::connect(etcd, 0).await?;
     let p = format!("{}/status/", prefix.trim_end_matches('/'));
-    let (_, kvs) = store::list(&mut client, &[p.clone()], 0).await?;
+    let (_, kvs) = store::list(&mut client, std::slice::from_ref(&p), 0).await?;
     let mut shown = 0;
     for (key, value) in kvs {
         let h = key.strip_prefix(&p).unwrap_or(&key);
