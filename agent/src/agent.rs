@@ -58,6 +58,8 @@ struct State {
     /// The last revision whose changes are in `fleet` and the agent's
     /// records (0: list first).
     seen: i64,
+    /// Per watched prefix, the revision its watch resumes after.
+    resume: Vec<i64>,
     /// The last revision fully applied to the switch.
     applied: i64,
     switch: SocketSwitch,
@@ -74,6 +76,7 @@ pub async fn run(opts: Options) -> Result<()> {
         fleet: Fleet::default(),
         agent: None,
         seen: 0,
+        resume: Vec::new(),
         applied: 0,
         switch: SocketSwitch::new(opts.socket.clone()),
         switch_error: None,
@@ -192,6 +195,7 @@ async fn full_sync(client: &mut Client, st: &mut State) -> Result<()> {
         agent.unparsed(k, why);
     }
     st.seen = rev;
+    st.resume = vec![rev; st.layout.watched().len()];
     // Compare with what the switch holds, not only with the last listing.
     st.switch_error = Some("listing".into());
     step(st);
@@ -262,8 +266,7 @@ async fn session(opts: &Options, st: &mut State) -> Result<()> {
     if st.seen == 0 {
         full_sync(&mut client, st).await?;
     }
-    let mut rx: mpsc::Receiver<Watched> =
-        store::watch(&mut client, &st.layout.watched(), st.seen + 1).await?;
+    let mut rx: mpsc::Receiver<Watched> = watch(&mut client, st).await?;
     info!(from = st.seen + 1, "watching");
     let mut last_status = Value::Null;
     let mut status_tick = tokio::time::interval(opts.status_interval);
@@ -274,26 +277,35 @@ async fn session(opts: &Options, st: &mut State) -> Result<()> {
     loop {
         tokio::select! {
             m = rx.recv() => {
-                let m = m.unwrap_or(Watched::Lost("watch task ended".into()));
-                match m {
-                    Watched::Changes(rev, changes) => {
-                        apply_changes(st, rev, changes);
-                        // More arriving together go in the same batch.
-                        let until = tokio::time::Instant::now() + opts.coalesce;
-                        while let Ok(Some(Watched::Changes(rev, more))) =
-                            tokio::time::timeout_at(until, rx.recv()).await
-                        {
-                            apply_changes(st, rev, more);
+                let mut next = Some(m.unwrap_or(Watched::Lost("watch task ended".into())));
+                while let Some(m) = next.take() {
+                    match m {
+                        Watched::Changes(which, rev, changes) => {
+                            apply_changes(st, which, rev, changes);
+                            // More arriving together go in the same batch
+                            // (anything else, after it).
+                            let until = tokio::time::Instant::now() + opts.coalesce;
+                            while let Ok(Some(m)) = tokio::time::timeout_at(until, rx.recv()).await {
+                                match m {
+                                    Watched::Changes(which, rev, more) => {
+                                        apply_changes(st, which, rev, more)
+                                    }
+                                    other => {
+                                        next = Some(other);
+                                        break;
+                                    }
+                                }
+                            }
+                            step(st);
                         }
-                        step(st);
+                        Watched::Compacted(at) => {
+                            warn!(compacted = at, seen = st.seen, "history compacted past our revision: listing again");
+                            st.compactions += 1;
+                            full_sync(&mut client, st).await?;
+                            rx = watch(&mut client, st).await?;
+                        }
+                        Watched::Lost(why) => anyhow::bail!(why),
                     }
-                    Watched::Compacted(at) => {
-                        warn!(compacted = at, seen = st.seen, "history compacted past our revision: listing again");
-                        st.compactions += 1;
-                        full_sync(&mut client, st).await?;
-                        rx = store::watch(&mut client, &st.layout.watched(), st.seen + 1).await?;
-                    }
-                    Watched::Lost(why) => anyhow::bail!(why),
                 }
             }
             _ = status_tick.tick() => {
@@ -351,11 +363,20 @@ async fn session(opts: &Options, st: &mut State) -> Result<()> {
     }
 }
 
-fn apply_changes(st: &mut State, rev: i64, changes: Vec<store::Change>) {
+/// Watch every prefix from where it stopped.
+async fn watch(client: &mut Client, st: &State) -> Result<mpsc::Receiver<Watched>> {
+    let from: Vec<i64> = st.resume.iter().map(|r| r + 1).collect();
+    store::watch(client, &st.layout.watched(), &from).await
+}
+
+fn apply_changes(st: &mut State, which: usize, rev: i64, changes: Vec<store::Change>) {
     for c in changes {
         record(st, &c.key, c.value.as_deref());
     }
     st.seen = st.seen.max(rev);
+    if let Some(r) = st.resume.get_mut(which) {
+        *r = (*r).max(rev);
+    }
     // While the switch cannot be reached, the journal need not be kept:
     // when it answers the agent compares everything with what it holds.
     // So a flood of changes to an unreachable switch costs the records,

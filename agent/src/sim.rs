@@ -48,6 +48,8 @@ pub struct Sim {
     index: HashMap<String, usize>,
     prefix: String,
     pub seen: i64,
+    /// Per watched prefix, the revision its watch resumes after.
+    resume: Vec<i64>,
 }
 
 impl Sim {
@@ -72,6 +74,7 @@ impl Sim {
             index,
             prefix: o.prefix.trim_end_matches('/').to_string(),
             seen: 0,
+            resume: vec![0; 5],
         }
     }
 
@@ -97,6 +100,19 @@ impl Sim {
         match parts.next()? {
             "hosts" | "direct" => Some(parts.next().and_then(|h| self.index.get(h).copied())),
             _ => Some(None),
+        }
+    }
+
+    /// Where each prefix's watch starts.
+    fn resume_from(&self) -> Vec<i64> {
+        self.resume.iter().map(|r| r + 1).collect()
+    }
+
+    /// The watch of prefix `which` delivered up to `rev`.
+    fn seen_at(&mut self, which: usize, rev: i64) {
+        self.seen = self.seen.max(rev);
+        if let Some(r) = self.resume.get_mut(which) {
+            *r = (*r).max(rev);
         }
     }
 
@@ -167,6 +183,7 @@ impl Sim {
             a.records = r;
         }
         self.seen = rev;
+        self.resume = vec![rev; self.watched().len()];
         self.each(threads, |a, sw, f| a.resync(f, sw).is_ok());
     }
 
@@ -233,34 +250,46 @@ async fn session(o: &Options, sim: &mut Sim, attempt: u64) -> Result<()> {
         );
         report(o, sim.seen);
     }
-    let mut rx = store::watch(&mut client, &watched, sim.seen + 1).await?;
+    let mut rx = store::watch(&mut client, &watched, &sim.resume_from()).await?;
     loop {
-        match rx
-            .recv()
-            .await
-            .unwrap_or(Watched::Lost("watch task ended".into()))
-        {
-            Watched::Changes(rev, changes) => {
-                for c in &changes {
-                    sim.record(&c.key, c.value.as_deref());
-                }
-                sim.seen = sim.seen.max(rev);
-                // Whatever else has arrived goes in the same round.
-                while let Ok(Watched::Changes(rev, more)) = rx.try_recv() {
-                    for c in &more {
+        let mut next = Some(
+            rx.recv()
+                .await
+                .unwrap_or(Watched::Lost("watch task ended".into())),
+        );
+        while let Some(m) = next.take() {
+            match m {
+                Watched::Changes(which, rev, changes) => {
+                    for c in &changes {
                         sim.record(&c.key, c.value.as_deref());
                     }
-                    sim.seen = sim.seen.max(rev);
+                    sim.seen_at(which, rev);
+                    // Whatever else has arrived goes in the same round
+                    // (anything but changes, after it).
+                    while let Ok(m) = rx.try_recv() {
+                        match m {
+                            Watched::Changes(which, rev, more) => {
+                                for c in &more {
+                                    sim.record(&c.key, c.value.as_deref());
+                                }
+                                sim.seen_at(which, rev);
+                            }
+                            other => {
+                                next = Some(other);
+                                break;
+                            }
+                        }
+                    }
+                    tokio::task::block_in_place(|| sim.step(o.threads));
+                    report(o, sim.seen);
                 }
-                tokio::task::block_in_place(|| sim.step(o.threads));
-                report(o, sim.seen);
+                Watched::Compacted(_) => {
+                    let (rev, kvs) = store::list(&mut client, &watched, 0).await?;
+                    tokio::task::block_in_place(|| sim.load(rev, &kvs, o.threads));
+                    rx = store::watch(&mut client, &watched, &sim.resume_from()).await?;
+                }
+                Watched::Lost(why) => anyhow::bail!(why),
             }
-            Watched::Compacted(_) => {
-                let (rev, kvs) = store::list(&mut client, &watched, 0).await?;
-                tokio::task::block_in_place(|| sim.load(rev, &kvs, o.threads));
-                rx = store::watch(&mut client, &watched, sim.seen + 1).await?;
-            }
-            Watched::Lost(why) => anyhow::bail!(why),
         }
     }
 }

@@ -97,38 +97,41 @@ pub struct Change {
 /// What a watch delivers.
 #[derive(Debug)]
 pub enum Watched {
-    /// The changes of one response and the store's revision after them.
-    Changes(i64, Vec<Change>),
+    /// The changes of one response to the watch of prefix `.0`, and the
+    /// revision of the last of them.
+    Changes(usize, i64, Vec<Change>),
     /// The history from the asked revision is compacted: list again.
     Compacted(i64),
     /// The stream ended or failed.
     Lost(String),
 }
 
-/// Watch `prefixes` from revision `from` on one stream; responses arrive
-/// on the returned channel (bounded: a slow reader slows the stream, it
-/// does not grow memory).
+/// Watch each of `prefixes` from its revision in `from`, on one stream;
+/// responses arrive on the returned channel (bounded: a slow reader slows
+/// the stream, it does not grow memory). Each watch resumes from its own
+/// revision: watches catching up on a stream deliver their events
+/// interleaved, so one prefix's newest revision says nothing of another's.
 pub async fn watch(
     client: &mut Client,
     prefixes: &[String],
-    from: i64,
+    from: &[i64],
 ) -> Result<mpsc::Receiver<Watched>> {
-    let Some((first, rest)) = prefixes.split_first() else {
+    if prefixes.is_empty() || prefixes.len() != from.len() {
         bail!("nothing to watch");
-    };
-    let opts = |p: &str| {
+    }
+    let opts = |i: usize| {
         WatchOptions::new()
-            .with_range(prefix_end(p))
-            .with_start_revision(from)
+            .with_range(prefix_end(&prefixes[i]))
+            .with_start_revision(from[i])
     };
     let mut wc = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
     let (mut watcher, mut stream) = wc
-        .watch(first.as_str(), Some(opts(first)))
+        .watch(prefixes[0].as_str(), Some(opts(0)))
         .await
         .context("watching")?;
-    for p in rest {
+    for (i, p) in prefixes.iter().enumerate().skip(1) {
         watcher
-            .watch(p.as_str(), Some(opts(p)))
+            .watch(p.as_str(), Some(opts(i)))
             .await
             .context("watching")?;
     }
@@ -136,6 +139,9 @@ pub async fn watch(
     tokio::spawn(async move {
         // The watcher lives as long as the stream is read.
         let _watcher = watcher;
+        // The watches' ids, in the order they were made (the stream
+        // confirms them in that order): which prefix an event is of.
+        let mut ids: Vec<i64> = Vec::new();
         loop {
             let m = match stream.message().await {
                 Ok(Some(m)) => m,
@@ -148,6 +154,9 @@ pub async fn watch(
                     return;
                 }
             };
+            if m.created() {
+                ids.push(m.watch_id());
+            }
             if m.compact_revision() > 0 {
                 let _ = tx.send(Watched::Compacted(m.compact_revision())).await;
                 return;
@@ -188,7 +197,17 @@ pub async fn watch(
             if changes.is_empty() {
                 continue;
             }
-            if tx.send(Watched::Changes(rev, changes)).await.is_err() {
+            let Some(which) = ids.iter().position(|id| *id == m.watch_id()) else {
+                let _ = tx
+                    .send(Watched::Lost("events of an unknown watch".into()))
+                    .await;
+                return;
+            };
+            if tx
+                .send(Watched::Changes(which, rev, changes))
+                .await
+                .is_err()
+            {
                 return;
             }
         }

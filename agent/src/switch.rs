@@ -371,7 +371,17 @@ impl Switch for SocketSwitch {
             #[serde(borrow)]
             remotes: Vec<Row<'a>>,
         }
-        let text = self.exchange(br#"{"cmd": "remotes"}"#.to_vec())?;
+        let text = match self.exchange(br#"{"cmd": "remotes"}"#.to_vec()) {
+            Ok(t) => t,
+            // A switch older than `remotes`: what `topology` shows (the
+            // first 10,000; what it does not show is set again, not
+            // removed).
+            Err(SwitchError::Refused { message, .. }) if message.contains("remotes") => {
+                serde_json::to_string(&json!({"remotes": topo["remotes"]}))
+                    .map_err(|_| bad("topology"))?
+            }
+            Err(e) => return Err(e),
+        };
         let r: Remotes = serde_json::from_str(&text).map_err(|_| bad("remotes"))?;
         for row in r.remotes {
             let mac = parse_mac(row.mac).ok_or_else(|| bad("remotes"))?;
