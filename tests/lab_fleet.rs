@@ -575,6 +575,20 @@ fn a_fleet_programmed_from_etcd_survives_moves_outages_and_compaction() {
     );
     assert!(topo["vms"].as_array().unwrap().is_empty(), "{topo}");
 
+    // The network changes (a DNS server more): applied in place.
+    let mut net = network(None);
+    net["dns"] = json!(["10.0.0.53", "10.0.0.54"]);
+    let rev = etcd.put(&format!("{P}/networks/100"), &net);
+    for (h, sock) in [("hv1", &f.socks[0]), ("hv2", &f.socks[1])] {
+        wait_applied(&etcd, &lab, h, rev, Duration::from_secs(5));
+        let topo = lab.ctl(sock, "topology").unwrap();
+        assert_eq!(
+            topo["networks"][0]["dns"],
+            json!(["10.0.0.53", "10.0.0.54"]),
+            "{topo}"
+        );
+    }
+
     // A record that does not parse and one the switch refuses: reported
     // with their keys; the change beside them applied.
     etcd.put(&format!("{P}/hosts/hv1/vms/junk"), &json!("not an object"));

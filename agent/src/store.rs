@@ -140,8 +140,9 @@ pub async fn watch(
         // The watcher lives as long as the stream is read.
         let _watcher = watcher;
         // The watches' ids, in the order they were made (the stream
-        // confirms them in that order): which prefix an event is of.
-        let mut ids: Vec<i64> = Vec::new();
+        // confirms them in that order; the first was confirmed to
+        // `watch` itself): which prefix an event is of.
+        let mut ids: Vec<i64> = vec![_watcher.watch_id()];
         loop {
             let m = match stream.message().await {
                 Ok(Some(m)) => m,
@@ -199,7 +200,11 @@ pub async fn watch(
             }
             let Some(which) = ids.iter().position(|id| *id == m.watch_id()) else {
                 let _ = tx
-                    .send(Watched::Lost("events of an unknown watch".into()))
+                    .send(Watched::Lost(format!(
+                        "events of an unknown watch {} (watches {ids:?}, created {})",
+                        m.watch_id(),
+                        m.created()
+                    )))
                     .await;
                 return;
             };
