@@ -306,6 +306,11 @@ fn bare_config(lab: &Lab, name: &str, uplink: &str, vtep: &str, taps: &[&str]) -
     c
 }
 
+/// The rows of list `field` of `v` (none if it is not a list).
+fn rows<'a>(v: &'a Value, field: &str) -> impl Iterator<Item = &'a Value> {
+    v[field].as_array().into_iter().flatten()
+}
+
 /// The status `host`'s agent wrote.
 fn status(etcd: &Etcd, host: &str) -> Value {
     etcd.get(&format!("{P}/status/{host}"))
@@ -566,11 +571,7 @@ fn a_fleet_programmed_from_etcd_survives_moves_outages_and_compaction() {
     assert!(ok, "a → b after b moved next to it:\n{out}");
     let topo = lab.ctl(&f.socks[1], "topology").unwrap();
     assert!(
-        topo["remotes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["ip"] == B.1 && r["vtep"] == "192.168.77.1"),
+        rows(&topo, "remotes").any(|r| r["ip"] == B.1 && r["vtep"] == "192.168.77.1"),
         "hv2 must reach b at hv1 now: {topo}"
     );
     assert!(topo["vms"].as_array().unwrap().is_empty(), "{topo}");
@@ -588,6 +589,36 @@ fn a_fleet_programmed_from_etcd_survives_moves_outages_and_compaction() {
             "{topo}"
         );
     }
+
+    // A security group from etcd: b in "web" (TCP 80 only) no longer
+    // answers a's pings; the group's rules changed to let ICMP in, it
+    // does; b out of the group and the group removed, in one change.
+    let web = |rules: Value| json!({"rule": rules});
+    let tcp80 = json!({"direction": "ingress", "protocol": "tcp", "ports": 80});
+    let icmp = json!({"direction": "ingress", "protocol": "icmp"});
+    etcd.put(&format!("{P}/security-groups/web"), &web(json!([tcp80])));
+    let mut b_web = vm_record(&f.taps[0][1], B.0, B.1);
+    b_web["security_groups"] = json!(["web"]);
+    let rev = etcd.put(&format!("{P}/hosts/hv1/vms/b"), &b_web);
+    wait_applied(&etcd, &lab, "hv1", rev, Duration::from_secs(5));
+    let (ok, out) = ping(&vm_a, B.1, "2");
+    assert!(!ok, "b's group admits no ICMP:\n{out}");
+    let rev = etcd.put(
+        &format!("{P}/security-groups/web"),
+        &web(json!([tcp80, icmp])),
+    );
+    wait_applied(&etcd, &lab, "hv1", rev, Duration::from_secs(5));
+    let (ok, out) = ping(&vm_a, B.1, "2");
+    assert!(ok, "the group's new rules admit ICMP:\n{out}");
+    etcd.put(
+        &format!("{P}/hosts/hv1/vms/b"),
+        &vm_record(&f.taps[0][1], B.0, B.1),
+    );
+    let rev = etcd.del(&format!("{P}/security-groups/web"));
+    wait_applied(&etcd, &lab, "hv1", rev, Duration::from_secs(5));
+    assert_eq!(status(&etcd, "hv1")["errors_total"], 0);
+    let groups = lab.ctl(&f.socks[0], "security-groups").unwrap();
+    assert_eq!(groups["groups"], json!([]), "{groups}");
 
     // A record that does not parse and one the switch refuses: reported
     // with their keys; the change beside them applied.
@@ -637,11 +668,7 @@ fn a_fleet_programmed_from_etcd_survives_moves_outages_and_compaction() {
     );
     let topo = lab.ctl(&f.socks[0], "topology").unwrap();
     assert!(
-        topo["remotes"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|r| r["ip"] == "10.0.1.99"),
+        rows(&topo, "remotes").any(|r| r["ip"] == "10.0.1.99"),
         "{topo}"
     );
     etcd.del(&format!("{P}/hosts/hv1/vms/junk"));
@@ -972,11 +999,7 @@ fn hoverboard_promotes_a_hot_pair_past_the_gateway_and_demotes_it_when_idle() {
     );
     let top = lab.ctl(&f.socks[0], "top-talkers").unwrap();
     assert!(
-        top["talkers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|t| t["dst"] == B.1 && t["via_gateway"] == false),
+        rows(&top, "talkers").any(|t| t["dst"] == B.1 && t["via_gateway"] == false),
         "{top}"
     );
     // Idle: demoted, back to the gateway.

@@ -108,8 +108,11 @@ impl Sim {
         self.resume.iter().map(|r| r + 1).collect()
     }
 
-    /// The watch of prefix `which` delivered up to `rev`.
-    fn seen_at(&mut self, which: usize, rev: i64) {
+    /// Store what the watch of prefix `which` delivered, up to `rev`.
+    fn changes(&mut self, which: usize, rev: i64, changes: &[store::Change]) {
+        for c in changes {
+            self.record(&c.key, c.value.as_deref());
+        }
         self.seen = self.seen.max(rev);
         if let Some(r) = self.resume.get_mut(which) {
             *r = (*r).max(rev);
@@ -260,20 +263,12 @@ async fn session(o: &Options, sim: &mut Sim, attempt: u64) -> Result<()> {
         while let Some(m) = next.take() {
             match m {
                 Watched::Changes(which, rev, changes) => {
-                    for c in &changes {
-                        sim.record(&c.key, c.value.as_deref());
-                    }
-                    sim.seen_at(which, rev);
+                    sim.changes(which, rev, &changes);
                     // Whatever else has arrived goes in the same round
                     // (anything but changes, after it).
                     while let Ok(m) = rx.try_recv() {
                         match m {
-                            Watched::Changes(which, rev, more) => {
-                                for c in &more {
-                                    sim.record(&c.key, c.value.as_deref());
-                                }
-                                sim.seen_at(which, rev);
-                            }
+                            Watched::Changes(which, rev, more) => sim.changes(which, rev, &more),
                             other => {
                                 next = Some(other);
                                 break;

@@ -237,3 +237,36 @@ fn an_unreachable_switch_loses_no_change() {
     assert_eq!(sw.remote_count(), 1);
     let _ = Arc::new(0);
 }
+
+#[test]
+fn a_refusal_that_names_nothing_is_isolated_op_by_op() {
+    /// A switch whose refusals say nothing of which operation.
+    struct Vague(ModelSwitch);
+    impl Switch for Vague {
+        fn apply(&mut self, ops: &[Op]) -> Result<(), SwitchError> {
+            self.0.apply(ops).map_err(|_| SwitchError::Refused {
+                op: None,
+                item: None,
+                message: "refused".into(),
+            })
+        }
+        fn held(&mut self) -> Result<Held, SwitchError> {
+            self.0.held()
+        }
+        fn vtep(&mut self) -> Result<Ipv4Addr, SwitchError> {
+            self.0.vtep()
+        }
+    }
+    let mut f = Fleet::default();
+    let mut sw = Vague(ModelSwitch::new(ME));
+    let mut a = HostAgent::new("hv1", ME, &f);
+    put(&mut f, Key::Network(100), json!({}));
+    put(&mut f, Key::Endpoint(100, ip("10.0.0.6")), ep(OTHER));
+    vm(&mut a, "web", "10.0.0.5", &["nope"]);
+    vm(&mut a, "db", "10.0.0.8", &[]);
+    a.step(&f, &mut sw).unwrap();
+    let errors: Vec<Key> = a.errors().map(|(k, _)| k.clone()).collect();
+    assert_eq!(errors, vec![Key::Vm("web".into())]);
+    assert!(sw.0.has_vm("db") && !sw.0.has_vm("web"));
+    assert!(sw.0.remote(100, ip("10.0.0.6")).is_some());
+}
