@@ -37,7 +37,7 @@ enum What {
         #[arg(long)]
         host: String,
         /// The switch's control socket.
-        #[arg(long, default_value = "/run/vswitch/control.sock")]
+        #[arg(long, default_value = "/run/vswitch/vswitch.sock")]
         socket: PathBuf,
         /// Seconds the status outlives the agent.
         #[arg(long, default_value_t = 10)]
