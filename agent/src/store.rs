@@ -119,10 +119,14 @@ pub async fn watch(
     if prefixes.is_empty() || prefixes.len() != from.len() {
         bail!("nothing to watch");
     }
+    // Fragmented: a revision of very many events (a prefix of a million
+    // keys deleted) comes in several responses, never one above
+    // MAX_MESSAGE (which the stream could not decode, again and again).
     let opts = |i: usize| {
         WatchOptions::new()
             .with_range(prefix_end(&prefixes[i]))
             .with_start_revision(from[i])
+            .with_fragment()
     };
     let mut wc = client.watch_client().max_decoding_message_size(MAX_MESSAGE);
     let (mut watcher, mut stream) = wc
