@@ -385,6 +385,65 @@ fn run(
     total
 }
 
+/// Decisions alone (no install path), on `threads` coprocessor threads
+/// sharing one state, each pinned to a core of its own and given every
+/// `threads`-th frame of the batch: how setups scale with coprocessor
+/// threads (issue 17, item 4). Each batch starts from fresh state.
+fn decide(
+    topo: &Topology,
+    policy: &Policy,
+    frames: &[Vec<u8>],
+    iters: u64,
+    threads: usize,
+) -> Duration {
+    let classifier = Classifier {
+        uplink: PortId(0),
+        decap: vxlan::DecapConfig {
+            local_vtep: 0xc0a8_0001,
+            udp_port: 4789,
+        },
+    };
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        let first = fresh(topo, policy, &Services::default());
+        let shared = Arc::clone(first.shared());
+        let mut cps = vec![first];
+        cps.extend((1..threads).map(|_| Coprocessor::with_shared(Arc::clone(&shared))));
+        let start = std::sync::Barrier::new(threads + 1);
+        let took = thread::scope(|s| {
+            let workers: Vec<_> = cps
+                .into_iter()
+                .enumerate()
+                .map(|(i, mut cp)| {
+                    let (start, classifier) = (&start, &classifier);
+                    s.spawn(move || {
+                        pin_to(i % 2);
+                        let mut msg = PuntMsg::of(PortId(1), PuntReason::Miss, 1, &[], None);
+                        msg.data.reserve(2048);
+                        start.wait();
+                        for f in frames.iter().skip(i).step_by(threads) {
+                            let mut key = FlowKey::default();
+                            classifier.classify(PortId(1), f, &mut key);
+                            msg.data.clear();
+                            msg.data.extend_from_slice(f);
+                            msg.key = Some(key);
+                            let out = cp.handle(&msg);
+                            assert!(out.drop.is_none(), "{:?}", out.drop);
+                        }
+                        Instant::now()
+                    })
+                })
+                .collect();
+            start.wait();
+            let t = Instant::now();
+            let ends: Vec<Instant> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+            ends.into_iter().max().map_or(Duration::ZERO, |e| e - t)
+        });
+        total += took;
+    }
+    total
+}
+
 fn bench(c: &mut Criterion) {
     pin_to(COPROCESSOR_CPU);
     let policy = Policy::new(vec![SecurityGroup {
@@ -406,6 +465,12 @@ fn bench(c: &mut Criterion) {
     });
     g.bench_function("lb_setup", |b| {
         b.iter_custom(|iters| run(&plain, &policy, &services, &to_vip, iters, 2))
+    });
+    g.bench_function("decide_1t", |b| {
+        b.iter_custom(|iters| decide(&filtered, &policy, &mixed, iters, 1))
+    });
+    g.bench_function("decide_2t", |b| {
+        b.iter_custom(|iters| decide(&filtered, &policy, &mixed, iters, 2))
     });
     g.finish();
 }
