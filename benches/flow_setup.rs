@@ -336,6 +336,28 @@ impl Drop for FastPath {
     }
 }
 
+/// The fast path's classifier, as the bench's switch has it.
+fn classifier() -> Classifier {
+    Classifier {
+        uplink: PortId(0),
+        decap: vxlan::DecapConfig {
+            local_vtep: 0xc0a8_0001,
+            udp_port: 4789,
+        },
+    }
+}
+
+/// `msg` made the punt of frame `f` from VM port 1, as the fast path makes
+/// it (classified, copied).
+fn punted(classifier: &Classifier, msg: &mut PuntMsg, f: &[u8]) {
+    let mut key = FlowKey::default();
+    let c = classifier.classify(PortId(1), f, &mut key);
+    assert_eq!(c.kind, Kind::Flow);
+    msg.data.clear();
+    msg.data.extend_from_slice(f);
+    msg.key = Some(key);
+}
+
 /// Time `iters` batches of FLOWS setups, each batch on fresh state and a
 /// fresh fast-path thread.
 fn run(
@@ -346,13 +368,7 @@ fn run(
     iters: u64,
     expect: usize,
 ) -> Duration {
-    let classifier = Classifier {
-        uplink: PortId(0),
-        decap: vxlan::DecapConfig {
-            local_vtep: 0xc0a8_0001,
-            udp_port: 4789,
-        },
-    };
+    let classifier = classifier();
     let mut total = Duration::ZERO;
     let want = (frames.len() * expect) as u64;
     for _ in 0..iters {
@@ -363,12 +379,7 @@ fn run(
         msg.data.reserve(2048);
         let t = Instant::now();
         for f in frames {
-            let mut key = FlowKey::default();
-            let c = classifier.classify(PortId(1), f, &mut key);
-            assert_eq!(c.kind, Kind::Flow);
-            msg.data.clear();
-            msg.data.extend_from_slice(f);
-            msg.key = Some(key);
+            punted(&classifier, &mut msg, f);
             let out = cp.handle(&msg);
             assert!(out.drop.is_none() && out.reinject, "{:?}", out.drop);
             assert_eq!(out.flows.len(), expect);
@@ -396,13 +407,7 @@ fn decide(
     iters: u64,
     threads: usize,
 ) -> Duration {
-    let classifier = Classifier {
-        uplink: PortId(0),
-        decap: vxlan::DecapConfig {
-            local_vtep: 0xc0a8_0001,
-            udp_port: 4789,
-        },
-    };
+    let classifier = classifier();
     let mut total = Duration::ZERO;
     for _ in 0..iters {
         let first = fresh(topo, policy, &Services::default());
@@ -422,11 +427,7 @@ fn decide(
                         msg.data.reserve(2048);
                         start.wait();
                         for f in frames.iter().skip(i).step_by(threads) {
-                            let mut key = FlowKey::default();
-                            classifier.classify(PortId(1), f, &mut key);
-                            msg.data.clear();
-                            msg.data.extend_from_slice(f);
-                            msg.key = Some(key);
+                            punted(classifier, &mut msg, f);
                             let out = cp.handle(&msg);
                             assert!(out.drop.is_none(), "{:?}", out.drop);
                         }

@@ -227,22 +227,14 @@ impl Control {
         }
     }
 
-    /// Start the agent of `host`, programming the switch at `sock`.
-    fn agent(&mut self, lab: &Lab, etcd: &Etcd, host: &str, sock: &Path) -> usize {
-        let log = std::fs::File::create(lab.dir.join(format!("agent-{host}.log"))).unwrap();
+    /// Start `vswitch-agent ARGS` in the agents' namespace, logging to
+    /// `<log>.log`; its index (for `stop`).
+    fn spawn(&mut self, lab: &Lab, log: &str, args: &[&str]) -> usize {
+        let log = std::fs::File::create(lab.dir.join(format!("{log}.log"))).unwrap();
         let child = Command::new("ip")
             .args(["netns", "exec", &self.agent_ns])
             .arg(agent_bin())
-            .args([
-                "--etcd",
-                &etcd.endpoints(),
-                "run",
-                "--host",
-                host,
-                "--socket",
-            ])
-            .arg(sock)
-            .args(["--talkers-interval-ms", "500", "--lease-ttl-s", "3"])
+            .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
@@ -252,14 +244,36 @@ impl Control {
         self.agents.len() - 1
     }
 
-    fn controller(&mut self, lab: &Lab, etcd: &Etcd, name: &str) -> usize {
-        let log = std::fs::File::create(lab.dir.join(format!("controller-{name}.log"))).unwrap();
-        let child = Command::new("ip")
-            .args(["netns", "exec", &self.agent_ns])
-            .arg(agent_bin())
-            .args([
+    /// Start the agent of `host`, programming the switch at `sock`.
+    fn agent(&mut self, lab: &Lab, etcd: &Etcd, host: &str, sock: &Path) -> usize {
+        let (ep, sock) = (etcd.endpoints(), sock.display().to_string());
+        self.spawn(
+            lab,
+            &format!("agent-{host}"),
+            &[
                 "--etcd",
-                &etcd.endpoints(),
+                &ep,
+                "run",
+                "--host",
+                host,
+                "--socket",
+                &sock,
+                "--talkers-interval-ms",
+                "500",
+                "--lease-ttl-s",
+                "3",
+            ],
+        )
+    }
+
+    fn controller(&mut self, lab: &Lab, etcd: &Etcd, name: &str) -> usize {
+        let ep = etcd.endpoints();
+        self.spawn(
+            lab,
+            &format!("controller-{name}"),
+            &[
+                "--etcd",
+                &ep,
                 "controller",
                 "--name",
                 name,
@@ -269,13 +283,8 @@ impl Control {
                 "500",
                 "--lease-ttl-s",
                 "2",
-            ])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("starting the controller");
-        self.agents.push(child);
-        self.agents.len() - 1
+            ],
+        )
     }
 
     fn stop(&mut self, i: usize) {
