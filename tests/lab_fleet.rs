@@ -120,19 +120,7 @@ impl Etcd {
 
     fn wait_healthy(&self) {
         wait_until("etcd healthy", Duration::from_secs(20), || {
-            try_sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &self.ns,
-                "etcdctl",
-                "--endpoints",
-                &self.local(),
-                "endpoint",
-                "health",
-                "--cluster",
-            ])
-            .0
+            self.try_ctl(&["endpoint", "health", "--cluster"]).0
         });
     }
 
@@ -145,7 +133,8 @@ impl Etcd {
             .join(",")
     }
 
-    fn ctl(&self, args: &[&str]) -> String {
+    /// etcdctl against the live members.
+    fn try_ctl(&self, args: &[&str]) -> (bool, String) {
         let ep = self.local();
         let mut v = vec![
             "ip",
@@ -157,7 +146,13 @@ impl Etcd {
             &ep,
         ];
         v.extend_from_slice(args);
-        String::from_utf8_lossy(&sh(&v).stdout).into_owned()
+        try_sh(&v)
+    }
+
+    fn ctl(&self, args: &[&str]) -> String {
+        let (ok, out) = self.try_ctl(args);
+        assert!(ok, "etcdctl {args:?}: {out}");
+        out
     }
 
     /// Put; returns the store's revision after it.
@@ -351,27 +346,7 @@ fn dhcp(lab: &Lab, ns: &str, dev: &str) -> String {
     )
     .unwrap();
     sh(&["chmod", "+x", script.to_str().unwrap()]);
-    let (ok, out) = try_sh(&[
-        "timeout",
-        "30",
-        "ip",
-        "netns",
-        "exec",
-        ns,
-        "busybox",
-        "udhcpc",
-        "-i",
-        dev,
-        "-n",
-        "-q",
-        "-f",
-        "-t",
-        "5",
-        "-T",
-        "2",
-        "-s",
-        script.to_str().unwrap(),
-    ]);
+    let (ok, out) = lab::udhcpc(ns, dev, script.to_str().unwrap(), &[], 30);
     assert!(ok, "udhcpc in {ns}: {out}");
     out
 }
@@ -820,21 +795,8 @@ fn changes_keep_flowing_when_the_etcd_leader_dies() {
     let (mut rev, mut accepted) = (0, 0);
     for i in 0..20 {
         let v = endpoint("02:00:00:00:01:41", "192.168.77.9");
-        let ep = etcd.local();
-        let (ok, out) = try_sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &etcd.ns,
-            "etcdctl",
-            "--endpoints",
-            &ep,
-            "put",
-            &format!("{P}/endpoints/100/10.0.1.{}", 41 + i),
-            &v.to_string(),
-            "-w",
-            "json",
-        ]);
+        let key = format!("{P}/endpoints/100/10.0.1.{}", 41 + i);
+        let (ok, out) = etcd.try_ctl(&["put", &key, &v.to_string(), "-w", "json"]);
         if ok {
             rev = serde_json::from_str::<Value>(&out).unwrap()["header"]["revision"]
                 .as_i64()

@@ -411,30 +411,7 @@ fn a_nated_connection_and_a_dhcp_lease_survive_the_upgrade() {
     // A gets its address by DHCP; the external side is a plain host.
     lab.attach_vm(&ta, &a, "02:00:00:00:00:0a", "169.254.9.9/32");
     sh(&["ip", "-n", &a, "addr", "flush", "dev", &ta]);
-    let dhcp = |lab: &Lab| {
-        try_sh(&[
-            "timeout",
-            "20",
-            "ip",
-            "netns",
-            "exec",
-            &a,
-            "busybox",
-            "udhcpc",
-            "-i",
-            &ta,
-            "-n",
-            "-q",
-            "-f",
-            "-t",
-            "5",
-            "-T",
-            "2",
-            "-s",
-            "/bin/true",
-        ])
-        .1 + &lab.log("sw")
-    };
+    let dhcp = |lab: &Lab| lab::udhcpc(&a, &ta, "/bin/true", &[], 20).1 + &lab.log("sw");
     let got = dhcp(&lab);
     assert!(got.contains("lease of 10.0.0.10"), "{got}");
     let leases = lab.ctl(&sock, "leases").expect("leases");

@@ -249,29 +249,7 @@ fn dhcp_client(lab: &Lab, ns: &str, dev: &str, client: &str) -> String {
     std::fs::write(&script, format!("#!/bin/sh\n{body} >> {}\n", out.display())).unwrap();
     sh(&["chmod", "+x", script.to_str().unwrap()]);
     let (ok, log) = match client {
-        "udhcpc" => try_sh(&[
-            "timeout",
-            "30",
-            "ip",
-            "netns",
-            "exec",
-            ns,
-            "busybox",
-            "udhcpc",
-            "-i",
-            dev,
-            "-n",
-            "-q",
-            "-f",
-            "-t",
-            "5",
-            "-T",
-            "2",
-            "-O",
-            "mtu",
-            "-s",
-            script.to_str().unwrap(),
-        ]),
+        "udhcpc" => lab::udhcpc(ns, dev, script.to_str().unwrap(), &["-O", "mtu"], 30),
         _ => {
             let lf = lab.dir.join("dhclient.leases");
             let pf = lab.dir.join("dhclient.pid");

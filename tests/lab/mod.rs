@@ -52,6 +52,20 @@ pub fn try_sh(args: &[&str]) -> (bool, String) {
     }
 }
 
+/// busybox's DHCP client on `dev` in namespace `ns`: five discovers two
+/// seconds apart, then it quits (within `limit_s` in all), running
+/// `script` on its events; `options` asks for more (e.g. `["-O", "mtu"]`).
+pub fn udhcpc(ns: &str, dev: &str, script: &str, options: &[&str], limit_s: u32) -> (bool, String) {
+    let limit = limit_s.to_string();
+    let mut args = vec![
+        "timeout", &limit, "ip", "netns", "exec", ns, "busybox", "udhcpc", "-i", dev, "-n", "-q",
+        "-f", "-t", "5", "-T", "2",
+    ];
+    args.extend_from_slice(options);
+    args.extend_from_slice(&["-s", script]);
+    try_sh(&args)
+}
+
 /// `vswitch ctl --json --socket S ARGS...` → JSON, or the error text.
 pub fn ctl_args(sock: &std::path::Path, args: &[&str]) -> Result<serde_json::Value, String> {
     let out = Command::new(env!("CARGO_BIN_EXE_vswitch"))
