@@ -27,7 +27,7 @@
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -224,9 +224,9 @@ fn fresh(topo: &Topology, policy: &Policy, services: &Services) -> Coprocessor {
         ..Limits::default()
     };
     let mut sh = Shared::new(topo.clone(), policy.clone(), Timeouts::default(), limits);
-    sh.services = services.clone();
-    sh.ext_neighbors.insert(ROUTER, [2, 0xee, 0, 0, 0, 0xfe]);
-    Coprocessor::with_shared(Arc::new(Mutex::new(sh)))
+    sh.set_services(services.clone());
+    coprocessor::shared::inner(&mut sh.ext_neighbors).insert(ROUTER, [2, 0xee, 0, 0, 0, 0xfe]);
+    Coprocessor::with_shared(Arc::new(RwLock::new(sh)))
 }
 
 /// The coprocessor (the bench's own thread) and the fast-path thread each

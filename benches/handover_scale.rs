@@ -81,7 +81,7 @@ fn main() {
         max: 200_000,
         per_vm: 200_000,
     };
-    let mut sh = Shared::new(t, Policy::default(), Timeouts::default(), limits);
+    let sh = Shared::new(t, Policy::default(), Timeouts::default(), limits);
     let encap = Action {
         encap: Some(EncapTemplate([7; 50])),
         conntrack: true,
@@ -104,7 +104,14 @@ fn main() {
             443,
         );
         let (rev, action, binding) = if nat {
-            let (ip, port) = sh.nat.as_mut().unwrap().allocate(PortId(0), 6).unwrap();
+            let (ip, port) = sh
+                .nat
+                .lock()
+                .unwrap()
+                .as_mut()
+                .unwrap()
+                .allocate(PortId(0), 6)
+                .unwrap();
             let rev = FlowKey::new(Ingress::Port(PortId(1)), 6, dst, ip, 443, port);
             let a = Action {
                 nat: Some(Nat {
@@ -245,7 +252,10 @@ fn main() {
     let t_restore = t0.elapsed();
     assert_eq!(n_conns, 100_000);
     assert_eq!(restored.ct.len(), 100_000);
-    assert_eq!(restored.nat.as_ref().unwrap().in_use(), 50_000);
+    assert_eq!(
+        restored.nat.lock().unwrap().as_ref().unwrap().in_use(),
+        50_000
+    );
     assert_eq!((inserted, refused), (1_000_000, 0));
     assert_eq!(new.len(), 1_000_000);
     assert_eq!(new.action_count(), 200);

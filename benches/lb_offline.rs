@@ -13,7 +13,7 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use coprocessor::conntrack::{Limits, Timeouts};
@@ -108,8 +108,8 @@ fn bytes_per_conn(n: u32) -> f64 {
         max: 16 * n as usize,
         per_vm: n,
     };
-    let mut sh = Shared::new(t, Default::default(), Timeouts::default(), limits);
-    sh.services
+    let sh = Shared::new(t, Default::default(), Timeouts::default(), limits);
+    sh.services()
         .insert(ServiceSpec {
             name: "lb".into(),
             vni: 100,
@@ -122,7 +122,7 @@ fn bytes_per_conn(n: u32) -> f64 {
             external_vip: None,
         })
         .unwrap();
-    let mut cp = Coprocessor::with_shared(Arc::new(Mutex::new(sh)));
+    let mut cp = Coprocessor::with_shared(Arc::new(std::sync::RwLock::new(sh)));
     let classifier = fastpath::Classifier {
         uplink: PortId(0),
         decap: vxlan::DecapConfig {
@@ -154,7 +154,7 @@ fn bytes_per_conn(n: u32) -> f64 {
         assert!(out.drop.is_none(), "{:?}", out.drop);
     }
     let after = LIVE.load(Ordering::Relaxed);
-    let sh = cp.shared().lock().unwrap();
+    let sh = cp.shared().write().unwrap();
     assert_eq!(sh.ct.len(), n as usize);
     (after - before) as f64 / f64::from(n)
 }

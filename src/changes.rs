@@ -25,7 +25,7 @@ pub fn apply(links: &mut Links, text: &str, stop: &AtomicBool) -> Result<Value> 
     let ops = crate::api::ApplyRequest::parse(text)?.ops;
     let parsed = t.elapsed();
     let shared = std::sync::Arc::clone(links.coprocessor.shared());
-    let ops = crate::api::build_ops(ops, &links.ports, &lock(&shared).policy)?;
+    let ops = crate::api::build_ops(ops, &links.ports, &coprocessor::read(&shared).policy)?;
     let checked = t.elapsed();
     let resolved = resolve_vteps(links, &ops, &shared);
     let mut sh = lock(&shared);
@@ -151,7 +151,7 @@ pub fn port_remove(links: &mut Links, name: &str) -> Result<Value> {
         .get(name)
         .with_context(|| format!("field `name`: no port {name:?}"))?;
     {
-        let sh = lock(links.coprocessor.shared());
+        let sh = coprocessor::read(links.coprocessor.shared());
         if let Some(vm) = sh.topo.vm_on(id) {
             bail!(
                 "port {name}: vm {} is attached to it (remove the VM first)",
@@ -184,7 +184,7 @@ pub fn port_remove(links: &mut Links, name: &str) -> Result<Value> {
 fn resolve_vteps(
     links: &mut Links,
     ops: &[coprocessor::ops::Op],
-    shared: &std::sync::Mutex<coprocessor::Shared>,
+    shared: &coprocessor::SharedLock,
 ) -> Vec<(Ipv4Addr, flowtable::Mac)> {
     use coprocessor::ops::Op;
     let mut want: Vec<Ipv4Addr> = ops
@@ -198,7 +198,7 @@ fn resolve_vteps(
     want.sort();
     want.dedup();
     {
-        let sh = lock(shared);
+        let sh = coprocessor::read(shared);
         if sh.topo.uplink.is_none() {
             return Vec::new();
         }

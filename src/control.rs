@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use coprocessor::lock;
+use coprocessor::read;
 use fastpath::dataplane::Request;
 use live_migrate::protocol;
 use serde_json::{json, Value};
@@ -179,7 +179,7 @@ impl Server {
                 let mut v = views::stats(&snap);
                 let queues: Vec<&str> = snap.ports.iter().map(|(_, n, _)| n.as_str()).collect();
                 v["threads"] = links.threads.view(snap.busy_permille, snap.cpu, &queues);
-                v["conntrack"] = views::conntrack_counters(&lock(&shared));
+                v["conntrack"] = views::conntrack_counters(&read(&shared));
                 v["last_handover"] = links.last_handover.clone().unwrap_or(Value::Null);
                 if !links.vhost.is_empty() {
                     let vu: Vec<Value> =
@@ -192,13 +192,13 @@ impl Server {
                 let now = links.now();
                 views::flows(&links.ask(Request::Flows)?, &filter, now)
             }
-            Command::Conntrack => views::conntrack(&lock(&shared), links.now()),
-            Command::Nat => views::nat(&lock(&shared)),
-            Command::SecurityGroups => views::groups(&lock(&shared)),
-            Command::Services => views::services(&lock(&shared)),
-            Command::Topology => views::topology(&lock(&shared)),
-            Command::Remotes { network } => views::remotes(&lock(&shared), network),
-            Command::Leases => views::leases(&lock(&shared), links.now()),
+            Command::Conntrack => views::conntrack(&read(&shared), links.now()),
+            Command::Nat => views::nat(&read(&shared)),
+            Command::SecurityGroups => views::groups(&read(&shared)),
+            Command::Services => views::services(&read(&shared)),
+            Command::Topology => views::topology(&read(&shared)),
+            Command::Remotes { network } => views::remotes(&read(&shared), network),
+            Command::Leases => views::leases(&read(&shared), links.now()),
             Command::TopTalkers { limit } => {
                 let mut talkers = links.ask(Request::Talkers)?;
                 talkers.sort_by_key(|t| std::cmp::Reverse(t.bytes));
@@ -208,7 +208,7 @@ impl Server {
                     &talkers,
                     &self.talkers.1,
                     window,
-                    &lock(&shared),
+                    &read(&shared),
                     limit.unwrap_or(20),
                 );
                 let sample = talkers.iter().map(|t| ((t.vni, t.dst, t.vtep), t.bytes));

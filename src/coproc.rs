@@ -31,7 +31,7 @@ pub fn spawn(
     loads: &Arc<Vec<Load>>,
     cores: &[usize],
     seccomp: bool,
-    shared: &Arc<std::sync::Mutex<coprocessor::Shared>>,
+    shared: &Arc<coprocessor::SharedLock>,
     links: &CoprocLinks,
     stop: &Arc<AtomicBool>,
 ) -> anyhow::Result<Vec<thread::JoinHandle<()>>> {

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -124,8 +124,8 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     }
     let (req_tx, req_rx) = mpsc::channel();
     let mut initial = Shared::new(topo.clone(), built.policy, built.timeouts, built.limits);
-    initial.services = built.services;
-    let shared = Arc::new(Mutex::new(initial));
+    initial.set_services(built.services);
+    let shared = Arc::new(coprocessor::SharedLock::new(initial));
     let reports = Arc::new(ArrayQueue::new(coproc::REPORT_QUEUE));
     let (epoch, epoch_mono_ns) = clock_zero(takeover.as_ref());
 

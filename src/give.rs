@@ -87,7 +87,7 @@ pub fn handover(
     // The snapshot's memory is made ready first, sized from what the
     // switch holds, so its page faults do not count below.
     let flows = links.ask(Request::Stats).map_or(0, |s| s.table_len);
-    let conns = lock(links.coprocessor.shared()).ct.len();
+    let conns = coprocessor::read(links.coprocessor.shared()).ct.len();
     let file = match live_migrate::memfd::SnapshotFile::create(
         flows * 48 + conns * 256 + links.config_text.len() + (1 << 20),
     ) {

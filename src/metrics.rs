@@ -267,7 +267,8 @@ pub fn fast_path(m: &mut Metrics, s: &Snapshot) {
 /// Per service: live connections, backends taking new ones, picks,
 /// refusals by cause, resets.
 fn services(m: &mut Metrics, sh: &Shared) {
-    for svc in sh.services.iter() {
+    let svcs = sh.services();
+    for svc in svcs.iter() {
         let name = svc.spec.name.as_str();
         let l = [("service", name)];
         m.sample(
@@ -275,7 +276,7 @@ fn services(m: &mut Metrics, sh: &Shared) {
             "gauge",
             "Live connections through the service's VIP.",
             &l,
-            f(u64::from(sh.services.service_conns(&svc.spec))),
+            f(u64::from(svcs.service_conns(&svc.spec))),
         );
         let taking = svc
             .spec
@@ -328,7 +329,7 @@ fn services(m: &mut Metrics, sh: &Shared) {
                 &bl,
                 if b.weight > 0 && !*down { 1.0 } else { 0.0 },
             );
-            let p = sh.services.passive_counts(svc.spec.vni, b.ip, b.port);
+            let p = svcs.passive_counts(svc.spec.vni, b.ip, b.port);
             for (what, v) in [("refused", p.refused), ("timed_out", p.timed_out)] {
                 m.sample(
                     "vswitch_service_backend_failed_total",
@@ -373,11 +374,11 @@ pub fn coprocessor(m: &mut Metrics, sh: &Shared, backlog: usize) {
         "counter",
         "Punted frames decided.",
         &[],
-        f(sh.counters.handled),
+        f(sh.counters().handled),
     );
     for (kind, v) in ["arp", "dhcp", "icmp"]
         .into_iter()
-        .zip(sh.counters.replies())
+        .zip(sh.counters().replies())
     {
         m.sample(
             "vswitch_coprocessor_replies_total",
@@ -387,7 +388,7 @@ pub fn coprocessor(m: &mut Metrics, sh: &Shared, backlog: usize) {
             f(v),
         );
     }
-    for (cause, v) in sh.counters.drops_by_cause() {
+    for (cause, v) in sh.counters().drops_by_cause() {
         if v > 0 {
             m.sample(
                 "vswitch_coprocessor_drops_total",
@@ -398,7 +399,7 @@ pub fn coprocessor(m: &mut Metrics, sh: &Shared, backlog: usize) {
             );
         }
     }
-    for (port, d) in &sh.vm_drops {
+    for (port, d) in coprocessor::shared::guard(&sh.vm_drops).iter() {
         let vm = sh
             .topo
             .vm_on(*port)
@@ -425,7 +426,7 @@ pub fn coprocessor(m: &mut Metrics, sh: &Shared, backlog: usize) {
             f(d.nat_refused),
         );
     }
-    let c = sh.ct.counters;
+    let c = sh.ct.counters();
     m.sample(
         "vswitch_conntrack_connections",
         "gauge",
@@ -461,7 +462,7 @@ pub fn coprocessor(m: &mut Metrics, sh: &Shared, backlog: usize) {
         &[],
         f(c.related),
     );
-    if let Some(n) = &sh.nat {
+    if let Some(n) = coprocessor::shared::guard(&sh.nat).as_ref() {
         m.sample(
             "vswitch_nat_ports_in_use",
             "gauge",

@@ -15,12 +15,11 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use coprocessor::Shared;
 use fastpath::dataplane::Request;
 use fastpath::wake::Wake;
 use tracing::{info, warn};
@@ -36,7 +35,7 @@ pub struct Source {
     pub requests: Sender<Request>,
     pub wake: Arc<Wake>,
     /// The coprocessors' shared state.
-    pub shared: Arc<Mutex<Shared>>,
+    pub shared: Arc<coprocessor::SharedLock>,
     /// Messages waiting in the punt queue.
     pub punt_depth: Arc<dyn Fn() -> usize + Send + Sync>,
     /// The coprocessor threads' loads.
@@ -56,7 +55,7 @@ impl Source {
             .context("the fast-path thread did not answer within 2 s")?;
         let mut m = crate::metrics::Metrics::default();
         crate::metrics::fast_path(&mut m, &snap);
-        let sh = coprocessor::lock(&self.shared);
+        let sh = coprocessor::read(&self.shared);
         crate::metrics::coprocessor(&mut m, &sh, (self.punt_depth)());
         crate::metrics::coprocessor_loads(&mut m, &self.coprocessor_loads);
         Ok(m.finish())

@@ -14,11 +14,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use flowtable::Mac;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::Duration;
 
-use coprocessor::Shared;
 use fastpath::wake::Wake;
 use tracing::{info, warn};
 
@@ -243,7 +242,7 @@ pub fn provoke_resolution(ip: Ipv4Addr) {
 /// the coprocessors, and have the fast path drop flows through a next hop
 /// whose MAC changed.
 pub fn follow(
-    shared: &Mutex<Shared>,
+    shared: &coprocessor::SharedLock,
     requests: &mpsc::Sender<fastpath::dataplane::Request>,
     wake: &Wake,
     stop: &AtomicBool,
@@ -262,7 +261,7 @@ pub fn follow(
         let table = nl.neighbors().unwrap_or_default();
         let mut missing = Vec::new();
         // The VTEPs in use now (remote endpoints change at run time).
-        let vteps = coprocessor::lock(shared).topo.remote_vteps();
+        let vteps = coprocessor::read(shared).topo.remote_vteps();
         known.retain(|v, _| vteps.binary_search(v).is_ok());
         for &vtep in &vteps {
             let hop = nl.next_hop(vtep).unwrap_or(vtep);

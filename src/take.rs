@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -341,7 +341,7 @@ pub fn adopt(
     t: &Takeover,
     req_tx: &mpsc::Sender<Request>,
     wake: &Arc<Wake>,
-    shared: &Mutex<Shared>,
+    shared: &coprocessor::SharedLock,
     uplink_name: Option<&str>,
     port_names: &mut HashMap<String, PortId>,
     vhost_links: &mut Vec<crate::vhost::Link>,
@@ -376,7 +376,7 @@ pub fn adopt(
     // has the ones to start with (as on a fresh start).
     let services = match state.since2 {
         Some(s) => s.services,
-        None => coprocessor::lock(shared).services.specs(),
+        None => coprocessor::lock(shared).services().specs(),
     };
     let restored = Shared::restore(state.shared, services, state.clock_ns)
         .map_err(|e| anyhow::anyhow!("restoring the handed-over state: {e}"))?;

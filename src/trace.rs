@@ -5,13 +5,13 @@
 //! of the shared state.
 
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use coprocessor::acl::Direction;
 use coprocessor::forward::{self, Next};
 use coprocessor::topology::{mac_str, Endpoint, Topology};
-use coprocessor::{lock, Coprocessor, Shared};
+use coprocessor::{Coprocessor, Shared};
 use dpif::{PuntMsg, PuntReason};
 use fastpath::synth::{self, UdpFlow};
 use fastpath::{Classifier, Kind};
@@ -222,11 +222,16 @@ fn frame(
 /// Trace `p`: `lookup` asks the fast path for the flow of a key.
 pub fn trace(
     p: &TracePacket,
-    shared: &Arc<Mutex<Shared>>,
+    shared: &Arc<coprocessor::SharedLock>,
     ports: &std::collections::HashMap<String, PortId>,
     lookup: impl FnOnce(FlowKey) -> Result<Option<Action>>,
 ) -> Result<Value> {
-    let snapshot = lock(shared).clone();
+    // A copy to decide on: nothing the real switch holds changes.
+    let snapshot = {
+        let sh = coprocessor::read(shared);
+        Shared::restore(sh.save(), sh.save_services(), 0)
+            .map_err(|e| anyhow::anyhow!("copying the state: {e}"))?
+    };
     let topo = Arc::clone(&snapshot.topo);
     let (frame, ingress, vni) = frame(p, &topo, ports)?;
     let mut steps = Steps(Vec::new());
@@ -276,8 +281,7 @@ pub fn trace(
     }
     steps.add("flow table", "miss: punted to the coprocessor");
     explain(&mut steps, &snapshot, &topo, ingress, vni, &key);
-    // Decide on a copy: nothing the real switch holds changes.
-    let mut cp = Coprocessor::with_shared(Arc::new(Mutex::new(snapshot)));
+    let mut cp = Coprocessor::with_shared(Arc::new(coprocessor::SharedLock::new(snapshot)));
     let out = cp.handle(&PuntMsg::of(
         ingress,
         PuntReason::Miss,
@@ -342,7 +346,7 @@ fn explain(
                 format!("{src} is not bound to vm {}: spoofed", vm.name)
             },
         );
-        if sh.services.is_vip(vni, dst) {
+        if sh.services().is_vip(vni, dst) {
             let vk = coprocessor::services::VipKey {
                 vni,
                 vip: key.dst_ip,
@@ -351,7 +355,7 @@ fn explain(
             };
             steps.add(
                 "load balancer",
-                match sh.services.get(&vk) {
+                match sh.services().get(&vk) {
                     Some(s) => format!(
                         "service {}: a new connection takes the backend the Maglev table gives its 5-tuple ({} of {} backends take new ones)",
                         s.spec.name,

@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use std::net::Ipv4Addr;
 
 use coprocessor::acl::{Direction, Peer, Rule};
+use coprocessor::shared::guard;
 use coprocessor::topology::Topology;
 use coprocessor::Shared;
 use fastpath::dataplane::{FlowDump, Snapshot, Talker};
@@ -17,23 +18,23 @@ use serde_json::{json, Value};
 use crate::command::FlowFilter;
 
 pub fn conntrack_counters(sh: &Shared) -> Value {
-    let c = sh.ct.counters;
+    let c = sh.ct.counters();
     json!({"connections": sh.ct.len(), "max": sh.ct.limits.max, "per_vm": sh.ct.limits.per_vm,
            "created": c.created, "expired": c.expired, "revoked": c.revoked,
            "refused_full": c.refused_full, "refused_quota": c.refused_quota,
            "tcp_events": c.events, "checks": c.checks, "timers": sh.ct.timers(),
-           "nat_ports_in_use": sh.nat.as_ref().map_or(0, |n| n.in_use())})
+           "nat_ports_in_use": guard(&sh.nat).as_ref().map_or(0, |n| n.in_use())})
 }
 
 /// Every tracked connection (the first 10 000).
 pub fn conntrack(sh: &Shared, now: u64) -> Value {
     const MAX: usize = 10_000;
     let policy = &sh.policy;
-    let conns: Vec<Value> = sh
-        .ct
-        .iter()
-        .take(MAX)
-        .map(|(id, c)| {
+    let mut conns: Vec<Value> = Vec::new();
+    sh.ct.for_each(|id, c| {
+        if conns.len() >= MAX {
+            return;
+        }
             let (o, r) = (&c.sides[0].key, &c.sides[1].key);
             let rule = c.admission.rule.map(|r| {
                 format!(
@@ -42,7 +43,7 @@ pub fn conntrack(sh: &Shared, now: u64) -> Value {
                     r.rule
                 )
             });
-            json!({
+            let row = json!({
                 "id": id, "proto": o.proto, "state": c.state.name(),
                 "original": format!("{}:{} > {}:{}", Ipv4Addr::from(o.src_ip), o.src_port, Ipv4Addr::from(o.dst_ip), o.dst_port),
                 "reply": format!("{}:{} > {}:{}", Ipv4Addr::from(r.src_ip), r.src_port, Ipv4Addr::from(r.dst_ip), r.dst_port),
@@ -52,31 +53,33 @@ pub fn conntrack(sh: &Shared, now: u64) -> Value {
                 "age_s": now.saturating_sub(c.created) as f64 / 1e9,
                 "idle_s": now.saturating_sub(c.last_seen) as f64 / 1e9,
                 "flows_installed": c.sides.iter().filter(|s| s.installed).count(),
-            })
-        })
-        .collect();
+        });
+        conns.push(row);
+    });
     json!({"total": sh.ct.len(), "shown": conns.len(), "connections": conns})
 }
 
 /// Per VM: connections, NAT ports, refusals; the heaviest first.
 pub fn nat(sh: &Shared) -> Value {
-    let mut ports: Vec<PortId> = sh.ct.per_owner().keys().copied().collect();
-    if let Some(n) = &sh.nat {
+    let per_owner = sh.ct.per_owner();
+    let pool = guard(&sh.nat);
+    let drops = guard(&sh.vm_drops);
+    let mut ports: Vec<PortId> = per_owner.keys().copied().collect();
+    if let Some(n) = pool.as_ref() {
         ports.extend(n.vms().keys());
     }
-    ports.extend(sh.vm_drops.keys());
+    ports.extend(drops.keys());
     ports.sort();
     ports.dedup();
     let mut rows: Vec<(u32, u32, Value)> = ports
         .into_iter()
         .map(|p| {
-            let conns = sh.ct.per_owner().get(&p).copied().unwrap_or(0);
-            let nat = sh
-                .nat
+            let conns = per_owner.get(&p).copied().unwrap_or(0);
+            let nat = pool
                 .as_ref()
                 .and_then(|n| n.vms().get(&p).copied())
                 .unwrap_or_default();
-            let d = sh.vm_drops.get(&p).copied().unwrap_or_default();
+            let d = drops.get(&p).copied().unwrap_or_default();
             let v = json!({"vm": vm_name(&sh.topo, p), "port": p.0, "connections": conns,
                 "nat_ports": nat.ports, "nat_refused_quota": nat.refused_quota,
                 "nat_refused_exhausted": nat.refused_exhausted,
@@ -86,8 +89,8 @@ pub fn nat(sh: &Shared) -> Value {
         .collect();
     rows.sort_by_key(|r| std::cmp::Reverse((r.0, r.1)));
     json!({
-        "snat_addresses": sh.nat.as_ref().map(|n| n.addrs().map(|a| a.to_string()).collect::<Vec<_>>()).unwrap_or_default(),
-        "ports_in_use": sh.nat.as_ref().map_or(0, |n| n.in_use()),
+        "snat_addresses": pool.as_ref().map(|n| n.addrs().map(|a| a.to_string()).collect::<Vec<_>>()).unwrap_or_default(),
+        "ports_in_use": pool.as_ref().map_or(0, |n| n.in_use()),
         "vms": rows.into_iter().map(|r| r.2).collect::<Vec<_>>(),
     })
 }
@@ -98,17 +101,17 @@ pub fn nat(sh: &Shared) -> Value {
 /// its backend).
 pub fn services(sh: &Shared) -> Value {
     let mut per_backend: HashMap<(coprocessor::services::VipKey, u32, u16), u64> = HashMap::new();
-    for (_, c) in sh.ct.iter() {
+    let svcs = sh.services();
+    sh.ct.for_each(|_, c| {
         if let (Some(k), Some((ip, port))) =
             (coprocessor::lb::vip_of(c), coprocessor::lb::backend_of(c))
         {
             // An external VIP's connections count with its service's.
-            let k = sh.services.external(&k).map_or(k, |s| s.spec.key());
+            let k = svcs.external(&k).map_or(k, |s| s.spec.key());
             *per_backend.entry((k, ip, port)).or_default() += 1;
         }
-    }
-    let list: Vec<Value> = sh
-        .services
+    });
+    let list: Vec<Value> = svcs
         .iter()
         .map(|svc| {
             let spec = &svc.spec;
@@ -132,14 +135,14 @@ pub fn services(sh: &Shared) -> Value {
                     } else {
                         "up"
                     };
-                    let passive = sh.services.passive_counts(spec.vni, b.ip, b.port);
+                    let passive = svcs.passive_counts(spec.vni, b.ip, b.port);
                     let probes = spec.health.and_then(|h| {
                         let t = coprocessor::health::Target {
                             vni: spec.vni,
                             ip: u32::from(b.ip),
                             port: if h.tcp { b.port } else { 0 },
                         };
-                        sh.services.health.targets.get(&t)
+                        svcs.health.targets.get(&t)
                     });
                     json!({"ip": b.ip.to_string(), "port": b.port, "weight": b.weight,
                         "state": state, "share_pct": share(b.ip, b.port),
@@ -156,7 +159,7 @@ pub fn services(sh: &Shared) -> Value {
             json!({"name": spec.name, "network": spec.vni, "vip": spec.vip.to_string(), "health": health,
                 "protocol": if spec.proto == 6 { "tcp" } else { "udp" }, "port": spec.port,
                 "max_connections": spec.max_connections,
-                "connections": sh.services.service_conns(spec),
+                "connections": svcs.service_conns(spec),
                 "external_vip": spec.external_vip.map(|ip| ip.to_string()),
                 "picked": c.picked, "refused_limit": c.refused_limit,
                 "refused_no_backend": c.refused_no_backend, "resets": c.resets,
@@ -233,8 +236,7 @@ pub fn remotes(sh: &Shared, network: Option<u32>) -> Value {
 
 /// DHCP leases, with the VM holding each.
 pub fn leases(sh: &Shared, now: u64) -> Value {
-    let leases: Vec<Value> = sh
-        .leases
+    let leases: Vec<Value> = guard(&sh.leases)
         .iter()
         .map(|l| {
             let vm = sh

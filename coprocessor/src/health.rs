@@ -230,7 +230,7 @@ pub(crate) fn answered(
     vni: u32,
     gw_mac: Mac,
 ) -> Result<bool, dpif::DropCause> {
-    if s.sh.services.health.targets.is_empty() {
+    if !s.sh.any_services() || s.sh.services().health.targets.is_empty() {
         return Ok(false);
     }
     let key = s.key;
@@ -264,7 +264,7 @@ pub(crate) fn answered(
         ),
         _ => return Ok(false),
     };
-    if !s.sh.services.health_answer(target, ok) {
+    if !s.sh.services().health_answer(target, ok) {
         return Ok(false);
     }
     if key.proto == 6 && ok {

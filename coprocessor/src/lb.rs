@@ -74,12 +74,8 @@ pub fn backend_of(c: &Conn) -> Option<(u32, u16)> {
 }
 
 /// Count on service `vk`'s counters.
-fn count(
-    sh: &mut crate::shared::Shared,
-    vk: &VipKey,
-    f: fn(&mut crate::services::ServiceCounters),
-) {
-    if let Some(s) = sh.services.get_mut(vk) {
+fn count(sh: &crate::shared::Shared, vk: &VipKey, f: fn(&mut crate::services::ServiceCounters)) {
+    if let Some(s) = sh.services().get_mut(vk) {
         f(&mut s.counters);
     }
 }
@@ -199,12 +195,20 @@ impl Setup<'_> {
             proto: key.proto,
             port: key.dst_port,
         };
-        let (table, limit, open) = match self.sh.services.get(&vk) {
-            Some(s) => (
-                s.table.clone(),
-                s.spec.max_connections,
-                self.sh.services.service_conns(&s.spec),
-            ),
+        let found = {
+            let svcs = self.sh.services();
+            svcs.get(&vk).map(|s| {
+                (
+                    s.table.clone(),
+                    s.spec.max_connections,
+                    svcs.service_conns(&s.spec),
+                )
+            })
+        };
+        // (The limit is checked here and counted once the connection is
+        // in: threads deciding at once may pass it by one each.)
+        let (table, limit, open) = match found {
+            Some(f) => f,
             // The address serves other ports: a closed port.
             None if key.proto == TCP => return self.reset(vm, None),
             None => return Err(DropCause::UnknownDestination),
@@ -258,7 +262,7 @@ impl Setup<'_> {
             rule,
         };
         let flow = self.track(sides, state, admission, vm.port, None)?;
-        self.sh.services.opened(&vk);
+        self.sh.services().opened(&vk);
         count(self.sh, &vk, |c| c.picked += 1);
         Ok(flow)
     }
@@ -284,16 +288,21 @@ impl Setup<'_> {
             proto: key.proto,
             port: key.dst_port,
         };
-        let Some(svc) = self.sh.services.external(&ek) else {
+        let found = {
+            let svcs = self.sh.services();
+            svcs.external(&ek).map(|svc| {
+                (
+                    svc.table.clone(),
+                    svc.spec.max_connections,
+                    svcs.service_conns(&svc.spec),
+                    svc.spec.vni,
+                    svc.spec.key(),
+                )
+            })
+        };
+        let Some((table, limit, open, vni, vk)) = found else {
             return Ok(None);
         };
-        let (table, limit, open, vni) = (
-            svc.table.clone(),
-            svc.spec.max_connections,
-            self.sh.services.service_conns(&svc.spec),
-            svc.spec.vni,
-        );
-        let vk = svc.spec.key();
         let state = setup::opening(&key, self.frame)?.ok_or(DropCause::CtInvalid)?;
         let topo = self.topo;
         let ext = topo.external.as_ref().ok_or(DropCause::NoExternal)?;
@@ -377,7 +386,7 @@ impl Setup<'_> {
             },
         ];
         let flow = self.track(sides, state, admission, vm.port, Some(binding))?;
-        self.sh.services.opened(&ek);
+        self.sh.services().opened(&ek);
         count(self.sh, &vk, |c| c.picked += 1);
         Ok(Some(flow))
     }
@@ -392,8 +401,8 @@ impl Setup<'_> {
             .gateway_mac;
         if let Some(f) = tcp_reset(self.frame, gw_mac)? {
             self.out.tx.push((vm.port, f));
-            if let Some(s) = vk.and_then(|k| self.sh.services.get_mut(&k)) {
-                s.counters.resets += 1;
+            if let Some(k) = vk {
+                count(self.sh, &k, |c| c.resets += 1);
             }
         }
         Err(DropCause::LbReset)

@@ -40,13 +40,13 @@ pub mod topology;
 pub mod wheel;
 
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, RwLockReadGuard, RwLockWriteGuard};
 
 use flowtable::{Action, FlowKey, Ingress};
 use smoltcp::wire::{EthernetFrame, EthernetProtocol};
 
 pub use dpif::{CtCheck, DropCause, Invalidate, PuntMsg, PuntReason, Update};
-pub use shared::Shared;
+pub use shared::{Shared, SharedLock};
 pub use topology::Topology;
 
 /// Coprocessor counters.
@@ -74,6 +74,21 @@ impl Stats {
         [self.arp_replies, self.dhcp_replies, self.icmp_replies]
     }
 
+    /// Add `o`'s counts to these.
+    pub fn add(&mut self, o: &Stats) {
+        self.handled += o.handled;
+        self.flows_compiled += o.flows_compiled;
+        self.arp_replies += o.arp_replies;
+        self.dhcp_replies += o.dhcp_replies;
+        self.icmp_replies += o.icmp_replies;
+        if self.drops.len() < o.drops.len() {
+            self.drops.resize(o.drops.len(), 0);
+        }
+        for (a, b) in self.drops.iter_mut().zip(&o.drops) {
+            *a += b;
+        }
+    }
+
     pub fn drops_by_cause(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
         DropCause::ALL
             .iter()
@@ -87,13 +102,21 @@ pub struct Coprocessor {
     stats: Stats,
     /// Leases, policy, connections, NAT: shared by every coprocessor
     /// thread of the switch.
-    shared: Arc<Mutex<Shared>>,
+    shared: Arc<SharedLock>,
+    /// This thread's slot of the shared decision counters.
+    slot: usize,
 }
 
-/// Lock the shared state. A poisoned lock only means another thread
-/// panicked mid-update; the tables themselves stay usable.
-pub fn lock(shared: &Mutex<Shared>) -> MutexGuard<'_, Shared> {
-    shared.lock().unwrap_or_else(|e| e.into_inner())
+/// Lock the shared state for a change (or a consistent view of it). A
+/// poisoned lock only means another thread panicked mid-update; the
+/// tables themselves stay usable.
+pub fn lock(shared: &SharedLock) -> RwLockWriteGuard<'_, Shared> {
+    shared.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Lock the shared state for a decision (other decisions run at once).
+pub fn read(shared: &SharedLock) -> RwLockReadGuard<'_, Shared> {
+    shared.read().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Coprocessor {
@@ -105,20 +128,22 @@ impl Coprocessor {
             conntrack::Timeouts::default(),
             conntrack::Limits::default(),
         );
-        Coprocessor::with_shared(Arc::new(Mutex::new(shared)))
+        Coprocessor::with_shared(Arc::new(SharedLock::new(shared)))
     }
 
     /// A coprocessor sharing `shared` with others (one per thread).
-    pub fn with_shared(shared: Arc<Mutex<Shared>>) -> Coprocessor {
+    pub fn with_shared(shared: Arc<SharedLock>) -> Coprocessor {
+        let slot = read(&shared).counter_slot();
         Coprocessor {
             shared,
             stats: Stats::new(),
+            slot,
         }
     }
 
     /// The topology as it is now (a snapshot: later changes make a new one).
     pub fn topology(&self) -> Arc<Topology> {
-        Arc::clone(&lock(&self.shared).topo)
+        Arc::clone(&read(&self.shared).topo)
     }
 
     /// Change the topology in place (under the shared lock).
@@ -132,45 +157,45 @@ impl Coprocessor {
     }
 
     /// The state shared by the switch's coprocessor threads.
-    pub fn shared(&self) -> &Arc<Mutex<Shared>> {
+    pub fn shared(&self) -> &Arc<SharedLock> {
         &self.shared
     }
 
     /// Decide for one punted frame.
     pub fn handle(&mut self, p: &PuntMsg) -> Update {
         let mut out = Update::default();
-        // The whole decision is made under the shared lock, on one
+        // The whole decision is made under the shared lock (read), on one
         // topology: a concurrent change applies before or after it.
         let shared = Arc::clone(&self.shared);
-        let mut sh = lock(&shared);
-        let topo = Arc::clone(&sh.topo);
+        let sh = read(&shared);
+        let topo = &*sh.topo;
         let replies_before = self.stats.replies();
         let from_uplink = topo.uplink.as_ref().is_some_and(|u| u.port == p.ingress);
         let from_external = topo.external.as_ref().is_some_and(|e| e.port == p.ingress);
         let r = if let Some(cause) = icmp_error_of(p.reason) {
             // The flow exists and stays; this packet gets an ICMP answer.
-            self.icmp_error(&topo, p, cause, from_uplink || from_external, &mut out)
+            self.icmp_error(topo, p, cause, from_uplink || from_external, &mut out)
         } else if from_uplink {
-            self.handle_uplink_frame(&topo, &mut sh, p, &mut out)
+            self.handle_uplink_frame(topo, &sh, p, &mut out)
         } else if from_external {
-            self.handle_external_frame(&topo, &mut sh, p, &mut out)
+            self.handle_external_frame(topo, &sh, p, &mut out)
         } else {
-            self.handle_vm_frame(&topo, &mut sh, p, &mut out)
+            self.handle_vm_frame(topo, &sh, p, &mut out)
         };
-        drop(topo);
         out.version = sh.version;
-        let all = &mut sh.counters;
-        all.handled += 1;
-        all.flows_compiled += out.flows.len() as u64;
-        // The replies this decision made, into the totals every thread
-        // shares (what the metrics export).
+        // Into this thread's slot of the totals every thread shares (what
+        // the metrics export).
         let [arp, dhcp, icmp] = self.stats.replies();
-        all.arp_replies += arp - replies_before[0];
-        all.dhcp_replies += dhcp - replies_before[1];
-        all.icmp_replies += icmp - replies_before[2];
-        if let Some(c) = r.as_ref().err().and_then(|c| all.drops.get_mut(c.index())) {
-            *c += 1;
-        }
+        sh.count(self.slot, |all| {
+            all.handled += 1;
+            all.flows_compiled += out.flows.len() as u64;
+            all.arp_replies += arp - replies_before[0];
+            all.dhcp_replies += dhcp - replies_before[1];
+            all.icmp_replies += icmp - replies_before[2];
+            if let Some(c) = r.as_ref().err().and_then(|c| all.drops.get_mut(c.index())) {
+                *c += 1;
+            }
+        });
         self.stats.handled += 1;
         self.stats.flows_compiled += out.flows.len() as u64;
         if let Err(cause) = r {
@@ -185,7 +210,7 @@ impl Coprocessor {
     fn handle_vm_frame(
         &mut self,
         topo: &Topology,
-        sh: &mut Shared,
+        sh: &Shared,
         p: &PuntMsg,
         out: &mut Update,
     ) -> Result<(), DropCause> {
@@ -207,7 +232,7 @@ impl Coprocessor {
                         | topology::Endpoint::Gateway { mac },
                     ) => mac,
                     // A VIP is behind the router.
-                    None if sh.services.is_vip(vni, req.target_ip) => {
+                    None if sh.is_vip(vni, req.target_ip) => {
                         topo.network(vni).ok_or(DropCause::UnknownVni)?.gateway_mac
                     }
                     // Hoverboard: an address of the network this host does
@@ -231,9 +256,13 @@ impl Coprocessor {
                 // is installed: every DHCP packet comes here, within the
                 // port's punt budget.
                 if dhcp::is_request(key.proto, key.src_port, key.dst_port) {
-                    if let dhcp::Answer::Reply(f) =
-                        dhcp::handle(topo, vm, &mut sh.leases, &p.data, p.punted_at)?
-                    {
+                    if let dhcp::Answer::Reply(f) = dhcp::handle(
+                        topo,
+                        vm,
+                        &mut shared::guard(&sh.leases),
+                        &p.data,
+                        p.punted_at,
+                    )? {
                         out.tx.push((p.ingress, f));
                         self.stats.dhcp_replies += 1;
                     }
@@ -258,7 +287,7 @@ impl Coprocessor {
                 };
                 let flow = match setup.existing()? {
                     Some(flow) => flow,
-                    None if setup.sh.services.is_vip(vni, dst) => {
+                    None if setup.sh.is_vip(vni, dst) => {
                         if key.proto == 1 {
                             // A VIP answers pings (from the router, which
                             // holds it).
@@ -342,7 +371,7 @@ impl Coprocessor {
     fn handle_uplink_frame(
         &mut self,
         topo: &Topology,
-        sh: &mut Shared,
+        sh: &Shared,
         p: &PuntMsg,
         out: &mut Update,
     ) -> Result<(), DropCause> {
@@ -409,8 +438,9 @@ impl Coprocessor {
                 // the other through it.
                 let gateway_vtep = topo.network(vni).and_then(|n| n.gateway_vtep);
                 let via_gateway = gateway_vtep == Some(outer_src);
-                if let Some((id, side)) = sh.ct.lookup(&key) {
-                    let expected = sh.ct.get(id).and_then(|c| c.sides[side].action.decap);
+                if let Some(f) = sh.ct.find(&key) {
+                    let expected = f.conn().and_then(|c| c.sides[f.side].action.decap);
+                    drop(f);
                     if expected.is_some_and(|v| v != u32::from(outer_src)) && !via_gateway {
                         return Err(DropCause::VtepMismatch);
                     }
@@ -463,7 +493,7 @@ impl Coprocessor {
     fn handle_external_frame(
         &mut self,
         topo: &Topology,
-        sh: &mut Shared,
+        sh: &Shared,
         p: &PuntMsg,
         out: &mut Update,
     ) -> Result<(), DropCause> {
@@ -474,10 +504,12 @@ impl Coprocessor {
                 let (is_request, req) = arp::parse(eth.payload())?;
                 if !is_request {
                     // Only an answer to our own question teaches a MAC.
-                    return match sh
-                        .ext_neighbors
-                        .answer(req.sender_ip, req.sender_mac, p.punted_at)
-                    {
+                    let learned = shared::guard(&sh.ext_neighbors).answer(
+                        req.sender_ip,
+                        req.sender_mac,
+                        p.punted_at,
+                    );
+                    return match learned {
                         ext_neighbors::Learned::Unsolicited => Err(DropCause::ArpNotRequest),
                         ext_neighbors::Learned::Confirmed => Ok(()),
                         ext_neighbors::Learned::Changed { old } => {
@@ -486,8 +518,7 @@ impl Coprocessor {
                         }
                     };
                 }
-                if topo.external_addr(req.target_ip).is_none()
-                    && !sh.services.is_external_vip(req.target_ip)
+                if topo.external_addr(req.target_ip).is_none() && !sh.is_external_vip(req.target_ip)
                 {
                     return Err(DropCause::ArpUnknownTarget);
                 }
@@ -582,15 +613,13 @@ impl Coprocessor {
     /// their flows in the fast path removed (their next packet installs
     /// them again, with the new MAC).
     fn external_mac_changed(
-        sh: &mut Shared,
+        sh: &Shared,
         port: flowtable::PortId,
         old: flowtable::Mac,
         new: flowtable::Mac,
         out: &mut Update,
     ) {
-        let ids: Vec<u64> = sh.ct.iter().map(|(id, _)| id).collect();
-        for id in ids {
-            let Some(c) = sh.ct.get_mut(id) else { continue };
+        sh.ct.update_all(|c| {
             for s in &mut c.sides {
                 if s.action.output == flowtable::Output::Port(port)
                     && s.action.set_eth_dst == Some(old)
@@ -602,7 +631,7 @@ impl Coprocessor {
                     }
                 }
             }
-        }
+        });
     }
 
     fn check_remote(

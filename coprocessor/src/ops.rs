@@ -22,7 +22,7 @@ use thiserror::Error;
 
 use crate::acl::{PolicyError, Rule, SecurityGroup};
 use crate::services::{ServiceSpec, VipKey};
-use crate::shared::Shared;
+use crate::shared::{inner, Shared};
 use crate::topology::{External, LocalVm, Network, RemoteVm, TopologyError};
 use dpif::{Invalidate, Update};
 
@@ -137,7 +137,7 @@ impl Shared {
         if !touched.external.is_empty() {
             // NATed connections ended above, into the old pool; the new
             // external network starts with a fresh one.
-            self.nat = self
+            *inner(&mut self.nat) = self
                 .topo
                 .external
                 .as_ref()
@@ -145,10 +145,11 @@ impl Shared {
                 .map(|e| {
                     crate::nat::NatPool::new(e.snat.clone(), e.ports.0, e.ports.1, e.per_vm_ports)
                 });
-            self.ext_neighbors.clear();
+            inner(&mut self.ext_neighbors).clear();
         }
         out.version = self.version;
         out.invalidate = Some(self.invalidation(&touched));
+        self.services_changed();
         Ok(Applied {
             ops: n,
             connections_ended: ended,
@@ -177,7 +178,7 @@ impl Shared {
                 Ok(vec![Op::ChangeNetwork(old)])
             }
             Op::RemoveNetwork(vni) => {
-                if let Some(svc) = self.services.iter().find(|s| s.spec.vni == vni) {
+                if let Some(svc) = self.services_mut().iter().find(|s| s.spec.vni == vni) {
                     return Err(OpError::Refused {
                         index,
                         what: format!("network {vni}: service {} uses it", svc.spec.name),
@@ -242,7 +243,7 @@ impl Shared {
                     }
                 }
                 // Its leases go with it.
-                self.leases.forget(&vm.mac);
+                inner(&mut self.leases).forget(&vm.mac);
                 t.vm(&vm);
                 Ok(vec![Op::AddVm(vm)])
             }
@@ -368,11 +369,11 @@ impl Shared {
                     index,
                     what: e.to_string(),
                 };
-                self.services
+                self.services()
                     .check(&spec, &self.topo, None)
                     .map_err(refused)?;
                 let name = spec.name.clone();
-                self.services.insert(spec).map_err(refused)?;
+                self.services_mut().insert(spec).map_err(refused)?;
                 Ok(vec![Op::RemoveService(name)])
             }
             Op::ChangeService(spec) => {
@@ -380,13 +381,13 @@ impl Shared {
                     index,
                     what: e.to_string(),
                 };
-                if self.services.named(&spec.name).is_none() {
+                if self.services().named(&spec.name).is_none() {
                     return Err(OpError::NotFound {
                         index,
                         object: format!("service {}", spec.name),
                     });
                 }
-                self.services
+                self.services()
                     .check(&spec, &self.topo, Some(&spec.name))
                     .map_err(refused)?;
                 let new_key = spec.key();
@@ -397,7 +398,7 @@ impl Shared {
                     .map(|b| (u32::from(b.ip), b.port))
                     .collect();
                 let old = self
-                    .services
+                    .services_mut()
                     .insert(spec)
                     .map_err(refused)?
                     .map(|o| o.spec)
@@ -428,7 +429,7 @@ impl Shared {
             }
             Op::RemoveService(name) => {
                 let old = self
-                    .services
+                    .services_mut()
                     .remove(&name)
                     .ok_or_else(|| OpError::NotFound {
                         index,
@@ -443,7 +444,7 @@ impl Shared {
 
     /// Refuse a VM or endpoint address that is a service's VIP.
     fn check_not_vip(&self, vni: u32, ips: &[Ipv4Addr], index: usize) -> Result<(), OpError> {
-        match ips.iter().find(|ip| self.services.is_vip(vni, **ip)) {
+        match ips.iter().find(|ip| self.services().is_vip(vni, **ip)) {
             Some(ip) => Err(OpError::Refused {
                 index,
                 what: format!("{ip} is a service's VIP in network {vni}"),
@@ -546,7 +547,7 @@ impl Shared {
         }
         for id in &ended {
             if let Some(c) = self.ct.remove(*id) {
-                self.ct.counters.revoked += 1;
+                self.ct.count(|c| c.revoked += 1);
                 self.end(&c, out);
             }
         }

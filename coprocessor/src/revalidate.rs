@@ -6,7 +6,7 @@ use flowtable::FlowKey;
 use crate::acl::Rule;
 use crate::conntrack::Expiry;
 use crate::ops::{Applied, Op, OpError};
-use crate::{lock, Coprocessor};
+use crate::{lock, read, Coprocessor};
 use dpif::{CtCheck, Update};
 
 impl Coprocessor {
@@ -22,16 +22,16 @@ impl Coprocessor {
                 Expiry::Ended(c) => sh.expired(&c, &mut out, now),
             }
         }
-        if !sh.services.is_empty() {
+        if sh.any_services() {
             let topo = std::sync::Arc::clone(&sh.topo);
-            out.tx.extend(sh.services.health_tick(&topo, now));
+            out.tx.extend(sh.services_mut().health_tick(&topo, now));
         }
         out
     }
 
     /// The fast path removed an idle flow of a tracked connection.
     pub fn flow_gone(&mut self, key: &FlowKey, last_used: u64, packets: u64) {
-        lock(&self.shared).ct.flow_gone(key, last_used, packets);
+        read(&self.shared).ct.flow_gone(key, last_used, packets);
     }
 
     /// The fast path's answer to a [`CtCheck`].
@@ -43,7 +43,7 @@ impl Coprocessor {
         now: u64,
     ) -> Update {
         let mut out = Update::default();
-        let mut sh = lock(&self.shared);
+        let sh = read(&self.shared);
         if let Some(c) = sh.ct.checked(id, keys, used, now) {
             sh.expired(&c, &mut out, now);
         }

@@ -19,7 +19,7 @@ use crate::conntrack::{Admission, Conn, ConnState, CtRefused, Side, TcpState};
 use crate::forward::{self, Next};
 use crate::nat::NatRefused;
 use crate::related;
-use crate::shared::Shared;
+use crate::shared::{guard, Shared};
 use crate::topology::{LocalVm, Topology};
 use dpif::{DropCause, PuntMsg, PuntReason, Update};
 
@@ -94,7 +94,7 @@ pub(crate) fn opening(key: &FlowKey, frame: &[u8]) -> Result<Option<ConnState>, 
 /// One setup: the topology, the shared state (locked), the packet.
 pub(crate) struct Setup<'a> {
     pub topo: &'a Topology,
-    pub sh: &'a mut Shared,
+    pub sh: &'a Shared,
     pub p: &'a PuntMsg,
     /// The (inner) Ethernet frame.
     pub frame: &'a [u8],
@@ -110,20 +110,22 @@ impl Setup<'_> {
     /// fast path dropped it, or follow a TCP state change. `Ok(None)` from
     /// the outer option: not a known connection (or one being reopened).
     pub fn existing(&mut self) -> Result<Option<Flow>, DropCause> {
-        let Some((id, side)) = self.sh.ct.lookup(&self.key) else {
+        // The connection's shard stays locked while its state changes.
+        let Some(mut found) = self.sh.ct.find(&self.key) else {
             if self.p.reason == PuntReason::CtEvent {
                 // The flow outlived its connection: recompile from scratch.
                 self.out.remove.push(self.key);
             }
             return self.related();
         };
+        let side = found.side;
         let now = self.p.punted_at;
         let flags = if self.key.proto == TCP {
             tcp_flags(self.frame).unwrap_or(0)
         } else {
             0
         };
-        let state = self.sh.ct.get(id).map(|c| c.state);
+        let state = found.conn().map(|c| c.state);
         // A new SYN on a closed connection's tuple opens a new connection,
         // checked against today's rules.
         if flags & (SYN | ACK) == SYN
@@ -133,40 +135,42 @@ impl Setup<'_> {
                 Some(ConnState::Tcp(TcpState::Closed | TcpState::Closing))
             )
         {
-            if let Some(c) = self.sh.ct.remove(id) {
+            if let Some(c) = self.sh.ct.remove_found(found) {
                 self.sh.end(&c, self.out);
             }
             return Ok(None);
         }
-        if flags & RST != 0 && side == 1 && matches!(state, Some(ConnState::Tcp(TcpState::SynSent)))
+        let services = self.sh.any_services();
+        if services
+            && flags & RST != 0
+            && side == 1
+            && matches!(state, Some(ConnState::Tcp(TcpState::SynSent)))
         {
-            // (`ct` and `services` are separate fields: no copy of the
-            // connection.)
-            if let Some(c) = self.sh.ct.get(id) {
+            if let Some(c) = found.conn() {
                 self.sh
-                    .services
+                    .services()
                     .passive(c, crate::services::Passive::Refused, now);
             }
         }
         if flags & (SYN | FIN | RST) != 0 {
-            self.sh.ct.tcp_event(id, side, flags, now);
+            found.tcp_event(flags, now);
         } else {
-            self.sh.ct.seen(id, side, now);
+            found.seen(now);
         }
         let syn_recv =
             |s: Option<ConnState>| matches!(s, Some(ConnState::Tcp(TcpState::SynRecv { .. })));
-        if !syn_recv(state) && syn_recv(self.sh.ct.get(id).map(|c| c.state)) {
+        if !syn_recv(state) && syn_recv(found.conn().map(|c| c.state)) {
             // The SYN-ACK: until the originator's ACK is seen, its packets
             // come here (its flow leaves the fast path; the fast path
             // punts no plain ACK of a tracked flow).
-            if !self.sh.services.is_empty() {
-                if let Some(c) = self.sh.ct.get(id) {
+            if services {
+                if let Some(c) = found.conn() {
                     self.sh
-                        .services
+                        .services()
                         .passive(c, crate::services::Passive::Answered, now);
                 }
             }
-            if let Some(c) = self.sh.ct.get_mut(id) {
+            if let Some(c) = found.conn_mut() {
                 let s0 = &mut c.sides[0];
                 if s0.installed {
                     s0.installed = false;
@@ -179,7 +183,7 @@ impl Setup<'_> {
             self.out.reinject = true;
             return Ok(Some(None));
         }
-        let Some(c) = self.sh.ct.get_mut(id) else {
+        let Some(c) = found.conn_mut() else {
             return Ok(None);
         };
         let s = &mut c.sides[side];
@@ -206,13 +210,15 @@ impl Setup<'_> {
         if key.dst_ip != q.src {
             return Ok(None);
         }
-        let Some((id, side)) = self.sh.ct.lookup(&related::reply_key(&key, &q)) else {
+        let Some(mut found) = self.sh.ct.find(&related::reply_key(&key, &q)) else {
             return Ok(None);
         };
-        let Some(action) = self.sh.ct.get(id).map(|c| c.sides[side].action) else {
+        let side = found.side;
+        let Some(action) = found.conn().map(|c| c.sides[side].action) else {
             return Ok(None);
         };
-        self.sh.ct.counters.related += 1;
+        found.counters().related += 1;
+        drop(found);
         match action.nat {
             None => {
                 // The same path, stateless, removed when the policy changes.
@@ -331,7 +337,7 @@ impl Setup<'_> {
                 Ok(Some(sides[0].action))
             }
             Err(e) => {
-                if let (Some(b), Some(pool)) = (nat, self.sh.nat.as_mut()) {
+                if let (Some(b), Some(pool)) = (nat, guard(&self.sh.nat).as_mut()) {
                     if b.pooled {
                         pool.release(owner, admission.proto, b.ip, b.port);
                     }
@@ -439,8 +445,11 @@ impl Setup<'_> {
         let (nat_ip, nat_port, pooled) = match vm.floating_ip {
             Some(fip) => (u32::from(fip), key.src_port, false),
             None => {
-                let pool = self.sh.nat.as_mut().ok_or(DropCause::NoExternal)?;
-                match pool.allocate(vm.port, key.proto) {
+                let allocated = guard(&self.sh.nat)
+                    .as_mut()
+                    .ok_or(DropCause::NoExternal)?
+                    .allocate(vm.port, key.proto);
+                match allocated {
                     Ok((ip, port)) => (ip, port, true),
                     Err(e) => {
                         let cause = match e {
@@ -500,7 +509,7 @@ impl Setup<'_> {
     fn resolve(&mut self, dst: Ipv4Addr, src: Ipv4Addr) -> Result<Mac, DropCause> {
         let ext = self.topo.external.as_ref().ok_or(DropCause::NoExternal)?;
         let hop = ext.next_hop(dst).ok_or(DropCause::NoRoute)?;
-        let (mac, ask) = self.sh.ext_neighbors.resolve(hop, self.p.punted_at);
+        let (mac, ask) = guard(&self.sh.ext_neighbors).resolve(hop, self.p.punted_at);
         if ask {
             self.out
                 .tx

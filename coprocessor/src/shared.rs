@@ -1,12 +1,22 @@
 //! State every coprocessor thread of a switch shares: the topology, DHCP
 //! leases, the security-group policy, the connection table, the SNAT pool,
-//! the external network's neighbours and the load-balanced services. One
-//! lock guards all of it, so a policy change and its revalidation are
-//! atomic with respect to flow setup.
+//! the external network's neighbours and the load-balanced services.
+//!
+//! It sits behind one reader-writer lock ([`SharedLock`]). A decision
+//! holds it for reading, so decisions on several threads run at once; a
+//! change (an `apply` batch, a policy change and its revalidation, the
+//! timers' sweep, a handover's snapshot) holds it for writing, so it is
+//! atomic with respect to every decision: one made under the old
+//! topology and policy is committed before the change starts. What a
+//! decision writes has its own locks inside: the connection table by
+//! shard ([`crate::conntrack`]), and short ones for the SNAT pool, the
+//! external neighbours, the leases, the services and the refusal
+//! counts; the decision counters are one slot per thread.
 
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use flowtable::{Mac, PortId};
 
@@ -25,26 +35,53 @@ pub struct VmDrops {
     pub nat_refused: u64,
 }
 
+/// The shared state as the threads hold it.
+pub type SharedLock = RwLock<Shared>;
+
+/// Lock `m`. A poisoned lock only means another thread panicked
+/// mid-update; the tables themselves stay usable.
+pub fn guard<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `m`'s contents, for the holder of the write lock (no locking).
+pub fn inner<T>(m: &mut Mutex<T>) -> &mut T {
+    m.get_mut().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Decision counters: one slot per coprocessor thread, each on its own
+/// cache line.
+#[derive(Debug)]
+#[repr(align(128))]
+struct CounterSlot(Mutex<crate::Stats>);
+
+/// Slots of decision counters (threads beyond share them).
+const COUNTER_SLOTS: usize = 16;
+
 /// See the module documentation.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Shared {
-    /// The tenant world. Copy on write: a decision holds a snapshot for
-    /// its duration; a change made while nobody holds one is in place.
+    /// The tenant world. Copy on write: a view or a probe holds a
+    /// snapshot; a change made while nobody holds one is in place.
     pub topo: Arc<Topology>,
-    pub leases: Leases,
+    pub leases: Mutex<Leases>,
     pub policy: Policy,
     pub ct: Conntrack,
-    pub nat: Option<NatPool>,
+    pub nat: Mutex<Option<NatPool>>,
     /// External hosts (and the external gateway) resolved by ARP.
-    pub ext_neighbors: crate::ext_neighbors::ExtNeighbors,
-    pub vm_drops: HashMap<PortId, VmDrops>,
+    pub ext_neighbors: Mutex<crate::ext_neighbors::ExtNeighbors>,
+    pub vm_drops: Mutex<HashMap<PortId, VmDrops>>,
     /// Load-balanced services (VIPs and their Maglev tables).
-    pub services: crate::services::Services,
+    services: Mutex<crate::services::Services>,
+    /// False while there are certainly no services: a decision then
+    /// does not lock them to learn that an address is no VIP.
+    any_services: bool,
     /// Bumped by every change of topology or policy; decisions carry the
     /// version they were made under.
     pub version: u64,
     /// Decisions and drops of all coprocessor threads.
-    pub counters: crate::Stats,
+    counters: Box<[CounterSlot]>,
+    next_slot: AtomicUsize,
 }
 
 /// Everything [`Shared`] holds, as plain data (what a live handover
@@ -70,31 +107,33 @@ impl Shared {
     /// The state as plain data.
     pub fn save(&self) -> SharedState {
         let (groups, members) = self.policy.to_parts();
-        let mut ext_neighbors: Vec<(Ipv4Addr, Mac)> = self.ext_neighbors.iter().collect();
+        let mut ext_neighbors: Vec<(Ipv4Addr, Mac)> = guard(&self.ext_neighbors).iter().collect();
         ext_neighbors.sort();
-        let mut vm_drops: Vec<(PortId, VmDrops)> =
-            self.vm_drops.iter().map(|(k, v)| (*k, *v)).collect();
+        let mut vm_drops: Vec<(PortId, VmDrops)> = guard(&self.vm_drops)
+            .iter()
+            .map(|(k, v)| (*k, *v))
+            .collect();
         vm_drops.sort_by_key(|(p, _)| *p);
         SharedState {
             topology: self.topo.to_parts(),
-            leases: self.leases.clone(),
+            leases: guard(&self.leases).clone(),
             groups,
             members,
             policy_version: self.policy.version,
             timeouts: self.ct.timeouts,
             limits: self.ct.limits,
             conns: self.ct.to_parts(),
-            ct_counters: self.ct.counters,
+            ct_counters: self.ct.counters(),
             ext_neighbors,
             vm_drops,
             version: self.version,
-            counters: self.counters.clone(),
+            counters: self.counters(),
         }
     }
 
     /// The services (what a snapshot of format 2 adds to [`SharedState`]).
     pub fn save_services(&self) -> Vec<crate::services::ServiceSpec> {
-        self.services.specs()
+        guard(&self.services).specs()
     }
 
     /// Rebuild from [`Shared::save`] and [`Shared::save_services`] at time
@@ -103,7 +142,7 @@ impl Shared {
     /// hold them, and services count their connections again.
     pub fn restore(
         s: SharedState,
-        services: Vec<crate::services::ServiceSpec>,
+        services_in: Vec<crate::services::ServiceSpec>,
         now: u64,
     ) -> Result<Shared, String> {
         let topo = Topology::from_parts(s.topology).map_err(|e| format!("topology: {e}"))?;
@@ -111,8 +150,12 @@ impl Shared {
             .map_err(|e| format!("security groups: {e}"))?;
         let mut sh = Shared::new(topo, policy, s.timeouts, s.limits);
         sh.ct = Conntrack::from_parts(s.timeouts, s.limits, s.ct_counters, s.conns, now);
-        if let Some(pool) = sh.nat.as_mut() {
-            for (_, c) in sh.ct.iter() {
+        let topo = Arc::clone(&sh.topo);
+        let Shared {
+            ct, nat, services, ..
+        } = &mut sh;
+        if let Some(pool) = inner(nat).as_mut() {
+            for (_, c) in ct.iter() {
                 if let (Some(b), Some(owner)) = (c.nat, c.owner) {
                     if b.pooled {
                         pool.claim(owner, c.admission.proto, b.ip, b.port);
@@ -120,24 +163,26 @@ impl Shared {
                 }
             }
         }
-        for spec in services {
-            sh.services
-                .check(&spec, &sh.topo, None)
-                .and_then(|()| sh.services.insert(spec))
+        let svcs = inner(services);
+        for spec in services_in {
+            svcs.check(&spec, &topo, None)
+                .and_then(|()| svcs.insert(spec))
                 .map_err(|e| e.to_string())?;
         }
-        for (_, c) in sh.ct.iter() {
+        for (_, c) in ct.iter() {
             if let Some(k) = crate::lb::vip_of(c) {
-                sh.services.opened(&k);
+                svcs.opened(&k);
             }
         }
-        sh.leases = s.leases;
-        sh.ext_neighbors = s.ext_neighbors.into_iter().collect();
-        sh.vm_drops = s.vm_drops.into_iter().collect();
+        sh.any_services = !svcs.is_empty();
+        sh.leases = Mutex::new(s.leases);
+        sh.ext_neighbors = Mutex::new(s.ext_neighbors.into_iter().collect());
+        sh.vm_drops = Mutex::new(s.vm_drops.into_iter().collect());
         sh.version = s.version;
-        sh.counters = s.counters;
+        let mut counters = s.counters;
         // A previous release counted fewer drop causes.
-        sh.counters.drops.resize(DropCause::ALL.len(), 0);
+        counters.drops.resize(DropCause::ALL.len(), 0);
+        *inner(&mut sh.counters[0].0) = counters;
         Ok(sh)
     }
 
@@ -150,44 +195,111 @@ impl Shared {
             .map(|e| NatPool::new(e.snat.clone(), e.ports.0, e.ports.1, e.per_vm_ports));
         Shared {
             topo: Arc::new(topo),
-            leases: Leases::default(),
+            leases: Mutex::default(),
             policy,
             ct: Conntrack::new(timeouts, limits, 0),
-            nat,
-            ext_neighbors: Default::default(),
-            vm_drops: HashMap::new(),
-            services: Default::default(),
+            nat: Mutex::new(nat),
+            ext_neighbors: Mutex::default(),
+            vm_drops: Mutex::default(),
+            services: Mutex::default(),
+            any_services: false,
             version: 0,
-            counters: crate::Stats::new(),
+            counters: (0..COUNTER_SLOTS)
+                .map(|_| CounterSlot(Mutex::new(crate::Stats::new())))
+                .collect(),
+            next_slot: AtomicUsize::new(0),
         }
     }
 
+    /// The services, locked.
+    pub fn services(&self) -> MutexGuard<'_, crate::services::Services> {
+        guard(&self.services)
+    }
+
+    /// The services, for a change (under the write lock).
+    pub fn services_mut(&mut self) -> &mut crate::services::Services {
+        // Perhaps some now: the flag is cleared only when they are seen
+        // to be none.
+        self.any_services = true;
+        inner(&mut self.services)
+    }
+
+    /// Replace the services (the start, a snapshot restored).
+    pub fn set_services(&mut self, s: crate::services::Services) {
+        self.any_services = !s.is_empty();
+        *inner(&mut self.services) = s;
+    }
+
+    /// Is `ip` a VIP of network `vni`?
+    pub fn is_vip(&self, vni: u32, ip: Ipv4Addr) -> bool {
+        self.any_services && self.services().is_vip(vni, ip)
+    }
+
+    /// Are there (perhaps) services?
+    pub fn any_services(&self) -> bool {
+        self.any_services
+    }
+
+    /// Is `ip` an external VIP?
+    pub fn is_external_vip(&self, ip: Ipv4Addr) -> bool {
+        self.any_services && self.services().is_external_vip(ip)
+    }
+
+    /// After a change of services: clear the flag if there are none.
+    pub fn services_changed(&mut self) {
+        self.any_services = !inner(&mut self.services).is_empty();
+    }
+
+    /// A slot of decision counters for a new coprocessor thread.
+    pub fn counter_slot(&self) -> usize {
+        self.next_slot.fetch_add(1, Ordering::Relaxed) % COUNTER_SLOTS
+    }
+
+    /// Count on slot `slot`'s decision counters.
+    pub fn count(&self, slot: usize, f: impl FnOnce(&mut crate::Stats)) {
+        if let Some(s) = self.counters.get(slot) {
+            f(&mut guard(&s.0));
+        }
+    }
+
+    /// Decisions and drops of all coprocessor threads.
+    pub fn counters(&self) -> crate::Stats {
+        let mut all = crate::Stats::new();
+        for s in self.counters.iter() {
+            all.add(&guard(&s.0));
+        }
+        all
+    }
+
     /// Free what an ended connection held and remove its flows.
-    pub fn end(&mut self, conn: &Conn, out: &mut Update) {
-        if let (Some(b), Some(owner), Some(pool)) = (conn.nat, conn.owner, self.nat.as_mut()) {
-            if b.pooled {
+    pub fn end(&self, conn: &Conn, out: &mut Update) {
+        if let (Some(b), Some(owner)) = (conn.nat, conn.owner) {
+            if let (true, Some(pool)) = (b.pooled, guard(&self.nat).as_mut()) {
                 pool.release(owner, conn.admission.proto, b.ip, b.port);
             }
         }
-        if let Some(k) = crate::lb::vip_of(conn) {
-            self.services.closed(&k);
+        if self.any_services {
+            if let Some(k) = crate::lb::vip_of(conn) {
+                self.services().closed(&k);
+            }
         }
         out.remove.extend(conn.installed_keys());
     }
 
     /// A connection's timer ran out: end it; one whose handshake never
     /// completed counts against its backend, if load-balanced.
-    pub fn expired(&mut self, conn: &Conn, out: &mut Update, now: u64) {
-        if crate::conntrack::half_open(&conn.state) {
-            self.services
+    pub fn expired(&self, conn: &Conn, out: &mut Update, now: u64) {
+        if self.any_services && crate::conntrack::half_open(&conn.state) {
+            self.services()
                 .passive(conn, crate::services::Passive::TimedOut, now);
         }
         self.end(conn, out);
     }
 
     /// Count a refusal against the VM on `port`.
-    pub fn vm_drop(&mut self, port: PortId, cause: DropCause) {
-        let d = self.vm_drops.entry(port).or_default();
+    pub fn vm_drop(&self, port: PortId, cause: DropCause) {
+        let mut drops = guard(&self.vm_drops);
+        let d = drops.entry(port).or_default();
         match cause {
             DropCause::AclDenied => d.acl_denied += 1,
             DropCause::CtFull | DropCause::CtQuota | DropCause::CtClash => d.ct_refused += 1,

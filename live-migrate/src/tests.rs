@@ -78,7 +78,7 @@ pub(crate) fn state() -> SwitchState {
     }])
     .unwrap();
     policy.add_member(0, 100, Ipv4Addr::new(10, 0, 0, 10));
-    let mut sh = Shared::new(t, policy, Timeouts::default(), Limits::default());
+    let sh = Shared::new(t, policy, Timeouts::default(), Limits::default());
     let fwd = FlowKey::new(
         Ingress::Port(PortId(0)),
         6,
@@ -208,7 +208,7 @@ fn a_snapshot_round_trips() {
     let sh = Shared::restore(s.shared.clone(), services.clone(), s.clock_ns).unwrap();
     assert_eq!(sh.ct.len(), 1);
     assert_eq!(sh.topo.vm_named("a").map(|v| v.port), Some(PortId(0)));
-    assert_eq!(sh.services.specs(), services);
+    assert_eq!(sh.services().specs(), services);
 }
 
 #[test]
@@ -261,8 +261,8 @@ fn the_format_1_fixture_loads() {
     want.since2 = None;
     assert_eq!(s, want);
     let sh = Shared::restore(s.shared, Vec::new(), s.clock_ns).expect("and restores");
-    assert!(sh.services.is_empty());
-    assert_eq!(sh.counters.drops.len(), coprocessor::DropCause::ALL.len());
+    assert!(sh.services().is_empty());
+    assert_eq!(sh.counters().drops.len(), coprocessor::DropCause::ALL.len());
 }
 
 /// The checked-in snapshot of format 2 loads. (Regenerate only while
@@ -279,7 +279,7 @@ fn the_format_2_fixture_loads() {
     assert_eq!(s, state_v2());
     let services = s.since2.expect("format 2 has them").services;
     let sh = Shared::restore(s.shared, services, s.clock_ns).expect("and restores");
-    assert!(sh.services.named("web").is_some());
+    assert!(sh.services().named("web").is_some());
 }
 
 /// A large flow table goes through the snapshot file's flow section and

@@ -65,7 +65,7 @@ fn shared() -> Shared {
 /// `shared` after A opened a UDP connection to B's port 80 (tracked: B is
 /// in a group).
 fn with_a_connection() -> Shared {
-    let sh = std::sync::Arc::new(std::sync::Mutex::new(shared()));
+    let sh = std::sync::Arc::new(coprocessor::SharedLock::new(shared()));
     let mut cp = Coprocessor::with_shared(sh.clone());
     let frame = synth::udp_frame(
         &UdpFlow {

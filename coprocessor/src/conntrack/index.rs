@@ -20,10 +20,7 @@ use hashbrown::HashTable;
 
 use super::Conn;
 
-/// Slot indices fit in 31 bits (an entry is `slot << 1 | side`).
-pub(super) const MAX_SLOTS: u32 = 1 << 31;
-
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub(super) struct KeyIndex {
     table: HashTable<u32>,
     hasher: RandomState,
@@ -40,15 +37,22 @@ fn key_at(slots: &[Option<Conn>], e: u32) -> Option<&FlowKey> {
 }
 
 impl KeyIndex {
-    fn hash(&self, key: &FlowKey) -> u64 {
+    /// An empty index hashing with `hasher` (the shards of one table
+    /// share it, so a key's hash is computed once for all of them).
+    pub fn new(hasher: RandomState) -> KeyIndex {
+        KeyIndex {
+            table: HashTable::new(),
+            hasher,
+        }
+    }
+
+    pub fn hash(&self, key: &FlowKey) -> u64 {
         self.hasher.hash_one(key)
     }
 
-    /// The slot and side `key` belongs to.
-    pub fn get(&self, slots: &[Option<Conn>], key: &FlowKey) -> Option<(u32, u8)> {
-        let e = self
-            .table
-            .find(self.hash(key), |&e| key_at(slots, e) == Some(key))?;
+    /// The slot and side `key` (hashed `h`) belongs to.
+    pub fn get(&self, slots: &[Option<Conn>], key: &FlowKey, h: u64) -> Option<(u32, u8)> {
+        let e = self.table.find(h, |&e| key_at(slots, e) == Some(key))?;
         Some((e >> 1, u8::from(e & 1 == 1)))
     }
 
@@ -57,8 +61,16 @@ impl KeyIndex {
         let Some(c) = slots.get(idx as usize).and_then(Option::as_ref) else {
             return;
         };
-        for (side, s) in c.sides.iter().enumerate() {
-            let h = self.hash(&s.key);
+        let h = c.sides.map(|s| self.hash(&s.key));
+        self.insert_hashed(slots, idx, h);
+    }
+
+    /// [`KeyIndex::insert`] with the keys' hashes known.
+    pub fn insert_hashed(&mut self, slots: &[Option<Conn>], idx: u32, h: [u64; 2]) {
+        let Some(c) = slots.get(idx as usize).and_then(Option::as_ref) else {
+            return;
+        };
+        for (side, h) in h.into_iter().enumerate().take(c.sides.len()) {
             let hasher = &self.hasher;
             self.table.insert_unique(h, entry(idx, side), |&e| {
                 key_at(slots, e).map_or(0, |k| hasher.hash_one(k))

@@ -58,7 +58,7 @@ fn both_keys_find_the_connection_and_removal_forgets_them() {
 #[test]
 fn quota_is_per_owner_and_capacity_is_global() {
     let limits = Limits { max: 5, per_vm: 2 };
-    let mut ct = Conntrack::new(Timeouts::default(), limits, 0);
+    let ct = Conntrack::new(Timeouts::default(), limits, 0);
     let udp = || ConnState::Udp { replied: false };
     ct.insert(conn(1, udp()), Some(PortId(1)), 0).unwrap();
     ct.insert(conn(2, udp()), Some(PortId(1)), 0).unwrap();
@@ -73,29 +73,29 @@ fn quota_is_per_owner_and_capacity_is_global() {
     ct.insert(conn(5, udp()), None, 0).unwrap();
     ct.insert(conn(6, udp()), None, 0).unwrap();
     assert_eq!(ct.insert(conn(7, udp()), None, 0), Err(CtRefused::Full));
-    assert_eq!(ct.counters.refused_quota, 1);
-    assert_eq!(ct.counters.refused_full, 1);
+    assert_eq!(ct.counters().refused_quota, 1);
+    assert_eq!(ct.counters().refused_full, 1);
 }
 
 #[test]
 fn tcp_states_follow_syn_ack_fin_and_rst() {
     let mut ct = Conntrack::new(Timeouts::default(), Limits::default(), 0);
     let id = ct.insert(conn(1, syn()), None, 0).unwrap();
-    let st = |ct: &Conntrack| ct.get(id).unwrap().state;
+    let st = |ct: &mut Conntrack| ct.get(id).unwrap().state;
     ct.tcp_event(id, 0, 0x02, S); // SYN retransmit: no change
-    assert_eq!(st(&ct), syn());
+    assert_eq!(st(&mut ct), syn());
     ct.tcp_event(id, 1, 0x12, S); // SYN-ACK from the responder
-    assert_eq!(st(&ct), ConnState::Tcp(TcpState::SynRecv { since: S }));
+    assert_eq!(st(&mut ct), ConnState::Tcp(TcpState::SynRecv { since: S }));
     assert_eq!(ct.half_open_len(), 1, "still half-open");
     ct.seen(id, 1, S + 1); // the responder again: still waiting
-    assert_eq!(st(&ct), ConnState::Tcp(TcpState::SynRecv { since: S }));
+    assert_eq!(st(&mut ct), ConnState::Tcp(TcpState::SynRecv { since: S }));
     ct.seen(id, 0, S + 2); // the originator's ACK
-    assert_eq!(st(&ct), ConnState::Tcp(TcpState::Established));
+    assert_eq!(st(&mut ct), ConnState::Tcp(TcpState::Established));
     assert_eq!(ct.half_open_len(), 0);
     ct.tcp_event(id, 0, 0x11, 2 * S); // FIN
-    assert_eq!(st(&ct), ConnState::Tcp(TcpState::Closing));
+    assert_eq!(st(&mut ct), ConnState::Tcp(TcpState::Closing));
     ct.tcp_event(id, 1, 0x11, 3 * S); // FIN back
-    assert_eq!(st(&ct), ConnState::Tcp(TcpState::Closed));
+    assert_eq!(st(&mut ct), ConnState::Tcp(TcpState::Closed));
     let id2 = ct.insert(conn(2, syn()), None, 0).unwrap();
     ct.tcp_event(id2, 1, 0x04, S); // RST
     assert_eq!(ct.get(id2).unwrap().state, ConnState::Tcp(TcpState::Closed));
@@ -125,7 +125,7 @@ fn a_due_connection_with_flows_is_checked_then_kept_or_ended() {
     let gone = ct.checked(id, keys, used, due).expect("ended");
     assert_eq!(gone.installed_keys().count(), 1);
     assert!(ct.is_empty());
-    assert_eq!(ct.counters.expired, 1);
+    assert_eq!(ct.counters().expired, 1);
 }
 
 #[test]
@@ -216,7 +216,7 @@ fn half_open_connections_have_a_share_of_their_own() {
     };
     let cap = half_open_per_vm(&limits);
     assert_eq!(cap, 4);
-    let mut ct = Conntrack::new(Timeouts::default(), limits, 0);
+    let ct = Conntrack::new(Timeouts::default(), limits, 0);
     let victim = Some(PortId(1));
     let mut ids = Vec::new();
     for sport in 0..100u16 {
@@ -227,7 +227,7 @@ fn half_open_connections_have_a_share_of_their_own() {
     }
     assert_eq!(ids.len(), cap as usize, "the flood got its share only");
     assert_eq!(ct.half_open_of(PortId(1)), cap);
-    assert_eq!(ct.counters.refused_quota, 100 - u64::from(cap));
+    assert_eq!(ct.counters().refused_quota, 100 - u64::from(cap));
     // The rest of the VM's quota is there for connections that are not
     // handshakes.
     for sport in 1000..1000 + u16::try_from(limits.per_vm - cap).unwrap() {
@@ -309,9 +309,107 @@ fn the_key_index_follows_every_change() {
             _ => {}
         }
     }
-    assert_eq!(ct.by_key.len(), 2 * ct.len());
+    ct.check_index();
     assert_eq!(model.len(), 2 * ct.len());
     for (k, want) in &model {
         assert_eq!(ct.lookup(k), Some(*want));
     }
+}
+
+/// A connection whose reply key is unrelated to its original one (as
+/// after NAT): its keys land in shards of their own.
+fn nat_conn(n: u32, state: ConnState) -> Conn {
+    let mut c = conn(0, state);
+    let port = |x: u32| u16::try_from(x % 60_000).unwrap() + 1024;
+    c.sides[0].key = FlowKey::new(Ingress::Port(PortId(1)), 17, 10, 20 + n, port(n), 53);
+    c.sides[1].key = FlowKey::new(Ingress::Port(PortId(9)), 17, 20 + n, 99, 53, port(n * 7));
+    c
+}
+
+#[test]
+fn threads_adding_finding_and_removing_at_once_keep_every_key_findable() {
+    let ct = Conntrack::new(Timeouts::default(), Limits::default(), 0);
+    let udp = || ConnState::Udp { replied: false };
+    let kept: Vec<Vec<(u64, [FlowKey; 2])>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4u32)
+            .map(|t| {
+                let ct = &ct;
+                s.spawn(move || {
+                    let mut kept = Vec::new();
+                    for i in 0..2000u32 {
+                        let c = nat_conn(t * 10_000 + i, udp());
+                        let keys = c.sides.map(|s| s.key);
+                        let id = ct.insert(c, Some(PortId(1)), 0).unwrap();
+                        // Both keys find it, from any thread, at once.
+                        assert_eq!(ct.lookup(&keys[1]), Some((id, 1)));
+                        let mut f = ct.find(&keys[1]).expect("found by its reply key");
+                        f.seen(1);
+                        drop(f);
+                        if i % 2 == 0 {
+                            assert!(ct.remove(id).is_some());
+                            assert!(ct.lookup(&keys[0]).is_none());
+                            assert!(ct.lookup(&keys[1]).is_none());
+                        } else {
+                            kept.push((id, keys));
+                        }
+                    }
+                    kept
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    let mut ct = ct;
+    ct.check_index();
+    assert_eq!(ct.len(), 4 * 1000);
+    assert_eq!(ct.per_owner().get(&PortId(1)), Some(&4000));
+    for (id, keys) in kept.into_iter().flatten() {
+        assert_eq!(ct.lookup(&keys[0]), Some((id, 0)));
+        assert_eq!(ct.lookup(&keys[1]), Some((id, 1)));
+    }
+    let lens = ct.shard_lens();
+    assert_eq!(lens.len(), SHARDS);
+    assert!(
+        lens.iter().all(|&n| n > 0),
+        "connections spread over the shards: {lens:?}"
+    );
+}
+
+#[test]
+fn threads_at_a_quota_never_pass_it() {
+    let limits = Limits {
+        max: 1000,
+        per_vm: 100,
+    };
+    let ct = Conntrack::new(Timeouts::default(), limits, 0);
+    let syn = || ConnState::Tcp(TcpState::SynSent);
+    let ok: usize = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..4u32)
+            .map(|t| {
+                let ct = &ct;
+                s.spawn(move || {
+                    (0..500u32)
+                        .filter(|i| {
+                            let state = if i % 2 == 0 {
+                                syn()
+                            } else {
+                                ConnState::Udp { replied: false }
+                            };
+                            ct.insert(nat_conn(t * 1000 + i, state), Some(PortId(3)), 0)
+                                .is_ok()
+                        })
+                        .count()
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().unwrap()).sum()
+    });
+    // A sixteenth of the per-VM quota may be half-open; the rest of the
+    // 100 are not.
+    assert_eq!(ok, 100);
+    assert_eq!(ct.len(), 100);
+    assert_eq!(ct.half_open_of(PortId(3)), half_open_per_vm(&limits));
+    let c = ct.counters();
+    assert_eq!(c.created, 100);
+    assert_eq!(c.refused_quota, 2000 - 100);
 }

@@ -4,7 +4,7 @@
 //! fast-path thread applies them.
 
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use fastpath::synth::{self, UdpFlow};
 use fastpath::{BatchOut, Desc, Pipeline, PipelineConfig, PuntReason, SliceMem};
@@ -154,7 +154,7 @@ fn switch(limits: Limits, nat_ports: (u16, u16), per_vm_ports: u32) -> Net {
     .unwrap();
     t.set_neighbor(REMOTE_VTEP, NEXT_HOP);
     let shared = Shared::new(t, pol, Timeouts::default(), limits);
-    let cp = Coprocessor::with_shared(Arc::new(Mutex::new(shared)));
+    let cp = Coprocessor::with_shared(Arc::new(std::sync::RwLock::new(shared)));
     let cfg = PipelineConfig {
         uplink: UPLINK,
         local_vtep: LOCAL_VTEP,
@@ -285,11 +285,11 @@ impl Net {
     }
 
     fn ct_len(&self) -> usize {
-        self.cp.shared().lock().unwrap().ct.len()
+        self.cp.shared().write().unwrap().ct.len()
     }
 
     fn state_of(&self, key: &FlowKey) -> Option<ConnState> {
-        let sh = self.cp.shared().lock().unwrap();
+        let mut sh = self.cp.shared().write().unwrap();
         let (id, _) = sh.ct.lookup(key)?;
         sh.ct.get(id).map(|c| c.state)
     }
@@ -420,9 +420,9 @@ fn denied_ports_and_default_ingress_deny_are_counted_drops() {
     // A is client: no ingress rule, so this is denied; C itself is free.
     assert_eq!(n.send(C, &d), Went::Dropped(Some(DropCause::AclDenied)));
     assert_eq!(n.ct_len(), before);
-    let sh = n.cp.shared().lock().unwrap();
-    assert_eq!(sh.vm_drops[&B].acl_denied, 2);
-    assert_eq!(sh.vm_drops[&A].acl_denied, 1);
+    let sh = n.cp.shared().write().unwrap();
+    assert_eq!(sh.vm_drops.lock().unwrap()[&B].acl_denied, 2);
+    assert_eq!(sh.vm_drops.lock().unwrap()[&A].acl_denied, 1);
 }
 
 #[test]
@@ -430,7 +430,7 @@ fn remote_group_membership_admits_and_replies_go_back_through_the_tunnel() {
     let mut n = default_switch();
     // Make B a db (ingress from client members) at run time.
     n.cp.shared()
-        .lock()
+        .write()
         .unwrap()
         .policy
         .set_rules(
@@ -525,7 +525,7 @@ fn a_rule_removed_at_run_time_cuts_existing_connections() {
     assert!(out.invalidate.as_ref().is_some_and(|i| i.acl));
     n.apply(&out);
     assert_eq!(n.ct_len(), 0);
-    assert_eq!(n.cp.shared().lock().unwrap().ct.counters.revoked, 1);
+    assert_eq!(n.cp.shared().write().unwrap().ct.counters().revoked, 1);
     // The established connection no longer passes, either way.
     assert_eq!(
         n.send(A, &tcp(A_MAC, A_IP, B_IP, 40000, 80, ACK)),
@@ -589,7 +589,10 @@ fn one_vm_at_its_connection_quota_does_not_stop_another() {
     );
     // B still opens connections.
     delivered(n.send(B, &udp(B_MAC, B_IP, C_IP, 9000, 53)), C);
-    assert_eq!(n.cp.shared().lock().unwrap().vm_drops[&A].ct_refused, 1);
+    assert_eq!(
+        n.cp.shared().write().unwrap().vm_drops.lock().unwrap()[&A].ct_refused,
+        1
+    );
 }
 
 fn arp_reply_from_router() -> Vec<u8> {
@@ -607,9 +610,11 @@ fn learn_router(n: &mut Net) {
     let now = n.now;
     let (_, asked) =
         n.cp.shared()
-            .lock()
+            .write()
             .unwrap()
             .ext_neighbors
+            .lock()
+            .unwrap()
             .resolve(ROUTER, now);
     assert!(asked, "a question for the router goes out");
     assert_eq!(n.send(EXT, &arp_reply_from_router()), Went::Dropped(None));
@@ -627,7 +632,13 @@ fn the_external_router_cannot_be_repointed_and_a_changed_mac_moves_connections()
         Went::Dropped(Some(DropCause::ArpNotRequest))
     );
     assert_eq!(
-        n.cp.shared().lock().unwrap().ext_neighbors.get(&ROUTER),
+        n.cp.shared()
+            .write()
+            .unwrap()
+            .ext_neighbors
+            .lock()
+            .unwrap()
+            .get(&ROUTER),
         None
     );
     learn_router(&mut n);
@@ -718,8 +729,8 @@ fn snat_through_the_pool_with_unique_ports_and_replies_translated_back() {
         n.send(EXT, &probe),
         Went::Dropped(Some(DropCause::ExtUnsolicited))
     );
-    let sh = n.cp.shared().lock().unwrap();
-    assert_eq!(sh.nat.as_ref().unwrap().in_use(), 2);
+    let sh = n.cp.shared().write().unwrap();
+    assert_eq!(sh.nat.lock().unwrap().as_ref().unwrap().in_use(), 2);
 }
 
 #[test]
@@ -738,8 +749,9 @@ fn nat_port_quota_and_exhaustion_name_the_vm() {
         n.send(C, &udp(C_MAC, C_IP, SERVER, 101, 53)),
         Went::Dropped(Some(DropCause::NatExhausted))
     );
-    let sh = n.cp.shared().lock().unwrap();
-    let vms = sh.nat.as_ref().unwrap().vms();
+    let sh = n.cp.shared().write().unwrap();
+    let nat = sh.nat.lock().unwrap();
+    let vms = nat.as_ref().unwrap().vms();
     assert_eq!(vms[&A].refused_quota, 1);
     assert_eq!(vms[&C].refused_exhausted, 1);
     assert_eq!(vms[&A].ports, 2);
@@ -815,7 +827,15 @@ fn idle_connections_end_on_their_timers_and_free_their_nat_ports() {
     n.apply(&out);
     assert_eq!(n.ct_len(), 0);
     assert_eq!(
-        n.cp.shared().lock().unwrap().nat.as_ref().unwrap().in_use(),
+        n.cp.shared()
+            .write()
+            .unwrap()
+            .nat
+            .lock()
+            .unwrap()
+            .as_ref()
+            .unwrap()
+            .in_use(),
         0
     );
     // A flow the fast path expired itself reports its last use; a
@@ -823,7 +843,7 @@ fn idle_connections_end_on_their_timers_and_free_their_nat_ports() {
     delivered(n.send(A, &f), EXT);
     let last = n.now;
     let keys: Vec<FlowKey> = {
-        let sh = n.cp.shared().lock().unwrap();
+        let mut sh = n.cp.shared().write().unwrap();
         let (id, _) = sh.ct.lookup(&key_of(A, &f)).unwrap();
         sh.ct.get(id).unwrap().sides.iter().map(|s| s.key).collect()
     };
@@ -841,7 +861,15 @@ fn idle_connections_end_on_their_timers_and_free_their_nat_ports() {
     assert!(out.checks.is_empty(), "nothing to ask: no flows");
     assert_eq!(n.ct_len(), 0);
     assert_eq!(
-        n.cp.shared().lock().unwrap().nat.as_ref().unwrap().in_use(),
+        n.cp.shared()
+            .write()
+            .unwrap()
+            .nat
+            .lock()
+            .unwrap()
+            .as_ref()
+            .unwrap()
+            .in_use(),
         0
     );
 }
@@ -903,7 +931,7 @@ fn icmp_errors_about_a_connection_pass_and_are_translated_through_nat() {
     let stray = icmp_error(C_MAC, C_IP, A_IP, 3, 1, &other);
     assert_eq!(n.send(C, &stray), Went::Dropped(Some(DropCause::AclDenied)));
     assert_eq!(n.send(C, &stray), Went::Dropped(Some(DropCause::AclDenied)));
-    assert_eq!(n.cp.shared().lock().unwrap().ct.counters.related, 3);
+    assert_eq!(n.cp.shared().write().unwrap().ct.counters().related, 3);
 }
 
 #[test]
@@ -911,7 +939,7 @@ fn an_icmp_error_addressed_elsewhere_is_not_related_to_the_connection_it_quotes(
     let mut n = default_switch();
     // B may send nothing of its own (ingress TCP 80 only).
     n.cp.shared()
-        .lock()
+        .write()
         .unwrap()
         .policy
         .set_rules("web", vec![rule(Direction::Ingress, Some(6), (80, 80))])
@@ -928,7 +956,7 @@ fn an_icmp_error_addressed_elsewhere_is_not_related_to_the_connection_it_quotes(
         n.send(B, &forged),
         Went::Dropped(Some(DropCause::AclDenied))
     );
-    assert_eq!(n.cp.shared().lock().unwrap().ct.counters.related, 1);
+    assert_eq!(n.cp.shared().write().unwrap().ct.counters().related, 1);
 }
 
 mod ops {
@@ -975,7 +1003,7 @@ mod ops {
     fn a_failed_batch_changes_nothing() {
         let mut n = default_switch();
         let before = n.cp.topology();
-        let version = n.cp.shared().lock().unwrap().version;
+        let version = n.cp.shared().write().unwrap().version;
         let e = apply(
             &mut n,
             vec![
@@ -992,9 +1020,9 @@ mod ops {
         assert!(after.remote(VNI, Ipv4Addr::new(10, 0, 0, 77)).is_none());
         assert_eq!(after.remote(VNI, R_IP).map(|r| r.vtep), Some(REMOTE_VTEP));
         assert_eq!(after.vms().count(), before.vms().count());
-        assert_eq!(n.cp.shared().lock().unwrap().version, version);
+        assert_eq!(n.cp.shared().write().unwrap().version, version);
         // Membership was rolled back too: client (1) does not hold D.
-        let sh = n.cp.shared().lock().unwrap();
+        let sh = n.cp.shared().write().unwrap();
         assert!(sh
             .policy
             .admits(&[2], Direction::Ingress, VNI, u32::from(D_IP), 6, 1)
@@ -1104,7 +1132,7 @@ mod ops {
             })],
         )
         .unwrap();
-        let mute = n.cp.shared().lock().unwrap().policy.id("mute").unwrap();
+        let mute = n.cp.shared().write().unwrap().policy.id("mute").unwrap();
         let c = n.cp.topology().vm_named("c").cloned().unwrap();
         apply(
             &mut n,
@@ -1147,7 +1175,15 @@ mod ops {
         let after = delivered(n.send(A, &f), EXT);
         assert_eq!(ip_at(&after, 26), new_ip);
         assert_eq!(
-            n.cp.shared().lock().unwrap().nat.as_ref().unwrap().in_use(),
+            n.cp.shared()
+                .write()
+                .unwrap()
+                .nat
+                .lock()
+                .unwrap()
+                .as_ref()
+                .unwrap()
+                .in_use(),
             1
         );
     }
@@ -1188,12 +1224,12 @@ fn the_shared_state_survives_save_and_restore() {
     let syn = tcp(A_MAC, A_IP, B_IP, 40000, 80, SYN);
     delivered(n.send(A, &syn), B);
     delivered(n.send(A, &udp(A_MAC, A_IP, SERVER, 5555, 53)), EXT);
-    let saved = n.cp.shared().lock().unwrap().save();
-    let restored = Shared::restore(saved.clone(), Vec::new(), n.now).expect("restore");
+    let saved = n.cp.shared().write().unwrap().save();
+    let mut restored = Shared::restore(saved.clone(), Vec::new(), n.now).expect("restore");
     assert_eq!(restored.save(), saved, "save ∘ restore is the identity");
     assert_eq!(restored.ct.len(), 2);
     assert_eq!(
-        restored.nat.as_ref().unwrap().in_use(),
+        restored.nat.lock().unwrap().as_ref().unwrap().in_use(),
         1,
         "the NAT port is claimed back"
     );
@@ -1208,7 +1244,7 @@ fn the_shared_state_survives_save_and_restore() {
     );
     // A coprocessor on the restored state carries on: the reply passes.
     let mut n2 = Net {
-        cp: Coprocessor::with_shared(Arc::new(Mutex::new(restored))),
+        cp: Coprocessor::with_shared(Arc::new(std::sync::RwLock::new(restored))),
         ..switch(Limits::default(), (1024, 65535), 1000)
     };
     delivered(n2.send(B, &tcp(B_MAC, B_IP, A_IP, 80, 40000, SYN | ACK)), A);
@@ -1216,7 +1252,7 @@ fn the_shared_state_survives_save_and_restore() {
     let f = delivered(n2.send(A, &udp(A_MAC, A_IP, SERVER, 5556, 53)), EXT);
     let held =
         n.cp.shared()
-            .lock()
+            .write()
             .unwrap()
             .ct
             .iter()
@@ -1226,3 +1262,67 @@ fn the_shared_state_survives_save_and_restore() {
 }
 
 mod lb;
+
+#[test]
+fn two_threads_deciding_while_the_rules_change_leave_a_consistent_table() {
+    let mut n = switch(Limits::default(), (1024, 65535), 100_000);
+    learn_router(&mut n);
+    let shared = Arc::clone(n.cp.shared());
+    let now = n.now;
+    std::thread::scope(|s| {
+        for t in 0..2u16 {
+            let shared = Arc::clone(&shared);
+            s.spawn(move || {
+                let mut cp = Coprocessor::with_shared(shared);
+                for i in 0..1500u16 {
+                    let sport = 10_000 + 2 * i + t;
+                    // To B's web port (filtered, tracked) and out through
+                    // SNAT, turn about.
+                    let f = if i % 2 == 0 {
+                        tcp(A_MAC, A_IP, B_IP, sport, 80, SYN)
+                    } else {
+                        udp(A_MAC, A_IP, SERVER, sport, 53)
+                    };
+                    let msg = PuntMsg::of(A, PuntReason::Miss, now, &f, Some(key_of(A, &f)));
+                    let out = cp.handle(&msg);
+                    // Refused only while the web rule is away.
+                    assert!(
+                        matches!(out.drop, None | Some(DropCause::AclDenied)),
+                        "{:?}",
+                        out.drop
+                    );
+                }
+            });
+        }
+        // Meanwhile the web group loses its rule and gets it back, again
+        // and again: each change ends the connections it no longer admits.
+        for _ in 0..20 {
+            n.cp.set_rules("web", vec![]).unwrap();
+            n.cp.set_rules("web", web_rules()).unwrap();
+        }
+    });
+    let mut sh = shared.write().unwrap();
+    sh.ct.check_index();
+    let conns = sh.ct.len();
+    let mut nated = 0u64;
+    sh.ct.for_each(|_, c| nated += u64::from(c.nat.is_some()));
+    assert_eq!(
+        sh.ct.per_owner().get(&A).copied().unwrap_or(0) as usize,
+        conns
+    );
+    assert_eq!(
+        sh.nat.lock().unwrap().as_ref().unwrap().in_use(),
+        nated,
+        "every NAT port is held by a live connection"
+    );
+    assert_eq!(
+        nated, 1500,
+        "NATed connections are no rule change's business"
+    );
+    assert!(conns as u64 > nated, "some web connections were admitted");
+    let handled = sh.counters().handled;
+    assert!(
+        handled >= 3000,
+        "both threads' decisions counted: {handled}"
+    );
+}
