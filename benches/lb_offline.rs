@@ -122,7 +122,7 @@ fn bytes_per_conn(n: u32) -> f64 {
             external_vip: None,
         })
         .unwrap();
-    let mut cp = Coprocessor::with_shared(Arc::new(std::sync::RwLock::new(sh)));
+    let mut cp = Coprocessor::with_shared(Arc::new(coprocessor::SharedLock::new(sh)));
     let classifier = fastpath::Classifier {
         uplink: PortId(0),
         decap: vxlan::DecapConfig {
@@ -154,7 +154,7 @@ fn bytes_per_conn(n: u32) -> f64 {
         assert!(out.drop.is_none(), "{:?}", out.drop);
     }
     let after = LIVE.load(Ordering::Relaxed);
-    let sh = cp.shared().write().unwrap();
+    let sh = cp.shared().write();
     assert_eq!(sh.ct.len(), n as usize);
     (after - before) as f64 / f64::from(n)
 }

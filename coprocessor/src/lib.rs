@@ -40,7 +40,7 @@ pub mod topology;
 pub mod wheel;
 
 use std::net::Ipv4Addr;
-use std::sync::{Arc, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::Arc;
 
 use flowtable::{Action, FlowKey, Ingress};
 use smoltcp::wire::{EthernetFrame, EthernetProtocol};
@@ -107,16 +107,15 @@ pub struct Coprocessor {
     slot: usize,
 }
 
-/// Lock the shared state for a change (or a consistent view of it). A
-/// poisoned lock only means another thread panicked mid-update; the
-/// tables themselves stay usable.
-pub fn lock(shared: &SharedLock) -> RwLockWriteGuard<'_, Shared> {
-    shared.write().unwrap_or_else(|e| e.into_inner())
+/// Lock the shared state for a change.
+pub fn lock(shared: &SharedLock) -> shared::WriteGuard<'_> {
+    shared.write()
 }
 
-/// Lock the shared state for a decision (other decisions run at once).
-pub fn read(shared: &SharedLock) -> RwLockReadGuard<'_, Shared> {
-    shared.read().unwrap_or_else(|e| e.into_inner())
+/// Lock the shared state for reading (a view; decisions read it on their
+/// own threads' slots).
+pub fn read(shared: &SharedLock) -> shared::ReadGuard<'_> {
+    shared.read(0)
 }
 
 impl Coprocessor {
@@ -133,7 +132,7 @@ impl Coprocessor {
 
     /// A coprocessor sharing `shared` with others (one per thread).
     pub fn with_shared(shared: Arc<SharedLock>) -> Coprocessor {
-        let slot = read(&shared).counter_slot();
+        let slot = shared.read(0).counter_slot();
         Coprocessor {
             shared,
             stats: Stats::new(),
@@ -164,29 +163,34 @@ impl Coprocessor {
     /// Decide for one punted frame.
     pub fn handle(&mut self, p: &PuntMsg) -> Update {
         let mut out = Update::default();
-        // The whole decision is made under the shared lock (read), on one
-        // topology: a concurrent change applies before or after it.
-        let shared = Arc::clone(&self.shared);
-        let sh = read(&shared);
+        let Coprocessor {
+            stats,
+            shared,
+            slot,
+        } = self;
+        // The whole decision is made under the shared lock (read, this
+        // thread's slot of it), on one topology: a concurrent change
+        // applies before or after it.
+        let sh = shared.read(*slot);
         let topo = &*sh.topo;
-        let replies_before = self.stats.replies();
+        let replies_before = stats.replies();
         let from_uplink = topo.uplink.as_ref().is_some_and(|u| u.port == p.ingress);
         let from_external = topo.external.as_ref().is_some_and(|e| e.port == p.ingress);
         let r = if let Some(cause) = icmp_error_of(p.reason) {
             // The flow exists and stays; this packet gets an ICMP answer.
-            self.icmp_error(topo, p, cause, from_uplink || from_external, &mut out)
+            stats.icmp_error(topo, p, cause, from_uplink || from_external, &mut out)
         } else if from_uplink {
-            self.handle_uplink_frame(topo, &sh, p, &mut out)
+            stats.handle_uplink_frame(topo, &sh, p, &mut out)
         } else if from_external {
-            self.handle_external_frame(topo, &sh, p, &mut out)
+            stats.handle_external_frame(topo, &sh, p, &mut out)
         } else {
-            self.handle_vm_frame(topo, &sh, p, &mut out)
+            stats.handle_vm_frame(topo, &sh, p, &mut out)
         };
         out.version = sh.version;
         // Into this thread's slot of the totals every thread shares (what
         // the metrics export).
-        let [arp, dhcp, icmp] = self.stats.replies();
-        sh.count(self.slot, |all| {
+        let [arp, dhcp, icmp] = stats.replies();
+        sh.count(*slot, |all| {
             all.handled += 1;
             all.flows_compiled += out.flows.len() as u64;
             all.arp_replies += arp - replies_before[0];
@@ -196,17 +200,21 @@ impl Coprocessor {
                 *c += 1;
             }
         });
-        self.stats.handled += 1;
-        self.stats.flows_compiled += out.flows.len() as u64;
+        stats.handled += 1;
+        stats.flows_compiled += out.flows.len() as u64;
         if let Err(cause) = r {
             out.drop = Some(cause);
-            if let Some(c) = self.stats.drops.get_mut(cause.index()) {
+            if let Some(c) = stats.drops.get_mut(cause.index()) {
                 *c += 1;
             }
         }
         out
     }
+}
 
+/// The stages of a decision, each counting the replies it makes on the
+/// deciding thread's counters.
+impl Stats {
     fn handle_vm_frame(
         &mut self,
         topo: &Topology,
@@ -246,7 +254,7 @@ impl Coprocessor {
                     None => return Err(DropCause::ArpUnknownTarget),
                 };
                 out.tx.push((p.ingress, arp::reply(&req, mac)));
-                self.stats.arp_replies += 1;
+                self.arp_replies += 1;
                 Ok(())
             }
             EthernetProtocol::Ipv4 => {
@@ -264,7 +272,7 @@ impl Coprocessor {
                         p.punted_at,
                     )? {
                         out.tx.push((p.ingress, f));
-                        self.stats.dhcp_replies += 1;
+                        self.dhcp_replies += 1;
                     }
                     return Ok(());
                 }
@@ -296,7 +304,7 @@ impl Coprocessor {
                             let r = icmp::echo_reply(&p.data, dst, gw_mac)
                                 .map_err(|_| DropCause::UnknownDestination)?;
                             setup.out.tx.push((p.ingress, r));
-                            self.stats.icmp_replies += 1;
+                            self.icmp_replies += 1;
                             return Ok(());
                         }
                         setup.new_to_vip(vm)?
@@ -314,7 +322,7 @@ impl Coprocessor {
                                     .out
                                     .tx
                                     .push((p.ingress, icmp::echo_reply(&p.data, dst, gw_mac)?));
-                                self.stats.icmp_replies += 1;
+                                self.icmp_replies += 1;
                                 return Ok(());
                             }
                             r => r?,
@@ -415,7 +423,7 @@ impl Coprocessor {
                 .ok_or(DropCause::Malformed)?;
                 out.tx
                     .push((topo.uplink.as_ref().map_or(p.ingress, |u| u.port), frame));
-                self.stats.arp_replies += 1;
+                self.arp_replies += 1;
                 Ok(())
             }
             EthernetProtocol::Ipv4 => {
@@ -523,7 +531,7 @@ impl Coprocessor {
                     return Err(DropCause::ArpUnknownTarget);
                 }
                 out.tx.push((p.ingress, arp::reply(&req, ext.mac)));
-                self.stats.arp_replies += 1;
+                self.arp_replies += 1;
                 Ok(())
             }
             EthernetProtocol::Ipv4 => {
@@ -602,7 +610,7 @@ impl Coprocessor {
             _ => icmp::time_exceeded(&p.data, gw, gw_mac)?,
         };
         out.tx.push((p.ingress, reply));
-        self.stats.icmp_replies += 1;
+        self.icmp_replies += 1;
         Ok(())
     }
 

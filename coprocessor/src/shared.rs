@@ -2,9 +2,10 @@
 //! leases, the security-group policy, the connection table, the SNAT pool,
 //! the external network's neighbours and the load-balanced services.
 //!
-//! It sits behind one reader-writer lock ([`SharedLock`]). A decision
-//! holds it for reading, so decisions on several threads run at once; a
-//! change (an `apply` batch, a policy change and its revalidation, the
+//! It sits behind one reader-writer lock ([`SharedLock`]), whose read
+//! side is split in slots, one per coprocessor thread: a decision takes
+//! its own thread's slot, so decisions on several threads run at once
+//! without writing to one shared word; a change (an `apply` batch, a policy change and its revalidation, the
 //! timers' sweep, a handover's snapshot) holds it for writing, so it is
 //! atomic with respect to every decision: one made under the old
 //! topology and policy is committed before the change starts. What a
@@ -13,10 +14,12 @@
 //! external neighbours, the leases, the services and the refusal
 //! counts; the decision counters are one slot per thread.
 
+use std::cell::UnsafeCell;
 use std::collections::HashMap;
 use std::net::Ipv4Addr;
+use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use flowtable::{Mac, PortId};
 
@@ -35,8 +38,119 @@ pub struct VmDrops {
     pub nat_refused: u64,
 }
 
-/// The shared state as the threads hold it.
-pub type SharedLock = RwLock<Shared>;
+/// A reader slot of [`SharedLock`], on a cache line of its own.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+struct ReadSlot(RwLock<()>);
+
+/// Reader slots of [`SharedLock`] (threads beyond share them).
+const READ_SLOTS: usize = 16;
+
+/// The shared state as the threads hold it: a reader-writer lock whose
+/// read side is one lock per slot (a "big-reader" lock). A reader locks
+/// its slot for reading; a writer locks every slot for writing, in
+/// order. Readers on different slots touch no common memory; a writer
+/// (an `apply`, the timers' sweep) pays one lock per slot.
+pub struct SharedLock {
+    slots: Box<[ReadSlot]>,
+    data: UnsafeCell<Shared>,
+}
+
+// SAFETY: `data` is reached only through the guards below: shared (`&`)
+// while one slot is read-locked, which excludes a writer (it holds every
+// slot write-locked), and exclusive (`&mut`) while every slot is
+// write-locked, which excludes every reader and every other writer.
+// `Shared`'s own interior mutability is `Sync` (locks and atomics), so
+// `&Shared` may be used from several threads at once.
+unsafe impl Sync for SharedLock {}
+
+/// What the `Sync` impl above relies on: `Shared` may be shared.
+const _: fn() = || {
+    fn sync<T: Sync + Send>() {}
+    sync::<Shared>();
+};
+
+impl std::fmt::Debug for SharedLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedLock").finish_non_exhaustive()
+    }
+}
+
+/// The shared state, read-locked on one slot.
+pub struct ReadGuard<'a> {
+    _slot: RwLockReadGuard<'a, ()>,
+    data: &'a Shared,
+}
+
+/// The shared state, write-locked on every slot.
+pub struct WriteGuard<'a> {
+    _slots: Vec<RwLockWriteGuard<'a, ()>>,
+    lock: &'a SharedLock,
+}
+
+impl SharedLock {
+    pub fn new(shared: Shared) -> SharedLock {
+        SharedLock {
+            slots: (0..READ_SLOTS).map(|_| ReadSlot::default()).collect(),
+            data: UnsafeCell::new(shared),
+        }
+    }
+
+    /// Read-lock slot `slot` (modulo the slots there are). A poisoned
+    /// lock only means another thread panicked mid-update; the tables
+    /// themselves stay usable.
+    pub fn read(&self, slot: usize) -> ReadGuard<'_> {
+        let s = &self.slots[slot % self.slots.len()];
+        let g = s.0.read().unwrap_or_else(|e| e.into_inner());
+        // SAFETY: a slot is read-locked: no writer holds every slot (see
+        // the `Sync` impl), so nothing has `&mut` to the data while the
+        // guard lives.
+        let data = unsafe { &*self.data.get() };
+        ReadGuard { _slot: g, data }
+    }
+
+    /// Write-lock every slot, in order.
+    pub fn write(&self) -> WriteGuard<'_> {
+        let slots = self
+            .slots
+            .iter()
+            .map(|s| s.0.write().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        WriteGuard {
+            _slots: slots,
+            lock: self,
+        }
+    }
+
+    /// The state, for its owner (no other reference exists).
+    pub fn into_inner(self) -> Shared {
+        self.data.into_inner()
+    }
+}
+
+impl Deref for ReadGuard<'_> {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        self.data
+    }
+}
+
+impl Deref for WriteGuard<'_> {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        // SAFETY: every slot is write-locked by this guard: no reader and
+        // no other writer exists while it lives.
+        unsafe { &*self.lock.data.get() }
+    }
+}
+
+impl DerefMut for WriteGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Shared {
+        // SAFETY: as for `deref`; `&mut self` makes this the only
+        // reference taken through the guard.
+        unsafe { &mut *self.lock.data.get() }
+    }
+}
 
 /// Lock `m`. A poisoned lock only means another thread panicked
 /// mid-update; the tables themselves stay usable.

@@ -433,7 +433,7 @@ fn gateways_answer_ping_and_flows_get_icmp_errors() {
         Some(DropCause::TtlExpired)
     );
     assert_eq!(c.stats().icmp_replies, 4);
-    assert_eq!(c.shared().write().unwrap().counters().icmp_replies, 4);
+    assert_eq!(c.shared().write().counters().icmp_replies, 4);
 }
 
 fn arp_request(sender_mac: [u8; 6], sender_ip: Ipv4Addr, target: Ipv4Addr) -> Vec<u8> {
@@ -502,7 +502,7 @@ fn arp_proxy_answers_for_known_addresses_only() {
     assert_eq!(answered_mac(&out), Some(B_MAC));
     assert_eq!(c.stats().arp_replies, 5);
     // In the totals all threads share too (what the metrics export).
-    assert_eq!(c.shared().write().unwrap().counters().arp_replies, 5);
+    assert_eq!(c.shared().write().counters().arp_replies, 5);
 }
 
 #[test]
@@ -607,13 +607,7 @@ fn dhcp_hands_out_the_binding_with_router_dns_mtu_hostname() {
     );
     assert_eq!(out.tx[0].0, PortId(1));
     assert!(
-        c.shared()
-            .write()
-            .unwrap()
-            .leases
-            .lock()
-            .unwrap()
-            .is_empty(),
+        c.shared().write().leases.lock().unwrap().is_empty(),
         "an offer is not a lease"
     );
 
@@ -628,7 +622,6 @@ fn dhcp_hands_out_the_binding_with_router_dns_mtu_hostname() {
     let lease = c
         .shared()
         .write()
-        .unwrap()
         .leases
         .lock()
         .unwrap()
@@ -649,7 +642,6 @@ fn dhcp_hands_out_the_binding_with_router_dns_mtu_hostname() {
     assert_eq!(
         c.shared()
             .write()
-            .unwrap()
             .leases
             .lock()
             .unwrap()
@@ -698,14 +690,13 @@ fn dhcp_hands_out_the_binding_with_router_dns_mtu_hostname() {
     assert!(c
         .shared()
         .write()
-        .unwrap()
         .leases
         .lock()
         .unwrap()
         .get(&A_MAC)
         .is_none());
     assert_eq!(c.stats().dhcp_replies, 5);
-    assert_eq!(c.shared().write().unwrap().counters().dhcp_replies, 5);
+    assert_eq!(c.shared().write().counters().dhcp_replies, 5);
 }
 
 #[test]

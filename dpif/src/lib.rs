@@ -11,6 +11,8 @@
 //!   frames to send, and the punted frame to run again;
 //! - [`Report`]: what the fast path tells the coprocessor about flows of
 //!   tracked connections ([`FlowUse`]);
+//! - [`steer`]: which coprocessor thread, and which shard of the
+//!   connection table, a key belongs to;
 //! - [`counted_enum!`]: reasons with stable names and dense counter
 //!   indices ([`PuntReason`], [`DropCause`], the fast path's drop reasons).
 //!
@@ -20,6 +22,7 @@
 mod counted;
 pub mod punt;
 pub mod report;
+pub mod steer;
 pub mod update;
 
 pub use punt::{PuntMsg, PuntReason};

@@ -2,20 +2,25 @@
 //! so coprocessor threads setting up different connections rarely wait
 //! for each other (the shared state's lock is only read for a decision).
 //!
-//! A key belongs to the shard its hash names. A connection lives in the
-//! shard of its original key (its *home*, also written into its id);
-//! when its other key hashes elsewhere, that shard holds a *foreign*
-//! entry pointing home, so a miss on either key finds the connection
-//! with one lock, or two in turn. Whatever touches two or three shards
-//! at once (adding, removing, re-keying a connection) locks them in
-//! ascending order, so two threads never wait on each other in a cycle.
-//! Limits are the whole table's, counted across shards by
-//! [`super::quota`].
+//! A key belongs to the shard [`dpif::steer`] names: both keys of a
+//! connection that is not translated name the same one, and the fast
+//! path punts a connection's misses to the coprocessor thread that keeps
+//! its shard, so a shard's locks and memory stay with one thread (on two
+//! cores, a line written by one and read by the other costs more than
+//! the rest of a decision). A connection lives in the shard of its
+//! original key (its *home*, also written into its id); when its other
+//! key belongs elsewhere (NAT), that shard holds a *foreign* entry
+//! pointing home, so a miss on either key finds the connection with one
+//! lock, or two in turn. Whatever touches two or three shards at once
+//! (adding, removing, re-keying a connection) locks them in ascending
+//! order, so two threads never wait on each other in a cycle. Limits
+//! are the whole table's, counted across shards by [`super::quota`].
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use dpif::steer;
 use flowtable::{FlowKey, PortId};
 use hashbrown::HashTable;
 
@@ -23,8 +28,7 @@ use super::quota::Quotas;
 use super::table::{shard_of_id, Table};
 use super::{Conn, CtCounters, CtRefused, Expiry, Limits, Side, Timeouts};
 
-/// Shards of the table: a power of two, several per coprocessor thread.
-pub const SHARDS: usize = 16;
+pub use dpif::steer::SHARDS;
 
 #[derive(Debug)]
 struct Shard {
@@ -141,18 +145,16 @@ impl Conntrack {
         }
     }
 
-    /// A key's hash: computed once, it names the key's shard and finds
-    /// it in that shard's index. (Keys come from tenants: the hash is
-    /// randomly keyed, so nobody can aim collisions, or pile their
-    /// connections on one shard.)
+    /// A key's hash in the shards' indexes. (Keys come from tenants: the
+    /// hash is randomly keyed, so nobody can aim collisions.)
     fn hash(&self, key: &FlowKey) -> u64 {
         self.hasher.hash_one(key)
     }
 
-    /// The shard `key` belongs to.
-    #[cfg(test)]
-    fn shard_of(&self, key: &FlowKey) -> usize {
-        shard_at(self.hash(key))
+    /// The shard `key` belongs to ([`dpif::steer`]: the one the
+    /// coprocessor thread its misses go to keeps).
+    pub fn shard_of(&self, key: &FlowKey) -> usize {
+        steer::shard(key)
     }
 
     fn lock(&self, i: usize) -> MutexGuard<'_, Shard> {
@@ -176,7 +178,7 @@ impl Conntrack {
     }
 
     pub fn len(&self) -> usize {
-        self.quotas.len()
+        self.shards.iter().map(|p| relock(&p.0).table.len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -185,7 +187,11 @@ impl Conntrack {
 
     /// Connections held by each owner.
     pub fn per_owner(&self) -> HashMap<PortId, u32> {
-        self.quotas.per_owner()
+        let mut all = HashMap::new();
+        for p in self.shards.iter() {
+            super::quota::add_owners(&mut all, relock(&p.0).table.owners());
+        }
+        all
     }
 
     /// Half-open connections held by `owner`.
@@ -206,14 +212,14 @@ impl Conntrack {
     /// The connection and side a fast-path key belongs to.
     pub fn lookup(&self, key: &FlowKey) -> Option<(u64, usize)> {
         let h = self.hash(key);
-        let s = self.lock(shard_at(h));
+        let s = self.lock(steer::shard(key));
         s.table.lookup(key, h).or_else(|| s.foreign(key, h))
     }
 
     /// The connection `key` belongs to, its shard locked.
     pub fn find(&self, key: &FlowKey) -> Option<Found<'_>> {
         let h = self.hash(key);
-        let s = self.lock(shard_at(h));
+        let s = self.lock(steer::shard(key));
         if let Some((id, side)) = s.table.lookup(key, h) {
             return Some(Found { shard: s, id, side });
         }
@@ -279,28 +285,16 @@ impl Conntrack {
     pub fn insert(&self, conn: Conn, owner: Option<PortId>, now: u64) -> Result<u64, CtRefused> {
         let keys = conn.sides.map(|s| s.key);
         let h = keys.map(|k| self.hash(&k));
-        let at = h.map(shard_at);
+        let at = keys.map(|k| steer::shard(&k));
         let home = at[0];
         let half = super::half_open(&conn.state);
-        // Counted before any shard is locked (and refunded below if it
-        // does not go in).
-        if let Err(e) = self.quotas.charge(owner, half) {
-            let c = &mut self.lock(home).table.counters;
-            match e {
-                CtRefused::Full => c.refused_full += 1,
-                _ => c.refused_quota += 1,
-            }
-            return Err(e);
-        }
         let mut locked = self.lock_set([home, at[1], home]);
         let clash = (0..2).any(|i| {
             held(&mut locked, at[i]).is_some_and(|g| g.taken(&keys[i], h[i], at[i] == home))
         });
-        let r = match held(&mut locked, home) {
-            Some(g) => g.table.insert(conn, h, owner, now, clash),
-            None => Err(CtRefused::Full),
-        };
-        match r {
+        let g = held(&mut locked, home).ok_or(CtRefused::Full)?;
+        g.table.charge(owner, half)?;
+        match g.table.insert(conn, h, owner, now, clash) {
             Ok(id) => {
                 if at[1] != home {
                     if let Some(g) = held(&mut locked, at[1]) {
@@ -310,8 +304,7 @@ impl Conntrack {
                 Ok(id)
             }
             Err(e) => {
-                drop(locked);
-                self.quotas.refund(owner, half);
+                g.table.uncharge(owner, half);
                 Err(e)
             }
         }
@@ -322,7 +315,7 @@ impl Conntrack {
         let home = shard_of_id(id);
         let keys = self.home(id)?.table.get(id)?.sides.map(|s| s.key);
         let h = keys.map(|k| self.hash(&k));
-        let at = h.map(shard_at);
+        let at = keys.map(|k| steer::shard(&k));
         // Keys change only under the state's write lock (`replace_sides`),
         // which no holder of `&self` here can be racing.
         let mut locked = self.lock_set([home, at[0], at[1]]);
@@ -355,9 +348,10 @@ impl Conntrack {
         let new = sides.map(|s| s.key);
         let hn = new.map(|k| self.hash(&k));
         let taken = (0..2).any(|i| {
-            let g = shard_mut(&mut self.shards[shard_at(hn[i])]);
+            let s = steer::shard(&new[i]);
+            let g = shard_mut(&mut self.shards[s]);
             g.foreign(&new[i], hn[i]).is_some_and(|(o, _)| o != id)
-                || (shard_at(hn[i]) != home && g.table.lookup(&new[i], hn[i]).is_some())
+                || (s != home && g.table.lookup(&new[i], hn[i]).is_some())
         });
         if taken
             || !shard_mut(&mut self.shards[home])
@@ -368,11 +362,12 @@ impl Conntrack {
         }
         for k in old {
             let h = self.hash(&k);
-            shard_mut(&mut self.shards[shard_at(h)]).forget_foreign(&k, h, id);
+            shard_mut(&mut self.shards[steer::shard(&k)]).forget_foreign(&k, h, id);
         }
         for (side, (k, h)) in new.into_iter().zip(hn).enumerate() {
-            if shard_at(h) != home {
-                shard_mut(&mut self.shards[shard_at(h)]).add_foreign(k, h, id, side);
+            let s = steer::shard(&k);
+            if s != home {
+                shard_mut(&mut self.shards[s]).add_foreign(k, h, id, side);
             }
         }
         true
@@ -420,8 +415,9 @@ impl Conntrack {
         // lookup meanwhile finds the id gone).
         for s in &ended.sides {
             let h = self.hash(&s.key);
-            if shard_at(h) != shard_of_id(id) {
-                self.lock(shard_at(h)).forget_foreign(&s.key, h, id);
+            if steer::shard(&s.key) != shard_of_id(id) {
+                self.lock(steer::shard(&s.key))
+                    .forget_foreign(&s.key, h, id);
             }
         }
         Some(ended)
@@ -439,7 +435,7 @@ impl Conntrack {
                 // them was this connection's.
                 for side in &c.sides {
                     let h = self.hash(&side.key);
-                    let g = shard_mut(&mut self.shards[shard_at(h)]);
+                    let g = shard_mut(&mut self.shards[steer::shard(&side.key)]);
                     if let Ok(e) = g.foreign.find_entry(h, |e| e.0 == side.key) {
                         e.remove();
                     }
@@ -481,7 +477,7 @@ impl Conntrack {
         for c in conns {
             let keys = c.sides.map(|s| s.key);
             let h = keys.map(|k| ct.hash(&k));
-            let at = h.map(shard_at);
+            let at = keys.map(|k| steer::shard(&k));
             let home = at[0];
             // A snapshot with one key twice (not one this switch wrote):
             // the later connection is left out.
@@ -548,14 +544,4 @@ fn held<'g, 'a>(
         .flatten()
         .find(|(i, _)| *i == s)
         .map(|(_, g)| &mut **g)
-}
-
-/// The shard of a key hashed `h` (bits the shard's own index does not
-/// use to place it: hashbrown takes the low bits for the bucket and the
-/// top seven for its tag).
-fn shard_at(h: u64) -> usize {
-    // Four bits of a u64.
-    #[allow(clippy::cast_possible_truncation)]
-    let s = (h >> 40) as usize;
-    s & (SHARDS - 1)
 }

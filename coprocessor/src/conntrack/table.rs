@@ -7,10 +7,11 @@ use std::sync::Arc;
 
 use flowtable::{FlowKey, PortId};
 
-use super::quota::Quotas;
+use super::quota::{Quotas, Reserve};
 use super::{half_open, index, Conn, ConnState, CtCounters, CtRefused, Expiry, Side, TcpState};
 use super::{Timeouts, SEC};
 use crate::wheel::Wheel;
+use rustc_hash::FxHashMap;
 
 /// When the fast path does not answer a check, ask again after this.
 const CHECK_RETRY: u64 = 2 * SEC;
@@ -35,6 +36,10 @@ pub(super) struct Table {
     by_key: index::KeyIndex,
     wheel: Wheel,
     quotas: Arc<Quotas>,
+    /// Room taken from the quotas, not yet used.
+    reserve: Reserve,
+    /// Connections of each owner here.
+    owners: FxHashMap<PortId, u32>,
     pub timeouts: Timeouts,
     pub counters: CtCounters,
     len: usize,
@@ -72,6 +77,8 @@ impl Table {
             // 250 ms ticks, ~17 minutes per turn.
             wheel: Wheel::new(SEC / 4, 4096, now),
             quotas,
+            reserve: Reserve::default(),
+            owners: FxHashMap::default(),
             timeouts,
             counters: CtCounters::default(),
             len: 0,
@@ -142,6 +149,41 @@ impl Table {
         })
     }
 
+    /// Charge a new connection of `owner` (see [`Quotas::charge`]),
+    /// counting a refusal.
+    pub fn charge(&mut self, owner: Option<PortId>, half: bool) -> Result<(), CtRefused> {
+        let r = self.quotas.charge(&mut self.reserve, owner, half);
+        match r {
+            Err(CtRefused::Full) => self.counters.refused_full += 1,
+            Err(_) => self.counters.refused_quota += 1,
+            Ok(()) => {}
+        }
+        r
+    }
+
+    /// Give back a charge for a connection that did not go in.
+    pub fn uncharge(&mut self, owner: Option<PortId>, half: bool) {
+        self.quotas.refund(&mut self.reserve, owner, half);
+    }
+
+    fn count_owner(&mut self, owner: Option<PortId>, add: bool) {
+        let Some(o) = owner else { return };
+        let n = self.owners.entry(o).or_default();
+        if add {
+            *n += 1;
+        } else {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.owners.remove(&o);
+            }
+        }
+    }
+
+    /// Connections of each owner in this shard.
+    pub fn owners(&self) -> &FxHashMap<PortId, u32> {
+        &self.owners
+    }
+
     /// Is `key` (hashed `h`) indexed here?
     pub fn has_key(&self, key: &FlowKey, h: u64) -> bool {
         self.by_key.get(&self.slots, key, h).is_some()
@@ -183,6 +225,7 @@ impl Table {
             }
         };
         let id = self.id_of(idx, self.gens[idx as usize]);
+        self.count_owner(owner, true);
         conn.owner = owner;
         conn.deadline = now + conn.state.timeout(&self.timeouts);
         self.wheel.schedule(id, conn.deadline);
@@ -203,7 +246,9 @@ impl Table {
         self.by_key.remove(&self.slots, idx);
         let conn = self.slots.get_mut(idx as usize)?.take()?;
         self.wheel.cancel(id);
-        self.quotas.refund(conn.owner, half_open(&conn.state));
+        self.quotas
+            .refund(&mut self.reserve, conn.owner, half_open(&conn.state));
+        self.count_owner(conn.owner, false);
         self.gens[idx as usize] = gen.wrapping_add(1);
         self.free.push(idx);
         self.len -= 1;
@@ -407,6 +452,7 @@ impl Table {
         }
         let id = self.id_of(idx, 0);
         self.quotas.force_charge(c.owner, half_open(&c.state));
+        self.count_owner(c.owner, true);
         self.wheel.schedule(id, c.deadline.max(now));
         self.slots.push(Some(c));
         self.by_key.insert(&self.slots, idx);

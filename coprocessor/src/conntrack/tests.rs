@@ -413,3 +413,60 @@ fn threads_at_a_quota_never_pass_it() {
     assert_eq!(c.created, 100);
     assert_eq!(c.refused_quota, 2000 - 100);
 }
+
+#[test]
+fn shards_reserving_room_in_chunks_pass_no_limit_and_hold_back_little() {
+    // A quota large enough for the shards to take room in chunks.
+    let limits = Limits {
+        max: 262_144,
+        per_vm: 2000,
+    };
+    let ct = Conntrack::new(Timeouts::default(), limits, 0);
+    let udp = || ConnState::Udp { replied: false };
+    let fill = |base: u32| -> Vec<u64> {
+        std::thread::scope(|s| {
+            let workers: Vec<_> = (0..4u32)
+                .map(|t| {
+                    let ct = &ct;
+                    s.spawn(move || {
+                        (0..1000u32)
+                            .filter_map(|i| {
+                                let c = nat_conn(base + t * 1000 + i, udp());
+                                ct.insert(c, Some(PortId(5)), 0).ok()
+                            })
+                            .collect::<Vec<u64>>()
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .flat_map(|w| w.join().unwrap())
+                .collect()
+        })
+    };
+    // Room the shards may hold unused: under two chunks each.
+    let slack = SHARDS * 2 * (2000 / (SHARDS * 32));
+    for round in 0..3u32 {
+        let ids = fill(round * 10_000);
+        assert!(
+            ids.len() <= 2000,
+            "the quota is never passed: {}",
+            ids.len()
+        );
+        assert!(
+            ids.len() + slack >= 2000,
+            "little held back: {} of 2000",
+            ids.len()
+        );
+        assert_eq!(ct.len(), ids.len());
+        assert_eq!(
+            ct.per_owner().get(&PortId(5)).copied(),
+            u32::try_from(ids.len()).ok()
+        );
+        for id in ids {
+            assert!(ct.remove(id).is_some());
+        }
+        assert_eq!(ct.len(), 0);
+        assert!(ct.per_owner().is_empty());
+    }
+}

@@ -81,7 +81,7 @@ fn connections_spread_over_the_backends_and_replies_come_from_the_vip() {
         let to = reached(n.send(A, &syn_to_vip(sport)));
         *seen.entry(to).or_insert(0) += 1;
         // The pick is the Maglev table's for this 5-tuple.
-        let sh = n.cp.shared().write().unwrap();
+        let sh = n.cp.shared().write();
         let t = sh.services().named("web").unwrap().table.clone().unwrap();
         let b = t.pick(maglev::flow_hash(A_IP, sport, VIP, 80, 6));
         assert_eq!((b.ip, b.port), to);
@@ -96,7 +96,6 @@ fn connections_spread_over_the_backends_and_replies_come_from_the_vip() {
             let t =
                 n.cp.shared()
                     .write()
-                    .unwrap()
                     .services()
                     .named("web")
                     .unwrap()
@@ -113,7 +112,7 @@ fn connections_spread_over_the_backends_and_replies_come_from_the_vip() {
     assert_eq!((ip_at(&f, 26), port_at(&f, 34)), (VIP, 80));
     assert_eq!(f[6..12], GW_MAC);
     assert_eq!(f[..6], A_MAC);
-    let sh = n.cp.shared().write().unwrap();
+    let sh = n.cp.shared().write();
     let key = web(vec![]).key();
     assert_eq!(sh.services().conns(&key), 300);
     assert_eq!(sh.services().get(&key).unwrap().counters.picked, 300);
@@ -179,7 +178,7 @@ fn a_removed_backends_connections_end_with_a_reset_and_the_others_keep_theirs() 
             other => panic!("{sport}: {other:?}"),
         }
     }
-    let sh = n.cp.shared().write().unwrap();
+    let sh = n.cp.shared().write();
     assert_eq!(
         sh.services().conns(&web(vec![]).key()),
         60 - u32::try_from(gone).unwrap()
@@ -226,7 +225,7 @@ fn the_connection_limit_refuses_new_connections_and_counts_them() {
     );
     let key = web(vec![]).key();
     let counted = |n: &Net| {
-        let sh = n.cp.shared().write().unwrap();
+        let sh = n.cp.shared().write();
         let svcs = sh.services();
         svcs.get(&key).unwrap().counters.refused_limit
     };
@@ -243,7 +242,7 @@ fn the_connection_limit_refuses_new_connections_and_counts_them() {
     back.max_connections = 2;
     let (out, _) = n.cp.apply(vec![Op::ChangeService(back)]).unwrap();
     n.apply(&out);
-    assert_eq!(n.cp.shared().write().unwrap().services().conns(&key), 0);
+    assert_eq!(n.cp.shared().write().services().conns(&key), 0);
     reached(n.send(A, &syn_to_vip(3)));
     assert_eq!(counted(&n), 1, "counters survive the changes");
 }
@@ -303,13 +302,13 @@ fn vips_and_addresses_never_overlap_and_a_used_network_stays() {
     let e = n.cp.apply(vec![Op::AddService(on_b)]).unwrap_err();
     assert!(e.to_string().contains("field `vip`"), "{e}");
     // A batch that fails after a change leaves the service as it was.
-    let before = n.cp.shared().write().unwrap().services().specs();
+    let before = n.cp.shared().write().services().specs();
     n.cp.apply(vec![
         Op::ChangeService(web(vec![backend(B_IP, 80, 1)])),
         Op::RemoveService("nothing".into()),
     ])
     .unwrap_err();
-    assert_eq!(n.cp.shared().write().unwrap().services().specs(), before);
+    assert_eq!(n.cp.shared().write().services().specs(), before);
 }
 
 #[test]
@@ -318,7 +317,7 @@ fn services_and_their_connection_counts_survive_a_save_and_restore() {
     for sport in 24_000..24_010u16 {
         reached(n.send(A, &syn_to_vip(sport)));
     }
-    let sh = n.cp.shared().write().unwrap();
+    let sh = n.cp.shared().write();
     let back = Shared::restore(sh.save(), sh.save_services(), n.now).unwrap();
     assert_eq!(back.services().specs(), sh.services().specs());
     assert_eq!(back.services().conns(&web(vec![]).key()), 10);
@@ -362,7 +361,7 @@ fn tick(n: &mut Net, ms: u64) -> Vec<(PortId, Vec<u8>)> {
 }
 
 fn down(n: &Net, ip: Ipv4Addr) -> bool {
-    let sh = n.cp.shared().write().unwrap();
+    let sh = n.cp.shared().write();
     let svcs = sh.services();
     let s = svcs.named("web").unwrap();
     let i = s.spec.backends.iter().position(|b| b.ip == ip).unwrap();
@@ -429,14 +428,7 @@ fn local_backends_are_probed_from_the_gateway_and_leave_the_table_while_down() {
         assert!(matches!(n.send(C, &synack), Went::To(C, _)));
     }
     assert!(!down(&n, C_IP));
-    let v =
-        n.cp.shared()
-            .write()
-            .unwrap()
-            .services()
-            .health
-            .targets
-            .len();
+    let v = n.cp.shared().write().services().health.targets.len();
     assert_eq!(v, 2);
 }
 
@@ -484,7 +476,7 @@ fn icmp_checks_use_echo_and_passive_counts_follow_connections() {
     }
     let b = on[&B_IP];
     n.send(B, &tcp(B_MAC, B_IP, A_IP, 80, b, RST | ACK));
-    let sh = n.cp.shared().write().unwrap();
+    let sh = n.cp.shared().write();
     assert_eq!(sh.services().passive_counts(VNI, B_IP, 80).refused, 1);
     drop(sh);
     // Past the SYN timeout: the fast path says the flows saw no use.
@@ -492,7 +484,7 @@ fn icmp_checks_use_echo_and_passive_counts_follow_connections() {
     for c in n.cp.tick(n.now).checks {
         n.cp.checked(c.id, c.keys, [None, None], n.now);
     }
-    let sh = n.cp.shared().write().unwrap();
+    let sh = n.cp.shared().write();
     assert!(sh.services().passive_counts(VNI, C_IP, 8080).timed_out > 0);
 }
 
@@ -537,7 +529,7 @@ fn an_external_vip_balances_to_this_hosts_backends_and_answers_from_itself() {
         }
     }
     assert_eq!(seen.len(), 2, "B and C: {seen:?}");
-    let sh = n.cp.shared().write().unwrap();
+    let sh = n.cp.shared().write();
     let spec = sh.services().named("web").unwrap().spec.clone();
     assert_eq!(sh.services().service_conns(&spec), 100);
     drop(sh);
@@ -587,7 +579,7 @@ fn load_balanced_connections_count_against_the_clients_quota() {
     // Another client is not held back by A's share.
     let from_c = tcp(C_MAC, C_IP, VIP, 3, 80, SYN);
     assert!(matches!(n.send(C, &from_c), Went::To(..)));
-    let sh = n.cp.shared().write().unwrap();
+    let sh = n.cp.shared().write();
     assert_eq!(sh.ct.per_owner().get(&A), Some(&2));
 }
 
@@ -617,7 +609,7 @@ fn a_remote_backend_that_refuses_is_ejected_for_a_while() {
         tick(&mut n, 1000);
     }
     assert!(!down(&n, R_IP));
-    let sh = n.cp.shared().write().unwrap();
+    let sh = n.cp.shared().write();
     let p = sh.services().passive_counts(VNI, R_IP, 80);
     assert_eq!((p.refused, p.ejections), (2, 1));
 }

@@ -154,7 +154,7 @@ fn switch(limits: Limits, nat_ports: (u16, u16), per_vm_ports: u32) -> Net {
     .unwrap();
     t.set_neighbor(REMOTE_VTEP, NEXT_HOP);
     let shared = Shared::new(t, pol, Timeouts::default(), limits);
-    let cp = Coprocessor::with_shared(Arc::new(std::sync::RwLock::new(shared)));
+    let cp = Coprocessor::with_shared(Arc::new(crate::SharedLock::new(shared)));
     let cfg = PipelineConfig {
         uplink: UPLINK,
         local_vtep: LOCAL_VTEP,
@@ -285,11 +285,11 @@ impl Net {
     }
 
     fn ct_len(&self) -> usize {
-        self.cp.shared().write().unwrap().ct.len()
+        self.cp.shared().write().ct.len()
     }
 
     fn state_of(&self, key: &FlowKey) -> Option<ConnState> {
-        let mut sh = self.cp.shared().write().unwrap();
+        let mut sh = self.cp.shared().write();
         let (id, _) = sh.ct.lookup(key)?;
         sh.ct.get(id).map(|c| c.state)
     }
@@ -420,7 +420,7 @@ fn denied_ports_and_default_ingress_deny_are_counted_drops() {
     // A is client: no ingress rule, so this is denied; C itself is free.
     assert_eq!(n.send(C, &d), Went::Dropped(Some(DropCause::AclDenied)));
     assert_eq!(n.ct_len(), before);
-    let sh = n.cp.shared().write().unwrap();
+    let sh = n.cp.shared().write();
     assert_eq!(sh.vm_drops.lock().unwrap()[&B].acl_denied, 2);
     assert_eq!(sh.vm_drops.lock().unwrap()[&A].acl_denied, 1);
 }
@@ -431,7 +431,6 @@ fn remote_group_membership_admits_and_replies_go_back_through_the_tunnel() {
     // Make B a db (ingress from client members) at run time.
     n.cp.shared()
         .write()
-        .unwrap()
         .policy
         .set_rules(
             "web",
@@ -525,7 +524,7 @@ fn a_rule_removed_at_run_time_cuts_existing_connections() {
     assert!(out.invalidate.as_ref().is_some_and(|i| i.acl));
     n.apply(&out);
     assert_eq!(n.ct_len(), 0);
-    assert_eq!(n.cp.shared().write().unwrap().ct.counters().revoked, 1);
+    assert_eq!(n.cp.shared().write().ct.counters().revoked, 1);
     // The established connection no longer passes, either way.
     assert_eq!(
         n.send(A, &tcp(A_MAC, A_IP, B_IP, 40000, 80, ACK)),
@@ -590,7 +589,7 @@ fn one_vm_at_its_connection_quota_does_not_stop_another() {
     // B still opens connections.
     delivered(n.send(B, &udp(B_MAC, B_IP, C_IP, 9000, 53)), C);
     assert_eq!(
-        n.cp.shared().write().unwrap().vm_drops.lock().unwrap()[&A].ct_refused,
+        n.cp.shared().write().vm_drops.lock().unwrap()[&A].ct_refused,
         1
     );
 }
@@ -611,7 +610,6 @@ fn learn_router(n: &mut Net) {
     let (_, asked) =
         n.cp.shared()
             .write()
-            .unwrap()
             .ext_neighbors
             .lock()
             .unwrap()
@@ -634,7 +632,6 @@ fn the_external_router_cannot_be_repointed_and_a_changed_mac_moves_connections()
     assert_eq!(
         n.cp.shared()
             .write()
-            .unwrap()
             .ext_neighbors
             .lock()
             .unwrap()
@@ -729,7 +726,7 @@ fn snat_through_the_pool_with_unique_ports_and_replies_translated_back() {
         n.send(EXT, &probe),
         Went::Dropped(Some(DropCause::ExtUnsolicited))
     );
-    let sh = n.cp.shared().write().unwrap();
+    let sh = n.cp.shared().write();
     assert_eq!(sh.nat.lock().unwrap().as_ref().unwrap().in_use(), 2);
 }
 
@@ -749,7 +746,7 @@ fn nat_port_quota_and_exhaustion_name_the_vm() {
         n.send(C, &udp(C_MAC, C_IP, SERVER, 101, 53)),
         Went::Dropped(Some(DropCause::NatExhausted))
     );
-    let sh = n.cp.shared().write().unwrap();
+    let sh = n.cp.shared().write();
     let nat = sh.nat.lock().unwrap();
     let vms = nat.as_ref().unwrap().vms();
     assert_eq!(vms[&A].refused_quota, 1);
@@ -829,7 +826,6 @@ fn idle_connections_end_on_their_timers_and_free_their_nat_ports() {
     assert_eq!(
         n.cp.shared()
             .write()
-            .unwrap()
             .nat
             .lock()
             .unwrap()
@@ -843,7 +839,7 @@ fn idle_connections_end_on_their_timers_and_free_their_nat_ports() {
     delivered(n.send(A, &f), EXT);
     let last = n.now;
     let keys: Vec<FlowKey> = {
-        let mut sh = n.cp.shared().write().unwrap();
+        let mut sh = n.cp.shared().write();
         let (id, _) = sh.ct.lookup(&key_of(A, &f)).unwrap();
         sh.ct.get(id).unwrap().sides.iter().map(|s| s.key).collect()
     };
@@ -863,7 +859,6 @@ fn idle_connections_end_on_their_timers_and_free_their_nat_ports() {
     assert_eq!(
         n.cp.shared()
             .write()
-            .unwrap()
             .nat
             .lock()
             .unwrap()
@@ -931,7 +926,7 @@ fn icmp_errors_about_a_connection_pass_and_are_translated_through_nat() {
     let stray = icmp_error(C_MAC, C_IP, A_IP, 3, 1, &other);
     assert_eq!(n.send(C, &stray), Went::Dropped(Some(DropCause::AclDenied)));
     assert_eq!(n.send(C, &stray), Went::Dropped(Some(DropCause::AclDenied)));
-    assert_eq!(n.cp.shared().write().unwrap().ct.counters().related, 3);
+    assert_eq!(n.cp.shared().write().ct.counters().related, 3);
 }
 
 #[test]
@@ -940,7 +935,6 @@ fn an_icmp_error_addressed_elsewhere_is_not_related_to_the_connection_it_quotes(
     // B may send nothing of its own (ingress TCP 80 only).
     n.cp.shared()
         .write()
-        .unwrap()
         .policy
         .set_rules("web", vec![rule(Direction::Ingress, Some(6), (80, 80))])
         .unwrap();
@@ -956,7 +950,7 @@ fn an_icmp_error_addressed_elsewhere_is_not_related_to_the_connection_it_quotes(
         n.send(B, &forged),
         Went::Dropped(Some(DropCause::AclDenied))
     );
-    assert_eq!(n.cp.shared().write().unwrap().ct.counters().related, 1);
+    assert_eq!(n.cp.shared().write().ct.counters().related, 1);
 }
 
 mod ops {
@@ -1003,7 +997,7 @@ mod ops {
     fn a_failed_batch_changes_nothing() {
         let mut n = default_switch();
         let before = n.cp.topology();
-        let version = n.cp.shared().write().unwrap().version;
+        let version = n.cp.shared().write().version;
         let e = apply(
             &mut n,
             vec![
@@ -1020,9 +1014,9 @@ mod ops {
         assert!(after.remote(VNI, Ipv4Addr::new(10, 0, 0, 77)).is_none());
         assert_eq!(after.remote(VNI, R_IP).map(|r| r.vtep), Some(REMOTE_VTEP));
         assert_eq!(after.vms().count(), before.vms().count());
-        assert_eq!(n.cp.shared().write().unwrap().version, version);
+        assert_eq!(n.cp.shared().write().version, version);
         // Membership was rolled back too: client (1) does not hold D.
-        let sh = n.cp.shared().write().unwrap();
+        let sh = n.cp.shared().write();
         assert!(sh
             .policy
             .admits(&[2], Direction::Ingress, VNI, u32::from(D_IP), 6, 1)
@@ -1132,7 +1126,7 @@ mod ops {
             })],
         )
         .unwrap();
-        let mute = n.cp.shared().write().unwrap().policy.id("mute").unwrap();
+        let mute = n.cp.shared().write().policy.id("mute").unwrap();
         let c = n.cp.topology().vm_named("c").cloned().unwrap();
         apply(
             &mut n,
@@ -1177,7 +1171,6 @@ mod ops {
         assert_eq!(
             n.cp.shared()
                 .write()
-                .unwrap()
                 .nat
                 .lock()
                 .unwrap()
@@ -1224,7 +1217,7 @@ fn the_shared_state_survives_save_and_restore() {
     let syn = tcp(A_MAC, A_IP, B_IP, 40000, 80, SYN);
     delivered(n.send(A, &syn), B);
     delivered(n.send(A, &udp(A_MAC, A_IP, SERVER, 5555, 53)), EXT);
-    let saved = n.cp.shared().write().unwrap().save();
+    let saved = n.cp.shared().write().save();
     let mut restored = Shared::restore(saved.clone(), Vec::new(), n.now).expect("restore");
     assert_eq!(restored.save(), saved, "save ∘ restore is the identity");
     assert_eq!(restored.ct.len(), 2);
@@ -1244,7 +1237,7 @@ fn the_shared_state_survives_save_and_restore() {
     );
     // A coprocessor on the restored state carries on: the reply passes.
     let mut n2 = Net {
-        cp: Coprocessor::with_shared(Arc::new(std::sync::RwLock::new(restored))),
+        cp: Coprocessor::with_shared(Arc::new(crate::SharedLock::new(restored))),
         ..switch(Limits::default(), (1024, 65535), 1000)
     };
     delivered(n2.send(B, &tcp(B_MAC, B_IP, A_IP, 80, 40000, SYN | ACK)), A);
@@ -1253,7 +1246,6 @@ fn the_shared_state_survives_save_and_restore() {
     let held =
         n.cp.shared()
             .write()
-            .unwrap()
             .ct
             .iter()
             .find_map(|(_, c)| c.nat)
@@ -1301,7 +1293,7 @@ fn two_threads_deciding_while_the_rules_change_leave_a_consistent_table() {
             n.cp.set_rules("web", web_rules()).unwrap();
         }
     });
-    let mut sh = shared.write().unwrap();
+    let mut sh = shared.write();
     sh.ct.check_index();
     let conns = sh.ct.len();
     let mut nated = 0u64;
