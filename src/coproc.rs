@@ -40,7 +40,7 @@ pub fn spawn(
         .map(|i| {
             let mut cp = Coprocessor::with_shared(shared.clone());
             let links = CoprocLinks {
-                punts: links.punts.clone(),
+                punts: links.punts.for_thread(i),
                 reports: links.reports.clone(),
                 installs: links.installs.clone(),
                 wake: links.wake.clone(),

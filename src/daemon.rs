@@ -373,6 +373,8 @@ fn fast_path_parts(
                 .as_ref()
                 .map_or(0, |u| usize::from(u.mtu) + 14)
                 .max(PuntConfig::default().msg_bytes),
+            // A queue per coprocessor thread (`dpif::steer`).
+            queues: s.coprocessor_threads,
             ..PuntConfig::default()
         },
         n_ports,

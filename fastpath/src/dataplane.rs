@@ -79,7 +79,8 @@ pub struct Links {
     pub requests: Receiver<Request>,
     /// Wakes this thread (installs, requests).
     pub wake: Arc<Wake>,
-    /// Coprocessor threads to unpark after punting.
+    /// Coprocessor threads to unpark after punting, in the order of the
+    /// punt queues (thread `i` takes queue `i`).
     pub coprocessors: Vec<Thread>,
     /// Conntrack reports back to the coprocessors.
     pub reports: Arc<ArrayQueue<Report>>,
@@ -414,8 +415,15 @@ impl Dataplane {
             self.pool.release(item.desc.addr);
         }
         if queued {
-            for t in &self.links.coprocessors {
-                t.unpark();
+            // Only the threads whose queues got work (a parked one sleeps
+            // on; one looking for work takes it as it comes).
+            let mut woken = self.links.punter.take_queued();
+            while woken != 0 {
+                let i = woken.trailing_zeros() as usize;
+                woken &= woken - 1;
+                if let Some(t) = self.links.coprocessors.get(i) {
+                    t.unpark();
+                }
             }
         }
         for d in supers {

@@ -2,11 +2,15 @@
 //! messages for the coprocessor, within a per-port budget.
 //!
 //! Messages come from a fixed pool and go back to it after the
-//! coprocessor is done, so punting allocates nothing in steady state. Two
-//! bounded lock-free queues (`crossbeam_queue::ArrayQueue`) connect the
-//! threads: the punt queue (fast path → coprocessor) and the free pool
-//! (coprocessor → fast path). Every way a punt can fail is a counted drop:
-//! over the port's budget, pool empty, queue full.
+//! coprocessor is done, so punting allocates nothing in steady state.
+//! Bounded lock-free queues (`crossbeam_queue::ArrayQueue`) connect the
+//! threads: a punt queue per coprocessor thread (fast path → coprocessor)
+//! and the free pool (coprocessor → fast path). A frame with a key goes
+//! to the thread [`dpif::steer`] names for it — the one keeping its
+//! connection's shard, so a connection's decisions stay on one core —
+//! others by ingress port; a thread with nothing of its own takes from
+//! the others' queues. Every way a punt can fail is a counted drop: over
+//! the port's budget, pool empty, queue full.
 
 use std::sync::Arc;
 
@@ -71,6 +75,8 @@ pub struct PuntConfig {
     /// Default budget per port: punts per second, and burst.
     pub rate: u64,
     pub burst: u64,
+    /// Punt queues: one per coprocessor thread.
+    pub queues: usize,
 }
 
 impl Default for PuntConfig {
@@ -80,6 +86,7 @@ impl Default for PuntConfig {
             msg_bytes: 2048,
             rate: 10_000,
             burst: 256,
+            queues: 1,
         }
     }
 }
@@ -87,13 +94,27 @@ impl Default for PuntConfig {
 /// The coprocessor's end: pop punted frames, give messages back.
 #[derive(Debug, Clone)]
 pub struct PuntReceiver {
-    queue: Arc<ArrayQueue<PuntMsg>>,
+    queues: Arc<[ArrayQueue<PuntMsg>]>,
+    /// The queue of this receiver's thread.
+    mine: usize,
     pool: Arc<ArrayQueue<PuntMsg>>,
 }
 
 impl PuntReceiver {
+    /// The receiver of coprocessor thread `i` (of the queues there are).
+    pub fn for_thread(&self, i: usize) -> PuntReceiver {
+        PuntReceiver {
+            queues: Arc::clone(&self.queues),
+            mine: i % self.queues.len(),
+            pool: Arc::clone(&self.pool),
+        }
+    }
+
+    /// The next message of this thread's queue; if it has none, of
+    /// another's (no punt waits behind a busy thread while one idles).
     pub fn recv(&self) -> Option<PuntMsg> {
-        self.queue.pop()
+        let n = self.queues.len();
+        (0..n).find_map(|k| self.queues[(self.mine + k) % n].pop())
     }
 
     /// Return a message to the pool once its frame is handled.
@@ -106,7 +127,7 @@ impl PuntReceiver {
 
     /// Messages waiting for the coprocessor.
     pub fn depth(&self) -> usize {
-        self.queue.len()
+        self.queues.iter().map(ArrayQueue::len).sum()
     }
 }
 
@@ -147,8 +168,10 @@ impl Senders {
 /// The fast path's end.
 #[derive(Debug)]
 pub struct Punter {
-    queue: Arc<ArrayQueue<PuntMsg>>,
+    queues: Arc<[ArrayQueue<PuntMsg>]>,
     pool: Arc<ArrayQueue<PuntMsg>>,
+    /// Queues given a message since [`Punter::take_queued`], a bit each.
+    queued: u64,
     budgets: Vec<Budget>,
     default_budget: Budget,
     senders: Vec<Senders>,
@@ -160,7 +183,10 @@ pub struct Punter {
 /// A connected punt path for `ports` ports (ids `0..ports`).
 pub fn punt_path(cfg: &PuntConfig, ports: u16) -> (Punter, PuntReceiver) {
     let n = cfg.messages.max(1);
-    let queue = Arc::new(ArrayQueue::new(n));
+    // (At most 64: the threads to wake are a bit each.)
+    let queues: Arc<[ArrayQueue<PuntMsg>]> = (0..cfg.queues.clamp(1, 64))
+        .map(|_| ArrayQueue::new(n))
+        .collect();
     let pool = Arc::new(ArrayQueue::new(n));
     for _ in 0..n {
         let _ = pool.push(PuntMsg::with_capacity(cfg.msg_bytes));
@@ -168,15 +194,20 @@ pub fn punt_path(cfg: &PuntConfig, ports: u16) -> (Punter, PuntReceiver) {
     let budget = Budget::new(cfg.rate, cfg.burst);
     (
         Punter {
-            queue: queue.clone(),
+            queues: Arc::clone(&queues),
             pool: pool.clone(),
+            queued: 0,
             budgets: vec![budget; usize::from(ports)],
             default_budget: budget,
             senders: Vec::new(),
             cfg: *cfg,
             punted: [0; PuntReason::COUNT],
         },
-        PuntReceiver { queue, pool },
+        PuntReceiver {
+            queues,
+            mine: 0,
+            pool,
+        },
     )
 }
 
@@ -261,12 +292,24 @@ impl Punter {
         m.punted_at = now;
         m.inner_start = inner_start;
         m.orig_len = orig_len;
-        if let Err(m) = self.queue.push(m) {
+        let n = self.queues.len();
+        let q = match &m.key {
+            Some(k) => dpif::steer::thread(k, n),
+            None => usize::from(ingress.0) % n,
+        };
+        if let Err(m) = self.queues[q].push(m) {
             let _ = self.pool.push(m);
             return Err(DropReason::PuntQueueFull);
         }
+        self.queued |= 1 << q;
         self.punted[reason.index()] += 1;
         Ok(())
+    }
+
+    /// The queues given a message since the last call, a bit each (the
+    /// coprocessor threads to wake).
+    pub fn take_queued(&mut self) -> u64 {
+        std::mem::take(&mut self.queued)
     }
 }
 
@@ -294,6 +337,7 @@ mod tests {
             msg_bytes: 16,
             rate: 1_000_000,
             burst: 100,
+            queues: 1,
         };
         let (mut p, rx) = punt_path(&cfg, 2);
         let frame: Vec<u8> = (0..40).collect();
@@ -328,12 +372,52 @@ mod tests {
         };
         let (mut p, rx) = punt_path(&cfg, 1);
         // Steal the queue's only slot with a message from outside the pool.
-        rx.queue.push(PuntMsg::with_capacity(8)).unwrap();
+        rx.queues[0].push(PuntMsg::with_capacity(8)).unwrap();
         assert_eq!(
             p.punt(PortId(0), PuntReason::Miss, &[0; 8], 0, 1),
             Err(DropReason::PuntQueueFull)
         );
         assert_eq!(rx.pool.len(), 1, "no message lost");
+    }
+
+    #[test]
+    fn a_connection_is_punted_to_the_thread_that_keeps_it_and_idle_threads_help() {
+        use flowtable::Ingress;
+        let cfg = PuntConfig {
+            queues: 3,
+            rate: 1_000_000,
+            burst: 10_000,
+            ..PuntConfig::default()
+        };
+        let (mut p, rx) = punt_path(&cfg, 4);
+        let rx: Vec<PuntReceiver> = (0..3).map(|i| rx.for_thread(i)).collect();
+        let mut woken = 0;
+        for sport in 1000..1300u16 {
+            let out = FlowKey::new(Ingress::Port(PortId(1)), 6, 10, 20, sport, 80);
+            let back = FlowKey::new(Ingress::Port(PortId(2)), 6, 20, 10, 80, sport);
+            for (port, key) in [(1, out), (2, back)] {
+                let r = p.punt_keyed(PortId(port), PuntReason::Miss, &[0; 60], 0, Some(key), 5);
+                assert!(r.is_ok());
+                let t = dpif::steer::thread(&key, 3);
+                let queued = p.take_queued();
+                assert_eq!(queued, 1 << t, "one thread to wake");
+                woken |= queued;
+                // Its own thread gets it, both ways.
+                let m = rx[t].queues[t]
+                    .pop()
+                    .expect("on the steered thread's queue");
+                assert_eq!(m.key, Some(key));
+                rx[t].recycle(m);
+            }
+        }
+        assert_eq!(woken, 0b111, "every thread keeps some connections");
+        // Unkeyed frames go by port; a thread with nothing of its own
+        // takes another's.
+        p.punt(PortId(2), PuntReason::Arp, &[0; 60], 0, 6).unwrap();
+        assert_eq!(p.take_queued(), 1 << 2);
+        assert_eq!(rx[0].depth(), 1);
+        assert!(rx[0].recv().is_some(), "thread 0 helps thread 2");
+        assert!(rx[2].recv().is_none());
     }
 
     #[test]
@@ -362,6 +446,7 @@ mod tests {
             msg_bytes: 128,
             rate: 1000,
             burst: 400,
+            queues: 1,
         };
         let (mut p, rx) = punt_path(&cfg, 2);
         p.share_by_sender(PortId(0), true);
