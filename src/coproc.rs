@@ -122,6 +122,7 @@ pub fn run(cp: &mut Coprocessor, l: &CoprocLinks, load: &Load, stop: &AtomicBool
         let Some(msg) = l.punts.recv() else {
             if meter.iteration(started, worked) {
                 load.set(meter.permille());
+                load.set_decisions(cp.stats().handled);
             }
             if worked {
                 idle_since = None;
@@ -153,6 +154,7 @@ pub fn run(cp: &mut Coprocessor, l: &CoprocLinks, load: &Load, stop: &AtomicBool
         }
         if meter.iteration(started, true) {
             load.set(meter.permille());
+            load.set_decisions(cp.stats().handled);
         }
     }
 }

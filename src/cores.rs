@@ -14,7 +14,7 @@
 //! core only and has no way to read a thread's mask back.
 
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use anyhow::{bail, Result};
 
@@ -171,7 +171,7 @@ impl Threads {
             v.push(json!({
                 "name": format!("coproc-{i}"), "role": "coprocessor",
                 "cores": list(&self.placement.coprocessors), "cpu": l.cpu(),
-                "busy_pct": l.busy_pct(),
+                "busy_pct": l.busy_pct(), "decisions": l.decisions(),
             }));
         }
         v.push(
@@ -188,6 +188,8 @@ impl Threads {
 pub struct Load {
     busy_permille: AtomicU32,
     cpu: AtomicU32,
+    /// Punted frames decided (a coprocessor thread's).
+    decisions: AtomicU64,
 }
 
 impl Load {
@@ -196,6 +198,15 @@ impl Load {
         let cpu = current().and_then(|c| u32::try_from(c).ok());
         self.cpu
             .store(cpu.map_or(u32::MAX, |c| c + 1), Ordering::Relaxed);
+    }
+
+    /// Frames decided so far (as of the last measure).
+    pub fn set_decisions(&self, n: u64) {
+        self.decisions.store(n, Ordering::Relaxed);
+    }
+
+    pub fn decisions(&self) -> u64 {
+        self.decisions.load(Ordering::Relaxed)
     }
 
     /// Busy share of the last second, in percent.

@@ -387,6 +387,9 @@ fn print_threads(v: &Value) {
         if let Some(b) = t["busy_pct"].as_f64() {
             line += &format!(", busy {b:.1}%");
         }
+        if let Some(d) = t["decisions"].as_u64() {
+            line += &format!(", decided {d}");
+        }
         if let Some(q) = t["queues"].as_array() {
             let q: Vec<&str> = q.iter().filter_map(Value::as_str).collect();
             line += &format!(", polls {}", q.join(" "));

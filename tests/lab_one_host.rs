@@ -8,7 +8,7 @@ mod lab;
 
 use std::time::Duration;
 
-use lab::{iperf, one_host, one_host_config, sh, try_sh, wait_until, Lab, Vm};
+use lab::{iperf, one_host, one_host_config, one_host_from, sh, try_sh, wait_until, Lab, Vm};
 
 fn ping(ns: &str, ip: &str, count: &str) -> (bool, String) {
     try_sh(&[
@@ -587,4 +587,55 @@ fn a_tap_deleted_under_the_switch_is_retired_not_spun_on() {
         "ip", "netns", "exec", &ns[0], "ping", "-c", "2", "-W", "1", "10.0.0.1",
     ]);
     assert!(ok, "the gateway through the surviving port: {out}");
+}
+
+/// Decisions of each coprocessor thread, from `ctl stats`.
+fn decisions(lab: &Lab, sock: &std::path::Path) -> Vec<u64> {
+    let v = lab.ctl(sock, "stats").expect("stats");
+    v["threads"]
+        .as_array()
+        .expect("threads in stats")
+        .iter()
+        .filter(|t| t["role"] == "coprocessor")
+        .map(|t| t["decisions"].as_u64().unwrap_or(0))
+        .collect()
+}
+
+#[test]
+fn two_coprocessor_threads_share_the_decisions_of_many_new_connections() {
+    let mut lab = Lab::new();
+    let cfg = one_host_config(&lab, "sw", &[A, B]).replacen(
+        "[switch]\n",
+        "[switch]\ncoprocessor_threads = 2\n",
+        1,
+    );
+    let (sock, ns) = one_host_from(&mut lab, "sw", &cfg, &[A, B]);
+    assert!(ping(&ns[0], B.ip, "1").0, "a reaches b");
+    // 300 UDP flows from a to b, each from a port of its own (one a
+    // millisecond: within the port's punt budget).
+    let send = format!(
+        "import socket, time\nfor p in range(20000, 20300):\n    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n    s.bind(('{}', p))\n    s.sendto(b'x', ('{}', 9))\n    s.close()\n    time.sleep(0.001)\n",
+        A.ip, B.ip
+    );
+    let (ok, out) = try_sh(&["ip", "netns", "exec", &ns[0], "python3", "-c", &send]);
+    assert!(ok, "{out}");
+    // Each thread decided some: those steered to it (300 flows over 16
+    // shards, 8 per thread), or taken from the other's queue while that
+    // one slept. The counts are published once a second.
+    let mut d = Vec::new();
+    wait_until("300 decisions", Duration::from_secs(10), || {
+        d = decisions(&lab, &sock);
+        d.iter().sum::<u64>() >= 300
+    });
+    assert_eq!(d.len(), 2, "{d:?}");
+    assert!(
+        d.iter().sum::<u64>() >= 300,
+        "every new flow decided: {d:?}"
+    );
+    assert!(
+        d.iter().all(|&n| n >= 30),
+        "both threads took their share: {d:?}"
+    );
+    assert!(stat(&lab, &sock, &["punted", "miss"]) >= 300);
+    eprintln!("decisions per coprocessor thread: {d:?}");
 }
