@@ -43,6 +43,9 @@ pub struct NatPool {
     in_use: u64,
 }
 
+/// Free ports [`NatPool::allocate_where`] passes over at most.
+pub const PREFER_TRIES: u32 = 64;
+
 impl NatPool {
     /// Ports `lo..=hi` of each of `addrs`; at most `per_vm` per VM.
     pub fn new(addrs: Vec<Ipv4Addr>, lo: u16, hi: u16, per_vm: u32) -> NatPool {
@@ -74,6 +77,19 @@ impl NatPool {
 
     /// A free (address, port) for protocol `proto`, charged to `vm`.
     pub fn allocate(&mut self, vm: PortId, proto: u8) -> Result<(u32, u16), NatRefused> {
+        self.allocate_where(vm, proto, &|_, _| true)
+    }
+
+    /// [`NatPool::allocate`], preferring a free (address, port) `want`
+    /// accepts: up to [`PREFER_TRIES`] free ones are passed over for it,
+    /// then any will do.
+    pub fn allocate_where(
+        &mut self,
+        vm: PortId,
+        proto: u8,
+        want: &dyn Fn(u32, u16) -> bool,
+    ) -> Result<(u32, u16), NatRefused> {
+        let mut passed = 0;
         let v = self.vms.entry(vm).or_default();
         if v.ports >= self.per_vm {
             v.refused_quota += 1;
@@ -97,19 +113,25 @@ impl NatPool {
                     left -= 64;
                     continue;
                 }
-                if bits[w] & (1 << b) == 0 {
+                // port ≤ hi, a u16.
+                let p = u16::try_from(port).unwrap_or(self.hi);
+                if bits[w] & (1 << b) == 0 && passed < PREFER_TRIES && !want(addr, p) {
+                    passed += 1;
+                } else if bits[w] & (1 << b) == 0 {
                     bits[w] |= 1 << b;
                     self.cursor = self.cursor.wrapping_add(off + 1);
                     self.in_use += 1;
                     let v = self.vms.entry(vm).or_default();
                     v.ports += 1;
-                    // port ≤ hi, a u16.
-                    let p = u16::try_from(port).unwrap_or(self.hi);
                     return Ok((addr, p));
                 }
                 off = (off + 1) % span;
                 left -= 1;
             }
+        }
+        if passed > 0 {
+            // Free ports there are, none wanted: any will do.
+            return self.allocate_where(vm, proto, &|_, _| true);
         }
         self.vms.entry(vm).or_default().refused_exhausted += 1;
         Err(NatRefused::Exhausted)
@@ -183,6 +205,25 @@ mod tests {
         // Releasing twice or something never given is harmless.
         p.release(PortId(1), 6, 1, 1);
         assert_eq!(p.in_use(), 201);
+    }
+
+    #[test]
+    fn a_wanted_port_is_preferred_and_the_want_never_exhausts_a_pool() {
+        let mut p = pool(1000, 1099, 1000);
+        // Ports that are multiples of 8 wanted: found among the next free.
+        for _ in 0..20 {
+            let (_, port) = p
+                .allocate_where(PortId(0), 17, &|_, port| port % 8 == 0)
+                .unwrap();
+            assert_eq!(port % 8, 0);
+        }
+        // Nothing wanted: every free port is still handed out, once.
+        let mut seen = HashSet::new();
+        while let Ok(b) = p.allocate_where(PortId(0), 17, &|_, _| false) {
+            assert!(seen.insert(b), "{b:?} handed out twice");
+        }
+        assert_eq!(seen.len(), 200 - 20);
+        assert_eq!(p.vms()[&PortId(0)].refused_exhausted, 1);
     }
 
     #[test]

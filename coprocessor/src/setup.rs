@@ -445,10 +445,28 @@ impl Setup<'_> {
         let (nat_ip, nat_port, pooled) = match vm.floating_ip {
             Some(fip) => (u32::from(fip), key.src_port, false),
             None => {
+                // A port whose reply key steers to this connection's
+                // shard (`dpif::steer`): its replies' misses come to this
+                // thread, and its keys sit in one shard.
+                let home = dpif::steer::shard(&key);
+                let same_shard = |ip: u32, port: u16| {
+                    let rk = FlowKey::new(
+                        Ingress::Port(ext.port),
+                        key.proto,
+                        key.dst_ip,
+                        ip,
+                        key.dst_port,
+                        port,
+                    );
+                    dpif::steer::shard(&rk) == home
+                };
+                let ported = key.proto == TCP || key.proto == UDP;
                 let allocated = guard(&self.sh.nat)
                     .as_mut()
                     .ok_or(DropCause::NoExternal)?
-                    .allocate(vm.port, key.proto);
+                    .allocate_where(vm.port, key.proto, &|ip, port| {
+                        !ported || same_shard(ip, port)
+                    });
                 match allocated {
                     Ok((ip, port)) => (ip, port, true),
                     Err(e) => {

@@ -1318,3 +1318,25 @@ fn two_threads_deciding_while_the_rules_change_leave_a_consistent_table() {
         "both threads' decisions counted: {handled}"
     );
 }
+
+#[test]
+fn a_snat_connection_gets_a_port_that_keeps_both_its_keys_in_one_shard() {
+    let mut n = switch(Limits::default(), (1024, 65535), 100_000);
+    learn_router(&mut n);
+    for sport in 30_000..30_100u16 {
+        delivered(n.send(A, &udp(A_MAC, A_IP, SERVER, sport, 53)), EXT);
+    }
+    let mut sh = n.cp.shared().write();
+    let mut keys = Vec::new();
+    sh.ct.for_each(|_, c| {
+        if c.nat.is_some() {
+            keys.push(c.sides.map(|s| s.key));
+        }
+    });
+    assert_eq!(keys.len(), 100);
+    for k in keys {
+        // Its replies' misses go to the thread its original's go to.
+        assert_eq!(sh.ct.shard_of(&k[0]), sh.ct.shard_of(&k[1]), "{k:?}");
+    }
+    sh.ct.check_index();
+}
