@@ -43,8 +43,9 @@ pub struct NatPool {
     in_use: u64,
 }
 
-/// Free ports [`NatPool::allocate_where`] passes over at most.
-pub const PREFER_TRIES: u32 = 64;
+/// Free ports [`NatPool::allocate_where`] passes over at most (wanting
+/// one port in 16, it settles for another once in 15 million).
+pub const PREFER_TRIES: u32 = 256;
 
 impl NatPool {
     /// Ports `lo..=hi` of each of `addrs`; at most `per_vm` per VM.
