@@ -606,10 +606,7 @@ fn dhcp_hands_out_the_binding_with_router_dns_mtu_hostname() {
         0xffff
     );
     assert_eq!(out.tx[0].0, PortId(1));
-    assert!(
-        c.shared().write().leases.lock().unwrap().is_empty(),
-        "an offer is not a lease"
-    );
+    assert!(lease_of(&c, &A_MAC).is_none(), "an offer is not a lease");
 
     let gw = Some(Ipv4Addr::new(10, 0, 0, 1));
     let out = dhcp(
@@ -619,15 +616,7 @@ fn dhcp_hands_out_the_binding_with_router_dns_mtu_hostname() {
         5,
     );
     assert_eq!(reply_of(&out).0, M::Ack);
-    let lease = c
-        .shared()
-        .write()
-        .leases
-        .lock()
-        .unwrap()
-        .get(&A_MAC)
-        .cloned()
-        .expect("lease");
+    let lease = lease_of(&c, &A_MAC).expect("lease");
     assert_eq!((lease.ip, lease.expires), (A_IP, 5 + 600_000_000_000));
 
     // Renewal: unicast from a configured client, answered unicast.
@@ -639,17 +628,7 @@ fn dhcp_hands_out_the_binding_with_router_dns_mtu_hostname() {
     );
     assert_eq!(reply_of(&out).0, M::Ack);
     assert_eq!(out.tx[0].1[..6], A_MAC);
-    assert_eq!(
-        c.shared()
-            .write()
-            .leases
-            .lock()
-            .unwrap()
-            .get(&A_MAC)
-            .unwrap()
-            .expires,
-        10 + 600_000_000_000
-    );
+    assert_eq!(lease_of(&c, &A_MAC).unwrap().expires, 10 + 600_000_000_000);
 
     // Asking for someone else's address: NAK, lease unchanged.
     let out = dhcp(
@@ -687,14 +666,7 @@ fn dhcp_hands_out_the_binding_with_router_dns_mtu_hostname() {
     )
     .tx
     .is_empty());
-    assert!(c
-        .shared()
-        .write()
-        .leases
-        .lock()
-        .unwrap()
-        .get(&A_MAC)
-        .is_none());
+    assert!(lease_of(&c, &A_MAC).is_none());
     assert_eq!(c.stats().dhcp_replies, 5);
     assert_eq!(c.shared().write().counters().dhcp_replies, 5);
 }
@@ -891,3 +863,10 @@ fn static_routes_and_the_gateway_vtep() {
 
 #[path = "tests/stateful.rs"]
 mod stateful;
+
+/// The lease of `mac`, if it has one.
+fn lease_of(c: &Coprocessor, mac: &flowtable::Mac) -> Option<dhcp::Lease> {
+    let sh = c.shared().write();
+    let leases = sh.leases.lock().unwrap();
+    leases.get(mac).cloned()
+}

@@ -17,7 +17,7 @@
 //! counts in an array, found without a lock; others in a map.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, RwLock};
 
 use flowtable::PortId;
@@ -33,8 +33,8 @@ const MAX_CHUNK: usize = 32;
 
 #[derive(Debug, Default)]
 struct Owner {
-    conns: AtomicU32,
-    half_open: AtomicU32,
+    conns: AtomicUsize,
+    half_open: AtomicUsize,
 }
 
 /// See the module documentation.
@@ -48,14 +48,14 @@ pub(super) struct Quotas {
     /// unkeyed hash.)
     others: RwLock<FxHashMap<PortId, Arc<Owner>>>,
     chunk_total: usize,
-    chunk_owner: u32,
+    chunk_owner: usize,
 }
 
 /// Room a shard holds: taken from the [`Quotas`] in chunks.
 #[derive(Debug, Default)]
 pub(super) struct Reserve {
     total: usize,
-    owners: FxHashMap<PortId, u32>,
+    owners: FxHashMap<PortId, usize>,
 }
 
 /// Add up to `want` to `n` without passing `max`; how much was added.
@@ -68,20 +68,7 @@ fn take(n: &AtomicUsize, want: usize, max: usize) -> usize {
     got
 }
 
-fn take32(n: &AtomicU32, want: u32, max: u32) -> u32 {
-    let mut got = 0;
-    let _ = n.fetch_update(Relaxed, Relaxed, |v| {
-        got = want.min(max.saturating_sub(v));
-        (got > 0).then_some(v + got)
-    });
-    got
-}
-
 fn give(n: &AtomicUsize, k: usize) {
-    let _ = n.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_sub(k)));
-}
-
-fn give32(n: &AtomicU32, k: u32) {
     let _ = n.fetch_update(Relaxed, Relaxed, |v| Some(v.saturating_sub(k)));
 }
 
@@ -95,7 +82,7 @@ impl Quotas {
             direct: (0..DIRECT).map(|_| Owner::default()).collect(),
             others: RwLock::default(),
             chunk_total: chunk(limits.max),
-            chunk_owner: u32::try_from(chunk(limits.per_vm as usize)).unwrap_or(0),
+            chunk_owner: chunk(limits.per_vm as usize),
         }
     }
 
@@ -122,9 +109,8 @@ impl Quotas {
         if self.total.load(Relaxed) >= self.limits.max {
             return Err(CtRefused::Full);
         }
-        if owner
-            .is_some_and(|o| self.with_owner(o, |w| w.conns.load(Relaxed)) >= self.limits.per_vm)
-        {
+        let per_vm = self.limits.per_vm as usize;
+        if owner.is_some_and(|o| self.with_owner(o, |w| w.conns.load(Relaxed)) >= per_vm) {
             return Err(CtRefused::Quota);
         }
         Ok(())
@@ -154,7 +140,7 @@ impl Quotas {
         }
         if let (0, Some(o)) = (self.chunk_owner, owner) {
             if let Some(n) = r.owners.remove(&o) {
-                self.with_owner(o, |w| give32(&w.conns, n));
+                self.with_owner(o, |w| give(&w.conns, n));
             }
         }
     }
@@ -174,8 +160,8 @@ impl Quotas {
         if let Some(o) = owner {
             let mine = r.owners.entry(o).or_default();
             if *mine == 0 {
-                let max = self.limits.per_vm;
-                *mine = self.with_owner(o, |w| take32(&w.conns, self.chunk_owner.max(1), max));
+                let max = self.limits.per_vm as usize;
+                *mine = self.with_owner(o, |w| take(&w.conns, self.chunk_owner.max(1), max));
                 if *mine == 0 {
                     return Err(CtRefused::Quota);
                 }
@@ -185,9 +171,9 @@ impl Quotas {
             if take(&self.half_open, 1, half_open_max(&self.limits)) == 0 {
                 return Err(CtRefused::Full);
             }
-            let per_vm = half_open_per_vm(&self.limits);
+            let per_vm = half_open_per_vm(&self.limits) as usize;
             if let Some(o) = owner {
-                if self.with_owner(o, |w| take32(&w.half_open, 1, per_vm)) == 0 {
+                if self.with_owner(o, |w| take(&w.half_open, 1, per_vm)) == 0 {
                     give(&self.half_open, 1);
                     return Err(CtRefused::Quota);
                 }
@@ -224,7 +210,7 @@ impl Quotas {
                 if *mine == 0 {
                     r.owners.remove(&o);
                 }
-                self.with_owner(o, |w| give32(&w.conns, back));
+                self.with_owner(o, |w| give(&w.conns, back));
             }
         }
         if half_open {
@@ -257,7 +243,7 @@ impl Quotas {
                 if into {
                     w.half_open.fetch_add(1, Relaxed);
                 } else {
-                    give32(&w.half_open, 1);
+                    give(&w.half_open, 1);
                 }
             });
         }
@@ -268,7 +254,8 @@ impl Quotas {
     }
 
     pub fn half_open_of(&self, owner: PortId) -> u32 {
-        self.with_owner(owner, |w| w.half_open.load(Relaxed))
+        let n = self.with_owner(owner, |w| w.half_open.load(Relaxed));
+        u32::try_from(n).unwrap_or(u32::MAX)
     }
 }
 

@@ -248,6 +248,13 @@ impl Net {
     }
 
     /// Send `frame` in on `port`; follow punts and reinjection.
+    /// SNAT ports in use.
+    fn nat_in_use(&self) -> u64 {
+        let sh = self.cp.shared().write();
+        let nat = sh.nat.lock().unwrap();
+        nat.as_ref().map_or(0, |p| p.in_use())
+    }
+
     fn send(&mut self, port: PortId, frame: &[u8]) -> Went {
         self.now += 1_000_000;
         self.outcomes.clear();
@@ -823,17 +830,7 @@ fn idle_connections_end_on_their_timers_and_free_their_nat_ports() {
     assert_eq!(out.remove.len(), 2);
     n.apply(&out);
     assert_eq!(n.ct_len(), 0);
-    assert_eq!(
-        n.cp.shared()
-            .write()
-            .nat
-            .lock()
-            .unwrap()
-            .as_ref()
-            .unwrap()
-            .in_use(),
-        0
-    );
+    assert_eq!(n.nat_in_use(), 0);
     // A flow the fast path expired itself reports its last use; a
     // connection without flows ends at its deadline without a check.
     delivered(n.send(A, &f), EXT);
@@ -856,17 +853,7 @@ fn idle_connections_end_on_their_timers_and_free_their_nat_ports() {
     let out = n.cp.tick(last + t.udp_first);
     assert!(out.checks.is_empty(), "nothing to ask: no flows");
     assert_eq!(n.ct_len(), 0);
-    assert_eq!(
-        n.cp.shared()
-            .write()
-            .nat
-            .lock()
-            .unwrap()
-            .as_ref()
-            .unwrap()
-            .in_use(),
-        0
-    );
+    assert_eq!(n.nat_in_use(), 0);
 }
 
 /// An ICMP error (type, code) from `src` to `dst` quoting the IPv4
@@ -1168,17 +1155,7 @@ mod ops {
         learn_router(&mut n);
         let after = delivered(n.send(A, &f), EXT);
         assert_eq!(ip_at(&after, 26), new_ip);
-        assert_eq!(
-            n.cp.shared()
-                .write()
-                .nat
-                .lock()
-                .unwrap()
-                .as_ref()
-                .unwrap()
-                .in_use(),
-            1
-        );
+        assert_eq!(n.nat_in_use(), 1);
     }
 
     #[test]
