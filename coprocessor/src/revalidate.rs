@@ -6,7 +6,7 @@ use flowtable::FlowKey;
 use crate::acl::Rule;
 use crate::conntrack::Expiry;
 use crate::ops::{Applied, Op, OpError};
-use crate::{lock, read, Coprocessor};
+use crate::{lock, Coprocessor};
 use dpif::{CtCheck, Update};
 
 impl Coprocessor {
@@ -31,7 +31,7 @@ impl Coprocessor {
 
     /// The fast path removed an idle flow of a tracked connection.
     pub fn flow_gone(&mut self, key: &FlowKey, last_used: u64, packets: u64) {
-        read(&self.shared).ct.flow_gone(key, last_used, packets);
+        self.shared.read(self.slot).ct.flow_gone(key, last_used, packets);
     }
 
     /// The fast path's answer to a [`CtCheck`].
@@ -43,7 +43,7 @@ impl Coprocessor {
         now: u64,
     ) -> Update {
         let mut out = Update::default();
-        let sh = read(&self.shared);
+        let sh = self.shared.read(self.slot);
         if let Some(c) = sh.ct.checked(id, keys, used, now) {
             sh.expired(&c, &mut out, now);
         }
