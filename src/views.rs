@@ -23,6 +23,7 @@ pub fn conntrack_counters(sh: &Shared) -> Value {
            "created": c.created, "expired": c.expired, "revoked": c.revoked,
            "refused_full": c.refused_full, "refused_quota": c.refused_quota,
            "tcp_events": c.events, "checks": c.checks, "timers": sh.ct.timers(),
+           "shard_connections": sh.ct.shard_lens(),
            "nat_ports_in_use": guard(&sh.nat).as_ref().map_or(0, |n| n.in_use())})
 }
 

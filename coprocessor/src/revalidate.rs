@@ -31,7 +31,10 @@ impl Coprocessor {
 
     /// The fast path removed an idle flow of a tracked connection.
     pub fn flow_gone(&mut self, key: &FlowKey, last_used: u64, packets: u64) {
-        self.shared.read(self.slot).ct.flow_gone(key, last_used, packets);
+        self.shared
+            .read(self.slot)
+            .ct
+            .flow_gone(key, last_used, packets);
     }
 
     /// The fast path's answer to a [`CtCheck`].

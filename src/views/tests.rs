@@ -126,6 +126,10 @@ fn a_tracked_connection_shows_with_its_rule_vm_and_age() {
     let counters = conntrack_counters(&sh);
     assert_eq!(counters["connections"], 1);
     assert_eq!(counters["created"], 1);
+    // In one shard of 16, both its keys (no NAT).
+    let shards = counters["shard_connections"].as_array().unwrap();
+    assert_eq!(shards.len(), 16);
+    assert_eq!(shards.iter().filter(|n| **n == 1).count(), 1, "{counters}");
     // The owner is the VM that opened it (A: it has no group, so none).
     let n = nat(&sh);
     assert_eq!(n["ports_in_use"], 0);
