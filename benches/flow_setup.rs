@@ -277,7 +277,7 @@ impl FastPath {
             requests: req_rx,
             wake: wake.clone(),
             coprocessors: Vec::new(),
-            reports: Arc::new(ArrayQueue::new(1024)),
+            reports: Arc::new(fastpath::report::Reports::new(1, 1024)),
             epoch: Instant::now(),
         };
         let table = FlowTable::with_hasher(FLOWS * 4, FlowHasher::with_seed(1)).unwrap();

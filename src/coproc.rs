@@ -46,6 +46,7 @@ pub fn spawn(
                 wake: links.wake.clone(),
                 epoch: links.epoch,
                 timekeeper: links.timekeeper && i == 0,
+                thread: i,
                 spin: links.spin,
             };
             let (stop, cores, loads) = (stop.clone(), cores.to_vec(), loads.clone());
@@ -70,11 +71,13 @@ pub fn spawn(
 /// What a coprocessor thread is connected to.
 pub struct CoprocLinks {
     pub punts: PuntReceiver,
-    pub reports: Arc<ArrayQueue<Report>>,
+    pub reports: Arc<fastpath::report::Reports>,
     pub installs: Arc<ArrayQueue<Update>>,
     pub wake: Arc<Wake>,
     pub epoch: Instant,
     pub timekeeper: bool,
+    /// This thread's index (its punt and report queues).
+    pub thread: usize,
     /// How long an idle thread looks for work before it parks.
     pub spin: Duration,
 }
@@ -101,7 +104,9 @@ pub fn run(cp: &mut Coprocessor, l: &CoprocLinks, load: &Load, stop: &AtomicBool
         }
         // Reports first: they are few and keep connection state exact.
         for _ in 0..64 {
-            let Some(r) = l.reports.pop() else { break };
+            let Some(r) = l.reports.pop(l.thread) else {
+                break;
+            };
             worked = true;
             let out = match r {
                 Report::FlowGone { key, used } => {

@@ -126,7 +126,10 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     let mut initial = Shared::new(topo.clone(), built.policy, built.timeouts, built.limits);
     initial.set_services(built.services);
     let shared = Arc::new(coprocessor::SharedLock::new(initial));
-    let reports = Arc::new(ArrayQueue::new(coproc::REPORT_QUEUE));
+    let reports = Arc::new(fastpath::report::Reports::new(
+        s.coprocessor_threads,
+        coproc::REPORT_QUEUE,
+    ));
     let (epoch, epoch_mono_ns) = clock_zero(takeover.as_ref());
 
     let coproc_loads: Arc<Vec<crate::cores::Load>> = Arc::new(
@@ -146,6 +149,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
             wake: wake.clone(),
             epoch,
             timekeeper: true,
+            thread: 0,
             spin: Duration::from_micros(s.coprocessor_spin_us),
         },
         &stop,

@@ -5,14 +5,15 @@
 //! It sits behind one reader-writer lock ([`SharedLock`]), whose read
 //! side is split in slots, one per coprocessor thread: a decision takes
 //! its own thread's slot, so decisions on several threads run at once
-//! without writing to one shared word; a change (an `apply` batch, a policy change and its revalidation, the
-//! timers' sweep, a handover's snapshot) holds it for writing, so it is
-//! atomic with respect to every decision: one made under the old
-//! topology and policy is committed before the change starts. What a
-//! decision writes has its own locks inside: the connection table by
-//! shard ([`crate::conntrack`]), and short ones for the SNAT pool, the
-//! external neighbours, the leases, the services and the refusal
-//! counts; the decision counters are one slot per thread.
+//! without writing to one shared word. A change (an `apply` batch, a
+//! policy change and its revalidation, the timers' sweep, a handover's
+//! snapshot) holds it for writing, so it is atomic with respect to every
+//! decision: one made under the old topology and policy is committed
+//! before the change starts. What a decision writes has its own locks
+//! inside: the connection table by shard ([`crate::conntrack`]), and
+//! short ones for the SNAT pool, the external neighbours, the leases,
+//! the services and the refusal counts; the decision counters are one
+//! slot per thread.
 
 use std::cell::UnsafeCell;
 use std::collections::HashMap;

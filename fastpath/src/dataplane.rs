@@ -83,7 +83,7 @@ pub struct Links {
     /// punt queues (thread `i` takes queue `i`).
     pub coprocessors: Vec<Thread>,
     /// Conntrack reports back to the coprocessors.
-    pub reports: Arc<ArrayQueue<Report>>,
+    pub reports: Arc<crate::report::Reports>,
     /// Time zero of the clock shared with the coprocessors.
     pub epoch: Instant,
 }

@@ -22,6 +22,7 @@ pub mod packet;
 pub mod pipeline;
 pub mod port;
 pub mod punt;
+pub mod report;
 pub mod request;
 pub mod rewrite;
 pub mod sweep;

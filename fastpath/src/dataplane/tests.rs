@@ -18,7 +18,7 @@ struct Rig {
     dp: Dataplane,
     punts: PuntReceiver,
     installs: Arc<ArrayQueue<Update>>,
-    reports: Arc<ArrayQueue<Report>>,
+    reports: Arc<crate::report::Reports>,
     requests: Sender<Request>,
 }
 
@@ -42,7 +42,7 @@ fn rig() -> Rig {
     );
     let (punter, punts) = punt_path(&PuntConfig::default(), 2);
     let installs = Arc::new(ArrayQueue::new(64));
-    let reports = Arc::new(ArrayQueue::new(64));
+    let reports = Arc::new(crate::report::Reports::new(1, 64));
     let (requests, rx) = mpsc::channel();
     let links = Links {
         punter,
@@ -213,7 +213,7 @@ fn checks_are_answered_with_each_flow_s_use_and_invalidations_remove_what_they_h
         }],
         ..Update::default()
     });
-    match r.reports.pop() {
+    match r.reports.pop(0) {
         Some(Report::Checked { id: 7, used, .. }) => {
             assert_eq!(used[0].map(|u| u.packets), Some(2));
             assert_eq!(used[1], None);
