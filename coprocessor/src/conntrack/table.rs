@@ -117,7 +117,6 @@ impl Table {
         }
     }
 
-    /// The connection and side a fast-path key belongs to.
     /// The connection and side `key` (hashed `h`) belongs to.
     pub fn lookup(&self, key: &FlowKey, h: u64) -> Option<(u64, usize)> {
         let (idx, side) = self.by_key.get(&self.slots, key, h)?;
