@@ -123,6 +123,23 @@ pub struct ServiceError {
     pub what: String,
 }
 
+/// The addresses of [`Services`]: VIPs by network, and external VIPs.
+#[derive(Debug, Clone, Default)]
+pub struct VipAddresses {
+    vips: rustc_hash::FxHashSet<(u32, u32)>,
+    external: rustc_hash::FxHashSet<u32>,
+}
+
+impl VipAddresses {
+    pub fn is_vip(&self, vni: u32, ip: Ipv4Addr) -> bool {
+        !self.vips.is_empty() && self.vips.contains(&(vni, u32::from(ip)))
+    }
+
+    pub fn is_external_vip(&self, ip: Ipv4Addr) -> bool {
+        !self.external.is_empty() && self.external.contains(&u32::from(ip))
+    }
+}
+
 /// See the module documentation.
 #[derive(Debug, Clone, Default)]
 pub struct Services {
@@ -195,6 +212,15 @@ impl Services {
 
     pub fn named(&self, name: &str) -> Option<&Service> {
         self.names.get(name).and_then(|k| self.by_key.get(k))
+    }
+
+    /// The VIPs and external VIPs, as plain sets (what a decision asks
+    /// of every packet, without locking the services).
+    pub fn addresses(&self) -> VipAddresses {
+        VipAddresses {
+            vips: self.vips.keys().copied().collect(),
+            external: self.external_ips.keys().copied().collect(),
+        }
     }
 
     /// Is `ip` a VIP of network `vni` (answered by the ARP proxy)?

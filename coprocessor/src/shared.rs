@@ -188,9 +188,12 @@ pub struct Shared {
     pub vm_drops: Mutex<HashMap<PortId, VmDrops>>,
     /// Load-balanced services (VIPs and their Maglev tables).
     services: Mutex<crate::services::Services>,
-    /// False while there are certainly no services: a decision then
-    /// does not lock them to learn that an address is no VIP.
+    /// False while there are certainly no services.
     any_services: bool,
+    /// The services' addresses, kept beside them (see
+    /// [`Shared::services_changed`]): a decision asks whether an address
+    /// is a VIP without locking the services.
+    vip_addresses: crate::services::VipAddresses,
     /// Bumped by every change of topology or policy; decisions carry the
     /// version they were made under.
     pub version: u64,
@@ -289,7 +292,7 @@ impl Shared {
                 svcs.opened(&k);
             }
         }
-        sh.any_services = !svcs.is_empty();
+        sh.services_changed();
         sh.leases = Mutex::new(s.leases);
         sh.ext_neighbors = Mutex::new(s.ext_neighbors.into_iter().collect());
         sh.vm_drops = Mutex::new(s.vm_drops.into_iter().collect());
@@ -318,6 +321,7 @@ impl Shared {
             vm_drops: Mutex::default(),
             services: Mutex::default(),
             any_services: false,
+            vip_addresses: Default::default(),
             version: 0,
             counters: (0..COUNTER_SLOTS)
                 .map(|_| CounterSlot(Mutex::new(crate::Stats::new())))
@@ -331,8 +335,10 @@ impl Shared {
         guard(&self.services)
     }
 
-    /// The services, for a change (under the write lock).
-    pub fn services_mut(&mut self) -> &mut crate::services::Services {
+    /// The services, for a change (under the write lock). A change of
+    /// their addresses is seen by decisions once
+    /// [`Shared::services_changed`] is called (an `apply` does).
+    pub(crate) fn services_mut(&mut self) -> &mut crate::services::Services {
         // Perhaps some now: the flag is cleared only when they are seen
         // to be none.
         self.any_services = true;
@@ -341,13 +347,13 @@ impl Shared {
 
     /// Replace the services (the start, a snapshot restored).
     pub fn set_services(&mut self, s: crate::services::Services) {
-        self.any_services = !s.is_empty();
         *inner(&mut self.services) = s;
+        self.services_changed();
     }
 
     /// Is `ip` a VIP of network `vni`?
     pub fn is_vip(&self, vni: u32, ip: Ipv4Addr) -> bool {
-        self.any_services && self.services().is_vip(vni, ip)
+        self.vip_addresses.is_vip(vni, ip)
     }
 
     /// Are there (perhaps) services?
@@ -357,12 +363,15 @@ impl Shared {
 
     /// Is `ip` an external VIP?
     pub fn is_external_vip(&self, ip: Ipv4Addr) -> bool {
-        self.any_services && self.services().is_external_vip(ip)
+        self.vip_addresses.is_external_vip(ip)
     }
 
-    /// After a change of services: clear the flag if there are none.
+    /// After a change of services: their addresses for decisions, and
+    /// the flag cleared if there are none.
     pub fn services_changed(&mut self) {
-        self.any_services = !inner(&mut self.services).is_empty();
+        let s = inner(&mut self.services);
+        self.any_services = !s.is_empty();
+        self.vip_addresses = s.addresses();
     }
 
     /// A slot of decision counters for a new coprocessor thread.

@@ -277,6 +277,13 @@ fn a_service_without_backends_refuses_and_a_vip_answers_arp_and_ping() {
         Went::To(A, r) => assert_eq!(r[22..28], GW_MAC),
         other => panic!("{other:?}"),
     }
+    // The service gone, its address is nobody's: decisions see that at
+    // once (they ask the addresses kept beside the services).
+    n.cp.apply(vec![Op::RemoveService("web".into())]).unwrap();
+    assert_eq!(
+        n.send(A, &arp),
+        Went::Dropped(Some(DropCause::ArpUnknownTarget))
+    );
 }
 
 #[test]
@@ -322,6 +329,7 @@ fn services_and_their_connection_counts_survive_a_save_and_restore() {
     assert_eq!(back.services().specs(), sh.services().specs());
     assert_eq!(back.services().conns(&web(vec![]).key()), 10);
     assert!(back.services().is_vip(VNI, VIP));
+    assert!(back.is_vip(VNI, VIP), "decisions see the restored VIP");
     let key: VipKey = web(vec![]).key();
     assert!(back.services().get(&key).unwrap().table.is_some());
 }
