@@ -57,12 +57,12 @@ pub struct SharedLock {
     data: UnsafeCell<Shared>,
 }
 
-// SAFETY: `data` is reached only through the guards below: shared (`&`)
-// while one slot is read-locked, which excludes a writer (it holds every
-// slot write-locked), and exclusive (`&mut`) while every slot is
-// write-locked, which excludes every reader and every other writer.
-// `Shared`'s own interior mutability is `Sync` (locks and atomics), so
-// `&Shared` may be used from several threads at once.
+// `data` is reached only through the guards below: shared (`&`) while one
+// slot is read-locked, which excludes a writer (it holds every slot
+// write-locked), and exclusive (`&mut`) while every slot is write-locked,
+// which excludes every reader and every other writer.
+// SAFETY: so `&` and `&mut` never meet; and `Shared` is `Sync` (asserted
+// below: its own interior mutability is locks and atomics).
 unsafe impl Sync for SharedLock {}
 
 /// What the `Sync` impl above relies on: `Shared` may be shared.
