@@ -133,6 +133,7 @@ impl Shared {
             }
         }
         self.version += 1;
+        self.services_changed();
         let ended = self.end_touched(&touched, out);
         if !touched.external.is_empty() {
             // NATed connections ended above, into the old pool; the new
@@ -149,7 +150,6 @@ impl Shared {
         }
         out.version = self.version;
         out.invalidate = Some(self.invalidation(&touched));
-        self.services_changed();
         Ok(Applied {
             ops: n,
             connections_ended: ended,

@@ -131,6 +131,11 @@ pub struct VipAddresses {
 }
 
 impl VipAddresses {
+    /// No VIP: no service (each has one).
+    pub fn is_empty(&self) -> bool {
+        self.vips.is_empty()
+    }
+
     pub fn is_vip(&self, vni: u32, ip: Ipv4Addr) -> bool {
         !self.vips.is_empty() && self.vips.contains(&(vni, u32::from(ip)))
     }

@@ -188,8 +188,6 @@ pub struct Shared {
     pub vm_drops: Mutex<HashMap<PortId, VmDrops>>,
     /// Load-balanced services (VIPs and their Maglev tables).
     services: Mutex<crate::services::Services>,
-    /// False while there are certainly no services.
-    any_services: bool,
     /// The services' addresses, kept beside them (see
     /// [`Shared::services_changed`]): a decision asks whether an address
     /// is a VIP without locking the services.
@@ -320,7 +318,6 @@ impl Shared {
             ext_neighbors: Mutex::default(),
             vm_drops: Mutex::default(),
             services: Mutex::default(),
-            any_services: false,
             vip_addresses: Default::default(),
             version: 0,
             counters: (0..COUNTER_SLOTS)
@@ -339,9 +336,6 @@ impl Shared {
     /// their addresses is seen by decisions once
     /// [`Shared::services_changed`] is called (an `apply` does).
     pub(crate) fn services_mut(&mut self) -> &mut crate::services::Services {
-        // Perhaps some now: the flag is cleared only when they are seen
-        // to be none.
-        self.any_services = true;
         inner(&mut self.services)
     }
 
@@ -358,7 +352,7 @@ impl Shared {
 
     /// Are there (perhaps) services?
     pub fn any_services(&self) -> bool {
-        self.any_services
+        !self.vip_addresses.is_empty()
     }
 
     /// Is `ip` an external VIP?
@@ -366,12 +360,9 @@ impl Shared {
         self.vip_addresses.is_external_vip(ip)
     }
 
-    /// After a change of services: their addresses for decisions, and
-    /// the flag cleared if there are none.
+    /// After a change of services: their addresses, for decisions.
     pub fn services_changed(&mut self) {
-        let s = inner(&mut self.services);
-        self.any_services = !s.is_empty();
-        self.vip_addresses = s.addresses();
+        self.vip_addresses = inner(&mut self.services).addresses();
     }
 
     /// A slot of decision counters for a new coprocessor thread.
@@ -402,7 +393,7 @@ impl Shared {
                 pool.release(owner, conn.admission.proto, b.ip, b.port);
             }
         }
-        if self.any_services {
+        if self.any_services() {
             if let Some(k) = crate::lb::vip_of(conn) {
                 self.services().closed(&k);
             }
@@ -413,7 +404,7 @@ impl Shared {
     /// A connection's timer ran out: end it; one whose handshake never
     /// completed counts against its backend, if load-balanced.
     pub fn expired(&self, conn: &Conn, out: &mut Update, now: u64) {
-        if self.any_services && crate::conntrack::half_open(&conn.state) {
+        if self.any_services() && crate::conntrack::half_open(&conn.state) {
             self.services()
                 .passive(conn, crate::services::Passive::TimedOut, now);
         }
