@@ -48,8 +48,9 @@ use flowtable::{FlowHasher, FlowKey, FlowTable, PortId, Vni};
 
 // The daemon's own hand-off to the fast path (the binary has no library
 // target to import it from).
-#[path = "../src/install.rs"]
-mod install;
+#[path = "../src/fastpaths.rs"]
+#[allow(dead_code)]
+mod fastpaths;
 
 const FLOWS: usize = 4096;
 const EXT: PortId = PortId(2);
@@ -256,9 +257,7 @@ fn pin_to(cpu: usize) {
 /// arrives on its install queue (adaptive: it sleeps until woken, as the
 /// switch's does when idle).
 struct FastPath {
-    installs: Arc<ArrayQueue<Update>>,
-    wake: Arc<Wake>,
-    requests: mpsc::Sender<Request>,
+    fast: fastpaths::FastPaths,
     stop: Arc<AtomicBool>,
     thread: Option<thread::JoinHandle<()>>,
 }
@@ -279,6 +278,7 @@ impl FastPath {
             coprocessors: Vec::new(),
             reports: Arc::new(fastpath::report::Reports::new(1, 1024)),
             epoch: Instant::now(),
+            thread: 0,
         };
         let table = FlowTable::with_hasher(FLOWS * 4, FlowHasher::with_seed(1)).unwrap();
         let cfg = PipelineConfig {
@@ -301,9 +301,11 @@ impl FastPath {
             dp.run(&s)
         }));
         FastPath {
-            installs,
-            wake,
-            requests: req_tx,
+            fast: fastpaths::FastPaths::new(vec![fastpaths::FastPath {
+                requests: req_tx,
+                installs,
+                wake,
+            }]),
             stop,
             thread,
         }
@@ -312,15 +314,12 @@ impl FastPath {
     /// As the daemon sends it: queued (waiting while the queue is full),
     /// the thread woken.
     fn send(&self, update: Update) {
-        install::send_update(&self.installs, update, &self.wake, &self.stop);
+        self.fast.send_update(None, update, &self.stop);
     }
 
     /// Flows the thread has installed so far.
     fn installed(&self) -> u64 {
-        let (tx, rx) = mpsc::channel();
-        self.requests.send(Request::Stats(tx)).unwrap();
-        self.wake.notify();
-        let s = rx.recv().unwrap();
+        let s = self.fast.ask_first(Request::Stats).unwrap();
         assert_eq!(s.install_failures, 0, "the table refused flows");
         s.installs
     }
@@ -329,7 +328,7 @@ impl FastPath {
 impl Drop for FastPath {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
-        self.wake.notify();
+        self.fast.notify();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }

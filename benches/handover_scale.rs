@@ -145,7 +145,7 @@ fn main() {
         let side = |key, action| Side {
             key,
             action,
-            installed: true,
+            installed: 1,
         };
         let mut c = Conn::new(
             [side(fwd, encap), side(rev, action)],

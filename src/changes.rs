@@ -43,7 +43,7 @@ pub fn apply(links: &mut Links, text: &str, stop: &AtomicBool) -> Result<Value> 
     drop(sh);
     let done = t.elapsed();
     let removed = out.remove.len();
-    if !crate::install::send_update(&links.installs, out, &links.wake, stop) {
+    if !links.fast.send_update(None, out, stop) {
         bail!("the switch is stopping");
     }
     info!(
@@ -104,10 +104,17 @@ pub fn port_add(links: &mut Links, v: &PortAdd) -> Result<Value> {
                 spec.socket.display()
             );
         }
+        if links.fast.len() > 1 {
+            bail!(
+                "field `type`: a vhost-user port has one queue pair in this version, so it \
+                 needs switch.fastpath_threads = 1 ({} here)",
+                links.fast.len()
+            );
+        }
         let (l, io) = crate::vhost::open(spec)?;
-        l.wake_on_kick(&links.wake);
+        l.wake_on_kick(&links.fast.first().wake);
         link = Some(l);
-        io
+        vec![io]
     } else {
         if let Some(f) = [("socket", &v.socket), ("mode", &v.mode), ("mac", &v.mac)]
             .into_iter()
@@ -115,19 +122,30 @@ pub fn port_add(links: &mut Links, v: &PortAdd) -> Result<Value> {
         {
             bail!("field `{f}`: only vhost-user ports have one");
         }
-        fastpath::dataplane::PortIo::Tap(
-            fastpath::tap::Tap::open(name).with_context(|| format!("port {name}"))?,
-        )
+        // A queue of the (multi-queue) tap for each fast-path thread.
+        (0..links.fast.len())
+            .map(|q| {
+                fastpath::tap::Tap::open(name)
+                    .map(fastpath::dataplane::PortIo::Tap)
+                    .with_context(|| format!("port {name}: queue {q}"))
+            })
+            .collect::<Result<Vec<_>>>()?
     };
-    let port = fastpath::dataplane::Port {
-        id,
-        name: name.to_string(),
-        io,
-        counters: Default::default(),
-    };
-    let added = links
-        .ask(|tx| Request::AddPort(Box::new(port), tx))
-        .and_then(|r| r.map_err(|e| anyhow::anyhow!("{e}")));
+    let ports = io
+        .into_iter()
+        .map(|io| {
+            Box::new(fastpath::dataplane::Port {
+                id,
+                name: name.to_string(),
+                io,
+                counters: Default::default(),
+            })
+        })
+        .collect();
+    let added = links.fast.ask_each(ports, Request::AddPort).and_then(|r| {
+        r.into_iter()
+            .try_for_each(|r| r.map_err(|e| anyhow::anyhow!("{e}")))
+    });
     if let Err(e) = added {
         // The endpoint's thread ends with it; its socket goes too.
         if let Some(l) = link {
@@ -162,9 +180,9 @@ pub fn port_remove(links: &mut Links, name: &str) -> Result<Value> {
             bail!("port {name}: it is the external network's port");
         }
     }
-    links
-        .ask(|tx| Request::RemovePort(id, tx))?
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for r in links.fast.ask(|tx| Request::RemovePort(id, tx))? {
+        r.map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
     links.ports.remove(name);
     if let Some(i) = links.vhost.iter().position(|l| l.spec.name == name) {
         // Its thread gives the connection out and ends; dropping it

@@ -232,6 +232,11 @@ pub enum Poll {
 #[serde(deny_unknown_fields, default)]
 pub struct SwitchConfig {
     pub poll: Poll,
+    /// Fast-path threads. Each polls its own queue of every port (queue
+    /// `i` for thread `i`: the uplink's and af-xdp ports' NIC queues, a
+    /// queue of each multi-queue tap) and keeps its own flow table of
+    /// `flow_capacity` flows, so every port needs a queue per thread.
+    pub fastpath_threads: usize,
     pub coprocessor_threads: usize,
     pub flow_capacity: usize,
     /// Flows one VM port may hold in the flow table; beyond it its new
@@ -249,8 +254,9 @@ pub struct SwitchConfig {
     /// Confine the fast-path and coprocessor threads to the system calls
     /// they make (see `seccomp`); on by default.
     pub seccomp: bool,
-    /// The fast-path thread's core (one today). Default: the last core the
-    /// process may use, if it may use two or more (see `cores`).
+    /// The fast-path threads' cores: one each, or fewer that they share.
+    /// Default: the last cores the process may use, one per thread and
+    /// leaving one, if it may use two or more (see `cores`).
     pub fastpath_cores: Option<Vec<usize>>,
     /// The coprocessor threads' cores. Default: every core the process may
     /// use but the fast path's.
@@ -273,6 +279,7 @@ impl Default for SwitchConfig {
     fn default() -> Self {
         SwitchConfig {
             poll: Poll::Busy,
+            fastpath_threads: 1,
             coprocessor_threads: 1,
             flow_capacity: 1 << 20,
             flow_share_per_port: None,
@@ -598,9 +605,19 @@ mod tests {
         assert!(e.contains("coprocessor_threads"), "{e}");
         let e = err(&GOOD.replace("poll = \"adaptive\"", "fastpath_cores = [0, 1]"));
         assert!(
-            e.contains("switch: field `fastpath_cores`: one fast-path thread runs today"),
+            e.contains("switch: field `fastpath_cores`: 2 cores for 1 fast-path thread"),
             "{e}"
         );
+        let e = err(&GOOD.replace("poll = \"adaptive\"", "fastpath_threads = 0"));
+        assert!(
+            e.contains("switch: field `fastpath_threads`: 0 is not in 1..=32"),
+            "{e}"
+        );
+        assert!(Config::parse(&GOOD.replace(
+            "poll = \"adaptive\"",
+            "fastpath_threads = 2\nfastpath_cores = [0, 1]"
+        ))
+        .is_ok());
         let e = err(&GOOD.replace("poll = \"adaptive\"", "coprocessor_cores = []"));
         assert!(
             e.contains("switch: field `coprocessor_cores`: empty"),

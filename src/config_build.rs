@@ -19,6 +19,10 @@ use flowtable::{PortId, Vni};
 
 use crate::config::*;
 
+/// Fast-path threads at most (each a bit in a connection's "installed on"
+/// set, and a table of `flow_capacity` each).
+pub const MAX_FASTPATH_THREADS: usize = 32;
+
 impl ConntrackConfig {
     /// Checked limits and timeouts.
     pub fn build(&self) -> Result<(Timeouts, Limits)> {
@@ -422,12 +426,37 @@ impl Config {
                 );
             }
         }
+        if s.fastpath_threads == 0 || s.fastpath_threads > MAX_FASTPATH_THREADS {
+            bail!(
+                "switch: field `fastpath_threads`: {} is not in 1..={MAX_FASTPATH_THREADS}",
+                s.fastpath_threads
+            );
+        }
         match &s.fastpath_cores {
-            Some(c) if c.len() != 1 => bail!(
-                "switch: field `fastpath_cores`: one fast-path thread runs today: give exactly one core, not {}",
-                c.len()
+            Some(c) if c.is_empty() => {
+                bail!("switch: field `fastpath_cores`: empty (leave it out for the default)")
+            }
+            Some(c) if c.len() > s.fastpath_threads => bail!(
+                "switch: field `fastpath_cores`: {} cores for {} fast-path thread{}: give one per thread at most (raise `fastpath_threads` to use them)",
+                c.len(),
+                s.fastpath_threads,
+                if s.fastpath_threads == 1 { "" } else { "s" }
             ),
             _ => {}
+        }
+        if s.fastpath_threads > 1 {
+            if let Some((i, p)) = self
+                .ports
+                .iter()
+                .enumerate()
+                .find(|(_, p)| p.kind == crate::config::PortType::VhostUser)
+            {
+                bail!(
+                    "port[{i}] ({}): field `type`: a vhost-user port has one queue pair in this version, so it needs switch.fastpath_threads = 1 ({} here)",
+                    p.name,
+                    s.fastpath_threads
+                );
+            }
         }
         if s.coprocessor_cores.as_ref().is_some_and(Vec::is_empty) {
             bail!("switch: field `coprocessor_cores`: empty (leave it out for the default)");

@@ -175,10 +175,11 @@ impl Server {
         let shared = links.coprocessor.shared().clone();
         Ok(match cmd {
             Command::Stats => {
-                let snap = links.ask(Request::Stats)?;
-                let mut v = views::stats(&snap);
-                let queues: Vec<&str> = snap.ports.iter().map(|(_, n, _)| n.as_str()).collect();
-                v["threads"] = links.threads.view(snap.busy_permille, snap.cpu, &queues);
+                let each = links.fast.ask(Request::Stats)?;
+                let mut v = views::stats(
+                    &fastpath::totals::total(each.clone()).context("no fast-path thread")?,
+                );
+                v["threads"] = links.threads.view(&each);
                 v["conntrack"] = views::conntrack_counters(&read(&shared));
                 v["last_handover"] = links.last_handover.clone().unwrap_or(Value::Null);
                 if !links.vhost.is_empty() {
@@ -190,7 +191,8 @@ impl Server {
             }
             Command::Flows { filter } => {
                 let now = links.now();
-                views::flows(&links.ask(Request::Flows)?, &filter, now)
+                let flows = links.fast.ask(Request::Flows)?.concat();
+                views::flows(&flows, &filter, now)
             }
             Command::Conntrack => views::conntrack(&read(&shared), links.now()),
             Command::Nat => views::nat(&read(&shared)),
@@ -200,7 +202,7 @@ impl Server {
             Command::Remotes { network } => views::remotes(&read(&shared), network),
             Command::Leases => views::leases(&read(&shared), links.now()),
             Command::TopTalkers { limit } => {
-                let mut talkers = links.ask(Request::Talkers)?;
+                let mut talkers = fastpath::totals::talkers(links.fast.ask(Request::Talkers)?);
                 talkers.sort_by_key(|t| std::cmp::Reverse(t.bytes));
                 let now = Instant::now();
                 let window = now.duration_since(self.talkers.0).as_secs_f64().max(1e-3);
@@ -217,7 +219,8 @@ impl Server {
             }
             Command::Trace { packet } => {
                 crate::trace::trace(&packet, &shared, &links.ports, |key| {
-                    links.ask(|tx| Request::Lookup(key, tx))
+                    let found = links.fast.ask(|tx| Request::Lookup(key, tx))?;
+                    Ok(found.into_iter().flatten().next())
                 })?
             }
             Command::SecurityGroupSet { name, rules } => {
@@ -236,7 +239,7 @@ impl Server {
                     bail!("{why}");
                 }
                 if !req.tap_vnet_hdr {
-                    let taps = links.ask(Request::HeaderTaps)?;
+                    let taps = links.fast.ask_first(Request::HeaderTaps)?;
                     if !taps.is_empty() {
                         bail!(
                             "the new binary predates tap offloads: it would read the virtio-net \

@@ -8,13 +8,12 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use coprocessor::Coprocessor;
-use crossbeam_queue::ArrayQueue;
-use fastpath::dataplane::{Report, Update};
-use fastpath::wake::Wake;
+use fastpath::dataplane::Report;
+use fastpath::report::Gather;
 use fastpath::PuntReceiver;
 
 use crate::cores::Load;
-use crate::install::send_update;
+use crate::fastpaths::FastPaths;
 use fastpath::busy::BusyMeter;
 
 /// Fast-path reports waiting for the coprocessors.
@@ -42,8 +41,8 @@ pub fn spawn(
             let links = CoprocLinks {
                 punts: links.punts.for_thread(i),
                 reports: links.reports.clone(),
-                installs: links.installs.clone(),
-                wake: links.wake.clone(),
+                fast: links.fast.clone(),
+                gather: links.gather.clone(),
                 epoch: links.epoch,
                 timekeeper: links.timekeeper && i == 0,
                 thread: i,
@@ -72,8 +71,10 @@ pub fn spawn(
 pub struct CoprocLinks {
     pub punts: PuntReceiver,
     pub reports: Arc<fastpath::report::Reports>,
-    pub installs: Arc<ArrayQueue<Update>>,
-    pub wake: Arc<Wake>,
+    /// The fast-path threads (their updates).
+    pub fast: FastPaths,
+    /// Their answers to checks, gathered (every thread answers each).
+    pub gather: Arc<Gather>,
     pub epoch: Instant,
     pub timekeeper: bool,
     /// This thread's index (its punt and report queues).
@@ -98,7 +99,7 @@ pub fn run(cp: &mut Coprocessor, l: &CoprocLinks, load: &Load, stop: &AtomicBool
         let mut worked = false;
         if l.timekeeper && Instant::now() >= next_tick {
             next_tick = Instant::now() + TICK;
-            if !send_update(&l.installs, cp.tick(now()), &l.wake, stop) {
+            if !l.fast.send_update(None, cp.tick(now()), stop) {
                 return;
             }
         }
@@ -109,18 +110,21 @@ pub fn run(cp: &mut Coprocessor, l: &CoprocLinks, load: &Load, stop: &AtomicBool
             };
             worked = true;
             let out = match r {
-                Report::FlowGone { key, used } => {
-                    cp.flow_gone(&key, used.last_used, used.packets);
+                Report::FlowGone { key, used, thread } => {
+                    cp.flow_gone(&key, used, thread);
                     continue;
                 }
-                Report::Checked { id, keys, used } => cp.checked(
+                Report::Checked {
                     id,
                     keys,
-                    used.map(|u| u.map(|u| (u.last_used, u.packets))),
-                    now(),
-                ),
+                    used,
+                    thread,
+                } => match l.gather.answer(id, keys, used, thread, now()) {
+                    Some(a) => cp.checked(&a, now()),
+                    None => continue,
+                },
             };
-            if !send_update(&l.installs, out, &l.wake, stop) {
+            if !l.fast.send_update(None, out, stop) {
                 return;
             }
         }
@@ -143,6 +147,7 @@ pub fn run(cp: &mut Coprocessor, l: &CoprocLinks, load: &Load, stop: &AtomicBool
             continue;
         };
         idle_since = None;
+        let origin = msg.origin;
         let mut out = cp.handle(&msg);
         if let Some(cause) = out.drop {
             log.drop(msg.ingress, cause);
@@ -154,7 +159,7 @@ pub fn run(cp: &mut Coprocessor, l: &CoprocLinks, load: &Load, stop: &AtomicBool
         } else {
             l.punts.recycle(msg);
         }
-        if !send_update(&l.installs, out, &l.wake, stop) {
+        if !l.fast.send_update(Some(origin), out, stop) {
             return;
         }
         if meter.iteration(started, true) {

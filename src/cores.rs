@@ -5,10 +5,13 @@
 //!
 //! The default, from the cores the process may use (its affinity at
 //! start, e.g. what systemd's `CPUAffinity=` or `taskset` gave it): with
-//! two or more, the fast path gets the last one to itself and everything
-//! else — coprocessors, control, metrics, vhost-user protocol threads —
-//! the rest, so the busy-polling thread never shares its core with the
-//! slow path; with one, nothing is pinned.
+//! two or more, the fast path gets the last ones to itself — one per
+//! fast-path thread, leaving at least one — and everything else
+//! (coprocessors, control, metrics, vhost-user protocol threads) the
+//! rest, so the busy-polling threads never share a core with the slow
+//! path; with one, nothing is pinned. Fast-path thread `i` runs on the
+//! `i`-th fast-path core alone when there is one per thread, else on all
+//! of them.
 //!
 //! Written against libc rather than a crate: `core_affinity` pins to one
 //! core only and has no way to read a thread's mask back.
@@ -28,12 +31,23 @@ pub struct Placement {
     pub housekeeping: Vec<usize>,
 }
 
+impl Placement {
+    /// The cores of fast-path thread `i` of `threads`.
+    pub fn fastpath_thread(&self, i: usize, threads: usize) -> Vec<usize> {
+        match self.fastpath.get(i) {
+            Some(&c) if self.fastpath.len() >= threads => vec![c],
+            _ => self.fastpath.clone(),
+        }
+    }
+}
+
 /// The placement for `allowed` (the process's cores) and the configured
 /// sets; errors name the field.
 pub fn plan(
     fastpath: Option<&[usize]>,
     coprocessors: Option<&[usize]>,
     allowed: &[usize],
+    threads: usize,
 ) -> Result<Placement> {
     for (field, set) in [
         ("fastpath_cores", fastpath),
@@ -57,10 +71,13 @@ pub fn plan(
     };
     let fast = match fastpath {
         Some(f) => sorted(f),
-        // The last core the coprocessors were not given.
-        None if allowed.len() >= 2 => minus(allowed, coprocessors.unwrap_or(&[]))
-            .last()
-            .map_or_else(Vec::new, |&c| vec![c]),
+        // The last cores the coprocessors were not given, one per
+        // thread, leaving one.
+        None if allowed.len() >= 2 => {
+            let free = minus(allowed, coprocessors.unwrap_or(&[]));
+            let n = threads.clamp(1, allowed.len() - 1).min(free.len());
+            free[free.len() - n..].to_vec()
+        }
         None => Vec::new(),
     };
     let rest = minus(allowed, &fast);
@@ -153,20 +170,27 @@ pub struct Threads {
 }
 
 impl Threads {
-    /// The threads, for `ctl stats`: the fast path's busy share and core
-    /// from its snapshot, the ports it polls.
-    pub fn view(
-        &self,
-        fast_busy_permille: u32,
-        fast_cpu: Option<usize>,
-        queues: &[&str],
-    ) -> serde_json::Value {
+    /// The threads, for `ctl stats`: each fast-path thread's busy share,
+    /// core, packets and flows from its snapshot, and the ports whose
+    /// queue it polls (queue `i` of each for thread `i`).
+    pub fn view(&self, fast: &[fastpath::dataplane::Snapshot]) -> serde_json::Value {
         use serde_json::json;
-        let mut v = vec![json!({
-            "name": "fastpath-0", "role": "fast path",
-            "cores": list(&self.placement.fastpath), "cpu": fast_cpu,
-            "busy_pct": f64::from(fast_busy_permille) / 10.0, "queues": queues,
-        })];
+        let mut v: Vec<_> = fast
+            .iter()
+            .map(|s| {
+                let i = usize::from(s.thread);
+                let queues: Vec<&str> = s.ports.iter().map(|(_, n, _)| n.as_str()).collect();
+                json!({
+                    "name": format!("fastpath-{i}"), "role": "fast path",
+                    "cores": list(&self.placement.fastpath_thread(i, fast.len())), "cpu": s.cpu,
+                    "busy_pct": f64::from(s.busy_permille) / 10.0, "queue": i, "queues": queues,
+                    "rx_packets": s.pipeline.rx_packets, "tx_packets": s.pipeline.tx_packets,
+                    "misses": s.pipeline.misses, "flows": s.table_len,
+                    "flows_expired": s.table.expired, "flows_invalidated": s.invalidated,
+                    "installs": s.installs,
+                })
+            })
+            .collect();
         for (i, l) in self.coprocessors.iter().enumerate() {
             v.push(json!({
                 "name": format!("coproc-{i}"), "role": "coprocessor",
@@ -226,20 +250,20 @@ mod tests {
 
     #[test]
     fn by_default_the_fast_path_gets_the_last_core_to_itself() {
-        let p = plan(None, None, &[0, 1, 2, 3]).unwrap();
+        let p = plan(None, None, &[0, 1, 2, 3], 1).unwrap();
         assert_eq!(p.fastpath, vec![3]);
         assert_eq!(p.coprocessors, vec![0, 1, 2]);
         assert_eq!(p.housekeeping, vec![0, 1, 2]);
         // One core: nothing pinned.
-        assert_eq!(plan(None, None, &[5]).unwrap(), Placement::default());
+        assert_eq!(plan(None, None, &[5], 1).unwrap(), Placement::default());
         // Coprocessors placed by hand: the fast path avoids them.
-        let p = plan(None, Some(&[3]), &[0, 1, 2, 3]).unwrap();
+        let p = plan(None, Some(&[3]), &[0, 1, 2, 3], 1).unwrap();
         assert_eq!((p.fastpath, p.coprocessors), (vec![2], vec![3]));
     }
 
     #[test]
     fn configured_cores_are_taken_and_checked_against_the_allowed_ones() {
-        let p = plan(Some(&[1]), Some(&[0, 0]), &[0, 1]).unwrap();
+        let p = plan(Some(&[1]), Some(&[0, 0]), &[0, 1], 1).unwrap();
         assert_eq!(
             p,
             Placement {
@@ -248,14 +272,16 @@ mod tests {
                 housekeeping: vec![0]
             }
         );
-        let e = plan(Some(&[4]), None, &[0, 1]).unwrap_err().to_string();
+        let e = plan(Some(&[4]), None, &[0, 1], 1).unwrap_err().to_string();
         assert!(
             e.contains(
                 "switch: field `fastpath_cores`: core 4 is not one this process may use (0-1)"
             ),
             "{e}"
         );
-        let e = plan(None, Some(&[0, 7]), &[0, 1]).unwrap_err().to_string();
+        let e = plan(None, Some(&[0, 7]), &[0, 1], 1)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("field `coprocessor_cores`: core 7"), "{e}");
     }
 

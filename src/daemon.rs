@@ -1,12 +1,13 @@
 //! `vswitch run`: open the ports, start the threads, serve the control
 //! socket, stop cleanly on SIGTERM/SIGINT.
 //!
-//! Threads: one fast-path thread (the `Dataplane`, sole owner of its flow
-//! table), a pool of coprocessor threads fed by the punt queue (`coproc`),
-//! the neighbour follower (`neighbor`), the metrics thread and the control
-//! thread (`control`). They share nothing but bounded queues, the
-//! coprocessors' state and a stop flag. Ports are opened by `ports`, or
-//! taken from the running switch by `take`.
+//! Threads: the fast-path threads (each a `Dataplane`, sole owner of its
+//! flow table, its frame pool and its queue of every port), a pool of
+//! coprocessor threads fed by the punt queues (`coproc`), the neighbour
+//! follower (`neighbor`), the metrics thread and the control thread
+//! (`control`). They share nothing but bounded queues, the coprocessors'
+//! state and a stop flag. Ports are opened by `ports`, or taken from the
+//! running switch by `take`.
 
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
@@ -21,7 +22,7 @@ use crossbeam_queue::ArrayQueue;
 use fastpath::dataplane::{Dataplane, Links, LoopConfig, PollMode};
 use fastpath::wake::Wake;
 use fastpath::xdp::XdpProgram;
-use fastpath::{punt_path, Pipeline, PipelineConfig, PuntConfig, PuntReceiver};
+use fastpath::{Pipeline, PipelineConfig, PuntConfig, PuntReceiver};
 use flowtable::{FlowTable, PortId};
 use tracing::{info, warn};
 
@@ -52,6 +53,12 @@ pub fn takeover(config: &std::path::Path) -> Result<()> {
 /// state and control socket come from the running binary once this one
 /// is ready.
 pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Result<()> {
+    let n_fast = cfg.switch.fastpath_threads;
+    if takeover.is_some() && n_fast > 1 {
+        bail!(
+            "switch: field `fastpath_threads`: a handover into {n_fast} fast-path threads is not built yet (only one thread takes over)"
+        );
+    }
     let kept = crate::privileges::drop_to_needed()?;
     crate::seccomp::prepare_allocator();
     info!(capabilities = ?kept, "running with only these capabilities");
@@ -81,6 +88,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         s.fastpath_cores.as_deref(),
         s.coprocessor_cores.as_deref(),
         &allowed,
+        n_fast,
     )?;
     if placement
         .fastpath
@@ -98,31 +106,44 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     );
 
     // The ports (taking over, they come from the running binary once it
-    // pauses) on the frame pool they share.
-    let pool = ports::frame_pool(&cfg, takeover.is_some())?;
+    // pauses): each fast-path thread's queues, on its frame pool.
+    let pools = ports::frame_pools(&cfg, takeover.is_some())?;
     let (opened, mut port_names) = match &takeover {
         None => (
-            ports::open(&cfg, &pool, topo.uplink.as_ref())?,
+            ports::open(&cfg, &pools, topo.uplink.as_ref())?,
             cfg.port_ids()?,
         ),
         Some(_) => (ports::Opened::default(), HashMap::new()),
     };
     let ports::Opened {
-        ports,
+        ports: mut thread_ports,
         programs,
         vhost: mut vhost_links,
     } = opened;
-    let n_ports = u16::try_from(ports.len()).context("too many ports")?;
+    thread_ports.resize_with(n_fast, Vec::new);
+    let n_ports = u16::try_from(thread_ports[0].len()).context("too many ports")?;
 
     // The threads' connections: the punt path, the update and report
-    // queues, the fast path's wakeup and request channel, the shared state.
-    let (pipeline, punter, punt_rx) = fast_path_parts(&cfg, &topo, n_ports, takeover.is_some())?;
-    let installs = Arc::new(ArrayQueue::new(4096));
-    let wake = Arc::new(Wake::new().context("creating the wakeup eventfd")?);
+    // queues, the fast paths' wakeups and request channels, the shared
+    // state.
+    let (pipelines, punters, punt_rx) = fast_path_parts(&cfg, &topo, n_ports, takeover.is_some())?;
+    let mut inboxes = Vec::new();
+    let mut request_rxs = Vec::new();
+    for _ in 0..n_fast {
+        let (requests, rx) = mpsc::channel();
+        request_rxs.push(rx);
+        inboxes.push(crate::fastpaths::FastPath {
+            requests,
+            installs: Arc::new(ArrayQueue::new(4096)),
+            wake: Arc::new(Wake::new().context("creating the wakeup eventfd")?),
+        });
+    }
+    let fast = crate::fastpaths::FastPaths::new(inboxes);
+    // (vhost-user ports need a single fast-path thread: `config_build`.)
+    let (req_tx, wake) = (fast.first().requests.clone(), fast.first().wake.clone());
     for link in &vhost_links {
         link.wake_on_kick(&wake);
     }
-    let (req_tx, req_rx) = mpsc::channel();
     let mut initial = Shared::new(topo.clone(), built.policy, built.timeouts, built.limits);
     initial.set_services(built.services);
     let shared = Arc::new(coprocessor::SharedLock::new(initial));
@@ -145,8 +166,8 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         &coproc::CoprocLinks {
             punts: punt_rx.clone(),
             reports: reports.clone(),
-            installs: installs.clone(),
-            wake: wake.clone(),
+            fast: fast.clone(),
+            gather: Arc::new(fastpath::report::Gather::new(n_fast)),
             epoch,
             timekeeper: true,
             thread: 0,
@@ -155,16 +176,6 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         &stop,
     )?;
     let depth_rx = punt_rx.clone();
-    let links = Links {
-        punter,
-        recycler: punt_rx,
-        installs: installs.clone(),
-        requests: req_rx,
-        wake: wake.clone(),
-        coprocessors: coproc_threads.iter().map(|h| h.thread().clone()).collect(),
-        reports,
-        epoch,
-    };
     let loop_cfg = LoopConfig {
         mode: match s.poll {
             Poll::Busy => PollMode::Busy,
@@ -173,33 +184,57 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         idle_timeout_ns: s.idle_timeout_s.saturating_mul(1_000_000_000),
         ..LoopConfig::default()
     };
-    let mut dp = Dataplane::new(ports, pipeline, links, loop_cfg, pool);
-    let dp_stop = stop.clone();
-    let confined = s.seccomp;
-    let fast_cores = placement.fastpath.clone();
-    let fast = thread::Builder::new()
-        .name("fastpath-0".into())
-        .spawn(move || {
-            if let Err(e) = crate::cores::pin(&fast_cores) {
-                tracing::error!(cores = %crate::cores::list(&fast_cores), "switch: field `fastpath_cores`: pinning the fast-path thread: {e}");
-                dp_stop.store(true, Ordering::Relaxed);
-                return;
-            }
-            let role = crate::seccomp::Role::FastPath;
-            if crate::seccomp::confine_or_stop(confined, role, &dp_stop) {
-                dp.run(&dp_stop)
-            }
-        })
-        .context("spawning the fast-path thread")?;
+    let coprocessors: Vec<thread::Thread> =
+        coproc_threads.iter().map(|h| h.thread().clone()).collect();
+    let parts = thread_ports
+        .into_iter()
+        .zip(pipelines)
+        .zip(punters)
+        .zip(pools)
+        .zip(request_rxs);
+    let mut fast_threads = Vec::new();
+    for (t, ((((ports, pipeline), punter), pool), requests)) in parts.enumerate() {
+        let inbox = &fast.iter().nth(t).context("a fast-path thread's inbox")?;
+        let links = Links {
+            punter,
+            recycler: punt_rx.clone(),
+            installs: inbox.installs.clone(),
+            requests,
+            wake: inbox.wake.clone(),
+            coprocessors: coprocessors.clone(),
+            reports: reports.clone(),
+            epoch,
+            thread: u16::try_from(t).context("too many fast-path threads")?,
+        };
+        let mut dp = Dataplane::new(ports, pipeline, links, loop_cfg, pool);
+        let dp_stop = stop.clone();
+        let confined = s.seccomp;
+        let cores = placement.fastpath_thread(t, n_fast);
+        fast_threads.push(
+            thread::Builder::new()
+                .name(format!("fastpath-{t}"))
+                .spawn(move || {
+                    if let Err(e) = crate::cores::pin(&cores) {
+                        tracing::error!(cores = %crate::cores::list(&cores), "switch: field `fastpath_cores`: pinning fast-path thread {t}: {e}");
+                        dp_stop.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    let role = crate::seccomp::Role::FastPath;
+                    if crate::seccomp::confine_or_stop(confined, role, &dp_stop) {
+                        dp.run(&dp_stop)
+                    }
+                })
+                .context("spawning a fast-path thread")?,
+        );
+    }
     let neigh = match topo.uplink {
         None => None,
         Some(_) => {
-            let (stop, req, wake, shared) =
-                (stop.clone(), req_tx.clone(), wake.clone(), shared.clone());
+            let (stop, fast, shared) = (stop.clone(), fast.clone(), shared.clone());
             Some(
                 thread::Builder::new()
                     .name("neighbors".into())
-                    .spawn(move || neighbor::follow(&shared, &req, &wake, &stop))
+                    .spawn(move || neighbor::follow(&shared, &fast, &stop))
                     .context("spawning the neighbour thread")?,
             )
         }
@@ -219,10 +254,15 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         )?),
         None => None,
     };
-    let (xdp_links, handover_refused) = xdp_links(&programs, adopted.as_ref());
+    let (xdp_links, mut handover_refused) = xdp_links(&programs, adopted.as_ref());
+    if n_fast > 1 {
+        handover_refused = Some(format!(
+            "a handover of {n_fast} fast-path threads is not built yet: run one \
+             (switch.fastpath_threads = 1) to upgrade live"
+        ));
+    }
     let punt_depth: Arc<dyn Fn() -> usize + Send + Sync> = Arc::new(move || depth_rx.depth());
-    let (metrics_req_tx, metrics_shared) = (req_tx.clone(), shared.clone());
-    let ready_req = req_tx.clone();
+    let metrics_shared = shared.clone();
     let (last_handover, listener, inherited_links, next_port) = match adopted {
         Some(a) => (Some(a.report), Some(a.listener), a.xdp_links, a.next_port),
         None => (None, None, Vec::new(), n_ports),
@@ -235,9 +275,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         netlink: neighbor::Netlink::open().ok(),
         next_port,
         epoch_mono_ns,
-        requests: req_tx,
-        wake: wake.clone(),
-        installs,
+        fast: fast.clone(),
         coprocessor: Coprocessor::with_shared(shared),
         epoch,
         ports: port_names,
@@ -261,8 +299,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
             Some(crate::metrics_http::bind(addr)?)
         };
         let source = crate::metrics_http::Source {
-            requests: metrics_req_tx,
-            wake: wake.clone(),
+            fast: fast.clone(),
             shared: metrics_shared,
             punt_depth,
             coprocessor_loads: coproc_loads.clone(),
@@ -271,7 +308,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
             .context("starting the metrics thread")?;
     }
     info!(socket = %s.control_socket.display(), "vswitch running");
-    if polling(&ready_req, &wake) {
+    if polling(&fast) {
         crate::systemd::ready();
     } else {
         warn!("the fast path has not polled within 2 s; not telling systemd the switch is ready");
@@ -280,8 +317,10 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
 
     info!("stopping");
     stop.store(true, Ordering::Relaxed);
-    wake.notify();
-    let _ = fast.join();
+    fast.notify();
+    for h in fast_threads {
+        let _ = h.join();
+    }
     if let Some(h) = neigh {
         let _ = h.join();
     }
@@ -300,37 +339,49 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     Ok(())
 }
 
-/// Whether the fast path has polled its ports (asked for up to 2 s).
-fn polling(requests: &mpsc::Sender<fastpath::dataplane::Request>, wake: &Wake) -> bool {
+/// Whether every fast-path thread has polled its ports (asked for up to
+/// 2 s).
+fn polling(fast: &crate::fastpaths::FastPaths) -> bool {
     let until = Instant::now() + Duration::from_secs(2);
     while Instant::now() < until {
-        let (tx, rx) = mpsc::channel();
-        if requests
-            .send(fastpath::dataplane::Request::Stats(tx))
-            .is_err()
-        {
-            return false;
-        }
-        wake.notify();
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(s) if s.first_poll_mono_ns.is_some() => return true,
+        match fast.ask(fastpath::dataplane::Request::Stats) {
+            Ok(s) if s.iter().all(|s| s.first_poll_mono_ns.is_some()) => return true,
             Ok(_) => thread::sleep(Duration::from_millis(10)),
-            Err(_) => {}
+            Err(_) => return false,
         }
     }
     false
 }
 
-/// The fast path's pipeline (its flow table made ready) and its punt path:
-/// budgets per port, and per sender behind the uplink and the external
-/// port, whose many senders each get a budget of their own (an external
-/// network added at run time shares its port's budget).
+/// Each fast-path thread's pipeline and punter, and the punt path's
+/// receiving end (see [`fast_path_thread_parts`]). A port's punt budget is
+/// shared out between the threads, which receive from it.
+#[allow(clippy::type_complexity)]
 fn fast_path_parts(
     cfg: &Config,
     topo: &coprocessor::Topology,
     n_ports: u16,
     taking_over: bool,
-) -> Result<(Pipeline, fastpath::Punter, PuntReceiver)> {
+) -> Result<(Vec<Pipeline>, Vec<fastpath::Punter>, PuntReceiver)> {
+    let n = cfg.switch.fastpath_threads.max(1);
+    let mut pipelines = Vec::new();
+    for _ in 0..n {
+        pipelines.push(pipeline(cfg, topo, n_ports, taking_over)?);
+    }
+    let (punter, rx) = punt_path(cfg, topo, n_ports, n);
+    let punters = (0..n)
+        .map(|t| punter.for_thread(u16::try_from(t).unwrap_or(u16::MAX)))
+        .collect();
+    Ok((pipelines, punters, rx))
+}
+
+/// A fast-path thread's pipeline, its flow table made ready.
+fn pipeline(
+    cfg: &Config,
+    topo: &coprocessor::Topology,
+    n_ports: u16,
+    taking_over: bool,
+) -> Result<Pipeline> {
     let s = &cfg.switch;
     let mut table = FlowTable::new(s.flow_capacity)?;
     table.set_port_share(s.flow_share());
@@ -365,10 +416,26 @@ fn fast_path_parts(
         },
         table,
     );
-    let (mut punter, punt_rx) = punt_path(
+    Ok(pipeline)
+}
+
+/// The punt path: budgets per port (shared out between `threads`
+/// fast-path threads), and per sender behind the uplink and the external
+/// port, whose many senders each get a budget of their own (an external
+/// network added at run time shares its port's budget).
+fn punt_path(
+    cfg: &Config,
+    topo: &coprocessor::Topology,
+    n_ports: u16,
+    threads: usize,
+) -> (fastpath::Punter, PuntReceiver) {
+    let s = &cfg.switch;
+    let uplink_port = topo.uplink.as_ref().map_or(PortId(u16::MAX), |u| u.port);
+    let share = |v: u64| v.div_ceil(threads as u64);
+    let (mut punter, punt_rx) = fastpath::punt_path(
         &PuntConfig {
-            rate: s.punt_rate,
-            burst: s.punt_burst,
+            rate: share(s.punt_rate),
+            burst: share(s.punt_burst),
             // A message holds a whole frame of the underlay's MTU with its
             // outer Ethernet header (a jumbo first packet is run again
             // after its flow is made, not truncated and lost).
@@ -389,7 +456,7 @@ fn fast_path_parts(
     if let Some(e) = &topo.external {
         punter.share_by_sender(e.port, false);
     }
-    Ok((pipeline, punter, punt_rx))
+    (punter, punt_rx)
 }
 
 /// The fast path's clock zero, and it as CLOCK_MONOTONIC ns. A handed-over

@@ -86,7 +86,10 @@ pub fn handover(
     let t = Instant::now();
     // The snapshot's memory is made ready first, sized from what the
     // switch holds, so its page faults do not count below.
-    let flows = links.ask(Request::Stats).map_or(0, |s| s.table_len);
+    let flows = links
+        .fast
+        .ask_first(Request::Stats)
+        .map_or(0, |s| s.table_len);
     let conns = coprocessor::read(links.coprocessor.shared()).ct.len();
     let file = match live_migrate::memfd::SnapshotFile::create(
         flows * 48 + conns * 256 + links.config_text.len() + (1 << 20),
@@ -108,8 +111,9 @@ pub fn handover(
     let held_mono_ns = fastpath::dataplane::monotonic_ns();
     let guard = lock(&shared);
     let (dump_tx, dump_rx) = mpsc::channel();
-    let _ = links.requests.send(Request::Dump(dump_tx));
-    links.wake.notify();
+    let first = links.fast.first();
+    let _ = first.requests.send(Request::Dump(dump_tx));
+    first.wake.notify();
     let saved = guard.save();
     let mut dump = match dump_rx.recv_timeout(Duration::from_secs(10)) {
         Ok(d) => d,
@@ -144,7 +148,7 @@ pub fn handover(
         held_mono_ns,
         || {
             paused = true;
-            let p = links.ask(Request::Pause)?;
+            let p = links.fast.ask_first(Request::Pause)?;
             // With the fast path paused the rings stand still; each
             // port's protocol thread stops between two requests.
             for (i, link) in links.vhost.iter().enumerate() {
@@ -187,8 +191,9 @@ pub fn handover(
                     warn!(port = %link.spec.name, "vhost-user connection not taken back: {e}");
                 }
             }
-            let _ = links.requests.send(Request::Resume(None));
-            links.wake.notify();
+            let first = links.fast.first();
+            let _ = first.requests.send(Request::Resume(None));
+            first.wake.notify();
             false
         }
     };

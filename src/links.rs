@@ -1,25 +1,19 @@
-//! What the control thread reaches: the fast-path thread (questions and
+//! What the control thread reaches: the fast-path threads (questions and
 //! flow updates), the coprocessors' shared state, the ports, and what a
 //! handover passes on.
 
-use std::sync::mpsc::{self, Sender};
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{Context, Result};
 use coprocessor::Coprocessor;
-use crossbeam_queue::ArrayQueue;
-use fastpath::dataplane::{Request, Update};
-use fastpath::wake::Wake;
 use flowtable::PortId;
 use serde_json::Value;
 
+use crate::fastpaths::FastPaths;
+
 pub struct Links {
-    /// Questions to the fast-path thread.
-    pub requests: Sender<Request>,
-    pub wake: Arc<Wake>,
-    /// Flow changes for the fast path (policy revalidation).
-    pub installs: Arc<ArrayQueue<Update>>,
+    /// The fast-path threads: questions, flow changes (policy
+    /// revalidation).
+    pub fast: FastPaths,
     /// A coprocessor on the switch's shared state (policy changes, views).
     pub coprocessor: Coprocessor,
     /// Time zero of the fast path's clock.
@@ -49,17 +43,6 @@ pub struct Links {
 }
 
 impl Links {
-    /// Ask the fast-path thread; its answer within 2 s.
-    pub fn ask<T>(&self, make: impl FnOnce(Sender<T>) -> Request) -> Result<T> {
-        let (tx, rx) = mpsc::channel();
-        self.requests
-            .send(make(tx))
-            .map_err(|_| anyhow::anyhow!("the fast-path thread is gone"))?;
-        self.wake.notify();
-        rx.recv_timeout(Duration::from_secs(2))
-            .context("the fast-path thread did not answer within 2 s")
-    }
-
     /// The fast path's clock (ns since its zero).
     pub fn now(&self) -> u64 {
         u64::try_from(self.epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)

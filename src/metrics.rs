@@ -248,13 +248,6 @@ pub fn fast_path(m: &mut Metrics, s: &Snapshot) {
         fp.count,
     );
     m.sample(
-        "vswitch_thread_busy_ratio",
-        "gauge",
-        BUSY_HELP,
-        &[("thread", "fastpath-0")],
-        f64::from(s.busy_permille) / 1000.0,
-    );
-    m.sample(
         "vswitch_uptime_seconds",
         "gauge",
         "Time since the fast path started.",
@@ -343,6 +336,34 @@ fn services(m: &mut Metrics, sh: &Shared) {
                     f(v),
                 );
             }
+        }
+    }
+}
+
+/// Each fast-path thread's busy share, packets received and flows.
+pub fn fast_path_threads(m: &mut Metrics, each: &[Snapshot]) {
+    type Of = fn(&Snapshot) -> f64;
+    let metrics: [(&'static str, &str, &str, Of); 3] = [
+        ("vswitch_thread_busy_ratio", "gauge", BUSY_HELP, |s| {
+            f64::from(s.busy_permille) / 1000.0
+        }),
+        (
+            "vswitch_fastpath_thread_rx_packets_total",
+            "counter",
+            "Frames a fast-path thread received (from its queue of every port).",
+            |s| s.pipeline.rx_packets as f64,
+        ),
+        (
+            "vswitch_fastpath_thread_flows",
+            "gauge",
+            "Flows in a fast-path thread's table.",
+            |s| s.table_len as f64,
+        ),
+    ];
+    for (name, kind, help, of) in metrics {
+        for s in each {
+            let thread = format!("fastpath-{}", s.thread);
+            m.sample(name, kind, help, &[("thread", &thread)], of(s));
         }
     }
 }

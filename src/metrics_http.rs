@@ -14,14 +14,12 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Sender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use fastpath::dataplane::Request;
-use fastpath::wake::Wake;
 use tracing::{info, warn};
 
 /// How long one scraper has to send its request line.
@@ -31,9 +29,8 @@ const MAX_LINE: usize = 8192;
 
 /// What a page is made from.
 pub struct Source {
-    /// Questions to the fast-path thread (its counters).
-    pub requests: Sender<Request>,
-    pub wake: Arc<Wake>,
+    /// The fast-path threads (their counters).
+    pub fast: crate::fastpaths::FastPaths,
     /// The coprocessors' shared state.
     pub shared: Arc<coprocessor::SharedLock>,
     /// Messages waiting in the punt queue.
@@ -45,16 +42,11 @@ pub struct Source {
 impl Source {
     /// Everything in Prometheus text exposition.
     fn page(&self) -> Result<String> {
-        let (tx, rx) = mpsc::channel();
-        self.requests
-            .send(Request::Stats(tx))
-            .map_err(|_| anyhow::anyhow!("the fast-path thread is gone"))?;
-        self.wake.notify();
-        let snap = rx
-            .recv_timeout(Duration::from_secs(2))
-            .context("the fast-path thread did not answer within 2 s")?;
+        let each = self.fast.ask(Request::Stats)?;
+        let snap = fastpath::totals::total(each.clone()).context("no fast-path thread")?;
         let mut m = crate::metrics::Metrics::default();
         crate::metrics::fast_path(&mut m, &snap);
+        crate::metrics::fast_path_threads(&mut m, &each);
         let sh = coprocessor::read(&self.shared);
         crate::metrics::coprocessor(&mut m, &sh, (self.punt_depth)());
         crate::metrics::coprocessor_loads(&mut m, &self.coprocessor_loads);

@@ -14,11 +14,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use flowtable::Mac;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use fastpath::wake::Wake;
 use tracing::{info, warn};
 
 const NETLINK_ROUTE: libc::c_int = 0;
@@ -243,8 +242,7 @@ pub fn provoke_resolution(ip: Ipv4Addr) {
 /// whose MAC changed.
 pub fn follow(
     shared: &coprocessor::SharedLock,
-    requests: &mpsc::Sender<fastpath::dataplane::Request>,
-    wake: &Wake,
+    fast: &crate::fastpaths::FastPaths,
     stop: &AtomicBool,
 ) {
     let mut nl = match Netlink::open() {
@@ -286,8 +284,7 @@ pub fn follow(
                 }
                 drop(sh);
                 if let Some(old) = before {
-                    let _ = requests.send(fastpath::dataplane::Request::InvalidateNextHop(old));
-                    wake.notify();
+                    fast.tell(|| fastpath::dataplane::Request::InvalidateNextHop(old));
                 }
             }
             if now.is_none() {

@@ -53,7 +53,7 @@ pub fn conntrack(sh: &Shared, now: u64) -> Value {
                 "rule": rule,
                 "age_s": now.saturating_sub(c.created) as f64 / 1e9,
                 "idle_s": now.saturating_sub(c.last_seen) as f64 / 1e9,
-                "flows_installed": c.sides.iter().filter(|s| s.installed).count(),
+                "flows_installed": c.sides.iter().filter(|s| s.installed != 0).count(),
         });
         conns.push(row);
     });

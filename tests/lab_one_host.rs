@@ -8,7 +8,10 @@ mod lab;
 
 use std::time::Duration;
 
-use lab::{iperf, one_host, one_host_config, one_host_from, sh, try_sh, wait_until, Lab, Vm};
+use lab::{
+    allowed_cores, iperf, one_host, one_host_config, one_host_from, sh, thread_cores, try_sh,
+    wait_until, Lab, Vm,
+};
 
 fn ping(ns: &str, ip: &str, count: &str) -> (bool, String) {
     try_sh(&[
@@ -107,41 +110,11 @@ fn established_flows_stay_in_the_fast_path() {
     );
 }
 
-/// The cores a thread of `pid` named `name` may run on
-/// (`Cpus_allowed_list`).
-fn thread_cores(pid: u64, name: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
-        let dir = t.unwrap().path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if comm.trim() != name {
-            continue;
-        }
-        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
-        if let Some(l) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
-            found.push(l["Cpus_allowed_list:".len()..].trim().to_string());
-        }
-    }
-    found
-}
-
 #[test]
 fn threads_run_on_the_cores_they_are_given() {
     let mut lab = Lab::new();
     // The cores this test may use (2 on the machines the suite runs on).
-    let allowed: Vec<usize> = {
-        let status = std::fs::read_to_string("/proc/self/status").unwrap();
-        let l = status
-            .lines()
-            .find(|l| l.starts_with("Cpus_allowed_list:"))
-            .unwrap();
-        let mut v = Vec::new();
-        for part in l["Cpus_allowed_list:".len()..].trim().split(',') {
-            let (a, b) = part.split_once('-').unwrap_or((part, part));
-            v.extend(a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap());
-        }
-        v
-    };
+    let allowed = allowed_cores();
     let (first, last) = (allowed[0], *allowed.last().unwrap());
     // Given by hand: the fast path on the first core, the coprocessors
     // on the last (the other way round from the default).

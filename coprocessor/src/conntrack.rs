@@ -150,8 +150,30 @@ impl ConnState {
 pub struct Side {
     pub key: FlowKey,
     pub action: Action,
-    /// The flow is (as far as we know) in the fast path's table.
-    pub installed: bool,
+    /// The fast-path threads whose tables hold the flow (as far as we
+    /// know), one bit each ([`thread_bit`]).
+    #[serde(with = "installed_on")]
+    pub installed: u64,
+}
+
+/// Fast-path thread `t`'s bit in [`Side::installed`] (threads past 63
+/// share the last bit).
+pub fn thread_bit(t: u16) -> u64 {
+    1 << t.min(63)
+}
+
+/// A side's threads go into a snapshot as "installed or not" (format 2:
+/// a handover is between switches of one fast-path thread), and
+/// "installed" comes back as thread 0's.
+mod installed_on {
+    pub fn serialize<S: serde::Serializer>(on: &u64, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bool(*on != 0)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        let b: bool = serde::Deserialize::deserialize(d)?;
+        Ok(u64::from(b))
+    }
 }
 
 /// A NAT binding held by a connection.
@@ -240,7 +262,10 @@ impl Conn {
 
     /// Keys of the sides currently in the fast path.
     pub fn installed_keys(&self) -> impl Iterator<Item = FlowKey> + '_ {
-        self.sides.iter().filter(|s| s.installed).map(|s| s.key)
+        self.sides
+            .iter()
+            .filter(|s| s.installed != 0)
+            .map(|s| s.key)
     }
 }
 

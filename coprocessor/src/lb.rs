@@ -377,12 +377,12 @@ impl Setup<'_> {
             crate::conntrack::Side {
                 key,
                 action: fwd,
-                installed: true,
+                installed: 0,
             },
             crate::conntrack::Side {
                 key: rk,
                 action: rev,
-                installed: true,
+                installed: 0,
             },
         ];
         let flow = self.track(sides, state, admission, vm.port, Some(binding))?;

@@ -633,8 +633,8 @@ impl Stats {
                     && s.action.set_eth_dst == Some(old)
                 {
                     s.action.set_eth_dst = Some(new);
-                    if s.installed {
-                        s.installed = false;
+                    if s.installed != 0 {
+                        s.installed = 0;
                         out.remove.push(s.key);
                     }
                 }

@@ -7,7 +7,7 @@ use crate::acl::Rule;
 use crate::conntrack::Expiry;
 use crate::ops::{Applied, Op, OpError};
 use crate::{lock, Coprocessor};
-use dpif::{CtCheck, Update};
+use dpif::{CheckAnswer, CtCheck, FlowUse, Update};
 
 impl Coprocessor {
     /// Advance connection timers to `now` (the fast path's clock): checks
@@ -29,25 +29,21 @@ impl Coprocessor {
         out
     }
 
-    /// The fast path removed an idle flow of a tracked connection.
-    pub fn flow_gone(&mut self, key: &FlowKey, last_used: u64, packets: u64) {
+    /// Fast-path thread `thread` removed an idle flow of a tracked
+    /// connection.
+    pub fn flow_gone(&mut self, key: &FlowKey, used: FlowUse, thread: u16) {
         self.shared
             .read(self.slot)
             .ct
-            .flow_gone(key, last_used, packets);
+            .flow_gone(key, (used.last_used, used.packets), thread);
     }
 
-    /// The fast path's answer to a [`CtCheck`].
-    pub fn checked(
-        &mut self,
-        id: u64,
-        keys: [Option<FlowKey>; 2],
-        used: [Option<(u64, u64)>; 2],
-        now: u64,
-    ) -> Update {
+    /// The fast path's answer to a [`CtCheck`] (every thread's, gathered).
+    pub fn checked(&mut self, a: &CheckAnswer, now: u64) -> Update {
         let mut out = Update::default();
         let sh = self.shared.read(self.slot);
-        if let Some(c) = sh.ct.checked(id, keys, used, now) {
+        let used = a.used.map(|u| u.map(|u| (u.last_used, u.packets)));
+        if let Some(c) = sh.ct.checked(a.id, a.keys, used, a.on, now) {
             sh.expired(&c, &mut out, now);
         }
         out

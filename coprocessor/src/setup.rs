@@ -13,6 +13,8 @@ use std::net::Ipv4Addr;
 
 use flowtable::{Action, FlowKey, Ingress, Mac, Nat, NatSide, Output, PortId};
 
+use crate::conntrack::thread_bit;
+
 use crate::acl::{Direction, RuleRef};
 use crate::compile;
 use crate::conntrack::{Admission, Conn, ConnState, CtRefused, Side, TcpState};
@@ -172,8 +174,8 @@ impl Setup<'_> {
             }
             if let Some(c) = found.conn_mut() {
                 let s0 = &mut c.sides[0];
-                if s0.installed {
-                    s0.installed = false;
+                if s0.installed != 0 {
+                    s0.installed = 0;
                     self.out.remove.push(s0.key);
                 }
             }
@@ -187,7 +189,7 @@ impl Setup<'_> {
             return Ok(None);
         };
         let s = &mut c.sides[side];
-        s.installed = true;
+        s.installed |= thread_bit(self.p.origin);
         self.out.flows.push((s.key, s.action));
         Ok(Some(Some(s.action)))
     }
@@ -326,7 +328,7 @@ impl Setup<'_> {
     ) -> Result<Flow, DropCause> {
         for s in &mut sides {
             s.action.conntrack = true;
-            s.installed = true;
+            s.installed = thread_bit(self.p.origin);
         }
         let mut conn = Conn::new(sides, state, admission, self.p.punted_at);
         conn.nat = nat;
@@ -722,7 +724,7 @@ pub(crate) fn recompiled(topo: &Topology, c: &crate::conntrack::Conn) -> Option<
     };
     for s in &mut sides {
         s.action.conntrack = true;
-        s.installed = false;
+        s.installed = 0;
     }
     Some(sides)
 }
@@ -731,7 +733,7 @@ fn side(key: FlowKey, action: Action) -> Side {
     Side {
         key,
         action,
-        installed: true,
+        installed: 1,
     }
 }
 

@@ -26,5 +26,5 @@ pub mod steer;
 pub mod update;
 
 pub use punt::{PuntMsg, PuntReason};
-pub use report::{FlowUse, Report};
+pub use report::{CheckAnswer, FlowUse, Report};
 pub use update::{CtCheck, DropCause, Invalidate, Update};

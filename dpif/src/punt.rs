@@ -41,6 +41,9 @@ pub struct PuntMsg {
     pub key: Option<FlowKey>,
     /// The fast path's clock (ns) when the frame was punted.
     pub punted_at: u64,
+    /// The fast-path thread that punted it: its flows go to that thread's
+    /// table (each thread has its own), and the frame runs again there.
+    pub origin: u16,
     /// The frame as received: for uplink frames, outer headers included.
     pub data: Vec<u8>,
 }
@@ -55,6 +58,7 @@ impl PuntMsg {
             orig_len: 0,
             key: None,
             punted_at: 0,
+            origin: 0,
             data: Vec::with_capacity(cap),
         }
     }
@@ -74,6 +78,7 @@ impl PuntMsg {
             orig_len: u32::try_from(frame.len()).unwrap_or(u32::MAX),
             key,
             punted_at: now,
+            origin: 0,
             data: frame.to_vec(),
         }
     }

@@ -80,6 +80,19 @@ pub struct Update {
 }
 
 impl Update {
+    /// The part of `self` every fast-path thread applies, each to its own
+    /// table: removals, the invalidation (with the version it starts) and
+    /// the checks. The rest (flows, frames) is for the thread that punted.
+    pub fn common(&self) -> Update {
+        Update {
+            remove: self.remove.clone(),
+            invalidate: self.invalidate.clone(),
+            checks: self.checks.clone(),
+            version: self.version,
+            ..Update::default()
+        }
+    }
+
     /// Nothing for the fast path to do.
     pub fn is_empty(&self) -> bool {
         self.flows.is_empty()

@@ -86,6 +86,9 @@ pub struct Links {
     pub reports: Arc<crate::report::Reports>,
     /// Time zero of the clock shared with the coprocessors.
     pub epoch: Instant,
+    /// This thread's index among the fast-path threads (stamped on its
+    /// punts and reports).
+    pub thread: u16,
 }
 
 /// One fast-path thread (see the module documentation).
@@ -290,6 +293,7 @@ impl Dataplane {
         let period = crate::sweep::SweepPace::period(c.idle_timeout_ns);
         let due = self.sweep.due(now, slots, period, c.expire_budget);
         let (reports, lost) = (&self.links.reports, &mut self.reports_lost);
+        let thread = self.links.thread;
         self.pipeline
             .table_mut()
             .expire(now, c.idle_timeout_ns, due, |key, a, s| {
@@ -298,7 +302,12 @@ impl Dataplane {
                         last_used: s.last_used,
                         packets: s.packets,
                     };
-                    if reports.push(Report::FlowGone { key: *key, used }).is_err() {
+                    let r = Report::FlowGone {
+                        key: *key,
+                        used,
+                        thread,
+                    };
+                    if reports.push(r).is_err() {
                         *lost += 1;
                     }
                 }
@@ -523,6 +532,7 @@ impl Dataplane {
                 id: c.id,
                 keys: c.keys,
                 used,
+                thread: self.links.thread,
             };
             if self.links.reports.push(r).is_err() {
                 // The coprocessor asks again.
@@ -680,6 +690,7 @@ impl Dataplane {
                     })
                     .collect();
                 let _ = tx.send(Snapshot {
+                    thread: self.links.thread,
                     ports: self
                         .ports
                         .iter()

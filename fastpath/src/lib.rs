@@ -28,6 +28,7 @@ pub mod rewrite;
 pub mod sweep;
 pub mod synth;
 pub mod tap;
+pub mod totals;
 pub mod tx;
 pub mod umem;
 pub mod vhost;

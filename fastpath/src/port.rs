@@ -125,6 +125,49 @@ pub struct PortCounters {
     pub tx_offload_dropped: u64,
 }
 
+impl PortCounters {
+    /// Add `o`'s counts (another thread's queue of the same port).
+    pub fn add(&mut self, o: &PortCounters) {
+        // Destructured: a counter added later must be summed here too.
+        let PortCounters {
+            rx_packets,
+            rx_bytes,
+            tx_packets,
+            tx_bytes,
+            rx_errors,
+            tx_errors,
+            tx_dropped,
+            rx_no_buffer,
+            guest_queue_full,
+            guest_not_ready,
+            guest_bad_descriptor,
+            fill_short,
+            flow_share_full,
+            tx_segments,
+            tx_csum_completed,
+            tx_coalesced,
+            tx_offload_dropped,
+        } = o;
+        self.rx_packets += rx_packets;
+        self.rx_bytes += rx_bytes;
+        self.tx_packets += tx_packets;
+        self.tx_bytes += tx_bytes;
+        self.rx_errors += rx_errors;
+        self.tx_errors += tx_errors;
+        self.tx_dropped += tx_dropped;
+        self.rx_no_buffer += rx_no_buffer;
+        self.guest_queue_full += guest_queue_full;
+        self.guest_not_ready += guest_not_ready;
+        self.guest_bad_descriptor += guest_bad_descriptor;
+        self.fill_short += fill_short;
+        self.flow_share_full += flow_share_full;
+        self.tx_segments += tx_segments;
+        self.tx_csum_completed += tx_csum_completed;
+        self.tx_coalesced += tx_coalesced;
+        self.tx_offload_dropped += tx_offload_dropped;
+    }
+}
+
 /// A port of this thread.
 #[derive(Debug)]
 pub struct Port {

@@ -140,7 +140,7 @@ const SENDER_BUCKETS: usize = 1024;
 /// [`SENDER_BUCKETS`] buckets picked by a hash of the sender — before the
 /// port's, so one sender cannot use up what the others need. The bucket
 /// array is fixed: a sender forging new addresses grows nothing.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Senders {
     port: PortId,
     /// The sender is the outer source and the VNI (VXLAN), or the source.
@@ -176,6 +176,8 @@ pub struct Punter {
     default_budget: Budget,
     senders: Vec<Senders>,
     cfg: PuntConfig,
+    /// The fast-path thread punting ([`PuntMsg::origin`]).
+    origin: u16,
     /// Frames punted, by reason.
     pub punted: [u64; PuntReason::COUNT],
 }
@@ -201,6 +203,7 @@ pub fn punt_path(cfg: &PuntConfig, ports: u16) -> (Punter, PuntReceiver) {
             default_budget: budget,
             senders: Vec::new(),
             cfg: *cfg,
+            origin: 0,
             punted: [0; PuntReason::COUNT],
         },
         PuntReceiver {
@@ -212,6 +215,23 @@ pub fn punt_path(cfg: &PuntConfig, ports: u16) -> (Punter, PuntReceiver) {
 }
 
 impl Punter {
+    /// A punter for fast-path thread `origin` on the same queues and
+    /// message pool, with budgets like this one's (each thread keeps its
+    /// own: its receive queues are its own).
+    pub fn for_thread(&self, origin: u16) -> Punter {
+        Punter {
+            queues: Arc::clone(&self.queues),
+            pool: Arc::clone(&self.pool),
+            queued: 0,
+            budgets: self.budgets.clone(),
+            default_budget: self.default_budget,
+            senders: self.senders.clone(),
+            cfg: self.cfg,
+            origin,
+            punted: [0; PuntReason::COUNT],
+        }
+    }
+
     /// Change one port's budget (ports beyond the configured count are
     /// added).
     pub fn set_budget(&mut self, port: PortId, b: Budget) {
@@ -290,6 +310,7 @@ impl Punter {
         m.reason = reason;
         m.key = key;
         m.punted_at = now;
+        m.origin = self.origin;
         m.inner_start = inner_start;
         m.orig_len = orig_len;
         let n = self.queues.len();

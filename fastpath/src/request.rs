@@ -86,6 +86,8 @@ impl FirstPacket {
 /// Counters of the whole thread, as `ctl stats` shows them.
 #[derive(Debug, Clone)]
 pub struct Snapshot {
+    /// The fast-path thread's index.
+    pub thread: u16,
     pub ports: Vec<(PortId, String, PortCounters)>,
     /// The kernel's drop counters of each AF_XDP port, by port id.
     pub xsk: Vec<(PortId, crate::xsk::XskStats)>,

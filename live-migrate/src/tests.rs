@@ -106,7 +106,7 @@ pub(crate) fn state() -> SwitchState {
     let side = |key, action| Side {
         key,
         action,
-        installed: true,
+        installed: 1,
     };
     let adm = Admission {
         vni: 100,

@@ -745,3 +745,36 @@ pub fn assert_blackout_bounded(h: &serde_json::Value, ctx: &dyn std::fmt::Displa
         "handover blackout {us} µs, not under 50 ms: {ctx}"
     );
 }
+
+/// The cores a thread of `pid` named `name` may run on
+/// (`Cpus_allowed_list`), one entry per such thread.
+pub fn thread_cores(pid: u64, name: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).expect("tasks") {
+        let dir = t.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let status = std::fs::read_to_string(dir.join("status")).unwrap_or_default();
+        if let Some(l) = status.lines().find(|l| l.starts_with("Cpus_allowed_list:")) {
+            found.push(l["Cpus_allowed_list:".len()..].trim().to_string());
+        }
+    }
+    found
+}
+
+/// The cores this process may use (2 on the machines the suite runs on).
+pub fn allowed_cores() -> Vec<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let l = status
+        .lines()
+        .find(|l| l.starts_with("Cpus_allowed_list:"))
+        .unwrap();
+    let mut v = Vec::new();
+    for part in l["Cpus_allowed_list:".len()..].trim().split(',') {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        v.extend(a.parse::<usize>().unwrap()..=b.parse::<usize>().unwrap());
+    }
+    v
+}

@@ -393,24 +393,25 @@ impl Conntrack {
     }
 
     /// The fast path removed side `key` after it went idle.
-    pub fn flow_gone(&self, key: &FlowKey, last_used: u64, packets: u64) {
+    pub fn flow_gone(&self, key: &FlowKey, used: (u64, u64), thread: u16) {
         if let Some(mut f) = self.find(key) {
             let (id, side) = (f.id, f.side);
-            f.shard.table.flow_gone(id, side, last_used, packets);
+            f.shard.table.flow_gone(id, side, used, thread);
         }
     }
 
     /// The fast path's answer to a check: each key's (last use, packets),
-    /// `None` for a flow that is not installed. Returns the connection if
-    /// it ended.
+    /// `None` for a flow no thread holds, and the threads holding it.
+    /// Returns the connection if it ended.
     pub fn checked(
         &self,
         id: u64,
         keys: [Option<FlowKey>; 2],
         used: [Option<(u64, u64)>; 2],
+        on: [u64; 2],
         now: u64,
     ) -> Option<Conn> {
-        let ended = self.home(id)?.table.checked(id, keys, used, now)?;
+        let ended = self.home(id)?.table.checked(id, keys, used, on, now)?;
         // Gone from its home: its foreign keys now, each shard in turn (a
         // lookup meanwhile finds the id gone).
         for s in &ended.sides {

@@ -9,7 +9,7 @@ use flowtable::{FlowKey, PortId};
 
 use super::quota::{Quotas, Reserve};
 use super::{half_open, index, Conn, ConnState, CtCounters, CtRefused, Expiry, Side, TcpState};
-use super::{Timeouts, SEC};
+use super::{thread_bit, Timeouts, SEC};
 use crate::wheel::Wheel;
 use rustc_hash::FxHashMap;
 
@@ -335,10 +335,11 @@ impl Table {
         self.reschedule(id);
     }
 
-    /// The fast path removed side `key` after it went idle.
-    pub fn flow_gone(&mut self, id: u64, side: usize, last_used: u64, packets: u64) {
+    /// Fast-path thread `thread` removed side `key` after it went idle.
+    pub fn flow_gone(&mut self, id: u64, side: usize, used: (u64, u64), thread: u16) {
+        let (last_used, packets) = used;
         if let Some(c) = self.get_mut(id) {
-            c.sides[side].installed = false;
+            c.sides[side].installed &= !thread_bit(thread);
             c.last_seen = c.last_seen.max(last_used);
             if side == 1 && packets > 0 {
                 c.state.replied();
@@ -348,13 +349,14 @@ impl Table {
     }
 
     /// The fast path's answer to a check: each key's (last use, packets),
-    /// `None` for a flow that is not installed. Returns the connection if
-    /// it ended.
+    /// `None` for a flow no thread holds, and the threads holding it.
+    /// Returns the connection if it ended.
     pub fn checked(
         &mut self,
         id: u64,
         keys: [Option<FlowKey>; 2],
         used: [Option<(u64, u64)>; 2],
+        on: [u64; 2],
         now: u64,
     ) -> Option<Conn> {
         let t = self.timeouts;
@@ -372,7 +374,7 @@ impl Table {
             if k.is_none() {
                 continue;
             }
-            c.sides[side].installed = used[side].is_some();
+            c.sides[side].installed = if used[side].is_some() { on[side] } else { 0 };
             if let Some((last, packets)) = used[side] {
                 c.last_seen = c.last_seen.max(last);
                 if side == 1 && packets > 0 {
@@ -408,8 +410,8 @@ impl Table {
             if c.deadline != deadline {
                 continue; // rescheduled since
             }
-            if c.sides.iter().any(|s| s.installed) {
-                let keys = c.sides.map(|s| s.installed.then_some(s.key));
+            if c.sides.iter().any(|s| s.installed != 0) {
+                let keys = c.sides.map(|s| (s.installed != 0).then_some(s.key));
                 c.deadline = now + CHECK_RETRY;
                 let d = c.deadline;
                 self.wheel.schedule(id, d);

@@ -11,7 +11,7 @@ fn conn(sport: u16, state: ConnState) -> Conn {
     let side = |k| Side {
         key: k,
         action: Action::drop(),
-        installed: true,
+        installed: 1,
     };
     let rev = FlowKey::new(Ingress::Port(PortId(2)), 6, 2, 1, 80, sport);
     let adm = Admission {
@@ -114,7 +114,7 @@ fn a_due_connection_with_flows_is_checked_then_kept_or_ended() {
     assert_eq!(cid, id);
     // The flows were used 5 s ago: the connection lives on.
     let used = [Some((t.tcp_syn - 5 * S, 3)), Some((t.tcp_syn - 5 * S, 2))];
-    assert!(ct.checked(id, keys, used, t.tcp_syn).is_none());
+    assert!(ct.checked(id, keys, used, [1, 1], t.tcp_syn).is_none());
     // Replies were seen but no SYN-ACK event: still syn_sent (timeout 30 s).
     let due = t.tcp_syn - 5 * S + t.tcp_syn;
     assert!(ct.tick(due - S).is_empty());
@@ -122,7 +122,7 @@ fn a_due_connection_with_flows_is_checked_then_kept_or_ended() {
     assert!(matches!(ex.as_slice(), [Expiry::Check { .. }]), "{ex:?}");
     // No use since: it ends, and the caller learns which flows to remove.
     let used = [Some((t.tcp_syn - 5 * S, 3)), None];
-    let gone = ct.checked(id, keys, used, due).expect("ended");
+    let gone = ct.checked(id, keys, used, [1, 0], due).expect("ended");
     assert_eq!(gone.installed_keys().count(), 1);
     assert!(ct.is_empty());
     assert_eq!(ct.counters().expired, 1);
@@ -135,8 +135,8 @@ fn without_flows_a_connection_ends_at_its_deadline_without_asking() {
     let c = conn(1, ConnState::Udp { replied: false });
     let (k0, k1) = (c.sides[0].key, c.sides[1].key);
     let id = ct.insert(c, Some(PortId(1)), 0).unwrap();
-    ct.flow_gone(&k0, 10 * S, 5);
-    ct.flow_gone(&k1, 12 * S, 1);
+    ct.flow_gone(&k0, (10 * S, 5), 0);
+    ct.flow_gone(&k1, (12 * S, 1), 0);
     assert_eq!(ct.get(id).unwrap().state, ConnState::Udp { replied: true });
     // Replied UDP lives udp_stream after its last use.
     assert!(ct.tick(12 * S + t.udp_stream - S).is_empty());
@@ -146,15 +146,47 @@ fn without_flows_a_connection_ends_at_its_deadline_without_asking() {
 }
 
 #[test]
+fn a_flow_gone_from_one_thread_is_asked_about_while_another_thread_holds_it() {
+    let t = Timeouts::default();
+    let mut ct = Conntrack::new(t, Limits::default(), 0);
+    let mut c = conn(1, ConnState::Udp { replied: false });
+    // Both sides in the tables of fast-path threads 0 and 1.
+    c.sides.iter_mut().for_each(|s| s.installed = 0b11);
+    let (k0, k1) = (c.sides[0].key, c.sides[1].key);
+    let id = ct.insert(c, Some(PortId(1)), 0).unwrap();
+    ct.flow_gone(&k0, (10 * S, 5), 0);
+    ct.flow_gone(&k1, (12 * S, 1), 0);
+    assert_eq!(ct.get(id).unwrap().sides.map(|s| s.installed), [0b10, 0b10]);
+    // Thread 1 may still forward it: at the deadline, a check, not an end.
+    let due = 12 * S + t.udp_stream;
+    let ex = ct.tick(due);
+    let Some(Expiry::Check { keys, .. }) = ex.first().cloned() else {
+        panic!("expected a check, got {ex:?}");
+    };
+    // Thread 1 used the reply's flow a moment ago: kept, held by it only.
+    let used = [None, Some((due - S, 9))];
+    assert!(ct.checked(id, keys, used, [0, 0b10], due).is_none());
+    assert_eq!(ct.get(id).unwrap().sides.map(|s| s.installed), [0, 0b10]);
+    // Gone from thread 1 too: it ends at its deadline without asking.
+    ct.flow_gone(&k1, (due - S, 9), 1);
+    let ex = ct.tick(due - S + t.udp_stream);
+    assert!(matches!(ex.as_slice(), [Expiry::Ended(_)]), "{ex:?}");
+}
+
+#[test]
 fn stale_answers_are_ignored() {
     let mut ct = Conntrack::new(Timeouts::default(), Limits::default(), 0);
     let id = ct.insert(conn(1, syn()), None, 0).unwrap();
     let c = ct.remove(id).unwrap();
     let keys = c.sides.map(|s| Some(s.key));
-    assert!(ct.checked(id, keys, [None, None], 100 * S).is_none());
+    assert!(ct
+        .checked(id, keys, [None, None], [0, 0], 100 * S)
+        .is_none());
     let id2 = ct.insert(conn(2, syn()), None, 0).unwrap();
     // Keys of another connection in the same slot: ignored.
-    assert!(ct.checked(id2, keys, [None, None], 100 * S).is_none());
+    assert!(ct
+        .checked(id2, keys, [None, None], [0, 0], 100 * S)
+        .is_none());
     assert!(ct.get(id2).is_some());
 }
 

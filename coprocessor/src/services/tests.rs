@@ -207,7 +207,7 @@ fn passive_counts_of_a_backend_no_service_lists_are_forgotten() {
     let side = |key, action| Side {
         key,
         action,
-        installed: true,
+        installed: 1,
     };
     let admission = Admission {
         vni: 7,

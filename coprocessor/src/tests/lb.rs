@@ -490,7 +490,7 @@ fn icmp_checks_use_echo_and_passive_counts_follow_connections() {
     // Past the SYN timeout: the fast path says the flows saw no use.
     n.now += 60 * 1_000_000_000;
     for c in n.cp.tick(n.now).checks {
-        n.cp.checked(c.id, c.keys, [None, None], n.now);
+        n.cp.checked(&dpif::CheckAnswer::of(c.id, c.keys, [None, None], 0), n.now);
     }
     let sh = n.cp.shared().write();
     assert!(sh.services().passive_counts(VNI, C_IP, 8080).timed_out > 0);

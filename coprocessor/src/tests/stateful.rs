@@ -826,7 +826,9 @@ fn idle_connections_end_on_their_timers_and_free_their_nat_ports() {
         used[0].is_some() && used[1].is_some(),
         "both flows installed"
     );
-    let out = n.cp.checked(c.id, c.keys, used, due);
+    let used = used.map(|u| u.map(|(last_used, packets)| dpif::FlowUse { last_used, packets }));
+    let out =
+        n.cp.checked(&dpif::CheckAnswer::of(c.id, c.keys, used, 0), due);
     assert_eq!(out.remove.len(), 2);
     n.apply(&out);
     assert_eq!(n.ct_len(), 0);
@@ -843,7 +845,11 @@ fn idle_connections_end_on_their_timers_and_free_their_nat_ports() {
     assert_eq!(keys[1].ingress(), Some(Ingress::Port(EXT)));
     for k in &keys {
         let (_, s) = n.p.table_mut().remove(k).unwrap();
-        n.cp.flow_gone(k, s.last_used, s.packets);
+        let used = dpif::FlowUse {
+            last_used: s.last_used,
+            packets: s.packets,
+        };
+        n.cp.flow_gone(k, used, 0);
     }
     assert!(n
         .cp

@@ -53,6 +53,7 @@ fn rig() -> Rig {
         coprocessors: Vec::new(),
         reports: reports.clone(),
         epoch: Instant::now(),
+        thread: 0,
     };
     let pool = FramePool::new(256, 2048, false).unwrap();
     Rig {
