@@ -152,7 +152,6 @@ fn push(f: &FastPath, mut update: Update, stop: &AtomicBool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flowtable::{Action, FlowKey, Ingress, PortId};
 
     fn threads(n: usize) -> (FastPaths, Vec<mpsc::Receiver<Request>>) {
         let mut rx = Vec::new();
@@ -172,6 +171,8 @@ mod tests {
 
     #[test]
     fn an_update_goes_whole_to_the_punting_thread_and_its_common_part_to_the_others() {
+        // (Imported here: a benchmark includes this file without its tests.)
+        use flowtable::{Action, FlowKey, Ingress, PortId};
         let (fast, _rx) = threads(3);
         let stop = AtomicBool::new(false);
         let key = FlowKey::new(Ingress::Port(PortId(1)), 17, 10, 20, 1000, 53);
