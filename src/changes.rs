@@ -104,17 +104,10 @@ pub fn port_add(links: &mut Links, v: &PortAdd) -> Result<Value> {
                 spec.socket.display()
             );
         }
-        if links.fast.len() > 1 {
-            bail!(
-                "field `type`: a vhost-user port has one queue pair in this version, so it \
-                 needs switch.fastpath_threads = 1 ({} here)",
-                links.fast.len()
-            );
-        }
-        let (l, io) = crate::vhost::open(spec)?;
-        l.wake_on_kick(&links.fast.first().wake);
+        let (l, io) = crate::vhost::open(spec, links.fast.len())?;
+        l.wake_on_kick(&links.fast.wakes());
         link = Some(l);
-        vec![io]
+        io
     } else {
         if let Some(f) = [("socket", &v.socket), ("mode", &v.mode), ("mac", &v.mac)]
             .into_iter()

@@ -234,8 +234,9 @@ pub struct SwitchConfig {
     pub poll: Poll,
     /// Fast-path threads. Each polls its own queue of every port (queue
     /// `i` for thread `i`: the uplink's and af-xdp ports' NIC queues, a
-    /// queue of each multi-queue tap) and keeps its own flow table of
-    /// `flow_capacity` flows, so every port needs a queue per thread.
+    /// queue of each multi-queue tap, vhost-user pairs `p` with
+    /// `p mod threads = i`) and keeps its own flow table of
+    /// `flow_capacity` flows.
     pub fastpath_threads: usize,
     pub coprocessor_threads: usize,
     pub flow_capacity: usize,

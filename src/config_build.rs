@@ -444,20 +444,6 @@ impl Config {
             ),
             _ => {}
         }
-        if s.fastpath_threads > 1 {
-            if let Some((i, p)) = self
-                .ports
-                .iter()
-                .enumerate()
-                .find(|(_, p)| p.kind == crate::config::PortType::VhostUser)
-            {
-                bail!(
-                    "port[{i}] ({}): field `type`: a vhost-user port has one queue pair in this version, so it needs switch.fastpath_threads = 1 ({} here)",
-                    p.name,
-                    s.fastpath_threads
-                );
-            }
-        }
         if s.coprocessor_cores.as_ref().is_some_and(Vec::is_empty) {
             bail!("switch: field `coprocessor_cores`: empty (leave it out for the default)");
         }

@@ -139,10 +139,9 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         });
     }
     let fast = crate::fastpaths::FastPaths::new(inboxes);
-    // (vhost-user ports need a single fast-path thread: `config_build`.)
     let (req_tx, wake) = (fast.first().requests.clone(), fast.first().wake.clone());
     for link in &vhost_links {
-        link.wake_on_kick(&wake);
+        link.wake_on_kick(&fast.wakes());
     }
     let mut initial = Shared::new(topo.clone(), built.policy, built.timeouts, built.limits);
     initial.set_services(built.services);

@@ -48,6 +48,11 @@ impl FastPaths {
         self.0.iter()
     }
 
+    /// Every thread's wakeup.
+    pub fn wakes(&self) -> Vec<Arc<Wake>> {
+        self.0.iter().map(|f| f.wake.clone()).collect()
+    }
+
     /// Wake every thread.
     pub fn notify(&self) {
         self.0.iter().for_each(|f| f.wake.notify());

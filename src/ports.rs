@@ -78,18 +78,23 @@ pub fn open(cfg: &Config, pools: &[FramePool], uplink: Option<&Uplink>) -> Resul
         let what = || format!("port[{i}] ({})", p.name);
         let id = PortId(u16::try_from(i).context("too many ports")?);
         let mut prog = None;
+        // A vhost-user port's sides, one per thread, on one protocol side.
+        let mut vhost = Vec::new();
+        if p.kind == PortType::VhostUser {
+            let (link, ios) =
+                crate::vhost::open(vhost_spec(cfg, p)?, pools.len()).with_context(what)?;
+            info!(port = %p.name, socket = %link.spec.socket.display(), mode = ?link.spec.mode, "vhost-user port");
+            o.vhost.push(link);
+            vhost = ios;
+        }
+        let mut vhost = vhost.into_iter();
         for (t, pool) in pools.iter().enumerate() {
             let queue = u32::try_from(t).context("too many fast-path threads")?;
             let io = match p.kind {
                 PortType::Tap => PortIo::Tap(
                     Tap::open(&p.name).with_context(|| format!("{}: queue {t}", what()))?,
                 ),
-                PortType::VhostUser => {
-                    let (link, io) = crate::vhost::open(vhost_spec(cfg, p)?).with_context(what)?;
-                    info!(port = %p.name, socket = %link.spec.socket.display(), mode = ?link.spec.mode, "vhost-user port");
-                    o.vhost.push(link);
-                    io
-                }
+                PortType::VhostUser => vhost.next().context("a vhost-user port's side")?,
                 PortType::AfXdp => {
                     let ifindex = fastpath::xsk::ifindex(&p.name).with_context(what)?;
                     let sock = XskSocket::open(ifindex, queue, pool, XskConfig::default())

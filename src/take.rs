@@ -446,7 +446,7 @@ pub fn adopt(
                 )
             })?;
         let (link, io) = crate::vhost::adopt(given)?;
-        link.wake_on_kick(wake);
+        link.wake_on_kick(std::slice::from_ref(wake));
         port.io = io;
         vhost_links.push(link);
     }

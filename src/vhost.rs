@@ -48,16 +48,17 @@ impl Link {
         })
     }
 
-    /// Wake the fast path on the guest's kicks.
-    pub fn wake_on_kick(&self, wake: &Arc<Wake>) {
-        let w = wake.clone();
-        self.shared.on_kick(Arc::new(move || w.notify()));
+    /// Wake the fast-path threads on the guest's kicks.
+    pub fn wake_on_kick(&self, wakes: &[Arc<Wake>]) {
+        let w = wakes.to_vec();
+        self.shared
+            .on_kick(Arc::new(move || w.iter().for_each(|w| w.notify())));
     }
 }
 
 /// Open the port: listen on (or connect to) its socket. Returns the
-/// fast path's side too.
-pub fn open(spec: Spec) -> Result<(Link, PortIo)> {
+/// fast path's side too, one for each of `threads` fast-path threads.
+pub fn open(spec: Spec, threads: usize) -> Result<(Link, Vec<PortIo>)> {
     let shared = Shared::new(spec.mac);
     let what = || {
         format!(
@@ -72,19 +73,17 @@ pub fn open(spec: Spec) -> Result<(Link, PortIo)> {
             Endpoint::start(Mode::Client(spec.socket.clone()), shared.clone()).with_context(what)?
         }
     };
-    Ok(link(spec, endpoint, shared))
-}
-
-fn link(spec: Spec, endpoint: Endpoint, shared: Arc<Shared>) -> (Link, PortIo) {
-    let io = PortIo::VhostUser(Box::new(VhostPort::new(shared.clone())));
-    (
+    let ios = (0..threads.max(1))
+        .map(|t| PortIo::VhostUser(Box::new(VhostPort::for_thread(shared.clone(), t, threads))))
+        .collect();
+    Ok((
         Link {
             spec,
             endpoint,
             shared,
         },
-        io,
-    )
+        ios,
+    ))
 }
 
 /// A port as the pause handed it over.
@@ -107,7 +106,15 @@ pub fn adopt(g: Given) -> Result<(Link, PortIo)> {
     };
     let endpoint = Endpoint::adopt(mode, shared.clone(), g.handed.conn)
         .with_context(|| format!("port {}: taking its VMM connection over", g.spec.name))?;
-    Ok(link(g.spec, endpoint, shared))
+    let io = PortIo::VhostUser(Box::new(VhostPort::new(shared.clone())));
+    Ok((
+        Link {
+            spec: g.spec,
+            endpoint,
+            shared,
+        },
+        io,
+    ))
 }
 
 /// `handed` (of `spec`'s port) as data; its descriptors are appended to

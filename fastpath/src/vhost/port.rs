@@ -9,6 +9,14 @@
 //! packet) and then takes each vring's own lock once per batch — as DPDK's
 //! vhost library takes a virtqueue's access lock per burst — so a
 //! reconfiguration from the VMM never races a batch.
+//!
+//! With several fast-path threads, each has a [`VhostPort`] of its own on
+//! the same [`Shared`]: thread `t` of `n` serves the queue pairs `p` with
+//! `p mod n = t` — it takes what the guest sends on their transmit queues
+//! and writes to their receive queues, so no two threads touch one queue.
+//! A guest with fewer pairs than threads has its receive queues written
+//! by every thread, each batch under the queue's lock (as OVS shares a
+//! transmit queue between PMD threads when there are too few).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -77,7 +85,8 @@ impl Shared {
         })
     }
 
-    /// Call `f` when the guest kicks (so a sleeping fast path wakes).
+    /// Call `f` when the guest kicks (so a sleeping fast path wakes; every
+    /// fast-path thread, with several).
     pub fn on_kick(&self, f: Arc<dyn Fn() + Send + Sync>) {
         *lock(&self.wake) = Some(f);
     }
@@ -303,11 +312,23 @@ pub struct VhostPort {
     pub stats: VqStats,
     /// Frames offered while no guest was ready.
     pub not_ready: u64,
+    /// This fast-path thread's index, and how many there are: it serves
+    /// pairs `p` with `p % threads == thread`.
+    thread: usize,
+    threads: usize,
 }
 
 impl VhostPort {
     pub fn new(shared: Arc<Shared>) -> VhostPort {
+        VhostPort::for_thread(shared, 0, 1)
+    }
+
+    /// Fast-path thread `thread`'s side of the port (of `threads`).
+    pub fn for_thread(shared: Arc<Shared>, thread: usize, threads: usize) -> VhostPort {
+        let threads = threads.max(1);
         VhostPort {
+            thread: thread % threads,
+            threads,
             shared,
             seen: u64::MAX,
             guest: None,
@@ -357,7 +378,9 @@ impl VhostPort {
         let mem = g.mem.memory();
         let mut done = 0;
         let queues = g.vrings.iter().take(2 * self.pairs);
-        for (pair, vring) in queues.skip(TX_QUEUE).step_by(2).enumerate() {
+        let (thread, threads) = (self.thread, self.threads);
+        let mine = queues.skip(TX_QUEUE).step_by(2).enumerate();
+        for (pair, vring) in mine.filter(|(p, _)| p % threads == thread) {
             if done == max {
                 break;
             }
@@ -388,10 +411,19 @@ impl VhostPort {
             self.not_ready += frames.into_iter().count() as u64;
             return (0, 0);
         };
-        // The receive queues the guest has running now, each locked for
+        // The receive queues the guest has running now of this thread's
+        // pairs — of every pair if it has none running — each locked for
         // the batch.
+        let running = |v: &VringRwLock| {
+            let v = v.get_ref();
+            v.is_enabled() && v.get_queue().ready()
+        };
+        let rx = g.vrings.iter().take(2 * self.pairs).step_by(2).enumerate();
+        let (thread, threads) = (self.thread, self.threads);
+        // (One thread: every pair is its own.)
+        let own = threads > 1 && rx.clone().any(|(p, v)| p % threads == thread && running(v));
         let mut rings = arrayvec::ArrayVec::<_, MAX_PAIRS>::new();
-        for (pair, vring) in g.vrings.iter().take(2 * self.pairs).step_by(2).enumerate() {
+        for (pair, vring) in rx.filter(|(p, _)| !own || p % threads == thread) {
             let v = vring.get_mut();
             if v.is_enabled() && v.get_queue().ready() {
                 rings.push((2 * pair + RX_QUEUE, v));

@@ -304,22 +304,22 @@ fn udp(sport: u16) -> Vec<u8> {
     f
 }
 
-#[test]
-fn with_two_queue_pairs_flows_spread_over_both_receive_queues_and_both_transmit_queues_are_served()
-{
-    let sock = sock_path("mq");
-    let shared = Shared::new([2, 0, 0, 0, 0, 0x47]);
-    let _endpoint = Endpoint::listen(&sock, shared.clone()).unwrap();
-    let mut port = VhostPort::new(shared);
-    let mut vmm = setup(Frontend::connect(&sock, 4).unwrap());
-    // Pair 1 at its own addresses.
-    const RXQ1: u64 = 0x8000;
-    const TXQ1: u64 = 0xc000;
+/// Pair 1's rings, at their own addresses.
+const RXQ1: u64 = 0x8000;
+const TXQ1: u64 = 0xc000;
+
+/// Start pair 1's rings (the guest enabled multiqueue); their kick and
+/// call eventfds.
+fn start_pair_1(vmm: &mut Vmm) -> [[EventFd; 2]; 2] {
     let kicks = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
     let calls = [EventFd::new(0).unwrap(), EventFd::new(0).unwrap()];
-    let Vmm { fe, mem, .. } = &mut vmm;
+    let Vmm { fe, mem, .. } = vmm;
     start_rings_at(fe, mem, &kicks, &calls, &[RXQ1, TXQ1], 2);
-    let rx = [RXQ, RXQ1].map(|a| MockSplitQueue::create(&vmm.mem, GuestAddress(a), 16));
+    [kicks, calls]
+}
+
+/// Give each receive queue in `rx` 8 buffers of 1 KiB.
+fn stock(rx: &[MockSplitQueue<'_, GuestMemoryMmap>]) {
     for (i, q) in rx.iter().enumerate() {
         let at = BUF + 0x4000 * i as u64;
         // (At most 8: the mock lays its used ring over avail entries 8+.)
@@ -328,6 +328,69 @@ fn with_two_queue_pairs_flows_spread_over_both_receive_queues_and_both_transmit_
             .collect();
         q.add_desc_chains(&bufs, 0).unwrap();
     }
+}
+
+#[test]
+fn two_fast_path_threads_each_serve_their_own_queue_pair() {
+    let sock = sock_path("mq-threads");
+    let shared = Shared::new([2, 0, 0, 0, 0, 0x48]);
+    let _endpoint = Endpoint::listen(&sock, shared.clone()).unwrap();
+    let mut ports = [0, 1].map(|t| VhostPort::for_thread(shared.clone(), t, 2));
+    let mut vmm = setup(Frontend::connect(&sock, 4).unwrap());
+    let _pair1 = start_pair_1(&mut vmm);
+    let rx = [RXQ, RXQ1].map(|a| MockSplitQueue::create(&vmm.mem, GuestAddress(a), 16));
+    stock(&rx);
+    vmm.kicks[RX_QUEUE].write(1).unwrap();
+    until("both pairs", || {
+        ports[1].connected() && {
+            let g = ports[1].guest.as_ref().unwrap();
+            g.vrings
+                .iter()
+                .take(4)
+                .all(|v| v.get_ref().get_queue().ready())
+        }
+    });
+    // Each thread writes to its own pair's receive queue only, whatever
+    // the flows.
+    let frames: Vec<Vec<u8>> = (0..4).map(|s| udp(2000 + s)).collect();
+    let (sent, _) = ports[1].send(virtq::plain(frames.iter().map(Vec::as_slice)));
+    assert_eq!(sent, 4);
+    assert_eq!(rx.each_ref().map(|q| q.used().idx().load()), [0, 4]);
+    let (sent, _) = ports[0].send(virtq::plain(frames[..1].iter().map(Vec::as_slice)));
+    assert_eq!(sent, 1);
+    assert_eq!(rx.each_ref().map(|q| q.used().idx().load()), [1, 4]);
+    // What the guest sends on pair p's transmit queue, thread p takes.
+    let tx = [TXQ, TXQ1].map(|a| MockSplitQueue::create(&vmm.mem, GuestAddress(a), 16));
+    for (p, q) in tx.iter().enumerate() {
+        let at = BUF + 0x9000 + 0x100 * p as u64;
+        let payload = [0x70 + p as u8; 40];
+        let frame = [[0u8; HDR_LEN].as_slice(), &payload].concat();
+        vmm.mem.write_slice(&frame, GuestAddress(at)).unwrap();
+        q.add_desc_chains(&[desc(at, (HDR_LEN + 40) as u32, 0, 0)], 0)
+            .unwrap();
+    }
+    for (p, port) in ports.iter_mut().enumerate() {
+        let mut got = crate::vhost::virtq::Collect::default();
+        until("the pair's frame", || {
+            port.recv(32, &mut got);
+            !got.frames.is_empty()
+        });
+        assert_eq!(got.frames, vec![vec![0x70 + p as u8; 40]], "thread {p}");
+    }
+    let _ = std::fs::remove_file(&sock);
+}
+
+#[test]
+fn with_two_queue_pairs_flows_spread_over_both_receive_queues_and_both_transmit_queues_are_served()
+{
+    let sock = sock_path("mq");
+    let shared = Shared::new([2, 0, 0, 0, 0, 0x47]);
+    let _endpoint = Endpoint::listen(&sock, shared.clone()).unwrap();
+    let mut port = VhostPort::new(shared);
+    let mut vmm = setup(Frontend::connect(&sock, 4).unwrap());
+    let _pair1 = start_pair_1(&mut vmm);
+    let rx = [RXQ, RXQ1].map(|a| MockSplitQueue::create(&vmm.mem, GuestAddress(a), 16));
+    stock(&rx);
     vmm.kicks[RX_QUEUE].write(1).unwrap();
     // (Without REPLY_ACK the set-up is not waited for.)
     until("both receive queues", || {
