@@ -48,6 +48,10 @@ use flowtable::{FlowHasher, FlowKey, FlowTable, PortId, Vni};
 
 // The daemon's own hand-off to the fast path (the binary has no library
 // target to import it from).
+#[path = "pin.rs"]
+mod pin;
+use pin::pin_to;
+
 #[path = "../src/fastpaths.rs"]
 #[allow(dead_code)]
 mod fastpaths;
@@ -236,22 +240,6 @@ fn fresh(topo: &Topology, policy: &Policy, services: &Services) -> Coprocessor {
 /// (setups/s then 360k or 780k from one sample to the next).
 const COPROCESSOR_CPU: usize = 0;
 const FASTPATH_CPU: usize = 1;
-
-/// Pin the calling thread to `cpu`.
-fn pin_to(cpu: usize) {
-    // SAFETY: cpu_set_t is a plain bit set; all-zero is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: CPU_SET writes bit `cpu` (< CPU_SETSIZE) of the set above.
-    unsafe { libc::CPU_SET(cpu, &mut set) };
-    // SAFETY: `set` is a valid cpu_set_t of the size given; 0 is this thread.
-    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
-    assert_eq!(
-        r,
-        0,
-        "pinning to CPU {cpu}: {}",
-        std::io::Error::last_os_error()
-    );
-}
 
 /// A fast-path thread with no ports and a fresh table, applying what
 /// arrives on its install queue (adaptive: it sleeps until woken, as the
