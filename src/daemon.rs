@@ -54,11 +54,6 @@ pub fn takeover(config: &std::path::Path) -> Result<()> {
 /// is ready.
 pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Result<()> {
     let n_fast = cfg.switch.fastpath_threads;
-    if takeover.is_some() && n_fast > 1 {
-        bail!(
-            "switch: field `fastpath_threads`: a handover into {n_fast} fast-path threads is not built yet (only one thread takes over)"
-        );
-    }
     let kept = crate::privileges::drop_to_needed()?;
     crate::seccomp::prepare_allocator();
     info!(capabilities = ?kept, "running with only these capabilities");
@@ -139,7 +134,6 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         });
     }
     let fast = crate::fastpaths::FastPaths::new(inboxes);
-    let (req_tx, wake) = (fast.first().requests.clone(), fast.first().wake.clone());
     for link in &vhost_links {
         link.wake_on_kick(&fast.wakes());
     }
@@ -244,8 +238,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     let adopted = match &takeover {
         Some(t) => Some(take::adopt(
             t,
-            &req_tx,
-            &wake,
+            &fast,
             &shared,
             cfg.uplink.as_ref().map(|u| u.interface.as_str()),
             &mut port_names,
@@ -253,13 +246,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         )?),
         None => None,
     };
-    let (xdp_links, mut handover_refused) = xdp_links(&programs, adopted.as_ref());
-    if n_fast > 1 {
-        handover_refused = Some(format!(
-            "a handover of {n_fast} fast-path threads is not built yet: run one \
-             (switch.fastpath_threads = 1) to upgrade live"
-        ));
-    }
+    let (xdp_links, handover_refused) = xdp_links(&programs, adopted.as_ref());
     let punt_depth: Arc<dyn Fn() -> usize + Send + Sync> = Arc::new(move || depth_rx.depth());
     let metrics_shared = shared.clone();
     let (last_handover, listener, inherited_links, next_port) = match adopted {

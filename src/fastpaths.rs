@@ -94,6 +94,30 @@ impl FastPaths {
         items: Vec<I>,
         make: impl Fn(I, Sender<T>) -> Request,
     ) -> Result<Vec<T>> {
+        self.ask_each_within(Duration::from_secs(2), items, make)
+    }
+
+    /// Ask every thread and return at once; [`Asked::answers`] waits.
+    pub fn send<T>(&self, make: impl Fn(Sender<T>) -> Request) -> Result<Asked<T>> {
+        self.send_each(vec![(); self.0.len()], |(), tx| make(tx))
+    }
+
+    fn ask_each_within<I, T>(
+        &self,
+        limit: Duration,
+        items: Vec<I>,
+        make: impl Fn(I, Sender<T>) -> Request,
+    ) -> Result<Vec<T>> {
+        self.send_each(items, make)?.answers(limit)
+    }
+
+    /// Ask thread `i` with `items[i]` and return at once;
+    /// [`Asked::answers`] waits.
+    pub fn send_each<I, T>(
+        &self,
+        items: Vec<I>,
+        make: impl Fn(I, Sender<T>) -> Request,
+    ) -> Result<Asked<T>> {
         if items.len() != self.0.len() {
             bail!(
                 "{} items for {} fast-path threads",
@@ -101,23 +125,16 @@ impl FastPaths {
                 self.0.len()
             );
         }
-        let (tx, rx) = mpsc::channel();
+        let mut asked = Vec::new();
         for ((i, f), item) in self.0.iter().enumerate().zip(items) {
             let (one_tx, one_rx) = mpsc::channel();
             f.requests
                 .send(make(item, one_tx))
                 .map_err(|_| anyhow!("fast-path thread {i} is gone"))?;
             f.wake.notify();
-            let _ = tx.send((i, one_rx));
+            asked.push(one_rx);
         }
-        drop(tx);
-        let until = Instant::now() + Duration::from_secs(2);
-        rx.iter()
-            .map(|(i, one)| {
-                one.recv_timeout(until.saturating_duration_since(Instant::now()))
-                    .map_err(|_| anyhow!("fast-path thread {i} did not answer within 2 s"))
-            })
-            .collect()
+        Ok(Asked(asked))
     }
 
     /// Ask thread 0 only; its answer within 2 s.
@@ -138,6 +155,24 @@ impl FastPaths {
             let _ = f.requests.send(make());
             f.wake.notify();
         }
+    }
+}
+
+/// Questions sent to every thread, their answers still to come.
+pub struct Asked<T>(Vec<mpsc::Receiver<T>>);
+
+impl<T> Asked<T> {
+    /// Every thread's answer, in thread order, all within `limit`.
+    pub fn answers(self, limit: Duration) -> Result<Vec<T>> {
+        let until = Instant::now() + limit;
+        self.0
+            .into_iter()
+            .enumerate()
+            .map(|(i, one)| {
+                one.recv_timeout(until.saturating_duration_since(Instant::now()))
+                    .map_err(|_| anyhow!("fast-path thread {i} did not answer within {limit:?}"))
+            })
+            .collect()
     }
 }
 

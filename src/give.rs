@@ -28,6 +28,14 @@
 //! The new one polls only after confirming, so the two never touch the
 //! rings at once.
 //!
+//! With several fast-path threads, each thread's part goes over to the
+//! new binary's thread of the same index: its queues of the ports, its
+//! frame pool, its flows (in the one flow section, thread after thread),
+//! and at the pause its free frames and counters. The new binary runs
+//! the configuration handed to it, so it has as many threads; one that
+//! asks for another count (or a binary of one thread, which would take
+//! thread 0's part only) is refused before anything is held.
+//!
 //! AF_XDP ports (the uplink, VM veths) go over whole: the frame pool is a
 //! memfd, so the new binary maps the same frames the sockets' UMEM points
 //! into; each socket's rings keep their producer and consumer indices in
@@ -46,7 +54,6 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -54,7 +61,8 @@ use coprocessor::lock;
 use fastpath::dataplane::{monotonic_ns, Dump, HandedIo, Paused, PortCounters, Request};
 use fastpath::pipeline::NamedCounters;
 use live_migrate::protocol::{
-    self, Offer, PauseHeader, PipelineCounters, PoolEntry, PortEntry, VhostPort,
+    self, Offer, PauseHeader, PipelineCounters, PoolEntry, PortEntry, ThreadOffer, ThreadPause,
+    VhostPort,
 };
 use live_migrate::{fdpass, FlowRecord, SwitchState};
 use serde_json::json;
@@ -73,8 +81,15 @@ pub fn handover(
     s: &UnixStream,
     stop: &AtomicBool,
 ) -> bool {
+    let threads = links.fast.len();
     let refusal = match protocol::check(req) {
         Err(e) => Some(e.to_string()),
+        Ok(()) if req.fastpath_threads as usize != threads => Some(format!(
+            "the new binary runs {} fast-path thread(s) and this switch {threads}: a handover \
+             between different thread counts is not built yet (a binary from before \
+             several threads runs one)",
+            req.fastpath_threads
+        )),
         Ok(()) => links.handover_refused.clone(),
     };
     if let Some(why) = refusal {
@@ -86,10 +101,10 @@ pub fn handover(
     let t = Instant::now();
     // The snapshot's memory is made ready first, sized from what the
     // switch holds, so its page faults do not count below.
-    let flows = links
+    let flows: usize = links
         .fast
-        .ask_first(Request::Stats)
-        .map_or(0, |s| s.table_len);
+        .ask(Request::Stats)
+        .map_or(0, |s| s.iter().map(|s| s.table_len).sum());
     let conns = coprocessor::read(links.coprocessor.shared()).ct.len();
     let file = match live_migrate::memfd::SnapshotFile::create(
         flows * 48 + conns * 256 + links.config_text.len() + (1 << 20),
@@ -110,25 +125,23 @@ pub fn handover(
     // From here new flows wait: the pre-copy's cost to the tenants.
     let held_mono_ns = fastpath::dataplane::monotonic_ns();
     let guard = lock(&shared);
-    let (dump_tx, dump_rx) = mpsc::channel();
-    let first = links.fast.first();
-    let _ = first.requests.send(Request::Dump(dump_tx));
-    first.wake.notify();
+    let dumped = links.fast.send(Request::Dump);
     let saved = guard.save();
-    let mut dump = match dump_rx.recv_timeout(Duration::from_secs(10)) {
+    let mut dumps = match dumped.and_then(|d| d.answers(Duration::from_secs(10))) {
         Ok(d) => d,
         Err(e) => {
-            warn!("handover: the fast path did not dump its flows: {e}");
+            warn!("handover: the fast path did not dump its flows: {e:#}");
             return false;
         }
     };
     // The flows go into the snapshot file's flow section, straight
-    // from the dump.
+    // from the dumps; every thread's actions in one list.
+    let actions = merge_actions(&mut dumps);
     let state = live_migrate::SwitchState {
-        clock_ns: dump.clock_ns,
+        clock_ns: dumps[0].clock_ns,
         config: links.config_text.clone(),
         shared: saved,
-        actions: std::mem::take(&mut dump.actions),
+        actions,
         flows: live_migrate::Flows::default(),
         since2: Some(live_migrate::Since2 {
             services: guard.save_services(),
@@ -140,7 +153,7 @@ pub fn handover(
     let mut handed: Vec<(usize, fastpath::vhost::endpoint::Handed)> = Vec::new();
     let given = give(
         s,
-        &dump,
+        &dumps,
         file,
         &state,
         listener,
@@ -148,7 +161,7 @@ pub fn handover(
         held_mono_ns,
         || {
             paused = true;
-            let p = links.fast.ask_first(Request::Pause)?;
+            let p = links.fast.ask(Request::Pause)?;
             // With the fast path paused the rings stand still; each
             // port's protocol thread stops between two requests.
             for (i, link) in links.vhost.iter().enumerate() {
@@ -172,7 +185,7 @@ pub fn handover(
     let handed_over = match given {
         Ok(true) => {
             info!(
-                flows = dump.flows.len(),
+                flows = dumps.iter().map(|d| d.flows.len()).sum::<usize>(),
                 connections = state.shared.conns.len(),
                 elapsed_ms = t.elapsed().as_secs_f64() * 1e3,
                 "handed over to the new binary; exiting"
@@ -191,9 +204,7 @@ pub fn handover(
                     warn!(port = %link.spec.name, "vhost-user connection not taken back: {e}");
                 }
             }
-            let first = links.fast.first();
-            let _ = first.requests.send(Request::Resume(None));
-            first.wake.notify();
+            links.fast.tell(|| Request::Resume(None));
             false
         }
     };
@@ -218,7 +229,7 @@ pub const READY_TIMEOUT: Duration = Duration::from_secs(3);
 #[allow(clippy::too_many_arguments)]
 pub fn give(
     s: &UnixStream,
-    dump: &Dump,
+    dumps: &[Dump],
     file: live_migrate::memfd::SnapshotFile,
     state: &SwitchState,
     listener: &UnixListener,
@@ -227,43 +238,38 @@ pub fn give(
     pause: impl FnOnce() -> Result<PauseOut>,
 ) -> Result<bool> {
     let started = monotonic_ns();
-    let records = dump.flows.iter().map(|(key, action, stats)| FlowRecord {
-        key: *key,
-        action: *action,
-        stats: *stats,
-    });
+    let Some((dump, others)) = dumps.split_first() else {
+        bail!("no fast-path thread dumped its flows");
+    };
+    // Every thread's flows, thread after thread (their action indices
+    // already into the one list: `merge_actions`).
+    let records = Counted {
+        left: dumps.iter().map(|d| d.flows.len()).sum(),
+        it: dumps.iter().flat_map(|d| {
+            d.flows.iter().map(|(key, action, stats)| FlowRecord {
+                key: *key,
+                action: *action,
+                stats: *stats,
+            })
+        }),
+    };
     let written = file
         .write(state, records)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut fds = vec![written.fd.as_raw_fd()];
-    let mut ports = Vec::new();
-    for (name, io) in &dump.ports {
-        let name = name.clone();
-        ports.push(match io {
-            Some(HandedIo::Tap(fd)) => {
-                fds.push(*fd);
-                PortEntry::Tap {
-                    name,
-                    fd: fds.len() - 1,
-                }
-            }
-            Some(HandedIo::Xsk { fd, ring_size, sg }) => {
-                fds.push(*fd);
-                PortEntry::AfXdp {
-                    name,
-                    fd: fds.len() - 1,
-                    ring_size: *ring_size,
-                    sg: *sg,
-                }
-            }
-            Some(HandedIo::VhostUser) => PortEntry::VhostUser { name },
-            None => PortEntry::Closed { name },
-        });
-    }
+    let ports = port_entries(dump, &mut fds);
     let listener_fd = fds.len();
     fds.push(listener.as_raw_fd());
-    let pool = &dump.pool;
-    fds.push(pool.fd);
+    let pool = pool_entry(dump, &mut fds);
+    let threads = others
+        .iter()
+        .map(|d| ThreadOffer {
+            ports: port_entries(d, &mut fds),
+            pool: pool_entry(d, &mut fds),
+            hash_seed: d.hash_seed,
+            flows: d.flows.len(),
+        })
+        .collect();
     let links: Vec<usize> = xdp_links
         .iter()
         .map(|fd| {
@@ -275,12 +281,7 @@ pub fn give(
         protocol: protocol::PROTOCOL,
         ports,
         listener_fd,
-        pool: PoolEntry {
-            fd: listener_fd + 1,
-            len: pool.len,
-            huge: pool.huge,
-            chunk_size: pool.chunk_size,
-        },
+        pool,
         xdp_links: links,
         snapshot_fd: 0,
         snapshot: written.snapshot_len,
@@ -290,6 +291,7 @@ pub fn give(
         started_mono_ns: started,
         packed_mono_ns: monotonic_ns(),
         confirm_ack: true,
+        threads,
     });
     fdpass::send_many(s, &(header.len() as u64).to_le_bytes(), &fds)?;
     let mut w = s;
@@ -297,7 +299,8 @@ pub fn give(
     // More flows take longer to put back: 2 µs each on top (measured:
     // well under 1 µs). The whole answer by then, however it trickles in
     // (the coprocessors are held meanwhile), and one short line at most.
-    let flows_allowance = Duration::from_micros(2 * dump.flows.len() as u64);
+    let all_flows: usize = dumps.iter().map(|d| d.flows.len()).sum();
+    let flows_allowance = Duration::from_micros(2 * all_flows as u64);
     let mut r = BufReader::new(Deadline::new(s, READY_TIMEOUT + flows_allowance).take(0));
     let mut line = String::new();
     r.get_mut().set_limit(protocol::MAX_LINE);
@@ -313,15 +316,30 @@ pub fn give(
         vhost,
         vhost_fds,
     } = pause()?;
-    let free: Vec<u8> = paused.free.iter().flat_map(|a| a.to_le_bytes()).collect();
+    // Every thread's free frames, thread after thread.
+    let free: Vec<u8> = paused
+        .iter()
+        .flat_map(|p| p.free.iter().flat_map(|a| a.to_le_bytes()))
+        .collect();
+    let mut paused = paused.into_iter();
+    let first = paused.next().context("no fast-path thread paused")?;
+    let threads = paused
+        .map(|p| ThreadPause {
+            free: p.free.len() as u64,
+            counters: p.counters.iter().map(counters_to_wire).collect(),
+            pipeline: pipeline_to_wire(p.pipeline),
+        })
+        .collect();
     let header = protocol::encode(&PauseHeader {
         protocol: protocol::PROTOCOL,
-        paused_mono_ns: paused.last_poll_mono_ns,
+        // The last thread's last poll: the blackout is from then at most.
+        paused_mono_ns: first.last_poll_mono_ns,
         packed_mono_ns: monotonic_ns(),
-        free: paused.free.len() as u64,
-        counters: paused.counters.iter().map(counters_to_wire).collect(),
-        pipeline: pipeline_to_wire(paused.pipeline),
+        free: first.free.len() as u64,
+        counters: first.counters.iter().map(counters_to_wire).collect(),
+        pipeline: pipeline_to_wire(first.pipeline),
         vhost,
+        threads,
     });
     let len = (header.len() as u64).to_le_bytes();
     let mut msg = Vec::with_capacity(8 + header.len() + free.len());
@@ -356,13 +374,92 @@ pub fn give(
     Ok(true)
 }
 
-/// What the old binary's pause gives out besides the fast path's part:
-/// the vhost-user ports' protocol state (data, and the descriptors it
+/// What the old binary's pause gives out: each fast-path thread's part,
+/// and the vhost-user ports' protocol state (data, and the descriptors it
 /// names by index, which stay open until the handover ends).
 pub struct PauseOut {
-    pub paused: Paused,
+    pub paused: Vec<Paused>,
     pub vhost: Vec<VhostPort>,
     pub vhost_fds: Vec<std::os::fd::RawFd>,
+}
+
+/// Each port of a thread's dump as the offer names it, its descriptor
+/// appended to `fds`.
+fn port_entries(dump: &Dump, fds: &mut Vec<std::os::fd::RawFd>) -> Vec<PortEntry> {
+    let mut ports = Vec::new();
+    for (name, io) in &dump.ports {
+        let name = name.clone();
+        ports.push(match io {
+            Some(HandedIo::Tap(fd)) => {
+                fds.push(*fd);
+                PortEntry::Tap {
+                    name,
+                    fd: fds.len() - 1,
+                }
+            }
+            Some(HandedIo::Xsk { fd, ring_size, sg }) => {
+                fds.push(*fd);
+                PortEntry::AfXdp {
+                    name,
+                    fd: fds.len() - 1,
+                    ring_size: *ring_size,
+                    sg: *sg,
+                }
+            }
+            Some(HandedIo::VhostUser) => PortEntry::VhostUser { name },
+            None => PortEntry::Closed { name },
+        });
+    }
+    ports
+}
+
+/// A thread's frame pool as the offer names it, its memfd appended to
+/// `fds`.
+fn pool_entry(dump: &Dump, fds: &mut Vec<std::os::fd::RawFd>) -> PoolEntry {
+    fds.push(dump.pool.fd);
+    PoolEntry {
+        fd: fds.len() - 1,
+        len: dump.pool.len,
+        huge: dump.pool.huge,
+        chunk_size: dump.pool.chunk_size,
+    }
+}
+
+/// An iterator whose length is known (the snapshot file is sized from
+/// it before the records are written).
+struct Counted<I> {
+    it: I,
+    left: usize,
+}
+
+impl<I: Iterator> Iterator for Counted<I> {
+    type Item = I::Item;
+    fn next(&mut self) -> Option<I::Item> {
+        let x = self.it.next()?;
+        self.left = self.left.saturating_sub(1);
+        Some(x)
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
+impl<I: Iterator> ExactSizeIterator for Counted<I> {}
+
+/// Every thread's actions in one list (thread 0's first, its indices
+/// unchanged), each thread's flows pointing into it.
+fn merge_actions(dumps: &mut [Dump]) -> Vec<flowtable::Action> {
+    let mut all = Vec::new();
+    for d in dumps.iter_mut() {
+        let offset = u32::try_from(all.len()).unwrap_or(u32::MAX);
+        all.append(&mut d.actions);
+        if offset > 0 {
+            d.flows
+                .iter_mut()
+                .for_each(|f| f.1 = f.1.saturating_add(offset));
+        }
+    }
+    all
 }
 
 /// A port's counters by name (the names are the fields').

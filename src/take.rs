@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::{mpsc, Arc};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -17,7 +17,6 @@ use fastpath::dataplane::{monotonic_ns, Port, PortCounters, PortIo, Request};
 use fastpath::pipeline::NamedCounters;
 use fastpath::tap::Tap;
 use fastpath::umem::FramePool;
-use fastpath::wake::Wake;
 use fastpath::xsk::XskSocket;
 use flowtable::PortId;
 use live_migrate::protocol::{self, Offer, PauseHeader, PipelineCounters, PortEntry};
@@ -26,6 +25,7 @@ use tracing::{info, warn};
 
 use crate::command::Command;
 use crate::deadline::Deadline;
+use crate::fastpaths::FastPaths;
 
 /// The new side, before anything pauses: the running switch's
 /// configuration and clock zero (CLOCK_MONOTONIC ns), so this binary can
@@ -74,15 +74,26 @@ pub struct TakenPool {
     pub chunk_size: u32,
 }
 
+/// One fast-path thread's part of the pre-copy.
+pub struct TakenThread {
+    /// Its queue of each port, by id, with the port's name.
+    pub ports: Vec<(String, TakenPort)>,
+    pub pool: TakenPool,
+    /// Its flow table's hash seed (flows keep their hashes).
+    pub hash_seed: u64,
+    /// Its flows: these records of the flow section.
+    pub flows: std::ops::Range<usize>,
+}
+
 /// The pre-copy, as the new binary received it.
 pub struct Taken {
     pub state: SwitchState,
-    /// The fast path's flows, read in place from the snapshot file.
+    /// The fast path's flows, read in place from the snapshot file (every
+    /// thread's, thread after thread).
     pub flows: live_migrate::memfd::MappedFlows,
-    /// Ports by id, with their names.
-    pub ports: Vec<(String, TakenPort)>,
+    /// Each fast-path thread's ports, pool and flows (thread 0 first).
+    pub threads: Vec<TakenThread>,
     pub listener: UnixListener,
-    pub pool: TakenPool,
     /// The bpf_links keeping the XDP programs attached: held for as long
     /// as this binary runs (and handed on).
     pub xdp_links: Vec<OwnedFd>,
@@ -95,20 +106,24 @@ pub struct Taken {
     pub packed_mono_ns: u64,
     pub received_mono_ns: u64,
     pub snapshot_bytes: usize,
-    /// The flow table's hash seed (flows keep their hashes).
-    pub hash_seed: u64,
     /// The connection to confirm on.
     pub conn: UnixStream,
     /// The running switch acknowledges the confirm (see [`confirm`]).
     pub confirm_ack: bool,
 }
 
-/// What the pause brought.
-pub struct Pause {
+/// One fast-path thread's part of the pause.
+pub struct ThreadPause {
     /// The frames user space owns.
     pub free: Vec<u64>,
     pub counters: Vec<PortCounters>,
     pub pipeline: NamedCounters,
+}
+
+/// What the pause brought.
+pub struct Pause {
+    /// Each fast-path thread's part (thread 0 first).
+    pub threads: Vec<ThreadPause>,
     /// The vhost-user ports' connections.
     pub vhost: Vec<crate::vhost::Given>,
     /// CLOCK_MONOTONIC of the old binary's last poll, of the end of its
@@ -127,13 +142,16 @@ fn read_message<M: protocol::Message>(conn: &UnixStream, len: [u8; 8]) -> Result
     Ok(protocol::decode(&header)?)
 }
 
-/// The new side: ask the switch on `socket` to hand over, and take the
-/// pre-copy.
-pub fn take(socket: &Path) -> Result<Taken> {
+/// The new side: ask the switch on `socket` to hand over to this
+/// binary's `threads` fast-path threads, and take the pre-copy.
+pub fn take(socket: &Path, threads: usize) -> Result<Taken> {
     let conn = UnixStream::connect(socket)
         .with_context(|| format!("connecting to the running switch at {}", socket.display()))?;
     conn.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let req = Command::Handover(Default::default()).to_line() + "\n";
+    let req = protocol::HandoverRequest::for_threads(
+        u32::try_from(threads).context("fast-path threads")?,
+    );
+    let req = Command::Handover(req).to_line() + "\n";
     (&conn).write_all(req.as_bytes())?;
     let mut len = [0u8; 8];
     let (n, fds) = fdpass::recv_many(&conn, &mut len)?;
@@ -153,6 +171,13 @@ pub fn take(socket: &Path) -> Result<Taken> {
     let h: Offer = read_message(&conn, len)?;
     let received_mono_ns = monotonic_ns();
     h.check_descriptors(fds.len())?;
+    if 1 + h.threads.len() != threads {
+        bail!(
+            "the running switch offers {} fast-path threads' parts, this binary runs {threads}",
+            1 + h.threads.len()
+        );
+    }
+    let counts = h.thread_flows()?;
     let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
     // Each index was checked above: present, and named once.
     let mut take_fd = |i: usize| -> Result<OwnedFd> {
@@ -165,35 +190,39 @@ pub fn take(socket: &Path) -> Result<Taken> {
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     let flows = live_migrate::memfd::MappedFlows::map(snap.as_fd(), h.flows)
         .map_err(|e| anyhow::anyhow!("the flow section: {e}"))?;
-    let mut ports = Vec::new();
-    for p in h.ports {
-        let (name, port) = match p {
-            PortEntry::Tap { name, fd } => (name, TakenPort::Tap(take_fd(fd)?)),
-            PortEntry::AfXdp {
-                name,
-                fd,
-                ring_size,
-                sg,
-            } => (
-                name,
-                TakenPort::Xsk {
-                    fd: take_fd(fd)?,
-                    ring_size,
-                    sg,
+    let mut parts = Vec::new();
+    let mut at = 0;
+    for ((entries, pool, hash_seed), n) in h.thread_parts().zip(counts) {
+        let mut ports = Vec::new();
+        for p in entries {
+            let port = match p {
+                PortEntry::Tap { fd, .. } => TakenPort::Tap(take_fd(*fd)?),
+                PortEntry::AfXdp {
+                    fd, ring_size, sg, ..
+                } => TakenPort::Xsk {
+                    fd: take_fd(*fd)?,
+                    ring_size: *ring_size,
+                    sg: *sg,
                 },
-            ),
-            PortEntry::VhostUser { name } => (name, TakenPort::VhostUser),
-            PortEntry::Closed { name } => (name, TakenPort::Closed),
-        };
-        ports.push((name, port));
+                PortEntry::VhostUser { .. } => TakenPort::VhostUser,
+                PortEntry::Closed { .. } => TakenPort::Closed,
+            };
+            ports.push((p.name().to_string(), port));
+        }
+        parts.push(TakenThread {
+            ports,
+            pool: TakenPool {
+                fd: take_fd(pool.fd)?,
+                len: pool.len,
+                huge: pool.huge,
+                chunk_size: pool.chunk_size,
+            },
+            hash_seed,
+            flows: at..at + n,
+        });
+        at += n;
     }
     let listener = UnixListener::from(take_fd(h.listener_fd)?);
-    let pool = TakenPool {
-        fd: take_fd(h.pool.fd)?,
-        len: h.pool.len,
-        huge: h.pool.huge,
-        chunk_size: h.pool.chunk_size,
-    };
     let xdp_links = h
         .xdp_links
         .iter()
@@ -202,16 +231,14 @@ pub fn take(socket: &Path) -> Result<Taken> {
     Ok(Taken {
         state,
         flows,
-        ports,
+        threads: parts,
         listener,
-        pool,
         xdp_links,
         held_mono_ns: h.held_mono_ns.unwrap_or(h.started_mono_ns),
         started_mono_ns: h.started_mono_ns,
         packed_mono_ns: h.packed_mono_ns,
         received_mono_ns,
         snapshot_bytes: h.snapshot + h.flows.count * live_migrate::FLOW_BYTES,
-        hash_seed: h.hash_seed,
         confirm_ack: h.confirm_ack,
         conn,
     })
@@ -241,21 +268,31 @@ pub fn ready(conn: &UnixStream) -> Result<Pause> {
                 .context("a descriptor the pause names is missing")
         })?);
     }
+    // Every thread's free list, thread after thread (their lengths add up
+    // to the bytes read: `free_bytes`).
+    let mut addrs = free.chunks_exact(8).map(|c| {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(c);
+        u64::from_le_bytes(b)
+    });
+    let parts = std::iter::once((h.free, h.counters, h.pipeline)).chain(
+        h.threads
+            .into_iter()
+            .map(|t| (t.free, t.counters, t.pipeline)),
+    );
+    let mut threads = Vec::new();
+    for (n, counters, pipeline) in parts {
+        threads.push(ThreadPause {
+            free: addrs.by_ref().take(usize::try_from(n)?).collect(),
+            counters: counters
+                .iter()
+                .map(counters_from_wire)
+                .collect::<Result<_>>()?,
+            pipeline: pipeline_from_wire(pipeline),
+        });
+    }
     Ok(Pause {
-        free: free
-            .chunks_exact(8)
-            .map(|c| {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(c);
-                u64::from_le_bytes(b)
-            })
-            .collect(),
-        counters: h
-            .counters
-            .iter()
-            .map(counters_from_wire)
-            .collect::<Result<_>>()?,
-        pipeline: pipeline_from_wire(h.pipeline),
+        threads,
         vhost,
         paused_mono_ns: h.paused_mono_ns,
         packed_mono_ns: h.packed_mono_ns,
@@ -333,44 +370,48 @@ pub struct Adopted {
 }
 
 /// Everything is running (fast path held, coprocessors idle): take the
-/// switch over from the running binary. The pre-copy goes into the fast
-/// path (`req_tx`) and the shared state while the old binary forwards;
-/// then the pause brings the ports (named into `port_names`, vhost-user
-/// ones into `vhost_links`) and the pool; confirmed, the fast path polls.
+/// switch over from the running binary. The pre-copy goes into the
+/// fast-path threads (`fast`: each takes the old binary's thread of its
+/// index) and the shared state while the old binary forwards; then the
+/// pause brings the ports (named into `port_names`, vhost-user ones into
+/// `vhost_links`) and the pools; confirmed, the fast path polls.
 pub fn adopt(
     t: &Takeover,
-    req_tx: &mpsc::Sender<Request>,
-    wake: &Arc<Wake>,
+    fast: &FastPaths,
     shared: &coprocessor::SharedLock,
     uplink_name: Option<&str>,
     port_names: &mut HashMap<String, PortId>,
     vhost_links: &mut Vec<crate::vhost::Link>,
 ) -> Result<Adopted> {
-    let taken = take(&t.socket)?;
-    let mut next_port = 0;
-    // Pre-copy (the old binary still forwards): the state, the flows
-    // in the held fast path, the pool and the sockets' rings mapped.
-    send_request(req_tx, wake, fastpath::dataplane::Request::Hold)?;
+    let taken = take(&t.socket, fast.len())?;
+    // Pre-copy (the old binary still forwards): the state, each thread's
+    // flows in its held fast path, the pools and the sockets' rings
+    // mapped.
+    fast.tell(|| Request::Hold);
     let carried = taken.state.shared.conns.len();
     let flows = taken.state.flows.len() + taken.flows.len();
     let state = taken.state;
-    let warm = fastpath::dataplane::Warm {
-        hash_seed: taken.hash_seed,
-        actions: state.actions,
-        flows: Box::new(
-            state
-                .flows
-                .into_records()
-                .chain(taken.flows.into_records())
-                .map(|r| (r.key, r.action, r.stats)),
-        ),
-    };
-    let (warm_tx, warm_rx) = mpsc::channel();
-    send_request(
-        req_tx,
-        wake,
-        fastpath::dataplane::Request::Restore(Box::new(warm), warm_tx),
-    )?;
+    let mapped = Arc::new(taken.flows);
+    // Flows kept in the state itself (an old format): thread 0's.
+    let mut legacy = Some(state.flows);
+    let warms: Vec<Box<fastpath::dataplane::Warm>> = taken
+        .threads
+        .iter()
+        .map(|part| {
+            let records = Arc::clone(&mapped).records_in(part.flows.clone());
+            let records = legacy
+                .take()
+                .into_iter()
+                .flat_map(|f| f.into_records())
+                .chain(records);
+            Box::new(fastpath::dataplane::Warm {
+                hash_seed: part.hash_seed,
+                actions: state.actions.clone(),
+                flows: Box::new(records.map(|r| (r.key, r.action, r.stats))),
+            })
+        })
+        .collect();
+    let restoring = fast.send_each(warms, Request::Restore)?;
     // The shared state meanwhile, on this thread.
     // A previous release handed over no services: this binary's config
     // has the ones to start with (as on a fresh start).
@@ -381,94 +422,113 @@ pub fn adopt(
     let restored = Shared::restore(state.shared, services, state.clock_ns)
         .map_err(|e| anyhow::anyhow!("restoring the handed-over state: {e}"))?;
     *coprocessor::lock(shared) = restored;
-    let region = fastpath::umem::Region::from_fd(
-        taken.pool.fd.try_clone()?,
-        taken.pool.len,
-        taken.pool.huge,
-    )
-    .context("mapping the handed-over frame pool")?;
-    // This binary's big chunks, made (and their pages touched) now rather
-    // than in the blackout.
-    let big = fastpath::umem::BigChunks::new(taken.pool.huge)
-        .context("making the frame pool's big chunks")?;
-    let mut adopted = Vec::new();
-    for (id, (name, taken_port)) in taken.ports.into_iter().enumerate() {
-        let id = PortId(u16::try_from(id).context("too many ports")?);
-        let closed = matches!(taken_port, TakenPort::Closed);
-        let io = match taken_port {
-            TakenPort::Tap(fd) => PortIo::Tap(Tap::from_fd(fd, &name)),
-            TakenPort::Xsk { fd, ring_size, sg } => PortIo::Xsk(Box::new(
-                XskSocket::from_fd(fd, ring_size, sg)
-                    .with_context(|| format!("port {name}: the handed-over AF_XDP socket"))?,
-            )),
-            // Its connection comes with the pause.
-            TakenPort::VhostUser | TakenPort::Closed => PortIo::Closed,
-        };
-        if uplink_name != Some(name.as_str()) && !closed {
-            port_names.insert(name.clone(), id);
+    // Each thread's pool mapped, and this binary's big chunks for it made
+    // (their pages touched) now rather than in the blackout; its ports.
+    let mut regions = Vec::new();
+    let mut adopted: Vec<Vec<Port>> = Vec::new();
+    let mut next_port = 0;
+    for (j, part) in taken.threads.into_iter().enumerate() {
+        let region = fastpath::umem::Region::from_fd(
+            part.pool.fd.try_clone()?,
+            part.pool.len,
+            part.pool.huge,
+        )
+        .context("mapping the handed-over frame pool")?;
+        let big = fastpath::umem::BigChunks::new(part.pool.huge)
+            .context("making the frame pool's big chunks")?;
+        regions.push((region, part.pool.chunk_size, big));
+        let mut ports = Vec::new();
+        for (id, (name, taken_port)) in part.ports.into_iter().enumerate() {
+            let id = PortId(u16::try_from(id).context("too many ports")?);
+            let closed = matches!(taken_port, TakenPort::Closed);
+            let io = match taken_port {
+                TakenPort::Tap(fd) => PortIo::Tap(Tap::from_fd(fd, &name)),
+                TakenPort::Xsk { fd, ring_size, sg } => PortIo::Xsk(Box::new(
+                    XskSocket::from_fd(fd, ring_size, sg)
+                        .with_context(|| format!("port {name}: the handed-over AF_XDP socket"))?,
+                )),
+                // Its connection comes with the pause.
+                TakenPort::VhostUser | TakenPort::Closed => PortIo::Closed,
+            };
+            if j == 0 {
+                if uplink_name != Some(name.as_str()) && !closed {
+                    port_names.insert(name.clone(), id);
+                }
+                next_port = id.0 + 1;
+            }
+            ports.push(Port {
+                id,
+                name,
+                io,
+                counters: PortCounters::default(),
+            });
         }
-        adopted.push(Port {
-            id,
-            name,
-            io,
-            counters: PortCounters::default(),
-        });
-        next_port = id.0 + 1;
+        adopted.push(ports);
     }
     // The flows are in before the pause, so it does not wait for them.
-    let (_, refused, same_hash) = warm_rx
-        .recv_timeout(Duration::from_secs(30))
-        .context("the fast path did not take the flows in within 30 s")?;
-    if refused > 0 {
-        warn!(refused, "handed-over flows that did not fit the flow table");
-    }
-    if !same_hash {
-        warn!("the flow table was not empty: flows get new VXLAN source ports");
+    for (refused, same_hash) in restoring
+        .answers(Duration::from_secs(30))
+        .context("the fast path did not take the flows in within 30 s")?
+        .into_iter()
+        .map(|(_, refused, same_hash)| (refused, same_hash))
+    {
+        if refused > 0 {
+            warn!(refused, "handed-over flows that did not fit the flow table");
+        }
+        if !same_hash {
+            warn!("the flow table was not empty: flows get new VXLAN source ports");
+        }
     }
     let precopy_done = fastpath::dataplane::monotonic_ns();
     // The pause: the old binary stops polling and says which frames
-    // are free; the ports and the pool go to the fast path at once.
+    // are free; the ports and the pools go to the fast path at once.
     let pause = ready(&taken.conn)?;
-    for (p, c) in adopted.iter_mut().zip(pause.counters) {
-        p.counters = c;
-    }
     // The vhost-user connections: each set up again in a fresh
     // request handler (the VMM notices nothing), its rings published
-    // before the fast path gets the port.
+    // before the fast path gets the port (each thread its side).
     for given in pause.vhost {
-        let port = adopted
-            .iter_mut()
-            .find(|p| p.name == given.spec.name)
-            .with_context(|| {
-                format!(
-                    "vhost-user port {} is not among the handed-over ports",
-                    given.spec.name
-                )
+        let name = given.spec.name.clone();
+        let (link, ios) = crate::vhost::adopt(given, fast.len())?;
+        for (ports, io) in adopted.iter_mut().zip(ios) {
+            let port = ports.iter_mut().find(|p| p.name == name).with_context(|| {
+                format!("vhost-user port {name} is not among the handed-over ports")
             })?;
-        let (link, io) = crate::vhost::adopt(given)?;
-        link.wake_on_kick(std::slice::from_ref(wake));
-        port.io = io;
+            port.io = io;
+        }
+        link.wake_on_kick(&fast.wakes());
         vhost_links.push(link);
     }
-    let pool = FramePool::adopt(region, taken.pool.chunk_size, pause.free, big)
-        .context("adopting the handed-over frame pool")?;
-    ask_fast_path(req_tx, wake, |tx| {
-        fastpath::dataplane::Request::Adopt(
-            Box::new(fastpath::dataplane::Adoption {
-                pool,
-                ports: adopted,
-                counters: Some(pause.pipeline),
-            }),
-            tx,
-        )
-    })?;
+    let mut adoptions = Vec::new();
+    for ((mut ports, (region, chunk_size, big)), p) in
+        adopted.into_iter().zip(regions).zip(pause.threads)
+    {
+        for (port, c) in ports.iter_mut().zip(p.counters) {
+            port.counters = c;
+        }
+        let pool = FramePool::adopt(region, chunk_size, p.free, big)
+            .context("adopting the handed-over frame pool")?;
+        adoptions.push(Box::new(fastpath::dataplane::Adoption {
+            pool,
+            ports,
+            counters: Some(p.pipeline),
+        }));
+    }
+    for (i, r) in fast
+        .ask_each(adoptions, Request::Adopt)?
+        .into_iter()
+        .enumerate()
+    {
+        r.map_err(|e| anyhow::anyhow!("fast-path thread {i}: {e}"))?;
+    }
     let adopted_mono_ns = fastpath::dataplane::monotonic_ns();
     confirm(&taken.conn, taken.confirm_ack)?;
-    let (tx, rx) = mpsc::channel();
-    send_request(req_tx, wake, fastpath::dataplane::Request::Resume(Some(tx)))?;
-    let first = rx
-        .recv_timeout(Duration::from_secs(2))
-        .context("the fast path did not poll within 2 s of the handover")?;
+    let first = fast
+        .send(|tx| Request::Resume(Some(tx)))?
+        .answers(Duration::from_secs(2))
+        .context("the fast path did not poll within 2 s of the handover")?
+        .into_iter()
+        .max()
+        .unwrap_or(0);
     let us = |a: u64, b: u64| b.saturating_sub(a) as f64 / 1e3;
     let blackout_us = us(pause.paused_mono_ns, first);
     let v = serde_json::json!({"blackout_us": blackout_us,
@@ -485,6 +545,7 @@ pub fn adopt(
             "held_to_restored": us(taken.held_mono_ns, precopy_done)},
         "snapshot_bytes": taken.snapshot_bytes,
         "takeover_ms": t.started.elapsed().as_secs_f64() * 1e3,
+        "fastpath_threads": fast.len(),
         "flows": flows, "connections": carried});
     info!(%v, "took the switch over");
     Ok(Adopted {
@@ -493,29 +554,4 @@ pub fn adopt(
         xdp_links: taken.xdp_links,
         next_port,
     })
-}
-
-/// Send the fast path a request that needs no answer.
-fn send_request(
-    req: &mpsc::Sender<fastpath::dataplane::Request>,
-    wake: &Wake,
-    r: fastpath::dataplane::Request,
-) -> Result<()> {
-    req.send(r)
-        .map_err(|_| anyhow::anyhow!("the fast path is gone"))?;
-    wake.notify();
-    Ok(())
-}
-
-/// Ask the fast path something that succeeds or names what is wrong.
-fn ask_fast_path(
-    req: &mpsc::Sender<fastpath::dataplane::Request>,
-    wake: &Wake,
-    make: impl FnOnce(mpsc::Sender<Result<(), String>>) -> fastpath::dataplane::Request,
-) -> Result<()> {
-    let (tx, rx) = mpsc::channel();
-    send_request(req, wake, make(tx))?;
-    rx.recv_timeout(Duration::from_secs(2))
-        .context("the fast path did not answer")?
-        .map_err(|e| anyhow::anyhow!("{e}"))
 }

@@ -73,17 +73,27 @@ pub fn open(spec: Spec, threads: usize) -> Result<(Link, Vec<PortIo>)> {
             Endpoint::start(Mode::Client(spec.socket.clone()), shared.clone()).with_context(what)?
         }
     };
+    Ok(link(spec, endpoint, shared, threads))
+}
+
+/// The port's protocol side, and its fast-path side for each of `threads`.
+fn link(
+    spec: Spec,
+    endpoint: Endpoint,
+    shared: Arc<Shared>,
+    threads: usize,
+) -> (Link, Vec<PortIo>) {
     let ios = (0..threads.max(1))
         .map(|t| PortIo::VhostUser(Box::new(VhostPort::for_thread(shared.clone(), t, threads))))
         .collect();
-    Ok((
+    (
         Link {
             spec,
             endpoint,
             shared,
         },
         ios,
-    ))
+    )
 }
 
 /// A port as the pause handed it over.
@@ -93,8 +103,8 @@ pub struct Given {
 }
 
 /// Serve a handed-over port: its connection (if one was open) is set up
-/// again before this returns.
-pub fn adopt(g: Given) -> Result<(Link, PortIo)> {
+/// again before this returns. Its fast-path side, for each of `threads`.
+pub fn adopt(g: Given, threads: usize) -> Result<(Link, Vec<PortIo>)> {
     let shared = Shared::new(g.spec.mac);
     let mode = match (g.spec.mode, g.handed.listener) {
         (VhostMode::Server, Some(l)) => Mode::Server(std::os::unix::net::UnixListener::from(l)),
@@ -106,15 +116,7 @@ pub fn adopt(g: Given) -> Result<(Link, PortIo)> {
     };
     let endpoint = Endpoint::adopt(mode, shared.clone(), g.handed.conn)
         .with_context(|| format!("port {}: taking its VMM connection over", g.spec.name))?;
-    let io = PortIo::VhostUser(Box::new(VhostPort::new(shared.clone())));
-    Ok((
-        Link {
-            spec: g.spec,
-            endpoint,
-            shared,
-        },
-        io,
-    ))
+    Ok(link(g.spec, endpoint, shared, threads))
 }
 
 /// `handed` (of `spec`'s port) as data; its descriptors are appended to

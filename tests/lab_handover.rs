@@ -9,7 +9,7 @@ mod lab;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use lab::{assert_blackout_bounded, plain, sh, try_sh, Lab, ECHO, PINGER};
+use lab::{assert_blackout_bounded, ping_counts, plain, sh, try_sh, Lab, ECHO, PINGER};
 
 struct Switch {
     sock: std::path::PathBuf,
@@ -80,19 +80,6 @@ impl Pings {
 /// Every link's counters in namespace `ns` (where dropped frames show).
 fn links(ns: &str) -> String {
     try_sh(&["ip", "netns", "exec", ns, "ip", "-s", "link"]).1
-}
-
-/// (transmitted, received) from ping's summary.
-fn ping_counts(out: &str) -> (u64, u64) {
-    let line = out
-        .lines()
-        .find(|l| l.contains("packets transmitted"))
-        .unwrap_or_else(|| panic!("no ping summary in:\n{out}"));
-    let nums: Vec<u64> = line
-        .split(|c: char| !c.is_ascii_digit())
-        .filter_map(|w| w.parse().ok())
-        .collect();
-    (nums[0], nums[1])
 }
 
 /// Two pings from namespace `ns` to B: (all answered, output).

@@ -162,9 +162,11 @@ pub fn thread_bit(t: u16) -> u64 {
     1 << t.min(63)
 }
 
-/// A side's threads go into a snapshot as "installed or not" (format 2:
-/// a handover is between switches of one fast-path thread), and
-/// "installed" comes back as thread 0's.
+/// A side's threads go into a snapshot as "installed or not" (the format
+/// of one thread's days, kept), and "installed" comes back as every
+/// thread's: the next check asks them all and their answers set the bits
+/// exactly, and until then no thread's report of the flow gone can end
+/// the connection while another may still hold it.
 mod installed_on {
     pub fn serialize<S: serde::Serializer>(on: &u64, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bool(*on != 0)
@@ -172,7 +174,7 @@ mod installed_on {
 
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
         let b: bool = serde::Deserialize::deserialize(d)?;
-        Ok(u64::from(b))
+        Ok(if b { u64::MAX } else { 0 })
     }
 }
 

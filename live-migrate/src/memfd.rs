@@ -203,6 +203,9 @@ pub struct MappedFlows {
 // SAFETY: a read-only mapping of a memfd sealed against writes, owned by
 // this value; reading it from another thread is reading immutable memory.
 unsafe impl Send for MappedFlows {}
+// SAFETY: as for Send: nothing writes the mapping, so threads sharing it
+// (each fast-path thread reading its records) read immutable memory.
+unsafe impl Sync for MappedFlows {}
 
 impl MappedFlows {
     /// Map `section` of the snapshot file `fd`, checking the seals, the
@@ -248,6 +251,17 @@ impl MappedFlows {
     pub fn into_records(self) -> impl Iterator<Item = FlowRecord> + Send {
         let this = self;
         (0..this.count).filter_map(move |i| this.record_at(i))
+    }
+
+    /// Records `range` (clamped to the section), read in place from a
+    /// mapping shared with other readers (each fast-path thread takes its
+    /// own records); it goes with the last of them.
+    pub fn records_in(
+        self: std::sync::Arc<Self>,
+        range: std::ops::Range<usize>,
+    ) -> impl Iterator<Item = FlowRecord> + Send {
+        let end = range.end.min(self.count);
+        (range.start.min(end)..end).filter_map(move |i| self.record_at(i))
     }
 
     fn record_at(&self, i: usize) -> Option<FlowRecord> {

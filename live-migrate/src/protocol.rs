@@ -53,6 +53,10 @@ fn v1() -> u32 {
     1
 }
 
+fn is_one(n: &u32) -> bool {
+    *n == 1
+}
+
 /// Why a message was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ProtocolError {
@@ -191,11 +195,27 @@ message!(PrepareAnswer, "handover-prepare answer");
 pub struct HandoverRequest {
     #[serde(default = "v1")]
     pub protocol: u32,
+    /// The fast-path threads the new binary runs, each taking the old
+    /// one's thread of the same index; absent from binaries of one
+    /// thread, which therefore reads as 1 (and is not written for 1: the
+    /// request stays what such a binary reads).
+    #[serde(default = "v1", skip_serializing_if = "is_one")]
+    pub fastpath_threads: u32,
+}
+
+impl HandoverRequest {
+    /// This binary's request, for `fastpath_threads` threads.
+    pub fn for_threads(fastpath_threads: u32) -> HandoverRequest {
+        HandoverRequest {
+            protocol: PROTOCOL,
+            fastpath_threads,
+        }
+    }
 }
 
 impl Default for HandoverRequest {
     fn default() -> Self {
-        HandoverRequest { protocol: PROTOCOL }
+        HandoverRequest::for_threads(1)
     }
 }
 message!(HandoverRequest, "handover request");
@@ -284,20 +304,76 @@ pub struct Offer {
     /// not: the new side then does not wait for one).
     #[serde(default)]
     pub confirm_ack: bool,
+    /// Fast-path threads 1, 2, … (thread 0's are the fields above); empty
+    /// from a switch of one thread.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub threads: Vec<ThreadOffer>,
 }
 message!(Offer, "handover offer");
+
+/// Another fast-path thread's part of the offer: its queue of each port,
+/// its frame pool, its table's hash seed, and how many of the flow
+/// section's records are its (the threads' records follow each other in
+/// thread order; thread 0's are the rest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadOffer {
+    pub ports: Vec<PortEntry>,
+    pub pool: PoolEntry,
+    pub hash_seed: u64,
+    pub flows: usize,
+}
+
+impl Offer {
+    /// Each thread's ports, pool and hash seed (thread 0 first).
+    pub fn thread_parts(&self) -> impl Iterator<Item = (&[PortEntry], &PoolEntry, u64)> {
+        std::iter::once((self.ports.as_slice(), &self.pool, self.hash_seed)).chain(
+            self.threads
+                .iter()
+                .map(|t| (t.ports.as_slice(), &t.pool, t.hash_seed)),
+        )
+    }
+
+    /// How many flow records each thread has (thread 0 first); an error if
+    /// the other threads claim more than the section holds.
+    pub fn thread_flows(&self) -> Result<Vec<usize>, ProtocolError> {
+        let others: usize = self.threads.iter().map(|t| t.flows).sum();
+        let first =
+            self.flows
+                .count
+                .checked_sub(others)
+                .ok_or_else(|| ProtocolError::Malformed {
+                    message: Self::NAME,
+                    why: format!(
+                        "the threads claim {others} flows of a section of {}",
+                        self.flows.count
+                    ),
+                })?;
+        Ok(std::iter::once(first)
+            .chain(self.threads.iter().map(|t| t.flows))
+            .collect())
+    }
+}
 
 impl Offer {
     /// Every descriptor index the offer names, each once, all below `n`
     /// (the number that came with it).
     pub fn check_descriptors(&self, n: usize) -> Result<(), ProtocolError> {
         let mut seen = vec![false; n];
-        let ports = self.ports.iter().filter_map(|p| match p {
-            PortEntry::Tap { fd, .. } | PortEntry::AfXdp { fd, .. } => Some(*fd),
-            _ => None,
-        });
+        let ports = self
+            .thread_parts()
+            .flat_map(|(ports, pool, _)| {
+                ports
+                    .iter()
+                    .filter_map(|p| match p {
+                        PortEntry::Tap { fd, .. } | PortEntry::AfXdp { fd, .. } => Some(*fd),
+                        _ => None,
+                    })
+                    .chain([pool.fd])
+            })
+            .collect::<Vec<_>>();
         let all = ports
-            .chain([self.listener_fd, self.pool.fd, self.snapshot_fd])
+            .into_iter()
+            .chain([self.listener_fd, self.snapshot_fd])
             .chain(self.xdp_links.iter().copied());
         for index in all {
             match seen.get_mut(index) {
@@ -384,22 +460,42 @@ pub struct PauseHeader {
     pub pipeline: PipelineCounters,
     #[serde(default)]
     pub vhost: Vec<VhostPort>,
+    /// Fast-path threads 1, 2, … (thread 0's are the fields above); their
+    /// free lists follow thread 0's, in thread order. Empty from a switch
+    /// of one thread.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub threads: Vec<ThreadPause>,
 }
 message!(PauseHeader, "handover pause");
+
+/// Another fast-path thread's part of the pause.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ThreadPause {
+    /// How many frame addresses of the free list are its.
+    pub free: u64,
+    pub counters: Vec<BTreeMap<String, u64>>,
+    pub pipeline: PipelineCounters,
+}
 
 /// The most frames a pool may have (a longer free list is not a vswitch).
 pub const MAX_FREE: u64 = 1 << 24;
 
 impl PauseHeader {
-    /// Bytes of the free list that follows, refused beyond [`MAX_FREE`].
+    /// Bytes of the free lists that follow (every thread's), refused if
+    /// a thread's is beyond [`MAX_FREE`].
     pub fn free_bytes(&self) -> Result<usize, ProtocolError> {
-        if self.free > MAX_FREE {
-            return Err(ProtocolError::Malformed {
-                message: Self::NAME,
-                why: format!("{} free frames, more than a pool has", self.free),
-            });
+        let lists = std::iter::once(self.free).chain(self.threads.iter().map(|t| t.free));
+        let mut total = 0u64;
+        for free in lists {
+            if free > MAX_FREE {
+                return Err(ProtocolError::Malformed {
+                    message: Self::NAME,
+                    why: format!("{free} free frames, more than a pool has"),
+                });
+            }
+            total += free;
         }
-        usize::try_from(self.free * 8).map_err(|e| ProtocolError::Malformed {
+        usize::try_from(total * 8).map_err(|e| ProtocolError::Malformed {
             message: Self::NAME,
             why: e.to_string(),
         })

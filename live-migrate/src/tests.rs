@@ -106,7 +106,7 @@ pub(crate) fn state() -> SwitchState {
     let side = |key, action| Side {
         key,
         action,
-        installed: 1,
+        installed: u64::MAX,
     };
     let adm = Admission {
         vni: 100,

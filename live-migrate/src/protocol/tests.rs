@@ -47,6 +47,7 @@ fn offer() -> Offer {
         started_mono_ns: 8,
         packed_mono_ns: 9,
         confirm_ack: true,
+        threads: Vec::new(),
     }
 }
 
@@ -79,6 +80,7 @@ fn pause() -> PauseHeader {
                 }],
             }),
         }],
+        threads: Vec::new(),
     }
 }
 
@@ -121,6 +123,61 @@ fn messages_without_a_version_are_the_first_protocol() {
 }
 
 #[test]
+fn a_switch_of_several_threads_offers_each_threads_queues_pool_and_flows() {
+    let mut o = offer();
+    o.threads.push(ThreadOffer {
+        ports: vec![
+            PortEntry::Tap {
+                name: "tap-a".into(),
+                fd: 7,
+            },
+            PortEntry::AfXdp {
+                name: "veth-c".into(),
+                fd: 8,
+                ring_size: 2048,
+                sg: false,
+            },
+        ],
+        pool: PoolEntry {
+            fd: 9,
+            len: 1 << 24,
+            huge: true,
+            chunk_size: 2048,
+        },
+        hash_seed: 43,
+        flows: 4,
+    });
+    round_trip(o.clone());
+    assert_eq!(o.thread_flows(), Ok(vec![6, 4]));
+    let seeds: Vec<u64> = o.thread_parts().map(|p| p.2).collect();
+    assert_eq!(seeds, vec![42, 43]);
+    assert_eq!(o.check_descriptors(10), Ok(()));
+    // Thread 1's descriptors are checked too: missing, or one used twice.
+    assert!(o.check_descriptors(9).is_err());
+    let mut twice = o.clone();
+    twice.threads[0].pool.fd = 4;
+    assert!(twice.check_descriptors(10).is_err());
+    let mut greedy = o.clone();
+    greedy.threads[0].flows = 11;
+    assert!(greedy.thread_flows().is_err());
+    // A request from a binary of one thread reads as one thread.
+    let r: HandoverRequest = decode(br#"{"protocol":1}"#).unwrap();
+    assert_eq!(r.fastpath_threads, 1);
+    round_trip(HandoverRequest::for_threads(2));
+    // The pause: thread 1's free list counts toward the bytes that follow.
+    let mut p = pause();
+    p.threads.push(ThreadPause {
+        free: 5,
+        counters: vec![BTreeMap::new()],
+        pipeline: PipelineCounters::default(),
+    });
+    round_trip(p.clone());
+    assert_eq!(p.free_bytes(), Ok(8 * 8));
+    p.threads[0].free = MAX_FREE + 1;
+    assert!(p.free_bytes().is_err());
+}
+
+#[test]
 fn an_unknown_version_is_refused_before_its_body_is_read() {
     // A later protocol may have another shape: the version decides.
     let later = br#"{"protocol":2,"something":"else"}"#;
@@ -142,7 +199,10 @@ fn an_unknown_version_is_refused_before_its_body_is_read() {
             Err(ProtocolError::Version { .. })
         ));
     }
-    let req = HandoverRequest { protocol: 7 };
+    let req = HandoverRequest {
+        protocol: 7,
+        fastpath_threads: 1,
+    };
     assert!(matches!(
         decode::<HandoverRequest>(&encode(&req)),
         Err(ProtocolError::Version { found: 7, .. })
