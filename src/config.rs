@@ -486,6 +486,27 @@ impl Config {
     }
 }
 
+/// `text` (a configuration) with `switch.fastpath_threads` set to `n`,
+/// and `fastpath_cores` cut to its first `n` if it lists more (one core
+/// per thread at most). The result is written from the parsed document
+/// (comments are not kept): it is the configuration the switch runs and
+/// hands on.
+pub fn with_fastpath_threads(text: &str, n: usize) -> anyhow::Result<String> {
+    let mut doc: toml::Table = text.parse().context("parsing the configuration")?;
+    let switch = doc
+        .entry("switch")
+        .or_insert_with(|| toml::Value::Table(Default::default()));
+    let Some(switch) = switch.as_table_mut() else {
+        anyhow::bail!("switch: not a table");
+    };
+    let n64 = i64::try_from(n).context("fast-path threads")?;
+    switch.insert("fastpath_threads".into(), toml::Value::Integer(n64));
+    if let Some(toml::Value::Array(cores)) = switch.get_mut("fastpath_cores") {
+        cores.truncate(n);
+    }
+    Ok(toml::to_string(&doc)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -858,5 +879,25 @@ mod tests {
         assert_eq!(parse_mac("02:00:00:00:00"), None);
         assert_eq!(parse_mac("02:00:00:00:00:0a:01"), None);
         assert_eq!(parse_mac("zz:00:00:00:00:0a"), None);
+    }
+
+    #[test]
+    fn a_takeover_may_set_another_thread_count_and_cuts_the_cores_to_it() {
+        let two = GOOD.replace(
+            "poll = \"adaptive\"",
+            "poll = \"adaptive\"\nfastpath_threads = 2\nfastpath_cores = [0, 1]",
+        );
+        let one = with_fastpath_threads(&two, 1).unwrap();
+        let c = Config::parse(&one).unwrap();
+        assert_eq!(c.switch.fastpath_threads, 1);
+        assert_eq!(c.switch.fastpath_cores, Some(vec![0]));
+        assert_eq!(c.ports.len(), Config::parse(&two).unwrap().ports.len());
+        let three = with_fastpath_threads(&GOOD, 3).unwrap();
+        let c = Config::parse(&three).unwrap();
+        assert_eq!(
+            (c.switch.fastpath_threads, c.switch.fastpath_cores),
+            (3, None)
+        );
+        assert!(with_fastpath_threads("[switch", 2).is_err());
     }
 }

@@ -31,12 +31,17 @@ use crate::take::{self, Takeover};
 use crate::{control, coproc, neighbor, ports};
 
 /// Take the switch over from the binary running with `config`'s control
-/// socket, then run (see `take`).
-pub fn takeover(config: &std::path::Path) -> Result<()> {
+/// socket, then run (see `take`) — with `fastpath_threads` fast-path
+/// threads if given, else as many as the running switch has.
+pub fn takeover(config: &std::path::Path, fastpath_threads: Option<usize>) -> Result<()> {
     let started = Instant::now();
     let own = Config::load(config)?;
     let socket = own.switch.control_socket.clone();
-    let (text, epoch_mono_ns) = take::prepare(&socket)?;
+    let (mut text, epoch_mono_ns) = take::prepare(&socket)?;
+    if let Some(n) = fastpath_threads {
+        text = crate::config::with_fastpath_threads(&text, n)
+            .context("the running switch's configuration")?;
+    }
     let cfg = Config::parse(&text).context("the running switch's configuration")?;
     run(
         cfg,
@@ -247,16 +252,24 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
         None => None,
     };
     let (xdp_links, handover_refused) = xdp_links(&programs, adopted.as_ref());
+    let socket_maps = socket_maps(&programs, adopted.as_ref());
     let punt_depth: Arc<dyn Fn() -> usize + Send + Sync> = Arc::new(move || depth_rx.depth());
     let metrics_shared = shared.clone();
-    let (last_handover, listener, inherited_links, next_port) = match adopted {
-        Some(a) => (Some(a.report), Some(a.listener), a.xdp_links, a.next_port),
-        None => (None, None, Vec::new(), n_ports),
+    let (last_handover, listener, inherited_links, inherited_maps, next_port) = match adopted {
+        Some(a) => (
+            Some(a.report),
+            Some(a.listener),
+            a.xdp_links,
+            a.socket_maps,
+            a.next_port,
+        ),
+        None => (None, None, Vec::new(), Vec::new(), n_ports),
     };
     let links = crate::links::Links {
         config_text,
         handover_refused,
         xdp_links,
+        socket_maps,
         last_handover,
         netlink: neighbor::Netlink::open().ok(),
         next_port,
@@ -313,6 +326,7 @@ pub fn run(cfg: Config, config_text: String, takeover: Option<Takeover>) -> Resu
     // Detach XDP only after the fast path stopped using the socket.
     drop(programs);
     drop(inherited_links);
+    drop(inherited_maps);
     for h in coproc_threads {
         h.thread().unpark();
         let _ = h.join();
@@ -490,4 +504,18 @@ fn xdp_links(
         links.extend(a.xdp_links.iter().map(|fd| fd.as_raw_fd()));
     }
     (links, refused)
+}
+
+/// The XDP programs' socket maps by interface (this binary's and those
+/// handed over), passed on in a handover.
+fn socket_maps(programs: &[XdpProgram], adopted: Option<&take::Adopted>) -> Vec<(String, i32)> {
+    let own = programs
+        .iter()
+        .filter_map(|p| Some((p.iface.clone(), p.socket_map_fd()?.as_raw_fd())));
+    let inherited = adopted.into_iter().flat_map(|a| {
+        a.socket_maps
+            .iter()
+            .filter_map(|(i, m)| Some((i.clone(), m.fd()?.as_raw_fd())))
+    });
+    own.chain(inherited).collect()
 }

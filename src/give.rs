@@ -84,11 +84,9 @@ pub fn handover(
     let threads = links.fast.len();
     let refusal = match protocol::check(req) {
         Err(e) => Some(e.to_string()),
-        Ok(()) if req.fastpath_threads as usize != threads => Some(format!(
-            "the new binary runs {} fast-path thread(s) and this switch {threads}: a handover \
-             between different thread counts is not built yet (a binary from before \
-             several threads runs one)",
-            req.fastpath_threads
+        Ok(()) if req.fastpath_threads.is_none() && threads > 1 => Some(format!(
+            "the new binary predates several fast-path threads: it would take thread 0's \
+             part of this switch's {threads} only"
         )),
         Ok(()) => links.handover_refused.clone(),
     };
@@ -158,6 +156,7 @@ pub fn handover(
         &state,
         listener,
         &links.xdp_links,
+        &links.socket_maps,
         held_mono_ns,
         || {
             paused = true;
@@ -234,6 +233,7 @@ pub fn give(
     state: &SwitchState,
     listener: &UnixListener,
     xdp_links: &[i32],
+    socket_maps: &[(String, i32)],
     held_mono_ns: u64,
     pause: impl FnOnce() -> Result<PauseOut>,
 ) -> Result<bool> {
@@ -292,6 +292,16 @@ pub fn give(
         packed_mono_ns: monotonic_ns(),
         confirm_ack: true,
         threads,
+        socket_maps: socket_maps
+            .iter()
+            .map(|(interface, fd)| {
+                fds.push(*fd);
+                protocol::SocketMapEntry {
+                    interface: interface.clone(),
+                    fd: fds.len() - 1,
+                }
+            })
+            .collect(),
     });
     fdpass::send_many(s, &(header.len() as u64).to_le_bytes(), &fds)?;
     let mut w = s;

@@ -31,6 +31,9 @@ pub struct Links {
     /// The bpf_links keeping this switch's XDP programs attached (owned by
     /// the daemon for the whole run), passed on in a handover.
     pub xdp_links: Vec<i32>,
+    /// The XDP programs' socket maps by interface (owned by the daemon
+    /// too), passed on in a handover.
+    pub socket_maps: Vec<(String, i32)>,
     /// The last handover into this process, for `ctl stats`.
     pub last_handover: Option<Value>,
     /// The kernel's routes and neighbours: a VTEP a change introduces is

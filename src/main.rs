@@ -57,6 +57,11 @@ enum Cmd {
         /// here without closing, then it exits.
         #[arg(long)]
         takeover: bool,
+        /// Taking over: run this many fast-path threads instead of the
+        /// running switch's count (its configuration, changed so, is
+        /// handed on).
+        #[arg(long, requires = "takeover")]
+        fastpath_threads: Option<usize>,
     },
     /// Upgrade the running switch to the binary at PATH: it is started
     /// with `run --takeover` (detached, logging to LOG), takes the switch
@@ -69,6 +74,10 @@ enum Cmd {
         /// Where the new binary logs (default: beside its config; `-`: here).
         #[arg(long)]
         log: Option<PathBuf>,
+        /// Run this many fast-path threads from now on (see `run
+        /// --fastpath-threads`).
+        #[arg(long)]
+        fastpath_threads: Option<usize>,
     },
     /// Check a config file and exit.
     Check {
@@ -192,22 +201,25 @@ fn main() -> ExitCode {
             );
             return ExitCode::from(2);
         }
-        Some(Cmd::Run { config, takeover }) => {
-            config::Config::load_text(&config).and_then(|(c, text)| {
-                let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| c.switch.log.clone());
-                init_logs(&filter);
-                if takeover {
-                    daemon::takeover(&config)
-                } else {
-                    daemon::run(c, text, None)
-                }
-            })
-        }
+        Some(Cmd::Run {
+            config,
+            takeover,
+            fastpath_threads,
+        }) => config::Config::load_text(&config).and_then(|(c, text)| {
+            let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| c.switch.log.clone());
+            init_logs(&filter);
+            if takeover {
+                daemon::takeover(&config, fastpath_threads)
+            } else {
+                daemon::run(c, text, None)
+            }
+        }),
         Some(Cmd::Upgrade {
             binary,
             config,
             log,
-        }) => upgrade::upgrade(&binary, &config, log.as_deref()),
+            fastpath_threads,
+        }) => upgrade::upgrade(&binary, &config, log.as_deref(), fastpath_threads),
         Some(Cmd::Check { config }) => {
             config::Config::load(&config).and_then(|c| c.topology().map(|_| println!("config ok")))
         }

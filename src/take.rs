@@ -97,6 +97,8 @@ pub struct Taken {
     /// The bpf_links keeping the XDP programs attached: held for as long
     /// as this binary runs (and handed on).
     pub xdp_links: Vec<OwnedFd>,
+    /// The XDP programs' socket maps, by interface.
+    pub socket_maps: Vec<(String, OwnedFd)>,
     /// CLOCK_MONOTONIC of the old binary's holding its coprocessors (new
     /// flows wait from then on; a binary that did not send it: its start
     /// of the pre-copy), of its start of the pre-copy (flows dumped, state
@@ -171,12 +173,6 @@ pub fn take(socket: &Path, threads: usize) -> Result<Taken> {
     let h: Offer = read_message(&conn, len)?;
     let received_mono_ns = monotonic_ns();
     h.check_descriptors(fds.len())?;
-    if 1 + h.threads.len() != threads {
-        bail!(
-            "the running switch offers {} fast-path threads' parts, this binary runs {threads}",
-            1 + h.threads.len()
-        );
-    }
     let counts = h.thread_flows()?;
     let mut fds: Vec<Option<OwnedFd>> = fds.into_iter().map(Some).collect();
     // Each index was checked above: present, and named once.
@@ -228,12 +224,18 @@ pub fn take(socket: &Path, threads: usize) -> Result<Taken> {
         .iter()
         .map(|&l| take_fd(l))
         .collect::<Result<Vec<_>>>()?;
+    let socket_maps = h
+        .socket_maps
+        .iter()
+        .map(|m| Ok((m.interface.clone(), take_fd(m.fd)?)))
+        .collect::<Result<Vec<_>>>()?;
     Ok(Taken {
         state,
         flows,
         threads: parts,
         listener,
         xdp_links,
+        socket_maps,
         held_mono_ns: h.held_mono_ns.unwrap_or(h.started_mono_ns),
         started_mono_ns: h.started_mono_ns,
         packed_mono_ns: h.packed_mono_ns,
@@ -365,16 +367,29 @@ pub struct Adopted {
     pub listener: UnixListener,
     /// The bpf_links keeping the XDP programs attached.
     pub xdp_links: Vec<OwnedFd>,
+    /// The XDP programs' socket maps, by interface (held, handed on).
+    pub socket_maps: Vec<(String, fastpath::xdp::SocketMap)>,
     /// The id the next port added at run time gets.
     pub next_port: u16,
 }
 
 /// Everything is running (fast path held, coprocessors idle): take the
 /// switch over from the running binary. The pre-copy goes into the
-/// fast-path threads (`fast`: each takes the old binary's thread of its
-/// index) and the shared state while the old binary forwards; then the
-/// pause brings the ports (named into `port_names`, vhost-user ones into
-/// `vhost_links`) and the pools; confirmed, the fast path polls.
+/// fast-path threads (`fast`) and the shared state while the old binary
+/// forwards; then the pause brings the ports (named into `port_names`,
+/// vhost-user ones into `vhost_links`) and the pools; confirmed, the fast
+/// path polls.
+///
+/// Thread `i` takes the old binary's thread `i`: its queues, pool, flows
+/// and counters. With more threads than the old binary had, each new one
+/// opens its own queue of every port (a tap queue, an AF_XDP socket on
+/// its NIC queue in the program's socket map, its vhost-user pairs) on a
+/// pool of its own. With fewer, the flows and counters of old thread `i`
+/// go to thread `i mod threads` and its queues close: a tap's kernel
+/// side spreads their flows over the queues left, a vhost-user guest's
+/// pairs are served by the threads left, and an AF_XDP queue has no
+/// socket any more (its interface's queue count should be lowered first:
+/// warned).
 pub fn adopt(
     t: &Takeover,
     fast: &FastPaths,
@@ -383,7 +398,9 @@ pub fn adopt(
     port_names: &mut HashMap<String, PortId>,
     vhost_links: &mut Vec<crate::vhost::Link>,
 ) -> Result<Adopted> {
-    let taken = take(&t.socket, fast.len())?;
+    let m = fast.len();
+    let taken = take(&t.socket, m)?;
+    let n = taken.threads.len();
     // Pre-copy (the old binary still forwards): the state, each thread's
     // flows in its held fast path, the pools and the sockets' rings
     // mapped.
@@ -394,18 +411,28 @@ pub fn adopt(
     let mapped = Arc::new(taken.flows);
     // Flows kept in the state itself (an old format): thread 0's.
     let mut legacy = Some(state.flows);
-    let warms: Vec<Box<fastpath::dataplane::Warm>> = taken
-        .threads
-        .iter()
-        .map(|part| {
-            let records = Arc::clone(&mapped).records_in(part.flows.clone());
+    let seed0 = taken.threads.first().map_or(0, |p| p.hash_seed);
+    let warms: Vec<Box<fastpath::dataplane::Warm>> = (0..m)
+        .map(|j| {
+            // Old threads j, j + m, j + 2m, …
+            let ranges: Vec<_> = taken
+                .threads
+                .iter()
+                .skip(j)
+                .step_by(m)
+                .map(|p| p.flows.clone())
+                .collect();
+            let from = Arc::clone(&mapped);
+            let records = ranges
+                .into_iter()
+                .flat_map(move |r| Arc::clone(&from).records_in(r));
             let records = legacy
                 .take()
                 .into_iter()
                 .flat_map(|f| f.into_records())
                 .chain(records);
             Box::new(fastpath::dataplane::Warm {
-                hash_seed: part.hash_seed,
+                hash_seed: taken.threads.get(j).map_or(seed0, |p| p.hash_seed),
                 actions: state.actions.clone(),
                 flows: Box::new(records.map(|r| (r.key, r.action, r.stats))),
             })
@@ -422,12 +449,42 @@ pub fn adopt(
     let restored = Shared::restore(state.shared, services, state.clock_ns)
         .map_err(|e| anyhow::anyhow!("restoring the handed-over state: {e}"))?;
     *coprocessor::lock(shared) = restored;
-    // Each thread's pool mapped, and this binary's big chunks for it made
-    // (their pages touched) now rather than in the blackout; its ports.
-    let mut regions = Vec::new();
+    let mut socket_maps = taken
+        .socket_maps
+        .into_iter()
+        .map(|(i, fd)| {
+            let map = fastpath::xdp::SocketMap::from_fd(fd)
+                .with_context(|| format!("interface {i}: the handed-over socket map"))?;
+            Ok((i, map))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    // Each taken thread's pool mapped, and this binary's big chunks for
+    // it made (their pages touched) now rather than in the blackout; its
+    // ports. Thread 0's ports name them all.
+    let mut pools: Vec<Option<(fastpath::umem::Region, u32, fastpath::umem::BigChunks)>> =
+        Vec::new();
     let mut adopted: Vec<Vec<Port>> = Vec::new();
+    let mut kinds: Vec<(String, bool, bool)> = Vec::new();
     let mut next_port = 0;
+    let mut pool_shape = None;
     for (j, part) in taken.threads.into_iter().enumerate() {
+        if j == 0 {
+            pool_shape = Some((part.pool.len, part.pool.chunk_size, part.pool.huge));
+        }
+        if j >= m {
+            // Its queues close with this binary's copies (the old binary
+            // still holds them until it exits).
+            let xsk = part
+                .ports
+                .iter()
+                .filter(|(_, p)| matches!(p, TakenPort::Xsk { .. }))
+                .map(|(name, _)| name.as_str())
+                .collect::<Vec<_>>();
+            if !xsk.is_empty() {
+                warn!(queue = j, ports = ?xsk, threads = m, "AF_XDP queue without a socket after the handover: what the NIC steers there is dropped; lower the interface's queue count to the thread count");
+            }
+            continue;
+        }
         let region = fastpath::umem::Region::from_fd(
             part.pool.fd.try_clone()?,
             part.pool.len,
@@ -436,11 +493,20 @@ pub fn adopt(
         .context("mapping the handed-over frame pool")?;
         let big = fastpath::umem::BigChunks::new(part.pool.huge)
             .context("making the frame pool's big chunks")?;
-        regions.push((region, part.pool.chunk_size, big));
+        pools.push(Some((region, part.pool.chunk_size, big)));
         let mut ports = Vec::new();
         for (id, (name, taken_port)) in part.ports.into_iter().enumerate() {
             let id = PortId(u16::try_from(id).context("too many ports")?);
             let closed = matches!(taken_port, TakenPort::Closed);
+            if j == 0 {
+                let xsk = matches!(taken_port, TakenPort::Xsk { .. });
+                let tap = matches!(taken_port, TakenPort::Tap(_));
+                kinds.push((name.clone(), tap, xsk));
+                if uplink_name != Some(name.as_str()) && !closed {
+                    port_names.insert(name.clone(), id);
+                }
+                next_port = id.0 + 1;
+            }
             let io = match taken_port {
                 TakenPort::Tap(fd) => PortIo::Tap(Tap::from_fd(fd, &name)),
                 TakenPort::Xsk { fd, ring_size, sg } => PortIo::Xsk(Box::new(
@@ -450,12 +516,6 @@ pub fn adopt(
                 // Its connection comes with the pause.
                 TakenPort::VhostUser | TakenPort::Closed => PortIo::Closed,
             };
-            if j == 0 {
-                if uplink_name != Some(name.as_str()) && !closed {
-                    port_names.insert(name.clone(), id);
-                }
-                next_port = id.0 + 1;
-            }
             ports.push(Port {
                 id,
                 name,
@@ -464,6 +524,43 @@ pub fn adopt(
             });
         }
         adopted.push(ports);
+    }
+    // Threads the old binary did not have: a pool and a queue of each
+    // port of their own (vhost-user sides come with the pause).
+    let mut new_pools = Vec::new();
+    for j in n..m {
+        let (len, chunk_size, huge) = pool_shape.context("the running switch offered no thread")?;
+        let chunks = u32::try_from(len / chunk_size.max(1) as usize).context("the pool's size")?;
+        let pool = FramePool::new(chunks, chunk_size, huge).context("a new thread's frame pool")?;
+        let queue = u32::try_from(j).context("fast-path threads")?;
+        let mut ports = Vec::new();
+        for (id, (name, tap, xsk)) in kinds.iter().enumerate() {
+            let io = if *tap {
+                PortIo::Tap(Tap::open(name).with_context(|| format!("port {name}: queue {j}"))?)
+            } else if *xsk {
+                let ifindex =
+                    fastpath::xsk::ifindex(name).with_context(|| format!("port {name}"))?;
+                let sock = XskSocket::open(ifindex, queue, &pool, Default::default())
+                    .with_context(|| format!("port {name}: an AF_XDP socket on queue {j}"))?;
+                let (_, map) = socket_maps
+                    .iter_mut()
+                    .find(|(i, _)| i == name)
+                    .with_context(|| format!("port {name}: the running switch handed over no socket map to add queue {j} to"))?;
+                map.register_socket(queue, sock.fd())
+                    .with_context(|| format!("port {name}: queue {j} in the socket map"))?;
+                PortIo::Xsk(Box::new(sock))
+            } else {
+                PortIo::Closed
+            };
+            ports.push(Port {
+                id: PortId(u16::try_from(id).context("too many ports")?),
+                name: name.clone(),
+                io,
+                counters: PortCounters::default(),
+            });
+        }
+        adopted.push(ports);
+        new_pools.push(pool);
     }
     // The flows are in before the pause, so it does not wait for them.
     for (refused, same_hash) in restoring
@@ -488,7 +585,7 @@ pub fn adopt(
     // before the fast path gets the port (each thread its side).
     for given in pause.vhost {
         let name = given.spec.name.clone();
-        let (link, ios) = crate::vhost::adopt(given, fast.len())?;
+        let (link, ios) = crate::vhost::adopt(given, m)?;
         for (ports, io) in adopted.iter_mut().zip(ios) {
             let port = ports.iter_mut().find(|p| p.name == name).with_context(|| {
                 format!("vhost-user port {name} is not among the handed-over ports")
@@ -498,19 +595,39 @@ pub fn adopt(
         link.wake_on_kick(&fast.wakes());
         vhost_links.push(link);
     }
-    let mut adoptions = Vec::new();
-    for ((mut ports, (region, chunk_size, big)), p) in
-        adopted.into_iter().zip(regions).zip(pause.threads)
-    {
-        for (port, c) in ports.iter_mut().zip(p.counters) {
-            port.counters = c;
+    // Each thread's counters; those of an old thread without a successor
+    // of its own go to thread `i mod m`.
+    let mut parts: Vec<Option<ThreadPause>> = Vec::new();
+    for (i, p) in pause.threads.into_iter().enumerate() {
+        if i < m {
+            parts.push(Some(p));
+        } else if let Some(Some(into)) = parts.get_mut(i % m) {
+            for (a, b) in into.counters.iter_mut().zip(&p.counters) {
+                a.add(b);
+            }
+            into.pipeline.add(&p.pipeline);
         }
-        let pool = FramePool::adopt(region, chunk_size, p.free, big)
-            .context("adopting the handed-over frame pool")?;
+    }
+    parts.resize_with(m, || None);
+    let mut new_pools = new_pools.into_iter();
+    let mut adoptions = Vec::new();
+    for (j, (mut ports, p)) in adopted.into_iter().zip(parts).enumerate() {
+        let (pool, counters) = match (pools.get_mut(j).and_then(Option::take), p) {
+            (Some((region, chunk_size, big)), Some(p)) => {
+                for (port, c) in ports.iter_mut().zip(p.counters) {
+                    port.counters = c;
+                }
+                let pool = FramePool::adopt(region, chunk_size, p.free, big)
+                    .context("adopting the handed-over frame pool")?;
+                (pool, Some(p.pipeline))
+            }
+            (None, None) => (new_pools.next().context("a new thread's pool")?, None),
+            _ => bail!("fast-path thread {j}: the pause does not match the offer"),
+        };
         adoptions.push(Box::new(fastpath::dataplane::Adoption {
             pool,
             ports,
-            counters: Some(p.pipeline),
+            counters,
         }));
     }
     for (i, r) in fast
@@ -545,13 +662,14 @@ pub fn adopt(
             "held_to_restored": us(taken.held_mono_ns, precopy_done)},
         "snapshot_bytes": taken.snapshot_bytes,
         "takeover_ms": t.started.elapsed().as_secs_f64() * 1e3,
-        "fastpath_threads": fast.len(),
+        "fastpath_threads": m, "fastpath_threads_before": n,
         "flows": flows, "connections": carried});
     info!(%v, "took the switch over");
     Ok(Adopted {
         report: v,
         listener: taken.listener,
         xdp_links: taken.xdp_links,
+        socket_maps,
         next_port,
     })
 }

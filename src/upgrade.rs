@@ -11,7 +11,12 @@ use crate::command::Command;
 /// `vswitch upgrade`: start `binary` with `run --takeover --config
 /// config`, detached (its own session; stdout/stderr to `log`), and wait
 /// until it serves the control socket with a handover report, or fails.
-pub fn upgrade(binary: &Path, config: &Path, log: Option<&Path>) -> Result<()> {
+pub fn upgrade(
+    binary: &Path,
+    config: &Path,
+    log: Option<&Path>,
+    fastpath_threads: Option<usize>,
+) -> Result<()> {
     use std::os::unix::process::CommandExt;
     let cfg = crate::config::Config::load(config)?;
     let sock = cfg.switch.control_socket.clone();
@@ -26,6 +31,9 @@ pub fn upgrade(binary: &Path, config: &Path, log: Option<&Path>) -> Result<()> {
     cmd.args(["run", "--takeover", "--config"])
         .arg(config)
         .stdin(std::process::Stdio::null());
+    if let Some(n) = fastpath_threads {
+        cmd.arg("--fastpath-threads").arg(n.to_string());
+    }
     if !inherit {
         let out =
             std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;

@@ -499,6 +499,42 @@ fn per_thread(lab: &Lab, sock: &std::path::Path, field: &str) -> Vec<u64> {
         .collect()
 }
 
+/// Upgrade the switch on `sock` (in `hv`, the `old`-th one started) to
+/// this binary with `args`, while `vm` ping-floods the remote VM; at most
+/// 5 pings may be lost. The new binary's handover report.
+fn upgrade_under_ping_flood(
+    lab: &mut Lab,
+    hv: &str,
+    vm: &str,
+    sock: &std::path::Path,
+    old: usize,
+    args: &[&str],
+) -> serde_json::Value {
+    let flood = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", vm, "ping", "-i", "0.002", "-c", "1500", "-W", "1",
+        ])
+        .arg("10.0.0.11")
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("ping");
+    std::thread::sleep(Duration::from_millis(1000));
+    let binary = std::path::Path::new(env!("CARGO_BIN_EXE_vswitch"));
+    lab.takeover_in_with(hv, binary, "sw", args);
+    lab.assert_handed_over(old, "sw");
+    let out = flood.wait_with_output().expect("ping");
+    let (sent, got) = lab::ping_counts(&String::from_utf8_lossy(&out.stdout));
+    let st = lab.ctl(sock, "stats").expect("the new binary answers");
+    let h = st["last_handover"].clone();
+    assert!(
+        sent - got <= 5,
+        "{} of {sent} pings lost across the handover ({args:?}): {h}\n{}",
+        sent - got,
+        lab.log("sw-new")
+    );
+    h
+}
+
 #[test]
 fn two_fast_path_threads_share_a_two_queue_uplink_and_a_multi_queue_tap() {
     let mut lab = Lab::new();
@@ -667,30 +703,7 @@ fn two_fast_path_threads_share_a_two_queue_uplink_and_a_multi_queue_tap() {
     assert!(bps > 1e6, "TCP once more: {bps} bit/s");
     let before = per_thread(&lab, &sock, "flows");
     assert!(before.iter().all(|&n| n > 0), "{before:?}");
-    let flood = std::process::Command::new("ip")
-        .args([
-            "netns", "exec", &vm, "ping", "-i", "0.002", "-c", "1500", "-W", "1",
-        ])
-        .arg("10.0.0.11")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("ping");
-    std::thread::sleep(Duration::from_millis(1000));
-    lab.takeover_in(
-        &hv,
-        std::path::Path::new(env!("CARGO_BIN_EXE_vswitch")),
-        "sw",
-    );
-    lab.assert_handed_over(0, "sw");
-    let out = flood.wait_with_output().expect("ping");
-    let (sent, got) = lab::ping_counts(&String::from_utf8_lossy(&out.stdout));
-    let st = lab.ctl(&sock, "stats").expect("the new binary answers");
-    let h = &st["last_handover"];
-    assert!(
-        sent - got <= 5,
-        "{} of {sent} pings lost across the handover: {h}",
-        sent - got
-    );
+    let h = upgrade_under_ping_flood(&mut lab, &hv, &vm, &sock, 0, &[]);
     assert_eq!(h["fastpath_threads"], 2, "{h}");
     assert!(
         h["flows"].as_u64() >= Some(before.iter().sum::<u64>()),
@@ -703,6 +716,54 @@ fn two_fast_path_threads_share_a_two_queue_uplink_and_a_multi_queue_tap() {
     assert!(
         after.iter().zip(&rx).all(|(a, b)| a > b),
         "both of the new binary's threads forward: {rx:?} then {after:?}"
+    );
+
+    // Down to one thread, and back to two, under ping floods. The peer
+    // first sends on one queue (as an operator lowers a NIC's queue count
+    // before the switch stops serving the second); the flows of the
+    // thread that goes move to the one left.
+    let ethtool_tx = |n: &str| {
+        let (ok, out) = try_sh(&["ip", "netns", "exec", &hk, "ethtool", "-L", &uk, "tx", n]);
+        assert!(ok, "ethtool -L: {out}");
+    };
+    ethtool_tx("1");
+    let flows_before: u64 = per_thread(&lab, &sock, "flows").iter().sum();
+    let h = upgrade_under_ping_flood(&mut lab, &hv, &vm, &sock, 1, &["--fastpath-threads", "1"]);
+    assert_eq!(
+        (
+            h["fastpath_threads"].as_u64(),
+            h["fastpath_threads_before"].as_u64()
+        ),
+        (Some(1), Some(2)),
+        "{h}"
+    );
+    // (Flows idle 4 s expire meanwhile: fewer than before, never none.)
+    assert!(h["flows"].as_u64() > Some(0), "{h} (before {flows_before})");
+    assert_eq!(fast_threads(&lab, &sock).len(), 1);
+    assert!(
+        per_thread(&lab, &sock, "flows")[0] > 0,
+        "the flows are on the thread left: {:?}",
+        fast_threads(&lab, &sock)
+    );
+    let bps = iperf_parallel(&hk, &vm, "10.0.0.11", "5316", "8", false);
+    assert!(bps > 1e6, "TCP on one thread: {bps} bit/s");
+    let h = upgrade_under_ping_flood(&mut lab, &hv, &vm, &sock, 2, &["--fastpath-threads", "2"]);
+    assert_eq!(
+        (
+            h["fastpath_threads"].as_u64(),
+            h["fastpath_threads_before"].as_u64()
+        ),
+        (Some(2), Some(1)),
+        "{h}"
+    );
+    ethtool_tx("2");
+    let rx = per_thread(&lab, &sock, "rx_packets");
+    let bps = iperf_parallel(&hk, &vm, "10.0.0.11", "5317", "16", false);
+    assert!(bps > 1e6, "TCP on two threads again: {bps} bit/s");
+    let after = per_thread(&lab, &sock, "rx_packets");
+    assert!(
+        after.len() == 2 && after.iter().zip(&rx).all(|(a, b)| a > b),
+        "the thread the upgrade added forwards on its own queues: {rx:?} then {after:?}"
     );
 
     // The VM removed: its flows leave both threads.
@@ -735,8 +796,7 @@ fn two_fast_path_threads_share_a_two_queue_uplink_and_a_multi_queue_tap() {
         sock.to_str().unwrap(),
     ]);
     assert!(
-        out.contains("error")
-            && out.contains("the new binary runs 1 fast-path thread(s) and this switch 2"),
+        out.contains("error") && out.contains("the new binary predates several fast-path threads"),
         "{out}"
     );
 }

@@ -101,6 +101,29 @@ pub struct NamedCounters {
     pub port_drops: Vec<BTreeMap<String, u64>>,
 }
 
+impl NamedCounters {
+    /// Add `o`'s counts (a thread whose part another takes over).
+    pub fn add(&mut self, o: &NamedCounters) {
+        let sum = |a: &mut BTreeMap<String, u64>, b: &BTreeMap<String, u64>| {
+            b.iter()
+                .for_each(|(k, v)| *a.entry(k.clone()).or_default() += v)
+        };
+        self.rx_packets += o.rx_packets;
+        self.rx_bytes += o.rx_bytes;
+        self.hits += o.hits;
+        self.misses += o.misses;
+        self.tx_packets += o.tx_packets;
+        sum(&mut self.punts, &o.punts);
+        sum(&mut self.drops, &o.drops);
+        if self.port_drops.len() < o.port_drops.len() {
+            self.port_drops.resize(o.port_drops.len(), BTreeMap::new());
+        }
+        for (a, b) in self.port_drops.iter_mut().zip(&o.port_drops) {
+            sum(a, b);
+        }
+    }
+}
+
 fn drops_by_name(d: &DropCounters) -> BTreeMap<String, u64> {
     d.nonzero().map(|(n, v)| (n.to_string(), v)).collect()
 }

@@ -10,9 +10,9 @@
 //! restart never finds a stale program holding the interface busy.
 
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 
-use aya::maps::{Array, XskMap};
+use aya::maps::{Array, Map, MapData, XskMap};
 use aya::programs::{ProgramError, Xdp, XdpFlags};
 use aya::Ebpf;
 use thiserror::Error;
@@ -59,6 +59,8 @@ pub struct XdpProgram {
     pub mode: &'static str,
     /// The bpf_link keeping it attached, owned by `bpf`.
     link: Option<RawFd>,
+    /// The interface it is attached to.
+    pub iface: String,
 }
 
 impl XdpProgram {
@@ -114,7 +116,12 @@ impl XdpProgram {
             },
         };
         let link = xdp_link_of(crate::xsk::ifindex(iface).unwrap_or(0));
-        Ok(XdpProgram { bpf, mode, link })
+        Ok(XdpProgram {
+            bpf,
+            mode,
+            link,
+            iface: iface.into(),
+        })
     }
 
     /// The descriptor of the bpf_link that keeps the program attached, if
@@ -128,6 +135,16 @@ impl XdpProgram {
         self.link.map(|fd| unsafe { BorrowedFd::borrow_raw(fd) })
     }
 
+    /// The descriptor of the program's socket map (the queue → AF_XDP
+    /// socket table). A live handover passes it on, so a next binary with
+    /// more fast-path threads can add the sockets of the queues it opens.
+    pub fn socket_map_fd(&self) -> Option<BorrowedFd<'_>> {
+        match self.bpf.map("xsks")? {
+            Map::XskMap(m) => Some(m.fd().as_fd()),
+            _ => None,
+        }
+    }
+
     /// Direct traffic of receive queue `queue` to the AF_XDP socket `fd`.
     pub fn register_socket(&mut self, queue: u32, fd: impl AsRawFd) -> Result<(), XdpError> {
         let map = self
@@ -137,6 +154,34 @@ impl XdpProgram {
         let mut xsks = XskMap::try_from(map)?;
         xsks.set(queue, fd, 0)?;
         Ok(())
+    }
+}
+
+/// A running program's socket map, from the descriptor a live handover
+/// passed on ([`XdpProgram::socket_map_fd`]).
+pub struct SocketMap(Map);
+
+impl SocketMap {
+    /// The map behind `fd`; an error if it is not an AF_XDP socket map.
+    pub fn from_fd(fd: OwnedFd) -> Result<SocketMap, XdpError> {
+        let map = Map::XskMap(MapData::from_fd(fd)?);
+        // Checks the key and value sizes.
+        XskMap::try_from(&map)?;
+        Ok(SocketMap(map))
+    }
+
+    /// Direct traffic of receive queue `queue` to the AF_XDP socket `fd`.
+    pub fn register_socket(&mut self, queue: u32, fd: impl AsRawFd) -> Result<(), XdpError> {
+        XskMap::try_from(&mut self.0)?.set(queue, fd, 0)?;
+        Ok(())
+    }
+
+    /// The map's descriptor (handed on in the next handover).
+    pub fn fd(&self) -> Option<BorrowedFd<'_>> {
+        match &self.0 {
+            Map::XskMap(m) => Some(m.fd().as_fd()),
+            _ => None,
+        }
     }
 }
 

@@ -53,10 +53,6 @@ fn v1() -> u32 {
     1
 }
 
-fn is_one(n: &u32) -> bool {
-    *n == 1
-}
-
 /// Why a message was refused.
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ProtocolError {
@@ -195,12 +191,12 @@ message!(PrepareAnswer, "handover-prepare answer");
 pub struct HandoverRequest {
     #[serde(default = "v1")]
     pub protocol: u32,
-    /// The fast-path threads the new binary runs, each taking the old
-    /// one's thread of the same index; absent from binaries of one
-    /// thread, which therefore reads as 1 (and is not written for 1: the
-    /// request stays what such a binary reads).
-    #[serde(default = "v1", skip_serializing_if = "is_one")]
-    pub fastpath_threads: u32,
+    /// The fast-path threads the new binary runs (thread `i` takes the
+    /// old one's thread `i`; more or fewer than the old one has are
+    /// fine). Absent from binaries of one thread, which could take only
+    /// thread 0's part.
+    #[serde(default)]
+    pub fastpath_threads: Option<u32>,
 }
 
 impl HandoverRequest {
@@ -208,7 +204,7 @@ impl HandoverRequest {
     pub fn for_threads(fastpath_threads: u32) -> HandoverRequest {
         HandoverRequest {
             protocol: PROTOCOL,
-            fastpath_threads,
+            fastpath_threads: Some(fastpath_threads),
         }
     }
 }
@@ -308,8 +304,19 @@ pub struct Offer {
     /// from a switch of one thread.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub threads: Vec<ThreadOffer>,
+    /// Each XDP program's socket map, by interface: a new binary with
+    /// more threads adds the sockets of the queues it opens.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub socket_maps: Vec<SocketMapEntry>,
 }
 message!(Offer, "handover offer");
+
+/// An XDP program's socket map (queue → AF_XDP socket) on `interface`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SocketMapEntry {
+    pub interface: String,
+    pub fd: usize,
+}
 
 /// Another fast-path thread's part of the offer: its queue of each port,
 /// its frame pool, its table's hash seed, and how many of the flow
@@ -374,7 +381,8 @@ impl Offer {
         let all = ports
             .into_iter()
             .chain([self.listener_fd, self.snapshot_fd])
-            .chain(self.xdp_links.iter().copied());
+            .chain(self.xdp_links.iter().copied())
+            .chain(self.socket_maps.iter().map(|m| m.fd));
         for index in all {
             match seen.get_mut(index) {
                 Some(s) if !*s => *s = true,

@@ -255,23 +255,35 @@ impl Lab {
     /// Start `binary run --config <name>.toml --takeover` (a new vswitch
     /// taking over a running one); its log is `<name>-new.log`.
     pub fn takeover(&mut self, binary: &std::path::Path, name: &str) -> u32 {
-        self.spawn_takeover(Command::new(binary), name)
+        self.spawn_takeover(Command::new(binary), name, &[])
     }
 
     /// [`Lab::takeover`] inside network namespace `ns`.
     pub fn takeover_in(&mut self, ns: &str, binary: &std::path::Path, name: &str) -> u32 {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns]).arg(binary);
-        self.spawn_takeover(cmd, name)
+        self.takeover_in_with(ns, binary, name, &[])
     }
 
-    fn spawn_takeover(&mut self, mut cmd: Command, name: &str) -> u32 {
+    /// [`Lab::takeover_in`] with more arguments to `run`.
+    pub fn takeover_in_with(
+        &mut self,
+        ns: &str,
+        binary: &std::path::Path,
+        name: &str,
+        args: &[&str],
+    ) -> u32 {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns]).arg(binary);
+        self.spawn_takeover(cmd, name, args)
+    }
+
+    fn spawn_takeover(&mut self, mut cmd: Command, name: &str, args: &[&str]) -> u32 {
         let path = self.dir.join(format!("{name}.toml"));
         let log =
             std::fs::File::create(self.dir.join(format!("{name}-new.log"))).expect("log file");
         let child = cmd
             .args(["run", "--takeover", "--config"])
             .arg(&path)
+            .args(args)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

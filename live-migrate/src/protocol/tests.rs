@@ -48,6 +48,7 @@ fn offer() -> Offer {
         packed_mono_ns: 9,
         confirm_ack: true,
         threads: Vec::new(),
+        socket_maps: Vec::new(),
     }
 }
 
@@ -152,6 +153,16 @@ fn a_switch_of_several_threads_offers_each_threads_queues_pool_and_flows() {
     let seeds: Vec<u64> = o.thread_parts().map(|p| p.2).collect();
     assert_eq!(seeds, vec![42, 43]);
     assert_eq!(o.check_descriptors(10), Ok(()));
+    o.socket_maps.push(SocketMapEntry {
+        interface: "eth1".into(),
+        fd: 10,
+    });
+    round_trip(o.clone());
+    assert!(
+        o.check_descriptors(10).is_err(),
+        "the map's descriptor is checked"
+    );
+    assert_eq!(o.check_descriptors(11), Ok(()));
     // Thread 1's descriptors are checked too: missing, or one used twice.
     assert!(o.check_descriptors(9).is_err());
     let mut twice = o.clone();
@@ -162,7 +173,7 @@ fn a_switch_of_several_threads_offers_each_threads_queues_pool_and_flows() {
     assert!(greedy.thread_flows().is_err());
     // A request from a binary of one thread reads as one thread.
     let r: HandoverRequest = decode(br#"{"protocol":1}"#).unwrap();
-    assert_eq!(r.fastpath_threads, 1);
+    assert_eq!(r.fastpath_threads, None);
     round_trip(HandoverRequest::for_threads(2));
     // The pause: thread 1's free list counts toward the bytes that follow.
     let mut p = pause();
@@ -201,7 +212,7 @@ fn an_unknown_version_is_refused_before_its_body_is_read() {
     }
     let req = HandoverRequest {
         protocol: 7,
-        fastpath_threads: 1,
+        fastpath_threads: None,
     };
     assert!(matches!(
         decode::<HandoverRequest>(&encode(&req)),
