@@ -892,7 +892,7 @@ mod tests {
         assert_eq!(c.switch.fastpath_threads, 1);
         assert_eq!(c.switch.fastpath_cores, Some(vec![0]));
         assert_eq!(c.ports.len(), Config::parse(&two).unwrap().ports.len());
-        let three = with_fastpath_threads(&GOOD, 3).unwrap();
+        let three = with_fastpath_threads(GOOD, 3).unwrap();
         let c = Config::parse(&three).unwrap();
         assert_eq!(
             (c.switch.fastpath_threads, c.switch.fastpath_cores),
