@@ -168,90 +168,35 @@ struct Device {
     _fds: Vec<EventFd>,
 }
 
-/// A guest on `sock` with one queue pair (no VIRTIO_NET_F_MQ), as most
-/// are; with `offloads`, checksum and TSO offloads negotiated, else none
-/// (the 64-byte figures compare with the tap's plain frames).
-fn device(sock: &str, offloads: bool) -> Device {
+/// The checksum and segmentation offloads a guest may negotiate.
+const OFFLOADS: [u32; 6] = {
     use virtio_bindings::virtio_net as v;
-    let fe = vmm::Frontend::connect(sock, 2).expect("connecting to the port");
-    let mut features = !(1u64 << v::VIRTIO_NET_F_MQ);
-    if !offloads {
-        for f in [
-            v::VIRTIO_NET_F_CSUM,
-            v::VIRTIO_NET_F_GUEST_CSUM,
-            v::VIRTIO_NET_F_HOST_TSO4,
-            v::VIRTIO_NET_F_HOST_TSO6,
-            v::VIRTIO_NET_F_GUEST_TSO4,
-            v::VIRTIO_NET_F_GUEST_TSO6,
-        ] {
-            features &= !(1u64 << f);
-        }
-    }
-    let vmm::Attached { mut fe, mem, .. } = vmm::attach(
-        fe,
-        c"guest",
-        MEM,
-        features,
-        VhostUserProtocolFeatures::REPLY_ACK,
-    );
-    // Each ring: descriptors, avail, used; 32 KiB apart.
-    let (rx, tx) = (Ring::at(0), Ring::at(0x8000));
-    let mut fds = Vec::new();
-    for (i, r) in [&rx, &tx].into_iter().enumerate() {
-        let (call, kick) = (EventFd::new(0).unwrap(), EventFd::new(0).unwrap());
-        let at = vmm::RingAt {
-            size: Q,
-            desc: r.desc,
-            avail: r.avail,
-            used: r.used,
-        };
-        vmm::start_ring(&mut fe, &mem, i, at, &call, &kick);
-        // One kick publishes the queues to the switch; after that it polls.
-        kick.write(1).unwrap();
-        fds.push(call);
-        fds.push(kick);
-    }
-    Device {
-        _fe: fe,
-        mem,
-        rx,
-        tx,
-        _fds: fds,
-    }
-}
-
-/// A multiqueue guest on `sock`: `pairs` queue pairs (pair p's receive
-/// ring at p·64 KiB, its transmit ring 32 KiB after), no offloads; its
-/// rings by pair.
-fn device_mq(
-    sock: &str,
-    pairs: usize,
-) -> (
-    vmm::Frontend,
-    GuestMemoryMmap,
-    Vec<(Ring, Ring)>,
-    Vec<EventFd>,
-) {
-    use virtio_bindings::virtio_net as v;
-    let fe = vmm::Frontend::connect(sock, 2 * pairs as u64).expect("connecting to the port");
-    let mut features = !0u64;
-    for f in [
+    [
         v::VIRTIO_NET_F_CSUM,
         v::VIRTIO_NET_F_GUEST_CSUM,
         v::VIRTIO_NET_F_HOST_TSO4,
         v::VIRTIO_NET_F_HOST_TSO6,
         v::VIRTIO_NET_F_GUEST_TSO4,
         v::VIRTIO_NET_F_GUEST_TSO6,
-    ] {
-        features &= !(1u64 << f);
-    }
-    let vmm::Attached { mut fe, mem, .. } = vmm::attach(
-        fe,
-        c"guest",
-        MEM,
-        features,
-        VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ,
-    );
+    ]
+};
+
+/// A guest's queue pairs by pair (receive ring, transmit ring), the VMM's
+/// end of the connection and the rings' eventfds (kept open).
+type Guest = (
+    vmm::Frontend,
+    GuestMemoryMmap,
+    Vec<(Ring, Ring)>,
+    Vec<EventFd>,
+);
+
+/// Connect to `sock` as a VMM whose guest has `pairs` queue pairs
+/// (`features` and `protocol` the most it acks) and start every ring: pair
+/// p's receive ring at p·64 KiB, its transmit ring 32 KiB after (each:
+/// descriptors, avail, used).
+fn guest(sock: &str, pairs: usize, features: u64, protocol: VhostUserProtocolFeatures) -> Guest {
+    let fe = vmm::Frontend::connect(sock, 2 * pairs as u64).expect("connecting to the port");
+    let vmm::Attached { mut fe, mem, .. } = vmm::attach(fe, c"guest", MEM, features, protocol);
     let mut rings = Vec::new();
     let mut fds = Vec::new();
     for p in 0..pairs {
@@ -266,6 +211,8 @@ fn device_mq(
                 used: r.used,
             };
             vmm::start_ring(&mut fe, &mem, 2 * p + i, at, &call, &kick);
+            // One kick publishes the queues to the switch; after that it
+            // polls.
             kick.write(1).unwrap();
             fds.push(call);
             fds.push(kick);
@@ -273,6 +220,33 @@ fn device_mq(
         rings.push((rx, tx));
     }
     (fe, mem, rings, fds)
+}
+
+/// A guest on `sock` with one queue pair (no VIRTIO_NET_F_MQ), as most
+/// are; with `offloads`, checksum and TSO offloads negotiated, else none
+/// (the 64-byte figures compare with the tap's plain frames).
+fn device(sock: &str, offloads: bool) -> Device {
+    let mut features = !(1u64 << virtio_bindings::virtio_net::VIRTIO_NET_F_MQ);
+    if !offloads {
+        OFFLOADS.iter().for_each(|f| features &= !(1u64 << f));
+    }
+    let (fe, mem, mut rings, fds) = guest(sock, 1, features, VhostUserProtocolFeatures::REPLY_ACK);
+    let (rx, tx) = rings.pop().expect("one pair");
+    Device {
+        _fe: fe,
+        mem,
+        rx,
+        tx,
+        _fds: fds,
+    }
+}
+
+/// A multiqueue guest on `sock` with `pairs` queue pairs, no offloads.
+fn device_mq(sock: &str, pairs: usize) -> Guest {
+    let mut features = !0u64;
+    OFFLOADS.iter().for_each(|f| features &= !(1u64 << f));
+    let protocol = VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ;
+    guest(sock, pairs, features, protocol)
 }
 
 /// How often a `--mq` driver thread tops its rings up: 1 024 frames per
