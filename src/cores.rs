@@ -180,10 +180,12 @@ impl Threads {
             .map(|s| {
                 let i = usize::from(s.thread);
                 let queues: Vec<&str> = s.ports.iter().map(|(_, n, _)| n.as_str()).collect();
+                let queue_rx: Vec<u64> = s.ports.iter().map(|(_, _, c)| c.rx_packets).collect();
                 json!({
                     "name": format!("fastpath-{i}"), "role": "fast path",
                     "cores": list(&self.placement.fastpath_thread(i, fast.len())), "cpu": s.cpu,
                     "busy_pct": f64::from(s.busy_permille) / 10.0, "queue": i, "queues": queues,
+                    "queue_rx_packets": queue_rx,
                     "rx_packets": s.pipeline.rx_packets, "tx_packets": s.pipeline.tx_packets,
                     "misses": s.pipeline.misses, "flows": s.table_len,
                     "flows_expired": s.table.expired, "flows_invalidated": s.invalidated,

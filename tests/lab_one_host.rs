@@ -612,3 +612,76 @@ fn two_coprocessor_threads_share_the_decisions_of_many_new_connections() {
     assert!(stat(&lab, &sock, &["punted", "miss"]) >= 300);
     eprintln!("decisions per coprocessor thread: {d:?}");
 }
+
+#[test]
+fn an_af_xdp_vm_port_gets_a_socket_per_fast_path_thread() {
+    let mut lab = Lab::new();
+    // VM b behind a veth pair with two queues each way: our end gets an
+    // AF_XDP socket on each, one per fast-path thread.
+    let nb = lab.netns("vb");
+    let (ours, theirs) = (lab.name("xs"), lab.name("xv"));
+    let q = ["numtxqueues", "2", "numrxqueues", "2"];
+    let mut add = vec!["ip", "link", "add", &ours];
+    add.extend(q);
+    add.extend(["type", "veth", "peer", "name", &theirs, "netns", &nb]);
+    add.extend(q);
+    sh(&add);
+    sh(&["ip", "link", "set", &ours, "up"]);
+    sh(&["ip", "-n", &nb, "link", "set", &theirs, "address", B.mac]);
+    let cidr = format!("{}/24", B.ip);
+    sh(&["ip", "-n", &nb, "addr", "add", &cidr, "dev", &theirs]);
+    sh(&["ip", "-n", &nb, "link", "set", &theirs, "up"]);
+    let (ok, out) = try_sh(&[
+        "ip", "netns", "exec", &nb, "ethtool", "-K", &theirs, "tx", "off",
+    ]);
+    assert!(ok, "ethtool: {out}");
+    let tap = lab.name("ta");
+    let cfg = format!(
+        "[switch]\npoll = \"adaptive\"\nfastpath_threads = 2\nflow_capacity = 4096\ncontrol_socket = \"{sock}\"\n\n\
+         [[port]]\nname = \"{tap}\"\ntype = \"tap\"\n[[port]]\nname = \"{ours}\"\ntype = \"af-xdp\"\n\n\
+         [[network]]\nvni = 100\ngateway_mac = \"02:00:00:00:00:fe\"\n[[network.subnet]]\ncidr = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\n\n\
+         [[vm]]\nname = \"a\"\nport = \"{tap}\"\nmac = \"{amac}\"\nips = [\"{aip}\"]\nnetwork = 100\n\
+         [[vm]]\nname = \"b\"\nport = \"{ours}\"\nmac = \"{bmac}\"\nips = [\"{bip}\"]\nnetwork = 100\n",
+        sock = lab.socket("sw").display(),
+        amac = A.mac,
+        aip = A.ip,
+        bmac = B.mac,
+        bip = B.ip,
+    );
+    let sock = lab.vswitch("sw", &cfg);
+    let na = lab.netns("va");
+    lab.attach_vm(&tap, &na, A.mac, &format!("{}/24", A.ip));
+    let (ok, out) = ping(&na, B.ip, "3");
+    assert!(ok, "tap VM → AF_XDP VM failed:\n{out}\n{}", lab.log("sw"));
+    // Many connections from the veth VM: its kernel spreads them over
+    // both queues, so both threads take frames from the AF_XDP port.
+    sh(&[
+        "ip", "netns", "exec", &na, "iperf3", "-s", "-1", "-D", "-p", "5203",
+    ]);
+    wait_until("iperf3 server", Duration::from_secs(5), || {
+        try_sh(&["ip", "netns", "exec", &na, "ss", "-ltn"])
+            .1
+            .contains(":5203")
+    });
+    let out = sh(&[
+        "timeout", "30", "ip", "netns", "exec", &nb, "iperf3", "-c", A.ip, "-p", "5203", "-t", "1",
+        "-P", "16", "-J",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("iperf3 JSON");
+    let bps = v["end"]["sum_received"]["bits_per_second"].as_f64();
+    assert!(bps > Some(1e6), "TCP from the AF_XDP VM: {bps:?}");
+    let st = lab.ctl(&sock, "stats").expect("stats");
+    // Each thread's frames from its queue of the AF_XDP port (id 1).
+    let rx: Vec<u64> = st["threads"]
+        .as_array()
+        .expect("threads")
+        .iter()
+        .filter(|t| t["role"] == "fast path")
+        .map(|t| t["queue_rx_packets"][1].as_u64().unwrap_or(0))
+        .collect();
+    assert!(
+        rx.len() == 2 && rx.iter().all(|&n| n > 20),
+        "both threads receive from the AF_XDP port: {rx:?}\n{st}"
+    );
+    assert!(st["ports"][1]["rx_packets"].as_u64() > Some(100), "{st}");
+}
