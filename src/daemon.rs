@@ -353,9 +353,9 @@ fn polling(fast: &crate::fastpaths::FastPaths) -> bool {
     false
 }
 
-/// Each fast-path thread's pipeline and punter, and the punt path's
-/// receiving end (see [`fast_path_thread_parts`]). A port's punt budget is
-/// shared out between the threads, which receive from it.
+/// Each fast-path thread's pipeline (see [`pipeline`]) and punter, and
+/// the punt path's receiving end (see [`punt_path`]). A port's punt budget
+/// is shared out between the threads, which receive from it.
 #[allow(clippy::type_complexity)]
 fn fast_path_parts(
     cfg: &Config,
