@@ -331,6 +331,12 @@ pub fn give(
         .iter()
         .flat_map(|p| p.free.iter().flat_map(|a| a.to_le_bytes()))
         .collect();
+    // The first thread to stop polling starts the blackout.
+    let stopped = paused
+        .iter()
+        .map(|p| p.last_poll_mono_ns)
+        .min()
+        .unwrap_or(0);
     let mut paused = paused.into_iter();
     let first = paused.next().context("no fast-path thread paused")?;
     let threads = paused
@@ -342,8 +348,7 @@ pub fn give(
         .collect();
     let header = protocol::encode(&PauseHeader {
         protocol: protocol::PROTOCOL,
-        // The last thread's last poll: the blackout is from then at most.
-        paused_mono_ns: first.last_poll_mono_ns,
+        paused_mono_ns: stopped,
         packed_mono_ns: monotonic_ns(),
         free: first.free.len() as u64,
         counters: first.counters.iter().map(counters_to_wire).collect(),
