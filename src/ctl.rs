@@ -473,8 +473,18 @@ fn counters(obj: &Value, prefix: &str) -> Vec<String> {
 
 fn print_flows(v: &Value) {
     println!(
-        "{:<10} {:>5} {:<22} {:<22} {:<10} {:<6} {:<26} {:>10} {:>12} {:>8}",
-        "ingress", "proto", "src", "dst", "output", "tunnel", "nat", "packets", "bytes", "idle_s"
+        "{:<10} {:>5} {:<22} {:<22} {:<10} {:<6} {:<26} {:>10} {:>12} {:>8} {:>6}",
+        "ingress",
+        "proto",
+        "src",
+        "dst",
+        "output",
+        "tunnel",
+        "nat",
+        "packets",
+        "bytes",
+        "idle_s",
+        "thread"
     );
     for f in v["flows"].as_array().into_iter().flatten() {
         let tunnel = match (f["encap"].as_bool(), f["decap"].as_bool()) {
@@ -483,7 +493,7 @@ fn print_flows(v: &Value) {
             _ => "-",
         };
         println!(
-            "{:<10} {:>5} {:<22} {:<22} {:<10} {:<6} {:<26} {:>10} {:>12} {:>8.1}",
+            "{:<10} {:>5} {:<22} {:<22} {:<10} {:<6} {:<26} {:>10} {:>12} {:>8.1} {:>6}",
             s(f, "ingress"),
             n(f, "proto"),
             s(f, "src"),
@@ -493,7 +503,8 @@ fn print_flows(v: &Value) {
             s(f, "nat"),
             n(f, "packets"),
             n(f, "bytes"),
-            f["idle_s"].as_f64().unwrap_or(0.0)
+            f["idle_s"].as_f64().unwrap_or(0.0),
+            n(f, "thread")
         );
     }
     println!("{} flows ({} shown)", n(v, "total"), n(v, "shown"));

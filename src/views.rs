@@ -390,6 +390,7 @@ pub fn flows(f: &[FlowDump], flt: &FlowFilter, now: u64) -> Value {
                 "nat": nat, "tracked": a.conntrack, "routed": a.dec_ttl,
                 "packets": d.stats.packets, "bytes": d.stats.bytes, "current": d.current,
                 "idle_s": now.saturating_sub(d.stats.last_used) as f64 / 1e9,
+                "thread": d.thread,
             })
         })
         .collect();

@@ -651,6 +651,15 @@ fn two_fast_path_threads_share_a_two_queue_uplink_and_a_multi_queue_tap() {
         "both threads forward: rx {rx:?}, flows {flows:?}\n{:?}",
         fast_threads(&lab, &sock)
     );
+    // `ctl flows` says whose table holds each flow: both threads'.
+    let flows = lab::ctl_args(&sock, &["flows"]).expect("flows");
+    let holders: std::collections::BTreeSet<u64> = flows["flows"]
+        .as_array()
+        .expect("flows")
+        .iter()
+        .filter_map(|f| f["thread"].as_u64())
+        .collect();
+    assert_eq!(holders, [0, 1].into(), "{flows}");
     let st = lab.ctl(&sock, "stats").expect("stats");
     let rx_total = st["pipeline"]["rx_packets"].as_u64().unwrap_or(0);
     assert!(

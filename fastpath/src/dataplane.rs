@@ -809,7 +809,7 @@ impl Dataplane {
                 );
             }
             Request::Flows(tx) => {
-                let _ = tx.send(request::flows(self.pipeline.table()));
+                let _ = tx.send(request::flows(self.pipeline.table(), self.links.thread));
             }
         }
     }

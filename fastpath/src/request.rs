@@ -14,6 +14,8 @@ use crate::punt::PuntReason;
 /// A flow as `ctl flows` shows it.
 #[derive(Debug, Clone)]
 pub struct FlowDump {
+    /// The fast-path thread whose table holds it.
+    pub thread: u16,
     pub key: FlowKey,
     pub action: Action,
     pub stats: FlowStats,
@@ -203,10 +205,11 @@ pub fn talkers(table: &flowtable::FlowTable) -> Vec<Talker> {
 }
 
 /// Every flow of `table`, as `ctl flows` shows them.
-pub fn flows(table: &flowtable::FlowTable) -> Vec<FlowDump> {
+pub fn flows(table: &flowtable::FlowTable, thread: u16) -> Vec<FlowDump> {
     table
         .iter()
         .map(|e| FlowDump {
+            thread,
             key: e.key,
             action: *e.action,
             stats: e.stats,

@@ -148,6 +148,7 @@ fn groups_show_their_rules_in_the_config_s_words() {
 
 fn dump(ingress: Ingress, src: [u8; 4], dst: [u8; 4], proto: u8) -> FlowDump {
     FlowDump {
+        thread: 0,
         key: FlowKey {
             ctx: ingress.ctx(),
             src_ip: u32::from(Ipv4Addr::from(src)),
