@@ -539,55 +539,8 @@ fn upgrade_under_ping_flood(
 fn two_fast_path_threads_share_a_two_queue_uplink_and_a_multi_queue_tap() {
     let mut lab = Lab::new();
     let (hv, hk, vm) = (lab.netns("h1"), lab.netns("hk"), lab.netns("m1"));
-    // The underlay: a veth with two queues each way. A veth's sender picks
-    // its transmit queue by flow hash and the receiver takes the frame on
-    // the receive queue of that number, as RSS would.
-    let (u1, uk) = (lab.name("ua"), lab.name("ub"));
-    sh(&[
-        "ip",
-        "link",
-        "add",
-        &u1,
-        "netns",
-        &hv,
-        "numtxqueues",
-        "2",
-        "numrxqueues",
-        "2",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        &uk,
-        "netns",
-        &hk,
-        "numtxqueues",
-        "2",
-        "numrxqueues",
-        "2",
-    ]);
-    sh(&[
-        "ip",
-        "-n",
-        &hv,
-        "addr",
-        "add",
-        "192.168.63.1/24",
-        "dev",
-        &u1,
-    ]);
-    sh(&[
-        "ip",
-        "-n",
-        &hk,
-        "addr",
-        "add",
-        "192.168.63.2/24",
-        "dev",
-        &uk,
-    ]);
-    sh(&["ip", "-n", &hv, "link", "set", &u1, "up"]);
-    sh(&["ip", "-n", &hk, "link", "set", &uk, "up"]);
+    // The underlay: a veth with two queues each way (see `wire_queues`).
+    let (u1, uk) = lab::wire_queues(&lab, (&hv, "192.168.63.1"), (&hk, "192.168.63.2"), 2);
     kernel_vtep(&hk, &uk, "192.168.63.2", "192.168.63.1");
     // (A veth carries the kernel VXLAN's partial inner checksums: its link
     // completes them, as a NIC would; see the interop test.)

@@ -231,11 +231,13 @@ fn a_qemu_guest_on_vhost_user_gets_dhcp_pings_streams_and_survives_a_qemu_restar
     // Two hypervisors: this one (the guest and tap VM a) and another with
     // tap VM b, joined by a veth underlay; VXLAN between them.
     let (hv1, hv2) = (lab.netns("h1"), lab.netns("h2"));
-    let (u1, u2) = lab::wire(&lab, &hv1, "192.168.63.1", &hv2, "192.168.63.2");
+    // (Two queues on the underlay too: one per fast-path thread.)
+    let (u1, u2) = lab::wire_queues(&lab, (&hv1, "192.168.63.1"), (&hv2, "192.168.63.2"), 2);
     let ta = lab.name("ta");
     let sock = lab.dir.join("guest.sock");
+    // Two fast-path threads, one per queue pair of the guest's.
     let cfg = format!(
-        "[switch]\npoll = \"adaptive\"\nflow_capacity = 4096\ncontrol_socket = \"{ctl}\"\n\n\
+        "[switch]\npoll = \"adaptive\"\nfastpath_threads = 2\nflow_capacity = 4096\ncontrol_socket = \"{ctl}\"\n\n\
          [uplink]\ninterface = \"{u1}\"\nvtep = \"192.168.63.1\"\n\n\
          [[port]]\nname = \"{ta}\"\ntype = \"tap\"\n\
          [[port]]\nname = \"vu0\"\ntype = \"vhost-user\"\nsocket = \"{sock}\"\n\n\
@@ -410,7 +412,7 @@ fn a_qemu_guest_on_vhost_user_gets_dhcp_pings_streams_and_survives_a_qemu_restar
     // vhost-user connection out): the old one takes the connection back
     // and the guest goes on.
     let fake = "import os,signal,socket,sys; s=socket.socket(socket.AF_UNIX); \
-                s.connect(sys.argv[1]); s.sendall(b'{\"cmd\": \"handover\"}\\n'); s.recv(100); \
+                s.connect(sys.argv[1]); s.sendall(b'{\"cmd\": \"handover\", \"fastpath_threads\": 2}\\n'); s.recv(100); \
                 s.sendall(b'ready\\n'); s.recv(8); os.kill(os.getpid(), signal.SIGKILL)";
     let (_, out) = try_sh(&[
         "timeout",

@@ -474,9 +474,38 @@ vtep = "{rvtep}"
 /// A veth "physical network" between namespaces `a` and `b`, addressed
 /// `a_ip`/24 and `b_ip`/24. Returns the interface names.
 pub fn wire(lab: &Lab, a: &str, a_ip: &str, b: &str, b_ip: &str) -> (String, String) {
+    wire_queues(lab, (a, a_ip), (b, b_ip), 1)
+}
+
+/// [`wire`] with `queues` queues each way on both ends. A veth's sender
+/// picks its transmit queue by flow hash and the receiver takes the frame
+/// on the receive queue of that number, as a NIC's RSS would.
+pub fn wire_queues(lab: &Lab, a: (&str, &str), b: (&str, &str), queues: u32) -> (String, String) {
+    let ((a, a_ip), (b, b_ip)) = (a, b);
     let (ia, ib) = (lab.name("ua"), lab.name("ub"));
+    let q = queues.to_string();
     sh(&[
-        "ip", "link", "add", &ia, "netns", a, "type", "veth", "peer", "name", &ib, "netns", b,
+        "ip",
+        "link",
+        "add",
+        &ia,
+        "netns",
+        a,
+        "numtxqueues",
+        &q,
+        "numrxqueues",
+        &q,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &ib,
+        "netns",
+        b,
+        "numtxqueues",
+        &q,
+        "numrxqueues",
+        &q,
     ]);
     sh(&[
         "ip",
