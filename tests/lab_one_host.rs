@@ -327,6 +327,23 @@ fn bad_configs_are_refused_with_the_field_named() {
     );
 }
 
+/// A switch "sw" with VM a on tap `tap` and VM b on the af-xdp port
+/// `ours` (a veth end); `switch` is added to its `[switch]` section.
+fn tap_and_af_xdp_config(lab: &Lab, tap: &str, ours: &str, switch: &str) -> String {
+    format!(
+        "[switch]\npoll = \"adaptive\"\n{switch}flow_capacity = 4096\ncontrol_socket = \"{sock}\"\n\n\
+         [[port]]\nname = \"{tap}\"\ntype = \"tap\"\n[[port]]\nname = \"{ours}\"\ntype = \"af-xdp\"\n\n\
+         [[network]]\nvni = 100\ngateway_mac = \"02:00:00:00:00:fe\"\n[[network.subnet]]\ncidr = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\n\n\
+         [[vm]]\nname = \"a\"\nport = \"{tap}\"\nmac = \"{amac}\"\nips = [\"{aip}\"]\nnetwork = 100\n\
+         [[vm]]\nname = \"b\"\nport = \"{ours}\"\nmac = \"{bmac}\"\nips = [\"{bip}\"]\nnetwork = 100\n",
+        sock = lab.socket("sw").display(),
+        amac = A.mac,
+        aip = A.ip,
+        bmac = B.mac,
+        bip = B.ip,
+    )
+}
+
 #[test]
 fn af_xdp_vm_ports_on_veth_reach_tap_vms() {
     let mut lab = Lab::new();
@@ -344,19 +361,7 @@ fn af_xdp_vm_ports_on_veth_reach_tap_vms() {
         None,
     );
     let tap = lab.name("ta");
-    let cfg = format!(
-        "[switch]\npoll = \"adaptive\"\nflow_capacity = 4096\ncontrol_socket = \"{sock}\"\n\n\
-         [[port]]\nname = \"{tap}\"\ntype = \"tap\"\n[[port]]\nname = \"{ours}\"\ntype = \"af-xdp\"\n\n\
-         [[network]]\nvni = 100\ngateway_mac = \"02:00:00:00:00:fe\"\n[[network.subnet]]\ncidr = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\n\n\
-         [[vm]]\nname = \"a\"\nport = \"{tap}\"\nmac = \"{amac}\"\nips = [\"{aip}\"]\nnetwork = 100\n\
-         [[vm]]\nname = \"b\"\nport = \"{ours}\"\nmac = \"{bmac}\"\nips = [\"{bip}\"]\nnetwork = 100\n",
-        sock = lab.socket("sw").display(),
-        amac = A.mac,
-        aip = A.ip,
-        bmac = B.mac,
-        bip = B.ip,
-    );
-    let sock = lab.vswitch("sw", &cfg);
+    let sock = lab.vswitch("sw", &tap_and_af_xdp_config(&lab, &tap, &ours, ""));
     let na = lab.netns("va");
     lab.attach_vm(&tap, &na, A.mac, &format!("{}/24", A.ip));
     let (ok, out) = ping(&na, B.ip, "3");
@@ -636,18 +641,7 @@ fn an_af_xdp_vm_port_gets_a_socket_per_fast_path_thread() {
     ]);
     assert!(ok, "ethtool: {out}");
     let tap = lab.name("ta");
-    let cfg = format!(
-        "[switch]\npoll = \"adaptive\"\nfastpath_threads = 2\nflow_capacity = 4096\ncontrol_socket = \"{sock}\"\n\n\
-         [[port]]\nname = \"{tap}\"\ntype = \"tap\"\n[[port]]\nname = \"{ours}\"\ntype = \"af-xdp\"\n\n\
-         [[network]]\nvni = 100\ngateway_mac = \"02:00:00:00:00:fe\"\n[[network.subnet]]\ncidr = \"10.0.0.0/24\"\ngateway = \"10.0.0.1\"\n\n\
-         [[vm]]\nname = \"a\"\nport = \"{tap}\"\nmac = \"{amac}\"\nips = [\"{aip}\"]\nnetwork = 100\n\
-         [[vm]]\nname = \"b\"\nport = \"{ours}\"\nmac = \"{bmac}\"\nips = [\"{bip}\"]\nnetwork = 100\n",
-        sock = lab.socket("sw").display(),
-        amac = A.mac,
-        aip = A.ip,
-        bmac = B.mac,
-        bip = B.ip,
-    );
+    let cfg = tap_and_af_xdp_config(&lab, &tap, &ours, "fastpath_threads = 2\n");
     let sock = lab.vswitch("sw", &cfg);
     let na = lab.netns("va");
     lab.attach_vm(&tap, &na, A.mac, &format!("{}/24", A.ip));
