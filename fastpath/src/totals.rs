@@ -27,7 +27,11 @@ pub fn total(mut parts: Vec<Snapshot>) -> Option<Snapshot> {
         }
         t.pool_free += s.pool_free;
         t.pool_chunks += s.pool_chunks;
-        add_pipeline(&mut t.pipeline, &s.pipeline);
+        // Through their by-name form, which already sums (a handover's).
+        let mut named = t.pipeline.to_named();
+        named.add(&s.pipeline.to_named());
+        let ports = t.pipeline.port_drops.len().max(s.pipeline.port_drops.len());
+        t.pipeline = PipelineCounters::from_named(&named, ports);
         add(&mut t.punted, &s.punted);
         t.table_len += s.table_len;
         t.table_capacity += s.table_capacity;
@@ -83,22 +87,6 @@ fn add_xsk(a: &mut XskStats, b: &XskStats) {
     a.rx_ring_full += b.rx_ring_full;
     a.rx_fill_ring_empty_descs += b.rx_fill_ring_empty_descs;
     a.tx_ring_empty_descs += b.tx_ring_empty_descs;
-}
-
-fn add_pipeline(a: &mut PipelineCounters, b: &PipelineCounters) {
-    if a.port_drops.len() < b.port_drops.len() {
-        a.port_drops.resize(b.port_drops.len(), Default::default());
-    }
-    for (a, b) in a.port_drops.iter_mut().zip(&b.port_drops) {
-        add(&mut a.0, &b.0);
-    }
-    a.rx_packets += b.rx_packets;
-    a.rx_bytes += b.rx_bytes;
-    a.hits += b.hits;
-    a.misses += b.misses;
-    a.tx_packets += b.tx_packets;
-    add(&mut a.punts, &b.punts);
-    add(&mut a.drops.0, &b.drops.0);
 }
 
 fn add_first_packet(a: &mut FirstPacket, b: &FirstPacket) {
